@@ -1,0 +1,62 @@
+"""`Engine`: a loaded model and its tokenizer, the one object the CLI and the server hold."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gguf_model import GGUFModel, ModelLoadError, load_gguf  # noqa: F401 (re-exported)
+from .model import Batch, LlamaModel
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer, utf8_complete_prefix
+
+
+@dataclass
+class Engine:
+    gguf: GGUFModel
+    model: LlamaModel
+    tokenizer: Tokenizer
+
+    @classmethod
+    def load(cls, path: str, n_threads: int | None = None) -> "Engine":
+        if n_threads:
+            import numba
+            numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+        gguf = load_gguf(path)
+        return cls(gguf, LlamaModel(gguf), Tokenizer(gguf.vocab))
+
+    def generate_tokens(self, prompt_ids: list[int], n_predict: int, params: SamplingParams,
+                        ignore_eos: bool = False):
+        """Yield sampled token ids, one forward pass per token (a single sequence)."""
+        n_ctx = min(self.gguf.hparams.n_ctx_train, len(prompt_ids) + max(n_predict, 0) + 1)
+        cache = self.model.new_cache(1, n_ctx)
+        sampler = Sampler(params, self.tokenizer.n_vocab, prompt_ids)
+        if ignore_eos:
+            sampler.bias[list(self.tokenizer.eog_ids)] = -np.inf
+        logits = self.model.forward(Batch.single(prompt_ids, 0), cache)[0]
+        pos = len(prompt_ids)
+        for _ in range(n_predict):
+            token = sampler.sample(logits)
+            sampler.accept(token)
+            yield token
+            if token in self.tokenizer.eog_ids and not ignore_eos:
+                return
+            if pos >= n_ctx:
+                return
+            logits = self.model.forward(Batch.single([token], pos), cache)[0]
+            pos += 1
+
+    def generate_text(self, prompt: str, n_predict: int, params: SamplingParams, ignore_eos=False):
+        """Yield UTF-8 bytes as tokens arrive, never half a character."""
+        pending = b""
+        ids = self.tokenizer.encode(prompt, add_special=True)
+        for token in self.generate_tokens(ids, n_predict, params, ignore_eos):
+            if token in self.tokenizer.eog_ids:
+                break
+            pending += self.tokenizer.token_bytes(token, special=False)
+            n = utf8_complete_prefix(pending)
+            if n:
+                yield pending[:n]
+                pending = pending[n:]
+        if pending:
+            yield pending

@@ -1,0 +1,151 @@
+"""The Llama forward pass over a batch of tokens from any number of sequences.
+
+Read `LlamaModel.forward` top to bottom: it is the math of one transformer step.
+
+    x = embed(tokens)
+    for each layer:
+        h = rms_norm(x) * attn_norm
+        q, k, v = h Wq, h Wk, h Wv          rope(q), rope(k); k, v -> KV cache
+        x = x + attention(q, cache) Wo
+        h = rms_norm(x) * ffn_norm
+        x = x + (silu(h Wgate) * (h Wup)) Wdown
+    logits = rms_norm(x) * output_norm  Wout
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gguf_model import GGUFModel, ModelLoadError
+from .hparams import HParams
+from .kv_cache import KVCache
+from .ops import attention, rms_norm, rope, swiglu
+from .quants import PackedWeight, linear, pack_tensor
+from .quants.blocks import BLOCK_SIZES, dequantize
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: np.ndarray     # [n_embd] f32
+    wq: PackedWeight          # [n_head * head_dim, n_embd]
+    wk: PackedWeight          # [n_head_kv * head_dim, n_embd]
+    wv: PackedWeight          # [n_head_kv * head_dim, n_embd]
+    wo: PackedWeight          # [n_embd, n_head * head_dim]
+    ffn_norm: np.ndarray      # [n_embd] f32
+    w_gate: PackedWeight      # [n_ff, n_embd]
+    w_up: PackedWeight        # [n_ff, n_embd]
+    w_down: PackedWeight      # [n_embd, n_ff]
+
+
+@dataclass
+class Batch:
+    """Tokens to evaluate together: each from some sequence, at some position in it."""
+    tokens: np.ndarray       # [T] i32
+    positions: np.ndarray    # [T] i32
+    seq_ids: np.ndarray      # [T] i32  KV-cache row of each token's sequence
+    want_logits: np.ndarray  # [T] bool  which tokens' logits to return
+
+    @staticmethod
+    def single(tokens, start_pos: int, seq_id: int = 0, all_logits: bool = False) -> "Batch":
+        n = len(tokens)
+        want = np.ones(n, bool) if all_logits else np.arange(n) == n - 1
+        return Batch(np.asarray(tokens, np.int32), np.arange(start_pos, start_pos + n, dtype=np.int32),
+                     np.full(n, seq_id, np.int32), want)
+
+
+class TokenEmbedding:
+    """Rows of token_embd, dequantized on demand (get_rows): the table itself stays in the mmap."""
+
+    def __init__(self, tensor):
+        self.type_name = tensor.tensor_type.name
+        self.n_embd = int(tensor.shape[0])
+        self.data = tensor.data  # [n_vocab, row_bytes] u8, or [n_vocab, n_embd] float
+
+    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+        rows = self.data[tokens]
+        if self.type_name == "F32":
+            return np.array(rows, dtype=np.float32)
+        if self.type_name == "F16":
+            return rows.view(np.float16).astype(np.float32)
+        if self.type_name == "BF16":
+            return (rows.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return dequantize(self.type_name, rows, len(tokens), self.n_embd)
+
+
+class LlamaModel:
+    def __init__(self, gguf: GGUFModel):
+        self.gguf = gguf
+        self.hp: HParams = gguf.hparams
+        t = gguf.tensors
+
+        def need(name):
+            if name not in t:
+                raise ModelLoadError(f"{gguf.path} lacks tensor {name}")
+            return t[name]
+
+        def weight(name):
+            tensor = need(name)
+            n_cols = int(tensor.shape[0])
+            tname = tensor.tensor_type.name
+            if tname in BLOCK_SIZES and n_cols % BLOCK_SIZES[tname][1]:
+                raise ModelLoadError(f"tensor {name}: row length {n_cols} is not a multiple of "
+                                     f"the {tname} block size")
+            return pack_tensor(tensor)
+
+        def vector(name):
+            return np.asarray(need(name).data, dtype=np.float32)
+
+        self.token_embd = TokenEmbedding(need("token_embd.weight"))
+        self.layers = [LayerWeights(
+            attn_norm=vector(f"blk.{i}.attn_norm.weight"),
+            wq=weight(f"blk.{i}.attn_q.weight"),
+            wk=weight(f"blk.{i}.attn_k.weight"),
+            wv=weight(f"blk.{i}.attn_v.weight"),
+            wo=weight(f"blk.{i}.attn_output.weight"),
+            ffn_norm=vector(f"blk.{i}.ffn_norm.weight"),
+            w_gate=weight(f"blk.{i}.ffn_gate.weight"),
+            w_up=weight(f"blk.{i}.ffn_up.weight"),
+            w_down=weight(f"blk.{i}.ffn_down.weight"),
+        ) for i in range(self.hp.n_layer)]
+        self.output_norm = vector("output_norm.weight")
+        # models with tied embeddings reuse token_embd as the output projection
+        self.output = weight("output.weight" if "output.weight" in t else "token_embd.weight")
+
+    def new_cache(self, n_seq: int, n_ctx: int) -> KVCache:
+        return KVCache(self.hp, n_seq, n_ctx)
+
+    def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
+        """Evaluate the batch, writing its keys and values into `cache`.
+        Returns logits [n_wanted, n_vocab] for the tokens with want_logits, in batch order."""
+        hp = self.hp
+        n_tokens = len(batch.tokens)
+        x = self.token_embd(batch.tokens)                          # [T, n_embd]
+        h = np.empty_like(x)                                       # [T, n_embd]
+        attn_out = np.empty((n_tokens, hp.n_head * hp.head_dim), np.float32)
+        act = None
+        for il, layer in enumerate(self.layers):
+            # attention block
+            rms_norm(x, layer.attn_norm, hp.rms_eps, h)
+            q, k, v = linear(h, layer.wq, layer.wk, layer.wv)     # [T, n_head*hd], [T, n_kv*hd] x2
+            rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
+            rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
+            cache.store(il, batch.seq_ids, batch.positions, k, v)
+            attention(q, cache.k[il], cache.v[il], batch.seq_ids, batch.positions,
+                      hp.n_head, hp.n_head_kv, hp.head_dim, attn_out)
+            (o,) = linear(attn_out, layer.wo)                      # [T, n_embd]
+            x += o                                                 # residual
+            # feed-forward block (SwiGLU)
+            rms_norm(x, layer.ffn_norm, hp.rms_eps, h)
+            gate, up = linear(h, layer.w_gate, layer.w_up)         # [T, n_ff] x2
+            if act is None:
+                act = np.empty_like(gate)
+            swiglu(gate, up, act)
+            (down,) = linear(act, layer.w_down)                    # [T, n_embd]
+            x += down                                              # residual
+        # only the rows that want logits pay for the output projection
+        rows = np.ascontiguousarray(x[batch.want_logits])          # [n_wanted, n_embd]
+        normed = np.empty_like(rows)
+        rms_norm(rows, self.output_norm, hp.rms_eps, normed)
+        (logits,) = linear(normed, self.output)                    # [n_wanted, n_vocab]
+        return logits

@@ -1,0 +1,290 @@
+"""Choosing the next token from logits: llama.cpp's sampler chain, step for step.
+
+The chain (llama-server's default order):
+
+    logit_bias -> penalties -> dry -> top_n_sigma -> top_k -> typ_p -> top_p -> min_p -> xtc
+               -> temperature -> dist (a seeded draw)
+
+Each step narrows or reshapes a list of candidates (token id, logit), kept sorted by logit once
+a step has sorted them. The arithmetic (f32 softmax sums, `logf(min_p)`, the double-precision
+running sum of the draw) follows llama-sampler.cpp so that a seed gives llama.cpp's tokens.
+At temperature <= 0 the result is the argmax.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .mt19937 import MT19937
+
+DEFAULT_SAMPLERS = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p",
+                    "xtc", "temperature")
+_SAMPLER_ALIASES = {
+    "penalties": "penalties", "dry": "dry", "top_n_sigma": "top_n_sigma", "top-n-sigma": "top_n_sigma",
+    "top_k": "top_k", "top-k": "top_k", "typ_p": "typ_p", "typical_p": "typ_p", "typ-p": "typ_p",
+    "typical-p": "typ_p", "typical": "typ_p", "top_p": "top_p", "top-p": "top_p", "nucleus": "top_p",
+    "min_p": "min_p", "min-p": "min_p", "xtc": "xtc", "temperature": "temperature", "temp": "temperature",
+}
+_SAMPLER_LETTERS = {"e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "typ_p",
+                    "p": "top_p", "m": "min_p", "x": "xtc", "t": "temperature"}
+
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: pick a random seed
+
+
+def parse_samplers(value) -> tuple[str, ...]:
+    """A list of sampler names (with llama.cpp's aliases) or a string of letters ("edskypmxt")."""
+    if isinstance(value, str):
+        names = [_SAMPLER_LETTERS[c] for c in value if c in _SAMPLER_LETTERS]
+    else:
+        names = [_SAMPLER_ALIASES[v] for v in value if isinstance(v, str) and v in _SAMPLER_ALIASES]
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    top_n_sigma: float = -1.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    repeat_last_n: int = 64
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_keep: int = 0
+    seed: int = RANDOM_SEED
+    logit_bias: tuple = ()            # ((token_id, bias), ...); bias -inf bans the token
+    samplers: tuple = DEFAULT_SAMPLERS
+
+
+@dataclass
+class Candidates:
+    """The tokens still in the running, their logits, and (after softmax) probabilities."""
+    ids: np.ndarray        # [n] i32
+    logits: np.ndarray     # [n] f32
+    p: np.ndarray | None = None
+    sorted: bool = False   # ids are in descending logit order
+
+    def sort(self) -> None:
+        if not self.sorted:
+            order = np.argsort(-self.logits, kind="stable")
+            self.ids, self.logits = self.ids[order], self.logits[order]
+            if self.p is not None:
+                self.p = self.p[order]
+            self.sorted = True
+
+    def keep(self, n: int) -> None:
+        self.ids, self.logits = self.ids[:n], self.logits[:n]
+        if self.p is not None:
+            self.p = self.p[:n]
+
+    def softmax(self) -> None:
+        """p = exp(logit - max) / sum, in f32 with a sequential f32 sum (llama_sampler_softmax_impl)."""
+        max_l = self.logits[0] if self.sorted else self.logits.max()
+        p = np.exp(self.logits - max_l, dtype=np.float32)
+        total = np.cumsum(p, dtype=np.float32)[-1]
+        self.p = p / total
+
+
+def _penalties(c: Candidates, prm: SamplingParams, history: list[int]) -> None:
+    if prm.repeat_last_n == 0 or (prm.repeat_penalty == 1.0 and prm.frequency_penalty == 0.0
+                                  and prm.presence_penalty == 0.0):
+        return
+    window = history[-prm.repeat_last_n:] if prm.repeat_last_n > 0 else history
+    counts = Counter(window)
+    for i, tid in enumerate(c.ids):
+        n = counts.get(int(tid), 0)
+        if n == 0:
+            continue
+        l = c.logits[i]
+        l = l * np.float32(prm.repeat_penalty) if l <= 0 else l / np.float32(prm.repeat_penalty)
+        c.logits[i] = l - np.float32(n * prm.frequency_penalty + prm.presence_penalty)
+    c.sorted = False
+
+
+def _top_n_sigma(c: Candidates, n: float) -> None:
+    if n <= 0:
+        return
+    finite = c.logits[np.isfinite(c.logits)]
+    if finite.size == 0:
+        return
+    max_l = finite.max()
+    std = np.float32(np.sqrt(np.mean((finite - finite.mean()) ** 2)))
+    c.logits = np.where(c.logits < max_l - np.float32(n) * std, np.float32(-np.inf), c.logits)
+
+
+def _top_k(c: Candidates, k: int) -> None:
+    if k <= 0:
+        return
+    c.sort()
+    c.keep(min(k, len(c.ids)))
+
+
+def _typical(c: Candidates, p: float, min_keep: int) -> None:
+    if p >= 1.0:
+        return
+    c.softmax()
+    logp = np.log(c.p)
+    entropy = -np.sum(c.p * logp)
+    shifted = np.abs(-logp - entropy)
+    order = np.argsort(shifted, kind="stable")
+    cum = np.cumsum(c.p[order], dtype=np.float32)
+    last = len(order)
+    for i in range(len(order)):
+        if cum[i] > p and i + 1 >= min_keep:
+            last = i + 1
+            break
+    order = order[:last]
+    c.ids, c.logits, c.p = c.ids[order], c.logits[order], c.p[order]
+    c.sorted = False
+
+
+def _top_p(c: Candidates, p: float, min_keep: int) -> None:
+    if p >= 1.0:
+        return
+    c.softmax()
+    c.sort()
+    cum = np.cumsum(c.p, dtype=np.float32)
+    last = len(c.ids)
+    for i in range(len(cum)):
+        if cum[i] >= np.float32(p) and i + 1 >= min_keep:
+            last = i + 1
+            break
+    c.keep(last)
+
+
+def _min_p(c: Candidates, p: float, min_keep: int) -> None:
+    if p <= 0.0 or len(c.ids) == 0:
+        return
+    log_p = np.float32(math.log(np.float32(p)))
+    if not c.sorted:
+        min_logit = c.logits.max() + log_p
+        keep = c.logits >= min_logit
+        if keep.any() and keep.sum() >= min_keep:
+            c.ids, c.logits = c.ids[keep], c.logits[keep]
+            if c.p is not None:
+                c.p = c.p[keep]
+            return
+        c.sort()
+    min_logit = c.logits[0] + log_p
+    i = 1
+    while i < len(c.ids) and not (c.logits[i] < min_logit and i >= min_keep):
+        i += 1
+    c.keep(i)
+
+
+def _xtc(c: Candidates, prm: SamplingParams, rng: random.Random) -> None:
+    """Exclude Top Choices: with some probability, drop every candidate above the threshold but
+    the least likely of them."""
+    if prm.xtc_probability <= 0 or prm.xtc_threshold > 0.5 or len(c.ids) < 2:
+        return
+    if rng.random() > prm.xtc_probability:
+        return
+    c.softmax()
+    c.sort()
+    above = int(np.sum(c.p >= prm.xtc_threshold))
+    if above >= 2 and len(c.ids) - (above - 1) >= max(prm.min_keep, 1):
+        c.ids, c.logits, c.p = c.ids[above - 1:], c.logits[above - 1:], c.p[above - 1:]
+
+
+def _temperature(c: Candidates, prm: SamplingParams) -> None:
+    temp = prm.temperature
+    if prm.dynatemp_range > 0 and len(c.ids) > 1:
+        # entropy-scaled temperature between temp -/+ range
+        lo, hi = max(0.0, temp - prm.dynatemp_range), temp + prm.dynatemp_range
+        c.softmax()
+        ent = -float(np.sum(c.p * np.log(np.maximum(c.p, 1e-30))))
+        norm = ent / math.log(len(c.ids))
+        temp = lo + (hi - lo) * norm ** prm.dynatemp_exponent
+    if temp <= 0:
+        best = int(np.argmax(c.logits))
+        logits = np.full_like(c.logits, -np.inf)
+        logits[best] = c.logits[best]
+        c.logits = logits
+        return
+    c.logits = c.logits / np.float32(temp)
+
+
+class Sampler:
+    """One request's sampler: its parameters, its RNG, and the tokens seen so far."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int, history=()):
+        self.params = params
+        seed = params.seed
+        if seed in (RANDOM_SEED, -1):
+            seed = random.SystemRandom().getrandbits(32)
+        self.seed = seed & 0xFFFFFFFF
+        self.rng = MT19937(self.seed)
+        self.xtc_rng = random.Random(self.seed)
+        self.n_vocab = n_vocab
+        self.history: list[int] = list(history)
+        self.bias = np.zeros(n_vocab, np.float32)
+        for tid, b in params.logit_bias:
+            if 0 <= tid < n_vocab:
+                self.bias[tid] += np.float32(b)
+        self.last_candidates: Candidates | None = None
+
+    def accept(self, token: int) -> None:
+        self.history.append(int(token))
+
+    def sample(self, logits: np.ndarray) -> int:
+        """Run the chain on logits [n_vocab] and draw. The final candidates, with normalised
+        probabilities, stay in `last_candidates` (for post_sampling_probs)."""
+        prm = self.params
+        c = Candidates(np.arange(self.n_vocab, dtype=np.int32),
+                       np.asarray(logits, np.float32) + self.bias)
+        for name in prm.samplers:
+            if name == "penalties":
+                _penalties(c, prm, self.history)
+            elif name == "top_n_sigma":
+                _top_n_sigma(c, prm.top_n_sigma)
+            elif name == "top_k":
+                _top_k(c, prm.top_k)
+            elif name == "typ_p":
+                _typical(c, prm.typical_p, prm.min_keep)
+            elif name == "top_p":
+                _top_p(c, prm.top_p, prm.min_keep)
+            elif name == "min_p":
+                _min_p(c, prm.min_p, prm.min_keep)
+            elif name == "xtc":
+                _xtc(c, prm, self.xtc_rng)
+            elif name == "temperature":
+                _temperature(c, prm)
+            # "dry" (DRY repetition penalty) is not implemented: it is a no-op at its
+            # default multiplier of 0, the only value numllama accepts (see webapp params)
+        token = self._dist(c)
+        self.last_candidates = c
+        return token
+
+    def _dist(self, c: Candidates) -> int:
+        """llama_sampler_dist_apply: p_i = exp(l_i - max) in f32, a double running sum, and the
+        first candidate whose running sum reaches uniform() * total is chosen."""
+        n = len(c.ids)
+        if n == 1:
+            self.rng.uniform()  # llama.cpp draws even when there is no choice
+            c.p = np.ones(1, np.float32)
+            return int(c.ids[0])
+        max_l = c.logits[0] if c.sorted else c.logits.max()
+        p = np.exp(c.logits - max_l, dtype=np.float32)
+        running = np.cumsum(p.astype(np.float64))
+        target = running[-1] * self.rng.uniform()
+        chosen = int(np.searchsorted(running, target, side="left"))
+        chosen = min(chosen, n - 1)
+        c.p = (p / running[-1]).astype(np.float32)
+        return int(c.ids[chosen])
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p over the full vocabulary [n_vocab] (for n_probs, before sampling)."""
+    l = logits.astype(np.float64)
+    l = l - l.max()
+    return (l - np.log(np.exp(l).sum())).astype(np.float32)

@@ -1,0 +1,318 @@
+"""Text <-> token ids, from the vocabulary stored in the GGUF file.
+
+Two algorithms, chosen by `tokenizer.ggml.model`:
+
+* SPM ("llama"): SentencePiece-style. Spaces become "▁" (U+2581), the text is split into UTF-8
+  characters, and the adjacent pair whose merged text is a token with the highest *score* is
+  merged, again and again. A piece that is not in the vocabulary falls back to byte tokens
+  "<0xXX>".
+* BPE ("gpt2"): byte-level BPE. A pre-tokenizer regex (chosen by `tokenizer.ggml.pre`) cuts the
+  text into words; each word's bytes are mapped to printable characters and the pair with the
+  lowest *merge rank* is merged, again and again.
+
+Both first cut out special tokens ("<s>", "<|im_start|>", ...) so they are never split.
+The results equal llama.cpp's tokenizer on the golden data in ../shared/golden.
+"""
+from __future__ import annotations
+
+import heapq
+from functools import lru_cache
+
+import regex
+
+from .gguf_model import VocabData
+
+# token types stored in tokenizer.ggml.token_type
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Pre-tokenizer regexes by `tokenizer.ggml.pre`, applied one after the other: each splits the
+# pieces the previous one produced (the text between matches is kept as pieces too).
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    "default": [_GPT2],
+    "gpt2": [_GPT2],
+    "llama3": [_LLAMA3],
+    "llama-bpe": [_LLAMA3],
+    "smollm": [r"\p{N}", _GPT2],
+    "starcoder": [r"\p{N}", _GPT2],
+    "refact": [r"\p{N}", _GPT2],
+}
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _utf8_chars(text: str) -> list[str]:
+    return list(text)
+
+
+class Tokenizer:
+    def __init__(self, vocab: VocabData):
+        self.vocab = vocab
+        self.n_vocab = len(vocab.tokens)
+        self.bos_id = vocab.bos_id
+        self.eos_id = vocab.eos_id
+        self.spm = vocab.model == "llama"
+        self.token_to_id = {t: i for i, t in enumerate(vocab.tokens)}
+        types = vocab.token_types
+        # end-of-generation tokens: EOS, EOT, and control tokens that end a turn
+        eog = {vocab.eos_id, vocab.eot_id}
+        for name in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                     "<|eom_id|>", "<EOT>"):
+            i = self.token_to_id.get(name)
+            if i is not None and types[i] == CONTROL:
+                eog.add(i)
+        self.eog_ids = frozenset(i for i in eog if i >= 0)
+        # special tokens cut out before tokenizing, longest first so "<|im_start|>" wins over "<|"
+        self._specials = sorted(
+            ((t, i, int(types[i])) for i, t in enumerate(vocab.tokens)
+             if types[i] in (CONTROL, USER_DEFINED, UNKNOWN) and t),
+            key=lambda x: -len(x[0]))
+        if self.spm:
+            self._scores = vocab.scores
+        else:
+            self._byte_char = _bytes_to_unicode()
+            self._char_byte = {c: b for b, c in self._byte_char.items()}
+            self._ranks = {}
+            for rank, m in enumerate(vocab.merges):
+                left, _, right = m.partition(" ")
+                self._ranks[(left, right)] = rank
+            pre = vocab.pre if vocab.pre in PRE_TOKENIZERS else "default"
+            self._pre_regexes = [regex.compile(r) for r in PRE_TOKENIZERS[pre]]
+            self._ignore_merges = pre in ("llama3", "llama-bpe")
+        self._pieces = [self._piece_bytes(i) for i in range(self.n_vocab)]
+
+    # ---------------------------------------------------------------- text -> tokens
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Tokenize like llama.cpp's `llama_tokenize(text, add_special, parse_special)`."""
+        out: list[int] = []
+        if add_special and self.vocab.add_bos and self.bos_id >= 0:
+            out.append(self.bos_id)
+        is_prev_special = True  # SPM prefixes a space at the start and after each special token
+        for frag in self._split_specials(text, parse_special):
+            if isinstance(frag, int):
+                out.append(frag)
+                is_prev_special = True
+                continue
+            if self.spm:
+                if self.vocab.add_space_prefix and is_prev_special:
+                    frag = " " + frag
+                self._spm_encode(frag.replace(" ", "\u2581"), out)
+            else:
+                self._bpe_encode(frag, out)
+            is_prev_special = False
+        if add_special and self.vocab.add_eos and self.eos_id >= 0:
+            out.append(self.eos_id)
+        return out
+
+    def _split_specials(self, text: str, parse_special: bool) -> list:
+        """Cut special-token texts out of `text`: a list of str fragments and int token ids.
+        User-defined tokens are always cut out; control/unknown ones only with parse_special."""
+        frags: list = [text] if text else []
+        for piece, tid, ttype in self._specials:
+            if not parse_special and ttype in (CONTROL, UNKNOWN):
+                continue
+            if not any(isinstance(f, str) and piece in f for f in frags):
+                continue
+            new: list = []
+            for f in frags:
+                if not isinstance(f, str) or piece not in f:
+                    new.append(f)
+                    continue
+                parts = f.split(piece)
+                for k, p in enumerate(parts):
+                    if k:
+                        new.append(tid)
+                    if p:
+                        new.append(p)
+            frags = new
+        return frags
+
+    def _spm_encode(self, text: str, out: list[int]) -> None:
+        """SentencePiece merge by score, as llama.cpp's llm_tokenizer_spm_session."""
+        if not text:
+            return
+        sym_text = _utf8_chars(text)
+        n = len(sym_text)
+        prev = list(range(-1, n - 1))
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        alive = [True] * n
+        heap: list = []
+        rev_merge: dict[str, tuple[str, str]] = {}
+        scores = self._scores
+
+        def try_add(left: int, right: int):
+            if left < 0 or right < 0:
+                return
+            t = sym_text[left] + sym_text[right]
+            tid = self.token_to_id.get(t)
+            if tid is None:
+                return
+            # highest score first; on a tie the leftmost pair
+            heapq.heappush(heap, (-float(scores[tid]), left, right, t))
+
+        for i in range(1, n):
+            try_add(i - 1, i)
+        while heap:
+            _, left, right, t = heapq.heappop(heap)
+            if not alive[left] or not alive[right] or nxt[left] != right or \
+                    sym_text[left] + sym_text[right] != t:
+                continue  # stale: one side was merged since this pair was queued
+            rev_merge[t] = (sym_text[left], sym_text[right])
+            sym_text[left] = t
+            alive[right] = False
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prev[nxt[right]] = left
+            try_add(prev[left], left)
+            try_add(left, nxt[left])
+
+        def resegment(t: str):
+            tid = self.token_to_id.get(t)
+            if tid is not None:
+                out.append(tid)
+                return
+            pair = rev_merge.get(t)
+            if pair is None:
+                for b in t.encode("utf-8"):  # byte fallback
+                    bt = self.token_to_id.get(f"<0x{b:02X}>")
+                    if bt is None:
+                        bt = self.token_to_id.get(chr(b), self.vocab.unk_id)
+                    out.append(bt)
+                return
+            resegment(pair[0])
+            resegment(pair[1])
+
+        i = 0
+        while i != -1:
+            resegment(sym_text[i])
+            i = nxt[i]
+
+    def _bpe_words(self, text: str) -> list[str]:
+        pieces = [text]
+        for rx in self._pre_regexes:
+            new = []
+            for p in pieces:
+                pos = 0
+                for m in rx.finditer(p):
+                    if m.start() > pos:
+                        new.append(p[pos:m.start()])
+                    if m.end() > m.start():
+                        new.append(m.group())
+                    pos = m.end()
+                if pos < len(p):
+                    new.append(p[pos:])
+            pieces = new
+        return pieces
+
+    def _bpe_encode(self, text: str, out: list[int]) -> None:
+        """Byte-level BPE merge by rank, as llama.cpp's llm_tokenizer_bpe_session."""
+        for word in self._bpe_words(text):
+            mapped = "".join(self._byte_char[b] for b in word.encode("utf-8"))
+            if self._ignore_merges and mapped in self.token_to_id:
+                out.append(self.token_to_id[mapped])
+                continue
+            out.extend(self._bpe_word(mapped))
+
+    @lru_cache(maxsize=65536)
+    def _bpe_word(self, mapped: str) -> tuple[int, ...]:
+        syms = list(mapped)
+        n = len(syms)
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prev = list(range(-1, n - 1))
+        alive = [True] * n
+        heap: list = []
+
+        def try_add(left: int, right: int):
+            if left < 0 or right < 0:
+                return
+            rank = self._ranks.get((syms[left], syms[right]))
+            if rank is not None:
+                heapq.heappush(heap, (rank, left, right, syms[left] + syms[right]))
+
+        for i in range(1, n):
+            try_add(i - 1, i)
+        while heap:
+            _, left, right, t = heapq.heappop(heap)
+            if not alive[left] or not alive[right] or nxt[left] != right or syms[left] + syms[right] != t:
+                continue
+            syms[left] = t
+            alive[right] = False
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prev[nxt[right]] = left
+            try_add(prev[left], left)
+            try_add(left, nxt[left])
+        ids: list[int] = []
+        i = 0
+        while i != -1:
+            tid = self.token_to_id.get(syms[i])
+            if tid is not None:
+                ids.append(tid)
+            else:  # not in the vocabulary: one token per byte character
+                ids.extend(self.token_to_id[c] for c in syms[i] if c in self.token_to_id)
+            i = nxt[i]
+        return tuple(ids)
+
+    # ---------------------------------------------------------------- tokens -> text
+    def _piece_bytes(self, tid: int) -> bytes:
+        """The bytes a token stands for when special tokens are rendered as text."""
+        text = self.vocab.tokens[tid]
+        ttype = int(self.vocab.token_types[tid])
+        if ttype == BYTE and self.spm and len(text) == 6 and text.startswith("<0x"):
+            return bytes([int(text[3:5], 16)])
+        if ttype in (CONTROL, USER_DEFINED, UNKNOWN, UNUSED):
+            if ttype == UNKNOWN and self.spm:
+                return "\u2585".encode()
+            return text.encode("utf-8")
+        if self.spm:
+            return text.replace("\u2581", " ").encode("utf-8")
+        try:
+            return bytes(self._char_byte[c] for c in text)
+        except KeyError:
+            return text.encode("utf-8")
+
+    def is_control(self, tid: int) -> bool:
+        return int(self.vocab.token_types[tid]) == CONTROL
+
+    def token_bytes(self, tid: int, special: bool = True) -> bytes:
+        """The bytes of one token. Control tokens render as their text only with `special`."""
+        if not special and self.is_control(tid):
+            return b""
+        return self._pieces[tid]
+
+    def decode(self, ids, special: bool = True) -> str:
+        """Concatenate the pieces; invalid UTF-8 (half a character) is replaced."""
+        return b"".join(self.token_bytes(int(t), special) for t in ids).decode("utf-8", "replace")
+
+    def token_str(self, tid: int) -> str:
+        return self.token_bytes(tid).decode("utf-8", "replace")
+
+
+def utf8_complete_prefix(buf: bytes) -> int:
+    """Length of the longest prefix of `buf` that does not end inside a UTF-8 character,
+    so streamed text never carries half a character."""
+    n = len(buf)
+    for back in range(1, min(4, n) + 1):
+        c = buf[n - back]
+        if c & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
+            continue
+        need = 1 if c < 0x80 else 2 if c >> 5 == 0x6 else 3 if c >> 4 == 0xE else 4 if c >> 3 == 0x1E else 1
+        return n if need <= back else n - back
+    return n

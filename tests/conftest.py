@@ -1,0 +1,55 @@
+"""Shared fixtures: the models and golden data the tests need, found where a clean checkout
+has them (../shared beside the repository, or $NUMLLAMA_SHARED)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("NUMLLAMA_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
+
+
+def shared_path(*parts: str) -> str:
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.fail(f"test data not found: looked for {path} (set NUMLLAMA_SHARED to the folder "
+                    f"holding models/ and golden/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> str:
+    return shared_path("models", "stories260K.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    from engine.models import ModelNotFound, default_model_path
+    try:
+        return default_model_path()
+    except ModelNotFound as e:
+        pytest.fail(f"SmolLM2 model not found: {e}")
+
+
+@pytest.fixture(scope="session")
+def stories_golden() -> dict:
+    return json.load(open(shared_path("golden", "stories260K.json")))
+
+
+@pytest.fixture(scope="session")
+def smollm_golden() -> dict:
+    return json.load(open(shared_path("golden", "SmolLM2-135M-Instruct.Q4_1.json")))
+
+
+@pytest.fixture(scope="session")
+def stories(stories_path):
+    from engine.engine import Engine
+    return Engine.load(stories_path)
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    from engine.engine import Engine
+    return Engine.load(smollm_path)

@@ -1,0 +1,43 @@
+import pytest
+
+from engine.tokenizer import utf8_complete_prefix
+
+
+@pytest.mark.parametrize("which", ["stories", "smollm"])
+def test_tokenize_equals_llama_cpp(which, request):
+    engine = request.getfixturevalue(which)
+    golden = request.getfixturevalue(which + "_golden")
+    tok = engine.tokenizer
+    for row in golden["tokenize"]:
+        assert tok.encode(row["text"], add_special=True) == row["tokens_add_special"], row["text"]
+        assert tok.encode(row["text"], add_special=False) == row["tokens_no_special"], row["text"]
+        assert tok.decode(row["tokens_no_special"]) == row["detokenized"], row["text"]
+
+
+def test_special_tokens_only_with_parse_special(stories):
+    tok = stories.tokenizer
+    assert tok.encode("<s>", add_special=False, parse_special=True) == [1]
+    assert 1 not in tok.encode("<s>", add_special=False, parse_special=False)
+
+
+def test_control_tokens_hidden_unless_special(stories):
+    tok = stories.tokenizer
+    assert tok.token_bytes(2, special=True) == b"</s>"
+    assert tok.token_bytes(2, special=False) == b""
+
+
+def test_byte_fallback_pieces_are_bytes(stories):
+    tok = stories.tokenizer
+    ids = tok.encode("日", add_special=False)
+    raw = b"".join(tok.token_bytes(i) for i in ids)
+    assert raw.decode("utf-8").strip() == "日"
+    assert any(len(tok.token_bytes(i)) == 1 and tok.token_bytes(i)[0] >= 0x80 for i in ids)
+
+
+@pytest.mark.parametrize("text", ["a", "é", "日本", "🎉x", "a🎉"])
+def test_utf8_complete_prefix_never_splits(text):
+    data = text.encode()
+    for cut in range(len(data) + 1):
+        n = utf8_complete_prefix(data[:cut])
+        data[:n].decode("utf-8")  # must not raise
+        assert n >= cut - 3
