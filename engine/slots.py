@@ -1,0 +1,363 @@
+"""Slots and continuous batching: many requests share one model.
+
+A *slot* is one sequence in the KV cache (one row of `KVCache`) plus the state of the request it
+serves. One worker thread owns the model. Every step it builds one `Batch` holding
+
+* the last sampled token of every slot that is generating, and
+* as many prompt tokens of slots still reading their prompt as the batch budget (`n_batch`)
+  allows,
+
+runs one forward pass, and samples the next token of every slot whose logits came back. A
+request thread submits a `Task` and reads `Event`s from the task's queue; setting
+`task.cancelled` (a client that went away) frees the slot at the next step.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import Engine
+from .model import Batch
+from .sampling import Sampler, SamplingParams, log_softmax
+from .tokenizer import utf8_complete_prefix
+
+
+@dataclass
+class Task:
+    prompt_tokens: list[int]
+    n_predict: int = -1                  # -1: until the context is full
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple = ()                     # stop strings
+    n_probs: int = 0
+    post_sampling_probs: bool = False
+    ignore_eos: bool = False
+    cache_prompt: bool = True
+    id_slot: int = -1
+    t_max_predict_ms: float = -1
+    index: int = 0
+    events: "queue.Queue" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    id: int = 0
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    text: str                 # text that may now be sent (may be "" while a stop string is pending)
+    probs: dict | None        # {"id", "value", "top": [(id, value), ...]} when n_probs > 0
+    n_decoded: int
+    n_prompt: int
+
+
+@dataclass
+class FinalEvent:
+    content: str
+    tokens: list[int]
+    stop_type: str            # "eos" | "limit" | "word"
+    stopping_word: str
+    truncated: bool
+    has_new_line: bool
+    n_prompt: int             # prompt tokens in total
+    n_prompt_processed: int   # prompt tokens evaluated (not reused from the cache)
+    n_cached: int             # prompt tokens reused from the slot's cache
+    n_decoded: int
+    tokens_cached: int        # tokens in the slot's KV after the request
+    prompt_ms: float
+    predicted_ms: float
+    probs: list               # per generated token, as TokenEvent.probs
+    id_slot: int
+    seed: int
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+    type: str = "server_error"
+    code: int = 500
+
+
+class Slot:
+    def __init__(self, slot_id: int, n_ctx: int):
+        self.id = slot_id
+        self.n_ctx = n_ctx
+        self.cache_tokens: list[int] = []   # tokens whose K/V are in this slot's cache row
+        self.task: Task | None = None
+        self.last_used = 0.0
+        self.last_task_id: int | None = None
+        self.last_prompt: list[int] = []
+        self.last_generated = ""
+        self.params: SamplingParams | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None
+
+    def start(self, task: Task, engine: Engine) -> None:
+        self.task = task
+        self.params = task.params
+        prompt = task.prompt_tokens
+        n_past = 0
+        if task.cache_prompt:
+            for a, b in zip(self.cache_tokens, prompt):
+                if a != b:
+                    break
+                n_past += 1
+        n_past = min(n_past, len(prompt) - 1)  # at least one token is evaluated, for its logits
+        self.cache_tokens = self.cache_tokens[:n_past]
+        self.n_cached = n_past
+        self.to_eval = list(prompt[n_past:])
+        self.sampler = Sampler(task.params, engine.tokenizer.n_vocab, prompt)
+        if task.ignore_eos:
+            self.sampler.bias[list(engine.tokenizer.eog_ids)] = -np.inf
+        self.generated: list[int] = []
+        self.pending_bytes = b""
+        self.text = ""
+        self.n_sent = 0
+        self.probs: list = []
+        self.next_token: int | None = None
+        self.t_start = time.perf_counter()
+        self.t_prompt_done = None
+        self.last_prompt = list(prompt)
+        self.last_task_id = task.id
+        self.has_new_line = False
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, n_slots: int, n_ctx_slot: int, n_batch: int = 512,
+                 n_predict_default: int = -1):
+        self.engine = engine
+        self.n_batch = max(1, n_batch)
+        self.n_predict_default = n_predict_default
+        self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
+        self.cache = engine.model.new_cache(n_slots, n_ctx_slot)
+        self.waiting: list[Task] = []
+        self.lock = threading.Condition()
+        self._next_id = 0
+        self.metrics = {"n_decode_total": 0, "prompt_tokens_total": 0, "tokens_predicted_total": 0,
+                        "prompt_seconds_total": 0.0, "tokens_predicted_seconds_total": 0.0,
+                        "n_busy_slots_total": 0, "n_tokens_max": 0}
+        self._thread = threading.Thread(target=self._run, name="numllama-batcher", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- request side
+    def submit(self, task: Task) -> Task:
+        with self.lock:
+            self._next_id += 1
+            task.id = self._next_id
+            self.waiting.append(task)
+            self.lock.notify_all()
+        return task
+
+    def cancel(self, task: Task) -> None:
+        task.cancelled.set()
+        with self.lock:
+            self.lock.notify_all()
+
+    def n_busy(self) -> int:
+        return sum(s.busy for s in self.slots)
+
+    # ---------------------------------------------------------------- worker side
+    def _assign(self) -> None:
+        """Give waiting tasks to idle slots, preferring the slot whose cache shares the longest
+        prefix with the prompt, then the least recently used."""
+        still = []
+        for task in self.waiting:
+            if task.cancelled.is_set():
+                continue
+            idle = [s for s in self.slots if not s.busy]
+            if task.id_slot >= 0:
+                idle = [s for s in idle if s.id == task.id_slot]
+            if not idle:
+                still.append(task)
+                continue
+
+            def score(s: Slot):
+                lcp = 0
+                if task.cache_prompt:
+                    for a, b in zip(s.cache_tokens, task.prompt_tokens):
+                        if a != b:
+                            break
+                        lcp += 1
+                return (lcp, -s.last_used)
+            slot = max(idle, key=score)
+            slot.start(task, self.engine)
+        self.waiting = still
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while True:
+                    self._assign()
+                    for s in self.slots:
+                        if s.busy and s.task.cancelled.is_set():
+                            self._release(s)
+                    if any(s.busy for s in self.slots):
+                        break
+                    self.lock.wait()
+            try:
+                self._step()
+            except Exception as e:  # a failed step fails its requests, never the server
+                for s in self.slots:
+                    if s.busy:
+                        s.task.events.put(ErrorEvent(f"{type(e).__name__}: {e}"))
+                        self._release(s)
+
+    def _release(self, slot: Slot) -> None:
+        slot.task = None
+        slot.last_used = time.time()
+
+    def _step(self) -> None:
+        tokens, positions, seq_ids, want, owners = [], [], [], [], []
+        budget = self.n_batch
+        active = [s for s in self.slots if s.busy]
+        for s in active:  # generating slots first: one token each
+            if s.next_token is not None and not s.to_eval:
+                tokens.append(s.next_token)
+                positions.append(len(s.cache_tokens))
+                seq_ids.append(s.id)
+                want.append(True)
+                owners.append((s, [s.next_token], True))
+                budget -= 1
+        for s in active:  # then prompt chunks, as far as the batch allows
+            if s.to_eval and budget > 0:
+                chunk = s.to_eval[:budget]
+                last = len(chunk) == len(s.to_eval)
+                start = len(s.cache_tokens)
+                tokens += chunk
+                positions += range(start, start + len(chunk))
+                seq_ids += [s.id] * len(chunk)
+                want += [False] * (len(chunk) - 1) + [last]
+                owners.append((s, chunk, last))
+                budget -= len(chunk)
+        if not tokens:
+            return
+        batch = Batch(np.array(tokens, np.int32), np.array(positions, np.int32),
+                      np.array(seq_ids, np.int32), np.array(want, bool))
+        logits = self.engine.model.forward(batch, self.cache)
+        self.metrics["n_decode_total"] += 1
+        self.metrics["n_busy_slots_total"] += len(active)
+        self.metrics["n_tokens_max"] = max(self.metrics["n_tokens_max"], len(tokens))
+        row = 0
+        for s, chunk, has_logits in owners:
+            s.cache_tokens += chunk
+            if s.to_eval:
+                s.to_eval = s.to_eval[len(chunk):]
+            if has_logits:
+                if s.t_prompt_done is None:
+                    s.t_prompt_done = time.perf_counter()
+                self._sample(s, logits[row])
+                row += 1
+
+    def _sample(self, s: Slot, logits: np.ndarray) -> None:
+        task = s.task
+        tok = self.engine.tokenizer
+        token = s.sampler.sample(logits)
+        s.sampler.accept(token)
+        s.generated.append(token)
+        probs = self._probs(s, logits, token) if task.n_probs > 0 else None
+        is_eog = token in tok.eog_ids and not task.ignore_eos
+        stop_type, stopping_word = None, ""
+        if is_eog:
+            stop_type = "eos"
+        else:
+            s.pending_bytes += tok.token_bytes(token, special=False)
+            n = utf8_complete_prefix(s.pending_bytes)
+            s.text += s.pending_bytes[:n].decode("utf-8", "replace")
+            s.pending_bytes = s.pending_bytes[n:]
+            if "\n" in s.text:
+                s.has_new_line = True
+        # stop strings: a full match ends generation; a partial match at the end is held back
+        send_upto = len(s.text)
+        if task.stop and not is_eog:
+            hit = self._find_stop(s.text, task.stop, s.n_sent)
+            if hit is not None:
+                pos, word = hit
+                s.text = s.text[:pos]
+                send_upto = pos
+                stop_type, stopping_word = "word", word
+            else:
+                send_upto = len(s.text) - self._partial_stop(s.text, task.stop)
+        n_decoded = len(s.generated)
+        truncated = False
+        if stop_type is None:
+            n_predict = task.n_predict
+            if n_predict is not None and n_predict >= 0 and n_decoded >= max(n_predict, 1):
+                stop_type = "limit"
+            elif len(s.cache_tokens) + 1 >= s.n_ctx:
+                stop_type, truncated = "limit", True
+            elif (task.t_max_predict_ms > 0 and s.has_new_line and
+                  (time.perf_counter() - s.t_start) * 1000 > task.t_max_predict_ms):
+                stop_type = "limit"
+        if stop_type is not None and stop_type != "word":
+            send_upto = len(s.text)
+        piece = s.text[s.n_sent:send_upto] if send_upto > s.n_sent else ""
+        s.n_sent = max(s.n_sent, send_upto)
+        if probs is not None:
+            s.probs.append(probs)
+        task.events.put(TokenEvent(token, piece, probs, n_decoded, len(task.prompt_tokens)))
+        if stop_type is None:
+            s.next_token = token
+            return
+        now = time.perf_counter()
+        content = s.text
+        probs_out = s.probs
+        if stop_type == "word":  # the stop word's tokens are not reported
+            kept, acc = [], b""
+            for p, t in zip(s.probs, s.generated):
+                if len(acc.decode("utf-8", "ignore")) >= len(content):
+                    break
+                acc += tok.token_bytes(t, special=False)
+                kept.append(p)
+            probs_out = kept
+        s.last_generated = content
+        self.metrics["prompt_tokens_total"] += len(task.prompt_tokens) - s.n_cached
+        self.metrics["tokens_predicted_total"] += n_decoded
+        self.metrics["prompt_seconds_total"] += (s.t_prompt_done - s.t_start)
+        self.metrics["tokens_predicted_seconds_total"] += (now - s.t_prompt_done)
+        task.events.put(FinalEvent(
+            content=content, tokens=list(s.generated), stop_type=stop_type,
+            stopping_word=stopping_word, truncated=truncated, has_new_line=s.has_new_line,
+            n_prompt=len(task.prompt_tokens), n_prompt_processed=len(task.prompt_tokens) - s.n_cached,
+            n_cached=s.n_cached, n_decoded=n_decoded, tokens_cached=len(s.cache_tokens),
+            prompt_ms=(s.t_prompt_done - s.t_start) * 1000, predicted_ms=(now - s.t_prompt_done) * 1000,
+            probs=probs_out, id_slot=s.id, seed=s.sampler.seed))
+        s.next_token = None
+        self._release(s)
+
+    @staticmethod
+    def _find_stop(text: str, stops, n_sent: int):
+        best = None
+        for word in stops:
+            i = text.find(word, max(0, n_sent - len(word)))
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, word)
+        return best
+
+    @staticmethod
+    def _partial_stop(text: str, stops) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        longest = 0
+        for word in stops:
+            for k in range(min(len(word) - 1, len(text)), 0, -1):
+                if text.endswith(word[:k]):
+                    longest = max(longest, k)
+                    break
+        return longest
+
+    def _probs(self, s: Slot, logits: np.ndarray, token: int) -> dict:
+        n = s.task.n_probs
+        if s.task.post_sampling_probs:
+            c = s.sampler.last_candidates
+            order = np.argsort(-c.p, kind="stable")
+            ids, p = c.ids[order], c.p[order]
+            top = [(int(i), float(v)) for i, v in zip(ids[:n], p[:n]) if v > 0]
+            chosen = dict(zip(ids.tolist(), p.tolist())).get(token, 0.0)
+            return {"id": token, "value": float(chosen), "top": top}
+        lp = log_softmax(logits)
+        top_ids = np.argsort(-lp, kind="stable")[:n]
+        return {"id": token, "value": float(lp[token]),
+                "top": [(int(i), float(lp[i])) for i in top_ids]}

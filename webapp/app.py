@@ -1,0 +1,82 @@
+"""The Flask application factory. Routes live in one blueprint per API family."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException
+
+from .errors import APIError, error_response
+from .params import ServerDefaults
+
+
+@dataclass
+class ServerContext:
+    """Everything the routes need, built once the model is loaded."""
+    engine: object                 # engine.engine.Engine
+    scheduler: object              # engine.slots.Scheduler
+    defaults: ServerDefaults
+    n_ctx_slot: int
+    model_alias: str
+    model_path: str
+    aliases: list = field(default_factory=list)
+    tags: list = field(default_factory=list)
+    enable_slots: bool = True
+    enable_metrics: bool = False
+    api_key: str | None = None
+    build_fingerprint: str = "b1-numllama"
+    started: float = field(default_factory=time.time)
+
+
+PUBLIC_PATHS = ("/health", "/v1/health")
+
+
+def create_app(context: ServerContext | None = None) -> Flask:
+    """Build the app. Until `app.config["NUMLLAMA"]` holds a ServerContext, every route answers
+    503 "Loading model" (so clients can poll /health while the model loads)."""
+    app = Flask("numllama")
+    app.config["NUMLLAMA"] = context
+
+    from . import completions, info, tokens
+    for module in (info, completions, tokens):
+        app.register_blueprint(module.bp)
+
+    @app.before_request
+    def gate():
+        ctx = app.config["NUMLLAMA"]
+        if ctx is None:
+            raise APIError("Loading model", 503)
+        if ctx.api_key and request.method != "OPTIONS" and request.path not in PUBLIC_PATHS:
+            auth = request.headers.get("Authorization", "")
+            given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-Api-Key")
+            if given != ctx.api_key:
+                raise APIError("Invalid API Key", 401)
+
+    @app.after_request
+    def headers(resp):
+        resp.headers["Server"] = "llama.cpp"
+        origin = request.headers.get("Origin")
+        if origin:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Allow-Credentials"] = "true"
+        return resp
+
+    @app.errorhandler(APIError)
+    def api_error(e: APIError):
+        return error_response(e)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        if e.code in (404, 405):  # llama-server answers a wrong method like an unknown path
+            return error_response(APIError("File Not Found", 404))
+        if e.code == 413:
+            return error_response(APIError("Request body too large", 413, "invalid_request_error"))
+        return error_response(APIError(e.description or e.name, e.code or 500))
+
+    @app.errorhandler(Exception)
+    def unexpected(e: Exception):
+        app.logger.exception("unexpected error")
+        return error_response(APIError(f"{type(e).__name__}: {e}", 500))
+
+    return app

@@ -1,0 +1,280 @@
+"""POST /completion (/completions) in llama-server's format, and POST /v1/completions (OpenAI)."""
+from __future__ import annotations
+
+import json
+import queue
+import random
+import string
+import time
+
+from flask import Blueprint, Response, current_app, request
+
+from engine.slots import ErrorEvent, FinalEvent, Task, TokenEvent
+
+from .errors import APIError, json_response
+from .params import (effective_n_predict, generation_settings, get_bool, get_number, parse_prompts,
+                     parse_stop, sampling_params)
+
+bp = Blueprint("completions", __name__)
+
+POLL_S = 0.02  # how often a waiting request checks whether its client went away
+
+
+def request_json() -> dict:
+    try:
+        body = json.loads(request.get_data(as_text=True) or "null")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(f"Invalid JSON in request body: {e}")
+    if not isinstance(body, dict):
+        raise APIError("Request body must be a JSON object")
+    return body
+
+
+class Completion:
+    """A parsed completion request: one task per prompt, and how to present the results."""
+
+    def __init__(self, body: dict, oai: bool):
+        ctx = current_app.config["NUMLLAMA"]
+        tok = ctx.engine.tokenizer
+        if "prompt" not in body or body.get("prompt") is None:
+            raise APIError("key 'prompt' not found" if "prompt" not in body else "\"prompt\" must not be null")
+        self.ctx = ctx
+        self.oai = oai
+        self.stream = get_bool(body, "stream", False)
+        self.return_tokens = get_bool(body, "return_tokens", False)
+        self.n_predict = effective_n_predict(body, ctx.defaults.n_predict)
+        key = "logprobs" if oai else ("n_probs" if body.get("n_probs") is not None else "logprobs")
+        n_probs = body.get(key)
+        if isinstance(n_probs, bool):  # OpenAI chat-style logprobs: true
+            n_probs = 1 if n_probs else 0
+            body = {**body, key: n_probs}
+        self.n_probs = get_number(body, key, 0, int) if n_probs is not None else 0
+        if self.n_probs < 0:
+            raise APIError(f"Field '{key}': Value must be between 0 <= value <= 2147483647")
+        self.post_sampling = get_bool(body, "post_sampling_probs", False)
+        self.ignore_eos = get_bool(body, "ignore_eos", False)
+        self.cache_prompt = get_bool(body, "cache_prompt", True)
+        self.backend_sampling = get_bool(body, "backend_sampling", False)
+        self.id_slot = get_number(body, "id_slot", -1, int)
+        if self.id_slot >= len(ctx.scheduler.slots):
+            raise APIError(f"Invalid id_slot {self.id_slot}: the server has {len(ctx.scheduler.slots)} slots")
+        self.t_max = get_number(body, "t_max_predict_ms", -1, int)
+        self.stop = parse_stop(body.get("stop"))
+        fields = body.get("response_fields")
+        if fields is not None and not (isinstance(fields, list) and all(isinstance(f, str) for f in fields)):
+            raise APIError("Field 'response_fields': must be an array of strings")
+        self.response_fields = fields or []
+        for k in ("stream_options",):
+            if body.get(k) is not None and not isinstance(body[k], dict):
+                raise APIError(f"Field '{k}': must be an object")
+        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.params = sampling_params(body, ctx.defaults, tok, self.ignore_eos)
+        prompts, self.is_batch = parse_prompts(body["prompt"], tok)
+        n_ctx = ctx.n_ctx_slot
+        for p in prompts:
+            if len(p) >= n_ctx:
+                raise APIError(f"request ({len(p)} tokens) exceeds the available context size "
+                               f"({n_ctx} tokens), try increasing it", 400, "exceed_context_size_error",
+                               n_prompt_tokens=len(p), n_ctx=n_ctx)
+        self.prompts = prompts
+        self.model_name = ctx.model_alias
+        self.settings = generation_settings(self.params, self.n_predict, self.stop, self.stream,
+                                            self.n_probs, self.ignore_eos, self.post_sampling,
+                                            self.backend_sampling)
+        self.id = "chatcmpl-" + "".join(random.choices(string.ascii_letters + string.digits, k=32))
+        self.created = int(time.time())
+
+    def submit(self) -> list[Task]:
+        tasks = []
+        for i, p in enumerate(self.prompts):
+            tasks.append(self.ctx.scheduler.submit(Task(
+                prompt_tokens=p, n_predict=self.n_predict, params=self.params, stop=self.stop,
+                n_probs=self.n_probs, post_sampling_probs=self.post_sampling, ignore_eos=self.ignore_eos,
+                cache_prompt=self.cache_prompt, id_slot=self.id_slot, t_max_predict_ms=self.t_max, index=i)))
+        return tasks
+
+    # ------------------------------------------------------------------ presentation
+    def probs_items(self, probs_list) -> list[dict]:
+        tok = self.ctx.engine.tokenizer
+        key, top_key = ("prob", "top_probs") if self.post_sampling else ("logprob", "top_logprobs")
+
+        def item(tid, value):
+            raw = tok.token_bytes(tid)
+            return {"id": tid, "token": raw.decode("utf-8", "ignore"), "bytes": list(raw),
+                    key: value if value > -3.4e38 else -3.4028234663852886e38}
+        return [{**item(p["id"], p["value"]), top_key: [item(i, v) for i, v in p["top"]]}
+                for p in probs_list]
+
+    def timings(self, fin: FinalEvent) -> dict:
+        pm, dm = fin.prompt_ms, fin.predicted_ms
+        return {"cache_n": fin.n_cached, "prompt_n": fin.n_prompt_processed, "prompt_ms": pm,
+                "prompt_per_token_ms": pm / max(fin.n_prompt_processed, 1),
+                "prompt_per_second": fin.n_prompt_processed / (pm / 1000) if pm > 0 else 0.0,
+                "predicted_n": fin.n_decoded, "predicted_ms": dm,
+                "predicted_per_token_ms": dm / max(fin.n_decoded, 1),
+                "predicted_per_second": fin.n_decoded / (dm / 1000) if dm > 0 else 0.0}
+
+    def final_object(self, task: Task, fin: FinalEvent, streamed: bool) -> dict:
+        tok = self.ctx.engine.tokenizer
+        settings = dict(self.settings, seed=fin.seed)
+        out = {
+            "index": task.index,
+            "content": "" if streamed else fin.content,
+            "tokens": [] if streamed or not self.return_tokens else fin.tokens,
+            "id_slot": fin.id_slot, "stop": True, "model": self.model_name,
+            "tokens_predicted": fin.n_decoded, "tokens_evaluated": fin.n_prompt,
+            "generation_settings": settings,
+            "prompt": tok.decode(task.prompt_tokens, special=True),
+            "has_new_line": fin.has_new_line, "truncated": fin.truncated,
+            "stop_type": fin.stop_type, "stopping_word": fin.stopping_word,
+            "tokens_cached": fin.tokens_cached, "timings": self.timings(fin),
+        }
+        if self.n_probs > 0 and not streamed:
+            out["completion_probabilities"] = self.probs_items(fin.probs)
+        return out
+
+    def select_fields(self, obj: dict) -> dict:
+        if not self.response_fields:
+            return obj
+        out = {}
+        for path in self.response_fields:
+            cur = obj
+            for part in path.split("/"):
+                if isinstance(cur, dict) and part in cur:
+                    cur = cur[part]
+                else:
+                    break
+            else:
+                out[path] = cur
+        return out
+
+    def finish_reason(self, fin: FinalEvent) -> str:
+        return "stop" if fin.stop_type in ("eos", "word") else "length"
+
+    def usage(self, fins) -> dict:
+        pt = sum(f.n_prompt for f in fins)
+        ct = sum(f.n_decoded for f in fins)
+        return {"completion_tokens": ct, "prompt_tokens": pt, "total_tokens": pt + ct,
+                "prompt_tokens_details": {"cached_tokens": sum(f.n_cached for f in fins)}}
+
+    def oai_object(self, tasks, fins) -> dict:
+        choices = []
+        for t, f in zip(tasks, fins):
+            logprobs = {"content": self.probs_items(f.probs)} if self.n_probs > 0 else None
+            choices.append({"text": f.content, "index": t.index, "logprobs": logprobs,
+                            "finish_reason": self.finish_reason(f)})
+        return {"choices": choices, "created": self.created, "model": self.model_name,
+                "system_fingerprint": self.ctx.build_fingerprint, "object": "text_completion",
+                "usage": self.usage(fins), "id": self.id, "timings": self.timings(fins[-1])}
+
+
+def wait_event(task: Task, ctx, disconnected):
+    """The next event of a task, cancelling it if the client goes away meanwhile."""
+    while True:
+        try:
+            return task.events.get(timeout=POLL_S)
+        except queue.Empty:
+            if disconnected():
+                ctx.scheduler.cancel(task)
+                return None
+
+
+def _disconnect_probe():
+    probe = request.environ.get("waitress.client_disconnected")
+    return probe if probe is not None else (lambda: False)
+
+
+def run_blocking(c: Completion) -> Response:
+    tasks = c.submit()
+    disconnected = _disconnect_probe()
+    fins = []
+    try:
+        for t in tasks:
+            while True:
+                ev = wait_event(t, c.ctx, disconnected)
+                if ev is None:
+                    raise APIError("client disconnected", 400)
+                if isinstance(ev, ErrorEvent):
+                    raise APIError(ev.message, ev.code, ev.type)
+                if isinstance(ev, FinalEvent):
+                    fins.append(ev)
+                    break
+    finally:
+        for t in tasks:
+            if len(fins) < len(tasks):
+                c.ctx.scheduler.cancel(t)
+    if c.oai:
+        return json_response(c.oai_object(tasks, fins))
+    objs = [c.select_fields(c.final_object(t, f, streamed=False)) for t, f in zip(tasks, fins)]
+    return json_response(objs if c.is_batch else objs[0])
+
+
+def sse(obj) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+def run_stream(c: Completion) -> Response:
+    tasks = c.submit()
+    ctx = c.ctx
+
+    def events():
+        fins = []
+        try:
+            for t in tasks:
+                while True:
+                    ev = t.events.get()
+                    if isinstance(ev, ErrorEvent):
+                        yield sse({"error": {"code": ev.code, "message": ev.message, "type": ev.type}})
+                        return
+                    if isinstance(ev, TokenEvent):
+                        yield sse(token_chunk(c, t, ev))
+                        continue
+                    fins.append(ev)
+                    if c.oai:
+                        chunk = oai_chunk(c, t, "", c.finish_reason(ev))
+                        chunk["usage"] = c.usage([ev])
+                        chunk["timings"] = c.timings(ev)
+                        yield sse(chunk)
+                    else:
+                        yield sse(c.select_fields(c.final_object(t, ev, streamed=True)))
+                    break
+            if c.oai:
+                yield "data: [DONE]\n\n"
+        finally:  # a closed connection ends the generator: free the slots at once
+            for t in tasks:
+                ctx.scheduler.cancel(t)
+
+    return Response(events(), content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def oai_chunk(c: Completion, t: Task, text: str, finish_reason, logprobs=None) -> dict:
+    return {"choices": [{"text": text, "index": t.index, "logprobs": logprobs, "finish_reason": finish_reason}],
+            "created": c.created, "model": c.model_name, "system_fingerprint": c.ctx.build_fingerprint,
+            "object": "text_completion", "id": c.id}
+
+
+def token_chunk(c: Completion, t: Task, ev: TokenEvent) -> dict:
+    if c.oai:
+        lp = {"content": c.probs_items([ev.probs])} if ev.probs else None
+        return oai_chunk(c, t, ev.text, None, lp)
+    out = {"index": t.index, "content": ev.text, "tokens": [ev.token], "stop": False, "id_slot": -1,
+           "tokens_predicted": ev.n_decoded, "tokens_evaluated": ev.n_prompt}
+    if ev.probs:
+        out["completion_probabilities"] = c.probs_items([ev.probs])
+    return out
+
+
+def handle(oai: bool) -> Response:
+    c = Completion(request_json(), oai)
+    return run_stream(c) if c.stream else run_blocking(c)
+
+
+@bp.post("/completion")
+@bp.post("/completions")
+def completion():
+    return handle(oai=False)
+
+
+@bp.post("/v1/completions")
+def v1_completions():
+    return handle(oai=True)

