@@ -43,7 +43,7 @@ class Completion:
         self.stream = get_bool(body, "stream", False)
         self.return_tokens = get_bool(body, "return_tokens", False)
         self.n_predict = effective_n_predict(body, ctx.defaults.n_predict)
-        key = "logprobs" if oai else ("n_probs" if body.get("n_probs") is not None else "logprobs")
+        key = "n_probs" if body.get("n_probs") is not None else "logprobs"  # logprobs: OpenAI's name
         n_probs = body.get(key)
         if isinstance(n_probs, bool):  # OpenAI chat-style logprobs: true
             n_probs = 1 if n_probs else 0

@@ -20,6 +20,8 @@ def tokenize():
     with_pieces = get_bool(body, "with_pieces", False)
     if content is None:
         return json_response({"tokens": []})
+    if not isinstance(content, (str, list)):
+        raise APIError("Field 'content': must be a string or an array of strings and token ids")
     parts = content if isinstance(content, list) else [content]
     ids: list[int] = []
     for i, part in enumerate(parts):
