@@ -1,0 +1,89 @@
+"""Run llama.cpp's own server tests, unchanged, against numllama-server.
+
+1. Fetch the llama-cpp-python 0.3.36 sdist (it vendors llama.cpp) and take
+   vendor/llama.cpp/tools/server/tests.
+2. Replace only conftest.py: the original starts every preset (bert, gemma3, router...) to
+   pre-download models, which an offline machine cannot do. Ours keeps the per-test server stop.
+3. Seed $LLAMA_CACHE with stories260K in the Hugging Face cache layout, as the harness expects
+   for `--hf-repo ggml-org/test-model-stories260K`.
+4. Run pytest on unit/test_completion.py (or the files given) with LLAMA_SERVER_BIN_PATH set.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+SHARED = os.environ.get("NUMLLAMA_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
+SDIST = "llama-cpp-python==0.3.36"
+WORK = os.environ.get("NUMLLAMA_CONFORMANCE_DIR", os.path.join(REPO, ".tox", "conformance-work"))
+
+CONFTEST = '''import pytest
+from utils import *
+
+
+@pytest.fixture(autouse=True)
+def stop_server_after_each_test():
+    yield
+    for server in set(server_instances):
+        server.stop()
+'''
+
+
+def fetch_tests() -> str:
+    tests = os.path.join(WORK, "server-tests")
+    if os.path.isdir(tests):
+        return tests
+    dl = os.path.join(WORK, "sdist")
+    os.makedirs(dl, exist_ok=True)
+    if not glob.glob(os.path.join(dl, "*.tar.gz")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        "-d", dl, SDIST], check=True)
+    archive = glob.glob(os.path.join(dl, "*.tar.gz"))[0]
+    prefix = None
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/tools/server/tests/" in m.name]
+        prefix = members[0].name.split("/vendor/")[0] + "/vendor/llama.cpp/tools/server/tests"
+        tar.extractall(os.path.join(WORK, "x"), members=members, filter="data")
+    shutil.move(os.path.join(WORK, "x", prefix), tests)
+    with open(os.path.join(tests, "conftest.py"), "w") as f:
+        f.write(CONFTEST)
+    return tests
+
+
+def seed_cache(tests: str) -> str:
+    model = os.path.join(SHARED, "models", "stories260K.gguf")
+    if not os.path.isfile(model):
+        sys.exit(f"stories260K not found: looked for {model}")
+    cache = os.path.join(tests, "tmp")
+    commit = "0" * 40
+    base = os.path.join(cache, "models--ggml-org--test-model-stories260K")
+    os.makedirs(os.path.join(base, "refs"), exist_ok=True)
+    with open(os.path.join(base, "refs", "main"), "w") as f:
+        f.write(commit)
+    snap = os.path.join(base, "snapshots", commit)
+    os.makedirs(snap, exist_ok=True)
+    if not os.path.exists(os.path.join(snap, "stories260K.gguf")):
+        shutil.copy(model, os.path.join(snap, "stories260K.gguf"))
+    return cache
+
+
+def main(argv: list[str]) -> int:
+    tests = fetch_tests()
+    cache = seed_cache(tests)
+    server = shutil.which("numllama-server")
+    if not server:
+        sys.exit("numllama-server is not on PATH: install numllama first")
+    files = argv or ["unit/test_completion.py"]
+    env = {**os.environ, "LLAMA_SERVER_BIN_PATH": server, "LLAMA_CACHE": cache}
+    return subprocess.call([sys.executable, "-m", "pytest", "-v", "-m", "not slow", *files],
+                           cwd=tests, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
