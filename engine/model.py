@@ -45,13 +45,19 @@ class Batch:
     positions: np.ndarray    # [T] i32
     seq_ids: np.ndarray      # [T] i32  KV-cache row of each token's sequence
     want_logits: np.ndarray  # [T] bool  which tokens' logits to return
+    prompt_pass: np.ndarray  # [T] bool  token belongs to a prompt evaluated >= 2 tokens at a time
 
     @staticmethod
-    def single(tokens, start_pos: int, seq_id: int = 0, all_logits: bool = False) -> "Batch":
+    def single(tokens, start_pos: int, seq_id: int = 0, all_logits: bool = False,
+               prompt_pass: bool | None = None) -> "Batch":
+        """One sequence's tokens. By default a call with several tokens is a prompt pass and a
+        single token a decode step, as llama.cpp sees them."""
         n = len(tokens)
         want = np.ones(n, bool) if all_logits else np.arange(n) == n - 1
+        if prompt_pass is None:
+            prompt_pass = n >= 2
         return Batch(np.asarray(tokens, np.int32), np.arange(start_pos, start_pos + n, dtype=np.int32),
-                     np.full(n, seq_id, np.int32), want)
+                     np.full(n, seq_id, np.int32), want, np.full(n, prompt_pass, bool))
 
 
 class TokenEmbedding:
@@ -121,31 +127,40 @@ class LlamaModel:
         hp = self.hp
         n_tokens = len(batch.tokens)
         x = self.token_embd(batch.tokens)                          # [T, n_embd]
-        h = np.empty_like(x)                                       # [T, n_embd]
         attn_out = np.empty((n_tokens, hp.n_head * hp.head_dim), np.float32)
-        act = None
+        # llama.cpp sums float matmuls in tinyBLAS's order for prompt passes and in vec_dot's
+        # for single-token decodes; we follow it per token (see quants.matmul)
+        order = batch.prompt_pass
+        last = len(self.layers) - 1
         for il, layer in enumerate(self.layers):
             # attention block
-            rms_norm(x, layer.attn_norm, hp.rms_eps, h)
-            q, k, v = linear(h, layer.wq, layer.wk, layer.wv)     # [T, n_head*hd], [T, n_kv*hd] x2
+            h = rms_norm_rows(x, layer.attn_norm, hp.rms_eps)     # [T, n_embd]
+            q, k, v = linear(h, layer.wq, layer.wk, layer.wv, tinyblas_rows=order)  # [T, n_head*hd], [T, n_kv*hd] x2
             rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
             rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
             cache.store(il, batch.seq_ids, batch.positions, k, v)
             attention(q, cache.k[il], cache.v[il], batch.seq_ids, batch.positions,
                       hp.n_head, hp.n_head_kv, hp.head_dim, attn_out)
-            (o,) = linear(attn_out, layer.wo)                      # [T, n_embd]
+            (o,) = linear(attn_out, layer.wo, tinyblas_rows=order)  # [T, n_embd]
             x += o                                                 # residual
+            if il == last:
+                # only the rows whose logits are wanted go on (llama.cpp's inp_out_ids); these
+                # few rows are multiplied one by one there, hence vec_dot order from here on
+                x = np.ascontiguousarray(x[batch.want_logits])     # [n_wanted, n_embd]
+                order = np.zeros(len(x), bool)
             # feed-forward block (SwiGLU)
-            rms_norm(x, layer.ffn_norm, hp.rms_eps, h)
-            gate, up = linear(h, layer.w_gate, layer.w_up)         # [T, n_ff] x2
-            if act is None:
-                act = np.empty_like(gate)
+            h = rms_norm_rows(x, layer.ffn_norm, hp.rms_eps)
+            gate, up = linear(h, layer.w_gate, layer.w_up, tinyblas_rows=order)  # [T, n_ff] x2
+            act = np.empty_like(gate)
             swiglu(gate, up, act)
-            (down,) = linear(act, layer.w_down)                    # [T, n_embd]
+            (down,) = linear(act, layer.w_down, tinyblas_rows=order)  # [T, n_embd]
             x += down                                              # residual
-        # only the rows that want logits pay for the output projection
-        rows = np.ascontiguousarray(x[batch.want_logits])          # [n_wanted, n_embd]
-        normed = np.empty_like(rows)
-        rms_norm(rows, self.output_norm, hp.rms_eps, normed)
-        (logits,) = linear(normed, self.output)                    # [n_wanted, n_vocab]
+        normed = rms_norm_rows(x, self.output_norm, hp.rms_eps)   # [n_wanted, n_embd]
+        (logits,) = linear(normed, self.output, tinyblas_rows=order)  # [n_wanted, n_vocab]
         return logits
+
+
+def rms_norm_rows(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    out = np.empty_like(x)
+    rms_norm(x, weight, eps, out)
+    return out

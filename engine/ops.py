@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .float_ops import expf_ggml, fma
+
 
 @njit(cache=True, nogil=True)
 def rms_norm(x, weight, eps, out):
@@ -46,8 +48,9 @@ def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale):
                 j = h * head_dim + i
                 x0 = x[t, j]
                 x1 = x[t, j + 1]
-                x[t, j] = x0 * c - x1 * s
-                x[t, j + 1] = x0 * s + x1 * c
+                # ggml's C is compiled with FP contraction: the first product is fused
+                x[t, j] = fma(x0, c, -(x1 * s))
+                x[t, j + 1] = fma(x0, s, x1 * c)
             theta = theta * theta_scale
 
 
@@ -78,13 +81,40 @@ def round_f16_inplace(a):
             bits[i] = r
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _dot_f16(qh, k_cache, s_id, j, kv, head_dim, lanes):
+    """ggml_vec_dot_f16 on AVX2: blocks of 32 go through 4 accumulators of 8 lanes (FMA),
+    reduced as GGML_F32x8_REDUCE; the tail (head_dim % 32) is summed in double.
+    lanes: [32] f32 scratch."""
+    n_simd = head_dim - head_dim % 32
+    total = 0.0
+    if n_simd:
+        lanes[:] = 0
+        for i in range(0, n_simd, 32):
+            for l in range(32):
+                lanes[l] = fma(qh[i + l], k_cache[s_id, j, kv + i + l], lanes[l])
+        for l in range(8):
+            lanes[l] = lanes[l] + lanes[16 + l]
+            lanes[8 + l] = lanes[8 + l] + lanes[24 + l]
+        for l in range(8):
+            lanes[l] = lanes[l] + lanes[8 + l]
+        t0 = lanes[0] + lanes[4]
+        t1 = lanes[1] + lanes[5]
+        t2 = lanes[2] + lanes[6]
+        t3 = lanes[3] + lanes[7]
+        total = np.float64((t0 + t1) + (t2 + t3))
+    for d in range(n_simd, head_dim):
+        total += np.float64(qh[d] * k_cache[s_id, j, kv + d])
+    return np.float32(total)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, out):
     """Causal grouped-query attention of each token over its own sequence's cache.
 
-    Mirrors ggml's CPU flash attention for an f16 cache: q is rounded to f16, scores are
-    f16 x f16 dot products summed in double, the softmax is online (running max M and sum S)
-    and the weighted sum of V is accumulated in f16, rounded after every step.
+    Mirrors ggml's CPU flash attention for an f16 cache (one_chunk): q is rounded to f16,
+    scores are f16 x f16 dot products, the softmax is online (running max M and sum S) and the
+    weighted sum of V is accumulated in f16 with FMA, rounded after every step.
 
     q:        [T, n_head * head_dim] f32 (after RoPE)
     k_cache:  [n_seq, n_ctx, n_head_kv * head_dim] f32 holding f16 values (one layer)
@@ -101,18 +131,16 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
         h = job % n_head
         kv = (h // group) * head_dim
         s_id = seq_ids[t]
+        lanes = np.empty(32, np.float32)
         qh = np.empty(head_dim, np.float32)
         for d in range(head_dim):
             qh[d] = q[t, h * head_dim + d]
         round_f16_inplace(qh)
         acc = np.zeros(head_dim, np.float32)   # the f16 accumulator of sum_j p_j * v_j
-        m = -np.inf
+        m = np.float32(-np.inf)
         total = np.float32(0.0)
         for j in range(positions[t] + 1):
-            dot = 0.0
-            for d in range(head_dim):
-                dot += np.float64(qh[d] * k_cache[s_id, j, kv + d])
-            s = np.float32(dot) * scale
+            s = _dot_f16(qh, k_cache, s_id, j, kv, head_dim, lanes) * scale
             ms = np.float32(1.0)
             vs = np.float32(1.0)
             if s > m:
@@ -127,18 +155,26 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
             else:
                 vs = np.float32(np.exp(np.float32(s - m)))
             for d in range(head_dim):
-                acc[d] = acc[d] + v_cache[s_id, j, kv + d] * vs
+                acc[d] = fma(v_cache[s_id, j, kv + d], vs, acc[d])
             round_f16_inplace(acc)
-            total = total * ms + vs
+            total = fma(total, ms, vs)
         inv = np.float32(1.0) / total
         for d in range(head_dim):
             out[t, h * head_dim + d] = acc[d] * inv
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True)
 def swiglu(gate, up, out):
-    """out = silu(gate) * up, silu(x) = x / (1 + exp(-x)).  All [T, n_ff] f32."""
+    """out = silu(gate) * up, silu(x) = x / (1 + exp(-x)), as ggml_vec_swiglu_f32 on AVX2:
+    groups of 8 use ggml's vectorised exp, the tail (n_ff % 8) libm's expf.
+    All [T, n_ff] f32."""
+    n = gate.shape[1]
+    n_simd = n - n % 8
+    one = np.float32(1.0)
     for t in range(gate.shape[0]):
-        for i in range(gate.shape[1]):
+        for i in range(n_simd):
             g = gate[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+            out[t, i] = (g / (one + expf_ggml(np.float32(0.0) - g))) * up[t, i]
+        for i in range(n_simd, n):
+            g = gate[t, i]
+            out[t, i] = (g / (one + np.float32(np.exp(-g)))) * up[t, i]

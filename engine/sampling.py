@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .float_ops import expf_array
 from .mt19937 import MT19937
 
 DEFAULT_SAMPLERS = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p",
@@ -90,7 +91,7 @@ class Candidates:
     def softmax(self) -> None:
         """p = exp(logit - max) / sum, in f32 with a sequential f32 sum (llama_sampler_softmax_impl)."""
         max_l = self.logits[0] if self.sorted else self.logits.max()
-        p = np.exp(self.logits - max_l, dtype=np.float32)
+        p = expf_array(self.logits - max_l)
         total = np.cumsum(p, dtype=np.float32)[-1]
         self.p = p / total
 
@@ -274,7 +275,7 @@ class Sampler:
             c.p = np.ones(1, np.float32)
             return int(c.ids[0])
         max_l = c.logits[0] if c.sorted else c.logits.max()
-        p = np.exp(c.logits - max_l, dtype=np.float32)
+        p = expf_array(c.logits - max_l)
         running = np.cumsum(p.astype(np.float64))
         target = running[-1] * self.rng.uniform()
         chosen = int(np.searchsorted(running, target, side="left"))

@@ -110,6 +110,9 @@ class Slot:
         self.cache_tokens = self.cache_tokens[:n_past]
         self.n_cached = n_past
         self.to_eval = list(prompt[n_past:])
+        # how llama.cpp would see this prompt: one pass of >= 2 tokens, or a single token
+        # (kernel order follows it; see Batch.prompt_pass), whatever chunks we cut it into
+        self.prompt_pass = len(self.to_eval) >= 2
         self.sampler = Sampler(task.params, engine.tokenizer.n_vocab, prompt)
         if task.ignore_eos:
             self.sampler.bias[list(engine.tokenizer.eog_ids)] = -np.inf
@@ -211,7 +214,7 @@ class Scheduler:
         slot.last_used = time.time()
 
     def _step(self) -> None:
-        tokens, positions, seq_ids, want, owners = [], [], [], [], []
+        tokens, positions, seq_ids, want, prompt_pass, owners = [], [], [], [], [], []
         budget = self.n_batch
         active = [s for s in self.slots if s.busy]
         for s in active:  # generating slots first: one token each
@@ -220,6 +223,7 @@ class Scheduler:
                 positions.append(len(s.cache_tokens))
                 seq_ids.append(s.id)
                 want.append(True)
+                prompt_pass.append(False)
                 owners.append((s, [s.next_token], True))
                 budget -= 1
         for s in active:  # then prompt chunks, as far as the batch allows
@@ -231,12 +235,13 @@ class Scheduler:
                 positions += range(start, start + len(chunk))
                 seq_ids += [s.id] * len(chunk)
                 want += [False] * (len(chunk) - 1) + [last]
+                prompt_pass += [s.prompt_pass] * len(chunk)
                 owners.append((s, chunk, last))
                 budget -= len(chunk)
         if not tokens:
             return
         batch = Batch(np.array(tokens, np.int32), np.array(positions, np.int32),
-                      np.array(seq_ids, np.int32), np.array(want, bool))
+                      np.array(seq_ids, np.int32), np.array(want, bool), np.array(prompt_pass, bool))
         logits = self.engine.model.forward(batch, self.cache)
         self.metrics["n_decode_total"] += 1
         self.metrics["n_busy_slots_total"] += len(active)

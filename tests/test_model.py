@@ -25,34 +25,33 @@ def test_stories_greedy_equals_llama_cpp(stories, stories_golden):
 
 
 def test_stories_logprobs_close_to_llama_cpp(stories, stories_golden):
-    g = stories_golden["greedy"][0]
-    ids = stories.tokenizer.encode(g["prompt"])
-    _, steps = greedy(stories, ids, g["n_predict"])
-    diffs = []
-    for logits, top in zip(steps, g["top_logprobs"]):
-        l = logits.astype(np.float64) - logits.max()
-        l -= np.log(np.exp(l).sum())
-        diffs += [abs(l[e["id"]] - e["logprob"]) for e in top]
-    assert max(diffs) < 0.01 and np.mean(diffs) < 1e-3
+    """Measured: top-1 within 4e-4, top-5 within 2.1e-3, mean 2e-5 (llama.cpp prints 5 decimals).
+    What is left comes from f16 rounding of K/V/attention amplifying last-bit differences."""
+    diffs, top1 = [], []
+    for g in stories_golden["greedy"]:
+        ids = stories.tokenizer.encode(g["prompt"])
+        _, steps = greedy(stories, ids, g["n_predict"])
+        for logits, top in zip(steps, g["top_logprobs"]):
+            l = logits.astype(np.float64) - logits.max()
+            l -= np.log(np.exp(l).sum())
+            diffs += [abs(l[e["id"]] - e["logprob"]) for e in top]
+            top1.append(diffs[-len(top)])
+    assert max(top1) < 1e-3 and max(diffs) < 5e-3 and np.mean(diffs) < 1e-4, \
+        (max(top1), max(diffs), np.mean(diffs))
 
 
-def test_smollm_greedy_agreement(smollm, smollm_golden):
-    """SmolLM2 Q4_1: positions agreeing with llama.cpp before the first divergence.
-    Measured 106/233 (45%): 8-bit activation quantization turns last-bit differences in
-    summation order into flipped quants (see the issue note); the floor guards regressions."""
-    agree = total = 0
+def test_smollm_greedy_equals_llama_cpp(smollm, smollm_golden):
+    """SmolLM2 Q4_1 with 8-bit activations: every golden token. Only exact arithmetic gets
+    here (ggml's lane order, FMA, ggml's expf), since one flipped int8 rounding changes tokens."""
     for g in smollm_golden["greedy"]:
         ids = smollm.tokenizer.encode(g["prompt"])
         assert len(ids) == g["prompt_n"]
-        out, _ = greedy(smollm, ids, g["n_predict"])
-        n = 0
-        for a, b in zip(out, g["tokens"]):
-            if a != b:
-                break
-            n += 1
-        agree += n
-        total += len(g["tokens"])
-    assert agree / total >= 0.40, f"{agree}/{total}"
+        out, steps = greedy(smollm, ids, len(g["tokens"]))
+        assert out == g["tokens"], g["prompt"]
+        first = steps[0].astype(np.float64) - steps[0].max()
+        first -= np.log(np.exp(first).sum())
+        for e in g["top_logprobs"][0]:
+            assert abs(first[e["id"]] - e["logprob"]) < 5e-4  # measured <= 2.7e-4
 
 
 def test_batch_invariance_across_sequences_and_chunks(stories):
@@ -69,12 +68,12 @@ def test_batch_invariance_across_sequences_and_chunks(stories):
     batch = Batch(np.array(b + a, np.int32),
                   np.array(list(range(len(b))) + list(range(len(a))), np.int32),
                   np.array([1] * len(b) + [0] * len(a), np.int32),
-                  np.ones(len(a) + len(b), bool))
+                  np.ones(len(a) + len(b), bool), np.ones(len(a) + len(b), bool))
     together = model.forward(batch, cache2)[len(b):]
     np.testing.assert_array_equal(alone, together)
     # prompt split into chunks of 3
     for chunk in (1, 3, 5):
         cache3 = model.new_cache(1, 64)
-        parts = [model.forward(Batch.single(a[i:i + chunk], i, 0, all_logits=True), cache3)
+        parts = [model.forward(Batch.single(a[i:i + chunk], i, 0, all_logits=True, prompt_pass=True), cache3)
                  for i in range(0, len(a), chunk)]
         np.testing.assert_array_equal(np.concatenate(parts), alone)

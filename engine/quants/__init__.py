@@ -3,13 +3,13 @@
 Each GGUF tensor type multiplies activations the way llama.cpp's CPU backend does, which is
 why our logits agree with llama.cpp's:
 
-| weight type               | activations become        | kernel                        |
-|---------------------------|---------------------------|-------------------------------|
-| F32                       | f32                       | matmul_float                  |
-| F16 / BF16                | rounded to f16 / bf16     | matmul_float (weights widened)|
-| Q4_0, Q5_0, Q8_0          | Q8_0 blocks of 32         | matmul_int8                   |
-| Q4_1, Q5_1                | Q8_1 blocks of 32 (+ sum) | matmul_int8                   |
-| Q2_K .. Q6_K              | Q8_K super-blocks of 256  | matmul_int8                   |
+| weight type               | activations become        | kernel                                   |
+|---------------------------|---------------------------|------------------------------------------|
+| F32                       | f32                       | matmul_float                             |
+| F16 / BF16                | rounded to f16 / bf16     | the same (weights widened at load)       |
+| Q4_0, Q5_0, Q8_0          | Q8_0 blocks of 32         | matmul_q32_lanes                         |
+| Q4_1, Q5_1                | Q8_1 blocks of 32 (+ sum) | matmul_q32_lanes                         |
+| Q2_K .. Q6_K              | Q8_K super-blocks of 256  | matmul_int8                              |
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import blocks
-from .kernels import matmul_float, matmul_int8, quantize_q8_blocks, quantize_q8_k
+from .kernels import matmul_float, matmul_int8, matmul_q32_lanes, quantize_q8_blocks, quantize_q8_k
 
 ACT_FORMAT = {
     "F32": "f32", "F16": "f16", "BF16": "bf16",
@@ -118,23 +118,31 @@ def prepare(x: np.ndarray, act_format: str, group: int) -> Activations:
     return Activations(q=q, d=round_f16(d), s=round_f16(s))
 
 
-def matmul(act: Activations, w: PackedWeight) -> np.ndarray:
-    """[T, K] activations times the weight's transpose -> [T, n_rows] f32."""
+def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None = None) -> np.ndarray:
+    """[T, K] activations times the weight's transpose -> [T, n_rows] f32.
+    tinyblas_rows [T] bool marks tokens of a multi-token prompt pass, which llama.cpp sends
+    through tinyBLAS (float weights only; None: every token)."""
     if w.w is not None:
-        out = np.empty((act.x.shape[0], w.n_rows), np.float32)
-        matmul_float(act.x, w.w, out)
-    else:
-        out = np.empty((act.q.shape[0], w.n_rows), np.float32)
+        n_tokens = act.x.shape[0]
+        out = np.empty((n_tokens, w.n_rows), np.float32)
+        if tinyblas_rows is None:
+            tinyblas_rows = np.ones(n_tokens, bool)
+        matmul_float(act.x, w.w, tinyblas_rows, w.act_format == "f16", out)
+        return out
+    out = np.empty((act.q.shape[0], w.n_rows), np.float32)
+    if w.act_format == "q8_k":
         matmul_int8(act.q, act.d, act.s, w.q, w.scale, w.minimum, out)
+    else:
+        matmul_q32_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
     return out
 
 
-def linear(x: np.ndarray, *weights: PackedWeight) -> list[np.ndarray]:
+def linear(x: np.ndarray, *weights: PackedWeight, tinyblas_rows: np.ndarray | None = None) -> list[np.ndarray]:
     """x [T, K] times each weight; activations are prepared once per format (q, k and v share)."""
     prepared: dict = {}
     outs = []
     for w in weights:
         if w.act_key not in prepared:
             prepared[w.act_key] = prepare(x, *w.act_key)
-        outs.append(matmul(prepared[w.act_key], w))
+        outs.append(matmul(prepared[w.act_key], w, tinyblas_rows))
     return outs

@@ -1,11 +1,16 @@
 """Numba kernels for `out = x @ W.T` straight from quantized weights.
 
-Two kernels cover every GGUF type:
+* `matmul_float`: float weights (F32, or F16/BF16 widened at load) times float activations,
+  in the summation order of llamafile's tinyBLAS (prompt tokens) or ggml_vec_dot (decode).
+* `matmul_q32_lanes`: 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) times Q8_0/Q8_1
+  activations, in the order of ggml's AVX2 vec_dot kernels.
+* `matmul_int8`: the K-quants times Q8_K activations (integer group sums, then float scaling).
 
-* `matmul_float`: float weights (F32, or F16/BF16 widened at load) times float activations.
-* `matmul_int8`: integer quants times activations quantized to int8 the way llama.cpp does it
-  (Q8_0 / Q8_1 blocks of 32, or Q8_K super-blocks of 256), so sums are exact integer dot
-  products and only the per-group scaling is float.
+Why the exact order matters: with 8-bit activations, a one-ulp difference in a layer's output
+can flip one activation's rounding to int8 in the next layer, and over 30 layers such flips
+change tokens. So the float kernels reproduce ggml's AVX2 lanes: element k of a block goes to
+lane (k % 32) // 4 (int8) or k % 8 (float), each lane accumulates with FMA, and the 8 lanes are
+added in the fixed tree of hsum_float_8.
 
 Layout ("block-minor"): a row's int8 quants are stored as [group_size, n_groups]: for a
 position p inside the group, the p-th quant of *every* group of the row is contiguous. The inner
@@ -21,22 +26,103 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..float_ops import fma
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def matmul_float(x, w, out):
-    """out[t, r] = sum_k w[r, k] * x[t, k].
 
-    x:   [T, K] f32   activations
-    w:   [N, K] f32   weight rows (GGUF stores a matrix as one row per output)
-    out: [T, N] f32
+@njit(cache=True, nogil=True, inline="always")
+def hsum8(a):
+    """ggml's hsum_float_8 / tinyBLAS hsum of one 8-lane vector: ((0+4)+(2+6)) + ((1+5)+(3+7))."""
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def reduce4x8(a):
+    """GGML_F32x8_REDUCE of 4 accumulators of 8 lanes a[0:32]: v0+v2, v1+v3, v0+v1, then
+    the two 128-bit halves and two horizontal adds: ((0+4)+(1+5)) + ((2+6)+(3+7))."""
+    for l in range(8):
+        a[l] = a[l] + a[16 + l]
+        a[8 + l] = a[8 + l] + a[24 + l]
+    for l in range(8):
+        a[l] = a[l] + a[8 + l]
+    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dot_tinyblas(x, w, t, r, n_cols, lanes):
+    """llamafile tinyBLAS order (K % 8 == 0): lane i sums elements k = i mod 8 with FMA, hsum8."""
+    lanes[:8] = 0
+    for l in range(0, n_cols, 8):
+        for i in range(8):
+            lanes[i] = fma(w[r, l + i], x[t, l + i], lanes[i])
+    return hsum8(lanes)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dot_vecdot(x, w, t, r, n_cols, lanes, tail_in_double):
+    """ggml_vec_dot_f32 / _f16 order: 4 accumulators of 8 lanes over blocks of 32 (FMA),
+    reduce4x8, then the tail element by element (f32 FMA; double for the f16 variant)."""
+    n_simd = n_cols - n_cols % 32
+    lanes[:] = 0
+    for l in range(0, n_simd, 32):
+        for i in range(32):
+            lanes[i] = fma(w[r, l + i], x[t, l + i], lanes[i])
+    total = reduce4x8(lanes) if n_simd else np.float32(0.0)
+    if tail_in_double:
+        wide = np.float64(total)
+        for k in range(n_simd, n_cols):
+            wide += np.float64(w[r, k] * x[t, k])
+        return np.float32(wide)
+    for k in range(n_simd, n_cols):
+        total = fma(w[r, k], x[t, k], total)
+    return total
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_float(x, w, tinyblas_rows, tail_in_double, out):
+    """out[t, r] = sum_k w[r, k] * x[t, k] in the order llama.cpp uses for that token:
+    tinyBLAS for tokens of a multi-token prompt pass (when K % 8 == 0), ggml_vec_dot
+    otherwise (single-token decode). The choice is per token, never per batch, so a sequence's
+    result does not depend on what else is in the batch.
+
+    x: [T, K] f32; w: [N, K] f32; tinyblas_rows: [T] bool; out: [T, N] f32
     """
     n_tokens, n_cols = x.shape
+    tinyblas_ok = n_cols % 8 == 0
     for r in prange(w.shape[0]):
+        lanes = np.empty(32, np.float32)
         for t in range(n_tokens):
-            acc = np.float32(0.0)
-            for k in range(n_cols):
-                acc += w[r, k] * x[t, k]
-            out[t, r] = acc
+            if tinyblas_ok and tinyblas_rows[t]:
+                out[t, r] = _dot_tinyblas(x, w, t, r, n_cols, lanes)
+            else:
+                out[t, r] = _dot_vecdot(x, w, t, r, n_cols, lanes, tail_in_double)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q32_lanes(xq, xd, xs, wq, wd, wm, has_min, out):
+    """ggml's AVX2 vec_dot for 32-weight blocks (and tinyBLAS's Q8_0): per block, lane i holds
+    the exact integer sum of elements 4i..4i+3; lane_i = fma(d_w * d_x, sum_i, lane_i); then
+    hsum8(lanes) + summs, where summs = sum of fma(m_w, s_x) for types with a minimum.
+
+    xq: [T, 32, NB] int8; xd, xs: [T, NB] f32; wq: [N, 32, NB] int8; wd, wm: [N, NB] f32
+    out: [T, N] f32
+    """
+    n_tokens = xq.shape[0]
+    n_rows, group, n_blocks = wq.shape
+    for r in prange(n_rows):
+        lanes = np.empty(8, np.float32)
+        for t in range(n_tokens):
+            lanes[:] = 0
+            summs = np.float32(0.0)
+            for b in range(n_blocks):
+                d = wd[r, b] * xd[t, b]
+                for i in range(8):
+                    isum = np.int32(0)
+                    for k in range(4):
+                        isum += np.int32(wq[r, 4 * i + k, b]) * np.int32(xq[t, 4 * i + k, b])
+                    lanes[i] = fma(d, np.float32(isum), lanes[i])
+                if has_min:
+                    summs = fma(wm[r, b], xs[t, b], summs)
+            out[t, r] = hsum8(lanes) + summs
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)

@@ -1,0 +1,102 @@
+"""Exact float building blocks for Numba kernels: fused multiply-add and bit casts.
+
+ggml's C code is compiled with floating-point contraction and its SIMD code calls
+_mm256_fmadd_ps explicitly; where it does, we must too, or the last bit differs, and 8-bit
+activation quantization amplifies that bit into different tokens. `expf_ggml` is ggml's
+vectorised exp (ggml_v_expf), which SiLU uses instead of libm's expf.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _fma_f32(typingctx, a, b, c):
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]),
+                                            "llvm.fma.f32")
+        return builder.call(fn, args)
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_bits(typingctx, x):
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return sig, codegen
+
+
+@intrinsic
+def _bits_to_f32(typingctx, x):
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def fma(a, b, c):
+    """float32(a) * float32(b) + float32(c), rounded once."""
+    return _fma_f32(np.float32(a), np.float32(b), np.float32(c))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def f32_bits(x):
+    return _f32_to_bits(np.float32(x))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def bits_f32(i):
+    return _bits_to_f32(np.int32(i))
+
+
+# ggml_v_expf's constants, exactly as written in ggml (hex floats)
+_C = {name: np.float32(float.fromhex(h)) for name, h in {
+    "round": "0x1.8p23", "log2e": "0x1.715476p+0", "ln2_hi": "0x1.62e4p-1", "ln2_lo": "0x1.7f7d1cp-20",
+    "p5": "0x1.0e4020p-7", "p4": "0x1.573e2ep-5", "p3": "0x1.555e66p-3", "p2": "0x1.fffdb6p-2",
+    "p1": "0x1.ffffecp-1"}.items()}
+_ROUND, _LOG2E, _LN2_HI, _LN2_LO = _C["round"], _C["log2e"], _C["ln2_hi"], _C["ln2_lo"]
+_P5, _P4, _P3, _P2, _P1 = _C["p5"], _C["p4"], _C["p3"], _C["p2"], _C["p1"]
+_ONE_BITS = np.int32(0x3F800000)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def expf_ggml(x):
+    """ggml_v_expf (AVX2), one lane: exp(x) = 2^n * (1 + p(b)) with n = round(x / ln 2), the
+    same constants and FMAs as ggml, so results equal ggml's bit for bit."""
+    z = fma(x, _LOG2E, _ROUND)
+    n = z - _ROUND
+    b = fma(-n, _LN2_LO, fma(-n, _LN2_HI, np.float32(x)))
+    e = f32_bits(z) << np.int32(23)
+    k = bits_f32(e + _ONE_BITS)
+    u = b * b
+    j = fma(fma(fma(_P5, b, _P4), u, fma(_P3, b, _P2)), u, _P1 * b)
+    an = abs(n)
+    if not an > np.float32(126.0):
+        return fma(j, k, k)
+    g = np.int32(-2113929216) if n <= 0 else np.int32(0)    # 0x82000000 where n <= 0
+    s1 = bits_f32(g + np.int32(0x7F000000))
+    if an > np.float32(192.0):
+        return s1 * s1
+    s2 = bits_f32(e - g)
+    return fma(s2, j, s2) * s1
+
+
+@njit(cache=True, nogil=True)
+def expf_array(x):
+    """exp of every element of an f32 array with libm's expf (NumPy's own SIMD exp differs from
+    it in the last bit, and the sampler's softmax must equal llama.cpp's).  x: [n] f32"""
+    out = np.empty(x.shape[0], np.float32)
+    for i in range(x.shape[0]):
+        out[i] = np.exp(x[i])
+    return out

@@ -1,0 +1,120 @@
+"""The exact-arithmetic building blocks, checked against NumPy twins."""
+import math
+
+import numpy as np
+from numba import njit
+
+from engine.float_ops import expf_array, expf_ggml, fma
+from engine.quants import pack_weight
+from engine.quants.kernels import matmul_float, matmul_q32_lanes
+
+
+def fma_twin(a, b, c):
+    """f32 FMA emulated in float64: a*b is exact there, so only the final sum rounds (twice,
+    which differs from one rounding with probability ~2^-29: never in these tests)."""
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+@njit
+def _fma_many(a, b, c, out):
+    for i in range(a.shape[0]):
+        out[i] = fma(a[i], b[i], c[i])
+
+
+def test_fma_rounds_once():
+    a = np.float32(1 + 2.0 ** -13)
+    assert fma(a, a, np.float32(-1.0)) == np.float32(2.0 ** -12 + 2.0 ** -26)
+    assert a * a - np.float32(1.0) == np.float32(2.0 ** -12)  # two roundings lose the 2^-26
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal(10000).astype(np.float32) for _ in range(3))
+    out = np.empty_like(a)
+    _fma_many(a, b, c, out)
+    np.testing.assert_array_equal(out, [fma_twin(x, y, z) for x, y, z in zip(a, b, c)])
+
+
+@njit
+def _expf_ggml_many(x, out):
+    for i in range(x.shape[0]):
+        out[i] = expf_ggml(x[i])
+
+
+def test_ggml_expf_is_accurate_everywhere():
+    x = np.linspace(-87, 88, 100001).astype(np.float32)
+    out = np.empty_like(x)
+    _expf_ggml_many(x, out)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - ref) / ref) < 3 * 2.0 ** -23   # a few ulps, as ggml documents
+    # far ranges go through ggml's overflow/underflow branches
+    big = np.array([100.0, -100.0, -150.0, 89.0], np.float32)
+    out = np.empty_like(big)
+    _expf_ggml_many(big, out)
+    assert math.isinf(out[0]) and out[1] < 1e-40 and out[2] == 0.0 and math.isinf(out[3])
+
+
+def test_expf_array_is_libm():
+    import ctypes
+    libm = ctypes.CDLL("libm.so.6")
+    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    x = np.random.default_rng(1).normal(scale=5, size=3000).astype(np.float32)
+    np.testing.assert_array_equal(expf_array(x), [libm.expf(float(v)) for v in x])
+
+
+def hsum8_twin(l):
+    return np.float32(np.float32(np.float32(l[0] + l[4]) + np.float32(l[2] + l[6])) +
+                      np.float32(np.float32(l[1] + l[5]) + np.float32(l[3] + l[7])))
+
+
+def test_float_kernel_orders_equal_numpy_twins():
+    rng = np.random.default_rng(2)
+    for n_cols in (64, 172):  # 172: tinyBLAS declines (K % 8), vec_dot with a tail
+        w = rng.standard_normal((5, n_cols)).astype(np.float32)
+        x = rng.standard_normal((2, n_cols)).astype(np.float32)
+        out = np.empty((2, 5), np.float32)
+        matmul_float(x, w, np.array([True, False]), False, out)
+        for r in range(5):
+            # token 0: tinyBLAS (8 lanes, hsum8) when K % 8 == 0
+            if n_cols % 8 == 0:
+                lanes = np.zeros(8, np.float32)
+                for l in range(0, n_cols, 8):
+                    for i in range(8):
+                        lanes[i] = fma_twin(w[r, l + i], x[0, l + i], lanes[i])
+                assert out[0, r] == hsum8_twin(lanes)
+            # token 1: ggml_vec_dot_f32 (4x8 lanes, reduce, f32 FMA tail)
+            acc = np.zeros(32, np.float32)
+            n_simd = n_cols - n_cols % 32
+            for l in range(0, n_simd, 32):
+                for i in range(32):
+                    acc[i] = fma_twin(w[r, l + i], x[1, l + i], acc[i])
+            v = (acc[0:8] + acc[16:24]).astype(np.float32)
+            v = (v + (acc[8:16] + acc[24:32]).astype(np.float32)).astype(np.float32)
+            total = np.float32(np.float32(np.float32(v[0] + v[4]) + np.float32(v[1] + v[5])) +
+                               np.float32(np.float32(v[2] + v[6]) + np.float32(v[3] + v[7])))
+            for k in range(n_simd, n_cols):
+                total = fma_twin(w[r, k], x[1, k], total)
+            assert out[1, r] == total
+
+
+def test_q32_lanes_equal_numpy_twin():
+    """ggml's vec_dot_q4_1_q8_1 order: lane i = exact int sum of elements 4i..4i+3 of each
+    block, lane = fma(d_w * d_x, sum, lane), result hsum8(lanes) + sum of fma(m_w, s_x)."""
+    from gguf import GGMLQuantizationType as GQ
+    from gguf import quants as gq
+    from engine.quants import prepare
+    rng = np.random.default_rng(3)
+    n_rows, n_cols = 6, 128
+    w = pack_weight("Q4_1", gq.quantize(rng.standard_normal((n_rows, n_cols)).astype(np.float32), GQ.Q4_1),
+                    n_rows, n_cols)
+    x = rng.standard_normal((1, n_cols)).astype(np.float32)
+    act = prepare(x, "q8_1", 32)
+    out = np.empty((1, n_rows), np.float32)
+    matmul_q32_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, True, out)
+    for r in range(n_rows):
+        lanes = np.zeros(8, np.float32)
+        summs = np.float32(0)
+        for b in range(n_cols // 32):
+            d = np.float32(w.scale[r, b] * act.d[0, b])
+            for i in range(8):
+                isum = int(np.dot(w.q[r, 4 * i:4 * i + 4, b].astype(np.int64), act.q[0, 4 * i:4 * i + 4, b].astype(np.int64)))
+                lanes[i] = fma_twin(d, np.float32(isum), lanes[i])
+            summs = fma_twin(w.minimum[r, b], act.s[0, b], summs)
+        assert out[0, r] == np.float32(hsum8_twin(lanes) + summs)
