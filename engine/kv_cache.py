@@ -1,8 +1,9 @@
 """The KV cache: every past token's keys and values, per layer, per sequence.
 
 Each sequence (a server slot) owns a row of `n_ctx` cells; the token at position p of a
-sequence lives in cell p. llama.cpp stores the cache in f16 by default, so values are rounded
-to f16 on the way in (kept in f32 arrays: Numba has no f16 arithmetic on the CPU).
+sequence lives in cell p. Within a sequence, each key/value head's cells are contiguous, so
+attention streams through memory. llama.cpp stores the cache in f16 by default, so values are
+rounded to f16 on the way in (kept in f32 arrays: Numba has no f16 arithmetic on the CPU).
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ class KVCache:
     def __init__(self, hp: HParams, n_seq: int, n_ctx: int):
         self.n_seq = n_seq
         self.n_ctx = n_ctx
-        shape = (hp.n_layer, n_seq, n_ctx, hp.n_embd_kv)
-        self.k = np.zeros(shape, np.float32)   # [n_layer, n_seq, n_ctx, n_head_kv * head_dim]
+        shape = (hp.n_layer, n_seq, hp.n_head_kv, n_ctx, hp.head_dim)
+        self.n_head_kv, self.head_dim = hp.n_head_kv, hp.head_dim
+        self.k = np.zeros(shape, np.float32)   # [n_layer, n_seq, n_head_kv, n_ctx, head_dim]
         self.v = np.zeros(shape, np.float32)   # same
 
     def store(self, layer: int, seq_ids: np.ndarray, positions: np.ndarray,
@@ -24,10 +26,11 @@ class KVCache:
         """Write a batch's keys and values [T, n_embd_kv] into their sequences' cells."""
         if positions.size and positions.max() >= self.n_ctx:
             raise IndexError(f"position {int(positions.max())} is past the cache size {self.n_ctx}")
-        self.k[layer, seq_ids, positions] = k.astype(np.float16)
-        self.v[layer, seq_ids, positions] = v.astype(np.float16)
+        shape = (len(positions), self.n_head_kv, self.head_dim)
+        self.k[layer, seq_ids, :, positions] = k.reshape(shape).astype(np.float16)
+        self.v[layer, seq_ids, :, positions] = v.reshape(shape).astype(np.float16)
 
     def copy_prefix(self, src_seq: int, dst_seq: int, n: int) -> None:
         """Copy the first n cells of one sequence to another (prompt-cache reuse across slots)."""
-        self.k[:, dst_seq, :n] = self.k[:, src_seq, :n]
-        self.v[:, dst_seq, :n] = self.v[:, src_seq, :n]
+        self.k[:, dst_seq, :, :n] = self.k[:, src_seq, :, :n]
+        self.v[:, dst_seq, :, :n] = self.v[:, src_seq, :, :n]

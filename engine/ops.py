@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .float_ops import expf_ggml, fma
+from .float_ops import bits_f32, expf_ggml, f32_bits, fma
 
 
 @njit(cache=True, nogil=True)
@@ -55,34 +55,32 @@ def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _round_f16(v):
-    """f32 -> nearest f16 (ties to even) -> f32, on a uint32 view of the bits."""
-    sign = v & np.uint32(0x80000000)
-    a = v & np.uint32(0x7FFFFFFF)
-    if a >= np.uint32(0x7F800000):          # inf or nan
-        return v
-    if a >= np.uint32(0x477FF000):          # rounds past 65504
-        return sign | np.uint32(0x7F800000)
-    if a >= np.uint32(0x38800000):          # normal f16: keep 10 mantissa bits
-        lsb = (a >> np.uint32(13)) & np.uint32(1)
-        return sign | ((a + np.uint32(0xFFF) + lsb) & np.uint32(0xFFFFE000))
-    return np.uint32(0xFFFFFFFF)            # subnormal: caller rounds arithmetically
+def _round_f16(x):
+    """f32 -> nearest f16 (ties to even) -> f32, without branches so loops vectorize.
+    Normal f16 range: keep 10 mantissa bits of the f32 (round-half-even on the bits).
+    Subnormal f16 range (|x| < 2^-14): (|x| + 0.5) - 0.5 rounds to multiples of 2^-24 because
+    f32's spacing at 0.5 is exactly 2^-24, f16's subnormal step."""
+    u = f32_bits(x)
+    a = u & np.int32(0x7FFFFFFF)
+    sign = u & np.int32(-2147483648)
+    normal = (a + np.int32(0xFFF) + ((a >> np.int32(13)) & np.int32(1))) & np.int32(-8192)
+    ax = bits_f32(a)
+    sub = f32_bits((ax + np.float32(0.5)) - np.float32(0.5))
+    r = normal if a >= np.int32(0x38800000) else sub
+    r = np.int32(0x7F800000) if a >= np.int32(0x477FF000) else r   # past 65504: inf
+    r = a if a > np.int32(0x7F800000) else r                       # nan stays nan
+    return bits_f32(r | sign)
 
 
 @njit(cache=True, nogil=True)
 def round_f16_inplace(a):
     """Round every element of the f32 vector `a` to the nearest f16 value.  a: [n] f32"""
-    bits = a.view(np.uint32)
     for i in range(a.shape[0]):
-        r = _round_f16(bits[i])
-        if r == np.uint32(0xFFFFFFFF):      # f16 subnormals are multiples of 2^-24
-            a[i] = np.float32(np.rint(a[i] * np.float32(16777216.0)) / np.float32(16777216.0))
-        else:
-            bits[i] = r
+        a[i] = _round_f16(a[i])
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _dot_f16(qh, k_cache, s_id, j, kv, head_dim, lanes):
+def _dot_f16(qh, k_row, head_dim, lanes):
     """ggml_vec_dot_f16 on AVX2: blocks of 32 go through 4 accumulators of 8 lanes (FMA),
     reduced as GGML_F32x8_REDUCE; the tail (head_dim % 32) is summed in double.
     lanes: [32] f32 scratch."""
@@ -92,7 +90,7 @@ def _dot_f16(qh, k_cache, s_id, j, kv, head_dim, lanes):
         lanes[:] = 0
         for i in range(0, n_simd, 32):
             for l in range(32):
-                lanes[l] = fma(qh[i + l], k_cache[s_id, j, kv + i + l], lanes[l])
+                lanes[l] = fma(qh[i + l], k_row[i + l], lanes[l])
         for l in range(8):
             lanes[l] = lanes[l] + lanes[16 + l]
             lanes[8 + l] = lanes[8 + l] + lanes[24 + l]
@@ -104,7 +102,7 @@ def _dot_f16(qh, k_cache, s_id, j, kv, head_dim, lanes):
         t3 = lanes[3] + lanes[7]
         total = np.float64((t0 + t1) + (t2 + t3))
     for d in range(n_simd, head_dim):
-        total += np.float64(qh[d] * k_cache[s_id, j, kv + d])
+        total += np.float64(qh[d] * k_row[d])
     return np.float32(total)
 
 
@@ -114,10 +112,12 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
 
     Mirrors ggml's CPU flash attention for an f16 cache (one_chunk): q is rounded to f16,
     scores are f16 x f16 dot products, the softmax is online (running max M and sum S) and the
-    weighted sum of V is accumulated in f16 with FMA, rounded after every step.
+    weighted sum of V is accumulated in f16 with FMA, rounded after every step. Done in three
+    passes with the same arithmetic: all scores, then the scalar recurrence of M and S, then
+    the V accumulation (vectorized across head_dim).
 
     q:        [T, n_head * head_dim] f32 (after RoPE)
-    k_cache:  [n_seq, n_ctx, n_head_kv * head_dim] f32 holding f16 values (one layer)
+    k_cache:  [n_seq, n_head_kv, n_ctx, head_dim] f32 holding f16 values (one layer)
     v_cache:  same shape as k_cache
     seq_ids:  [T] i32  which cache row each token reads
     positions:[T] i32  the token attends to cache positions 0..positions[t]
@@ -129,35 +129,43 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     for job in prange(n_tokens * n_head):
         t = job // n_head
         h = job % n_head
-        kv = (h // group) * head_dim
-        s_id = seq_ids[t]
+        keys = k_cache[seq_ids[t], h // group]       # [n_ctx, head_dim]
+        values = v_cache[seq_ids[t], h // group]     # [n_ctx, head_dim]
+        n_kv = positions[t] + 1
         lanes = np.empty(32, np.float32)
         qh = np.empty(head_dim, np.float32)
         for d in range(head_dim):
-            qh[d] = q[t, h * head_dim + d]
-        round_f16_inplace(qh)
-        acc = np.zeros(head_dim, np.float32)   # the f16 accumulator of sum_j p_j * v_j
-        m = np.float32(-np.inf)
-        total = np.float32(0.0)
-        for j in range(positions[t] + 1):
-            s = _dot_f16(qh, k_cache, s_id, j, kv, head_dim, lanes) * scale
-            ms = np.float32(1.0)
-            vs = np.float32(1.0)
-            if s > m:
-                if m != -np.inf:
-                    ms = np.float32(np.exp(np.float32(m - s)))
-                    for d in range(head_dim):
-                        acc[d] = acc[d] * ms
-                    round_f16_inplace(acc)
-                else:
-                    ms = np.float32(0.0)
-                m = s
+            qh[d] = _round_f16(q[t, h * head_dim + d])
+        # 1. scores
+        scores = np.empty(n_kv, np.float32)
+        for j in range(n_kv):
+            scores[j] = _dot_f16(qh, keys[j], head_dim, lanes) * scale
+        # 2. online softmax: ms[j] rescales the accumulator, vs[j] weighs v_j
+        ms = np.empty(n_kv, np.float32)
+        vs = np.empty(n_kv, np.float32)
+        m = scores[0]
+        ms[0] = np.float32(0.0)
+        vs[0] = np.float32(1.0)
+        total = np.float32(1.0)
+        for j in range(1, n_kv):
+            sj = scores[j]
+            if sj > m:
+                ms[j] = np.float32(np.exp(np.float32(m - sj)))
+                vs[j] = np.float32(1.0)
+                m = sj
             else:
-                vs = np.float32(np.exp(np.float32(s - m)))
+                ms[j] = np.float32(1.0)
+                vs[j] = np.float32(np.exp(np.float32(sj - m)))
+            total = fma(total, ms[j], vs[j])
+        # 3. the f16 accumulator of sum_j p_j * v_j
+        acc = np.zeros(head_dim, np.float32)
+        for j in range(n_kv):
+            if ms[j] != np.float32(1.0) and j > 0:
+                for d in range(head_dim):
+                    acc[d] = _round_f16(acc[d] * ms[j])
+            w = vs[j]
             for d in range(head_dim):
-                acc[d] = fma(v_cache[s_id, j, kv + d], vs, acc[d])
-            round_f16_inplace(acc)
-            total = fma(total, ms, vs)
+                acc[d] = _round_f16(fma(values[j, d], w, acc[d]))
         inv = np.float32(1.0) / total
         for d in range(head_dim):
             out[t, h * head_dim + d] = acc[d] * inv

@@ -99,22 +99,25 @@ def test_q32_lanes_equal_numpy_twin():
     block, lane = fma(d_w * d_x, sum, lane), result hsum8(lanes) + sum of fma(m_w, s_x)."""
     from gguf import GGMLQuantizationType as GQ
     from gguf import quants as gq
-    from engine.quants import prepare
+    from engine.quants import blocks, prepare
     rng = np.random.default_rng(3)
-    n_rows, n_cols = 6, 128
-    w = pack_weight("Q4_1", gq.quantize(rng.standard_normal((n_rows, n_cols)).astype(np.float32), GQ.Q4_1),
-                    n_rows, n_cols)
-    x = rng.standard_normal((1, n_cols)).astype(np.float32)
+    n_rows, n_cols = 37, 128   # 37: rows are padded to the 32-row tile
+    raw = gq.quantize(rng.standard_normal((n_rows, n_cols)).astype(np.float32), GQ.Q4_1)
+    w = pack_weight("Q4_1", raw, n_rows, n_cols)
+    q, scale, minimum, _ = blocks.unpack("Q4_1", raw, n_rows, n_cols)   # [rows, K], [rows, K/32]
+    x = rng.standard_normal((2, n_cols)).astype(np.float32)
     act = prepare(x, "q8_1", 32)
-    out = np.empty((1, n_rows), np.float32)
+    out = np.empty((2, 64), np.float32)
     matmul_q32_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, True, out)
-    for r in range(n_rows):
-        lanes = np.zeros(8, np.float32)
-        summs = np.float32(0)
-        for b in range(n_cols // 32):
-            d = np.float32(w.scale[r, b] * act.d[0, b])
-            for i in range(8):
-                isum = int(np.dot(w.q[r, 4 * i:4 * i + 4, b].astype(np.int64), act.q[0, 4 * i:4 * i + 4, b].astype(np.int64)))
-                lanes[i] = fma_twin(d, np.float32(isum), lanes[i])
-            summs = fma_twin(w.minimum[r, b], act.s[0, b], summs)
-        assert out[0, r] == np.float32(hsum8_twin(lanes) + summs)
+    for t in range(2):
+        for r in range(n_rows):
+            lanes = np.zeros(8, np.float32)
+            summs = np.float32(0)
+            for b in range(n_cols // 32):
+                d = np.float32(scale[r, b] * act.d[t, b])
+                for i in range(8):
+                    cols = slice(b * 32 + 4 * i, b * 32 + 4 * i + 4)
+                    isum = int(np.dot(q[r, cols].astype(np.int64), act.q[t, b, 4 * i:4 * i + 4].astype(np.int64)))
+                    lanes[i] = fma_twin(d, np.float32(isum), lanes[i])
+                summs = fma_twin(minimum[r, b], act.s[t, b], summs)
+            assert out[t, r] == np.float32(hsum8_twin(lanes) + summs)

@@ -44,7 +44,9 @@ def _dequantized_activations(act, fmt, x):
     if fmt in ("f32", "f16", "bf16"):
         return act.x.astype(np.float64)
     n = x.shape[0]
-    return (act.q.transpose(0, 2, 1).astype(np.float64) * act.d[:, :, None]).reshape(n, -1)
+    if fmt == "q8_k":  # block-minor [T, group, n_groups]
+        return (act.q.transpose(0, 2, 1).astype(np.float64) * act.d[:, :, None]).reshape(n, -1)
+    return (act.q.astype(np.float64) * act.d[:, :, None]).reshape(n, -1)  # [T, n_blocks, 32]
 
 
 @pytest.mark.parametrize("name", list(ACT_FORMAT))
@@ -93,6 +95,6 @@ def test_q8_0_activations_match_gguf_quantizer():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((4, 256)).astype(np.float32)
     act = prepare(x, "q8_0", 32)
-    ours = (act.q.transpose(0, 2, 1).astype(np.float32) * act.d[:, :, None]).reshape(4, -1)
+    ours = (act.q.astype(np.float32) * act.d[:, :, None]).reshape(4, -1)
     theirs = gq.dequantize(gq.quantize(x, GQ.Q8_0), GQ.Q8_0)
     assert np.mean(ours == theirs) > 0.99

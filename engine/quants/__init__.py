@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import blocks
-from .kernels import matmul_float, matmul_int8, matmul_q32_lanes, quantize_q8_blocks, quantize_q8_k
+from .kernels import ROW_TILE, matmul_float, matmul_int8, matmul_q32_lanes, quantize_q8_blocks, quantize_q8_k
 
 ACT_FORMAT = {
     "F32": "f32", "F16": "f16", "BF16": "bf16",
@@ -37,9 +37,12 @@ class PackedWeight:
     act_format: str               # how activations are prepared (see ACT_FORMAT)
     group: int                    # weights per scale group (int8 formats), 0 for float
     w: np.ndarray | None = None   # [n_rows, n_cols] f32 (float formats)
-    q: np.ndarray | None = None   # [n_rows, group, n_groups] int8, block-minor
-    scale: np.ndarray | None = None    # [n_rows, n_groups] f32
-    minimum: np.ndarray | None = None  # [n_rows, n_groups] f32 (zeros for symmetric types)
+    # int8 formats. K-quants: q [n_rows, group, n_groups] (block-minor), scale/minimum
+    # [n_rows, n_groups]. 32-blocks: q [n_tiles, n_blocks, 32, ROW_TILE] with ROW_TILE rows
+    # interleaved, scale/minimum [n_tiles, n_blocks, ROW_TILE] (rows padded to the tile).
+    q: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    minimum: np.ndarray | None = None  # zeros for symmetric types
 
     @property
     def act_key(self) -> tuple[str, int]:
@@ -64,10 +67,25 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int) -> P
         return PackedWeight(type_name, n_rows, n_cols, fmt, 0, w=_float_rows(type_name, data, n_rows, n_cols))
     q, scale, minimum, group = blocks.unpack(type_name, data, n_rows, n_cols)
     n_groups = n_cols // group
-    q_block_minor = np.ascontiguousarray(q.reshape(n_rows, n_groups, group).transpose(0, 2, 1))
     if minimum is None:
         minimum = np.zeros_like(scale)
-    return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=q_block_minor, scale=scale, minimum=minimum)
+    if fmt == "q8_k":
+        q_block_minor = np.ascontiguousarray(q.reshape(n_rows, n_groups, group).transpose(0, 2, 1))
+        return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=q_block_minor, scale=scale,
+                            minimum=minimum)
+    # 32-weight blocks: interleave ROW_TILE rows (padded with zero rows) for matmul_q32_lanes
+    n_pad = -n_rows % ROW_TILE
+    if n_pad:
+        q = np.concatenate([q, np.zeros((n_pad, n_cols), np.int8)])
+        scale = np.concatenate([scale, np.zeros((n_pad, n_groups), np.float32)])
+        minimum = np.concatenate([minimum, np.zeros((n_pad, n_groups), np.float32)])
+    n_tiles = (n_rows + n_pad) // ROW_TILE
+
+    def tiles(a, inner):
+        return np.ascontiguousarray(a.reshape(n_tiles, ROW_TILE, n_groups, *inner).transpose(
+            0, 2, *range(3, 3 + len(inner)), 1))
+    return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=tiles(q.reshape(-1, n_groups, 32), (32,)),
+                        scale=tiles(scale, ()), minimum=tiles(minimum, ()))
 
 
 def pack_tensor(tensor) -> PackedWeight:
@@ -107,13 +125,14 @@ def prepare(x: np.ndarray, act_format: str, group: int) -> Activations:
         return Activations(x=round_bf16(x))
     n_tokens, n_cols = x.shape
     n_groups = n_cols // group
-    q = np.empty((n_tokens, group, n_groups), np.int8)
     d = np.empty((n_tokens, n_groups), np.float32)
     s = np.empty((n_tokens, n_groups), np.float32)
     if act_format == "q8_k":
+        q = np.empty((n_tokens, group, n_groups), np.int8)   # block-minor, as the K-quant kernel reads
         quantize_q8_k(x, group, q, d, s)
         return Activations(q=q, d=d, s=s)
-    quantize_q8_blocks(x, group, q, d, s)
+    q = np.empty((n_tokens, n_groups, 32), np.int8)
+    quantize_q8_blocks(x, q, d, s)
     # ggml stores Q8_0/Q8_1 block scales (and Q8_1's sum) as f16
     return Activations(q=q, d=round_f16(d), s=round_f16(s))
 
@@ -129,12 +148,13 @@ def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None =
             tinyblas_rows = np.ones(n_tokens, bool)
         matmul_float(act.x, w.w, tinyblas_rows, w.act_format == "f16", out)
         return out
-    out = np.empty((act.q.shape[0], w.n_rows), np.float32)
     if w.act_format == "q8_k":
+        out = np.empty((act.q.shape[0], w.n_rows), np.float32)
         matmul_int8(act.q, act.d, act.s, w.q, w.scale, w.minimum, out)
-    else:
-        matmul_q32_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
-    return out
+        return out
+    out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
+    matmul_q32_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
+    return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
 
 
 def linear(x: np.ndarray, *weights: PackedWeight, tinyblas_rows: np.ndarray | None = None) -> list[np.ndarray]:

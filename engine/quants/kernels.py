@@ -97,32 +97,54 @@ def matmul_float(x, w, tinyblas_rows, tail_in_double, out):
                 out[t, r] = _dot_vecdot(x, w, t, r, n_cols, lanes, tail_in_double)
 
 
+ROW_TILE = 32  # rows interleaved per tile in the Q8_0/Q8_1-family layout
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q32_lanes(xq, xd, xs, wq, wd, wm, has_min, out):
-    """ggml's AVX2 vec_dot for 32-weight blocks (and tinyBLAS's Q8_0): per block, lane i holds
-    the exact integer sum of elements 4i..4i+3; lane_i = fma(d_w * d_x, sum_i, lane_i); then
-    hsum8(lanes) + summs, where summs = sum of fma(m_w, s_x) for types with a minimum.
+    """ggml's AVX2 vec_dot for 32-weight blocks (and tinyBLAS's Q8_0), for every row:
+    per block, lane i gets the exact integer sum of elements 4i..4i+3, then
+    lane_i = fma(d_w * d_x, sum_i, lane_i); the result is hsum8(lanes) + summs, where
+    summs accumulates fma(m_w, s_x) for types with a minimum (Q4_1, Q5_1).
 
-    xq: [T, 32, NB] int8; xd, xs: [T, NB] f32; wq: [N, 32, NB] int8; wd, wm: [N, NB] f32
-    out: [T, N] f32
+    Layout: ROW_TILE rows are interleaved so the innermost loop runs across rows, each SIMD
+    lane serving one row; every row's own sequence of float operations is unchanged.
+
+    xq: [T, NB, 32] int8   activation quants, block by block
+    xd, xs: [T, NB] f32    activation scale, and scale * sum of quants (Q8_1's s)
+    wq: [n_tiles, NB, 32, R] int8  weight quants, R rows interleaved
+    wd, wm: [n_tiles, NB, R] f32   weight scale and minimum per block
+    out: [T, n_tiles * R] f32
     """
     n_tokens = xq.shape[0]
-    n_rows, group, n_blocks = wq.shape
-    for r in prange(n_rows):
-        lanes = np.empty(8, np.float32)
+    n_tiles, n_blocks, group, n_r = wq.shape
+    for tile in prange(n_tiles):
+        lanes = np.empty((8, n_r), np.float32)
+        summs = np.empty(n_r, np.float32)
+        d = np.empty(n_r, np.float32)
         for t in range(n_tokens):
-            lanes[:] = 0
-            summs = np.float32(0.0)
+            lanes[:, :] = 0
+            summs[:] = 0
             for b in range(n_blocks):
-                d = wd[r, b] * xd[t, b]
+                xdb = xd[t, b]
+                for r in range(n_r):
+                    d[r] = wd[tile, b, r] * xdb
                 for i in range(8):
-                    isum = np.int32(0)
-                    for k in range(4):
-                        isum += np.int32(wq[r, 4 * i + k, b]) * np.int32(xq[t, 4 * i + k, b])
-                    lanes[i] = fma(d, np.float32(isum), lanes[i])
+                    x0 = np.int32(xq[t, b, 4 * i])
+                    x1 = np.int32(xq[t, b, 4 * i + 1])
+                    x2 = np.int32(xq[t, b, 4 * i + 2])
+                    x3 = np.int32(xq[t, b, 4 * i + 3])
+                    for r in range(n_r):
+                        s = (np.int32(wq[tile, b, 4 * i, r]) * x0 + np.int32(wq[tile, b, 4 * i + 1, r]) * x1
+                             + np.int32(wq[tile, b, 4 * i + 2, r]) * x2 + np.int32(wq[tile, b, 4 * i + 3, r]) * x3)
+                        lanes[i, r] = fma(d[r], np.float32(s), lanes[i, r])
                 if has_min:
-                    summs = fma(wm[r, b], xs[t, b], summs)
-            out[t, r] = hsum8(lanes) + summs
+                    xsb = xs[t, b]
+                    for r in range(n_r):
+                        summs[r] = fma(wm[tile, b, r], xsb, summs[r])
+            for r in range(n_r):
+                out[t, tile * n_r + r] = (((lanes[0, r] + lanes[4, r]) + (lanes[2, r] + lanes[6, r])) +
+                                          ((lanes[1, r] + lanes[5, r]) + (lanes[3, r] + lanes[7, r]))) + summs[r]
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
@@ -154,27 +176,26 @@ def matmul_int8(xq, xd, xs, wq, wd, wm, out):
 
 
 @njit(cache=True, nogil=True)
-def quantize_q8_blocks(x, group, xq, xd, xs):
-    """Quantize activations like ggml's quantize_row_q8_0 / q8_1 (blocks of 32 = `group`):
-    d = max|x| / 127, q = round-half-even(x * 127 / max|x|).
+def quantize_q8_blocks(x, xq, xd, xs):
+    """Quantize activations like ggml's quantize_row_q8_0 / q8_1 (AVX2): per block of 32,
+    d = max|x| / 127, q = round-half-even(x * (127 / max|x|)).
 
-    x:  [T, K] f32;  xq: [T, group, K // group] int8 (block-minor)
-    xd: [T, K // group] f32  d (caller rounds it to f16, as ggml stores it)
-    xs: [T, K // group] f32  d * sum(q) (Q8_1's `s`; caller rounds it to f16)
+    x:  [T, K] f32;  xq: [T, K // 32, 32] int8
+    xd: [T, K // 32] f32  d (caller rounds it to f16, as ggml stores it)
+    xs: [T, K // 32] f32  d * sum(q) (Q8_1's `s`; caller rounds it to f16)
     """
     n_tokens, n_cols = x.shape
-    n_groups = n_cols // group
     for t in range(n_tokens):
-        for g in range(n_groups):
+        for g in range(n_cols // 32):
             amax = np.float32(0.0)
-            for p in range(group):
-                amax = max(amax, abs(x[t, g * group + p]))
+            for p in range(32):
+                amax = max(amax, abs(x[t, g * 32 + p]))
             d = amax / np.float32(127.0)
             inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
             total = 0
-            for p in range(group):
-                v = np.int32(np.rint(x[t, g * group + p] * inv))
-                xq[t, p, g] = v
+            for p in range(32):
+                v = np.int32(np.rint(x[t, g * 32 + p] * inv))
+                xq[t, g, p] = v
                 total += v
             xd[t, g] = d
             xs[t, g] = d * np.float32(total)
