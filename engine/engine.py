@@ -18,12 +18,23 @@ class Engine:
     tokenizer: Tokenizer
 
     @classmethod
-    def load(cls, path: str, n_threads: int | None = None) -> "Engine":
+    def load(cls, path: str, n_threads: int | None = None, warm_up: bool = False) -> "Engine":
+        """Open the model. With warm_up, also run a two-token prompt and a decode step so every
+        kernel is compiled (or loaded from Numba's cache) before the first real request."""
         if n_threads:
             import numba
             numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
         gguf = load_gguf(path)
-        return cls(gguf, LlamaModel(gguf), Tokenizer(gguf.vocab))
+        engine = cls(gguf, LlamaModel(gguf), Tokenizer(gguf.vocab))
+        if warm_up:
+            engine.warm_up()
+        return engine
+
+    def warm_up(self) -> None:
+        cache = self.model.new_cache(1, 4)
+        self.model.forward(Batch.single([self.tokenizer.bos_id if self.tokenizer.bos_id >= 0 else 0] * 2, 0), cache)
+        self.model.forward(Batch.single([0], 2), cache)
+        Sampler(SamplingParams(seed=0), self.tokenizer.n_vocab).sample(np.zeros(self.tokenizer.n_vocab, np.float32))
 
     def generate_tokens(self, prompt_ids: list[int], n_predict: int, params: SamplingParams,
                         ignore_eos: bool = False):

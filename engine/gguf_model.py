@@ -7,8 +7,9 @@ count), the metadata key/value pairs, the tensor infos (name, shape, type, offse
 """
 from __future__ import annotations
 
+import mmap
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,6 +52,14 @@ class GGUFModel:
     metadata: dict           # every scalar/string key, for /props and curious readers
     file_size: int
     n_params: int
+    _mmap: object = field(default=None, repr=False)   # the file's mmap.mmap
+
+    def drop_resident_pages(self) -> None:
+        """Tell the kernel we are done with the pages read so far (packing copied the weights):
+        they leave our RSS; anything read again (norms, embedding rows, F32 weights used in
+        place) is faulted back in from the file."""
+        if self._mmap is not None and hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_DONTNEED)
 
     @property
     def ftype_name(self) -> str:
@@ -115,7 +124,8 @@ def load_gguf(path: str) -> GGUFModel:
         except Exception:
             pass
     n_params = sum(int(t.n_elements) for t in reader.tensors)
-    return GGUFModel(path, hparams, vocab, tensors, metadata, file_size, n_params)
+    return GGUFModel(path, hparams, vocab, tensors, metadata, file_size, n_params,
+                     getattr(reader.data, "_mmap", None))
 
 
 def _read_hparams(reader, arch: str, tensors: dict) -> HParams:

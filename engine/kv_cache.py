@@ -2,8 +2,8 @@
 
 Each sequence (a server slot) owns a row of `n_ctx` cells; the token at position p of a
 sequence lives in cell p. Within a sequence, each key/value head's cells are contiguous, so
-attention streams through memory. llama.cpp stores the cache in f16 by default, so values are
-rounded to f16 on the way in (kept in f32 arrays: Numba has no f16 arithmetic on the CPU).
+attention streams through memory. llama.cpp stores the cache in f16 by default and so do we:
+as uint16 bit patterns (Numba has no f16 type on the CPU), widened exactly in `ops.attention`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ class KVCache:
         self.n_ctx = n_ctx
         shape = (hp.n_layer, n_seq, hp.n_head_kv, n_ctx, hp.head_dim)
         self.n_head_kv, self.head_dim = hp.n_head_kv, hp.head_dim
-        self.k = np.zeros(shape, np.float32)   # [n_layer, n_seq, n_head_kv, n_ctx, head_dim]
-        self.v = np.zeros(shape, np.float32)   # same
+        self.k = np.zeros(shape, np.uint16)   # [n_layer, n_seq, n_head_kv, n_ctx, head_dim] f16 bits
+        self.v = np.zeros(shape, np.uint16)   # same
 
     def store(self, layer: int, seq_ids: np.ndarray, positions: np.ndarray,
               k: np.ndarray, v: np.ndarray) -> None:
@@ -27,8 +27,8 @@ class KVCache:
         if positions.size and positions.max() >= self.n_ctx:
             raise IndexError(f"position {int(positions.max())} is past the cache size {self.n_ctx}")
         shape = (len(positions), self.n_head_kv, self.head_dim)
-        self.k[layer, seq_ids, :, positions] = k.reshape(shape).astype(np.float16)
-        self.v[layer, seq_ids, :, positions] = v.reshape(shape).astype(np.float16)
+        self.k[layer, seq_ids, :, positions] = k.reshape(shape).astype(np.float16).view(np.uint16)
+        self.v[layer, seq_ids, :, positions] = v.reshape(shape).astype(np.float16).view(np.uint16)
 
     def copy_prefix(self, src_seq: int, dst_seq: int, n: int) -> None:
         """Copy the first n cells of one sequence to another (prompt-cache reuse across slots)."""

@@ -117,6 +117,7 @@ class LlamaModel:
         self.output_norm = vector("output_norm.weight")
         # models with tied embeddings reuse token_embd as the output projection
         self.output = weight("output.weight" if "output.weight" in t else "token_embd.weight")
+        gguf.drop_resident_pages()
 
     def new_cache(self, n_seq: int, n_ctx: int) -> KVCache:
         return KVCache(self.hp, n_seq, n_ctx)

@@ -80,6 +80,26 @@ def round_f16_inplace(a):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _f16_to_f32(h):
+    """IEEE half (as uint16 bits) -> f32, exactly: normals by re-biasing the exponent,
+    subnormals (and zero) as mantissa * 2^-24, inf/nan kept."""
+    em = np.int32(h) & np.int32(0x7FFF)
+    sign = (np.int32(h) & np.int32(0x8000)) << np.int32(16)
+    normal = (em + np.int32(0x1C000)) << np.int32(13)
+    sub = f32_bits(np.float32(em) * np.float32(5.960464477539063e-08))   # 2^-24
+    r = normal if em >= np.int32(0x400) else sub
+    r = ((em + np.int32(0x38000)) << np.int32(13)) if em >= np.int32(0x7C00) else r
+    return bits_f32(r | sign)
+
+
+@njit(cache=True, nogil=True)
+def widen_f16(bits, out):
+    """out[i] = the f16 value stored in bits[i].  bits: [n] uint16; out: [n] f32"""
+    for i in range(bits.shape[0]):
+        out[i] = _f16_to_f32(bits[i])
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _dot_f16(qh, k_row, head_dim, lanes):
     """ggml_vec_dot_f16 on AVX2: blocks of 32 go through 4 accumulators of 8 lanes (FMA),
     reduced as GGML_F32x8_REDUCE; the tail (head_dim % 32) is summed in double.
@@ -117,7 +137,7 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     the V accumulation (vectorized across head_dim).
 
     q:        [T, n_head * head_dim] f32 (after RoPE)
-    k_cache:  [n_seq, n_head_kv, n_ctx, head_dim] f32 holding f16 values (one layer)
+    k_cache:  [n_seq, n_head_kv, n_ctx, head_dim] uint16, f16 bits (one layer)
     v_cache:  same shape as k_cache
     seq_ids:  [T] i32  which cache row each token reads
     positions:[T] i32  the token attends to cache positions 0..positions[t]
@@ -133,13 +153,15 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
         values = v_cache[seq_ids[t], h // group]     # [n_ctx, head_dim]
         n_kv = positions[t] + 1
         lanes = np.empty(32, np.float32)
+        row = np.empty(head_dim, np.float32)
         qh = np.empty(head_dim, np.float32)
         for d in range(head_dim):
             qh[d] = _round_f16(q[t, h * head_dim + d])
         # 1. scores
         scores = np.empty(n_kv, np.float32)
         for j in range(n_kv):
-            scores[j] = _dot_f16(qh, keys[j], head_dim, lanes) * scale
+            widen_f16(keys[j], row)
+            scores[j] = _dot_f16(qh, row, head_dim, lanes) * scale
         # 2. online softmax: ms[j] rescales the accumulator, vs[j] weighs v_j
         ms = np.empty(n_kv, np.float32)
         vs = np.empty(n_kv, np.float32)
@@ -164,8 +186,11 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
                 for d in range(head_dim):
                     acc[d] = _round_f16(acc[d] * ms[j])
             w = vs[j]
+            if w < np.float32(1e-30):
+                continue   # w * |v| < 2^-80: cannot move an f16 accumulator, and sum S is >= 1
+            widen_f16(values[j], row)
             for d in range(head_dim):
-                acc[d] = _round_f16(fma(values[j, d], w, acc[d]))
+                acc[d] = _round_f16(fma(row[d], w, acc[d]))
         inv = np.float32(1.0) / total
         for d in range(head_dim):
             out[t, h * head_dim + d] = acc[d] * inv

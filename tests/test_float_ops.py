@@ -2,11 +2,12 @@
 import math
 
 import numpy as np
+import pytest
 from numba import njit
 
 from engine.float_ops import expf_array, expf_ggml, fma
 from engine.quants import pack_weight
-from engine.quants.kernels import matmul_float, matmul_q32_lanes
+from engine.quants.kernels import matmul_float
 
 
 def fma_twin(a, b, c):
@@ -94,21 +95,23 @@ def test_float_kernel_orders_equal_numpy_twins():
             assert out[1, r] == total
 
 
-def test_q32_lanes_equal_numpy_twin():
-    """ggml's vec_dot_q4_1_q8_1 order: lane i = exact int sum of elements 4i..4i+3 of each
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q4_0", "Q5_1", "Q8_0"])
+def test_q32_lanes_equal_numpy_twin(type_name):
+    """ggml's vec_dot order for 32-blocks (shown for vec_dot_q4_1_q8_1): lane i = exact int sum of elements 4i..4i+3 of each
     block, lane = fma(d_w * d_x, sum, lane), result hsum8(lanes) + sum of fma(m_w, s_x)."""
     from gguf import GGMLQuantizationType as GQ
     from gguf import quants as gq
-    from engine.quants import blocks, prepare
+    from engine.quants import blocks, matmul, prepare
     rng = np.random.default_rng(3)
     n_rows, n_cols = 37, 128   # 37: rows are padded to the 32-row tile
-    raw = gq.quantize(rng.standard_normal((n_rows, n_cols)).astype(np.float32), GQ.Q4_1)
-    w = pack_weight("Q4_1", raw, n_rows, n_cols)
-    q, scale, minimum, _ = blocks.unpack("Q4_1", raw, n_rows, n_cols)   # [rows, K], [rows, K/32]
+    raw = gq.quantize(rng.standard_normal((n_rows, n_cols)).astype(np.float32), GQ[type_name])
+    w = pack_weight(type_name, raw, n_rows, n_cols)
+    q, scale, minimum, _ = blocks.unpack(type_name, raw, n_rows, n_cols)   # [rows, K], [rows, K/32]
+    if minimum is None:
+        minimum = np.zeros_like(scale)
     x = rng.standard_normal((2, n_cols)).astype(np.float32)
-    act = prepare(x, "q8_1", 32)
-    out = np.empty((2, 64), np.float32)
-    matmul_q32_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, True, out)
+    act = prepare(x, w.act_format, 32)
+    out = matmul(act, w)   # Q4_1 is read from its packed nibbles (matmul_q4_lanes)
     for t in range(2):
         for r in range(n_rows):
             lanes = np.zeros(8, np.float32)
@@ -119,5 +122,6 @@ def test_q32_lanes_equal_numpy_twin():
                     cols = slice(b * 32 + 4 * i, b * 32 + 4 * i + 4)
                     isum = int(np.dot(q[r, cols].astype(np.int64), act.q[t, b, 4 * i:4 * i + 4].astype(np.int64)))
                     lanes[i] = fma_twin(d, np.float32(isum), lanes[i])
-                summs = fma_twin(minimum[r, b], act.s[t, b], summs)
+                if w.act_format == "q8_1":
+                    summs = fma_twin(minimum[r, b], act.s[t, b], summs)
             assert out[t, r] == np.float32(hsum8_twin(lanes) + summs)

@@ -99,7 +99,7 @@ def build_context(args, path: str):
     from .app import ServerContext
     from .params import ServerDefaults
 
-    engine = Engine.load(path, n_threads=args.threads)
+    engine = Engine.load(path, n_threads=args.threads, warm_up=True)  # /health waits for the JIT
     n_train = engine.gguf.hparams.n_ctx_train
     n_ctx = args.ctx_size if args.ctx_size > 0 else n_train
     kv_unified = args.kv_unified

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import blocks
-from .kernels import ROW_TILE, matmul_float, matmul_int8, matmul_q32_lanes, quantize_q8_blocks, quantize_q8_k
+from .kernels import (ROW_TILE, matmul_float, matmul_int8, matmul_q4_lanes, matmul_q32_lanes,
+                      quantize_q8_blocks, quantize_q8_k)
 
 ACT_FORMAT = {
     "F32": "f32", "F16": "f16", "BF16": "bf16",
@@ -38,8 +39,9 @@ class PackedWeight:
     group: int                    # weights per scale group (int8 formats), 0 for float
     w: np.ndarray | None = None   # [n_rows, n_cols] f32 (float formats)
     # int8 formats. K-quants: q [n_rows, group, n_groups] (block-minor), scale/minimum
-    # [n_rows, n_groups]. 32-blocks: q [n_tiles, n_blocks, 32, ROW_TILE] with ROW_TILE rows
-    # interleaved, scale/minimum [n_tiles, n_blocks, ROW_TILE] (rows padded to the tile).
+    # [n_rows, n_groups]. 32-blocks: q [n_tiles, n_blocks, 32, ROW_TILE] int8 with ROW_TILE
+    # rows interleaved (Q4_0/Q4_1: [n_tiles, n_blocks, 16, ROW_TILE] uint8, the packed nibble
+    # bytes), scale/minimum [n_tiles, n_blocks, ROW_TILE] (rows padded to the tile).
     q: np.ndarray | None = None
     scale: np.ndarray | None = None
     minimum: np.ndarray | None = None  # zeros for symmetric types
@@ -65,6 +67,8 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int) -> P
     fmt = ACT_FORMAT[type_name]
     if fmt in ("f32", "f16", "bf16"):
         return PackedWeight(type_name, n_rows, n_cols, fmt, 0, w=_float_rows(type_name, data, n_rows, n_cols))
+    if type_name in ("Q4_0", "Q4_1"):
+        return _pack_q4(type_name, data, n_rows, n_cols)
     q, scale, minimum, group = blocks.unpack(type_name, data, n_rows, n_cols)
     n_groups = n_cols // group
     if minimum is None:
@@ -74,18 +78,34 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int) -> P
         return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=q_block_minor, scale=scale,
                             minimum=minimum)
     # 32-weight blocks: interleave ROW_TILE rows (padded with zero rows) for matmul_q32_lanes
+    return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=_row_tiles(q.reshape(n_rows, n_groups, 32), n_rows),
+                        scale=_row_tiles(scale, n_rows), minimum=_row_tiles(minimum, n_rows))
+
+
+def _row_tiles(a: np.ndarray, n_rows: int) -> np.ndarray:
+    """[n_rows, n_blocks, *inner] -> [n_tiles, n_blocks, *inner, ROW_TILE], rows zero-padded."""
     n_pad = -n_rows % ROW_TILE
     if n_pad:
-        q = np.concatenate([q, np.zeros((n_pad, n_cols), np.int8)])
-        scale = np.concatenate([scale, np.zeros((n_pad, n_groups), np.float32)])
-        minimum = np.concatenate([minimum, np.zeros((n_pad, n_groups), np.float32)])
-    n_tiles = (n_rows + n_pad) // ROW_TILE
+        a = np.concatenate([a, np.zeros((n_pad,) + a.shape[1:], a.dtype)])
+    tiled = a.reshape((a.shape[0] // ROW_TILE, ROW_TILE) + a.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(tiled, 1, -1))
 
-    def tiles(a, inner):
-        return np.ascontiguousarray(a.reshape(n_tiles, ROW_TILE, n_groups, *inner).transpose(
-            0, 2, *range(3, 3 + len(inner)), 1))
-    return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=tiles(q.reshape(-1, n_groups, 32), (32,)),
-                        scale=tiles(scale, ()), minimum=tiles(minimum, ()))
+
+def _pack_q4(type_name: str, data, n_rows: int, n_cols: int) -> PackedWeight:
+    """Q4_0 (f16 d, 16 nibble bytes) / Q4_1 (f16 d, f16 m, 16 nibble bytes) per 32 weights:
+    the nibble bytes are kept as they are, only regrouped into row tiles."""
+    block_bytes, _ = blocks.BLOCK_SIZES[type_name]
+    n_blocks = n_cols // 32
+    raw = np.asarray(data, np.uint8).reshape(n_rows, n_blocks, block_bytes)
+    d = np.ascontiguousarray(raw[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    if type_name == "Q4_1":
+        m = np.ascontiguousarray(raw[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32)
+        qs = raw[:, :, 4:20]
+    else:
+        m = np.zeros_like(d)
+        qs = raw[:, :, 2:18]
+    return PackedWeight(type_name, n_rows, n_cols, ACT_FORMAT[type_name], 32, q=_row_tiles(qs, n_rows),
+                        scale=_row_tiles(d, n_rows), minimum=_row_tiles(m, n_rows))
 
 
 def pack_tensor(tensor) -> PackedWeight:
@@ -153,7 +173,11 @@ def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None =
         matmul_int8(act.q, act.d, act.s, w.q, w.scale, w.minimum, out)
         return out
     out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
-    matmul_q32_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
+    if w.type_name in ("Q4_0", "Q4_1"):
+        matmul_q4_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, 8 if w.type_name == "Q4_0" else 0,
+                        w.type_name == "Q4_1", out)
+    else:
+        matmul_q32_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
     return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
 
 

@@ -2,8 +2,9 @@
 
 * `matmul_float`: float weights (F32, or F16/BF16 widened at load) times float activations,
   in the summation order of llamafile's tinyBLAS (prompt tokens) or ggml_vec_dot (decode).
-* `matmul_q32_lanes`: 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) times Q8_0/Q8_1
-  activations, in the order of ggml's AVX2 vec_dot kernels.
+* `matmul_q32_lanes`: 32-weight blocks (Q5_0, Q5_1, Q8_0) times Q8_0/Q8_1 activations, in
+  the order of ggml's AVX2 vec_dot kernels; `matmul_q4_lanes` the same for Q4_0/Q4_1 read
+  from their packed nibbles.
 * `matmul_int8`: the K-quants times Q8_K activations (integer group sums, then float scaling).
 
 Why the exact order matters: with 8-bit activations, a one-ulp difference in a layer's output
@@ -138,6 +139,61 @@ def matmul_q32_lanes(xq, xd, xs, wq, wd, wm, has_min, out):
                         s = (np.int32(wq[tile, b, 4 * i, r]) * x0 + np.int32(wq[tile, b, 4 * i + 1, r]) * x1
                              + np.int32(wq[tile, b, 4 * i + 2, r]) * x2 + np.int32(wq[tile, b, 4 * i + 3, r]) * x3)
                         lanes[i, r] = fma(d[r], np.float32(s), lanes[i, r])
+                if has_min:
+                    xsb = xs[t, b]
+                    for r in range(n_r):
+                        summs[r] = fma(wm[tile, b, r], xsb, summs[r])
+            for r in range(n_r):
+                out[t, tile * n_r + r] = (((lanes[0, r] + lanes[4, r]) + (lanes[2, r] + lanes[6, r])) +
+                                          ((lanes[1, r] + lanes[5, r]) + (lanes[3, r] + lanes[7, r]))) + summs[r]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
+    """matmul_q32_lanes for Q4_0 / Q4_1 read straight from their packed nibbles (half the
+    memory traffic of int8): byte k of a block holds weight k (low nibble) and weight k + 16
+    (high nibble), so lane i < 4 sums the low nibbles of bytes 4i..4i+3 and lane i + 4 their
+    high nibbles, the same elements and order as ggml. Weight value = nibble - offset
+    (8 for Q4_0, 0 for Q4_1 whose minimum enters through summs).
+
+    xq: [T, NB, 32] int8; xd, xs: [T, NB] f32
+    wq4: [n_tiles, NB, 16, R] uint8  nibble bytes, R rows interleaved
+    wd, wm: [n_tiles, NB, R] f32;  out: [T, n_tiles * R] f32
+    """
+    n_tokens = xq.shape[0]
+    n_tiles, n_blocks, n_bytes, n_r = wq4.shape
+    off = np.int32(offset)
+    for tile in prange(n_tiles):
+        lanes = np.empty((8, n_r), np.float32)
+        summs = np.empty(n_r, np.float32)
+        d = np.empty(n_r, np.float32)
+        for t in range(n_tokens):
+            lanes[:, :] = 0
+            summs[:] = 0
+            for b in range(n_blocks):
+                xdb = xd[t, b]
+                for r in range(n_r):
+                    d[r] = wd[tile, b, r] * xdb
+                for i in range(4):
+                    x0 = np.int32(xq[t, b, 4 * i])
+                    x1 = np.int32(xq[t, b, 4 * i + 1])
+                    x2 = np.int32(xq[t, b, 4 * i + 2])
+                    x3 = np.int32(xq[t, b, 4 * i + 3])
+                    y0 = np.int32(xq[t, b, 16 + 4 * i])
+                    y1 = np.int32(xq[t, b, 16 + 4 * i + 1])
+                    y2 = np.int32(xq[t, b, 16 + 4 * i + 2])
+                    y3 = np.int32(xq[t, b, 16 + 4 * i + 3])
+                    for r in range(n_r):
+                        b0 = np.int32(wq4[tile, b, 4 * i, r])
+                        b1 = np.int32(wq4[tile, b, 4 * i + 1, r])
+                        b2 = np.int32(wq4[tile, b, 4 * i + 2, r])
+                        b3 = np.int32(wq4[tile, b, 4 * i + 3, r])
+                        s_lo = (((b0 & 15) - off) * x0 + ((b1 & 15) - off) * x1
+                                + ((b2 & 15) - off) * x2 + ((b3 & 15) - off) * x3)
+                        s_hi = (((b0 >> 4) - off) * y0 + ((b1 >> 4) - off) * y1
+                                + ((b2 >> 4) - off) * y2 + ((b3 >> 4) - off) * y3)
+                        lanes[i, r] = fma(d[r], np.float32(s_lo), lanes[i, r])
+                        lanes[i + 4, r] = fma(d[r], np.float32(s_hi), lanes[i + 4, r])
                 if has_min:
                     xsb = xs[t, b]
                     for r in range(n_r):
