@@ -168,15 +168,32 @@ class Completion:
                 "usage": self.usage(fins), "id": self.id, "timings": self.timings(fins[-1])}
 
 
-def wait_event(task: Task, ctx, disconnected):
-    """The next event of a task, cancelling it if the client goes away meanwhile."""
+class DisconnectWatch:
+    """Asks waitress whether the client is still there at most every POLL_S, however fast
+    events arrive (a busy queue must not hide a vanished client)."""
+
+    def __init__(self, probe):
+        self.probe = probe
+        self.next_check = 0.0
+
+    def gone(self) -> bool:
+        now = time.monotonic()
+        if now < self.next_check:
+            return False
+        self.next_check = now + POLL_S
+        return bool(self.probe())
+
+
+def wait_event(task: Task, ctx, watch: DisconnectWatch):
+    """The next event of a task, or None (task cancelled) once the client has gone away."""
     while True:
+        if watch.gone():
+            ctx.scheduler.cancel(task)
+            return None
         try:
             return task.events.get(timeout=POLL_S)
         except queue.Empty:
-            if disconnected():
-                ctx.scheduler.cancel(task)
-                return None
+            pass
 
 
 def _disconnect_probe():
@@ -186,12 +203,12 @@ def _disconnect_probe():
 
 def run_blocking(c: Completion) -> Response:
     tasks = c.submit()
-    disconnected = _disconnect_probe()
+    watch = DisconnectWatch(_disconnect_probe())
     fins = []
     try:
         for t in tasks:
             while True:
-                ev = wait_event(t, c.ctx, disconnected)
+                ev = wait_event(t, c.ctx, watch)
                 if ev is None:
                     raise APIError("client disconnected", 400)
                 if isinstance(ev, ErrorEvent):
@@ -216,13 +233,16 @@ def sse(obj) -> str:
 def run_stream(c: Completion) -> Response:
     tasks = c.submit()
     ctx = c.ctx
+    watch = DisconnectWatch(_disconnect_probe())
 
     def events():
         fins = []
         try:
             for t in tasks:
                 while True:
-                    ev = t.events.get()
+                    ev = wait_event(t, ctx, watch)
+                    if ev is None:  # the client went away: the finally below frees the slots
+                        return
                     if isinstance(ev, ErrorEvent):
                         yield sse({"error": {"code": ev.code, "message": ev.message, "type": ev.type}})
                         return
