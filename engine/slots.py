@@ -39,6 +39,7 @@ class Task:
     id_slot: int = -1
     t_max_predict_ms: float = -1
     index: int = 0
+    return_progress: bool = False        # report prompt processing batch by batch
     events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = 0
@@ -51,6 +52,20 @@ class TokenEvent:
     probs: dict | None        # {"id", "value", "top": [(id, value), ...]} when n_probs > 0
     n_decoded: int
     n_prompt: int
+
+
+@dataclass
+class ProgressEvent:
+    """Prompt processing so far: tokens in the prompt, reused from the cache, processed
+    (the cached ones count as processed), and milliseconds since the slot started."""
+    total: int
+    cache: int
+    processed: int
+    time_ms: float
+
+    def as_dict(self) -> dict:
+        return {"total": self.total, "cache": self.cache, "processed": self.processed,
+                "time_ms": self.time_ms}
 
 
 @dataclass
@@ -95,6 +110,11 @@ class Slot:
     @property
     def busy(self) -> bool:
         return self.task is not None
+
+    def report_progress(self) -> None:
+        total = len(self.task.prompt_tokens)
+        self.task.events.put(ProgressEvent(total, self.n_cached, total - len(self.to_eval),
+                                           (time.perf_counter() - self.t_start) * 1000))
 
     def start(self, task: Task, engine: Engine) -> None:
         self.task = task
@@ -188,6 +208,8 @@ class Scheduler:
                 return (lcp, -s.last_used)
             slot = max(idle, key=score)
             slot.start(task, self.engine)
+            if task.return_progress:
+                slot.report_progress()
         self.waiting = still
 
     def _run(self) -> None:
@@ -251,6 +273,10 @@ class Scheduler:
             s.cache_tokens += chunk
             if s.to_eval:
                 s.to_eval = s.to_eval[len(chunk):]
+                if s.task.return_progress:
+                    s.report_progress()
+            elif s.task.return_progress and s.next_token is None:
+                s.report_progress()
             if has_logits:
                 if s.t_prompt_done is None:
                     s.t_prompt_done = time.perf_counter()

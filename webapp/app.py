@@ -25,6 +25,8 @@ class ServerContext:
     enable_slots: bool = True
     enable_metrics: bool = False
     api_key: str | None = None
+    chat_template: object = None   # engine.chat.ChatTemplate
+    verbose: bool = False
     build_fingerprint: str = "b1-numllama"
     started: float = field(default_factory=time.time)
 
@@ -38,8 +40,8 @@ def create_app(context: ServerContext | None = None) -> Flask:
     app = Flask("numllama")
     app.config["NUMLLAMA"] = context
 
-    from . import completions, info, tokens
-    for module in (info, completions, tokens):
+    from . import chat, completions, info, tokens
+    for module in (info, completions, chat, tokens):
         app.register_blueprint(module.bp)
 
     @app.before_request

@@ -9,7 +9,7 @@ import time
 
 from flask import Blueprint, Response, current_app, request
 
-from engine.slots import ErrorEvent, FinalEvent, Task, TokenEvent
+from engine.slots import ErrorEvent, FinalEvent, ProgressEvent, Task, TokenEvent
 
 from .errors import APIError, json_response
 from .params import (effective_n_predict, generation_settings, get_bool, get_number, parse_prompts,
@@ -55,6 +55,8 @@ class Completion:
         self.ignore_eos = get_bool(body, "ignore_eos", False)
         self.cache_prompt = get_bool(body, "cache_prompt", True)
         self.backend_sampling = get_bool(body, "backend_sampling", False)
+        self.timings_per_token = get_bool(body, "timings_per_token", False)
+        self.return_progress = get_bool(body, "return_progress", False) and self.stream
         self.id_slot = get_number(body, "id_slot", -1, int)
         if self.id_slot >= len(ctx.scheduler.slots):
             raise APIError(f"Invalid id_slot {self.id_slot}: the server has {len(ctx.scheduler.slots)} slots")
@@ -90,7 +92,8 @@ class Completion:
             tasks.append(self.ctx.scheduler.submit(Task(
                 prompt_tokens=p, n_predict=self.n_predict, params=self.params, stop=self.stop,
                 n_probs=self.n_probs, post_sampling_probs=self.post_sampling, ignore_eos=self.ignore_eos,
-                cache_prompt=self.cache_prompt, id_slot=self.id_slot, t_max_predict_ms=self.t_max, index=i)))
+                cache_prompt=self.cache_prompt, id_slot=self.id_slot, t_max_predict_ms=self.t_max, index=i,
+                return_progress=self.return_progress)))
         return tasks
 
     # ------------------------------------------------------------------ presentation
@@ -201,10 +204,10 @@ def _disconnect_probe():
     return probe if probe is not None else (lambda: False)
 
 
-def run_blocking(c: Completion) -> Response:
-    tasks = c.submit()
+def collect_finals(c: Completion, tasks: list[Task]) -> list[FinalEvent]:
+    """Wait for every task's final result; a vanished client or a failed task cancels them all."""
     watch = DisconnectWatch(_disconnect_probe())
-    fins = []
+    fins: list[FinalEvent] = []
     try:
         for t in tasks:
             while True:
@@ -217,9 +220,15 @@ def run_blocking(c: Completion) -> Response:
                     fins.append(ev)
                     break
     finally:
-        for t in tasks:
-            if len(fins) < len(tasks):
+        if len(fins) < len(tasks):
+            for t in tasks:
                 c.ctx.scheduler.cancel(t)
+    return fins
+
+
+def run_blocking(c: Completion) -> Response:
+    tasks = c.submit()
+    fins = collect_finals(c, tasks)
     if c.oai:
         return json_response(c.oai_object(tasks, fins))
     objs = [c.select_fields(c.final_object(t, f, streamed=False)) for t, f in zip(tasks, fins)]
@@ -246,6 +255,11 @@ def run_stream(c: Completion) -> Response:
                     if isinstance(ev, ErrorEvent):
                         yield sse({"error": {"code": ev.code, "message": ev.message, "type": ev.type}})
                         return
+                    if isinstance(ev, ProgressEvent):
+                        if not c.oai:
+                            yield sse({"index": t.index, "content": "", "tokens": [], "stop": False,
+                                       "id_slot": -1, "prompt_progress": ev.as_dict()})
+                        continue
                     if isinstance(ev, TokenEvent):
                         yield sse(token_chunk(c, t, ev))
                         continue

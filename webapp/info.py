@@ -41,7 +41,7 @@ def props():
         "endpoint_metrics": ctx.enable_metrics,
         "ui": False,
         "ui_settings": {},
-        "chat_template": ctx.engine.gguf.vocab.chat_template or "",
+        "chat_template": ctx.chat_template.source if ctx.chat_template else "",
         "chat_template_caps": {},
         "bos_token": tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
         "eos_token": tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "",

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--jinja", dest="jinja", action="store_true", default=True)
     a("--no-jinja", dest="jinja", action="store_false")
     a("--api-key")
+    a("--chat-template", help="a built-in name (chatml, llama3, llama2, command-r, gemma, phi3, zephyr) or a Jinja template")
+    a("--chat-template-file", help="a file holding a Jinja chat template")
     a("--backend-sampling", "--backend_sampling", action="store_true")
     a("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0)
     a("-fa", "--flash-attn", default="auto")
@@ -109,6 +111,17 @@ def build_context(args, path: str):
     n_ctx_slot = n_ctx if kv_unified else max(1, n_ctx // n_slots)
     scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=args.batch_size,
                           n_predict_default=args.n_predict)
+    from engine.chat import ChatTemplate
+    template = args.chat_template
+    if args.chat_template_file:
+        with open(args.chat_template_file, encoding="utf-8") as f:
+            template = f.read()
+    tok = engine.tokenizer
+    # --no-jinja keeps the model's template too (rendered with jinja2); llama.cpp's hand-written
+    # formatters for known templates produce the same text
+    chat_template = ChatTemplate(template or engine.gguf.vocab.chat_template,
+                                 bos_token=tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
+                                 eos_token=tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "")
     aliases = [a for a in (args.alias or "").split(",") if a]
     seed = RANDOM_SEED if args.seed < 0 else args.seed
     return ServerContext(
@@ -116,7 +129,7 @@ def build_context(args, path: str):
         defaults=ServerDefaults(temperature=args.temp, seed=seed, n_predict=args.n_predict),
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
-        enable_metrics=args.metrics, api_key=args.api_key)
+        enable_metrics=args.metrics, api_key=args.api_key, chat_template=chat_template, verbose=args.verbose)
 
 
 if __name__ == "__main__":

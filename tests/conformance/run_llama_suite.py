@@ -36,7 +36,9 @@ def stop_server_after_each_test():
 
 
 def fetch_tests() -> str:
-    tests = os.path.join(WORK, "server-tests")
+    """tools/server/tests inside a copy of llama.cpp's tree (the chat tests read templates at
+    ../../../models/templates relative to it)."""
+    tests = os.path.join(WORK, "llama.cpp", "tools", "server", "tests")
     if os.path.isdir(tests):
         return tests
     dl = os.path.join(WORK, "sdist")
@@ -45,12 +47,12 @@ def fetch_tests() -> str:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                         "-d", dl, SDIST], check=True)
     archive = glob.glob(os.path.join(dl, "*.tar.gz"))[0]
-    prefix = None
     with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/tools/server/tests/" in m.name]
-        prefix = members[0].name.split("/vendor/")[0] + "/vendor/llama.cpp/tools/server/tests"
+        wanted = ("/vendor/llama.cpp/tools/server/tests/", "/vendor/llama.cpp/models/templates/")
+        members = [m for m in tar.getmembers() if any(w in m.name for w in wanted)]
+        root = members[0].name.split("/vendor/")[0] + "/vendor/llama.cpp"
         tar.extractall(os.path.join(WORK, "x"), members=members, filter="data")
-    shutil.move(os.path.join(WORK, "x", prefix), tests)
+    shutil.move(os.path.join(WORK, "x", root), os.path.join(WORK, "llama.cpp"))
     with open(os.path.join(tests, "conftest.py"), "w") as f:
         f.write(CONFTEST)
     return tests

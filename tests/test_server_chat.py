@@ -1,0 +1,133 @@
+"""/v1/chat/completions, /apply-template and templates, over real HTTP with stories260K."""
+import pytest
+from openai import OpenAI
+
+from server_util import TINYLLAMA2, Server
+
+BOOK = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]
+
+
+@pytest.fixture(scope="module")
+def server(stories_path):
+    s = Server(TINYLLAMA2, model=stories_path)
+    yield s
+    s.stop()
+
+
+def test_chat_completion_matches_llama_server(server):
+    """Real llama-server: 77 prompt tokens (ChatML fallback) and "Suddenly" at seed 42."""
+    b = server.post("/chat/completions", {"max_tokens": 8, "messages": BOOK}).json()
+    assert b["object"] == "chat.completion" and b["id"].startswith("chatcmpl-")
+    assert b["system_fingerprint"].startswith("b")
+    assert b["usage"]["prompt_tokens"] == 77 and b["usage"]["completion_tokens"] == 8
+    ch = b["choices"][0]
+    assert ch["message"]["role"] == "assistant" and "Suddenly" in ch["message"]["content"]
+    assert ch["finish_reason"] == "length"
+
+
+def test_text_parts(server):
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "the best book"}]
+    b = server.post("/chat/completions", {"max_tokens": 8, "messages": [BOOK[0], {"role": "user", "content": parts}]}).json()
+    assert b["usage"]["prompt_tokens"] == 79
+
+
+def test_apply_template_chatml(server):
+    b = server.post("/apply-template", {"messages": [{"role": "system", "content": "Book"},
+                                                     {"role": "user", "content": "Hi"}]}).json()
+    assert b["prompt"] == "<|im_start|>system\nBook<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_prefill_continues_assistant(server):
+    b = server.post("/chat/completions", {"max_tokens": 4, "verbose": True,
+                                          "messages": BOOK + [{"role": "assistant", "content": "Whill"}]}).json()
+    assert b["__verbose"]["prompt"].endswith("<|im_start|>assistant\nWhill")
+
+
+def test_openai_client_plain_and_stream(server):
+    client = OpenAI(api_key="dummy", base_url=server.url + "/v1")
+    res = client.chat.completions.create(model="x", messages=BOOK, max_tokens=8, seed=42, temperature=0.8)
+    assert res.choices[0].finish_reason == "length" and "Suddenly" in res.choices[0].message.content
+    text, roles, finish = "", [], None
+    for chunk in client.chat.completions.create(model="x", messages=BOOK, max_tokens=8, stream=True,
+                                                stream_options={"include_usage": True}):
+        if not chunk.choices:
+            assert chunk.usage.completion_tokens == 8
+            continue
+        d = chunk.choices[0].delta
+        roles.append(d.role)
+        text += d.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert roles[0] == "assistant" and finish == "length" and text == res.choices[0].message.content
+
+
+def test_logprobs(server):
+    client = OpenAI(api_key="dummy", base_url=server.url + "/v1")
+    res = client.chat.completions.create(model="x", messages=BOOK, max_tokens=5, temperature=0.0,
+                                         logprobs=True, top_logprobs=3)
+    content = res.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == res.choices[0].message.content
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 3 for t in content)
+
+
+def test_n_choices_and_input_tokens(server):
+    b = server.post("/chat/completions", {"max_tokens": 4, "n": 2, "messages": BOOK}).json()
+    assert [c["index"] for c in b["choices"]] == [0, 1]
+    n = server.post("/chat/completions/input_tokens", {"messages": BOOK}).json()["input_tokens"]
+    assert n == 77
+
+
+@pytest.mark.parametrize("body,text", [
+    ({}, "'messages' is required"),
+    ({"messages": "hi"}, "array"),
+    ({"messages": [{"role": "user"}]}, "content"),
+    ({"messages": [{"role": 5, "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "content"),
+    ({"messages": BOOK, "top_logprobs": 3}, "logprobs"),
+    ({"messages": BOOK, "n": 9}, "'n'"),
+    ({"messages": BOOK, "response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": BOOK, "tools": [{"type": "function"}]}, "not supported"),
+    ({"messages": BOOK + [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]}, "assistant"),
+    ({"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": True,
+      "continue_final_message": True}, "continue_final_message"),
+])
+def test_bad_chat_requests_are_400(server, body, text):
+    r = server.post("/chat/completions", body)
+    assert r.status_code == 400 and text in r.json()["error"]["message"]
+
+
+def test_context_exceeded(server):
+    r = server.post("/chat/completions", {"messages": [{"role": "user", "content": "a b c d " * 200}]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "exceed_context_size_error"
+
+
+def test_named_template_and_sandbox(stories_path):
+    s = Server(TINYLLAMA2 + ["--chat-template", "llama3"], model=stories_path)
+    try:
+        b = s.post("/apply-template", {"messages": BOOK}).json()
+        assert b["prompt"] == ("<|start_header_id|>system<|end_header_id|>\n\nBook<|eot_id|><|start_header_id|>user"
+                               "<|end_header_id|>\n\nWhat is the best book<|eot_id|><|start_header_id|>assistant"
+                               "<|end_header_id|>\n\n")
+    finally:
+        s.stop()
+    # a template cannot reach Python internals: the sandbox refuses, the request gets a 400
+    evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    s = Server(TINYLLAMA2 + ["--chat-template", evil], model=stories_path)
+    try:
+        r = s.post("/apply-template", {"messages": BOOK})
+        assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+        assert s.get("/health").status_code == 200
+    finally:
+        s.stop()
+
+
+def test_progress_events(stories_path):
+    s = Server(TINYLLAMA2 + ["--batch-size", "16"], model=stories_path)
+    try:
+        prog = [d["prompt_progress"] for d in s.stream("/completion", {"prompt": "This is a test " * 10,
+                                                                          "n_predict": 2, "stream": True,
+                                                                          "return_progress": True})
+                if "prompt_progress" in d]
+        assert prog[0]["processed"] == prog[0]["cache"] and prog[-1]["processed"] == prog[-1]["total"]
+        assert all(b["processed"] > a["processed"] for a, b in zip(prog, prog[1:]))
+    finally:
+        s.stop()

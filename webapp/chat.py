@@ -1,0 +1,219 @@
+"""POST /v1/chat/completions (and /chat/completions), /apply-template, and the input-token count."""
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, current_app
+
+from engine.chat import ChatTemplateError
+from engine.slots import ErrorEvent, FinalEvent, ProgressEvent, TokenEvent
+
+from .completions import (Completion, DisconnectWatch, _disconnect_probe, collect_finals, request_json, sse,
+                          wait_event)
+from .errors import APIError, json_response
+from .params import get_bool, get_number
+
+bp = Blueprint("chat", __name__)
+
+UNSUPPORTED = ("grammar", "json_schema", "tools", "tool_choice", "functions")
+
+
+def _messages(body: dict) -> list[dict]:
+    if "messages" not in body or body["messages"] is None:
+        raise APIError("'messages' is required")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise APIError("Expected 'messages' to be an array")
+    if not messages:
+        raise APIError("'messages' must not be empty")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError("Each message must be an object with a string 'role'")
+        content = m.get("content")
+        if content is None:
+            if m["role"] != "assistant":
+                raise APIError("All non-assistant messages must contain 'content'")
+            content = ""
+        if isinstance(content, list):
+            parts: list[str] = []
+            for p in content:
+                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                    raise APIError("Only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+                parts.append(p["text"])
+            # text parts join with a newline; a prefilled assistant turn joins them with a blank line
+            content = ("\n\n" if m["role"] == "assistant" and m is messages[-1] else "\n").join(parts)
+        elif not isinstance(content, str):
+            raise APIError("'content' must be a string or an array of text parts")
+        out.append({**m, "content": content})
+    if len(out) >= 2 and out[-1]["role"] == "assistant" and out[-2]["role"] == "assistant":
+        raise APIError("Cannot have 2 or more assistant messages at the end of the list.")
+    return out
+
+
+def render_prompt(body: dict) -> tuple[str, list[dict]]:
+    """The prompt text for a chat request, and its messages (the last assistant message, if
+    any, is continued: llama-server's prefill)."""
+    ctx = current_app.config["NUMLLAMA"]
+    messages = _messages(body)
+    add_gen = get_bool(body, "add_generation_prompt", True)
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise APIError("'chat_template_kwargs' must be an object")
+    continue_final = get_bool(body, "continue_final_message", False)
+    if continue_final and body.get("add_generation_prompt") is True:
+        raise APIError("Cannot have both add_generation_prompt and continue_final_message")
+    prefill = messages[-1]["role"] == "assistant" or continue_final
+    try:
+        if prefill:
+            last = messages[-1]
+            prompt = ctx.chat_template.render(messages[:-1], add_generation_prompt=True, **kwargs) + last["content"]
+        else:
+            prompt = ctx.chat_template.render(messages, add_generation_prompt=add_gen, **kwargs)
+    except ChatTemplateError as e:
+        raise APIError(str(e))
+    return prompt, messages
+
+
+def _completion_body(body: dict, prompt: str) -> dict:
+    for key in UNSUPPORTED:
+        if body.get(key):
+            raise APIError(f"'{key}' is not supported by numllama yet", 400)
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise APIError("response_format type must be one of 'text', 'json_object', 'json_schema'")
+        if rf["type"] != "text":
+            raise APIError("Constrained output (response_format json) is not supported by numllama yet")
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        raise APIError("top_logprobs requires logprobs to be set to true")
+    out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs", "n")}
+    out["prompt"] = prompt
+    if body.get("logprobs"):
+        out["n_probs"] = get_number(body, "top_logprobs", 20, int) if body.get("top_logprobs") is not None else 20
+        out["n_probs"] = max(out["n_probs"], 1)
+    n = get_number(body, "n", 1, int)
+    ctx = current_app.config["NUMLLAMA"]
+    if not 1 <= n <= len(ctx.scheduler.slots):
+        raise APIError(f"Field 'n': Value must be between 1 <= value <= {len(ctx.scheduler.slots)}, but got {n}")
+    out["_n"] = n
+    return out
+
+
+def _chunk(c: Completion, index: int, delta: dict, finish_reason, logprobs=None) -> dict:
+    choice = {"finish_reason": finish_reason, "index": index, "delta": delta}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
+    return {"choices": [choice], "created": c.created, "id": c.id, "model": c.model_name,
+            "system_fingerprint": c.ctx.build_fingerprint, "object": "chat.completion.chunk"}
+
+
+def _handle() -> Response:
+    body = request_json()
+    prompt, _ = render_prompt(body)
+    cbody = _completion_body(body, prompt)
+    n = cbody.pop("_n")
+    cbody["prompt"] = [prompt] * n if n > 1 else prompt
+    c = Completion(cbody, oai=True)
+    verbose = get_bool(body, "verbose", False) or c.ctx.verbose
+    if verbose:  # what the model actually read: the prompt tokens, special tokens rendered
+        prompt = c.ctx.engine.tokenizer.decode(c.prompts[0], special=True)
+    if c.stream:
+        return _stream(c, verbose, prompt)
+    tasks = c.submit()
+    fins = collect_finals(c, tasks)
+    choices = []
+    for t, f in zip(tasks, fins):
+        choice = {"finish_reason": c.finish_reason(f), "index": t.index,
+                  "message": {"role": "assistant", "content": f.content}}
+        if c.n_probs > 0:
+            choice["logprobs"] = {"content": c.probs_items(f.probs)}
+        choices.append(choice)
+    out = {"choices": choices, "created": c.created, "model": c.model_name,
+           "system_fingerprint": c.ctx.build_fingerprint, "object": "chat.completion",
+           "usage": c.usage(fins) if len(fins) == 1 else _multi_usage(fins),
+           "id": c.id, "timings": c.timings(fins[-1])}
+    if verbose:
+        out["__verbose"] = {"prompt": prompt}
+    return json_response(out)
+
+
+def _multi_usage(fins) -> dict:
+    """n completions of one prompt: the prompt counts once, every completion's tokens count."""
+    pt = fins[0].n_prompt
+    ct = sum(f.n_decoded for f in fins)
+    return {"completion_tokens": ct, "prompt_tokens": pt, "total_tokens": pt + ct,
+            "prompt_tokens_details": {"cached_tokens": fins[0].n_cached}}
+
+
+def _stream(c: Completion, verbose: bool, prompt: str) -> Response:
+    tasks = c.submit()
+    ctx = c.ctx
+    watch = DisconnectWatch(_disconnect_probe())
+    timings_per_token = c.timings_per_token
+
+    def events():
+        fins = []
+        try:
+            for t in tasks:
+                yield sse(_chunk(c, t.index, {"role": "assistant", "content": None}, None))
+                while True:
+                    ev = wait_event(t, ctx, watch)
+                    if ev is None:
+                        return
+                    if isinstance(ev, ErrorEvent):
+                        yield sse({"error": {"code": ev.code, "message": ev.message, "type": ev.type}})
+                        return
+                    if isinstance(ev, ProgressEvent):
+                        yield sse({"choices": [], "created": c.created, "id": c.id, "model": c.model_name,
+                                   "system_fingerprint": ctx.build_fingerprint,
+                                   "object": "chat.completion.chunk", "prompt_progress": ev.as_dict()})
+                        continue
+                    if isinstance(ev, TokenEvent):
+                        if not ev.text:
+                            continue  # never an empty content delta
+                        lp = {"content": c.probs_items([ev.probs])} if ev.probs else None
+                        chunk = _chunk(c, t.index, {"content": ev.text}, None, lp)
+                        if timings_per_token:
+                            chunk["timings"] = {"predicted_n": ev.n_decoded, "prompt_n": ev.n_prompt,
+                                                "prompt_per_second": 0.0, "predicted_per_second": 0.0}
+                        yield sse(chunk)
+                        continue
+                    fins.append(ev)
+                    chunk = _chunk(c, t.index, {}, c.finish_reason(ev))
+                    chunk["timings"] = c.timings(ev)
+                    if verbose:
+                        chunk["__verbose"] = {"prompt": prompt}
+                    yield sse(chunk)
+                    break
+            if c.include_usage:
+                usage = c.usage(fins) if len(fins) == 1 else _multi_usage(fins)
+                yield sse({"choices": [], "created": c.created, "id": c.id, "model": c.model_name,
+                           "system_fingerprint": ctx.build_fingerprint, "object": "chat.completion.chunk",
+                           "usage": usage, "timings": c.timings(fins[-1])})
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                ctx.scheduler.cancel(t)
+
+    return Response(events(), content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@bp.post("/chat/completions")
+@bp.post("/v1/chat/completions")
+def chat_completions():
+    return _handle()
+
+
+@bp.post("/apply-template")
+def apply_template():
+    prompt, _ = render_prompt(request_json())
+    return json_response({"prompt": prompt})
+
+
+@bp.post("/chat/completions/input_tokens")
+@bp.post("/v1/chat/completions/input_tokens")
+def input_tokens():
+    prompt, _ = render_prompt(request_json())
+    tok = current_app.config["NUMLLAMA"].engine.tokenizer
+    return json_response({"input_tokens": len(tok.encode(prompt, add_special=True))})
