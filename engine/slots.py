@@ -67,6 +67,15 @@ class ProgressEvent:
         return {"total": self.total, "cache": self.cache, "processed": self.processed,
                 "time_ms": self.time_ms}
 
+    def timings(self) -> dict:
+        """Timings so far (nothing generated yet): the first update, before any batch, is 0."""
+        n = self.processed - self.cache
+        return {"cache_n": self.cache, "prompt_n": n, "prompt_ms": self.time_ms if n else 0.0,
+                "prompt_per_token_ms": self.time_ms / n if n else 0.0,
+                "prompt_per_second": n / (self.time_ms / 1000) if n and self.time_ms > 0 else 0.0,
+                "predicted_n": 0, "predicted_ms": 0.0, "predicted_per_token_ms": 0.0,
+                "predicted_per_second": 0.0}
+
 
 @dataclass
 class FinalEvent:
@@ -160,7 +169,8 @@ class Scheduler:
         self.waiting: list[Task] = []
         self.lock = threading.Condition()
         self._next_id = 0
-        self.metrics = {"n_decode_total": 0, "prompt_tokens_total": 0, "tokens_predicted_total": 0,
+        self.metrics = {"n_decode_total": 0, "prompt_tokens_total": 0, "prompt_tokens_cached_total": 0,
+                        "tokens_predicted_total": 0,
                         "prompt_seconds_total": 0.0, "tokens_predicted_seconds_total": 0.0,
                         "n_busy_slots_total": 0, "n_tokens_max": 0}
         self._thread = threading.Thread(target=self._run, name="numllama-batcher", daemon=True)
@@ -346,6 +356,7 @@ class Scheduler:
             probs_out = kept
         s.last_generated = content
         self.metrics["prompt_tokens_total"] += len(task.prompt_tokens) - s.n_cached
+        self.metrics["prompt_tokens_cached_total"] += s.n_cached
         self.metrics["tokens_predicted_total"] += n_decoded
         self.metrics["prompt_seconds_total"] += (s.t_prompt_done - s.t_start)
         self.metrics["tokens_predicted_seconds_total"] += (now - s.t_prompt_done)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from flask import Flask, request
+from urllib.parse import urlsplit
+
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from .errors import APIError, error_response
@@ -27,11 +29,29 @@ class ServerContext:
     api_key: str | None = None
     chat_template: object = None   # engine.chat.ChatTemplate
     verbose: bool = False
+    cors_origins: str = "*"        # "*", "localhost", or a comma-separated list of origins
     build_fingerprint: str = "b1-numllama"
     started: float = field(default_factory=time.time)
 
 
 PUBLIC_PATHS = ("/health", "/v1/health")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def allowed_origin(origin: str, policy: str) -> bool:
+    """llama-server's --cors-origins: "*" reflects any origin, "localhost" only loopback ones
+    (any scheme and port), otherwise an explicit comma-separated list."""
+    if policy in ("*", ""):
+        return True
+    allowed = [o.strip() for o in policy.split(",") if o.strip()]
+    if "localhost" in allowed:
+        try:
+            host = urlsplit(origin).hostname
+        except ValueError:
+            host = None
+        if host in LOOPBACK_HOSTS:
+            return True
+    return origin in allowed
 
 
 def create_app(context: ServerContext | None = None) -> Flask:
@@ -40,13 +60,18 @@ def create_app(context: ServerContext | None = None) -> Flask:
     app = Flask("numllama")
     app.config["NUMLLAMA"] = context
 
-    from . import chat, completions, info, tokens
-    for module in (info, completions, chat, tokens):
+    from . import chat, completions, info, metrics, tokens
+    for module in (info, completions, chat, tokens, metrics):
         app.register_blueprint(module.bp)
 
     @app.before_request
     def gate():
         ctx = app.config["NUMLLAMA"]
+        if request.method == "OPTIONS":  # CORS preflight: answered for any path, no key needed
+            resp = Response(status=200)
+            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+            resp.headers["Access-Control-Allow-Headers"] = "*"
+            return resp
         if ctx is None:
             raise APIError("Loading model", 503)
         if ctx.api_key and request.method != "OPTIONS" and request.path not in PUBLIC_PATHS:
@@ -59,7 +84,8 @@ def create_app(context: ServerContext | None = None) -> Flask:
     def headers(resp):
         resp.headers["Server"] = "llama.cpp"
         origin = request.headers.get("Origin")
-        if origin:
+        ctx = app.config["NUMLLAMA"]
+        if origin and allowed_origin(origin, ctx.cors_origins if ctx else "*"):
             resp.headers["Access-Control-Allow-Origin"] = origin
             resp.headers["Access-Control-Allow-Credentials"] = "true"
         return resp

@@ -108,14 +108,18 @@ class Completion:
         return [{**item(p["id"], p["value"]), top_key: [item(i, v) for i, v in p["top"]]}
                 for p in probs_list]
 
-    def timings(self, fin: FinalEvent) -> dict:
+    @staticmethod
+    def timings(fin: FinalEvent) -> dict:
+        """llama-server's timings. The first generated token comes from the prompt pass's
+        logits, so the generation rate is over n - 1 decode steps (0 for a single token)."""
         pm, dm = fin.prompt_ms, fin.predicted_ms
+        steps = fin.n_decoded - 1
         return {"cache_n": fin.n_cached, "prompt_n": fin.n_prompt_processed, "prompt_ms": pm,
                 "prompt_per_token_ms": pm / max(fin.n_prompt_processed, 1),
                 "prompt_per_second": fin.n_prompt_processed / (pm / 1000) if pm > 0 else 0.0,
                 "predicted_n": fin.n_decoded, "predicted_ms": dm,
-                "predicted_per_token_ms": dm / max(fin.n_decoded, 1),
-                "predicted_per_second": fin.n_decoded / (dm / 1000) if dm > 0 else 0.0}
+                "predicted_per_token_ms": dm / steps if steps > 0 else 0.0,
+                "predicted_per_second": steps / (dm / 1000) if steps > 0 and dm > 0 else 0.0}
 
     def final_object(self, task: Task, fin: FinalEvent, streamed: bool) -> dict:
         tok = self.ctx.engine.tokenizer
@@ -257,8 +261,11 @@ def run_stream(c: Completion) -> Response:
                         return
                     if isinstance(ev, ProgressEvent):
                         if not c.oai:
-                            yield sse({"index": t.index, "content": "", "tokens": [], "stop": False,
-                                       "id_slot": -1, "prompt_progress": ev.as_dict()})
+                            chunk = {"index": t.index, "content": "", "tokens": [], "stop": False,
+                                     "id_slot": -1, "prompt_progress": ev.as_dict()}
+                            if c.timings_per_token:
+                                chunk["timings"] = ev.timings()
+                            yield sse(chunk)
                         continue
                     if isinstance(ev, TokenEvent):
                         yield sse(token_chunk(c, t, ev))

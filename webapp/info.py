@@ -75,8 +75,11 @@ def slots():
                 "n_prompt_tokens_processed": len(s.last_prompt) - getattr(s, "n_cached", 0),
                 "n_prompt_tokens_cache": getattr(s, "n_cached", 0),
                 "params": generation_settings(s.params, -1, (), False, 0, False, False, False, full=False),
-                "next_token": [{"has_next_token": s.busy, "has_new_line": getattr(s, "has_new_line", False),
-                                "n_remain": -1, "n_decoded": len(getattr(s, "generated", []))}],
+                "next_token": [{"has_next_token": s.busy,
+                                "has_new_line": s.busy and getattr(s, "has_new_line", False),
+                                "n_remain": -1,
+                                # an idle slot carries no budget of its finished task
+                                "n_decoded": len(getattr(s, "generated", [])) if s.busy else 0}],
                 "prompt": tok.decode(s.last_prompt),
                 "generated": s.last_generated,
             })

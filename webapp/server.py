@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--jinja", dest="jinja", action="store_true", default=True)
     a("--no-jinja", dest="jinja", action="store_false")
     a("--api-key")
+    a("--cors-origins", default="*", help='"*" (default), "localhost", or a comma-separated list of origins')
     a("--chat-template", help="a built-in name (chatml, llama3, llama2, command-r, gemma, phi3, zephyr) or a Jinja template")
     a("--chat-template-file", help="a file holding a Jinja chat template")
     a("--backend-sampling", "--backend_sampling", action="store_true")
@@ -129,7 +130,8 @@ def build_context(args, path: str):
         defaults=ServerDefaults(temperature=args.temp, seed=seed, n_predict=args.n_predict),
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
-        enable_metrics=args.metrics, api_key=args.api_key, chat_template=chat_template, verbose=args.verbose)
+        enable_metrics=args.metrics, api_key=args.api_key, chat_template=chat_template, verbose=args.verbose,
+        cors_origins=args.cors_origins)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""GET /metrics: llama-server's `llamacpp:*` metrics in the Prometheus text format (0.0.4).
+
+Written by hand rather than with prometheus-client: llama-server's names must be reproduced
+exactly, and prometheus-client appends `_total` to every counter (llama-server's counter
+`llamacpp:n_tokens_max` has no such suffix).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from flask import Blueprint, Response, current_app
+
+from .errors import APIError
+
+bp = Blueprint("metrics", __name__)
+PROCESS_START = int(time.time())
+
+COUNTERS = [
+    ("prompt_tokens_total", "Number of prompt tokens processed."),
+    ("prompt_tokens_cached_total", "Number of prompt tokens reused from the prompt cache."),
+    ("prompt_seconds_total", "Prompt process time"),
+    ("tokens_predicted_total", "Number of generation tokens processed."),
+    ("tokens_predicted_seconds_total", "Predict process time"),
+    ("n_decode_total", "Total number of llama_decode() calls"),
+    ("n_tokens_max", "Largest observed n_tokens."),
+    ("spec_decode_num_draft_tokens_total", "Total number of speculative tokens drafted."),
+    ("spec_decode_num_accepted_tokens_total", "Total number of speculative tokens accepted."),
+    ("spec_decode_num_drafts_total", "Total number of speculative drafts."),
+]
+GAUGES = [
+    ("prompt_tokens_seconds", "Average prompt throughput in tokens/s."),
+    ("predicted_tokens_seconds", "Average generation throughput in tokens/s."),
+    ("requests_processing", "Number of requests processing."),
+    ("requests_deferred", "Number of requests deferred."),
+    ("n_busy_slots_per_decode", "Average number of busy slots per llama_decode() call"),
+]
+
+_last = {"lock": threading.Lock(), "snap": None}
+
+
+def _window_rates(m: dict) -> tuple[float, float]:
+    """Throughputs since the previous scrape (llama-server resets its window per scrape)."""
+    with _last["lock"]:
+        prev = _last["snap"] or {"prompt_tokens_total": 0, "prompt_seconds_total": 0.0,
+                                 "tokens_predicted_total": 0, "tokens_predicted_seconds_total": 0.0}
+        _last["snap"] = dict(m)
+    dp = m["prompt_tokens_total"] - prev["prompt_tokens_total"]
+    ds = m["prompt_seconds_total"] - prev["prompt_seconds_total"]
+    dg = m["tokens_predicted_total"] - prev["tokens_predicted_total"]
+    dgs = m["tokens_predicted_seconds_total"] - prev["tokens_predicted_seconds_total"]
+    return (dp / ds if ds > 0 else 0.0), (dg / dgs if dgs > 0 else 0.0)
+
+
+@bp.get("/metrics")
+def metrics():
+    ctx = current_app.config["NUMLLAMA"]
+    if not ctx.enable_metrics:
+        raise APIError("This server does not support metrics endpoint. Start it with `--metrics`", 501)
+    sched = ctx.scheduler
+    m = dict(sched.metrics)
+    prompt_rate, predicted_rate = _window_rates(m)
+    values = dict(m)
+    values.update({"spec_decode_num_draft_tokens_total": 0, "spec_decode_num_accepted_tokens_total": 0,
+                   "spec_decode_num_drafts_total": 0, "prompt_tokens_seconds": prompt_rate,
+                   "predicted_tokens_seconds": predicted_rate, "requests_processing": sched.n_busy(),
+                   "requests_deferred": len(sched.waiting),
+                   "n_busy_slots_per_decode": (m["n_busy_slots_total"] / m["n_decode_total"]
+                                               if m["n_decode_total"] else 0.0)})
+    lines = []
+    for kind, table in (("counter", COUNTERS), ("gauge", GAUGES)):
+        for name, help_text in table:
+            full = "llamacpp:" + name
+            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {float(values[name]):g}"]
+    return Response("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4",
+                    headers={"Process-Start-Time-Unix": str(PROCESS_START)})
