@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .hparams import HParams
+from .ops import rope
 
 
 class KVCache:
@@ -18,6 +19,7 @@ class KVCache:
         self.n_ctx = n_ctx
         shape = (hp.n_layer, n_seq, hp.n_head_kv, n_ctx, hp.head_dim)
         self.n_head_kv, self.head_dim = hp.n_head_kv, hp.head_dim
+        self.hp = hp
         self.k = np.zeros(shape, np.uint16)   # [n_layer, n_seq, n_head_kv, n_ctx, head_dim] f16 bits
         self.v = np.zeros(shape, np.uint16)   # same
 
@@ -34,3 +36,19 @@ class KVCache:
         """Copy the first n cells of one sequence to another (prompt-cache reuse across slots)."""
         self.k[:, dst_seq, :, :n] = self.k[:, src_seq, :, :n]
         self.v[:, dst_seq, :, :n] = self.v[:, src_seq, :, :n]
+
+    def shift(self, seq: int, n_keep: int, n_discard: int, n_past: int) -> None:
+        """Context shift: drop cells [n_keep, n_keep + n_discard) of a sequence and slide the
+        later ones down. Their keys were rotated for their old positions, so they are rotated
+        back by n_discard positions (RoPE of a difference is a rotation by it), as llama.cpp's
+        K-shift does, and rounded to f16 again."""
+        hp = self.hp
+        src, dst, m = n_keep + n_discard, n_keep, n_past - n_keep - n_discard
+        delta = np.full(m, -n_discard, np.int32)
+        for layer in range(hp.n_layer):
+            k = self.k[layer, seq, :, src:src + m].view(np.float16).astype(np.float32)  # [n_kv, m, hd]
+            k = np.ascontiguousarray(k.transpose(1, 0, 2).reshape(m, -1))                  # [m, n_kv*hd]
+            rope(k, delta, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
+            k = k.reshape(m, hp.n_head_kv, hp.head_dim).transpose(1, 0, 2)
+            self.k[layer, seq, :, dst:dst + m] = k.astype(np.float16).view(np.uint16)
+            self.v[layer, seq, :, dst:dst + m] = self.v[layer, seq, :, src:src + m].copy()

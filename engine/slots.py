@@ -40,6 +40,8 @@ class Task:
     t_max_predict_ms: float = -1
     index: int = 0
     return_progress: bool = False        # report prompt processing batch by batch
+    n_keep: int = 0                      # context shift: tokens kept at the start (-1: all)
+    n_discard: int = 0                   # context shift: tokens dropped (0: half of the rest)
     events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = 0
@@ -156,12 +158,14 @@ class Slot:
         self.last_prompt = list(prompt)
         self.last_task_id = task.id
         self.has_new_line = False
+        self.truncated = False
 
 
 class Scheduler:
     def __init__(self, engine: Engine, n_slots: int, n_ctx_slot: int, n_batch: int = 512,
-                 n_predict_default: int = -1):
+                 n_predict_default: int = -1, context_shift: bool = False):
         self.engine = engine
+        self.context_shift = context_shift
         self.n_batch = max(1, n_batch)
         self.n_predict_default = n_predict_default
         self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
@@ -329,10 +333,14 @@ class Scheduler:
             if n_predict is not None and n_predict >= 0 and n_decoded >= max(n_predict, 1):
                 stop_type = "limit"
             elif len(s.cache_tokens) + 1 >= s.n_ctx:
-                stop_type, truncated = "limit", True
+                if self.context_shift and self._shift(s):
+                    s.truncated = True
+                else:
+                    stop_type, truncated = "limit", True
             elif (task.t_max_predict_ms > 0 and s.has_new_line and
                   (time.perf_counter() - s.t_start) * 1000 > task.t_max_predict_ms):
                 stop_type = "limit"
+        truncated = truncated or s.truncated
         if stop_type is not None and stop_type != "word":
             send_upto = len(s.text)
         piece = s.text[s.n_sent:send_upto] if send_upto > s.n_sent else ""
@@ -369,6 +377,22 @@ class Scheduler:
             probs=probs_out, id_slot=s.id, seed=s.sampler.seed))
         s.next_token = None
         self._release(s)
+
+    def _shift(self, s: Slot) -> bool:
+        """Make room in a full slot as llama-server's --context-shift does: keep n_keep tokens
+        (and BOS), drop n_discard after them (default: half the rest). False if nothing can go."""
+        task = s.task
+        n_past = len(s.cache_tokens)
+        add_bos = 1 if self.engine.gguf.vocab.add_bos else 0
+        n_keep = n_past if task.n_keep < 0 else min(n_past, task.n_keep + add_bos)
+        n_left = n_past - n_keep
+        n_discard = task.n_discard if task.n_discard > 0 else n_left // 2
+        n_discard = min(n_discard, n_left)
+        if n_discard <= 0:
+            return False
+        self.cache.shift(s.id, n_keep, n_discard, n_past)
+        s.cache_tokens = s.cache_tokens[:n_keep] + s.cache_tokens[n_keep + n_discard:]
+        return True
 
     @staticmethod
     def _find_stop(text: str, stops, n_sent: int):

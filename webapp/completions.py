@@ -61,6 +61,8 @@ class Completion:
         if self.id_slot >= len(ctx.scheduler.slots):
             raise APIError(f"Invalid id_slot {self.id_slot}: the server has {len(ctx.scheduler.slots)} slots")
         self.t_max = get_number(body, "t_max_predict_ms", -1, int)
+        self.n_keep = get_number(body, "n_keep", 0, int)
+        self.n_discard = get_number(body, "n_discard", 0, int)
         self.stop = parse_stop(body.get("stop"))
         fields = body.get("response_fields")
         if fields is not None and not (isinstance(fields, list) and all(isinstance(f, str) for f in fields)):
@@ -93,7 +95,7 @@ class Completion:
                 prompt_tokens=p, n_predict=self.n_predict, params=self.params, stop=self.stop,
                 n_probs=self.n_probs, post_sampling_probs=self.post_sampling, ignore_eos=self.ignore_eos,
                 cache_prompt=self.cache_prompt, id_slot=self.id_slot, t_max_predict_ms=self.t_max, index=i,
-                return_progress=self.return_progress)))
+                return_progress=self.return_progress, n_keep=self.n_keep, n_discard=self.n_discard)))
         return tasks
 
     # ------------------------------------------------------------------ presentation

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("-nocb", "--no-cont-batching", dest="cont_batching", action="store_false")
     a("--jinja", dest="jinja", action="store_true", default=True)
     a("--no-jinja", dest="jinja", action="store_false")
+    a("--context-shift", dest="context_shift", action="store_true", default=False,
+      help="when a slot's context is full, drop old tokens instead of stopping")
+    a("--no-context-shift", dest="context_shift", action="store_false")
     a("--api-key")
     a("--cors-origins", default="*", help='"*" (default), "localhost", or a comma-separated list of origins')
     a("--chat-template", help="a built-in name (chatml, llama3, llama2, command-r, gemma, phi3, zephyr) or a Jinja template")
@@ -111,7 +114,7 @@ def build_context(args, path: str):
         n_slots, kv_unified = 4, True
     n_ctx_slot = n_ctx if kv_unified else max(1, n_ctx // n_slots)
     scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=args.batch_size,
-                          n_predict_default=args.n_predict)
+                          n_predict_default=args.n_predict, context_shift=args.context_shift)
     from engine.chat import ChatTemplate
     template = args.chat_template
     if args.chat_template_file:
