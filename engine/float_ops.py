@@ -60,6 +60,19 @@ def bits_f32(i):
     return _bits_to_f32(np.int32(i))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def f16_to_f32(h):
+    """IEEE half (as uint16 bits) -> f32, exactly: normals by re-biasing the exponent,
+    subnormals (and zero) as mantissa * 2^-24, inf/nan kept."""
+    em = np.int32(h) & np.int32(0x7FFF)
+    sign = (np.int32(h) & np.int32(0x8000)) << np.int32(16)
+    normal = (em + np.int32(0x1C000)) << np.int32(13)
+    sub = f32_bits(np.float32(em) * np.float32(5.960464477539063e-08))   # 2^-24
+    r = normal if em >= np.int32(0x400) else sub
+    r = ((em + np.int32(0x38000)) << np.int32(13)) if em >= np.int32(0x7C00) else r
+    return bits_f32(r | sign)
+
+
 # ggml_v_expf's constants, exactly as written in ggml (hex floats)
 _C = {name: np.float32(float.fromhex(h)) for name, h in {
     "round": "0x1.8p23", "log2e": "0x1.715476p+0", "ln2_hi": "0x1.62e4p-1", "ln2_lo": "0x1.7f7d1cp-20",

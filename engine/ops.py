@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .float_ops import bits_f32, expf_ggml, f32_bits, fma
+from .float_ops import bits_f32, expf_ggml, f16_to_f32, f32_bits, fma
 
 
 @njit(cache=True, nogil=True)
@@ -79,24 +79,11 @@ def round_f16_inplace(a):
         a[i] = _round_f16(a[i])
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _f16_to_f32(h):
-    """IEEE half (as uint16 bits) -> f32, exactly: normals by re-biasing the exponent,
-    subnormals (and zero) as mantissa * 2^-24, inf/nan kept."""
-    em = np.int32(h) & np.int32(0x7FFF)
-    sign = (np.int32(h) & np.int32(0x8000)) << np.int32(16)
-    normal = (em + np.int32(0x1C000)) << np.int32(13)
-    sub = f32_bits(np.float32(em) * np.float32(5.960464477539063e-08))   # 2^-24
-    r = normal if em >= np.int32(0x400) else sub
-    r = ((em + np.int32(0x38000)) << np.int32(13)) if em >= np.int32(0x7C00) else r
-    return bits_f32(r | sign)
-
-
 @njit(cache=True, nogil=True)
 def widen_f16(bits, out):
     """out[i] = the f16 value stored in bits[i].  bits: [n] uint16; out: [n] f32"""
     for i in range(bits.shape[0]):
-        out[i] = _f16_to_f32(bits[i])
+        out[i] = f16_to_f32(bits[i])
 
 
 @njit(cache=True, nogil=True, inline="always")

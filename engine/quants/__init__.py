@@ -41,7 +41,8 @@ class PackedWeight:
     # int8 formats. K-quants: q [n_rows, group, n_groups] (block-minor), scale/minimum
     # [n_rows, n_groups]. 32-blocks: q [n_tiles, n_blocks, 32, ROW_TILE] int8 with ROW_TILE
     # rows interleaved (Q4_0/Q4_1: [n_tiles, n_blocks, 16, ROW_TILE] uint8, the packed nibble
-    # bytes), scale/minimum [n_tiles, n_blocks, ROW_TILE] (rows padded to the tile).
+    # bytes, with f16 scale/minimum bits), scale/minimum [n_tiles, n_blocks, ROW_TILE] (rows
+    # padded to the tile).
     q: np.ndarray | None = None
     scale: np.ndarray | None = None
     minimum: np.ndarray | None = None  # zeros for symmetric types
@@ -97,9 +98,10 @@ def _pack_q4(type_name: str, data, n_rows: int, n_cols: int) -> PackedWeight:
     block_bytes, _ = blocks.BLOCK_SIZES[type_name]
     n_blocks = n_cols // 32
     raw = np.asarray(data, np.uint8).reshape(n_rows, n_blocks, block_bytes)
-    d = np.ascontiguousarray(raw[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    # scales stay f16 (as uint16 bits): the kernel widens them, and weight traffic is ggml's
+    d = np.ascontiguousarray(raw[:, :, 0:2]).view(np.uint16)[..., 0]
     if type_name == "Q4_1":
-        m = np.ascontiguousarray(raw[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32)
+        m = np.ascontiguousarray(raw[:, :, 2:4]).view(np.uint16)[..., 0]
         qs = raw[:, :, 4:20]
     else:
         m = np.zeros_like(d)

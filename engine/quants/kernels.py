@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..float_ops import fma
+from ..float_ops import f16_to_f32, fma
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -158,7 +158,8 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
 
     xq: [T, NB, 32] int8; xd, xs: [T, NB] f32
     wq4: [n_tiles, NB, 16, R] uint8  nibble bytes, R rows interleaved
-    wd, wm: [n_tiles, NB, R] f32;  out: [T, n_tiles * R] f32
+    wd, wm: [n_tiles, NB, R] uint16  the blocks' f16 scale and minimum, as stored in GGUF
+    out: [T, n_tiles * R] f32
     """
     n_tokens = xq.shape[0]
     n_tiles, n_blocks, n_bytes, n_r = wq4.shape
@@ -173,7 +174,7 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
             for b in range(n_blocks):
                 xdb = xd[t, b]
                 for r in range(n_r):
-                    d[r] = wd[tile, b, r] * xdb
+                    d[r] = f16_to_f32(wd[tile, b, r]) * xdb
                 for i in range(4):
                     x0 = np.int32(xq[t, b, 4 * i])
                     x1 = np.int32(xq[t, b, 4 * i + 1])
@@ -197,7 +198,7 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
                 if has_min:
                     xsb = xs[t, b]
                     for r in range(n_r):
-                        summs[r] = fma(wm[tile, b, r], xsb, summs[r])
+                        summs[r] = fma(f16_to_f32(wm[tile, b, r]), xsb, summs[r])
             for r in range(n_r):
                 out[t, tile * n_r + r] = (((lanes[0, r] + lanes[4, r]) + (lanes[2, r] + lanes[6, r])) +
                                           ((lanes[1, r] + lanes[5, r]) + (lanes[3, r] + lanes[7, r]))) + summs[r]
