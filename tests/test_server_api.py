@@ -165,3 +165,45 @@ def test_api_key(stories_path):
         assert ok.status_code == 200
     finally:
         s.stop()
+
+
+def test_page_and_no_ui(stories_path):
+    s = Server(TINYLLAMA2 + ["--api-key", "k"], model=stories_path)
+    try:
+        r = requests.get(s.url + "/", timeout=30)   # public, like llama-server's UI assets
+        assert r.status_code == 200 and "<!doctype html>" in r.text
+    finally:
+        s.stop()
+    s = Server(TINYLLAMA2 + ["--no-ui"], model=stories_path)
+    try:
+        assert requests.get(s.url + "/", timeout=30).status_code == 404
+        assert s.get("/props").json()["ui"] is False
+    finally:
+        s.stop()
+
+
+def test_several_listen_addresses(stories_path):
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.fail("this test needs IPv6 loopback (::1)")
+    s = Server(TINYLLAMA2 + ["--host", "127.0.0.1,::1"], model=stories_path)
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            assert requests.get(f"http://{host}:{s.port}/health", timeout=30).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_n_cmpl_and_props(server, stories_path):
+    b = server.post("/completion", {"prompt": "Once", "n_predict": 3, "n_cmpl": 2}).json()
+    assert isinstance(b, list) and len(b) == 2
+    _expect_error(server.post("/completion", {"prompt": "Once", "n_cmpl": 3}), 400, "n_cmpl")
+    _expect_error(server.post("/props", {}), 501, "--props")
+    s = Server(TINYLLAMA2 + ["--props"], model=stories_path)
+    try:
+        assert s.post("/props", {}).json() == {"success": True}
+    finally:
+        s.stop()

@@ -30,11 +30,13 @@ class ServerContext:
     chat_template: object = None   # engine.chat.ChatTemplate
     verbose: bool = False
     cors_origins: str = "*"        # "*", "localhost", or a comma-separated list of origins
+    ui: bool = True
+    enable_props: bool = False     # POST /props
     build_fingerprint: str = "b1-numllama"
     started: float = field(default_factory=time.time)
 
 
-PUBLIC_PATHS = ("/health", "/v1/health")
+PUBLIC_PATHS = ("/health", "/v1/health", "/")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -60,8 +62,8 @@ def create_app(context: ServerContext | None = None) -> Flask:
     app = Flask("numllama")
     app.config["NUMLLAMA"] = context
 
-    from . import chat, completions, info, metrics, tokens
-    for module in (info, completions, chat, tokens, metrics):
+    from . import chat, completions, info, metrics, tokens, ui
+    for module in (info, completions, chat, tokens, metrics, ui):
         app.register_blueprint(module.bp)
 
     @app.before_request
@@ -73,6 +75,8 @@ def create_app(context: ServerContext | None = None) -> Flask:
             resp.headers["Access-Control-Allow-Headers"] = "*"
             return resp
         if ctx is None:
+            if request.path == "/":
+                return None
             raise APIError("Loading model", 503)
         if ctx.api_key and request.method != "OPTIONS" and request.path not in PUBLIC_PATHS:
             auth = request.headers.get("Authorization", "")

@@ -74,6 +74,13 @@ class Completion:
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.params = sampling_params(body, ctx.defaults, tok, self.ignore_eos)
         prompts, self.is_batch = parse_prompts(body["prompt"], tok)
+        n_cmpl = get_number(body, "n_cmpl", 1, int) if body.get("n_cmpl") is not None else 1
+        if not 1 <= n_cmpl <= len(ctx.scheduler.slots):
+            raise APIError(f"Field 'n_cmpl': Value must be between 1 <= value <= "
+                           f"{len(ctx.scheduler.slots)}, but got {n_cmpl}")
+        if n_cmpl > 1:  # several completions of each prompt, returned as a list
+            prompts = [p for p in prompts for _ in range(n_cmpl)]
+            self.is_batch = True
         n_ctx = ctx.n_ctx_slot
         for p in prompts:
             if len(p) >= n_ctx:

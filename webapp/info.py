@@ -37,9 +37,9 @@ def props():
         "modalities": {"vision": False, "video": False, "audio": False},
         "media_marker": "<__media__>",
         "endpoint_slots": ctx.enable_slots,
-        "endpoint_props": False,
+        "endpoint_props": ctx.enable_props,
         "endpoint_metrics": ctx.enable_metrics,
-        "ui": False,
+        "ui": ctx.ui,
         "ui_settings": {},
         "chat_template": ctx.chat_template.source if ctx.chat_template else "",
         "chat_template_caps": {},
@@ -53,7 +53,12 @@ def props():
 
 @bp.post("/props")
 def set_props():
-    raise APIError("This server does not support changing global properties. Start it with `--props`", 501)
+    ctx = current_app.config["NUMLLAMA"]
+    if not ctx.enable_props:
+        raise APIError("This server does not support changing global properties. Start it with `--props`", 501)
+    # llama-server accepts the body and changes nothing it does not know; numllama has no
+    # runtime-changeable property yet, so the same holds
+    return json_response({"success": True})
 
 
 @bp.get("/slots")

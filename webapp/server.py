@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0)
     a("-fa", "--flash-attn", default="auto")
     a("-v", "--verbose", action="store_true")
-    a("--no-ui", action="store_true")
+    a("--no-ui", action="store_true", help="do not serve the page at /")
+    a("--props", action="store_true", help="allow POST /props")
     return ap
 
 
@@ -94,7 +95,10 @@ def main(argv=None) -> int:
     from waitress import serve
     n_slots = args.parallel if args.parallel > 0 else 4
     # channel_request_lookahead lets a request thread see that its client went away
-    serve(app, host=args.host, port=args.port, threads=max(8, 2 * n_slots + 4),
+    # --host may list several addresses ("127.0.0.1,::1"): one listening socket each
+    listen = " ".join(f"[{h}]:{args.port}" if ":" in h else f"{h}:{args.port}"
+                      for h in args.host.split(",") if h)
+    serve(app, listen=listen, threads=max(8, 2 * n_slots + 4),
           channel_request_lookahead=1, ident="llama.cpp", _quiet=not args.verbose)
     return 1 if failed.is_set() else 0
 
@@ -134,7 +138,7 @@ def build_context(args, path: str):
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
         enable_metrics=args.metrics, api_key=args.api_key, chat_template=chat_template, verbose=args.verbose,
-        cors_origins=args.cors_origins)
+        cors_origins=args.cors_origins, ui=not args.no_ui, enable_props=args.props)
 
 
 if __name__ == "__main__":
