@@ -13,6 +13,7 @@ request thread submits a `Task` and reads `Event`s from the task's queue; settin
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -24,6 +25,10 @@ from .engine import Engine
 from .model import Batch
 from .sampling import Sampler, SamplingParams, log_softmax
 from .tokenizer import utf8_complete_prefix
+
+
+class SlotBusy(Exception):
+    """A slot operation needs an idle slot."""
 
 
 @dataclass
@@ -196,6 +201,50 @@ class Scheduler:
 
     def n_busy(self) -> int:
         return sum(s.busy for s in self.slots)
+
+    # ---------------------------------------------------------------- slot state files
+    def _idle_slot(self, slot_id: int) -> Slot:
+        slot = self.slots[slot_id]
+        if slot.busy:
+            raise SlotBusy(f"slot {slot_id} is processing a request")
+        return slot
+
+    def save_slot(self, slot_id: int, path: str) -> tuple[int, int]:
+        """Write an idle slot's cached tokens and their K/V cells to `path` (NumPy .npz).
+        Returns (tokens saved, bytes written)."""
+        with self.lock:   # the worker only starts a slot under this lock: it stays idle
+            slot = self._idle_slot(slot_id)
+            n = len(slot.cache_tokens)
+            hp = self.engine.model.hp
+            with open(path, "wb") as f:
+                np.savez(f, tokens=np.array(slot.cache_tokens, np.int32),
+                         k=self.cache.k[:, slot_id, :, :n], v=self.cache.v[:, slot_id, :, :n],
+                         shape=np.array([hp.n_layer, hp.n_head_kv, hp.head_dim, hp.n_vocab], np.int64))
+            return n, os.path.getsize(path)
+
+    def restore_slot(self, slot_id: int, path: str) -> tuple[int, int]:
+        """Load a state file into an idle slot: its prompt cache becomes the saved tokens."""
+        hp = self.engine.model.hp
+        with np.load(path) as data:
+            tokens, k, v, shape = data["tokens"], data["k"], data["v"], data["shape"]
+        if list(shape) != [hp.n_layer, hp.n_head_kv, hp.head_dim, hp.n_vocab]:
+            raise ValueError("the state file was saved from a different model")
+        n = len(tokens)
+        with self.lock:
+            slot = self._idle_slot(slot_id)
+            if n > slot.n_ctx:
+                raise ValueError(f"the state holds {n} tokens, more than the slot's context ({slot.n_ctx})")
+            self.cache.k[:, slot_id, :, :n] = k
+            self.cache.v[:, slot_id, :, :n] = v
+            slot.cache_tokens = tokens.tolist()
+        return n, os.path.getsize(path)
+
+    def erase_slot(self, slot_id: int) -> int:
+        with self.lock:
+            slot = self._idle_slot(slot_id)
+            n = len(slot.cache_tokens)
+            slot.cache_tokens = []
+            return n
 
     # ---------------------------------------------------------------- worker side
     def _assign(self) -> None:

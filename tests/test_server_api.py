@@ -207,3 +207,30 @@ def test_n_cmpl_and_props(server, stories_path):
         assert s.post("/props", {}).json() == {"success": True}
     finally:
         s.stop()
+
+
+def test_slot_save_restore_erase(tmp_path, stories_path):
+    s = Server(TINYLLAMA2 + ["--slot-save-path", str(tmp_path), "--temp", "0"], model=stories_path)
+    try:
+        first = s.post("/completion", {"prompt": "What is the capital of France?", "id_slot": 1, "n_predict": 8}).json()
+        saved = s.post("/slots/1?action=save", {"filename": "one.bin"}).json()
+        assert saved["n_saved"] == first["tokens_cached"] and saved["n_written"] > 0
+        assert (tmp_path / "one.bin").exists()
+        restored = s.post("/slots/0?action=restore", {"filename": "one.bin"}).json()
+        assert restored["n_restored"] == saved["n_saved"]
+        again = s.post("/completion", {"prompt": "What is the capital of France?", "id_slot": 0, "n_predict": 8}).json()
+        assert again["timings"]["cache_n"] == first["tokens_evaluated"] - 1
+        assert again["content"] == first["content"]  # the restored cache reproduces the text
+        assert s.post("/slots/0?action=erase").json() == {"id_slot": 0, "n_erased": again["tokens_cached"]}
+        for bad in ("../escape.bin", "/etc/passwd", "a/b.bin", "..", ""):
+            _expect_error(s.post("/slots/0?action=save", {"filename": bad}), 400, "filename")
+        assert not (tmp_path.parent / "escape.bin").exists()
+        _expect_error(s.post("/slots/0?action=restore", {"filename": "none.bin"}), 404)
+        _expect_error(s.post("/slots/0?action=explode", {"filename": "x"}), 400, "action")
+        _expect_error(s.post("/slots/9?action=erase"), 400, "slot")
+    finally:
+        s.stop()
+
+
+def test_slot_actions_need_a_save_path(server):
+    _expect_error(server.post("/slots/0?action=erase"), 501, "--slot-save-path")

@@ -31,6 +31,7 @@ class ServerContext:
     verbose: bool = False
     cors_origins: str = "*"        # "*", "localhost", or a comma-separated list of origins
     ui: bool = True
+    slot_save_path: str | None = None
     enable_props: bool = False     # POST /props
     build_fingerprint: str = "b1-numllama"
     started: float = field(default_factory=time.time)

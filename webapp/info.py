@@ -1,9 +1,12 @@
 """GET /health, /props, /slots, /models (/v1/models)."""
 from __future__ import annotations
 
+import os
 import time
 
 from flask import Blueprint, current_app, request
+
+from engine.slots import SlotBusy
 
 from engine.sampling import SamplingParams
 
@@ -113,3 +116,41 @@ def models():
                            "n_params": g.n_params, "size": sum(int(t.n_bytes) for t in g.tensors.values()),
                            "ftype": g.ftype_name}}],
     })
+
+
+@bp.post("/slots/<id_slot>")
+def slot_action(id_slot):
+    """?action=save|restore|erase on one slot; files live in --slot-save-path only."""
+    from .completions import request_json
+    ctx = current_app.config["NUMLLAMA"]
+    if not ctx.slot_save_path:
+        raise APIError("This server does not support slots action. Start it with `--slot-save-path`", 501)
+    sched = ctx.scheduler
+    if not id_slot.isdigit() or int(id_slot) >= len(sched.slots):
+        raise APIError(f"Invalid slot id: {id_slot}")
+    slot_id = int(id_slot)
+    action = request.args.get("action")
+    try:
+        if action == "erase":
+            return json_response({"id_slot": slot_id, "n_erased": sched.erase_slot(slot_id)})
+        if action not in ("save", "restore"):
+            raise APIError(f"Invalid action: {action!r} (save, restore or erase)")
+        filename = request_json().get("filename")
+        if (not isinstance(filename, str) or not filename or filename in (".", "..")
+                or "/" in filename or "\\" in filename or "\0" in filename):
+            raise APIError("Invalid filename: a plain file name inside --slot-save-path is required")
+        path = os.path.join(ctx.slot_save_path, filename)
+        t0 = time.perf_counter()
+        if action == "save":
+            n, size = sched.save_slot(slot_id, path)
+            return json_response({"id_slot": slot_id, "filename": filename, "n_saved": n, "n_written": size,
+                                  "timings": {"save_ms": (time.perf_counter() - t0) * 1000}})
+        if not os.path.isfile(path):
+            raise APIError(f"No saved state named {filename!r}", 404)
+        n, size = sched.restore_slot(slot_id, path)
+        return json_response({"id_slot": slot_id, "filename": filename, "n_restored": n, "n_read": size,
+                              "timings": {"restore_ms": (time.perf_counter() - t0) * 1000}})
+    except SlotBusy as e:
+        raise APIError(str(e), 503)
+    except (ValueError, OSError, KeyError) as e:
+        raise APIError(f"Cannot {action} slot {slot_id}: {e}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("-v", "--verbose", action="store_true")
     a("--no-ui", action="store_true", help="do not serve the page at /")
     a("--props", action="store_true", help="allow POST /props")
+    a("--slot-save-path", help="folder for POST /slots/{id}?action=save|restore")
     return ap
 
 
@@ -138,7 +140,8 @@ def build_context(args, path: str):
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
         enable_metrics=args.metrics, api_key=args.api_key, chat_template=chat_template, verbose=args.verbose,
-        cors_origins=args.cors_origins, ui=not args.no_ui, enable_props=args.props)
+        cors_origins=args.cors_origins, ui=not args.no_ui, enable_props=args.props,
+        slot_save_path=os.path.abspath(args.slot_save_path) if args.slot_save_path else None)
 
 
 if __name__ == "__main__":
