@@ -18,16 +18,27 @@ class Engine:
     tokenizer: Tokenizer
 
     @classmethod
-    def load(cls, path: str, n_threads: int | None = None, warm_up: bool = False) -> "Engine":
+    def load(cls, path: str, n_threads: int | None = None, warm_up: bool = False,
+             progress: bool = False) -> "Engine":
         """Open the model. With warm_up, also run a two-token prompt and a decode step so every
-        kernel is compiled (or loaded from Numba's cache) before the first real request."""
+        kernel is compiled (or loaded from Numba's cache) before the first real request.
+        With progress, show a bar (tqdm) while layers are packed and kernels compiled."""
         if n_threads:
             import numba
             numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
         gguf = load_gguf(path)
-        engine = cls(gguf, LlamaModel(gguf), Tokenizer(gguf.vocab))
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=gguf.hparams.n_layer + 2, desc="loading model", unit="step", leave=False)
+        engine = cls(gguf, LlamaModel(gguf, on_layer=bar.update if bar else None), Tokenizer(gguf.vocab))
         if warm_up:
+            if bar:
+                bar.set_description("compiling kernels (cached after the first start)")
             engine.warm_up()
+        if bar:
+            bar.update(2)
+            bar.close()
         return engine
 
     def warm_up(self) -> None:

@@ -80,7 +80,8 @@ class TokenEmbedding:
 
 
 class LlamaModel:
-    def __init__(self, gguf: GGUFModel):
+    def __init__(self, gguf: GGUFModel, on_layer=None):
+        """on_layer(1) is called after each layer is packed (a progress bar's update)."""
         self.gguf = gguf
         self.hp: HParams = gguf.hparams
         t = gguf.tensors
@@ -102,18 +103,24 @@ class LlamaModel:
         def vector(name):
             return np.asarray(need(name).data, dtype=np.float32)
 
+        def layer(i):
+            packed = LayerWeights(
+                attn_norm=vector(f"blk.{i}.attn_norm.weight"),
+                wq=weight(f"blk.{i}.attn_q.weight"),
+                wk=weight(f"blk.{i}.attn_k.weight"),
+                wv=weight(f"blk.{i}.attn_v.weight"),
+                wo=weight(f"blk.{i}.attn_output.weight"),
+                ffn_norm=vector(f"blk.{i}.ffn_norm.weight"),
+                w_gate=weight(f"blk.{i}.ffn_gate.weight"),
+                w_up=weight(f"blk.{i}.ffn_up.weight"),
+                w_down=weight(f"blk.{i}.ffn_down.weight"),
+            )
+            if on_layer:
+                on_layer(1)
+            return packed
+
         self.token_embd = TokenEmbedding(need("token_embd.weight"))
-        self.layers = [LayerWeights(
-            attn_norm=vector(f"blk.{i}.attn_norm.weight"),
-            wq=weight(f"blk.{i}.attn_q.weight"),
-            wk=weight(f"blk.{i}.attn_k.weight"),
-            wv=weight(f"blk.{i}.attn_v.weight"),
-            wo=weight(f"blk.{i}.attn_output.weight"),
-            ffn_norm=vector(f"blk.{i}.ffn_norm.weight"),
-            w_gate=weight(f"blk.{i}.ffn_gate.weight"),
-            w_up=weight(f"blk.{i}.ffn_up.weight"),
-            w_down=weight(f"blk.{i}.ffn_down.weight"),
-        ) for i in range(self.hp.n_layer)]
+        self.layers = [layer(i) for i in range(self.hp.n_layer)]
         self.output_norm = vector("output_norm.weight")
         # models with tied embeddings reuse token_embd as the output projection
         self.output = weight("output.weight" if "output.weight" in t else "token_embd.weight")

@@ -234,3 +234,20 @@ def test_slot_save_restore_erase(tmp_path, stories_path):
 
 def test_slot_actions_need_a_save_path(server):
     _expect_error(server.post("/slots/0?action=erase"), 501, "--slot-save-path")
+
+
+def test_request_body_limit(stories_path):
+    s = Server(TINYLLAMA2 + ["--max-body-mb", "0.01"], model=stories_path)
+    try:
+        r = s.post("/completion", {"prompt": "x" * 20000})
+        _expect_error(r, 413)
+        assert s.post("/completion", {"prompt": "Hi", "n_predict": 1}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_progress_bar_on_a_terminal(stories_path):
+    """numllama generate shows no bar in a pipe; the engine's bar path itself works."""
+    from engine.engine import Engine
+    e = Engine.load(stories_path, progress=True)
+    assert e.tokenizer.n_vocab == 512

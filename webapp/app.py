@@ -57,11 +57,12 @@ def allowed_origin(origin: str, policy: str) -> bool:
     return origin in allowed
 
 
-def create_app(context: ServerContext | None = None) -> Flask:
+def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 << 20) -> Flask:
     """Build the app. Until `app.config["NUMLLAMA"]` holds a ServerContext, every route answers
     503 "Loading model" (so clients can poll /health while the model loads)."""
     app = Flask("numllama")
     app.config["NUMLLAMA"] = context
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes   # larger bodies: 413 in the JSON shape
 
     from . import chat, completions, info, metrics, tokens, ui
     for module in (info, completions, chat, tokens, metrics, ui):

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-ui", action="store_true", help="do not serve the page at /")
     a("--props", action="store_true", help="allow POST /props")
     a("--slot-save-path", help="folder for POST /slots/{id}?action=save|restore")
+    a("--max-body-mb", type=float, default=64.0,
+      help="largest request body accepted, in MiB (larger ones get 413)")
     return ap
 
 
@@ -78,8 +80,8 @@ def main(argv=None) -> int:
         print(f"numllama-server: {e}", file=sys.stderr)
         return 1
 
-    from .app import ServerContext, create_app
-    app = create_app()
+    from .app import create_app
+    app = create_app(max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     failed = threading.Event()
 
     def load():
@@ -101,7 +103,9 @@ def main(argv=None) -> int:
     listen = " ".join(f"[{h}]:{args.port}" if ":" in h else f"{h}:{args.port}"
                       for h in args.host.split(",") if h)
     serve(app, listen=listen, threads=max(8, 2 * n_slots + 4),
-          channel_request_lookahead=1, ident="llama.cpp", _quiet=not args.verbose)
+          channel_request_lookahead=1, ident="llama.cpp", _quiet=not args.verbose,
+          # waitress's own (plain-text) 413 is only a safety net above the app's JSON one
+          max_request_body_size=int(args.max_body_mb * 2 * 1024 * 1024) + (1 << 20))
     return 1 if failed.is_set() else 0
 
 
@@ -111,7 +115,8 @@ def build_context(args, path: str):
     from .app import ServerContext
     from .params import ServerDefaults
 
-    engine = Engine.load(path, n_threads=args.threads, warm_up=True)  # /health waits for the JIT
+    progress = sys.stderr.isatty()   # a progress bar for people, none in logs
+    engine = Engine.load(path, n_threads=args.threads, warm_up=True, progress=progress)  # /health waits for the JIT
     n_train = engine.gguf.hparams.n_ctx_train
     n_ctx = args.ctx_size if args.ctx_size > 0 else n_train
     kv_unified = args.kv_unified
