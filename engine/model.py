@@ -126,6 +126,14 @@ class LlamaModel:
         self.output = weight("output.weight" if "output.weight" in t else "token_embd.weight")
         gguf.drop_resident_pages()
 
+    gpu = None   # CudaLayers when some layers run on a GPU (use_gpu)
+
+    def use_gpu(self, n_layers: int) -> str:
+        """Run the first n_layers on a CUDA device; raises CudaUnavailable (with the reason)."""
+        from .cuda_backend import CudaLayers
+        self.gpu = CudaLayers(self, n_layers) if n_layers > 0 else None
+        return self.gpu.device_name if self.gpu else "cpu"
+
     def new_cache(self, n_seq: int, n_ctx: int) -> KVCache:
         return KVCache(self.hp, n_seq, n_ctx)
 
@@ -141,15 +149,16 @@ class LlamaModel:
         order = batch.prompt_pass
         last = len(self.layers) - 1
         for il, layer in enumerate(self.layers):
+            ops = self.gpu if self.gpu is not None and il < self.gpu.n_layers else CPU_OPS
             # attention block
-            h = rms_norm_rows(x, layer.attn_norm, hp.rms_eps)     # [T, n_embd]
-            q, k, v = linear(h, layer.wq, layer.wk, layer.wv, tinyblas_rows=order)  # [T, n_head*hd], [T, n_kv*hd] x2
+            h = ops.rms_norm(x, layer.attn_norm, hp.rms_eps)       # [T, n_embd]
+            q, k, v = ops.linear(h, layer.wq, layer.wk, layer.wv, tinyblas_rows=order)  # [T, n_head*hd], [T, n_kv*hd] x2
             rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
             rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
             cache.store(il, batch.seq_ids, batch.positions, k, v)
-            attention(q, cache.k[il], cache.v[il], batch.seq_ids, batch.positions,
-                      hp.n_head, hp.n_head_kv, hp.head_dim, attn_out)
-            (o,) = linear(attn_out, layer.wo, tinyblas_rows=order)  # [T, n_embd]
+            ops.attention(q, cache.k[il], cache.v[il], batch.seq_ids, batch.positions,
+                          hp.n_head, hp.n_head_kv, hp.head_dim, attn_out)
+            (o,) = ops.linear(attn_out, layer.wo, tinyblas_rows=order)  # [T, n_embd]
             x += o                                                 # residual
             if il == last:
                 # only the rows whose logits are wanted go on (llama.cpp's inp_out_ids); these
@@ -157,11 +166,11 @@ class LlamaModel:
                 x = np.ascontiguousarray(x[batch.want_logits])     # [n_wanted, n_embd]
                 order = np.zeros(len(x), bool)
             # feed-forward block (SwiGLU)
-            h = rms_norm_rows(x, layer.ffn_norm, hp.rms_eps)
-            gate, up = linear(h, layer.w_gate, layer.w_up, tinyblas_rows=order)  # [T, n_ff] x2
+            h = ops.rms_norm(x, layer.ffn_norm, hp.rms_eps)
+            gate, up = ops.linear(h, layer.w_gate, layer.w_up, tinyblas_rows=order)  # [T, n_ff] x2
             act = np.empty_like(gate)
             swiglu(gate, up, act)
-            (down,) = linear(act, layer.w_down, tinyblas_rows=order)  # [T, n_embd]
+            (down,) = ops.linear(act, layer.w_down, tinyblas_rows=order)  # [T, n_embd]
             x += down                                              # residual
         normed = rms_norm_rows(x, self.output_norm, hp.rms_eps)   # [n_wanted, n_embd]
         (logits,) = linear(normed, self.output, tinyblas_rows=order)  # [n_wanted, n_vocab]
@@ -172,3 +181,10 @@ def rms_norm_rows(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     out = np.empty_like(x)
     rms_norm(x, weight, eps, out)
     return out
+
+
+class CPU_OPS:
+    """The ops a layer runs with (CudaLayers has the same three for GPU layers)."""
+    linear = staticmethod(linear)
+    rms_norm = staticmethod(rms_norm_rows)
+    attention = staticmethod(attention)

@@ -32,6 +32,7 @@ class ServerContext:
     cors_origins: str = "*"        # "*", "localhost", or a comma-separated list of origins
     ui: bool = True
     slot_save_path: str | None = None
+    device: str = "cpu"            # where the offloaded layers run
     enable_props: bool = False     # POST /props
     build_fingerprint: str = "b1-numllama"
     started: float = field(default_factory=time.time)

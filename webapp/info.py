@@ -49,6 +49,7 @@ def props():
         "bos_token": tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
         "eos_token": tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "",
         "build_info": ctx.build_fingerprint,
+        "device": ctx.device,
         "is_sleeping": False,
         "cors_proxy_enabled": False,
     })

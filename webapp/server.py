@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--chat-template", help="a built-in name (chatml, llama3, llama2, command-r, gemma, phi3, zephyr) or a Jinja template")
     a("--chat-template-file", help="a file holding a Jinja chat template")
     a("--backend-sampling", "--backend_sampling", action="store_true")
-    a("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0)
+    a("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0,
+      help="run this many layers on a CUDA GPU (needs numba-cuda: pip install 'numllama[cuda]')")
+    a("-dev", "--device", default=None, help="cuda or cpu ('cuda' alone offloads every layer)")
     a("-fa", "--flash-attn", default="auto")
     a("-v", "--verbose", action="store_true")
     a("--no-ui", action="store_true", help="do not serve the page at /")
@@ -117,6 +119,15 @@ def build_context(args, path: str):
 
     progress = sys.stderr.isatty()   # a progress bar for people, none in logs
     engine = Engine.load(path, n_threads=args.threads, warm_up=True, progress=progress)  # /health waits for the JIT
+    n_gpu = args.n_gpu_layers if args.n_gpu_layers > 0 else (10 ** 6 if args.device == "cuda" else 0)
+    device = "cpu"
+    if n_gpu > 0 and args.device != "cpu":
+        from engine.cuda_backend import CudaUnavailable
+        try:
+            device = engine.model.use_gpu(n_gpu)
+            engine.warm_up()
+        except CudaUnavailable as e:
+            print(f"numllama-server: GPU layers requested, but {e}; running on the CPU", file=sys.stderr, flush=True)
     n_train = engine.gguf.hparams.n_ctx_train
     n_ctx = args.ctx_size if args.ctx_size > 0 else n_train
     kv_unified = args.kv_unified
@@ -145,7 +156,7 @@ def build_context(args, path: str):
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
         enable_metrics=args.metrics, api_key=args.api_key, chat_template=chat_template, verbose=args.verbose,
-        cors_origins=args.cors_origins, ui=not args.no_ui, enable_props=args.props,
+        cors_origins=args.cors_origins, ui=not args.no_ui, enable_props=args.props, device=device,
         slot_save_path=os.path.abspath(args.slot_save_path) if args.slot_save_path else None)
 
 

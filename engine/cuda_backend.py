@@ -1,0 +1,133 @@
+"""Run the first `n_gpu_layers` layers' matmuls, attention and RMSNorm on an NVIDIA GPU.
+
+Weights of those layers are uploaded once, unpacked to the layout the CUDA kernels read.
+Activations, quantized on the host exactly as for the CPU (cheap, O(tokens x width)), travel
+to the device per operation; the KV cache stays on the host and the layer's part is sent for
+attention. That keeps one cache, one scheduler and one code path, at the price of transfers:
+this is the correct, simple first GPU path, not yet a fast one.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .quants import PackedWeight, blocks, prepare
+
+
+class CudaUnavailable(RuntimeError):
+    """No usable CUDA device (or numba-cuda is not installed); the message says which."""
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(usable, why not)."""
+    try:
+        from numba import config, cuda
+    except Exception as e:  # pragma: no cover - numba itself is a dependency
+        return False, f"numba cannot load its CUDA target: {e}"
+    if config.ENABLE_CUDASIM:
+        return True, "CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
+    try:
+        import numba_cuda  # noqa: F401  (the maintained CUDA target, the [cuda] extra)
+    except ImportError:
+        return False, "the numba-cuda package is not installed (pip install 'numllama[cuda]')"
+    try:
+        if not cuda.is_available():
+            return False, "no CUDA driver or device found"
+    except Exception as e:  # pragma: no cover
+        return False, f"CUDA failed to initialise: {e}"
+    return True, "CUDA device " + cuda.get_current_device().name.decode(errors="replace")
+
+
+class DeviceWeight:
+    """One weight matrix on the device, in the kernels' unpacked layout."""
+
+    def __init__(self, tensor, packed: PackedWeight):
+        from numba import cuda
+        self.packed = packed
+        name, n_rows, n_cols = packed.type_name, packed.n_rows, packed.n_cols
+        if packed.act_format in ("f32", "f16", "bf16"):
+            w = packed.w if packed.w is not None else None
+            self.w = cuda.to_device(np.ascontiguousarray(w, np.float32))
+            return
+        q, scale, minimum, group = blocks.unpack(name, tensor.data, n_rows, n_cols)
+        if minimum is None:
+            minimum = np.zeros_like(scale)
+        n_groups = n_cols // group
+        if packed.act_format == "q8_k":
+            q = q.reshape(n_rows, n_groups, group).transpose(0, 2, 1)     # [N, G, NG]
+        else:
+            q = q.reshape(n_rows, n_groups, 32)                           # [N, NB, 32]
+        self.q = cuda.to_device(np.ascontiguousarray(q))
+        self.scale = cuda.to_device(np.ascontiguousarray(scale, np.float32))
+        self.minimum = cuda.to_device(np.ascontiguousarray(minimum, np.float32))
+
+
+def _grid(n_tokens: int, n_rows: int):
+    threads = (4, 32)
+    return ((n_tokens + 3) // 4, (n_rows + 31) // 32), threads
+
+
+class CudaLayers:
+    """The GPU twin of the CPU ops, for layers 0 .. n_layers - 1."""
+
+    def __init__(self, model, n_layers: int):
+        ok, why = cuda_status()
+        if not ok:
+            raise CudaUnavailable(why)
+        from numba import cuda
+
+        from . import cuda_kernels
+        self.cuda, self.k = cuda, cuda_kernels
+        self.n_layers = min(n_layers, len(model.layers))
+        self.device_name = why
+        t = model.gguf.tensors
+        self.weights: dict[int, DeviceWeight] = {}
+        for i in range(self.n_layers):
+            layer = model.layers[i]
+            for attr, name in (("wq", "attn_q"), ("wk", "attn_k"), ("wv", "attn_v"), ("wo", "attn_output"),
+                               ("w_gate", "ffn_gate"), ("w_up", "ffn_up"), ("w_down", "ffn_down")):
+                packed = getattr(layer, attr)
+                self.weights[id(packed)] = DeviceWeight(t[f"blk.{i}.{name}.weight"], packed)
+
+    def linear(self, x: np.ndarray, *weights: PackedWeight, tinyblas_rows=None) -> list[np.ndarray]:
+        cuda, k = self.cuda, self.k
+        n_tokens = x.shape[0]
+        rows = cuda.to_device(np.ones(n_tokens, bool) if tinyblas_rows is None else tinyblas_rows)
+        outs = []
+        for w in weights:
+            dw = self.weights[id(w)]
+            act = prepare(x, w.act_format, w.group)          # host: same quantization as the CPU
+            out = cuda.device_array((n_tokens, w.n_rows), np.float32)
+            blocks_, threads = _grid(n_tokens, w.n_rows)
+            if w.act_format in ("f32", "f16", "bf16"):
+                k.matmul_float[blocks_, threads](cuda.to_device(act.x), dw.w, rows, w.act_format == "f16", out)
+            elif w.act_format == "q8_k":
+                k.matmul_kquant[blocks_, threads](cuda.to_device(act.q), cuda.to_device(act.d),
+                                                  cuda.to_device(act.s), dw.q, dw.scale, dw.minimum, out)
+            else:
+                k.matmul_q32[blocks_, threads](cuda.to_device(act.q), cuda.to_device(act.d),
+                                               cuda.to_device(act.s), dw.q, dw.scale, dw.minimum,
+                                               w.act_format == "q8_1", out)
+            outs.append(out.copy_to_host())
+        return outs
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        cuda = self.cuda
+        out = cuda.device_array(x.shape, np.float32)
+        self.k.rms_norm[(x.shape[0] + 31) // 32, 32](cuda.to_device(np.ascontiguousarray(x)),
+                                                     cuda.to_device(weight), np.float32(eps), out)
+        return out.copy_to_host()
+
+    def attention(self, q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, out):
+        cuda = self.cuda
+        n_ctx = int(positions.max()) + 1
+        kc = cuda.to_device(np.ascontiguousarray(k_cache[:, :, :n_ctx]).view(np.float16))
+        vc = cuda.to_device(np.ascontiguousarray(v_cache[:, :, :n_ctx]).view(np.float16))
+        jobs = q.shape[0] * n_head
+        scores = cuda.device_array((jobs, n_ctx), np.float32)
+        dev_out = cuda.device_array(out.shape, np.float32)
+        self.k.attention[math.ceil(jobs / 32), 32](cuda.to_device(q), kc, vc, cuda.to_device(seq_ids),
+                                                   cuda.to_device(positions), n_head, n_head_kv, head_dim,
+                                                   scores, dev_out)
+        out[:] = dev_out.copy_to_host()

@@ -1,0 +1,205 @@
+"""The optional GPU path: numba.cuda twins of the CPU kernels (install the `[cuda]` extra,
+which brings the maintained `numba-cuda` package).
+
+Each kernel computes one output element per GPU thread with the *same* operations in the same
+order as its CPU twin (quants/kernels.py, ops.py): the lane order of ggml's dot products, FMAs
+where ggml has them, f16 roundings in attention. So with the same inputs the GPU gives the
+CPU's bits wherever the device's elementary functions agree (FMA, sqrt and f16 conversion are
+correctly rounded on both; `expf` is not, so attention differs in the last bits).
+
+Everything here also runs under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), which is how
+the tests check it on machines without a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import config, cuda
+
+SIMULATED = bool(config.ENABLE_CUDASIM)
+
+if SIMULATED:
+    @cuda.jit(device=True)
+    def fma(a, b, c):
+        """f32 FMA, emulated exactly in float64 (the simulator's libdevice.fmaf is not usable)."""
+        return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+else:  # pragma: no cover - needs a GPU
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True)
+    def fma(a, b, c):
+        return libdevice.fmaf(a, b, c)
+
+
+@cuda.jit(device=True)
+def hsum8(l0, l1, l2, l3, l4, l5, l6, l7):
+    return ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))
+
+
+@cuda.jit(device=True)
+def reduce4x8(lanes):
+    """GGML_F32x8_REDUCE of 4 accumulators of 8 lanes (lanes[0:32]), as kernels.reduce4x8."""
+    for i in range(8):
+        lanes[i] = lanes[i] + lanes[16 + i]
+        lanes[8 + i] = lanes[8 + i] + lanes[24 + i]
+    for i in range(8):
+        lanes[i] = lanes[i] + lanes[8 + i]
+    return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+
+
+@cuda.jit
+def matmul_q32(xq, xd, xs, wq, wd, wm, has_min, out):
+    """Twin of quants.kernels.matmul_q32_lanes for 32-weight blocks (Q4_0 .. Q8_0).
+
+    xq: [T, NB, 32] int8; xd, xs: [T, NB] f32
+    wq: [N, NB, 32] int8 (unpacked quants); wd, wm: [N, NB] f32; out: [T, N] f32
+    One thread per (token, row)."""
+    t, r = cuda.grid(2)
+    if t >= out.shape[0] or r >= out.shape[1]:
+        return
+    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = np.float32(0.0)
+    summs = np.float32(0.0)
+    for b in range(xq.shape[1]):
+        d = wd[r, b] * xd[t, b]
+        s = cuda.local.array(8, np.int32)
+        for i in range(8):
+            acc = 0
+            for k in range(4):
+                acc += np.int32(wq[r, b, 4 * i + k]) * np.int32(xq[t, b, 4 * i + k])
+            s[i] = acc
+        l0 = fma(d, np.float32(s[0]), l0)
+        l1 = fma(d, np.float32(s[1]), l1)
+        l2 = fma(d, np.float32(s[2]), l2)
+        l3 = fma(d, np.float32(s[3]), l3)
+        l4 = fma(d, np.float32(s[4]), l4)
+        l5 = fma(d, np.float32(s[5]), l5)
+        l6 = fma(d, np.float32(s[6]), l6)
+        l7 = fma(d, np.float32(s[7]), l7)
+        if has_min:
+            summs = fma(wm[r, b], xs[t, b], summs)
+    out[t, r] = hsum8(l0, l1, l2, l3, l4, l5, l6, l7) + summs
+
+
+@cuda.jit
+def matmul_kquant(xq, xd, xs, wq, wd, wm, out):
+    """Twin of quants.kernels.matmul_int8 (K-quants): exact integer group sums, then
+    sum_g (wd * xd) * isum + wm * xs, groups in order.
+
+    xq: [T, G, NG] int8; wq: [N, G, NG] int8; wd, wm: [N, NG]; xd, xs: [T, NG]; out: [T, N]"""
+    t, r = cuda.grid(2)
+    if t >= out.shape[0] or r >= out.shape[1]:
+        return
+    acc = np.float32(0.0)
+    for g in range(wq.shape[2]):
+        isum = 0
+        for p in range(wq.shape[1]):
+            isum += np.int32(wq[r, p, g]) * np.int32(xq[t, p, g])
+        acc += wd[r, g] * xd[t, g] * np.float32(isum) + wm[r, g] * xs[t, g]
+    out[t, r] = acc
+
+
+@cuda.jit
+def matmul_float(x, w, tinyblas_rows, tail_in_double, out):
+    """Twin of quants.kernels.matmul_float: tinyBLAS order for prompt tokens (K % 8 == 0),
+    ggml_vec_dot order otherwise.  x: [T, K] f32; w: [N, K] f32; out: [T, N] f32"""
+    t, r = cuda.grid(2)
+    if t >= out.shape[0] or r >= out.shape[1]:
+        return
+    n_cols = x.shape[1]
+    lanes = cuda.local.array(32, np.float32)
+    if n_cols % 8 == 0 and tinyblas_rows[t]:
+        for i in range(8):
+            lanes[i] = 0
+        for l in range(0, n_cols, 8):
+            for i in range(8):
+                lanes[i] = fma(w[r, l + i], x[t, l + i], lanes[i])
+        out[t, r] = hsum8(lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7])
+        return
+    n_simd = n_cols - n_cols % 32
+    for i in range(32):
+        lanes[i] = 0
+    for l in range(0, n_simd, 32):
+        for i in range(32):
+            lanes[i] = fma(w[r, l + i], x[t, l + i], lanes[i])
+    total = reduce4x8(lanes) if n_simd else np.float32(0.0)
+    if tail_in_double:
+        wide = np.float64(total)
+        for k in range(n_simd, n_cols):
+            wide += np.float64(w[r, k] * x[t, k])
+        out[t, r] = np.float32(wide)
+    else:
+        for k in range(n_simd, n_cols):
+            total = fma(w[r, k], x[t, k], total)
+        out[t, r] = total
+
+
+@cuda.jit
+def rms_norm(x, weight, eps, out):
+    """Twin of ops.rms_norm: squares in f32, summed in double.  One thread per token."""
+    t = cuda.grid(1)
+    if t >= x.shape[0]:
+        return
+    total = 0.0
+    for i in range(x.shape[1]):
+        total += np.float64(x[t, i] * x[t, i])
+    mean = np.float32(total / x.shape[1])
+    scale = np.float32(1.0) / math.sqrt(mean + np.float32(eps))
+    for i in range(x.shape[1]):
+        out[t, i] = (x[t, i] * np.float32(scale)) * weight[i]
+
+
+@cuda.jit(device=True)
+def round_f16(v):
+    return np.float32(np.float16(v))
+
+
+@cuda.jit
+def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, scores, out):
+    """Twin of ops.attention (ggml's flash attention with an f16 cache): one thread per
+    (token, head); f16 dot products (lane order for head_dim >= 32), online softmax, f16
+    accumulator with FMA.  k_cache, v_cache: [n_seq, n_kv, n_ctx, hd] f16;
+    scores: [T * n_head, n_ctx] f32 scratch; out: [T, n_head * hd] f32"""
+    job = cuda.grid(1)
+    if job >= q.shape[0] * n_head:
+        return
+    t = job // n_head
+    h = job % n_head
+    kvh = h // (n_head // n_head_kv)
+    s_id = seq_ids[t]
+    n_kv = positions[t] + 1
+    scale = np.float32(1.0) / math.sqrt(np.float32(head_dim))
+    lanes = cuda.local.array(32, np.float32)
+    n_simd = head_dim - head_dim % 32
+    for j in range(n_kv):
+        for i in range(32):
+            lanes[i] = 0
+        for l in range(0, n_simd, 32):
+            for i in range(32):
+                lanes[i] = fma(round_f16(q[t, h * head_dim + l + i]), np.float32(k_cache[s_id, kvh, j, l + i]), lanes[i])
+        total = np.float64(reduce4x8(lanes)) if n_simd else 0.0
+        for d in range(n_simd, head_dim):
+            total += np.float64(round_f16(q[t, h * head_dim + d]) * np.float32(k_cache[s_id, kvh, j, d]))
+        scores[job, j] = np.float32(total) * scale
+    m = scores[job, 0]
+    s_total = np.float32(1.0)
+    for d in range(head_dim):
+        out[t, h * head_dim + d] = np.float32(v_cache[s_id, kvh, 0, d])
+    for j in range(1, n_kv):
+        sj = scores[job, j]
+        ms = np.float32(1.0)
+        vs = np.float32(1.0)
+        if sj > m:
+            ms = np.float32(math.exp(np.float32(m - sj)))
+            m = sj
+            for d in range(head_dim):
+                out[t, h * head_dim + d] = round_f16(out[t, h * head_dim + d] * ms)
+        else:
+            vs = np.float32(math.exp(np.float32(sj - m)))
+        s_total = fma(s_total, ms, vs)
+        for d in range(head_dim):
+            out[t, h * head_dim + d] = round_f16(fma(np.float32(v_cache[s_id, kvh, j, d]), vs,
+                                                     out[t, h * head_dim + d]))
+    inv = np.float32(1.0) / s_total
+    for d in range(head_dim):
+        out[t, h * head_dim + d] = out[t, h * head_dim + d] * inv

@@ -1,0 +1,86 @@
+"""Run under NUMBA_ENABLE_CUDASIM=1 by tests/test_cuda.py: the CUDA kernels against their CPU
+twins (small shapes, every quant type) and on stories260K. Prints one line per check."""
+import sys
+
+import numpy as np
+from gguf import GGMLQuantizationType as GQ
+from gguf import quants as gq
+
+from engine.cuda_backend import CudaLayers, DeviceWeight, cuda_status
+from engine.quants import ACT_FORMAT, blocks, linear, pack_weight, round_bf16
+
+assert cuda_status() == (True, "CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"), cuda_status()
+rng = np.random.default_rng(0)
+K_TYPES = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+class FakeTensor:
+    def __init__(self, data):
+        self.data = data
+
+
+def weight(name, n_rows, n_cols):
+    w = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
+    if name == "F32":
+        return w
+    if name == "F16":
+        return w.astype(np.float16)
+    if name == "BF16":
+        return (round_bf16(w).view(np.uint32) >> 16).astype(np.uint16)
+    if name in K_TYPES:
+        bb, bw = blocks.BLOCK_SIZES[name]
+        raw = rng.integers(0, 256, size=(n_rows, n_cols // bw * bb), dtype=np.uint8)
+        flat = raw.reshape(-1, bb)
+        for at in K_TYPES[name]:
+            flat[:, at:at + 2] = rng.uniform(0.001, 0.02, flat.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return raw
+    return gq.quantize(w, GQ[name])
+
+
+class GpuOnly(CudaLayers):
+    def __init__(self):  # kernels only, no model
+        from numba import cuda
+
+        from engine import cuda_kernels
+        self.cuda, self.k, self.weights = cuda, cuda_kernels, {}
+
+
+gpu = GpuOnly()
+for name in ACT_FORMAT:
+    n_rows, n_cols = 5, 256 if name in K_TYPES else 96
+    data = weight(name, n_rows, n_cols)
+    packed = pack_weight(name, data, n_rows, n_cols)
+    gpu.weights[id(packed)] = DeviceWeight(FakeTensor(data), packed)
+    x = rng.standard_normal((3, n_cols)).astype(np.float32)
+    rows = np.array([True, False, True])
+    (cpu,) = linear(x, packed, tinyblas_rows=rows)
+    (dev,) = gpu.linear(x, packed, tinyblas_rows=rows)
+    exact = name not in K_TYPES   # the CPU K-quant kernel is fastmath: its order is the compiler's
+    ok = np.array_equal(cpu, dev) if exact else np.allclose(cpu, dev, rtol=1e-5, atol=1e-5 * np.abs(cpu).max())
+    print(f"matmul {name}: {'bit-identical' if exact else 'close'} {ok}")
+    if not ok:
+        sys.exit(1)
+
+from engine.ops import rms_norm  # noqa: E402
+x = rng.standard_normal((3, 64)).astype(np.float32)
+w = rng.standard_normal(64).astype(np.float32)
+cpu = np.empty_like(x)
+rms_norm(x, w, 1e-5, cpu)
+ok = np.array_equal(cpu, gpu.rms_norm(x, w, 1e-5))
+print("rms_norm bit-identical", ok)
+if not ok:
+    sys.exit(1)
+
+# stories260K: the first layer on the (simulated) GPU, the rest on the CPU
+from engine.engine import Engine  # noqa: E402
+from engine.model import Batch  # noqa: E402
+
+e = Engine.load(sys.argv[1])
+ids = e.tokenizer.encode("Once upon a time")
+cpu_logits = e.model.forward(Batch.single(ids, 0), e.model.new_cache(1, 8))
+print("device:", e.model.use_gpu(1))
+gpu_logits = e.model.forward(Batch.single(ids, 0), e.model.new_cache(1, 8))
+diff = float(np.abs(cpu_logits - gpu_logits).max())
+print(f"stories260K logits, layer 0 on the GPU: max |diff| {diff:.2e}, same argmax "
+      f"{int(np.argmax(cpu_logits)) == int(np.argmax(gpu_logits))}")
+sys.exit(0 if diff < 1e-3 and int(np.argmax(cpu_logits)) == int(np.argmax(gpu_logits)) else 1)
