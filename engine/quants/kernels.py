@@ -168,13 +168,20 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
         lanes = np.empty((8, n_r), np.float32)
         summs = np.empty(n_r, np.float32)
         d = np.empty(n_r, np.float32)
+        # widen this tile's f16 scales once, not once per token
+        scale = np.empty((n_blocks, n_r), np.float32)
+        minimum = np.empty((n_blocks, n_r), np.float32)
+        for b in range(n_blocks):
+            for r in range(n_r):
+                scale[b, r] = f16_to_f32(wd[tile, b, r])
+                minimum[b, r] = f16_to_f32(wm[tile, b, r])
         for t in range(n_tokens):
             lanes[:, :] = 0
             summs[:] = 0
             for b in range(n_blocks):
                 xdb = xd[t, b]
                 for r in range(n_r):
-                    d[r] = f16_to_f32(wd[tile, b, r]) * xdb
+                    d[r] = scale[b, r] * xdb
                 for i in range(4):
                     x0 = np.int32(xq[t, b, 4 * i])
                     x1 = np.int32(xq[t, b, 4 * i + 1])
@@ -198,7 +205,7 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
                 if has_min:
                     xsb = xs[t, b]
                     for r in range(n_r):
-                        summs[r] = fma(f16_to_f32(wm[tile, b, r]), xsb, summs[r])
+                        summs[r] = fma(minimum[b, r], xsb, summs[r])
             for r in range(n_r):
                 out[t, tile * n_r + r] = (((lanes[0, r] + lanes[4, r]) + (lanes[2, r] + lanes[6, r])) +
                                           ((lanes[1, r] + lanes[5, r]) + (lanes[3, r] + lanes[7, r]))) + summs[r]
