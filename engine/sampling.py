@@ -65,6 +65,7 @@ class SamplingParams:
     seed: int = RANDOM_SEED
     logit_bias: tuple = ()            # ((token_id, bias), ...); bias -inf bans the token
     samplers: tuple = DEFAULT_SAMPLERS
+    grammar: object = None            # engine.grammar.Grammar constraining the output
 
 
 @dataclass
@@ -229,7 +230,9 @@ def _temperature(c: Candidates, prm: SamplingParams) -> None:
 class Sampler:
     """One request's sampler: its parameters, its RNG, and the tokens seen so far."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int, history=()):
+    def __init__(self, params: SamplingParams, n_vocab: int, history=(), token_text=None, eog_ids=()):
+        """token_text(id) -> str and eog_ids are needed with a grammar (what each token spells,
+        and which tokens end the text)."""
         self.params = params
         seed = params.seed
         if seed in (RANDOM_SEED, -1):
@@ -244,16 +247,47 @@ class Sampler:
             if 0 <= tid < n_vocab:
                 self.bias[tid] += np.float32(b)
         self.last_candidates: Candidates | None = None
+        self.grammar = None
+        if params.grammar is not None:
+            from .grammar import GrammarState
+            self.grammar = GrammarState(params.grammar, token_text, frozenset(eog_ids))
 
     def accept(self, token: int) -> None:
         self.history.append(int(token))
+        if self.grammar is not None:
+            self.grammar.accept(int(token))
 
     def sample(self, logits: np.ndarray) -> int:
-        """Run the chain on logits [n_vocab] and draw. The final candidates, with normalised
-        probabilities, stay in `last_candidates` (for post_sampling_probs)."""
+        """Run the chain on logits [n_vocab] and draw. With a grammar, as llama.cpp does: draw
+        freely first; if that token breaks the grammar, mask the tokens the grammar forbids and
+        run the chain (and the draw) again."""
+        token = self._sample(np.asarray(logits, np.float32) + self.bias)
+        if self.grammar is None or self.grammar.allows(token):
+            return token
+        return self._sample(self._grammar_masked(np.asarray(logits, np.float32) + self.bias))
+
+    def _grammar_masked(self, biased: np.ndarray) -> np.ndarray:
+        """-inf for every token the grammar forbids now. When top_k comes first (penalties off),
+        only the k best allowed tokens can matter: the scan stops there, with the same result."""
         prm = self.params
-        c = Candidates(np.arange(self.n_vocab, dtype=np.int32),
-                       np.asarray(logits, np.float32) + self.bias)
+        masked = biased.copy()
+        early = (prm.top_k > 0 and prm.samplers[:prm.samplers.index("top_k") + 1 if "top_k" in prm.samplers else 0]
+                 and prm.repeat_penalty == 1.0 and prm.frequency_penalty == 0.0 and prm.presence_penalty == 0.0)
+        found = 0
+        for tid in np.argsort(-biased, kind="stable"):
+            if early and found >= prm.top_k:
+                break
+            if np.isneginf(masked[tid]):
+                continue
+            if self.grammar.allows(int(tid)):
+                found += 1
+            else:
+                masked[tid] = -np.inf
+        return masked
+
+    def _sample(self, biased: np.ndarray) -> int:
+        prm = self.params
+        c = Candidates(np.arange(self.n_vocab, dtype=np.int32), biased)
         for name in prm.samplers:
             if name == "penalties":
                 _penalties(c, prm, self.history)

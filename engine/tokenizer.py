@@ -301,6 +301,16 @@ class Tokenizer:
         """Concatenate the pieces; invalid UTF-8 (half a character) is replaced."""
         return b"".join(self.token_bytes(int(t), special) for t in ids).decode("utf-8", "replace")
 
+    def token_text(self, tid: int) -> str | None:
+        """What a token spells as text (for grammars): None for control tokens and for bytes
+        that are not whole UTF-8 characters on their own."""
+        if self.is_control(tid):
+            return None
+        try:
+            return self._pieces[tid].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
     def token_str(self, tid: int) -> str:
         return self.token_bytes(tid).decode("utf-8", "replace")
 

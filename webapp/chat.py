@@ -15,7 +15,7 @@ from .params import get_bool, get_number
 
 bp = Blueprint("chat", __name__)
 
-UNSUPPORTED = ("grammar", "json_schema", "tools", "tool_choice", "functions")
+UNSUPPORTED = ("tools", "tool_choice", "functions")
 
 
 def _messages(body: dict) -> list[dict]:
@@ -79,12 +79,6 @@ def _completion_body(body: dict, prompt: str) -> dict:
     for key in UNSUPPORTED:
         if body.get(key):
             raise APIError(f"'{key}' is not supported by numllama yet", 400)
-    rf = body.get("response_format")
-    if rf is not None:
-        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
-            raise APIError("response_format type must be one of 'text', 'json_object', 'json_schema'")
-        if rf["type"] != "text":
-            raise APIError("Constrained output (response_format json) is not supported by numllama yet")
     if body.get("top_logprobs") is not None and not body.get("logprobs"):
         raise APIError("top_logprobs requires logprobs to be set to true")
     out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs", "n")}

@@ -155,6 +155,7 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         raise APIError("DRY sampling (dry_multiplier) is not supported by numllama yet")
     if num("mirostat", 0, int) != 0:
         raise APIError("mirostat sampling is not supported by numllama yet")
+    grammar = parse_grammar(body)
     bias = parse_logit_bias(body.get("logit_bias"), tokenizer)
     if ignore_eos:
         bias += [(t, -math.inf) for t in sorted(tokenizer.eog_ids)]
@@ -177,7 +178,35 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         seed=seed,
         logit_bias=tuple(bias),
         samplers=samplers,
+        grammar=grammar,
     )
+
+
+def parse_grammar(body: dict):
+    """`grammar` (GBNF), `json_schema`, or OpenAI's `response_format` -> a Grammar (or None)."""
+    from engine.grammar import Grammar, GrammarError, json_schema_to_grammar
+    text = None
+    try:
+        if body.get("grammar") is not None:
+            if not isinstance(body["grammar"], str):
+                raise APIError("Field 'grammar': must be a string (GBNF)")
+            text = body["grammar"] or None
+        elif body.get("json_schema") is not None:
+            text = json_schema_to_grammar(body["json_schema"])
+        elif body.get("response_format") is not None:
+            rf = body["response_format"]
+            if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+                raise APIError("response_format type must be one of 'text', 'json_object', 'json_schema'")
+            if rf["type"] == "json_object":
+                text = json_schema_to_grammar(rf.get("schema", {"type": "object"}))
+            elif rf["type"] == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict):
+                    raise APIError("response_format.json_schema must be an object")
+                text = json_schema_to_grammar(js.get("schema", {"type": "object"}))
+        return Grammar(text) if text else None
+    except GrammarError as e:
+        raise APIError(str(e))
 
 
 def tokenize_prompt_element(el, tokenizer) -> list[int]:
@@ -250,7 +279,8 @@ def generation_settings(p: SamplingParams, n_predict: int, stop, stream: bool, n
         d["logit_bias"] = [{"bias": None if math.isinf(b) else b, "token": t} for t, b in p.logit_bias]
     d.update({"n_probs": n_probs, "min_keep": p.min_keep})
     if full:
-        d.update({"grammar": "", "grammar_lazy": False, "grammar_triggers": [], "preserved_tokens": []})
+        d.update({"grammar": p.grammar.text if p.grammar is not None else "", "grammar_lazy": False,
+                  "grammar_triggers": [], "preserved_tokens": []})
     d.update({"chat_format": "Content-only", "reasoning_format": "deepseek",
               "reasoning_in_content": False, "generation_prompt": "",
               "samplers": list(p.samplers), "speculative.types": "none",

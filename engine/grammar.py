@@ -1,0 +1,392 @@
+"""Grammar-constrained generation: GBNF grammars (llama.cpp's format) and JSON schemas.
+
+A grammar is a set of rules; each rule is a list of alternatives; each alternative is a
+sequence of elements: a character set, or a reference to a rule. Repetition (`*`, `+`, `?`,
+`{m,n}`) and groups `( ... )` are rewritten into extra rules when parsing, so the matcher
+only knows sequences, alternatives and references.
+
+Matching works like llama.cpp's: the state is a set of *stacks*. A stack's top says which
+element of which alternative comes next; the frames below it are where to continue when that
+rule is done. Advancing by a character expands rule references until each stack's top is a
+character set, keeps the stacks whose set contains the character, and moves them on. An empty
+stack means the whole root rule has been matched.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+class GrammarError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CharSet:
+    ranges: tuple          # ((lo, hi), ...) inclusive code points
+    negated: bool = False
+
+    def matches(self, ch: str) -> bool:
+        c = ord(ch)
+        inside = any(lo <= c <= hi for lo, hi in self.ranges)
+        return inside != self.negated
+
+
+@dataclass(frozen=True)
+class RuleRef:
+    name: str
+
+
+# ---------------------------------------------------------------------------------- parsing
+class _Parser:
+    def __init__(self, text: str):
+        self.src = text
+        self.rules: dict[str, list[list]] = {}
+        self.n_synth = 0
+
+    def error(self, pos: int, what: str):
+        line = self.src.count("\n", 0, pos) + 1
+        raise GrammarError(f"invalid grammar at line {line}: {what}")
+
+    def skip(self, pos: int, newlines: bool) -> int:
+        while pos < len(self.src):
+            c = self.src[pos]
+            if c == "#":
+                while pos < len(self.src) and self.src[pos] != "\n":
+                    pos += 1
+            elif c in " \t\r" or (newlines and c == "\n"):
+                pos += 1
+            else:
+                break
+        return pos
+
+    def name(self, pos: int) -> tuple[str, int]:
+        start = pos
+        while pos < len(self.src) and (self.src[pos].isalnum() or self.src[pos] in "-_"):
+            pos += 1
+        if pos == start:
+            self.error(pos, "expected a rule name")
+        return self.src[start:pos], pos
+
+    def char(self, pos: int) -> tuple[str, int]:
+        """One (possibly escaped) character of a literal or a character class."""
+        if pos >= len(self.src):
+            self.error(pos, "unexpected end")
+        c = self.src[pos]
+        if c != "\\":
+            return c, pos + 1
+        if pos + 1 >= len(self.src):
+            self.error(pos, "dangling escape")
+        e = self.src[pos + 1]
+        simple = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "[": "[", "]": "]", "-": "-", "^": "^"}
+        if e in simple:
+            return simple[e], pos + 2
+        size = {"x": 2, "u": 4, "U": 8}.get(e)
+        if size:
+            digits = self.src[pos + 2:pos + 2 + size]
+            try:
+                return chr(int(digits, 16)), pos + 2 + size
+            except ValueError:
+                self.error(pos, f"bad escape \\{e}{digits}")
+        self.error(pos, f"unknown escape \\{e}")
+
+    def synth(self, base: str, alternatives: list[list]) -> RuleRef:
+        self.n_synth += 1
+        name = f"{base}_{self.n_synth}"
+        self.rules[name] = alternatives
+        return RuleRef(name)
+
+    def alternates(self, pos: int, rule: str, nested: bool) -> tuple[list[list], int]:
+        alts = []
+        seq, pos = self.sequence(pos, rule, nested)
+        alts.append(seq)
+        while pos < len(self.src) and self.src[pos] == "|":
+            pos = self.skip(pos + 1, True)
+            seq, pos = self.sequence(pos, rule, nested)
+            alts.append(seq)
+        return alts, pos
+
+    def sequence(self, pos: int, rule: str, nested: bool) -> tuple[list, int]:
+        seq: list = []
+        last_start = 0   # where the last element began in seq (for postfix operators)
+        while pos < len(self.src):
+            c = self.src[pos]
+            if c == '"':
+                pos += 1
+                last_start = len(seq)
+                while pos < len(self.src) and self.src[pos] != '"':
+                    ch, pos = self.char(pos)
+                    seq.append(CharSet(((ord(ch), ord(ch)),)))
+                if pos >= len(self.src):
+                    self.error(pos, "unterminated string")
+                pos += 1
+                if len(seq) - last_start != 1 and len(seq) > last_start:  # a literal repeats as a whole
+                    group = seq[last_start:]
+                    del seq[last_start:]
+                    seq.append(self.synth(rule, [group]))
+            elif c == "[":
+                pos += 1
+                negated = pos < len(self.src) and self.src[pos] == "^"
+                if negated:
+                    pos += 1
+                ranges = []
+                while pos < len(self.src) and self.src[pos] != "]":
+                    lo, pos = self.char(pos)
+                    hi = lo
+                    if pos + 1 < len(self.src) and self.src[pos] == "-" and self.src[pos + 1] != "]":
+                        hi, pos = self.char(pos + 1)
+                    ranges.append((ord(lo), ord(hi)))
+                if pos >= len(self.src):
+                    self.error(pos, "unterminated character class")
+                pos += 1
+                last_start = len(seq)
+                seq.append(CharSet(tuple(ranges), negated))
+            elif c == ".":
+                pos += 1
+                last_start = len(seq)
+                seq.append(CharSet((), True))
+            elif c.isalnum() or c in "-_":
+                name, pos = self.name(pos)
+                last_start = len(seq)
+                seq.append(RuleRef(name))
+            elif c == "(":
+                alts, pos = self.alternates(self.skip(pos + 1, True), rule, True)
+                if pos >= len(self.src) or self.src[pos] != ")":
+                    self.error(pos, "expected ')'")
+                pos += 1
+                last_start = len(seq)
+                seq.append(self.synth(rule, alts))
+            elif c in "*+?{":
+                if not seq:
+                    self.error(pos, f"'{c}' with nothing to repeat")
+                item = seq.pop()
+                lo, hi, pos = self.repetition(pos)
+                seq.extend(self.repeat(rule, item, lo, hi))
+                last_start = len(seq)
+            elif c in "|)" or (c == "\n" and not nested):
+                break
+            else:
+                self.error(pos, f"unexpected '{c}'")
+            pos = self.skip(pos, nested)
+        return seq, pos
+
+    def repetition(self, pos: int) -> tuple[int, int | None, int]:
+        c = self.src[pos]
+        if c == "*":
+            return 0, None, pos + 1
+        if c == "+":
+            return 1, None, pos + 1
+        if c == "?":
+            return 0, 1, pos + 1
+        end = self.src.find("}", pos)
+        if end < 0:
+            self.error(pos, "unterminated {m,n}")
+        body = self.src[pos + 1:end].replace(" ", "")
+        try:
+            if "," in body:
+                a, b = body.split(",", 1)
+                return int(a or 0), (int(b) if b else None), end + 1
+            return int(body), int(body), end + 1
+        except ValueError:
+            self.error(pos, f"bad repetition {{{body}}}")
+
+    def repeat(self, rule: str, item, lo: int, hi: int | None) -> list:
+        out = [item] * lo
+        if hi is None:       # item* as a right-recursive rule
+            star = RuleRef(f"{rule}_star_{self.n_synth + 1}")
+            self.n_synth += 1
+            self.rules[star.name] = [[item, star], []]
+            return out + [star]
+        tail: list = []
+        for _ in range(hi - lo):  # x{0,n}: (x (x ...)?)?
+            tail = [self.synth(rule, [[item] + tail, []])]
+        return out + tail
+
+    def parse(self) -> dict[str, list[list]]:
+        pos = self.skip(0, True)
+        while pos < len(self.src):
+            name, pos = self.name(pos)
+            pos = self.skip(pos, False)
+            if not self.src.startswith("::=", pos):
+                self.error(pos, "expected '::='")
+            pos = self.skip(pos + 3, True)
+            alts, pos = self.alternates(pos, name, False)
+            self.rules[name] = alts
+            if pos < len(self.src) and self.src[pos] not in "\n":
+                self.error(pos, f"unexpected '{self.src[pos]}'")
+            pos = self.skip(pos, True)
+        for alts in self.rules.values():
+            for seq in alts:
+                for el in seq:
+                    if isinstance(el, RuleRef) and el.name not in self.rules:
+                        raise GrammarError(f"invalid grammar: undefined rule '{el.name}'")
+        if "root" not in self.rules:
+            raise GrammarError("invalid grammar: no 'root' rule")
+        return self.rules
+
+
+# ---------------------------------------------------------------------------------- matching
+class Grammar:
+    def __init__(self, text: str):
+        self.text = text
+        self.rules = {name: tuple(tuple(seq) for seq in alts) for name, alts in _Parser(text).parse().items()}
+        self.start = frozenset(((("root", a, 0),) for a in range(len(self.rules["root"]))))
+
+    @lru_cache(maxsize=200_000)
+    def _closure(self, stack: tuple) -> tuple:
+        """Stacks whose top is a character set (or the empty stack: all matched)."""
+        out = []
+        work = [(stack, 0)]
+        while work:
+            st, depth = work.pop()
+            if depth > 200:
+                raise GrammarError("grammar recursion too deep (left recursion?)")
+            if not st:
+                out.append(st)
+                continue
+            rule, alt, i = st[-1]
+            seq = self.rules[rule][alt]
+            if i == len(seq):
+                work.append((st[:-1], depth + 1))
+                continue
+            el = seq[i]
+            if isinstance(el, CharSet):
+                out.append(st)
+                continue
+            rest = st[:-1] + ((rule, alt, i + 1),)
+            for a in range(len(self.rules[el.name])):
+                work.append((rest + ((el.name, a, 0),), depth + 1))
+        return tuple(set(out))
+
+    def advance(self, stacks: frozenset, text: str) -> frozenset:
+        """The stacks after matching `text`; empty when it cannot be matched."""
+        for ch in text:
+            nxt = set()
+            for st in stacks:
+                for cst in self._closure(st):
+                    if not cst:
+                        continue
+                    rule, alt, i = cst[-1]
+                    if self.rules[rule][alt][i].matches(ch):
+                        nxt.add(cst[:-1] + ((rule, alt, i + 1),))
+            stacks = frozenset(nxt)
+            if not stacks:
+                break
+        return stacks
+
+    def accepts_end(self, stacks: frozenset) -> bool:
+        return any(() in self._closure(st) for st in stacks)
+
+
+class GrammarState:
+    """One request's progress through a grammar, and which tokens may come next."""
+
+    def __init__(self, grammar: Grammar, token_text, eog_ids):
+        self.grammar = grammar
+        self.stacks = grammar.start
+        self.token_text = token_text     # id -> str, or None for tokens that are not plain text
+        self.eog_ids = eog_ids
+
+    def allows(self, token: int) -> bool:
+        if token in self.eog_ids:
+            return self.grammar.accepts_end(self.stacks)
+        text = self.token_text(token)
+        if not text:
+            return False
+        return bool(self.grammar.advance(self.stacks, text))
+
+    def accept(self, token: int) -> None:
+        if token not in self.eog_ids:
+            self.stacks = self.grammar.advance(self.stacks, self.token_text(token))
+
+
+# ---------------------------------------------------------------------------------- JSON schema
+_SPACE = 'space ::= | " " | "\\n" [ \\t]{0,20}'
+_PRIMITIVES = {
+    "string": 'string ::= "\\"" ( [^"\\\\\\x00-\\x1F] | "\\\\" ["\\\\/bfnrt] )* "\\"" space',
+    "integer": 'integer ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) space',
+    "number": 'number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9]+)? space',
+    "boolean": 'boolean ::= ("true" | "false") space',
+    "null": 'null ::= "null" space',
+    "value": 'value ::= object | array | string | number | boolean | null',
+    "object": 'object ::= "{" space ( string ":" space value ("," space string ":" space value)* )? "}" space',
+    "array": 'array ::= "[" space ( value ("," space value)* )? "]" space',
+}
+_NEEDS = {"value": ("object", "array", "string", "number", "boolean", "null"),
+          "object": ("string", "value"), "array": ("value",)}
+
+
+def _literal(value) -> str:
+    return json.dumps(json.dumps(value))
+
+
+def json_schema_to_grammar(schema) -> str:
+    """A GBNF grammar for the JSON values a (subset of) JSON Schema allows: type, const, enum,
+    properties/required, items (a schema, or a list of schemas for a tuple). Raises
+    GrammarError for what it does not understand."""
+    rules: dict[str, str] = {}
+    used: set[str] = set()
+
+    def use(prim: str) -> str:
+        if prim not in used:
+            used.add(prim)
+            for dep in _NEEDS.get(prim, ()):
+                use(dep)
+        return prim
+
+    def visit(s, name: str) -> str:
+        if not isinstance(s, dict):
+            raise GrammarError("a JSON schema must be an object")
+        if "const" in s:
+            rules[name] = f"{name} ::= {_literal(s['const'])} space"
+            return name
+        if "enum" in s:
+            if not isinstance(s["enum"], list) or not s["enum"]:
+                raise GrammarError("'enum' must be a non-empty array")
+            rules[name] = f"{name} ::= (" + " | ".join(_literal(v) for v in s["enum"]) + ") space"
+            return name
+        t = s.get("type")
+        if t is None:
+            if "properties" in s:
+                t = "object"
+            elif "items" in s or "prefixItems" in s:
+                t = "array"
+            else:
+                return use("value")
+        if isinstance(t, list):
+            if not t or not all(isinstance(x, str) for x in t):
+                raise GrammarError("'type' must be a string or a list of strings")
+            rules[name] = f"{name} ::= " + " | ".join(visit({**s, "type": x}, f"{name}-{x}") for x in t)
+            return name
+        if not isinstance(t, str) or t not in ("string", "integer", "number", "boolean", "null", "object", "array"):
+            raise GrammarError(f"unsupported JSON schema type {t!r}")
+        if t == "object" and "properties" in s:
+            props = s["properties"]
+            if not isinstance(props, dict):
+                raise GrammarError("'properties' must be an object")
+            required = set(s.get("required", props.keys()))
+            parts, first = [], True
+            for key, sub in props.items():
+                item = f'{_literal(key)} space ":" space {visit(sub, f"{name}-{key}")}'
+                sep = "" if first else '"," space '
+                parts.append(f"{sep}{item}" if key in required else f"({sep}{item})?")
+                first = False
+            rules[name] = f'{name} ::= "{{" space ' + " ".join(parts) + ' "}" space'
+            return name
+        if t == "array" and ("items" in s or "prefixItems" in s):
+            items = s.get("prefixItems", s.get("items"))
+            if isinstance(items, list):    # a tuple
+                elems = [visit(sub, f"{name}-{i}") for i, sub in enumerate(items)]
+                body = ' "," space '.join(elems)
+                rules[name] = f'{name} ::= "[" space {body} "]" space'
+            else:
+                item = visit(items, f"{name}-item")
+                rules[name] = f'{name} ::= "[" space ({item} ("," space {item})*)? "]" space'
+            return name
+        return use(t)
+
+    root = visit(schema, "root")
+    lines = [] if root == "root" else [f"root ::= {root}"]
+    lines += list(rules.values()) + [_PRIMITIVES[p] for p in sorted(used)] + [_SPACE]
+    return "\n".join(lines)

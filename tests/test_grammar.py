@@ -1,0 +1,79 @@
+"""GBNF grammars and JSON schemas constraining generation."""
+import json
+
+import pytest
+
+from engine.grammar import Grammar, GrammarError, json_schema_to_grammar
+from server_util import TINYLLAMA2, Server
+
+
+def matches(grammar: Grammar, text: str) -> bool:
+    stacks = grammar.advance(grammar.start, text)
+    return bool(stacks) and grammar.accepts_end(stacks)
+
+
+def test_gbnf_elements():
+    g = Grammar('''
+root ::= greet ws name ("!" | "?")+   # comment
+greet ::= "hi" | "hello"
+name ::= [A-Z] [a-z]{1,5}
+ws ::= [ \\t]*
+''')
+    for ok in ("hi Bob!", "hello  Alice?!", "hiZed!"):
+        assert matches(g, ok), ok
+    for bad in ("hi bob!", "hey Bob!", "hi Bobbbbbb!", "hi Bob", "hi Bob!x"):
+        assert not matches(g, bad), bad
+    assert Grammar('root ::= [^"]* "."').advance(Grammar('root ::= [^"]* "."').start, '"') == frozenset()
+
+
+@pytest.mark.parametrize("text", ['root ::= this is (not valid GBNF', 'rooot ::= "a"', 'root ::= [a-',
+                                  'root ::= "a" undefined', 'root ::= "x"{2'])
+def test_invalid_gbnf(text):
+    with pytest.raises(GrammarError):
+        Grammar(text)
+
+
+def test_json_schema_to_grammar():
+    g = Grammar(json_schema_to_grammar({"type": "object", "properties": {
+        "name": {"type": "string"}, "age": {"type": "integer"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
+        "required": ["name"]}))
+    for ok in ({"name": "Jo"}, {"name": "Jo", "age": -3}, {"name": 'J"o', "age": 1, "tags": ["a", "b"]}):
+        assert matches(g, json.dumps(ok)), ok
+    for bad in ('{"age": 3}', '{"name": 3}', '{"name": "x", "tags": ["c"]}', '{"name": "x"'):
+        assert not matches(g, bad), bad
+    assert matches(Grammar(json_schema_to_grammar({"const": "42"})), '"42"')
+    for bad in (123, {"type": 123}, {"type": "hiccup"}, {"enum": []}):
+        with pytest.raises(GrammarError):
+            json_schema_to_grammar(bad)
+
+
+@pytest.fixture(scope="module")
+def server(stories_path):
+    s = Server(TINYLLAMA2, model=stories_path)
+    yield s
+    s.stop()
+
+
+def test_grammar_forces_output(server):
+    b = server.post("/completion", {"prompt": "Once upon a time", "n_predict": 6, "grammar": 'root ::= "a"{5,5}'}).json()
+    assert b["content"] == "aaaaa" and b["stop_type"] == "eos"
+    assert b["generation_settings"]["grammar"] == 'root ::= "a"{5,5}'
+
+
+def test_json_output_is_valid_json(server):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    b = server.post("/chat/completions", {"max_tokens": 60, "response_format": {
+        "type": "json_schema", "json_schema": {"schema": schema}},
+        "messages": [{"role": "user", "content": "Write a person"}]}).json()
+    content = b["choices"][0]["message"]["content"]
+    if b["choices"][0]["finish_reason"] == "stop":   # finished inside the token budget
+        value = json.loads(content)
+        assert set(value) == {"name", "age"} and isinstance(value["age"], int)
+    assert content.startswith('{') and '"name"' in content
+
+
+@pytest.mark.parametrize("body", [{"grammar": "root ::= (oops"}, {"grammar": 5}, {"json_schema": {"type": "hiccup"}},
+                                  {"response_format": {"type": "json_object", "schema": 123}}])
+def test_bad_grammars_are_400(server, body):
+    r = server.post("/completion", {"prompt": "x", "n_predict": 2, **body})
+    assert r.status_code == 400 and "error" in r.json()
