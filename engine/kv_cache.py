@@ -32,11 +32,6 @@ class KVCache:
         self.k[layer, seq_ids, :, positions] = k.reshape(shape).astype(np.float16).view(np.uint16)
         self.v[layer, seq_ids, :, positions] = v.reshape(shape).astype(np.float16).view(np.uint16)
 
-    def copy_prefix(self, src_seq: int, dst_seq: int, n: int) -> None:
-        """Copy the first n cells of one sequence to another (prompt-cache reuse across slots)."""
-        self.k[:, dst_seq, :, :n] = self.k[:, src_seq, :, :n]
-        self.v[:, dst_seq, :, :n] = self.v[:, src_seq, :, :n]
-
     def shift(self, seq: int, n_keep: int, n_discard: int, n_past: int) -> None:
         """Context shift: drop cells [n_keep, n_keep + n_discard) of a sequence and slide the
         later ones down. Their keys were rotated for their old positions, so they are rotated

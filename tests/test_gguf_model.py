@@ -1,6 +1,3 @@
-import os
-import shutil
-
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter

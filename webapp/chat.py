@@ -1,12 +1,10 @@
 """POST /v1/chat/completions (and /chat/completions), /apply-template, and the input-token count."""
 from __future__ import annotations
 
-import time
-
 from flask import Blueprint, Response, current_app
 
 from engine.chat import ChatTemplateError
-from engine.slots import ErrorEvent, FinalEvent, ProgressEvent, TokenEvent
+from engine.slots import ErrorEvent, ProgressEvent, TokenEvent
 
 from .completions import (Completion, DisconnectWatch, _disconnect_probe, collect_finals, request_json, sse,
                           wait_event)

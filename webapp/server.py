@@ -67,7 +67,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
-    log = logging.getLogger("numllama")
 
     from engine.models import ModelNotFound, default_model_path, resolve_hf
     try:
