@@ -73,6 +73,24 @@ def f16_to_f32(h):
     return bits_f32(r | sign)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def round_f16(x):
+    """f32 -> nearest f16 (ties to even) -> f32, without branches so loops vectorize.
+    Normal f16 range: keep 10 mantissa bits of the f32 (round-half-even on the bits).
+    Subnormal f16 range (|x| < 2^-14): (|x| + 0.5) - 0.5 rounds to multiples of 2^-24 because
+    f32's spacing at 0.5 is exactly 2^-24, f16's subnormal step."""
+    u = f32_bits(x)
+    a = u & np.int32(0x7FFFFFFF)
+    sign = u & np.int32(-2147483648)
+    normal = (a + np.int32(0xFFF) + ((a >> np.int32(13)) & np.int32(1))) & np.int32(-8192)
+    ax = bits_f32(a)
+    sub = f32_bits((ax + np.float32(0.5)) - np.float32(0.5))
+    r = normal if a >= np.int32(0x38800000) else sub
+    r = np.int32(0x7F800000) if a >= np.int32(0x477FF000) else r   # past 65504: inf
+    r = a if a > np.int32(0x7F800000) else r                       # nan stays nan
+    return bits_f32(r | sign)
+
+
 # ggml_v_expf's constants, exactly as written in ggml (hex floats)
 _C = {name: np.float32(float.fromhex(h)) for name, h in {
     "round": "0x1.8p23", "log2e": "0x1.715476p+0", "ln2_hi": "0x1.62e4p-1", "ln2_lo": "0x1.7f7d1cp-20",
@@ -113,3 +131,16 @@ def expf_array(x):
     for i in range(x.shape[0]):
         out[i] = np.exp(x[i])
     return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def f16_bits_of(x):
+    """The IEEE half bits of the f16 nearest to x (ties to even), as uint16."""
+    r = f32_bits(round_f16(x))
+    sign = (r >> np.int32(16)) & np.int32(0x8000)
+    a = r & np.int32(0x7FFFFFFF)
+    if a >= np.int32(0x7F800000):                     # inf / nan
+        return np.uint16(sign | np.int32(0x7C00) | (np.int32(0x200) if a > np.int32(0x7F800000) else np.int32(0)))
+    if a < np.int32(0x38800000):                      # f16 subnormal (or zero): value / 2^-24
+        return np.uint16(sign | np.int32(bits_f32(a) * np.float32(16777216.0)))
+    return np.uint16(sign | (((a >> np.int32(13)) - np.int32(0x1C000)) & np.int32(0x7FFF)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .hparams import HParams
-from .ops import rope
+from .ops import rope, store_f16
 
 
 class KVCache:
@@ -28,9 +28,8 @@ class KVCache:
         """Write a batch's keys and values [T, n_embd_kv] into their sequences' cells."""
         if positions.size and positions.max() >= self.n_ctx:
             raise IndexError(f"position {int(positions.max())} is past the cache size {self.n_ctx}")
-        shape = (len(positions), self.n_head_kv, self.head_dim)
-        self.k[layer, seq_ids, :, positions] = k.reshape(shape).astype(np.float16).view(np.uint16)
-        self.v[layer, seq_ids, :, positions] = v.reshape(shape).astype(np.float16).view(np.uint16)
+        store_f16(self.k[layer], seq_ids, positions, k, self.n_head_kv, self.head_dim)
+        store_f16(self.v[layer], seq_ids, positions, v, self.n_head_kv, self.head_dim)
 
     def shift(self, seq: int, n_keep: int, n_discard: int, n_past: int) -> None:
         """Context shift: drop cells [n_keep, n_keep + n_discard) of a sequence and slide the

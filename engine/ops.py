@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .float_ops import bits_f32, expf_ggml, f16_to_f32, f32_bits, fma
+from .float_ops import expf_ggml, f16_bits_of, f16_to_f32, fma, round_f16
 
 
 @njit(cache=True, nogil=True)
@@ -54,29 +54,21 @@ def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale):
             theta = theta * theta_scale
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _round_f16(x):
-    """f32 -> nearest f16 (ties to even) -> f32, without branches so loops vectorize.
-    Normal f16 range: keep 10 mantissa bits of the f32 (round-half-even on the bits).
-    Subnormal f16 range (|x| < 2^-14): (|x| + 0.5) - 0.5 rounds to multiples of 2^-24 because
-    f32's spacing at 0.5 is exactly 2^-24, f16's subnormal step."""
-    u = f32_bits(x)
-    a = u & np.int32(0x7FFFFFFF)
-    sign = u & np.int32(-2147483648)
-    normal = (a + np.int32(0xFFF) + ((a >> np.int32(13)) & np.int32(1))) & np.int32(-8192)
-    ax = bits_f32(a)
-    sub = f32_bits((ax + np.float32(0.5)) - np.float32(0.5))
-    r = normal if a >= np.int32(0x38800000) else sub
-    r = np.int32(0x7F800000) if a >= np.int32(0x477FF000) else r   # past 65504: inf
-    r = a if a > np.int32(0x7F800000) else r                       # nan stays nan
-    return bits_f32(r | sign)
-
-
 @njit(cache=True, nogil=True)
 def round_f16_inplace(a):
     """Round every element of the f32 vector `a` to the nearest f16 value.  a: [n] f32"""
     for i in range(a.shape[0]):
-        a[i] = _round_f16(a[i])
+        a[i] = round_f16(a[i])
+
+
+@njit(cache=True, nogil=True)
+def store_f16(cache_layer, seq_ids, positions, rows, n_head_kv, head_dim):
+    """Write rows [T, n_head_kv * head_dim] as f16 bits into cache_layer
+    [n_seq, n_head_kv, n_ctx, head_dim] uint16 at (seq_ids[t], :, positions[t])."""
+    for t in range(rows.shape[0]):
+        for h in range(n_head_kv):
+            for d in range(head_dim):
+                cache_layer[seq_ids[t], h, positions[t], d] = f16_bits_of(rows[t, h * head_dim + d])
 
 
 @njit(cache=True, nogil=True)
@@ -143,7 +135,7 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
         row = np.empty(head_dim, np.float32)
         qh = np.empty(head_dim, np.float32)
         for d in range(head_dim):
-            qh[d] = _round_f16(q[t, h * head_dim + d])
+            qh[d] = round_f16(q[t, h * head_dim + d])
         # 1. scores
         scores = np.empty(n_kv, np.float32)
         for j in range(n_kv):
@@ -171,13 +163,13 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
         for j in range(n_kv):
             if ms[j] != np.float32(1.0) and j > 0:
                 for d in range(head_dim):
-                    acc[d] = _round_f16(acc[d] * ms[j])
+                    acc[d] = round_f16(acc[d] * ms[j])
             w = vs[j]
             if w < np.float32(1e-30):
                 continue   # w * |v| < 2^-80: cannot move an f16 accumulator, and sum S is >= 1
             widen_f16(values[j], row)
             for d in range(head_dim):
-                acc[d] = _round_f16(fma(row[d], w, acc[d]))
+                acc[d] = round_f16(fma(row[d], w, acc[d]))
         inv = np.float32(1.0) / total
         for d in range(head_dim):
             out[t, h * head_dim + d] = acc[d] * inv

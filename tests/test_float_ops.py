@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from engine.float_ops import expf_array, expf_ggml, fma
+from engine.float_ops import expf_array, expf_ggml, f16_bits_of, fma
 from engine.quants import pack_weight
 from engine.quants.kernels import matmul_float
 
@@ -125,3 +125,28 @@ def test_q32_lanes_equal_numpy_twin(type_name):
                 if w.act_format == "q8_1":
                     summs = fma_twin(minimum[r, b], act.s[t, b], summs)
             assert out[t, r] == np.float32(hsum8_twin(lanes) + summs)
+
+
+@njit
+def _f16_bits_many(x, out):
+    for i in range(x.shape[0]):
+        out[i] = f16_bits_of(x[i])
+
+
+def test_f16_encoding_and_widening_are_exact():
+    """The KV cache's f16 bits: encoding equals NumPy's float16 cast (ties to even,
+    subnormals, overflow), and widening gives back every one of the 65536 halves."""
+    from engine.ops import widen_f16
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.standard_normal(50000) * 10.0 ** rng.integers(-9, 6, 50000),
+                        [0.0, -0.0, 65504, 65519, 65520, 1e-8, -2.0 ** -25, 3 * 2.0 ** -25, 6e-5, np.inf]])
+    x = x.astype(np.float32)
+    out = np.empty(len(x), np.uint16)
+    _f16_bits_many(x, out)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(out, x.astype(np.float16).view(np.uint16))
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    wide = np.empty(65536, np.float32)
+    widen_f16(bits, wide)
+    ref = bits.view(np.float16).astype(np.float32)
+    assert np.all((wide == ref) | (np.isnan(wide) & np.isnan(ref)))

@@ -154,9 +154,8 @@ def prepare(x: np.ndarray, act_format: str, group: int) -> Activations:
         quantize_q8_k(x, group, q, d, s)
         return Activations(q=q, d=d, s=s)
     q = np.empty((n_tokens, n_groups, 32), np.int8)
-    quantize_q8_blocks(x, q, d, s)
-    # ggml stores Q8_0/Q8_1 block scales (and Q8_1's sum) as f16
-    return Activations(q=q, d=round_f16(d), s=round_f16(s))
+    quantize_q8_blocks(x, q, d, s)   # d and s come back rounded to f16, as ggml stores them
+    return Activations(q=q, d=d, s=s)
 
 
 def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None = None) -> np.ndarray:

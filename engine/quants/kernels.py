@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..float_ops import f16_to_f32, fma
+from ..float_ops import f16_to_f32, fma, round_f16
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -242,11 +242,10 @@ def matmul_int8(xq, xd, xs, wq, wd, wm, out):
 @njit(cache=True, nogil=True)
 def quantize_q8_blocks(x, xq, xd, xs):
     """Quantize activations like ggml's quantize_row_q8_0 / q8_1 (AVX2): per block of 32,
-    d = max|x| / 127, q = round-half-even(x * (127 / max|x|)).
+    d = max|x| / 127, q = round-half-even(x * (127 / max|x|)); d and Q8_1's s = d * sum(q) are
+    stored rounded to f16, as in ggml's block_q8_0 / block_q8_1.
 
-    x:  [T, K] f32;  xq: [T, K // 32, 32] int8
-    xd: [T, K // 32] f32  d (caller rounds it to f16, as ggml stores it)
-    xs: [T, K // 32] f32  d * sum(q) (Q8_1's `s`; caller rounds it to f16)
+    x:  [T, K] f32;  xq: [T, K // 32, 32] int8;  xd, xs: [T, K // 32] f32
     """
     n_tokens, n_cols = x.shape
     for t in range(n_tokens):
@@ -261,8 +260,8 @@ def quantize_q8_blocks(x, xq, xd, xs):
                 v = np.int32(np.rint(x[t, g * 32 + p] * inv))
                 xq[t, g, p] = v
                 total += v
-            xd[t, g] = d
-            xs[t, g] = d * np.float32(total)
+            xd[t, g] = round_f16(d)
+            xs[t, g] = round_f16(d * np.float32(total))
 
 
 @njit(cache=True, nogil=True)
