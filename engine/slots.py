@@ -13,6 +13,7 @@ request thread submits a `Task` and reads `Event`s from the task's queue; settin
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .engine import Engine
+from .prompt_cache import PromptCache
 from .model import Batch
 from .sampling import Sampler, SamplingParams, log_softmax
 from .tokenizer import utf8_complete_prefix
@@ -168,10 +170,23 @@ class Slot:
 
 
 class Scheduler:
+    SIMILARITY = 0.1   # llama-server's slot_prompt_similarity: reuse a slot above this overlap
+
     def __init__(self, engine: Engine, n_slots: int, n_ctx_slot: int, n_batch: int = 512,
-                 n_predict_default: int = -1, context_shift: bool = False):
+                 n_predict_default: int = -1, context_shift: bool = False, cache_ram_mib: float = 0,
+                 cache_idle_slots: bool = True, kv_unified: bool = False):
+        """cache_ram_mib: budget of the host-RAM prompt cache (0: none, < 0: unlimited).
+        cache_idle_slots: also keep idle slots' states there when a task starts (and, with a
+        unified KV pool, clear them), as llama-server does."""
         self.engine = engine
         self.context_shift = context_shift
+        self.log = logging.getLogger("numllama.slots")
+        self.prompt_cache = PromptCache(cache_ram_mib) if cache_ram_mib != 0 else None
+        self.cache_idle_slots = cache_idle_slots and self.prompt_cache is not None
+        self.kv_unified = kv_unified
+        if self.cache_idle_slots:
+            self.log.debug("idle slots will be saved to the prompt cache upon starting a new task "
+                           "__TEST_TAG_CACHE_IDLE_SLOTS_ENABLED__")
         self.n_batch = max(1, n_batch)
         self.n_predict_default = n_predict_default
         self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
@@ -249,8 +264,9 @@ class Scheduler:
 
     # ---------------------------------------------------------------- worker side
     def _assign(self) -> None:
-        """Give waiting tasks to idle slots, preferring the slot whose cache shares the longest
-        prefix with the prompt, then the least recently used."""
+        """Give waiting tasks to idle slots, as llama-server chooses: the slot whose cache shares
+        enough of the prompt (> SIMILARITY), else the least recently used one, whose state then
+        goes to the RAM prompt cache while the best cached state for the prompt comes back."""
         still = []
         for task in self.waiting:
             if task.cancelled.is_set():
@@ -261,20 +277,53 @@ class Scheduler:
             if not idle:
                 still.append(task)
                 continue
-
-            def score(s: Slot):
-                lcp = 0
-                if task.cache_prompt:
+            if task.id_slot >= 0:
+                slot = idle[0]
+            else:
+                def lcp(s: Slot) -> int:
+                    n = 0
                     for a, b in zip(s.cache_tokens, task.prompt_tokens):
                         if a != b:
                             break
-                        lcp += 1
-                return (lcp, -s.last_used)
-            slot = max(idle, key=score)
+                        n += 1
+                    return n
+                slot = max(idle, key=lambda s: (lcp(s), -s.last_used))
+                if not task.cache_prompt or lcp(slot) <= self.SIMILARITY * len(task.prompt_tokens):
+                    slot = min(idle, key=lambda s: s.last_used)
+                    if self.prompt_cache is not None and task.cache_prompt:
+                        self.log.debug("updating prompt cache")
+                        self._save_to_ram(slot)
+                        self._load_from_ram(slot, task.prompt_tokens)
             slot.start(task, self.engine)
             if task.return_progress:
                 slot.report_progress()
+            if self.cache_idle_slots:
+                for other in self.slots:
+                    if other.busy:
+                        continue
+                    if self._save_to_ram(other):
+                        self.log.debug("slot %d saved to the prompt cache __TEST_TAG_CACHE_IDLE_SLOT__", other.id)
+                    if self.kv_unified:
+                        other.cache_tokens = []
         self.waiting = still
+
+    def _save_to_ram(self, slot: Slot) -> bool:
+        n = len(slot.cache_tokens)
+        return self.prompt_cache.save(slot.cache_tokens, self.cache.k[:, slot.id, :, :n],
+                                      self.cache.v[:, slot.id, :, :n]) if n else False
+
+    def _load_from_ram(self, slot: Slot, prompt: list[int]) -> None:
+        found = self.prompt_cache.best(prompt)
+        if found is None:
+            slot.cache_tokens = []
+            return
+        key, _ = found
+        k, v = self.prompt_cache.get(key)
+        n = min(len(key), slot.n_ctx)
+        self.cache.k[:, slot.id, :, :n] = k[:, :, :n]
+        self.cache.v[:, slot.id, :, :n] = v[:, :, :n]
+        slot.cache_tokens = list(key[:n])
+        self.log.debug("slot %d: %d tokens restored from the prompt cache", slot.id, n)
 
     def _run(self) -> None:
         while True:

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-ui", action="store_true", help="do not serve the page at /")
     a("--props", action="store_true", help="allow POST /props")
     a("--slot-save-path", help="folder for POST /slots/{id}?action=save|restore")
+    a("--cache-ram", type=float, default=8192,
+      help="MiB of host RAM for saved prompt states (0: off, -1: no limit)")
+    a("--cache-idle-slots", dest="cache_idle_slots", action="store_true", default=True)
+    a("--no-cache-idle-slots", dest="cache_idle_slots", action="store_false",
+      help="do not move idle slots' states to the prompt cache when a task starts")
     a("--max-body-mb", type=float, default=64.0,
       help="largest request body accepted, in MiB (larger ones get 413)")
     return ap
@@ -65,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
 
     from engine.models import ModelNotFound, default_model_path, resolve_hf
@@ -135,7 +140,9 @@ def build_context(args, path: str):
         n_slots, kv_unified = 4, True
     n_ctx_slot = n_ctx if kv_unified else max(1, n_ctx // n_slots)
     scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=args.batch_size,
-                          n_predict_default=args.n_predict, context_shift=args.context_shift)
+                          n_predict_default=args.n_predict, context_shift=args.context_shift,
+                          cache_ram_mib=args.cache_ram, cache_idle_slots=args.cache_idle_slots,
+                          kv_unified=kv_unified)
     from engine.chat import ChatTemplate
     template = args.chat_template
     if args.chat_template_file:

@@ -1,0 +1,44 @@
+"""The host-RAM prompt cache (--cache-ram)."""
+import numpy as np
+
+from engine.prompt_cache import PromptCache
+from server_util import TINYLLAMA2, Server
+
+
+def kv(n):
+    return np.ones((2, 1, n, 4), np.uint16), np.ones((2, 1, n, 4), np.uint16)
+
+
+def test_best_prefix_budget_and_lru():
+    cache = PromptCache(budget_mib=20 * 32 / 2 ** 20)   # k and v: 32 bytes per token: room for 20
+    assert cache.save([1, 2, 3], *kv(3)) and not cache.save([1, 2, 3], *kv(3))
+    assert cache.save([1, 2, 3, 4, 5], *kv(5))                            # supersedes its prefix
+    assert list(cache.entries) == [(1, 2, 3, 4, 5)]
+    assert cache.save([7, 8, 9, 10, 11, 12], *kv(6))
+    assert cache.best([1, 2, 3, 9]) == ((1, 2, 3, 4, 5), 3)
+    assert cache.best([42]) is None
+    cache.save(list(range(100, 110)), *kv(10))                           # over budget: LRU goes
+    assert (1, 2, 3, 4, 5) not in cache.entries and cache.n_bytes <= cache.budget
+    assert not PromptCache(budget_mib=0.000001).save([1], *kv(1))
+
+
+def test_one_slot_serves_two_conversations(stories_path):
+    a = "Once upon a time there was a little girl named Lily who loved to play in the park"
+    b = "The sky is blue and the sun is shining over the green hills"
+    s = Server(TINYLLAMA2 + ["--parallel", "1", "--cache-ram", "100"], model=stories_path)
+    try:
+        first = s.post("/completion", {"prompt": a, "n_predict": 4}).json()
+        s.post("/completion", {"prompt": b, "n_predict": 4})     # a's state moves to RAM
+        again = s.post("/completion", {"prompt": a, "n_predict": 4}).json()
+        assert again["timings"]["cache_n"] == first["tokens_evaluated"] - 1
+        assert again["content"] == first["content"]
+    finally:
+        s.stop()
+    s = Server(TINYLLAMA2 + ["--parallel", "1", "--cache-ram", "0"], model=stories_path)
+    try:
+        s.post("/completion", {"prompt": a, "n_predict": 4})
+        s.post("/completion", {"prompt": b, "n_predict": 4})
+        again = s.post("/completion", {"prompt": a, "n_predict": 4}).json()
+        assert again["timings"]["cache_n"] <= 1                 # without the RAM cache: BOS at most
+    finally:
+        s.stop()
