@@ -56,8 +56,47 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def _utf8_chars(text: str) -> list[str]:
-    return list(text)
+def merge_pairs(symbols: list[str], priority, on_merge=None) -> list[str]:
+    """The loop both tokenizers share: over a linked list of symbols, repeatedly merge the
+    adjacent pair with the best (lowest) priority, leftmost on a tie, until no pair has one.
+    priority(left, right) -> a number, or None when the pair may not merge (SPM passes the
+    negated score of the merged token, BPE the merge rank). Returns the merged symbols."""
+    syms = list(symbols)
+    n = len(syms)
+    if n < 2:
+        return syms
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    prev = list(range(-1, n - 1))
+    alive = [True] * n
+    heap: list = []
+
+    def queue(left: int, right: int):
+        if left >= 0 and right >= 0:
+            pr = priority(syms[left], syms[right])
+            if pr is not None:
+                heapq.heappush(heap, (pr, left, right, syms[left] + syms[right]))
+
+    for i in range(1, n):
+        queue(i - 1, i)
+    while heap:
+        _, left, right, merged = heapq.heappop(heap)
+        if not alive[left] or not alive[right] or nxt[left] != right or syms[left] + syms[right] != merged:
+            continue  # stale: one side was merged since this pair was queued
+        if on_merge:
+            on_merge(merged, syms[left], syms[right])
+        syms[left] = merged
+        alive[right] = False
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prev[nxt[right]] = left
+        queue(prev[left], left)
+        queue(left, nxt[left])
+    out, i = [], 0
+    while i != -1:
+        out.append(syms[i])
+        i = nxt[i]
+    return out
 
 
 class Tokenizer:
@@ -146,41 +185,15 @@ class Tokenizer:
         """SentencePiece merge by score, as llama.cpp's llm_tokenizer_spm_session."""
         if not text:
             return
-        sym_text = _utf8_chars(text)
-        n = len(sym_text)
-        prev = list(range(-1, n - 1))
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
-        alive = [True] * n
-        heap: list = []
         rev_merge: dict[str, tuple[str, str]] = {}
         scores = self._scores
 
-        def try_add(left: int, right: int):
-            if left < 0 or right < 0:
-                return
-            t = sym_text[left] + sym_text[right]
-            tid = self.token_to_id.get(t)
-            if tid is None:
-                return
-            # highest score first; on a tie the leftmost pair
-            heapq.heappush(heap, (-float(scores[tid]), left, right, t))
+        def priority(left: str, right: str):
+            tid = self.token_to_id.get(left + right)
+            return None if tid is None else -float(scores[tid])   # highest score first
 
-        for i in range(1, n):
-            try_add(i - 1, i)
-        while heap:
-            _, left, right, t = heapq.heappop(heap)
-            if not alive[left] or not alive[right] or nxt[left] != right or \
-                    sym_text[left] + sym_text[right] != t:
-                continue  # stale: one side was merged since this pair was queued
-            rev_merge[t] = (sym_text[left], sym_text[right])
-            sym_text[left] = t
-            alive[right] = False
-            nxt[left] = nxt[right]
-            if nxt[right] >= 0:
-                prev[nxt[right]] = left
-            try_add(prev[left], left)
-            try_add(left, nxt[left])
+        def remember(merged: str, left: str, right: str):
+            rev_merge[merged] = (left, right)
 
         def resegment(t: str):
             tid = self.token_to_id.get(t)
@@ -198,10 +211,8 @@ class Tokenizer:
             resegment(pair[0])
             resegment(pair[1])
 
-        i = 0
-        while i != -1:
-            resegment(sym_text[i])
-            i = nxt[i]
+        for symbol in merge_pairs(list(text), priority, remember):
+            resegment(symbol)
 
     def _bpe_words(self, text: str) -> list[str]:
         pieces = [text]
@@ -231,43 +242,13 @@ class Tokenizer:
 
     @lru_cache(maxsize=65536)
     def _bpe_word(self, mapped: str) -> tuple[int, ...]:
-        syms = list(mapped)
-        n = len(syms)
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
-        prev = list(range(-1, n - 1))
-        alive = [True] * n
-        heap: list = []
-
-        def try_add(left: int, right: int):
-            if left < 0 or right < 0:
-                return
-            rank = self._ranks.get((syms[left], syms[right]))
-            if rank is not None:
-                heapq.heappush(heap, (rank, left, right, syms[left] + syms[right]))
-
-        for i in range(1, n):
-            try_add(i - 1, i)
-        while heap:
-            _, left, right, t = heapq.heappop(heap)
-            if not alive[left] or not alive[right] or nxt[left] != right or syms[left] + syms[right] != t:
-                continue
-            syms[left] = t
-            alive[right] = False
-            nxt[left] = nxt[right]
-            if nxt[right] >= 0:
-                prev[nxt[right]] = left
-            try_add(prev[left], left)
-            try_add(left, nxt[left])
         ids: list[int] = []
-        i = 0
-        while i != -1:
-            tid = self.token_to_id.get(syms[i])
+        for symbol in merge_pairs(list(mapped), lambda left, right: self._ranks.get((left, right))):
+            tid = self.token_to_id.get(symbol)
             if tid is not None:
                 ids.append(tid)
             else:  # not in the vocabulary: one token per byte character
-                ids.extend(self.token_to_id[c] for c in syms[i] if c in self.token_to_id)
-            i = nxt[i]
+                ids.extend(self.token_to_id[c] for c in symbol if c in self.token_to_id)
         return tuple(ids)
 
     # ---------------------------------------------------------------- tokens -> text
