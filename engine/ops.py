@@ -55,13 +55,6 @@ def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale):
 
 
 @njit(cache=True, nogil=True)
-def round_f16_inplace(a):
-    """Round every element of the f32 vector `a` to the nearest f16 value.  a: [n] f32"""
-    for i in range(a.shape[0]):
-        a[i] = round_f16(a[i])
-
-
-@njit(cache=True, nogil=True)
 def store_f16(cache_layer, seq_ids, positions, rows, n_head_kv, head_dim):
     """Write rows [T, n_head_kv * head_dim] as f16 bits into cache_layer
     [n_seq, n_head_kv, n_ctx, head_dim] uint16 at (seq_ids[t], :, positions[t])."""

@@ -43,6 +43,16 @@ def smollm_golden() -> dict:
     return json.load(open(shared_path("golden", "SmolLM2-135M-Instruct.Q4_1.json")))
 
 
+@pytest.fixture(scope="module")
+def server(stories_path):
+    """A numllama-server with llama.cpp's tinyllama2 preset, shared by one test module.
+    (Modules that need other flags define their own `server`.)"""
+    from server_util import TINYLLAMA2, Server
+    s = Server(TINYLLAMA2, model=stories_path)
+    yield s
+    s.stop()
+
+
 @pytest.fixture(scope="session")
 def stories(stories_path):
     from engine.engine import Engine

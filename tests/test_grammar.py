@@ -4,7 +4,6 @@ import json
 import pytest
 
 from engine.grammar import Grammar, GrammarError, json_schema_to_grammar
-from server_util import TINYLLAMA2, Server
 
 
 def matches(grammar: Grammar, text: str) -> bool:
@@ -45,13 +44,6 @@ def test_json_schema_to_grammar():
     for bad in (123, {"type": 123}, {"type": "hiccup"}, {"enum": []}):
         with pytest.raises(GrammarError):
             json_schema_to_grammar(bad)
-
-
-@pytest.fixture(scope="module")
-def server(stories_path):
-    s = Server(TINYLLAMA2, model=stories_path)
-    yield s
-    s.stop()
 
 
 def test_grammar_forces_output(server):

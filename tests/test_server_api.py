@@ -10,13 +10,6 @@ import requests
 from server_util import REPO, TINYLLAMA2, Server
 
 
-@pytest.fixture(scope="module")
-def server(stories_path):
-    s = Server(TINYLLAMA2, model=stories_path)
-    yield s
-    s.stop()
-
-
 def test_tokenize_detokenize_round_trip(server):
     text = "What is the capital of France ?"
     toks = server.post("/tokenize", {"content": text}).json()["tokens"]

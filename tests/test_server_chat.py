@@ -7,13 +7,6 @@ from server_util import TINYLLAMA2, Server
 BOOK = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]
 
 
-@pytest.fixture(scope="module")
-def server(stories_path):
-    s = Server(TINYLLAMA2, model=stories_path)
-    yield s
-    s.stop()
-
-
 def test_chat_completion_matches_llama_server(server):
     """Real llama-server: 77 prompt tokens (ChatML fallback) and "Suddenly" at seed 42."""
     b = server.post("/chat/completions", {"max_tokens": 8, "messages": BOOK}).json()

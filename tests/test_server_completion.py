@@ -24,13 +24,6 @@ def _args(**changes):
 
 
 @pytest.fixture(scope="module")
-def server(stories_path):
-    s = Server(TINYLLAMA2, model=stories_path)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def greedy_server(stories_path):
     s = Server(_args(temp=0.0, batch_size=16), model=stories_path)
     yield s

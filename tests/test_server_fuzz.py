@@ -3,10 +3,8 @@ every field of every POST route (bounded: a few hundred requests, fixed seed).""
 import json
 import random
 
-import pytest
 import requests
 
-from server_util import TINYLLAMA2, Server
 
 FIELDS = ["prompt", "n_predict", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "logit_bias",
           "n_probs", "stream", "cache_prompt", "id_slot", "samplers", "grammar", "json_schema",
@@ -35,13 +33,6 @@ def random_value(rng: random.Random, depth: int = 0):
     if kind == "list":
         return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
     return {rng.choice(FIELDS + ["role", "type", "text"]): random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
-
-
-@pytest.fixture(scope="module")
-def server(stories_path):
-    s = Server(TINYLLAMA2, model=stories_path)
-    yield s
-    s.stop()
 
 
 def test_random_bodies_never_5xx(server):

@@ -88,8 +88,6 @@ def main(argv=None) -> int:
 
     from .app import create_app
     app = create_app(max_body_bytes=int(args.max_body_mb * 1024 * 1024))
-    failed = threading.Event()
-
     def load():
         try:
             app.config["NUMLLAMA"] = build_context(args, path)
@@ -97,8 +95,6 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
         except Exception as e:  # a model that cannot load ends the server with a clear message
             print(f"numllama-server: cannot load {path}: {e}", file=sys.stderr, flush=True)
-            failed.set()
-            import os
             os._exit(1)
 
     threading.Thread(target=load, name="numllama-loader", daemon=True).start()
@@ -112,7 +108,7 @@ def main(argv=None) -> int:
           channel_request_lookahead=1, ident="llama.cpp", _quiet=not args.verbose,
           # waitress's own (plain-text) 413 is only a safety net above the app's JSON one
           max_request_body_size=int(args.max_body_mb * 2 * 1024 * 1024) + (1 << 20))
-    return 1 if failed.is_set() else 0
+    return 0
 
 
 def build_context(args, path: str):

@@ -144,8 +144,7 @@ def matmul_q32_lanes(xq, xd, xs, wq, wd, wm, has_min, out):
                     for r in range(n_r):
                         summs[r] = fma(wm[tile, b, r], xsb, summs[r])
             for r in range(n_r):
-                out[t, tile * n_r + r] = (((lanes[0, r] + lanes[4, r]) + (lanes[2, r] + lanes[6, r])) +
-                                          ((lanes[1, r] + lanes[5, r]) + (lanes[3, r] + lanes[7, r]))) + summs[r]
+                out[t, tile * n_r + r] = hsum8(lanes[:, r]) + summs[r]
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -207,8 +206,7 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
                     for r in range(n_r):
                         summs[r] = fma(minimum[b, r], xsb, summs[r])
             for r in range(n_r):
-                out[t, tile * n_r + r] = (((lanes[0, r] + lanes[4, r]) + (lanes[2, r] + lanes[6, r])) +
-                                          ((lanes[1, r] + lanes[5, r]) + (lanes[3, r] + lanes[7, r]))) + summs[r]
+                out[t, tile * n_r + r] = hsum8(lanes[:, r]) + summs[r]
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
