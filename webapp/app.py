@@ -34,6 +34,8 @@ class ServerContext:
     slot_save_path: str | None = None
     device: str = "cpu"            # where the offloaded layers run
     enable_props: bool = False     # POST /props
+    tools: list = field(default_factory=list)   # webapp.agent_tools.Tool, enabled by --tools
+    ui_mcp_proxy: bool = False     # /cors-proxy
     build_fingerprint: str = "b1-numllama"
     started: float = field(default_factory=time.time)
 
@@ -65,8 +67,8 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
     app.config["NUMLLAMA"] = context
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes   # larger bodies: 413 in the JSON shape
 
-    from . import chat, completions, info, metrics, tokens, ui
-    for module in (info, completions, chat, tokens, metrics, ui):
+    from . import chat, completions, cors_proxy, info, metrics, tokens, tools, ui
+    for module in (info, completions, chat, tokens, metrics, ui, tools, cors_proxy):
         app.register_blueprint(module.bp)
 
     @app.before_request

@@ -46,7 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
       help="when a slot's context is full, drop old tokens instead of stopping")
     a("--no-context-shift", dest="context_shift", action="store_false")
     a("--api-key")
-    a("--cors-origins", default="*", help='"*" (default), "localhost", or a comma-separated list of origins')
+    a("--cors-origins", default=None,
+      help='"*" (default), "localhost", or a comma-separated list of origins; '
+           'with --tools or --agent the default is "localhost"')
+    a("--tools", default="", help="experimental, for trusted machines only: built-in tools for AI agents, "
+      '"all" or a list of read_file, file_glob_search, grep_search, exec_shell_command, write_file, '
+      "edit_file, get_info (served at /tools)")
+    a("--ui-mcp-proxy", "--webui-mcp-proxy", dest="ui_mcp_proxy", action="store_true", default=False,
+      help="experimental, for trusted machines only: the /cors-proxy endpoint the web UI uses for MCP")
+    a("--no-ui-mcp-proxy", "--no-webui-mcp-proxy", dest="ui_mcp_proxy", action="store_false")
+    a("-ag", "--agent", dest="agent", action="store_true", default=False,
+      help="--ui-mcp-proxy and --tools all together")
+    a("-no-ag", "--no-agent", dest="agent", action="store_false")
     a("--chat-template", help="a built-in name (chatml, llama3, llama2, command-r, gemma, phi3, zephyr) or a Jinja template")
     a("--chat-template-file", help="a file holding a Jinja chat template")
     a("--backend-sampling", "--backend_sampling", action="store_true")
@@ -69,7 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    from .agent_tools import select_tools
+    if args.agent:
+        args.tools, args.ui_mcp_proxy = "all", True
+    try:
+        args.tools = select_tools(args.tools)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.cors_origins is None:
+        # tools read and write files: only pages served from this machine may call them
+        args.cors_origins = "localhost" if args.tools else "*"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
 
@@ -158,7 +180,8 @@ def build_context(args, path: str):
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
         enable_metrics=args.metrics, api_key=args.api_key, chat_template=chat_template, verbose=args.verbose,
-        cors_origins=args.cors_origins, ui=not args.no_ui, enable_props=args.props, device=device,
+        cors_origins=args.cors_origins, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
+        ui=not args.no_ui, enable_props=args.props, device=device,
         slot_save_path=os.path.abspath(args.slot_save_path) if args.slot_save_path else None)
 
 
