@@ -158,7 +158,8 @@ def round_f16(v):
 def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, scores, out):
     """Twin of ops.attention (ggml's flash attention with an f16 cache): one thread per
     (token, head); f16 dot products (lane order for head_dim >= 32), online softmax, f16
-    accumulator with FMA.  k_cache, v_cache: [n_seq, n_kv, n_ctx, hd] f16;
+    accumulator with FMA.  k_cache: [n_seq, n_kv, hd, n_ctx] f16 (transposed, as on the host);
+    v_cache: [n_seq, n_kv, n_ctx, hd] f16;
     scores: [T * n_head, n_ctx] f32 scratch; out: [T, n_head * hd] f32"""
     job = cuda.grid(1)
     if job >= q.shape[0] * n_head:
@@ -176,10 +177,10 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
             lanes[i] = 0
         for l in range(0, n_simd, 32):
             for i in range(32):
-                lanes[i] = fma(round_f16(q[t, h * head_dim + l + i]), np.float32(k_cache[s_id, kvh, j, l + i]), lanes[i])
+                lanes[i] = fma(round_f16(q[t, h * head_dim + l + i]), np.float32(k_cache[s_id, kvh, l + i, j]), lanes[i])
         total = np.float64(reduce4x8(lanes)) if n_simd else 0.0
         for d in range(n_simd, head_dim):
-            total += np.float64(round_f16(q[t, h * head_dim + d]) * np.float32(k_cache[s_id, kvh, j, d]))
+            total += np.float64(round_f16(q[t, h * head_dim + d]) * np.float32(k_cache[s_id, kvh, d, j]))
         scores[job, j] = np.float32(total) * scale
     m = scores[job, 0]
     s_total = np.float32(1.0)

@@ -61,7 +61,7 @@ def bits_f32(i):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def f16_to_f32(h):
+def f16_to_f32_soft(h):
     """IEEE half (as uint16 bits) -> f32, exactly: normals by re-biasing the exponent,
     subnormals (and zero) as mantissa * 2^-24, inf/nan kept."""
     em = np.int32(h) & np.int32(0x7FFF)
@@ -74,7 +74,7 @@ def f16_to_f32(h):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def round_f16(x):
+def round_f16_soft(x):
     """f32 -> nearest f16 (ties to even) -> f32, without branches so loops vectorize.
     Normal f16 range: keep 10 mantissa bits of the f32 (round-half-even on the bits).
     Subnormal f16 range (|x| < 2^-14): (|x| + 0.5) - 0.5 rounds to multiples of 2^-24 because
@@ -89,6 +89,76 @@ def round_f16(x):
     r = np.int32(0x7F800000) if a >= np.int32(0x477FF000) else r   # past 65504: inf
     r = a if a > np.int32(0x7F800000) else r                       # nan stays nan
     return bits_f32(r | sign)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def f16_bits_of_soft(x):
+    """The IEEE half bits of the f16 nearest to x (ties to even), as uint16."""
+    r = f32_bits(round_f16_soft(x))
+    sign = (r >> np.int32(16)) & np.int32(0x8000)
+    a = r & np.int32(0x7FFFFFFF)
+    if a >= np.int32(0x7F800000):                     # inf / nan
+        return np.uint16(sign | np.int32(0x7C00) | (np.int32(0x200) if a > np.int32(0x7F800000) else np.int32(0)))
+    if a < np.int32(0x38800000):                      # f16 subnormal (or zero): value / 2^-24
+        return np.uint16(sign | np.int32(bits_f32(a) * np.float32(16777216.0)))
+    return np.uint16(sign | (((a >> np.int32(13)) - np.int32(0x1C000)) & np.int32(0x7FFF)))
+
+
+@intrinsic
+def _half_to_f32(typingctx, h):
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_half(typingctx, x):
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return sig, codegen
+
+
+@intrinsic
+def _f32_through_half(typingctx, x):
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+    return sig, codegen
+
+
+def _hardware_f16() -> bool:
+    """LLVM turns half<->float conversions into F16C instructions (x86, 8 lanes at a time) or
+    native ones (ARM). An x86 CPU without F16C would need compiler-rt calls that Numba's JIT
+    does not link, so there the bit-twiddling versions serve."""
+    import platform
+    import llvmlite.binding as llvm
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return "+f16c" in llvm.get_host_cpu_features().flatten().split(",")
+
+
+if _hardware_f16():
+    @njit(cache=True, nogil=True, inline="always")
+    def f16_to_f32(h):
+        """IEEE half (as uint16 bits) -> f32, exactly (one vcvtph2ps)."""
+        return _half_to_f32(np.uint16(h))
+
+    @njit(cache=True, nogil=True, inline="always")
+    def round_f16(x):
+        """f32 -> nearest f16 (ties to even) -> f32 (vcvtps2ph, vcvtph2ps)."""
+        return _f32_through_half(np.float32(x))
+
+    @njit(cache=True, nogil=True, inline="always")
+    def f16_bits_of(x):
+        """The IEEE half bits of the f16 nearest to x (ties to even), as uint16."""
+        return _f32_to_half(np.float32(x))
+else:
+    f16_to_f32, round_f16, f16_bits_of = f16_to_f32_soft, round_f16_soft, f16_bits_of_soft
 
 
 # ggml_v_expf's constants, exactly as written in ggml (hex floats)
@@ -131,16 +201,3 @@ def expf_array(x):
     for i in range(x.shape[0]):
         out[i] = np.exp(x[i])
     return out
-
-
-@njit(cache=True, nogil=True, inline="always")
-def f16_bits_of(x):
-    """The IEEE half bits of the f16 nearest to x (ties to even), as uint16."""
-    r = f32_bits(round_f16(x))
-    sign = (r >> np.int32(16)) & np.int32(0x8000)
-    a = r & np.int32(0x7FFFFFFF)
-    if a >= np.int32(0x7F800000):                     # inf / nan
-        return np.uint16(sign | np.int32(0x7C00) | (np.int32(0x200) if a > np.int32(0x7F800000) else np.int32(0)))
-    if a < np.int32(0x38800000):                      # f16 subnormal (or zero): value / 2^-24
-        return np.uint16(sign | np.int32(bits_f32(a) * np.float32(16777216.0)))
-    return np.uint16(sign | (((a >> np.int32(13)) - np.int32(0x1C000)) & np.int32(0x7FFF)))

@@ -65,37 +65,63 @@ def store_f16(cache_layer, seq_ids, positions, rows, n_head_kv, head_dim):
 
 
 @njit(cache=True, nogil=True)
-def widen_f16(bits, out):
-    """out[i] = the f16 value stored in bits[i].  bits: [n] uint16; out: [n] f32"""
-    for i in range(bits.shape[0]):
-        out[i] = f16_to_f32(bits[i])
+def store_f16_transposed(cache_layer, seq_ids, positions, rows, n_head_kv, head_dim):
+    """Write rows [T, n_head_kv * head_dim] as f16 bits into the transposed key cache
+    cache_layer [n_seq, n_head_kv, head_dim, n_ctx] uint16 at (seq_ids[t], :, :, positions[t])."""
+    for t in range(rows.shape[0]):
+        for h in range(n_head_kv):
+            for d in range(head_dim):
+                cache_layer[seq_ids[t], h, d, positions[t]] = f16_bits_of(rows[t, h * head_dim + d])
+
+
+SCORE_CHUNK = 64   # positions scored together (lanes scratch: 32 x 64 f32 = 8 KB, in L1)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _dot_f16(qh, k_row, head_dim, lanes):
-    """ggml_vec_dot_f16 on AVX2: blocks of 32 go through 4 accumulators of 8 lanes (FMA),
-    reduced as GGML_F32x8_REDUCE; the tail (head_dim % 32) is summed in double.
-    lanes: [32] f32 scratch."""
+def _scores(qh, keys, j0, nj, head_dim, lanes, out):
+    """out[j] = qh . key(j0 + j) for nj positions, each one summed exactly as ggml_vec_dot_f16
+    on AVX2: blocks of 32 go through 4 accumulators of 8 lanes (FMA), reduced as
+    GGML_F32x8_REDUCE; the tail (head_dim % 32) is summed in double.
+    Lane l of every position is kept in lanes[l, :nj], so each loop below runs across positions
+    (contiguous in the transposed key cache) and vectorizes; the rows are taken as 1-D views
+    because Numba vectorizes those loops and not the same loops written with 2-D indexing.
+
+    qh: [head_dim] f32 (f16 values); keys: [head_dim, n_ctx] uint16; lanes: [32, SCORE_CHUNK] f32
+    out: [nj] f32
+    """
     n_simd = head_dim - head_dim % 32
-    total = 0.0
+    for i in range(0, n_simd, 32):
+        for l in range(32):
+            ql = qh[i + l]
+            lane = lanes[l]
+            key = keys[i + l, j0:j0 + nj]
+            if i == 0:
+                for j in range(nj):
+                    lane[j] = fma(ql, f16_to_f32(key[j]), np.float32(0.0))
+            else:
+                for j in range(nj):
+                    lane[j] = fma(ql, f16_to_f32(key[j]), lane[j])
     if n_simd:
-        lanes[:] = 0
-        for i in range(0, n_simd, 32):
-            for l in range(32):
-                lanes[l] = fma(qh[i + l], k_row[i + l], lanes[l])
+        for l in range(8):   # v0 + v2, v1 + v3, then (v0 + v2) + (v1 + v3)
+            a, b, c, d = lanes[l], lanes[16 + l], lanes[8 + l], lanes[24 + l]
+            for j in range(nj):
+                a[j] = a[j] + b[j]
+                c[j] = c[j] + d[j]
         for l in range(8):
-            lanes[l] = lanes[l] + lanes[16 + l]
-            lanes[8 + l] = lanes[8 + l] + lanes[24 + l]
-        for l in range(8):
-            lanes[l] = lanes[l] + lanes[8 + l]
-        t0 = lanes[0] + lanes[4]
-        t1 = lanes[1] + lanes[5]
-        t2 = lanes[2] + lanes[6]
-        t3 = lanes[3] + lanes[7]
-        total = np.float64((t0 + t1) + (t2 + t3))
-    for d in range(n_simd, head_dim):
-        total += np.float64(qh[d] * k_row[d])
-    return np.float32(total)
+            a, c = lanes[l], lanes[8 + l]
+            for j in range(nj):
+                a[j] = a[j] + c[j]
+        l0, l1, l2, l3, l4, l5, l6, l7 = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]
+        for j in range(nj):   # the two 128-bit halves, then two horizontal adds
+            out[j] = ((l0[j] + l4[j]) + (l1[j] + l5[j])) + ((l2[j] + l6[j]) + (l3[j] + l7[j]))
+    else:
+        out[:nj] = 0
+    if n_simd < head_dim:
+        for j in range(nj):
+            total = np.float64(out[j])
+            for d in range(n_simd, head_dim):
+                total += np.float64(qh[d] * f16_to_f32(keys[d, j0 + j]))
+            out[j] = np.float32(total)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -105,12 +131,12 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     Mirrors ggml's CPU flash attention for an f16 cache (one_chunk): q is rounded to f16,
     scores are f16 x f16 dot products, the softmax is online (running max M and sum S) and the
     weighted sum of V is accumulated in f16 with FMA, rounded after every step. Done in three
-    passes with the same arithmetic: all scores, then the scalar recurrence of M and S, then
-    the V accumulation (vectorized across head_dim).
+    passes with the same arithmetic: all scores (vectorized across positions), then the scalar
+    recurrence of M and S, then the V accumulation (vectorized across head_dim).
 
     q:        [T, n_head * head_dim] f32 (after RoPE)
-    k_cache:  [n_seq, n_head_kv, n_ctx, head_dim] uint16, f16 bits (one layer)
-    v_cache:  same shape as k_cache
+    k_cache:  [n_seq, n_head_kv, head_dim, n_ctx] uint16, f16 bits (one layer, transposed)
+    v_cache:  [n_seq, n_head_kv, n_ctx, head_dim] uint16, f16 bits
     seq_ids:  [T] i32  which cache row each token reads
     positions:[T] i32  the token attends to cache positions 0..positions[t]
     out:      [T, n_head * head_dim] f32
@@ -121,19 +147,21 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     for job in prange(n_tokens * n_head):
         t = job // n_head
         h = job % n_head
-        keys = k_cache[seq_ids[t], h // group]       # [n_ctx, head_dim]
+        keys = k_cache[seq_ids[t], h // group]       # [head_dim, n_ctx]
         values = v_cache[seq_ids[t], h // group]     # [n_ctx, head_dim]
         n_kv = positions[t] + 1
-        lanes = np.empty(32, np.float32)
-        row = np.empty(head_dim, np.float32)
+        qt = q[t, h * head_dim:(h + 1) * head_dim]
         qh = np.empty(head_dim, np.float32)
         for d in range(head_dim):
-            qh[d] = round_f16(q[t, h * head_dim + d])
+            qh[d] = round_f16(qt[d])
         # 1. scores
         scores = np.empty(n_kv, np.float32)
+        lanes = np.empty((32, SCORE_CHUNK), np.float32)
+        for j0 in range(0, n_kv, SCORE_CHUNK):
+            nj = min(SCORE_CHUNK, n_kv - j0)
+            _scores(qh, keys, j0, nj, head_dim, lanes, scores[j0:j0 + nj])
         for j in range(n_kv):
-            widen_f16(keys[j], row)
-            scores[j] = _dot_f16(qh, row, head_dim, lanes) * scale
+            scores[j] = scores[j] * scale
         # 2. online softmax: ms[j] rescales the accumulator, vs[j] weighs v_j
         ms = np.empty(n_kv, np.float32)
         vs = np.empty(n_kv, np.float32)
@@ -155,17 +183,19 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
         acc = np.zeros(head_dim, np.float32)
         for j in range(n_kv):
             if ms[j] != np.float32(1.0) and j > 0:
+                mj = ms[j]
                 for d in range(head_dim):
-                    acc[d] = round_f16(acc[d] * ms[j])
+                    acc[d] = round_f16(acc[d] * mj)
             w = vs[j]
             if w < np.float32(1e-30):
                 continue   # w * |v| < 2^-80: cannot move an f16 accumulator, and sum S is >= 1
-            widen_f16(values[j], row)
+            value = values[j]
             for d in range(head_dim):
-                acc[d] = round_f16(fma(row[d], w, acc[d]))
+                acc[d] = round_f16(fma(f16_to_f32(value[d]), w, acc[d]))
         inv = np.float32(1.0) / total
+        o = out[t, h * head_dim:(h + 1) * head_dim]
         for d in range(head_dim):
-            out[t, h * head_dim + d] = acc[d] * inv
+            o[d] = acc[d] * inv
 
 
 @njit(cache=True, nogil=True)

@@ -232,9 +232,9 @@ class Scheduler:
             slot = self._idle_slot(slot_id)
             n = len(slot.cache_tokens)
             hp = self.engine.model.hp
+            k, v = self.cache.cells(slot_id, n)
             with open(path, "wb") as f:
-                np.savez(f, tokens=np.array(slot.cache_tokens, np.int32),
-                         k=self.cache.k[:, slot_id, :, :n], v=self.cache.v[:, slot_id, :, :n],
+                np.savez(f, tokens=np.array(slot.cache_tokens, np.int32), k=k, v=v,
                          shape=np.array([hp.n_layer, hp.n_head_kv, hp.head_dim, hp.n_vocab], np.int64))
             return n, os.path.getsize(path)
 
@@ -250,8 +250,7 @@ class Scheduler:
             slot = self._idle_slot(slot_id)
             if n > slot.n_ctx:
                 raise ValueError(f"the state holds {n} tokens, more than the slot's context ({slot.n_ctx})")
-            self.cache.k[:, slot_id, :, :n] = k
-            self.cache.v[:, slot_id, :, :n] = v
+            self.cache.put_cells(slot_id, k, v)
             slot.cache_tokens = tokens.tolist()
         return n, os.path.getsize(path)
 
@@ -309,8 +308,7 @@ class Scheduler:
 
     def _save_to_ram(self, slot: Slot) -> bool:
         n = len(slot.cache_tokens)
-        return self.prompt_cache.save(slot.cache_tokens, self.cache.k[:, slot.id, :, :n],
-                                      self.cache.v[:, slot.id, :, :n]) if n else False
+        return self.prompt_cache.save(slot.cache_tokens, *self.cache.cells(slot.id, n)) if n else False
 
     def _load_from_ram(self, slot: Slot, prompt: list[int]) -> None:
         found = self.prompt_cache.best(prompt)
@@ -320,8 +318,7 @@ class Scheduler:
         key, _ = found
         k, v = self.prompt_cache.get(key)
         n = min(len(key), slot.n_ctx)
-        self.cache.k[:, slot.id, :, :n] = k[:, :, :n]
-        self.cache.v[:, slot.id, :, :n] = v[:, :, :n]
+        self.cache.put_cells(slot.id, k[:, :, :n], v[:, :, :n])
         slot.cache_tokens = list(key[:n])
         self.log.debug("slot %d: %d tokens restored from the prompt cache", slot.id, n)
 

@@ -127,26 +127,35 @@ def test_q32_lanes_equal_numpy_twin(type_name):
             assert out[t, r] == np.float32(hsum8_twin(lanes) + summs)
 
 
-@njit
-def _f16_bits_many(x, out):
-    for i in range(x.shape[0]):
-        out[i] = f16_bits_of(x[i])
+def _elementwise(fn):
+    @njit
+    def many(x, out):
+        for i in range(x.shape[0]):
+            out[i] = fn(x[i])
+    return many
 
 
-def test_f16_encoding_and_widening_are_exact():
-    """The KV cache's f16 bits: encoding equals NumPy's float16 cast (ties to even,
-    subnormals, overflow), and widening gives back every one of the 65536 halves."""
-    from engine.ops import widen_f16
+@pytest.mark.parametrize("impl", ["hardware", "soft"])
+def test_f16_encoding_rounding_and_widening_are_exact(impl):
+    """The KV cache's f16 bits and attention's f16 rounding: encoding equals NumPy's float16 cast
+    (ties to even, subnormals, overflow), rounding equals the cast and back, and widening gives
+    back every one of the 65536 halves. Both the F16C versions and the bit-twiddling fallback."""
+    from engine import float_ops as F
+    suffix = "_soft" if impl == "soft" else ""
+    to_bits, rounded, widen = (_elementwise(getattr(F, n + suffix)) for n in ("f16_bits_of", "round_f16", "f16_to_f32"))
     rng = np.random.default_rng(5)
     x = np.concatenate([rng.standard_normal(50000) * 10.0 ** rng.integers(-9, 6, 50000),
                         [0.0, -0.0, 65504, 65519, 65520, 1e-8, -2.0 ** -25, 3 * 2.0 ** -25, 6e-5, np.inf]])
     x = x.astype(np.float32)
     out = np.empty(len(x), np.uint16)
-    _f16_bits_many(x, out)
+    to_bits(x, out)
     with np.errstate(over="ignore"):
         np.testing.assert_array_equal(out, x.astype(np.float16).view(np.uint16))
+        r = np.empty_like(x)
+        rounded(x, r)
+        np.testing.assert_array_equal(r.view(np.uint32), x.astype(np.float16).astype(np.float32).view(np.uint32))
     bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
     wide = np.empty(65536, np.float32)
-    widen_f16(bits, wide)
+    widen(bits, wide)
     ref = bits.view(np.float16).astype(np.float32)
     assert np.all((wide == ref) | (np.isnan(wide) & np.isnan(ref)))
