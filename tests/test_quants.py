@@ -90,6 +90,26 @@ def test_batch_invariance(name):
     np.testing.assert_array_equal(part, full[3:8])
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("n_rows,n_cols,n_tokens", [(1, 32, 1), (40, 96, 3), (64, 768, 9)])
+def test_avx2_q4_kernel_equals_portable_twin(name, n_rows, n_cols, n_tokens):
+    """simd.py's hand-written vpmaddubsw loop gives the portable kernel's results bit for bit
+    (each reads its own layout of the same GGUF bytes)."""
+    from engine.quants.simd import have_avx2
+    if not have_avx2():
+        pytest.skip("this CPU has no AVX2: the portable kernel is the only one used")
+    rng = np.random.default_rng(n_rows + n_cols)
+    raw, _ = _quantized(name, rng, n_rows, n_cols)
+    fast = pack_weight(name, raw, n_rows, n_cols, simd=True)
+    plain = pack_weight(name, raw, n_rows, n_cols, simd=False)
+    assert fast.q.ndim == 5 and plain.q.ndim == 4
+    x = rng.standard_normal((n_tokens, n_cols)).astype(np.float32) * 3
+    x[0, :32] = 0          # an all-zero activation block (d = 0)
+    (a,) = linear(x, fast)
+    (b,) = linear(x, plain)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_q8_0_activations_match_gguf_quantizer():
     """Our activation quantizer agrees with gguf-py's Q8_0 to within one rounding tie."""
     rng = np.random.default_rng(2)

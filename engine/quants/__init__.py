@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import blocks
-from .kernels import (ROW_TILE, matmul_float, matmul_int8, matmul_q4_lanes, matmul_q32_lanes,
+from .kernels import (ROW_TILE, matmul_float, matmul_int8, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       quantize_q8_blocks, quantize_q8_k)
+from .simd import have_avx2
+
+USE_AVX2 = have_avx2()   # Q4_0/Q4_1 through simd.py's vpmaddubsw loop, else the portable kernel
 
 ACT_FORMAT = {
     "F32": "f32", "F16": "f16", "BF16": "bf16",
@@ -41,8 +44,8 @@ class PackedWeight:
     # int8 formats. K-quants: q [n_rows, group, n_groups] (block-minor), scale/minimum
     # [n_rows, n_groups]. 32-blocks: q [n_tiles, n_blocks, 32, ROW_TILE] int8 with ROW_TILE
     # rows interleaved (Q4_0/Q4_1: [n_tiles, n_blocks, 16, ROW_TILE] uint8, the packed nibble
-    # bytes, with f16 scale/minimum bits), scale/minimum [n_tiles, n_blocks, ROW_TILE] (rows
-    # padded to the tile).
+    # bytes, or [n_tiles, n_blocks, 8, ROW_TILE, 2] byte pairs for the AVX2 kernel, with f16
+    # scale/minimum bits), scale/minimum [n_tiles, n_blocks, ROW_TILE] (rows padded to the tile).
     q: np.ndarray | None = None
     scale: np.ndarray | None = None
     minimum: np.ndarray | None = None  # zeros for symmetric types
@@ -63,13 +66,15 @@ def _float_rows(type_name: str, data: np.ndarray, n_rows: int, n_cols: int) -> n
     raise ValueError(type_name)
 
 
-def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int) -> PackedWeight:
-    """Turn a GGUF tensor's bytes into the kernels' layout."""
+def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
+                simd: bool | None = None) -> PackedWeight:
+    """Turn a GGUF tensor's bytes into the kernels' layout. `simd` picks the Q4_0/Q4_1 layout
+    of the AVX2 kernel (default: where this CPU has AVX2) or of the portable one."""
     fmt = ACT_FORMAT[type_name]
     if fmt in ("f32", "f16", "bf16"):
         return PackedWeight(type_name, n_rows, n_cols, fmt, 0, w=_float_rows(type_name, data, n_rows, n_cols))
     if type_name in ("Q4_0", "Q4_1"):
-        return _pack_q4(type_name, data, n_rows, n_cols)
+        return _pack_q4(type_name, data, n_rows, n_cols, USE_AVX2 if simd is None else simd)
     q, scale, minimum, group = blocks.unpack(type_name, data, n_rows, n_cols)
     n_groups = n_cols // group
     if minimum is None:
@@ -92,7 +97,7 @@ def _row_tiles(a: np.ndarray, n_rows: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(tiled, 1, -1))
 
 
-def _pack_q4(type_name: str, data, n_rows: int, n_cols: int) -> PackedWeight:
+def _pack_q4(type_name: str, data, n_rows: int, n_cols: int, simd: bool) -> PackedWeight:
     """Q4_0 (f16 d, 16 nibble bytes) / Q4_1 (f16 d, f16 m, 16 nibble bytes) per 32 weights:
     the nibble bytes are kept as they are, only regrouped into row tiles."""
     block_bytes, _ = blocks.BLOCK_SIZES[type_name]
@@ -106,7 +111,10 @@ def _pack_q4(type_name: str, data, n_rows: int, n_cols: int) -> PackedWeight:
     else:
         m = np.zeros_like(d)
         qs = raw[:, :, 2:18]
-    return PackedWeight(type_name, n_rows, n_cols, ACT_FORMAT[type_name], 32, q=_row_tiles(qs, n_rows),
+    tiles = _row_tiles(qs, n_rows)   # [tiles, NB, 16 bytes, R]
+    if simd:   # -> [tiles, NB, 8 slots, R, 2]: slot 2i + q, pair j = byte 4i + 2q + j (simd.py)
+        tiles = np.ascontiguousarray(tiles.reshape(tiles.shape[0], n_blocks, 8, 2, ROW_TILE).transpose(0, 1, 2, 4, 3))
+    return PackedWeight(type_name, n_rows, n_cols, ACT_FORMAT[type_name], 32, q=tiles,
                         scale=_row_tiles(d, n_rows), minimum=_row_tiles(m, n_rows))
 
 
@@ -174,7 +182,9 @@ def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None =
         matmul_int8(act.q, act.d, act.s, w.q, w.scale, w.minimum, out)
         return out
     out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
-    if w.type_name in ("Q4_0", "Q4_1"):
+    if w.type_name in ("Q4_0", "Q4_1") and w.q.ndim == 5:   # the byte-pair layout of simd.py
+        matmul_q4_simd(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.type_name == "Q4_1", out)
+    elif w.type_name in ("Q4_0", "Q4_1"):
         matmul_q4_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, 8 if w.type_name == "Q4_0" else 0,
                         w.type_name == "Q4_1", out)
     else:

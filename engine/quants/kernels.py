@@ -28,6 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..float_ops import f16_to_f32, fma, round_f16
+from .simd import q4_0_lanes, q4_1_lanes
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -136,8 +137,8 @@ def matmul_q32_lanes(xq, xd, xs, wq, wd, wm, has_min, out):
                     x2 = np.int32(xq[t, b, 4 * i + 2])
                     x3 = np.int32(xq[t, b, 4 * i + 3])
                     for r in range(n_r):
-                        s = (np.int32(wq[tile, b, 4 * i, r]) * x0 + np.int32(wq[tile, b, 4 * i + 1, r]) * x1
-                             + np.int32(wq[tile, b, 4 * i + 2, r]) * x2 + np.int32(wq[tile, b, 4 * i + 3, r]) * x3)
+                        s = np.int32(np.int32(wq[tile, b, 4 * i, r]) * x0 + np.int32(wq[tile, b, 4 * i + 1, r]) * x1
+                                     + np.int32(wq[tile, b, 4 * i + 2, r]) * x2 + np.int32(wq[tile, b, 4 * i + 3, r]) * x3)
                         lanes[i, r] = fma(d[r], np.float32(s), lanes[i, r])
                 if has_min:
                     xsb = xs[t, b]
@@ -153,7 +154,8 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
     memory traffic of int8): byte k of a block holds weight k (low nibble) and weight k + 16
     (high nibble), so lane i < 4 sums the low nibbles of bytes 4i..4i+3 and lane i + 4 their
     high nibbles, the same elements and order as ggml. Weight value = nibble - offset
-    (8 for Q4_0, 0 for Q4_1 whose minimum enters through summs).
+    (8 for Q4_0, 0 for Q4_1 whose minimum enters through summs). The portable kernel (used
+    where AVX2 is missing) and the twin of `matmul_q4_simd`.
 
     xq: [T, NB, 32] int8; xd, xs: [T, NB] f32
     wq4: [n_tiles, NB, 16, R] uint8  nibble bytes, R rows interleaved
@@ -195,10 +197,11 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
                         b1 = np.int32(wq4[tile, b, 4 * i + 1, r])
                         b2 = np.int32(wq4[tile, b, 4 * i + 2, r])
                         b3 = np.int32(wq4[tile, b, 4 * i + 3, r])
-                        s_lo = (((b0 & 15) - off) * x0 + ((b1 & 15) - off) * x1
-                                + ((b2 & 15) - off) * x2 + ((b3 & 15) - off) * x3)
-                        s_hi = (((b0 >> 4) - off) * y0 + ((b1 >> 4) - off) * y1
-                                + ((b2 >> 4) - off) * y2 + ((b3 >> 4) - off) * y3)
+                        # the sums fit 16 bits; saying so keeps LLVM out of 64-bit lanes
+                        s_lo = np.int16(((b0 & 15) - off) * x0 + ((b1 & 15) - off) * x1
+                                        + ((b2 & 15) - off) * x2 + ((b3 & 15) - off) * x3)
+                        s_hi = np.int16(((b0 >> 4) - off) * y0 + ((b1 >> 4) - off) * y1
+                                        + ((b2 >> 4) - off) * y2 + ((b3 >> 4) - off) * y3)
                         lanes[i, r] = fma(d[r], np.float32(s_lo), lanes[i, r])
                         lanes[i + 4, r] = fma(d[r], np.float32(s_hi), lanes[i + 4, r])
                 if has_min:
@@ -207,6 +210,39 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
                         summs[r] = fma(minimum[b, r], xsb, summs[r])
             for r in range(n_r):
                 out[t, tile * n_r + r] = hsum8(lanes[:, r]) + summs[r]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q4_simd(xq, xd, xs, wq4, wd, wm, has_min, out):
+    """matmul_q4_lanes with its block loop in AVX2 (simd.q4_0_lanes / q4_1_lanes: vpmaddubsw
+    on 16 rows at a time); the same arithmetic, bit for bit. Arguments as matmul_q4_lanes,
+    except the nibble bytes, which come in byte pairs (pack_weight(..., simd=True)):
+    wq4: [n_tiles, NB, 8, R, 2] uint8, slot 2i + q holding bytes 4i + 2q and 4i + 2q + 1."""
+    n_tokens = xq.shape[0]
+    n_tiles, n_blocks, _, n_r, _ = wq4.shape
+    for tile in prange(n_tiles):
+        lanes = np.empty((8, n_r), np.float32)
+        summs = np.empty(n_r, np.float32)
+        minimum = np.empty((n_blocks, n_r), np.float32)
+        if has_min:
+            for b in range(n_blocks):
+                mb, wmb = minimum[b], wm[tile, b]
+                for r in range(n_r):
+                    mb[r] = f16_to_f32(wmb[r])
+        for t in range(n_tokens):
+            summs[:] = 0
+            if has_min:
+                q4_1_lanes(wq4, wd, tile, xq, xd, t, lanes)
+                for b in range(n_blocks):
+                    xsb = xs[t, b]
+                    mb = minimum[b]
+                    for r in range(n_r):
+                        summs[r] = fma(mb[r], xsb, summs[r])
+            else:
+                q4_0_lanes(wq4, wd, tile, xq, xd, t, lanes)
+            o = out[t, tile * n_r:(tile + 1) * n_r]
+            for r in range(n_r):
+                o[r] = hsum8(lanes[:, r]) + summs[r]
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
@@ -230,7 +266,7 @@ def matmul_int8(xq, xd, xs, wq, wd, wm, out):
             isum[:] = 0
             for p in range(group):
                 for g in range(n_groups):
-                    isum[g] += np.int32(wq[r, p, g]) * np.int32(xq[t, p, g])
+                    isum[g] += np.int32(np.int32(wq[r, p, g]) * np.int32(xq[t, p, g]))
             acc = np.float32(0.0)
             for g in range(n_groups):
                 acc += wd[r, g] * xd[t, g] * np.float32(isum[g]) + wm[r, g] * xs[t, g]
