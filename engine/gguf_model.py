@@ -1,5 +1,5 @@
 """Open a GGUF file: its metadata becomes `HParams` and `VocabData`, its tensors stay in the
-memory map (gguf-py's `GGUFReader` maps the file; no weight is copied into Python objects).
+memory map (no weight is copied into Python objects).
 
 GGUF layout, for the reader of this code: a header ("GGUF", version, tensor count, metadata
 count), the metadata key/value pairs, the tensor infos (name, shape, type, offset), padding to
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .hparams import HParams
 
@@ -48,7 +50,7 @@ class GGUFModel:
     path: str
     hparams: HParams
     vocab: VocabData
-    tensors: dict            # name -> gguf ReaderTensor (data is a view into the mmap)
+    tensors: dict            # name -> GGUFTensor (data is a view into the mmap)
     metadata: dict           # every scalar/string key, for /props and curious readers
     file_size: int
     n_params: int
@@ -74,11 +76,101 @@ class GGUFModel:
         return max(counts, key=counts.get) if counts else "F32"
 
 
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor's info, with its bytes as a NumPy view of the memory map. `shape` is GGUF's,
+    innermost dimension first ([n_cols, n_rows] for a matrix); `data` is [n_rows, n_cols] for
+    float types and [n_rows, row bytes] uint8 for block-quantized (and BF16) ones."""
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: tuple
+    n_elements: int
+    n_bytes: int
+    data_offset: int
+    data: np.ndarray
+
+
+# GGUF metadata value types: id -> (struct format, NumPy dtype) for the fixed-size ones
+_SCALARS = {0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("<h", np.int16),
+            4: ("<I", np.uint32), 5: ("<i", np.int32), 6: ("<f", np.float32), 7: ("<?", np.bool_),
+            10: ("<Q", np.uint64), 11: ("<q", np.int64), 12: ("<d", np.float64)}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    """Reads GGUF's little-endian header fields from the mapped file. Numeric arrays come out
+    as NumPy arrays in one step; only string arrays (the vocabulary, the merges) loop."""
+
+    def __init__(self, buf):
+        self.buf, self.at = buf, 0
+
+    def take(self, fmt: str):
+        value = struct.unpack_from(fmt, self.buf, self.at)[0]
+        self.at += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.at + n > len(self.buf):
+            raise ValueError("string runs past the end of the file")
+        raw = self.buf[self.at:self.at + n]
+        self.at += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, kind: int):
+        if kind in _SCALARS:
+            return self.take(_SCALARS[kind][0])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, count = self.take("<I"), self.take("<Q")
+            if item in _SCALARS:
+                dtype = np.dtype(_SCALARS[item][1]).newbyteorder("<")
+                if self.at + count * dtype.itemsize > len(self.buf):
+                    raise ValueError("array runs past the end of the file")
+                arr = np.frombuffer(self.buf, dtype, count, self.at).copy()
+                self.at += count * dtype.itemsize
+                return arr
+            return [self.value(item) for _ in range(count)]
+        raise ValueError(f"unknown metadata value type {kind}")
+
+
+def _parse(buf) -> tuple[dict, dict]:
+    """The metadata {key: value} of a mapped GGUF file, and its tensor infos
+    {name: (type, dims, n_elements, n_bytes, absolute offset, NumPy dtype, NumPy shape)}."""
+    cur = _Cursor(buf)
+    cur.at = 4
+    version = cur.take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} (numllama reads versions 2 and 3, little-endian)")
+    n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+    fields = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        fields[key] = cur.value(cur.take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = tuple(cur.take("<Q") for _ in range(cur.take("<I")))
+        infos.append((name, dims, cur.take("<I"), cur.take("<Q")))
+    alignment = int(fields.get("general.alignment", 32))
+    data_start = -(-cur.at // alignment) * alignment
+    tensors = {}
+    for name, dims, type_id, offset in infos:
+        try:
+            ttype = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise ValueError(f"tensor {name} has unknown type id {type_id}") from None
+        n_elements = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        block, type_size = GGML_QUANT_SIZES[ttype]
+        n_bytes = n_elements * type_size // block
+        rows = tuple(reversed(dims))
+        if ttype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            dtype, shape = (np.float32 if ttype == GGMLQuantizationType.F32 else np.float16), rows
+        else:
+            dtype, shape = np.uint8, rows[:-1] + (rows[-1] // block * type_size,)
+        tensors[name] = (ttype, dims, n_elements, n_bytes, data_start + offset, dtype, shape)
+    return fields, tensors
 
 
 def load_gguf(path: str) -> GGUFModel:
@@ -88,49 +180,43 @@ def load_gguf(path: str) -> GGUFModel:
     file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
-
-    from gguf import GGUFReader  # imported here: it is slow to import and only needed to load
+        if magic != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # gguf-py raises assorted errors on damaged files
+        fields, infos = _parse(mapped)
+    except (ValueError, struct.error, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is a truncated or corrupt GGUF file: {e}") from e
 
-    tensors = {t.name: t for t in reader.tensors}
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > file_size:
-            raise ModelLoadError(f"{path} is truncated: tensor {t.name} ends at byte {end}, "
+    tensors = {}
+    for name, (ttype, dims, n_elements, n_bytes, offset, dtype, shape) in infos.items():
+        if offset + n_bytes > file_size:
+            raise ModelLoadError(f"{path} is truncated: tensor {name} ends at byte {offset + n_bytes}, "
                                  f"the file has {file_size}")
+        data = np.frombuffer(mapped, dtype, n_bytes // np.dtype(dtype).itemsize, offset).reshape(shape)
+        tensors[name] = GGUFTensor(name, ttype, dims, n_elements, n_bytes, offset, data)
 
-    arch = _field(reader, "general.architecture")
+    arch = fields.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ModelLoadError(f"unsupported model architecture {arch!r} in {path} "
                              f"(numllama runs: {', '.join(SUPPORTED_ARCHS)})")
-    for t in reader.tensors:
+    for t in tensors.values():
         if t.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
             raise ModelLoadError(f"unsupported tensor type {t.tensor_type.name} for {t.name} in "
                                  f"{path} (numllama reads: {', '.join(SUPPORTED_TENSOR_TYPES)})")
 
-    hparams = _read_hparams(reader, arch, tensors)
-    vocab = _read_vocab(reader)
-    metadata = {}
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key != "tokenizer.ggml.model":
-            continue
-        try:
-            metadata[key] = f.contents()
-        except Exception:
-            pass
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
-    return GGUFModel(path, hparams, vocab, tensors, metadata, file_size, n_params,
-                     getattr(reader.data, "_mmap", None))
+    hparams = _read_hparams(fields, arch, tensors)
+    vocab = _read_vocab(fields)
+    metadata = {key: (value.tolist() if isinstance(value, np.ndarray) else value)
+                for key, value in fields.items()
+                if not key.startswith("tokenizer.ggml.") or key == "tokenizer.ggml.model"}
+    n_params = sum(t.n_elements for t in tensors.values())
+    return GGUFModel(path, hparams, vocab, tensors, metadata, file_size, n_params, mapped)
 
 
-def _read_hparams(reader, arch: str, tensors: dict) -> HParams:
+def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
     def get(key, default=None):
-        v = _field(reader, f"{arch}.{key}", default)
+        v = fields.get(f"{arch}.{key}", default)
         if v is None:
             raise ModelLoadError(f"GGUF metadata lacks {arch}.{key}")
         return v
@@ -138,14 +224,14 @@ def _read_hparams(reader, arch: str, tensors: dict) -> HParams:
     n_embd = int(get("embedding_length"))
     n_head = int(get("attention.head_count"))
     n_head_kv = int(get("attention.head_count_kv", n_head))
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", n_embd // n_head))
+    head_dim = int(fields.get(f"{arch}.attention.key_length", n_embd // n_head))
     embd = tensors.get("token_embd.weight")
     if embd is None:
         raise ModelLoadError("GGUF file has no token_embd.weight tensor")
     n_vocab = int(embd.shape[1])
     scale = 1.0
-    if _field(reader, f"{arch}.rope.scaling.type", "none") == "linear":
-        scale = 1.0 / float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
+    if fields.get(f"{arch}.rope.scaling.type", "none") == "linear":
+        scale = 1.0 / float(fields.get(f"{arch}.rope.scaling.factor", 1.0))
     return HParams(
         arch=arch,
         n_vocab=n_vocab,
@@ -156,28 +242,29 @@ def _read_hparams(reader, arch: str, tensors: dict) -> HParams:
         n_head_kv=n_head_kv,
         n_ff=int(get("feed_forward_length")),
         head_dim=head_dim,
-        n_rot=int(_field(reader, f"{arch}.rope.dimension_count", head_dim)),
-        rope_freq_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        n_rot=int(fields.get(f"{arch}.rope.dimension_count", head_dim)),
+        rope_freq_base=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_freq_scale=scale,
         rms_eps=float(get("attention.layer_norm_rms_epsilon")),
     )
 
 
-def _read_vocab(reader) -> VocabData:
-    model = _field(reader, "tokenizer.ggml.model")
+def _read_vocab(fields: dict) -> VocabData:
+    model = fields.get("tokenizer.ggml.model")
     if model not in ("llama", "gpt2"):
         raise ModelLoadError(f"unsupported tokenizer model {model!r} (numllama reads llama/SPM and gpt2/BPE)")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    f = reader.fields.get("tokenizer.ggml.scores")
-    scores = np.asarray(f.contents(), dtype=np.float32) if f is not None else None
-    f = reader.fields.get("tokenizer.ggml.token_type")
-    types = (np.asarray(f.contents(), dtype=np.int32) if f is not None
-             else np.ones(len(tokens), dtype=np.int32))
-    merges = list(_field(reader, "tokenizer.ggml.merges", []) or [])
+    tokens = list(fields.get("tokenizer.ggml.tokens", []))
+    if not tokens:
+        raise ModelLoadError("GGUF metadata lacks tokenizer.ggml.tokens")
+    scores = fields.get("tokenizer.ggml.scores")
+    scores = np.asarray(scores, dtype=np.float32) if scores is not None else None
+    types = fields.get("tokenizer.ggml.token_type")
+    types = np.asarray(types, dtype=np.int32) if types is not None else np.ones(len(tokens), dtype=np.int32)
+    merges = list(fields.get("tokenizer.ggml.merges", []))
     spm = model == "llama"
 
     def token_id(key, default):
-        v = _field(reader, key, default)
+        v = fields.get(key, default)
         return -1 if v is None or int(v) >= len(tokens) else int(v)
 
     eos = token_id("tokenizer.ggml.eos_token_id", 2 if spm else 11)
@@ -189,7 +276,7 @@ def _read_vocab(reader) -> VocabData:
                 break
     return VocabData(
         model=model,
-        pre=str(_field(reader, "tokenizer.ggml.pre", "default")),
+        pre=str(fields.get("tokenizer.ggml.pre", "default")),
         tokens=tokens,
         scores=scores,
         token_types=types,
@@ -198,8 +285,8 @@ def _read_vocab(reader) -> VocabData:
         eos_id=eos,
         unk_id=token_id("tokenizer.ggml.unknown_token_id", 0 if spm else -1),
         eot_id=eot,
-        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", spm)),
-        add_eos=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
-        add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", spm)),
-        chat_template=_field(reader, "tokenizer.chat_template"),
+        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", spm)),
+        add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
+        add_space_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", spm)),
+        chat_template=fields.get("tokenizer.chat_template"),
     )

@@ -115,6 +115,7 @@ class LlamaModel:
                 w_up=weight(f"blk.{i}.ffn_up.weight"),
                 w_down=weight(f"blk.{i}.ffn_down.weight"),
             )
+            gguf.drop_resident_pages()   # the layer's GGUF pages were copied: out of our RSS now
             if on_layer:
                 on_layer(1)
             return packed

@@ -110,6 +110,20 @@ def test_avx2_q4_kernel_equals_portable_twin(name, n_rows, n_cols, n_tokens):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_1", "Q6_K"])
+def test_large_matrices_pack_in_chunks_to_the_same_arrays(name, monkeypatch):
+    """An output projection is packed a few thousand rows at a time (to keep load memory
+    low); the arrays equal those packed in one piece, whatever the last chunk's size."""
+    import engine.quants as Q
+    rng = np.random.default_rng(9)
+    raw, _ = _quantized(name, rng, 97, 256)
+    whole = pack_weight(name, raw, 97, 256)
+    monkeypatch.setattr(Q, "PACK_CHUNK_ROWS", 64)     # chunks of 64 rows, the last of 33
+    parts = pack_weight(name, raw, 97, 256)
+    for field in ("q", "scale", "minimum"):
+        np.testing.assert_array_equal(getattr(parts, field), getattr(whole, field))
+
+
 def test_q8_0_activations_match_gguf_quantizer():
     """Our activation quantizer agrees with gguf-py's Q8_0 to within one rounding tie."""
     rng = np.random.default_rng(2)

@@ -73,6 +73,8 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
     fmt = ACT_FORMAT[type_name]
     if fmt in ("f32", "f16", "bf16"):
         return PackedWeight(type_name, n_rows, n_cols, fmt, 0, w=_float_rows(type_name, data, n_rows, n_cols))
+    if n_rows > PACK_CHUNK_ROWS:
+        return _pack_in_chunks(type_name, data, n_rows, n_cols, simd)
     if type_name in ("Q4_0", "Q4_1"):
         return _pack_q4(type_name, data, n_rows, n_cols, USE_AVX2 if simd is None else simd)
     q, scale, minimum, group = blocks.unpack(type_name, data, n_rows, n_cols)
@@ -86,6 +88,27 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
     # 32-weight blocks: interleave ROW_TILE rows (padded with zero rows) for matmul_q32_lanes
     return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=_row_tiles(q.reshape(n_rows, n_groups, 32), n_rows),
                         scale=_row_tiles(scale, n_rows), minimum=_row_tiles(minimum, n_rows))
+
+
+PACK_CHUNK_ROWS = 4096   # a multiple of ROW_TILE
+
+
+def _pack_in_chunks(type_name: str, data: np.ndarray, n_rows: int, n_cols: int, simd) -> PackedWeight:
+    """pack_weight for a large matrix (an output projection: 49152 rows for SmolLM2), a few
+    thousand rows at a time into the final arrays, so that loading never holds the whole
+    matrix twice (unpacked, then tiled)."""
+    out = None
+    for r0 in range(0, n_rows, PACK_CHUNK_ROWS):
+        rows = min(PACK_CHUNK_ROWS, n_rows - r0)
+        part = pack_weight(type_name, data[r0:r0 + rows], rows, n_cols, simd)
+        if out is None:   # the first chunk (PACK_CHUNK_ROWS rows) tells the arrays' layout
+            unit = ROW_TILE if part.q.shape[0] != rows else 1   # row tiles, or one entry per row
+            full = -(-n_rows // unit)
+            out = {name: np.empty((full,) + getattr(part, name).shape[1:], getattr(part, name).dtype)
+                   for name in ("q", "scale", "minimum")}
+        for name, arr in out.items():
+            arr[r0 // unit:r0 // unit + getattr(part, name).shape[0]] = getattr(part, name)
+    return PackedWeight(type_name, n_rows, n_cols, part.act_format, part.group, **out)
 
 
 def _row_tiles(a: np.ndarray, n_rows: int) -> np.ndarray:
