@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .quants import PackedWeight, blocks, prepare
+from .quants import PackedWeight, float_rows, blocks, prepare
 
 
 class CudaUnavailable(RuntimeError):
@@ -46,9 +46,8 @@ class DeviceWeight:
         from numba import cuda
         self.packed = packed
         name, n_rows, n_cols = packed.type_name, packed.n_rows, packed.n_cols
-        if packed.act_format in ("f32", "f16", "bf16"):
-            w = packed.w if packed.w is not None else None
-            self.w = cuda.to_device(np.ascontiguousarray(w, np.float32))
+        if packed.act_format in ("f32", "f16", "bf16"):   # row-major f32, as matmul_float reads
+            self.w = cuda.to_device(np.ascontiguousarray(float_rows(name, tensor.data, n_rows, n_cols)))
             return
         q, scale, minimum, group = blocks.unpack(name, tensor.data, n_rows, n_cols)
         if minimum is None:

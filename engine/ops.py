@@ -9,6 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from .float_ops import expf_ggml, f16_bits_of, f16_to_f32, fma, round_f16
+from .quants.kernels import reduce4x8_across
 
 
 @njit(cache=True, nogil=True)
@@ -75,10 +76,11 @@ def store_f16_transposed(cache_layer, seq_ids, positions, rows, n_head_kv, head_
 
 
 SCORE_CHUNK = 64   # positions scored together (lanes scratch: 32 x 64 f32 = 8 KB, in L1)
+ATTENTION_PARTS = 64   # at most this many scratch sets per call (see attention)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _scores(qh, keys, j0, nj, head_dim, lanes, out):
+def _scores(qh, keys, j0, nj, head_dim, lanes, wide, out):
     """out[j] = qh . key(j0 + j) for nj positions, each one summed exactly as ggml_vec_dot_f16
     on AVX2: blocks of 32 go through 4 accumulators of 8 lanes (FMA), reduced as
     GGML_F32x8_REDUCE; the tail (head_dim % 32) is summed in double.
@@ -87,7 +89,7 @@ def _scores(qh, keys, j0, nj, head_dim, lanes, out):
     because Numba vectorizes those loops and not the same loops written with 2-D indexing.
 
     qh: [head_dim] f32 (f16 values); keys: [head_dim, n_ctx] uint16; lanes: [32, SCORE_CHUNK] f32
-    out: [nj] f32
+    wide: [SCORE_CHUNK] f64 scratch; out: [nj] f32
     """
     n_simd = head_dim - head_dim % 32
     for i in range(0, n_simd, 32):
@@ -102,26 +104,19 @@ def _scores(qh, keys, j0, nj, head_dim, lanes, out):
                 for j in range(nj):
                     lane[j] = fma(ql, f16_to_f32(key[j]), lane[j])
     if n_simd:
-        for l in range(8):   # v0 + v2, v1 + v3, then (v0 + v2) + (v1 + v3)
-            a, b, c, d = lanes[l], lanes[16 + l], lanes[8 + l], lanes[24 + l]
-            for j in range(nj):
-                a[j] = a[j] + b[j]
-                c[j] = c[j] + d[j]
-        for l in range(8):
-            a, c = lanes[l], lanes[8 + l]
-            for j in range(nj):
-                a[j] = a[j] + c[j]
-        l0, l1, l2, l3, l4, l5, l6, l7 = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]
-        for j in range(nj):   # the two 128-bit halves, then two horizontal adds
-            out[j] = ((l0[j] + l4[j]) + (l1[j] + l5[j])) + ((l2[j] + l6[j]) + (l3[j] + l7[j]))
+        reduce4x8_across(lanes, nj, out)
     else:
         out[:nj] = 0
-    if n_simd < head_dim:
+    if n_simd < head_dim:   # the tail, summed in double (across positions, like the lanes)
         for j in range(nj):
-            total = np.float64(out[j])
-            for d in range(n_simd, head_dim):
-                total += np.float64(qh[d] * f16_to_f32(keys[d, j0 + j]))
-            out[j] = np.float32(total)
+            wide[j] = np.float64(out[j])
+        for d in range(n_simd, head_dim):
+            qd = qh[d]
+            key = keys[d, j0:j0 + nj]
+            for j in range(nj):
+                wide[j] += np.float64(qd * f16_to_f32(key[j]))
+        for j in range(nj):
+            out[j] = np.float32(wide[j])
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -144,58 +139,80 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     n_tokens = q.shape[0]
     group = n_head // n_head_kv
     scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
-    for job in prange(n_tokens * n_head):
-        t = job // n_head
-        h = job % n_head
-        keys = k_cache[seq_ids[t], h // group]       # [head_dim, n_ctx]
-        values = v_cache[seq_ids[t], h // group]     # [n_ctx, head_dim]
-        n_kv = positions[t] + 1
-        qt = q[t, h * head_dim:(h + 1) * head_dim]
+    n_jobs = n_tokens * n_head
+    max_kv = 0
+    for t in range(n_tokens):
+        max_kv = max(max_kv, positions[t] + 1)
+    # jobs (token, head) are dealt round-robin to a few parts, each with its scratch arrays
+    # allocated once: a prompt pass has thousands of small jobs, and the causal mask makes
+    # later tokens' jobs longer, which round-robin spreads evenly over the threads
+    n_parts = min(n_jobs, ATTENTION_PARTS)
+    for part in prange(n_parts):
         qh = np.empty(head_dim, np.float32)
-        for d in range(head_dim):
-            qh[d] = round_f16(qt[d])
-        # 1. scores
-        scores = np.empty(n_kv, np.float32)
+        acc = np.empty(head_dim, np.float32)
+        all_scores = np.empty(max_kv, np.float32)
+        all_ms = np.empty(max_kv, np.float32)
+        all_vs = np.empty(max_kv, np.float32)
         lanes = np.empty((32, SCORE_CHUNK), np.float32)
-        for j0 in range(0, n_kv, SCORE_CHUNK):
-            nj = min(SCORE_CHUNK, n_kv - j0)
-            _scores(qh, keys, j0, nj, head_dim, lanes, scores[j0:j0 + nj])
-        for j in range(n_kv):
-            scores[j] = scores[j] * scale
-        # 2. online softmax: ms[j] rescales the accumulator, vs[j] weighs v_j
-        ms = np.empty(n_kv, np.float32)
-        vs = np.empty(n_kv, np.float32)
-        m = scores[0]
-        ms[0] = np.float32(0.0)
-        vs[0] = np.float32(1.0)
-        total = np.float32(1.0)
-        for j in range(1, n_kv):
-            sj = scores[j]
-            if sj > m:
-                ms[j] = np.float32(np.exp(np.float32(m - sj)))
-                vs[j] = np.float32(1.0)
-                m = sj
-            else:
-                ms[j] = np.float32(1.0)
-                vs[j] = np.float32(np.exp(np.float32(sj - m)))
-            total = fma(total, ms[j], vs[j])
-        # 3. the f16 accumulator of sum_j p_j * v_j
-        acc = np.zeros(head_dim, np.float32)
-        for j in range(n_kv):
-            if ms[j] != np.float32(1.0) and j > 0:
-                mj = ms[j]
-                for d in range(head_dim):
-                    acc[d] = round_f16(acc[d] * mj)
-            w = vs[j]
-            if w < np.float32(1e-30):
-                continue   # w * |v| < 2^-80: cannot move an f16 accumulator, and sum S is >= 1
-            value = values[j]
+        wide = np.empty(SCORE_CHUNK, np.float64)
+        for job in range(part, n_jobs, n_parts):
+            t = job // n_head
+            h = job % n_head
+            _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, out,
+                    qh, acc, all_scores, all_ms, all_vs, lanes, wide)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, out,
+            qh, acc, all_scores, all_ms, all_vs, lanes, wide):
+    """One token's attention for one head (see `attention`), in the scratch arrays given."""
+    keys = k_cache[seq_ids[t], h // group]       # [head_dim, n_ctx]
+    values = v_cache[seq_ids[t], h // group]     # [n_ctx, head_dim]
+    n_kv = positions[t] + 1
+    qt = q[t, h * head_dim:(h + 1) * head_dim]
+    for d in range(head_dim):
+        qh[d] = round_f16(qt[d])
+    # 1. scores
+    scores = all_scores[:n_kv]
+    for j0 in range(0, n_kv, SCORE_CHUNK):
+        nj = min(SCORE_CHUNK, n_kv - j0)
+        _scores(qh, keys, j0, nj, head_dim, lanes, wide, scores[j0:j0 + nj])
+    for j in range(n_kv):
+        scores[j] = scores[j] * scale
+    # 2. online softmax: ms[j] rescales the accumulator, vs[j] weighs v_j
+    ms = all_ms[:n_kv]
+    vs = all_vs[:n_kv]
+    m = scores[0]
+    ms[0] = np.float32(0.0)
+    vs[0] = np.float32(1.0)
+    total = np.float32(1.0)
+    for j in range(1, n_kv):
+        sj = scores[j]
+        if sj > m:
+            ms[j] = np.float32(np.exp(np.float32(m - sj)))
+            vs[j] = np.float32(1.0)
+            m = sj
+        else:
+            ms[j] = np.float32(1.0)
+            vs[j] = np.float32(np.exp(np.float32(sj - m)))
+        total = fma(total, ms[j], vs[j])
+    # 3. the f16 accumulator of sum_j p_j * v_j
+    acc[:] = 0
+    for j in range(n_kv):
+        if ms[j] != np.float32(1.0) and j > 0:
+            mj = ms[j]
             for d in range(head_dim):
-                acc[d] = round_f16(fma(f16_to_f32(value[d]), w, acc[d]))
-        inv = np.float32(1.0) / total
-        o = out[t, h * head_dim:(h + 1) * head_dim]
+                acc[d] = round_f16(acc[d] * mj)
+        w = vs[j]
+        if w < np.float32(1e-30):
+            continue   # w * |v| < 2^-80: cannot move an f16 accumulator, and sum S is >= 1
+        value = values[j]
         for d in range(head_dim):
-            o[d] = acc[d] * inv
+            acc[d] = round_f16(fma(f16_to_f32(value[d]), w, acc[d]))
+    inv = np.float32(1.0) / total
+    o = out[t, h * head_dim:(h + 1) * head_dim]
+    for d in range(head_dim):
+        o[d] = acc[d] * inv
 
 
 @njit(cache=True, nogil=True)

@@ -5,7 +5,7 @@ why our logits agree with llama.cpp's:
 
 | weight type               | activations become        | kernel                                   |
 |---------------------------|---------------------------|------------------------------------------|
-| F32                       | f32                       | matmul_float                             |
+| F32                       | f32                       | matmul_float_tiles                       |
 | F16 / BF16                | rounded to f16 / bf16     | the same (weights widened at load)       |
 | Q4_0, Q5_0, Q8_0          | Q8_0 blocks of 32         | matmul_q32_lanes                         |
 | Q4_1, Q5_1                | Q8_1 blocks of 32 (+ sum) | matmul_q32_lanes                         |
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import blocks
-from .kernels import (ROW_TILE, matmul_float, matmul_int8, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
+from .kernels import (ROW_TILE, matmul_float_tiles, matmul_int8, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       quantize_q8_blocks, quantize_q8_k)
 from .simd import have_avx2
 
@@ -40,7 +40,7 @@ class PackedWeight:
     n_cols: int
     act_format: str               # how activations are prepared (see ACT_FORMAT)
     group: int                    # weights per scale group (int8 formats), 0 for float
-    w: np.ndarray | None = None   # [n_rows, n_cols] f32 (float formats)
+    w: np.ndarray | None = None   # [n_tiles, n_cols, ROW_TILE] f32 (float formats), rows transposed
     # int8 formats. K-quants: q [n_rows, group, n_groups] (block-minor), scale/minimum
     # [n_rows, n_groups]. 32-blocks: q [n_tiles, n_blocks, 32, ROW_TILE] int8 with ROW_TILE
     # rows interleaved (Q4_0/Q4_1: [n_tiles, n_blocks, 16, ROW_TILE] uint8, the packed nibble
@@ -55,7 +55,7 @@ class PackedWeight:
         return self.act_format, self.group
 
 
-def _float_rows(type_name: str, data: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
+def float_rows(type_name: str, data: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
     if type_name == "F32":
         return np.asarray(data, dtype=np.float32).reshape(n_rows, n_cols)  # a view of the mmap
     if type_name == "F16":
@@ -71,8 +71,10 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
     """Turn a GGUF tensor's bytes into the kernels' layout. `simd` picks the Q4_0/Q4_1 layout
     of the AVX2 kernel (default: where this CPU has AVX2) or of the portable one."""
     fmt = ACT_FORMAT[type_name]
-    if fmt in ("f32", "f16", "bf16"):
-        return PackedWeight(type_name, n_rows, n_cols, fmt, 0, w=_float_rows(type_name, data, n_rows, n_cols))
+    if fmt in ("f32", "f16", "bf16"):   # widened to f32, transposed in row tiles: [tiles, K, R]
+        rows = float_rows(type_name, data, n_rows, n_cols)
+        return PackedWeight(type_name, n_rows, n_cols, fmt, 0,
+                            w=_row_tiles(rows.reshape(n_rows, 1, n_cols), n_rows)[:, 0])
     if n_rows > PACK_CHUNK_ROWS:
         return _pack_in_chunks(type_name, data, n_rows, n_cols, simd)
     if type_name in ("Q4_0", "Q4_1"):
@@ -195,11 +197,11 @@ def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None =
     through tinyBLAS (float weights only; None: every token)."""
     if w.w is not None:
         n_tokens = act.x.shape[0]
-        out = np.empty((n_tokens, w.n_rows), np.float32)
+        out = np.empty((n_tokens, w.w.shape[0] * ROW_TILE), np.float32)
         if tinyblas_rows is None:
             tinyblas_rows = np.ones(n_tokens, bool)
-        matmul_float(act.x, w.w, tinyblas_rows, w.act_format == "f16", out)
-        return out
+        matmul_float_tiles(act.x, w.w, tinyblas_rows, w.act_format == "f16", out)
+        return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
     if w.act_format == "q8_k":
         out = np.empty((act.q.shape[0], w.n_rows), np.float32)
         matmul_int8(act.q, act.d, act.s, w.q, w.scale, w.minimum, out)

@@ -50,6 +50,25 @@ def reduce4x8(a):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def reduce4x8_across(lanes, n, out):
+    """reduce4x8 for n dot products side by side: lanes [32, >= n] holds lane l of product j
+    in lanes[l, j] (clobbered); out[j] gets the reduced sum. Each loop runs across the
+    products, over 1-D row views, so it vectorizes."""
+    for l in range(8):
+        a, b, c, d = lanes[l], lanes[16 + l], lanes[8 + l], lanes[24 + l]
+        for j in range(n):
+            a[j] = a[j] + b[j]
+            c[j] = c[j] + d[j]
+    for l in range(8):
+        a, c = lanes[l], lanes[8 + l]
+        for j in range(n):
+            a[j] = a[j] + c[j]
+    l0, l1, l2, l3, l4, l5, l6, l7 = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]
+    for j in range(n):
+        out[j] = ((l0[j] + l4[j]) + (l1[j] + l5[j])) + ((l2[j] + l6[j]) + (l3[j] + l7[j]))
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _dot_tinyblas(x, w, t, r, n_cols, lanes):
     """llamafile tinyBLAS order (K % 8 == 0): lane i sums elements k = i mod 8 with FMA, hsum8."""
     lanes[:8] = 0
@@ -99,7 +118,65 @@ def matmul_float(x, w, tinyblas_rows, tail_in_double, out):
                 out[t, r] = _dot_vecdot(x, w, t, r, n_cols, lanes, tail_in_double)
 
 
-ROW_TILE = 32  # rows interleaved per tile in the Q8_0/Q8_1-family layout
+ROW_TILE = 32  # rows interleaved per tile (float and 32-block layouts)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
+    """matmul_float (its twin, summed row by row) with ROW_TILE rows per SIMD pass: the weights
+    are stored transposed per tile, so for each k the loop over rows reads contiguous floats
+    and every row's lanes get exactly the FMAs, in the same order, as in matmul_float.
+
+    x: [T, K] f32; wt: [n_tiles, K, R] f32 (rows zero-padded to the tile); tinyblas_rows: [T]
+    bool; out: [T, n_tiles * R] f32
+    """
+    n_tokens, n_cols = x.shape
+    n_tiles, _, n_r = wt.shape
+    tinyblas_ok = n_cols % 8 == 0
+    n_simd = n_cols - n_cols % 32
+    for tile in prange(n_tiles):
+        w = wt[tile]                                  # [K, R]
+        lanes = np.empty((32, n_r), np.float32)
+        total = np.empty(n_r, np.float32)
+        wide = np.empty(n_r, np.float64)
+        for t in range(n_tokens):
+            xt = x[t]
+            o = out[t, tile * n_r:(tile + 1) * n_r]
+            if tinyblas_ok and tinyblas_rows[t]:      # 8 lanes: k mod 8, then hsum8
+                lanes[:8, :] = 0
+                for k in range(n_cols):
+                    lane, wk, xk = lanes[k % 8], w[k], xt[k]
+                    for r in range(n_r):
+                        lane[r] = fma(wk[r], xk, lane[r])
+                l0, l1, l2, l3, l4, l5, l6, l7 = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]
+                for r in range(n_r):
+                    o[r] = ((l0[r] + l4[r]) + (l2[r] + l6[r])) + ((l1[r] + l5[r]) + (l3[r] + l7[r]))
+                continue
+            # ggml_vec_dot: 32 lanes over the blocks of 32, reduce4x8, then the tail
+            lanes[:, :] = 0
+            for k in range(n_simd):
+                lane, wk, xk = lanes[k % 32], w[k], xt[k]
+                for r in range(n_r):
+                    lane[r] = fma(wk[r], xk, lane[r])
+            if n_simd:
+                reduce4x8_across(lanes, n_r, total)
+            else:
+                total[:] = 0
+            if tail_in_double:
+                for r in range(n_r):
+                    wide[r] = np.float64(total[r])
+                for k in range(n_simd, n_cols):
+                    wk, xk = w[k], xt[k]
+                    for r in range(n_r):
+                        wide[r] += np.float64(wk[r] * xk)
+                for r in range(n_r):
+                    total[r] = np.float32(wide[r])
+            else:
+                for k in range(n_simd, n_cols):
+                    wk, xk = w[k], xt[k]
+                    for r in range(n_r):
+                        total[r] = fma(wk[r], xk, total[r])
+            o[:] = total
 
 
 @njit(cache=True, nogil=True, parallel=True)
