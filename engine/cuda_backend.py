@@ -42,14 +42,15 @@ def cuda_status() -> tuple[bool, str]:
 class DeviceWeight:
     """One weight matrix on the device, in the kernels' unpacked layout."""
 
-    def __init__(self, tensor, packed: PackedWeight):
+    def __init__(self, raw: np.ndarray, packed: PackedWeight):
+        """raw: the GGUF bytes (or float rows) of the matrix, [n_rows, ...]."""
         from numba import cuda
         self.packed = packed
         name, n_rows, n_cols = packed.type_name, packed.n_rows, packed.n_cols
         if packed.act_format in ("f32", "f16", "bf16"):   # row-major f32, as matmul_float reads
-            self.w = cuda.to_device(np.ascontiguousarray(float_rows(name, tensor.data, n_rows, n_cols)))
+            self.w = cuda.to_device(np.ascontiguousarray(float_rows(name, raw, n_rows, n_cols)))
             return
-        q, scale, minimum, group = blocks.unpack(name, tensor.data, n_rows, n_cols)
+        q, scale, minimum, group = blocks.unpack(name, raw, n_rows, n_cols)
         if minimum is None:
             minimum = np.zeros_like(scale)
         n_groups = n_cols // group
@@ -84,10 +85,14 @@ class CudaLayers:
         self.weights: dict[int, DeviceWeight] = {}
         for i in range(self.n_layers):
             layer = model.layers[i]
-            for attr, name in (("wq", "attn_q"), ("wk", "attn_k"), ("wv", "attn_v"), ("wo", "attn_output"),
-                               ("w_gate", "ffn_gate"), ("w_up", "ffn_up"), ("w_down", "ffn_down")):
-                packed = getattr(layer, attr)
-                self.weights[id(packed)] = DeviceWeight(t[f"blk.{i}.{name}.weight"], packed)
+            groups = ((layer.qkv, ("attn_q", "attn_k", "attn_v")), ((layer.wo,), ("attn_output",)),
+                      (layer.gate_up, ("ffn_gate", "ffn_up")), ((layer.w_down,), ("ffn_down",)))
+            for packed_list, names in groups:
+                raws = [t[f"blk.{i}.{n}.weight"].data for n in names]
+                if len(packed_list) == 1 and len(raws) > 1:   # a stacked projection: stack the rows too
+                    raws = [np.concatenate([np.asarray(r) for r in raws])]
+                for packed, raw in zip(packed_list, raws):
+                    self.weights[id(packed)] = DeviceWeight(raw, packed)
 
     def linear(self, x: np.ndarray, *weights: PackedWeight, tinyblas_rows=None) -> list[np.ndarray]:
         cuda, k = self.cuda, self.k

@@ -21,20 +21,22 @@ from .gguf_model import GGUFModel, ModelLoadError
 from .hparams import HParams
 from .kv_cache import KVCache
 from .ops import attention, rms_norm, rope, swiglu
-from .quants import PackedWeight, linear, pack_tensor
+from .quants import PackedWeight, linear, pack_tensor, pack_weight
 from .quants.blocks import BLOCK_SIZES, dequantize
 
 
 @dataclass(frozen=True)
 class LayerWeights:
+    """One layer's weights. Projections that read the same input and share a tensor type are
+    packed as one matrix (their rows stacked), so they cost one kernel call: `qkv` is
+    (W_qkv,) [n_head*head_dim + 2*n_head_kv*head_dim, n_embd], or (W_q, W_k, W_v) when the
+    file mixes types; `gate_up` likewise (W_gate_up,) [2*n_ff, n_embd] or (W_gate, W_up).
+    Each output row is computed on its own, so stacking changes no result."""
     attn_norm: np.ndarray     # [n_embd] f32
-    wq: PackedWeight          # [n_head * head_dim, n_embd]
-    wk: PackedWeight          # [n_head_kv * head_dim, n_embd]
-    wv: PackedWeight          # [n_head_kv * head_dim, n_embd]
+    qkv: tuple                # PackedWeight(s), see above
     wo: PackedWeight          # [n_embd, n_head * head_dim]
     ffn_norm: np.ndarray      # [n_embd] f32
-    w_gate: PackedWeight      # [n_ff, n_embd]
-    w_up: PackedWeight        # [n_ff, n_embd]
+    gate_up: tuple            # PackedWeight(s), see above
     w_down: PackedWeight      # [n_embd, n_ff]
 
 
@@ -100,19 +102,28 @@ class LlamaModel:
                                      f"the {tname} block size")
             return pack_tensor(tensor)
 
+        def stacked(*names) -> tuple:
+            """One packed matrix of the tensors' rows when they share type and width."""
+            tensors = [need(n) for n in names]
+            kinds = {(x.tensor_type, int(x.shape[0])) for x in tensors}
+            if len(kinds) > 1:
+                return tuple(weight(n) for n in names)
+            for n in names:
+                weight(n)   # (the checks only: the tensors are small)
+            (ttype, n_cols), = kinds
+            rows = np.concatenate([np.asarray(x.data) for x in tensors])
+            return (pack_weight(ttype.name, rows, rows.shape[0], n_cols),)
+
         def vector(name):
             return np.asarray(need(name).data, dtype=np.float32)
 
         def layer(i):
             packed = LayerWeights(
                 attn_norm=vector(f"blk.{i}.attn_norm.weight"),
-                wq=weight(f"blk.{i}.attn_q.weight"),
-                wk=weight(f"blk.{i}.attn_k.weight"),
-                wv=weight(f"blk.{i}.attn_v.weight"),
+                qkv=stacked(f"blk.{i}.attn_q.weight", f"blk.{i}.attn_k.weight", f"blk.{i}.attn_v.weight"),
                 wo=weight(f"blk.{i}.attn_output.weight"),
                 ffn_norm=vector(f"blk.{i}.ffn_norm.weight"),
-                w_gate=weight(f"blk.{i}.ffn_gate.weight"),
-                w_up=weight(f"blk.{i}.ffn_up.weight"),
+                gate_up=stacked(f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight"),
                 w_down=weight(f"blk.{i}.ffn_down.weight"),
             )
             gguf.drop_resident_pages()   # the layer's GGUF pages were copied: out of our RSS now
@@ -120,6 +131,8 @@ class LlamaModel:
                 on_layer(1)
             return packed
 
+        hp = self.hp
+        self.qkv_sizes = (hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, hp.n_head_kv * hp.head_dim)
         self.token_embd = TokenEmbedding(need("token_embd.weight"))
         self.layers = [layer(i) for i in range(self.hp.n_layer)]
         self.output_norm = vector("output_norm.weight")
@@ -153,7 +166,7 @@ class LlamaModel:
             ops = self.gpu if self.gpu is not None and il < self.gpu.n_layers else CPU_OPS
             # attention block
             h = ops.rms_norm(x, layer.attn_norm, hp.rms_eps)       # [T, n_embd]
-            q, k, v = ops.linear(h, layer.wq, layer.wk, layer.wv, tinyblas_rows=order)  # [T, n_head*hd], [T, n_kv*hd] x2
+            q, k, v = split(ops.linear(h, *layer.qkv, tinyblas_rows=order), self.qkv_sizes)  # [T, n_head*hd], [T, n_kv*hd] x2
             rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
             rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
             cache.store(il, batch.seq_ids, batch.positions, k, v)
@@ -168,7 +181,7 @@ class LlamaModel:
                 order = np.zeros(len(x), bool)
             # feed-forward block (SwiGLU)
             h = ops.rms_norm(x, layer.ffn_norm, hp.rms_eps)
-            gate, up = ops.linear(h, layer.w_gate, layer.w_up, tinyblas_rows=order)  # [T, n_ff] x2
+            gate, up = split(ops.linear(h, *layer.gate_up, tinyblas_rows=order), (hp.n_ff, hp.n_ff))  # [T, n_ff] x2
             act = np.empty_like(gate)
             swiglu(gate, up, act)
             (down,) = ops.linear(act, layer.w_down, tinyblas_rows=order)  # [T, n_embd]
@@ -176,6 +189,15 @@ class LlamaModel:
         normed = rms_norm_rows(x, self.output_norm, hp.rms_eps)   # [n_wanted, n_embd]
         (logits,) = linear(normed, self.output, tinyblas_rows=order)  # [n_wanted, n_vocab]
         return logits
+
+
+def split(outputs: list, sizes: tuple) -> list:
+    """The outputs of separate projections, or the column blocks of a stacked one."""
+    if len(outputs) == len(sizes):
+        return outputs
+    (stacked,) = outputs
+    bounds = np.cumsum(sizes)[:-1]
+    return [np.ascontiguousarray(part) for part in np.split(stacked, bounds, axis=1)]
 
 
 def rms_norm_rows(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
