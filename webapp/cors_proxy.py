@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-import requests
 from flask import Blueprint, Response, current_app, request
 
 from .errors import APIError
@@ -37,6 +36,7 @@ def cors_proxy():
         raise APIError("authentication in target URL is not supported", 400)
     headers = {k[len(PREFIX):]: v for k, v in request.headers.items()
                if k.lower().startswith(PREFIX) and len(k) > len(PREFIX)}
+    import requests   # only a proxying server pays for it (~6 MB)
     session = requests.Session()
     session.trust_env = False   # no proxy settings or ~/.netrc credentials of ours go upstream
     # requests' own defaults (User-Agent, Accept: */*) stay unless the page named them
