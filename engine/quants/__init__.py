@@ -19,10 +19,11 @@ import numpy as np
 
 from . import blocks
 from .kernels import (ROW_TILE, matmul_float_tiles, matmul_int8, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
+                      matmul_q32_simd,
                       quantize_q8_blocks, quantize_q8_k)
 from .simd import have_avx2
 
-USE_AVX2 = have_avx2()   # Q4_0/Q4_1 through simd.py's vpmaddubsw loop, else the portable kernel
+USE_AVX2 = have_avx2()   # 32-weight blocks through simd.py's vpmaddubsw loops, else the portable kernels
 
 ACT_FORMAT = {
     "F32": "f32", "F16": "f16", "BF16": "bf16",
@@ -68,8 +69,8 @@ def float_rows(type_name: str, data: np.ndarray, n_rows: int, n_cols: int) -> np
 
 def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
                 simd: bool | None = None) -> PackedWeight:
-    """Turn a GGUF tensor's bytes into the kernels' layout. `simd` picks the Q4_0/Q4_1 layout
-    of the AVX2 kernel (default: where this CPU has AVX2) or of the portable one."""
+    """Turn a GGUF tensor's bytes into the kernels' layout. `simd` picks the layout of the
+    AVX2 kernels for 32-weight blocks (default: where this CPU has AVX2) or of the portable ones."""
     fmt = ACT_FORMAT[type_name]
     if fmt in ("f32", "f16", "bf16"):   # widened to f32, transposed in row tiles: [tiles, K, R]
         rows = float_rows(type_name, data, n_rows, n_cols)
@@ -88,7 +89,10 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
         return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=q_block_minor, scale=scale,
                             minimum=minimum)
     # 32-weight blocks: interleave ROW_TILE rows (padded with zero rows) for matmul_q32_lanes
-    return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=_row_tiles(q.reshape(n_rows, n_groups, 32), n_rows),
+    tiles = _row_tiles(q.reshape(n_rows, n_groups, 32), n_rows)    # [tiles, NB, 32, R]
+    if USE_AVX2 if simd is None else simd:   # -> [tiles, NB, 8, R, 4]: weights 4i..4i+3 per row
+        tiles = np.ascontiguousarray(tiles.reshape(tiles.shape[0], n_groups, 8, 4, ROW_TILE).transpose(0, 1, 2, 4, 3))
+    return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=tiles,
                         scale=_row_tiles(scale, n_rows), minimum=_row_tiles(minimum, n_rows))
 
 
@@ -212,6 +216,8 @@ def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None =
     elif w.type_name in ("Q4_0", "Q4_1"):
         matmul_q4_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, 8 if w.type_name == "Q4_0" else 0,
                         w.type_name == "Q4_1", out)
+    elif w.q.ndim == 5:   # 4-byte groups for simd.q8_lanes
+        matmul_q32_simd(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
     else:
         matmul_q32_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
     return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out

@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..float_ops import f16_to_f32, fma, round_f16
-from .simd import q4_0_lanes, q4_1_lanes
+from .simd import q4_0_lanes, q4_1_lanes, q8_lanes
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -317,6 +317,31 @@ def matmul_q4_simd(xq, xd, xs, wq4, wd, wm, has_min, out):
                         summs[r] = fma(mb[r], xsb, summs[r])
             else:
                 q4_0_lanes(wq4, wd, tile, xq, xd, t, lanes)
+            o = out[t, tile * n_r:(tile + 1) * n_r]
+            for r in range(n_r):
+                o[r] = hsum8(lanes[:, r]) + summs[r]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q32_simd(xq, xd, xs, wq, wd, wm, has_min, out):
+    """matmul_q32_lanes with its block loop in AVX2 (simd.q8_lanes: vpmaddubsw and vpmaddwd on
+    8 rows at a time), bit for bit the same. Arguments as matmul_q32_lanes, except the weights,
+    in groups of 4 (pack_weight(..., simd=True)):
+    wq: [n_tiles, NB, 8, R, 4] int8, slot i holding weights 4i..4i+3 of each row."""
+    n_tokens = xq.shape[0]
+    n_tiles, n_blocks, _, n_r, _ = wq.shape
+    for tile in prange(n_tiles):
+        lanes = np.empty((8, n_r), np.float32)
+        summs = np.empty(n_r, np.float32)
+        for t in range(n_tokens):
+            q8_lanes(wq, wd, tile, xq, xd, t, lanes)
+            summs[:] = 0
+            if has_min:
+                for b in range(n_blocks):
+                    xsb = xs[t, b]
+                    mb = wm[tile, b]
+                    for r in range(n_r):
+                        summs[r] = fma(mb[r], xsb, summs[r])
             o = out[t, tile * n_r:(tile + 1) * n_r]
             for r in range(n_r):
                 o[r] = hsum8(lanes[:, r]) + summs[r]

@@ -1,4 +1,4 @@
-"""Hand-vectorized AVX2 inner loops for Q4_0/Q4_1, written in LLVM IR through llvmlite.
+"""Hand-vectorized AVX2 inner loops for the 32-weight block types, in LLVM IR through llvmlite.
 
 Why by hand: Numba types every integer product as int64, and from Numba's IR LLVM's
 vectorizer then multiplies nibbles by activations in 64-bit lanes (4 per register). ggml's
@@ -13,11 +13,15 @@ element: lane i of a block is the exact integer sum of 4 nibble x int8 products 
 `lane = fma(d_w * d_x, float(sum), lane)`. Only the number of rows computed per instruction
 changes, so results are bit-identical (tests compare the two).
 
-Layout read (see `pack_q4`): per tile of ROW_TILE rows and per block, 16 x ROW_TILE bytes as
+Q4 layout read (`_pack_q4`): per tile of ROW_TILE rows and per block, 16 x ROW_TILE bytes as
 [8 slots][ROW_TILE rows][2 bytes]. Slot 2i + q holds, for every row, nibble bytes 4i + 2q and
 4i + 2q + 1 of the GGUF block (byte k: weight k in the low nibble, weight k + 16 in the high
 one). A 32-byte load then gives 16 rows x one byte pair, and `vpmaddubsw` against the matching
 pair of activations, repeated 16 times, gives 16 rows' partial sums at once.
+
+The int8 types (Q8_0, Q5_0, Q5_1, unpacked to int8 at load) use `q8_lanes` the same way, with
+4-byte groups: [8 slots][ROW_TILE rows][4 bytes], slot i holding weights 4i..4i+3, so one load
+is 8 rows x one lane's 4 weights, and vpmaddubsw + vpmaddwd give 8 rows' lane sums.
 """
 from __future__ import annotations
 
@@ -56,6 +60,71 @@ def _load(builder, base, byte_offset, vtype):
     return builder.load(builder.bitcast(ptr, vtype.as_pointer()), align=1)
 
 
+class _Tile:
+    """The arrays of one (tile, token) call as raw pointers and sizes, and the loop that every
+    kernel here shares: for each group of `rows` rows, 8 lane accumulators (vectors of `rows`
+    f32) start at zero, `block(tile, g, b, acc)` adds one block into them, and they are stored
+    to lanes[0:8, g*rows:(g+1)*rows]."""
+
+    def __init__(self, context, builder, signature, args):
+        wq, wd, tile, xq, xd, t, lanes = args
+        wq_s, wd_s, _, xq_s, xd_s, _, lanes_s = signature.args
+        arr = context.make_array(wq_s)(context, builder, wq)
+        _, self.n_blocks, _, self.n_rows, _ = cgutils.unpack_tuple(builder, arr.shape, 5)
+        i8p = _i8.as_pointer()
+        self.builder = builder
+        self.wq = builder.bitcast(arr.data, i8p)                                      # bytes
+        self.wd = builder.bitcast(context.make_array(wd_s)(context, builder, wd).data, i8p)
+        self.xq = builder.bitcast(context.make_array(xq_s)(context, builder, xq).data, i8p)
+        self.xd = context.make_array(xd_s)(context, builder, xd).data                 # f32*
+        self.out = context.make_array(lanes_s)(context, builder, lanes).data          # f32*
+        self.tile = builder.sext(tile, _i64) if tile.type.width < 64 else tile
+        self.t = builder.sext(t, _i64) if t.type.width < 64 else t
+
+    def intrinsic(self, name, ret, params):
+        return cgutils.get_or_insert_function(self.builder.module, ir.FunctionType(ret, params), name)
+
+    def loop(self, rows: int, vtype, block):
+        builder, c = self.builder, _c
+        acc = [cgutils.alloca_once(builder, vtype) for _ in range(8)]
+        with cgutils.for_range(builder, builder.udiv(self.n_rows, c(rows))) as group:
+            g = group.index
+            for a in acc:
+                builder.store(ir.Constant(vtype, [0.0] * vtype.count), a)
+            with cgutils.for_range(builder, self.n_blocks) as b:
+                block(g, b.index, acc)
+            for lane in range(8):
+                dst = builder.gep(self.out, [builder.add(builder.mul(c(lane), self.n_rows), builder.mul(g, c(rows)))])
+                builder.store(builder.load(acc[lane]), builder.bitcast(dst, vtype.as_pointer()), align=4)
+
+    def x_block(self, b):
+        """(byte offset of the activations' block b, its scale d_x)"""
+        builder = self.builder
+        tb = builder.add(builder.mul(self.t, self.n_blocks), b)
+        return builder.mul(tb, _c(32)), builder.load(builder.gep(self.xd, [tb]))
+
+    def scale_index(self, g, b, rows: int):
+        """index of wd[tile, b, g * rows]"""
+        builder = self.builder
+        return builder.add(builder.mul(builder.add(builder.mul(self.tile, self.n_blocks), b), self.n_rows),
+                           builder.mul(g, _c(rows)))
+
+    def weight_block(self, b, bytes_per_row: int):
+        """byte offset of wq[tile, b]"""
+        builder = self.builder
+        block_bytes = builder.mul(self.n_rows, _c(bytes_per_row))
+        return builder.mul(builder.add(builder.mul(self.tile, self.n_blocks), b), block_bytes)
+
+    def x_bytes(self, offset, itype):
+        """The activation bytes at `offset` read as one integer of type itype (2 or 4 bytes)."""
+        ptr = self.builder.gep(self.xq, [offset])
+        return self.builder.load(self.builder.bitcast(ptr, itype.as_pointer()), align=1)
+
+
+def _c(v):
+    return ir.Constant(_i64, v)
+
+
 def _make_q4_lanes(offset: int):
     """The intrinsic for Q4_0 (weight = nibble - 8: offset 8) or Q4_1 (offset 0)."""
 
@@ -67,88 +136,105 @@ def _make_q4_lanes(offset: int):
         wq: [n_tiles, NB, 8, R, 2] uint8; wd: [n_tiles, NB, R] uint16 (f16 scales)
         xq: [T, NB, 32] int8; xd: [T, NB] f32; lanes: [8, R] f32 (written)
         """
-        sig = types.void(wq, wd, tile, xq, xd, t, lanes)
-
         def codegen(context, builder, signature, args):
-            wq_a, wd_a, tile_v, xq_a, xd_a, t_v, lanes_a = args
-            wq_s, wd_s, _, xq_s, xd_s, _, lanes_s = signature.args
-            wq_arr = context.make_array(wq_s)(context, builder, wq_a)
-            _, n_blocks, _, n_rows, _ = cgutils.unpack_tuple(builder, wq_arr.shape, 5)
-            i8p = _i8.as_pointer()
-            wq_p = builder.bitcast(wq_arr.data, i8p)
-            wd_p = builder.bitcast(context.make_array(wd_s)(context, builder, wd_a).data, i8p)
-            xq_p = builder.bitcast(context.make_array(xq_s)(context, builder, xq_a).data, i8p)
-            xd_p = context.make_array(xd_s)(context, builder, xd_a).data       # f32*
-            out_p = context.make_array(lanes_s)(context, builder, lanes_a).data  # f32*
-            tile_v = builder.sext(tile_v, _i64) if tile_v.type.width < 64 else tile_v
-            t_v = builder.sext(t_v, _i64) if t_v.type.width < 64 else t_v
-
-            mod = builder.module
-            maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16i16, [_V32i8, _V32i8]),
-                                                     "llvm.x86.avx2.pmadd.ub.sw")
-            fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16f32, [_V16f32] * 3), "llvm.fma.v16f32")
+            k = _Tile(context, builder, signature, args)
+            maddubs = k.intrinsic("llvm.x86.avx2.pmadd.ub.sw", _V16i16, [_V32i8, _V32i8])
+            fma = k.intrinsic("llvm.fma.v16f32", _V16f32, [_V16f32] * 3)
             low_mask = ir.Constant(_V32i8, [0x0F] * 32)
             four = ir.Constant(_V32i8, [4] * 32)
-            c = lambda v: ir.Constant(_i64, v)   # noqa: E731
-            acc = [cgutils.alloca_once(builder, _V16f32) for _ in range(8)]
 
-            block_bytes = builder.mul(n_rows, c(16))                       # 16 bytes per row
-            tile_base = builder.mul(builder.mul(tile_v, n_blocks), block_bytes)
-            n_groups = builder.udiv(n_rows, c(ROWS))
-            with cgutils.for_range(builder, n_groups) as group:
-                g = group.index
-                for a in acc:
-                    builder.store(ir.Constant(_V16f32, [0.0] * 16), a)
-                with cgutils.for_range(builder, n_blocks) as block:
-                    b = block.index
-                    xb = builder.mul(builder.add(builder.mul(t_v, n_blocks), b), c(32))   # byte offset of x block
-                    xd_b = builder.load(builder.gep(xd_p, [builder.add(builder.mul(t_v, n_blocks), b)]))
-                    # d = d_w * d_x for 16 rows: the f16 scales widened by vcvtph2ps
-                    wd_off = builder.mul(builder.add(builder.mul(builder.add(builder.mul(tile_v, n_blocks), b),
-                                                                 n_rows), builder.mul(g, c(ROWS))), c(2))
-                    d = builder.fmul(builder.fpext(_load(builder, wd_p, wd_off, _V16f16), _V16f32),
-                                     _splat(builder, xd_b, _V16f32))
-                    wb = builder.add(tile_base, builder.mul(b, block_bytes))
-                    for i in range(4):
-                        s_lo = s_hi = None
-                        for q in range(2):
-                            slot = builder.add(wb, builder.add(builder.mul(c(2 * i + q), builder.mul(n_rows, c(2))),
-                                                               builder.mul(g, c(2 * ROWS))))
-                            pairs = _load(builder, wq_p, slot, _V32i8)          # 16 rows x 2 bytes
-                            lo = builder.and_(pairs, low_mask)                   # weights 4i+2q, 4i+2q+1
-                            hi = builder.lshr(pairs, four)                       # weights 16 + the same
-                            k = 4 * i + 2 * q
-                            x_lo = builder.bitcast(_splat(builder, builder.load(builder.bitcast(
-                                builder.gep(xq_p, [builder.add(xb, c(k))]), _i16.as_pointer()), align=1), _V16i16), _V32i8)
-                            x_hi = builder.bitcast(_splat(builder, builder.load(builder.bitcast(
-                                builder.gep(xq_p, [builder.add(xb, c(16 + k))]), _i16.as_pointer()), align=1), _V16i16), _V32i8)
-                            p_lo = builder.call(maddubs, [lo, x_lo])
-                            p_hi = builder.call(maddubs, [hi, x_hi])
-                            s_lo = p_lo if s_lo is None else builder.add(s_lo, p_lo)
-                            s_hi = p_hi if s_hi is None else builder.add(s_hi, p_hi)
-                        if offset:   # sum (n - off) x = sum n x - off * sum x, exactly, in 16 bits
-                            for which, base in ((0, 4 * i), (1, 16 + 4 * i)):
-                                total = ir.Constant(_i16, 0)
-                                for m in range(4):
-                                    xv = builder.load(builder.gep(xq_p, [builder.add(xb, c(base + m))]))
-                                    total = builder.add(total, builder.sext(xv, _i16))
-                                corr = _splat(builder, builder.mul(total, ir.Constant(_i16, offset)), _V16i16)
-                                if which == 0:
-                                    s_lo = builder.sub(s_lo, corr)
-                                else:
-                                    s_hi = builder.sub(s_hi, corr)
-                        for lane, s in ((i, s_lo), (i + 4, s_hi)):
-                            f = builder.sitofp(builder.sext(s, _V16i32), _V16f32)
-                            builder.store(builder.call(fma, [d, f, builder.load(acc[lane])]), acc[lane])
-                for lane in range(8):
-                    dst = builder.gep(out_p, [builder.add(builder.mul(c(lane), n_rows), builder.mul(g, c(ROWS)))])
-                    builder.store(builder.load(acc[lane]), builder.bitcast(dst, _V16f32.as_pointer()), align=4)
+            def block(g, b, acc):
+                xb, xd_b = k.x_block(b)
+                # d = d_w * d_x for 16 rows: the f16 scales widened by vcvtph2ps
+                wd_at = builder.mul(k.scale_index(g, b, ROWS), _c(2))
+                d = builder.fmul(builder.fpext(_load(builder, k.wd, wd_at, _V16f16), _V16f32),
+                                 _splat(builder, xd_b, _V16f32))
+                wb = k.weight_block(b, 16)
+                for i in range(4):
+                    s_lo = s_hi = None
+                    for q in range(2):
+                        slot = builder.add(wb, builder.add(builder.mul(_c(2 * i + q), builder.mul(k.n_rows, _c(2))),
+                                                           builder.mul(g, _c(2 * ROWS))))
+                        pairs = _load(builder, k.wq, slot, _V32i8)          # 16 rows x 2 bytes
+                        lo = builder.and_(pairs, low_mask)                   # weights 4i+2q, 4i+2q+1
+                        hi = builder.lshr(pairs, four)                       # weights 16 + the same
+                        at = 4 * i + 2 * q
+                        x_lo = builder.bitcast(_splat(builder, k.x_bytes(builder.add(xb, _c(at)), _i16), _V16i16), _V32i8)
+                        x_hi = builder.bitcast(_splat(builder, k.x_bytes(builder.add(xb, _c(16 + at)), _i16), _V16i16), _V32i8)
+                        p_lo = builder.call(maddubs, [lo, x_lo])
+                        p_hi = builder.call(maddubs, [hi, x_hi])
+                        s_lo = p_lo if s_lo is None else builder.add(s_lo, p_lo)
+                        s_hi = p_hi if s_hi is None else builder.add(s_hi, p_hi)
+                    if offset:   # sum (n - off) x = sum n x - off * sum x, exactly, in 16 bits
+                        for which, base in ((0, 4 * i), (1, 16 + 4 * i)):
+                            total = ir.Constant(_i16, 0)
+                            for m in range(4):
+                                xv = builder.load(builder.gep(k.xq, [builder.add(xb, _c(base + m))]))
+                                total = builder.add(total, builder.sext(xv, _i16))
+                            corr = _splat(builder, builder.mul(total, ir.Constant(_i16, offset)), _V16i16)
+                            if which == 0:
+                                s_lo = builder.sub(s_lo, corr)
+                            else:
+                                s_hi = builder.sub(s_hi, corr)
+                    for lane, s in ((i, s_lo), (i + 4, s_hi)):
+                        f = builder.sitofp(builder.sext(s, _V16i32), _V16f32)
+                        builder.store(builder.call(fma, [d, f, builder.load(acc[lane])]), acc[lane])
+
+            k.loop(ROWS, _V16f32, block)
             return context.get_dummy_value()
 
-        return sig, codegen
+        return types.void(wq, wd, tile, xq, xd, t, lanes), codegen
 
     return q4_lanes
 
 
 q4_0_lanes = _make_q4_lanes(8)
 q4_1_lanes = _make_q4_lanes(0)
+
+
+_V8i32, _V8f32 = ir.VectorType(_i32, 8), ir.VectorType(_f32, 8)
+QUAD_ROWS = 8   # rows per 256-bit vector of 4-byte groups
+
+
+@intrinsic
+def q8_lanes(typingctx, wq, wd, tile, xq, xd, t, lanes):
+    """The int8 twin of q4_lanes, for 32-weight blocks unpacked to int8 (Q8_0, Q5_0, Q5_1):
+    lanes[i, r] = ggml's 8 AVX2 accumulators of row r, summed over all blocks.
+
+    Per block, lane i is the exact sum of weights 4i..4i+3 times the activations, as ggml's
+    mul_sum_i8_pairs_float computes it: vpmaddubsw of |w| and the activations with w's sign
+    (pairs, at most 2 * 128 * 127, no saturation), then vpmaddwd with ones (the 4-sums).
+
+    wq: [n_tiles, NB, 8, R, 4] int8 (slot i: weights 4i..4i+3 of each of the R rows)
+    wd: [n_tiles, NB, R] f32; xq: [T, NB, 32] int8; xd: [T, NB] f32; lanes: [8, R] f32
+    """
+    def codegen(context, builder, signature, args):
+        k = _Tile(context, builder, signature, args)
+        maddubs = k.intrinsic("llvm.x86.avx2.pmadd.ub.sw", _V16i16, [_V32i8, _V32i8])
+        madd = k.intrinsic("llvm.x86.avx2.pmadd.wd", _V8i32, [_V16i16, _V16i16])
+        fma = k.intrinsic("llvm.fma.v8f32", _V8f32, [_V8f32] * 3)
+        zero = ir.Constant(_V32i8, [0] * 32)
+        ones = ir.Constant(_V16i16, [1] * 16)
+
+        def block(g, b, acc):
+            xb, xd_b = k.x_block(b)
+            wd_v = _load(builder, k.wd, builder.mul(k.scale_index(g, b, QUAD_ROWS), _c(4)), _V8f32)
+            d = builder.fmul(wd_v, _splat(builder, xd_b, _V8f32))
+            wb = k.weight_block(b, 32)
+            for i in range(8):
+                slot = builder.add(wb, builder.add(builder.mul(_c(i), builder.mul(k.n_rows, _c(4))),
+                                                   builder.mul(g, _c(4 * QUAD_ROWS))))
+                w = _load(builder, k.wq, slot, _V32i8)                                # 8 rows x 4 bytes
+                y = builder.bitcast(_splat(builder, k.x_bytes(builder.add(xb, _c(4 * i)), _i32), _V8i32),
+                                    _V32i8)                                             # x[4i..4i+3] x 8
+                negative = builder.icmp_signed("<", w, zero)
+                w_abs = builder.select(negative, builder.sub(zero, w), w)
+                y_signed = builder.select(negative, builder.sub(zero, y), y)
+                quads = builder.call(madd, [builder.call(maddubs, [w_abs, y_signed]), ones])  # lane i, 8 rows
+                f = builder.sitofp(quads, _V8f32)
+                builder.store(builder.call(fma, [d, f, builder.load(acc[i])]), acc[i])
+
+        k.loop(QUAD_ROWS, _V8f32, block)
+        return context.get_dummy_value()
+
+    return types.void(wq, wd, tile, xq, xd, t, lanes), codegen
