@@ -196,8 +196,11 @@ def split(outputs: list, sizes: tuple) -> list:
     if len(outputs) == len(sizes):
         return outputs
     (stacked,) = outputs
-    bounds = np.cumsum(sizes)[:-1]
-    return [np.ascontiguousarray(part) for part in np.split(stacked, bounds, axis=1)]
+    parts, at = [], 0
+    for n in sizes:   # one decode row's slices are contiguous already: no copy then
+        parts.append(np.ascontiguousarray(stacked[:, at:at + n]))
+        at += n
+    return parts
 
 
 def rms_norm_rows(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
