@@ -126,7 +126,7 @@ class CudaLayers:
     def attention(self, q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, out):
         cuda = self.cuda
         n_ctx = int(positions.max()) + 1
-        kc = cuda.to_device(np.ascontiguousarray(k_cache[..., :n_ctx]).view(np.float16))
+        kc = cuda.to_device(np.ascontiguousarray(k_cache[:, :, :-(-n_ctx // k_cache.shape[-1])]).view(np.float16))
         vc = cuda.to_device(np.ascontiguousarray(v_cache[:, :, :n_ctx]).view(np.float16))
         jobs = q.shape[0] * n_head
         scores = cuda.device_array((jobs, n_ctx), np.float32)

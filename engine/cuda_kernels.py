@@ -158,7 +158,7 @@ def round_f16(v):
 def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, scores, out):
     """Twin of ops.attention (ggml's flash attention with an f16 cache): one thread per
     (token, head); f16 dot products (lane order for head_dim >= 32), online softmax, f16
-    accumulator with FMA.  k_cache: [n_seq, n_kv, hd, n_ctx] f16 (transposed, as on the host);
+    accumulator with FMA.  k_cache: [n_seq, n_kv, n_chunks, hd, k_chunk] f16 (as on the host);
     v_cache: [n_seq, n_kv, n_ctx, hd] f16;
     scores: [T * n_head, n_ctx] f32 scratch; out: [T, n_head * hd] f32"""
     job = cuda.grid(1)
@@ -169,6 +169,7 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     kvh = h // (n_head // n_head_kv)
     s_id = seq_ids[t]
     n_kv = positions[t] + 1
+    k_chunk = k_cache.shape[4]
     scale = np.float32(1.0) / math.sqrt(np.float32(head_dim))
     lanes = cuda.local.array(32, np.float32)
     n_simd = head_dim - head_dim % 32
@@ -177,10 +178,12 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
             lanes[i] = 0
         for l in range(0, n_simd, 32):
             for i in range(32):
-                lanes[i] = fma(round_f16(q[t, h * head_dim + l + i]), np.float32(k_cache[s_id, kvh, l + i, j]), lanes[i])
+                key = np.float32(k_cache[s_id, kvh, j // k_chunk, l + i, j % k_chunk])
+                lanes[i] = fma(round_f16(q[t, h * head_dim + l + i]), key, lanes[i])
         total = np.float64(reduce4x8(lanes)) if n_simd else 0.0
         for d in range(n_simd, head_dim):
-            total += np.float64(round_f16(q[t, h * head_dim + d]) * np.float32(k_cache[s_id, kvh, d, j]))
+            key = np.float32(k_cache[s_id, kvh, j // k_chunk, d, j % k_chunk])
+            total += np.float64(round_f16(q[t, h * head_dim + d]) * key)
         scores[job, j] = np.float32(total) * scale
     m = scores[job, 0]
     s_total = np.float32(1.0)

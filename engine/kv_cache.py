@@ -4,18 +4,30 @@ Each sequence (a server slot) owns a row of `n_ctx` cells; the token at position
 sequence lives in cell p. llama.cpp stores the cache in f16 by default and so do we: as uint16
 bit patterns (Numba has no f16 type on the CPU), widened exactly in `ops.attention`.
 
-Keys are stored transposed, [head_dim, n_ctx] per head: attention's score pass then reads, for
-each dimension, a contiguous run of positions, and SIMD lanes work on 8 positions at once while
-each position's dot product keeps ggml's own lane order. Values stay [n_ctx, head_dim]: the
-weighted sum runs across head_dim. `cells`/`put_cells` give both in one position-major layout
-for slot files and the prompt cache.
+Keys are stored transposed in chunks of KEY_CHUNK positions, [n_ctx / 64, head_dim, 64] per
+head: attention's score pass then reads, for each dimension, a contiguous run of positions, and
+SIMD lanes work on 8 positions at once while each position's dot product keeps ggml's own lane
+order. (Whole-context rows, [head_dim, n_ctx], would do the same, but one new token would then
+touch a memory page in each of n_layer x n_head_kv x head_dim rows: ~23 MB per SmolLM2 sequence
+before its second token.) Values stay [n_ctx, head_dim]: the weighted sum runs across head_dim.
+`cells`/`put_cells` give both in one position-major layout for slot files and the prompt cache.
 """
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
 from .hparams import HParams
-from .ops import rope, store_f16, store_f16_transposed
+from .ops import KEY_CHUNK, rope, store_f16, store_keys
+
+
+def _lazy_zeros(shape: tuple) -> np.ndarray:
+    """A zeroed uint16 array whose memory is taken page by page as cells are written. (np.zeros
+    asks Linux for 2 MB huge pages on large arrays, and then the first token of each of
+    n_layer x n_head_kv rows would make 2 MB resident: ~300 MB for one short SmolLM2 sequence.)"""
+    n_bytes = int(np.prod(shape)) * 2
+    return np.frombuffer(mmap.mmap(-1, max(n_bytes, 1)), np.uint16, int(np.prod(shape))).reshape(shape)
 
 
 class KVCache:
@@ -24,26 +36,35 @@ class KVCache:
         self.n_ctx = n_ctx
         self.n_head_kv, self.head_dim = hp.n_head_kv, hp.head_dim
         self.hp = hp
-        self.k = np.zeros((hp.n_layer, n_seq, hp.n_head_kv, hp.head_dim, n_ctx), np.uint16)  # f16 bits
-        self.v = np.zeros((hp.n_layer, n_seq, hp.n_head_kv, n_ctx, hp.head_dim), np.uint16)  # f16 bits
+        n_chunks = -(-n_ctx // KEY_CHUNK)
+        # f16 bits: k [n_layer, n_seq, n_head_kv, n_chunks, head_dim, KEY_CHUNK]
+        #           v [n_layer, n_seq, n_head_kv, n_ctx, head_dim]
+        self.k = _lazy_zeros((hp.n_layer, n_seq, hp.n_head_kv, n_chunks, hp.head_dim, KEY_CHUNK))
+        self.v = _lazy_zeros((hp.n_layer, n_seq, hp.n_head_kv, n_ctx, hp.head_dim))
 
     def store(self, layer: int, seq_ids: np.ndarray, positions: np.ndarray,
               k: np.ndarray, v: np.ndarray) -> None:
         """Write a batch's keys and values [T, n_embd_kv] into their sequences' cells."""
         if positions.size and positions.max() >= self.n_ctx:
             raise IndexError(f"position {int(positions.max())} is past the cache size {self.n_ctx}")
-        store_f16_transposed(self.k[layer], seq_ids, positions, k, self.n_head_kv, self.head_dim)
+        store_keys(self.k[layer], seq_ids, positions, k, self.n_head_kv, self.head_dim)
         store_f16(self.v[layer], seq_ids, positions, v, self.n_head_kv, self.head_dim)
+
+    def _keys(self, seq: int, start: int, n: int):
+        """Index of positions start..start+n-1 of a sequence in self.k: [:, seq, :, chunk, :, at]
+        selects them as [n, n_layer, n_head_kv, head_dim]."""
+        p = np.arange(start, start + n)
+        return slice(None), seq, slice(None), p // KEY_CHUNK, slice(None), p % KEY_CHUNK
 
     def cells(self, seq: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of a sequence's first n cells: keys and values [n_layer, n_head_kv, n, head_dim]."""
-        return (np.ascontiguousarray(self.k[:, seq, :, :, :n].transpose(0, 1, 3, 2)),
-                self.v[:, seq, :, :n].copy())
+        keys = self.k[self._keys(seq, 0, n)]                                # [n, n_layer, n_kv, hd]
+        return np.ascontiguousarray(keys.transpose(1, 2, 0, 3)), self.v[:, seq, :, :n].copy()
 
     def put_cells(self, seq: int, k: np.ndarray, v: np.ndarray) -> None:
         """Write cells as `cells` returns them into a sequence's first cells."""
         n = k.shape[2]
-        self.k[:, seq, :, :, :n] = k.transpose(0, 1, 3, 2)
+        self.k[self._keys(seq, 0, n)] = k.transpose(2, 0, 1, 3)
         self.v[:, seq, :, :n] = v
 
     def shift(self, seq: int, n_keep: int, n_discard: int, n_past: int) -> None:
@@ -54,10 +75,11 @@ class KVCache:
         hp = self.hp
         src, dst, m = n_keep + n_discard, n_keep, n_past - n_keep - n_discard
         delta = np.full(m, -n_discard, np.int32)
+        keys = self.k[self._keys(seq, src, m)].view(np.float16).astype(np.float32)   # [m, L, n_kv, hd]
+        moved = np.empty_like(keys)
         for layer in range(hp.n_layer):
-            k = self.k[layer, seq, :, :, src:src + m].view(np.float16).astype(np.float32)  # [n_kv, hd, m]
-            k = np.ascontiguousarray(k.transpose(2, 0, 1).reshape(m, -1))                   # [m, n_kv*hd]
+            k = np.ascontiguousarray(keys[:, layer].reshape(m, -1))                     # [m, n_kv*hd]
             rope(k, delta, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
-            k = k.reshape(m, hp.n_head_kv, hp.head_dim).transpose(1, 2, 0)
-            self.k[layer, seq, :, :, dst:dst + m] = k.astype(np.float16).view(np.uint16)
-            self.v[layer, seq, :, dst:dst + m] = self.v[layer, seq, :, src:src + m].copy()
+            moved[:, layer] = k.reshape(m, hp.n_head_kv, hp.head_dim)
+        self.k[self._keys(seq, dst, m)] = moved.astype(np.float16).view(np.uint16)
+        self.v[:, seq, :, dst:dst + m] = self.v[:, seq, :, src:src + m].copy()

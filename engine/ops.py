@@ -65,30 +65,34 @@ def store_f16(cache_layer, seq_ids, positions, rows, n_head_kv, head_dim):
                 cache_layer[seq_ids[t], h, positions[t], d] = f16_bits_of(rows[t, h * head_dim + d])
 
 
+KEY_CHUNK = 64   # positions per chunk of the transposed key cache (kv_cache.py)
+
+
 @njit(cache=True, nogil=True)
-def store_f16_transposed(cache_layer, seq_ids, positions, rows, n_head_kv, head_dim):
-    """Write rows [T, n_head_kv * head_dim] as f16 bits into the transposed key cache
-    cache_layer [n_seq, n_head_kv, head_dim, n_ctx] uint16 at (seq_ids[t], :, :, positions[t])."""
+def store_keys(cache_layer, seq_ids, positions, rows, n_head_kv, head_dim):
+    """Write rows [T, n_head_kv * head_dim] as f16 bits into the chunked, transposed key cache
+    cache_layer [n_seq, n_head_kv, n_chunks, head_dim, KEY_CHUNK] uint16."""
     for t in range(rows.shape[0]):
+        chunk, at = positions[t] // KEY_CHUNK, positions[t] % KEY_CHUNK
         for h in range(n_head_kv):
             for d in range(head_dim):
-                cache_layer[seq_ids[t], h, d, positions[t]] = f16_bits_of(rows[t, h * head_dim + d])
+                cache_layer[seq_ids[t], h, chunk, d, at] = f16_bits_of(rows[t, h * head_dim + d])
 
 
-SCORE_CHUNK = 64   # positions scored together (lanes scratch: 32 x 64 f32 = 8 KB, in L1)
+SCORE_CHUNK = KEY_CHUNK   # positions scored together (lanes scratch: 32 x 64 f32 = 8 KB, in L1)
 ATTENTION_PARTS = 64   # at most this many scratch sets per call (see attention)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _scores(qh, keys, j0, nj, head_dim, lanes, wide, out):
-    """out[j] = qh . key(j0 + j) for nj positions, each one summed exactly as ggml_vec_dot_f16
+def _scores(qh, keys, nj, head_dim, lanes, wide, out):
+    """out[j] = qh . key(j) for the first nj positions of one key chunk, each one summed exactly as ggml_vec_dot_f16
     on AVX2: blocks of 32 go through 4 accumulators of 8 lanes (FMA), reduced as
     GGML_F32x8_REDUCE; the tail (head_dim % 32) is summed in double.
     Lane l of every position is kept in lanes[l, :nj], so each loop below runs across positions
     (contiguous in the transposed key cache) and vectorizes; the rows are taken as 1-D views
     because Numba vectorizes those loops and not the same loops written with 2-D indexing.
 
-    qh: [head_dim] f32 (f16 values); keys: [head_dim, n_ctx] uint16; lanes: [32, SCORE_CHUNK] f32
+    qh: [head_dim] f32 (f16 values); keys: [head_dim, KEY_CHUNK] uint16; lanes: [32, SCORE_CHUNK] f32
     wide: [SCORE_CHUNK] f64 scratch; out: [nj] f32
     """
     n_simd = head_dim - head_dim % 32
@@ -96,7 +100,7 @@ def _scores(qh, keys, j0, nj, head_dim, lanes, wide, out):
         for l in range(32):
             ql = qh[i + l]
             lane = lanes[l]
-            key = keys[i + l, j0:j0 + nj]
+            key = keys[i + l, :nj]
             if i == 0:
                 for j in range(nj):
                     lane[j] = fma(ql, f16_to_f32(key[j]), np.float32(0.0))
@@ -112,7 +116,7 @@ def _scores(qh, keys, j0, nj, head_dim, lanes, wide, out):
             wide[j] = np.float64(out[j])
         for d in range(n_simd, head_dim):
             qd = qh[d]
-            key = keys[d, j0:j0 + nj]
+            key = keys[d, :nj]
             for j in range(nj):
                 wide[j] += np.float64(qd * f16_to_f32(key[j]))
         for j in range(nj):
@@ -130,7 +134,8 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     recurrence of M and S, then the V accumulation (vectorized across head_dim).
 
     q:        [T, n_head * head_dim] f32 (after RoPE)
-    k_cache:  [n_seq, n_head_kv, head_dim, n_ctx] uint16, f16 bits (one layer, transposed)
+    k_cache:  [n_seq, n_head_kv, n_chunks, head_dim, KEY_CHUNK] uint16, f16 bits (one layer,
+              transposed in chunks of positions, see kv_cache.py)
     v_cache:  [n_seq, n_head_kv, n_ctx, head_dim] uint16, f16 bits
     seq_ids:  [T] i32  which cache row each token reads
     positions:[T] i32  the token attends to cache positions 0..positions[t]
@@ -166,7 +171,7 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
 def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, out,
             qh, acc, all_scores, all_ms, all_vs, lanes, wide):
     """One token's attention for one head (see `attention`), in the scratch arrays given."""
-    keys = k_cache[seq_ids[t], h // group]       # [head_dim, n_ctx]
+    keys = k_cache[seq_ids[t], h // group]       # [n_chunks, head_dim, KEY_CHUNK]
     values = v_cache[seq_ids[t], h // group]     # [n_ctx, head_dim]
     n_kv = positions[t] + 1
     qt = q[t, h * head_dim:(h + 1) * head_dim]
@@ -176,7 +181,7 @@ def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scal
     scores = all_scores[:n_kv]
     for j0 in range(0, n_kv, SCORE_CHUNK):
         nj = min(SCORE_CHUNK, n_kv - j0)
-        _scores(qh, keys, j0, nj, head_dim, lanes, wide, scores[j0:j0 + nj])
+        _scores(qh, keys[j0 // SCORE_CHUNK], nj, head_dim, lanes, wide, scores[j0:j0 + nj])
     for j in range(n_kv):
         scores[j] = scores[j] * scale
     # 2. online softmax: ms[j] rescales the accumulator, vs[j] weighs v_j
