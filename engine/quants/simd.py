@@ -63,8 +63,9 @@ def _load(builder, base, byte_offset, vtype):
 class _Tile:
     """The arrays of one (tile, token) call as raw pointers and sizes, and the loop that every
     kernel here shares: for each group of `rows` rows, 8 lane accumulators (vectors of `rows`
-    f32) start at zero, `block(tile, g, b, acc)` adds one block into them, and they are stored
-    to lanes[0:8, g*rows:(g+1)*rows]."""
+    f32) start at zero, `block(g, b, acc)` adds block b into them, and they are stored to
+    lanes[0:8, g*rows:(g+1)*rows]. The arrays are read through raw pointers, so the intrinsics
+    accept C-contiguous arrays only (`_c_layout`)."""
 
     def __init__(self, context, builder, signature, args):
         wq, wd, tile, xq, xd, t, lanes = args
@@ -125,6 +126,10 @@ def _c(v):
     return ir.Constant(_i64, v)
 
 
+def _c_layout(*arrays) -> bool:
+    return all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
+
+
 def _make_q4_lanes(offset: int):
     """The intrinsic for Q4_0 (weight = nibble - 8: offset 8) or Q4_1 (offset 0)."""
 
@@ -183,6 +188,8 @@ def _make_q4_lanes(offset: int):
             k.loop(ROWS, _V16f32, block)
             return context.get_dummy_value()
 
+        if not _c_layout(wq, wd, xq, xd, lanes):
+            return None
         return types.void(wq, wd, tile, xq, xd, t, lanes), codegen
 
     return q4_lanes
@@ -237,4 +244,6 @@ def q8_lanes(typingctx, wq, wd, tile, xq, xd, t, lanes):
         k.loop(QUAD_ROWS, _V8f32, block)
         return context.get_dummy_value()
 
+    if not _c_layout(wq, wd, xq, xd, lanes):
+        return None
     return types.void(wq, wd, tile, xq, xd, t, lanes), codegen
