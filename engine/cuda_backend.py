@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .quants import PackedWeight, float_rows, blocks, prepare
+from .quants import PackedWeight, blocks, float_rows, prepare, repacked_order
 
 
 class CudaUnavailable(RuntimeError):
@@ -112,7 +112,7 @@ class CudaLayers:
             else:
                 k.matmul_q32[blocks_, threads](cuda.to_device(act.q), cuda.to_device(act.d),
                                                cuda.to_device(act.s), dw.q, dw.scale, dw.minimum,
-                                               w.act_format == "q8_1", out)
+                                               w.act_format == "q8_1", repacked_order(w.type_name, w.n_rows), out)
             outs.append(out.copy_to_host())
         return outs
 

@@ -49,8 +49,9 @@ def reduce4x8(lanes):
 
 
 @cuda.jit
-def matmul_q32(xq, xd, xs, wq, wd, wm, has_min, out):
-    """Twin of quants.kernels.matmul_q32_lanes for 32-weight blocks (Q4_0 .. Q8_0).
+def matmul_q32(xq, xd, xs, wq, wd, wm, has_min, whole_blocks, out):
+    """Twin of quants.kernels.matmul_q32_lanes for 32-weight blocks (Q4_0 .. Q8_0), and with
+    whole_blocks of the repacked Q4_0 order (one integer sum per block, one accumulator).
 
     xq: [T, NB, 32] int8; xd, xs: [T, NB] f32
     wq: [N, NB, 32] int8 (unpacked quants); wd, wm: [N, NB] f32; out: [T, N] f32
@@ -68,6 +69,9 @@ def matmul_q32(xq, xd, xs, wq, wd, wm, has_min, out):
             for k in range(4):
                 acc += np.int32(wq[r, b, 4 * i + k]) * np.int32(xq[t, b, 4 * i + k])
             s[i] = acc
+        if whole_blocks:
+            l0 = fma(np.float32(s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7]), d, l0)
+            continue
         l0 = fma(d, np.float32(s[0]), l0)
         l1 = fma(d, np.float32(s[1]), l1)
         l2 = fma(d, np.float32(s[2]), l2)
@@ -78,6 +82,9 @@ def matmul_q32(xq, xd, xs, wq, wd, wm, has_min, out):
         l7 = fma(d, np.float32(s[7]), l7)
         if has_min:
             summs = fma(wm[r, b], xs[t, b], summs)
+    if whole_blocks:
+        out[t, r] = l0
+        return
     out[t, r] = hsum8(l0, l1, l2, l3, l4, l5, l6, l7) + summs
 
 

@@ -21,7 +21,7 @@ from .gguf_model import GGUFModel, ModelLoadError
 from .hparams import HParams
 from .kv_cache import KVCache
 from .ops import attention, rms_norm, rope, swiglu
-from .quants import PackedWeight, linear, pack_tensor, pack_weight
+from .quants import PackedWeight, linear, pack_tensor, pack_weight, repacked_order
 from .quants.blocks import BLOCK_SIZES, dequantize
 
 
@@ -106,7 +106,11 @@ class LlamaModel:
             """One packed matrix of the tensors' rows when they share type and width."""
             tensors = [need(n) for n in names]
             kinds = {(x.tensor_type, int(x.shape[0])) for x in tensors}
-            if len(kinds) > 1:
+            ttype = tensors[0].tensor_type.name
+            orders = {repacked_order(ttype, int(x.shape[1])) for x in tensors}
+            total_rows = sum(int(x.shape[1]) for x in tensors)
+            # llama.cpp picks each matrix's summation order from its own row count
+            if len(kinds) > 1 or orders != {repacked_order(ttype, total_rows)}:
                 return tuple(weight(n) for n in names)
             for n in names:
                 weight(n)   # (the checks only: the tensors are small)

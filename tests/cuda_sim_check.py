@@ -41,8 +41,9 @@ class GpuOnly(CudaLayers):
 
 
 gpu = GpuOnly()
-for name in ACT_FORMAT:
-    n_rows, n_cols = 5, 256 if name in K_TYPES else 96
+# Q4_0 twice: 5 rows (ggml_vec_dot's order) and 8 rows (the repacked kernels' order)
+for name, n_rows in [(n, 5) for n in ACT_FORMAT] + [("Q4_0", 8)]:
+    n_cols = 256 if name in K_TYPES else 96
     data = weight(name, n_rows, n_cols)
     packed = pack_weight(name, data, n_rows, n_cols)
     gpu.weights[id(packed)] = DeviceWeight(data, packed)

@@ -147,6 +147,35 @@ def test_q32_lanes_equal_numpy_twin(type_name):
             assert out[t, r] == np.float32(hsum8_twin(lanes) + summs)
 
 
+@pytest.mark.parametrize("simd", [True, False])
+def test_q4_0_repacked_order_equals_numpy_twin(simd):
+    """Q4_0 matrices of 8k rows follow llama.cpp's repacked kernels (ggml_gemv_q4_0_8x8_q8_0):
+    each block's integer sum, then one accumulator per row, acc = fma(float(sum), d_w * d_x, acc)."""
+    from gguf import GGMLQuantizationType as GQ
+    from gguf import quants as gq
+    from engine.quants import blocks, matmul, prepare, repacked_order
+    from engine.quants.simd import have_avx2
+    if simd and not have_avx2():
+        pytest.skip("no AVX2 on this CPU")
+    rng = np.random.default_rng(4)
+    n_rows, n_cols = 40, 128
+    assert repacked_order("Q4_0", n_rows) and not repacked_order("Q4_0", 37)
+    assert not repacked_order("Q4_1", 40)
+    raw = gq.quantize(rng.standard_normal((n_rows, n_cols)).astype(np.float32), GQ.Q4_0)
+    w = pack_weight("Q4_0", raw, n_rows, n_cols, simd=simd)
+    q, scale, _, _ = blocks.unpack("Q4_0", raw, n_rows, n_cols)
+    x = rng.standard_normal((3, n_cols)).astype(np.float32)
+    act = prepare(x, w.act_format, 32)
+    out = matmul(act, w)
+    for t in range(3):
+        for r in range(n_rows):
+            acc = np.float32(0)
+            for b in range(n_cols // 32):
+                isum = int(np.dot(q[r, b * 32:(b + 1) * 32].astype(np.int64), act.q[t, b].astype(np.int64)))
+                acc = fma_twin(np.float32(isum), np.float32(scale[r, b] * act.d[t, b]), acc)
+            assert out[t, r] == acc
+
+
 def _elementwise(fn):
     @njit
     def many(x, out):

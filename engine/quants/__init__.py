@@ -211,16 +211,26 @@ def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None =
         matmul_int8(act.q, act.d, act.s, w.q, w.scale, w.minimum, out)
         return out
     out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
+    whole_blocks = repacked_order(w.type_name, w.n_rows)
     if w.type_name in ("Q4_0", "Q4_1") and w.q.ndim == 5:   # the byte-pair layout of simd.py
-        matmul_q4_simd(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.type_name == "Q4_1", out)
+        matmul_q4_simd(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.type_name == "Q4_1", whole_blocks, out)
     elif w.type_name in ("Q4_0", "Q4_1"):
         matmul_q4_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, 8 if w.type_name == "Q4_0" else 0,
-                        w.type_name == "Q4_1", out)
+                        w.type_name == "Q4_1", whole_blocks, out)
     elif w.q.ndim == 5:   # 4-byte groups for simd.q8_lanes
         matmul_q32_simd(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
     else:
         matmul_q32_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
     return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
+
+
+def repacked_order(type_name: str, n_rows: int) -> bool:
+    """Whether llama.cpp multiplies this matrix with its repacked kernels rather than
+    ggml_vec_dot, which changes the order of the float sums (not the integer ones). On AVX2 it
+    repacks Q4_0 matrices whose row count is a multiple of 8 (ggml-cpu/repack.cpp,
+    ggml_repack_get_optimal_repack_type), and the 8x8 kernels sum each block into one
+    accumulator per row."""
+    return type_name == "Q4_0" and n_rows % 8 == 0
 
 
 def linear(x: np.ndarray, *weights: PackedWeight, tinyblas_rows: np.ndarray | None = None) -> list[np.ndarray]:

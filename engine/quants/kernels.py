@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..float_ops import f16_to_f32, fma, round_f16
-from .simd import q4_0_lanes, q4_1_lanes, q8_lanes
+from .simd import q4_0_blocks, q4_0_lanes, q4_1_lanes, q8_lanes
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -226,13 +226,17 @@ def matmul_q32_lanes(xq, xd, xs, wq, wd, wm, has_min, out):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
+def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, whole_blocks, out):
     """matmul_q32_lanes for Q4_0 / Q4_1 read straight from their packed nibbles (half the
     memory traffic of int8): byte k of a block holds weight k (low nibble) and weight k + 16
     (high nibble), so lane i < 4 sums the low nibbles of bytes 4i..4i+3 and lane i + 4 their
     high nibbles, the same elements and order as ggml. Weight value = nibble - offset
     (8 for Q4_0, 0 for Q4_1 whose minimum enters through summs). The portable kernel (used
     where AVX2 is missing) and the twin of `matmul_q4_simd`.
+
+    whole_blocks: llama.cpp's repacked Q4_0 order instead (it repacks Q4_0 matrices whose row
+    count is a multiple of 8, on AVX2): one integer sum per block, then one accumulator,
+    acc = fma(float(sum), d_w * d_x, acc).
 
     xq: [T, NB, 32] int8; xd, xs: [T, NB] f32
     wq4: [n_tiles, NB, 16, R] uint8  nibble bytes, R rows interleaved
@@ -246,6 +250,7 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
         lanes = np.empty((8, n_r), np.float32)
         summs = np.empty(n_r, np.float32)
         d = np.empty(n_r, np.float32)
+        block_sum = np.zeros(n_r, np.int32)
         # widen this tile's f16 scales once, not once per token
         scale = np.empty((n_blocks, n_r), np.float32)
         minimum = np.empty((n_blocks, n_r), np.float32)
@@ -279,18 +284,25 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, out):
                                         + ((b2 & 15) - off) * x2 + ((b3 & 15) - off) * x3)
                         s_hi = np.int16(((b0 >> 4) - off) * y0 + ((b1 >> 4) - off) * y1
                                         + ((b2 >> 4) - off) * y2 + ((b3 >> 4) - off) * y3)
-                        lanes[i, r] = fma(d[r], np.float32(s_lo), lanes[i, r])
-                        lanes[i + 4, r] = fma(d[r], np.float32(s_hi), lanes[i + 4, r])
+                        if whole_blocks:
+                            block_sum[r] += np.int32(s_lo) + np.int32(s_hi)
+                        else:
+                            lanes[i, r] = fma(d[r], np.float32(s_lo), lanes[i, r])
+                            lanes[i + 4, r] = fma(d[r], np.float32(s_hi), lanes[i + 4, r])
+                if whole_blocks:
+                    for r in range(n_r):
+                        lanes[0, r] = fma(np.float32(block_sum[r]), d[r], lanes[0, r])
+                        block_sum[r] = 0
                 if has_min:
                     xsb = xs[t, b]
                     for r in range(n_r):
                         summs[r] = fma(minimum[b, r], xsb, summs[r])
             for r in range(n_r):
-                out[t, tile * n_r + r] = hsum8(lanes[:, r]) + summs[r]
+                out[t, tile * n_r + r] = lanes[0, r] if whole_blocks else hsum8(lanes[:, r]) + summs[r]
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def matmul_q4_simd(xq, xd, xs, wq4, wd, wm, has_min, out):
+def matmul_q4_simd(xq, xd, xs, wq4, wd, wm, has_min, whole_blocks, out):
     """matmul_q4_lanes with its block loop in AVX2 (simd.q4_0_lanes / q4_1_lanes: vpmaddubsw
     on 16 rows at a time); the same arithmetic, bit for bit. Arguments as matmul_q4_lanes,
     except the nibble bytes, which come in byte pairs (pack_weight(..., simd=True)):
@@ -308,6 +320,11 @@ def matmul_q4_simd(xq, xd, xs, wq4, wd, wm, has_min, out):
                     mb[r] = f16_to_f32(wmb[r])
         for t in range(n_tokens):
             summs[:] = 0
+            o = out[t, tile * n_r:(tile + 1) * n_r]
+            if whole_blocks:
+                q4_0_blocks(wq4, wd, tile, xq, xd, t, lanes)
+                o[:] = lanes[0]
+                continue
             if has_min:
                 q4_1_lanes(wq4, wd, tile, xq, xd, t, lanes)
                 for b in range(n_blocks):
@@ -317,7 +334,6 @@ def matmul_q4_simd(xq, xd, xs, wq4, wd, wm, has_min, out):
                         summs[r] = fma(mb[r], xsb, summs[r])
             else:
                 q4_0_lanes(wq4, wd, tile, xq, xd, t, lanes)
-            o = out[t, tile * n_r:(tile + 1) * n_r]
             for r in range(n_r):
                 o[r] = hsum8(lanes[:, r]) + summs[r]
 

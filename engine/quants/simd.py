@@ -130,8 +130,11 @@ def _c_layout(*arrays) -> bool:
     return all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
 
 
-def _make_q4_lanes(offset: int):
-    """The intrinsic for Q4_0 (weight = nibble - 8: offset 8) or Q4_1 (offset 0)."""
+def _make_q4_lanes(offset: int, whole_blocks: bool = False):
+    """The intrinsic for Q4_0 (weight = nibble - 8: offset 8) or Q4_1 (offset 0). With
+    whole_blocks, the order of llama.cpp's repacked Q4_0 kernels (ggml_gemv/gemm_q4_0_8x8_q8_0,
+    which it uses for Q4_0 matrices of 8k rows on AVX2): each block's 32 products are summed as
+    one integer (|sum| <= 32 * 8 * 127 fits 16 bits), and lanes[0] = fma(float(sum), d, lanes[0])."""
 
     @intrinsic
     def q4_lanes(typingctx, wq, wd, tile, xq, xd, t, lanes):
@@ -155,6 +158,7 @@ def _make_q4_lanes(offset: int):
                 d = builder.fmul(builder.fpext(_load(builder, k.wd, wd_at, _V16f16), _V16f32),
                                  _splat(builder, xd_b, _V16f32))
                 wb = k.weight_block(b, 16)
+                block_sum = None
                 for i in range(4):
                     s_lo = s_hi = None
                     for q in range(2):
@@ -181,9 +185,16 @@ def _make_q4_lanes(offset: int):
                                 s_lo = builder.sub(s_lo, corr)
                             else:
                                 s_hi = builder.sub(s_hi, corr)
+                    if whole_blocks:
+                        both = builder.add(s_lo, s_hi)
+                        block_sum = both if block_sum is None else builder.add(block_sum, both)
+                        continue
                     for lane, s in ((i, s_lo), (i + 4, s_hi)):
                         f = builder.sitofp(builder.sext(s, _V16i32), _V16f32)
                         builder.store(builder.call(fma, [d, f, builder.load(acc[lane])]), acc[lane])
+                if whole_blocks:
+                    f = builder.sitofp(builder.sext(block_sum, _V16i32), _V16f32)
+                    builder.store(builder.call(fma, [f, d, builder.load(acc[0])]), acc[0])
 
             k.loop(ROWS, _V16f32, block)
             return context.get_dummy_value()
@@ -197,6 +208,7 @@ def _make_q4_lanes(offset: int):
 
 q4_0_lanes = _make_q4_lanes(8)
 q4_1_lanes = _make_q4_lanes(0)
+q4_0_blocks = _make_q4_lanes(8, whole_blocks=True)
 
 
 _V8i32, _V8f32 = ir.VectorType(_i32, 8), ir.VectorType(_f32, 8)
