@@ -54,7 +54,8 @@ class DeviceWeight:
         if minimum is None:
             minimum = np.zeros_like(scale)
         n_groups = n_cols // group
-        if packed.act_format == "q8_k":
+        self.group = group
+        if packed.act_format in ("q8_k", "q8_k_rows"):
             q = q.reshape(n_rows, n_groups, group).transpose(0, 2, 1)     # [N, G, NG]
         else:
             q = q.reshape(n_rows, n_groups, 32)                           # [N, NB, 32]
@@ -94,19 +95,23 @@ class CudaLayers:
                 for packed, raw in zip(packed_list, raws):
                     self.weights[id(packed)] = DeviceWeight(raw, packed)
 
-    def linear(self, x: np.ndarray, *weights: PackedWeight, tinyblas_rows=None) -> list[np.ndarray]:
+    def linear(self, x: np.ndarray, *weights: PackedWeight, tinyblas_rows=None, tiled_rows=None,
+               grouped_rows=None) -> list[np.ndarray]:
+        """(tiled_rows: the CPU's K-quant order for long prompt passes; the GPU twin of the
+        K-quants keeps its own order, within 1e-5 of the CPU's)"""
         cuda, k = self.cuda, self.k
         n_tokens = x.shape[0]
         rows = cuda.to_device(np.ones(n_tokens, bool) if tinyblas_rows is None else tinyblas_rows)
         outs = []
         for w in weights:
             dw = self.weights[id(w)]
-            act = prepare(x, w.act_format, w.group)          # host: same quantization as the CPU
+            # host: the CPU's quantization (the K-quant twin reads Q8_K per weight group)
+            act = prepare(x, "q8_k", dw.group) if w.act_format == "q8_k_rows" else prepare(x, w.act_format, w.group)
             out = cuda.device_array((n_tokens, w.n_rows), np.float32)
             blocks_, threads = _grid(n_tokens, w.n_rows)
             if w.act_format in ("f32", "f16", "bf16"):
                 k.matmul_float[blocks_, threads](cuda.to_device(act.x), dw.w, rows, w.act_format == "f16", out)
-            elif w.act_format == "q8_k":
+            elif w.act_format in ("q8_k", "q8_k_rows"):
                 k.matmul_kquant[blocks_, threads](cuda.to_device(act.q), cuda.to_device(act.d),
                                                   cuda.to_device(act.s), dw.q, dw.scale, dw.minimum, out)
             else:

@@ -9,7 +9,8 @@ why our logits agree with llama.cpp's:
 | F16 / BF16                | rounded to f16 / bf16     | the same (weights widened at load)       |
 | Q4_0, Q5_0, Q8_0          | Q8_0 blocks of 32         | matmul_q32_lanes                         |
 | Q4_1, Q5_1                | Q8_1 blocks of 32 (+ sum) | matmul_q32_lanes                         |
-| Q2_K .. Q6_K              | Q8_K super-blocks of 256  | matmul_int8                              |
+| Q4_K, Q5_K, Q6_K          | Q8_K super-blocks of 256  | kquants.matmul_q4_k / matmul_q6_k        |
+| Q2_K, Q3_K                | Q8_K, per weight group    | matmul_int8                              |
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from . import blocks
 from .kernels import (ROW_TILE, matmul_float_tiles, matmul_int8, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
                       quantize_q8_blocks, quantize_q8_k)
+from .kquants import matmul_q4_k, matmul_q6_k, pack_k, quantize_q8_k_rows
 from .simd import have_avx2
 
 USE_AVX2 = have_avx2()   # 32-weight blocks through simd.py's vpmaddubsw loops, else the portable kernels
@@ -29,7 +31,7 @@ ACT_FORMAT = {
     "F32": "f32", "F16": "f16", "BF16": "bf16",
     "Q4_0": "q8_0", "Q5_0": "q8_0", "Q8_0": "q8_0",
     "Q4_1": "q8_1", "Q5_1": "q8_1",
-    "Q2_K": "q8_k", "Q3_K": "q8_k", "Q4_K": "q8_k", "Q5_K": "q8_k", "Q6_K": "q8_k",
+    "Q2_K": "q8_k", "Q3_K": "q8_k", "Q4_K": "q8_k_rows", "Q5_K": "q8_k_rows", "Q6_K": "q8_k_rows",
 }
 
 
@@ -50,6 +52,7 @@ class PackedWeight:
     q: np.ndarray | None = None
     scale: np.ndarray | None = None
     minimum: np.ndarray | None = None  # zeros for symmetric types
+    sub_scales: np.ndarray | None = None  # Q4_K/Q6_K: [n_rows, n_super, 16] int32 (kquants.pack_k)
 
     @property
     def act_key(self) -> tuple[str, int]:
@@ -80,6 +83,9 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
         return _pack_in_chunks(type_name, data, n_rows, n_cols, simd)
     if type_name in ("Q4_0", "Q4_1"):
         return _pack_q4(type_name, data, n_rows, n_cols, USE_AVX2 if simd is None else simd)
+    if fmt == "q8_k_rows":   # kquants.py: int8 quants, integer sub-block scales
+        q, sub, d, dmin = pack_k(type_name, data, n_rows, n_cols)
+        return PackedWeight(type_name, n_rows, n_cols, fmt, 256, q=q, scale=d, minimum=dmin, sub_scales=sub)
     q, scale, minimum, group = blocks.unpack(type_name, data, n_rows, n_cols)
     n_groups = n_cols // group
     if minimum is None:
@@ -111,7 +117,7 @@ def _pack_in_chunks(type_name: str, data: np.ndarray, n_rows: int, n_cols: int, 
             unit = ROW_TILE if part.q.shape[0] != rows else 1   # row tiles, or one entry per row
             full = -(-n_rows // unit)
             out = {name: np.empty((full,) + getattr(part, name).shape[1:], getattr(part, name).dtype)
-                   for name in ("q", "scale", "minimum")}
+                   for name in ("q", "scale", "minimum", "sub_scales") if getattr(part, name) is not None}
         for name, arr in out.items():
             arr[r0 // unit:r0 // unit + getattr(part, name).shape[0]] = getattr(part, name)
     return PackedWeight(type_name, n_rows, n_cols, part.act_format, part.group, **out)
@@ -186,6 +192,11 @@ def prepare(x: np.ndarray, act_format: str, group: int) -> Activations:
     n_groups = n_cols // group
     d = np.empty((n_tokens, n_groups), np.float32)
     s = np.empty((n_tokens, n_groups), np.float32)
+    if act_format == "q8_k_rows":   # s holds the sums of each 16 quants (bsums)
+        q = np.empty((n_tokens, n_cols), np.int8)
+        bsums = np.empty((n_tokens, n_groups, 16), np.int32)
+        quantize_q8_k_rows(x, q, d, bsums)
+        return Activations(q=q, d=d, s=bsums)
     if act_format == "q8_k":
         q = np.empty((n_tokens, group, n_groups), np.int8)   # block-minor, as the K-quant kernel reads
         quantize_q8_k(x, group, q, d, s)
@@ -195,16 +206,33 @@ def prepare(x: np.ndarray, act_format: str, group: int) -> Activations:
     return Activations(q=q, d=d, s=s)
 
 
-def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None = None) -> np.ndarray:
+def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None = None,
+           tiled_rows: np.ndarray | None = None, grouped_rows: np.ndarray | None = None) -> np.ndarray:
     """[T, K] activations times the weight's transpose -> [T, n_rows] f32.
     tinyblas_rows [T] bool marks tokens of a multi-token prompt pass, which llama.cpp sends
-    through tinyBLAS (float weights only; None: every token)."""
+    through tinyBLAS (float weights only; None: every token). tiled_rows [T] bool marks tokens
+    of a prompt pass of 8 or more tokens, which llama.cpp sends through its tiled K-quant
+    kernels (Q4_K/Q6_K only; None: no token); grouped_rows those it multiplies in groups of 4
+    with its repacked kernels (Q4_K of 8k rows only)."""
     if w.w is not None:
         n_tokens = act.x.shape[0]
         out = np.empty((n_tokens, w.w.shape[0] * ROW_TILE), np.float32)
         if tinyblas_rows is None:
             tinyblas_rows = np.ones(n_tokens, bool)
         matmul_float_tiles(act.x, w.w, tinyblas_rows, w.act_format == "f16", out)
+        return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
+    if w.act_format == "q8_k_rows":
+        out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
+        if tiled_rows is None:
+            tiled_rows = np.zeros(act.q.shape[0], bool)
+        if grouped_rows is None:
+            grouped_rows = np.zeros(act.q.shape[0], bool)
+        if w.type_name in ("Q4_K", "Q5_K"):
+            matmul_q4_k(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, w.minimum,
+                        repacked_order(w.type_name, w.n_rows), tiled_rows, grouped_rows,
+                        w.type_name == "Q5_K", out)
+        else:
+            matmul_q6_k(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, tiled_rows, out)
         return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
     if w.act_format == "q8_k":
         out = np.empty((act.q.shape[0], w.n_rows), np.float32)
@@ -227,18 +255,19 @@ def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None =
 def repacked_order(type_name: str, n_rows: int) -> bool:
     """Whether llama.cpp multiplies this matrix with its repacked kernels rather than
     ggml_vec_dot, which changes the order of the float sums (not the integer ones). On AVX2 it
-    repacks Q4_0 matrices whose row count is a multiple of 8 (ggml-cpu/repack.cpp,
+    repacks Q4_0 and Q4_K matrices whose row count is a multiple of 8 (ggml-cpu/repack.cpp,
     ggml_repack_get_optimal_repack_type), and the 8x8 kernels sum each block into one
     accumulator per row."""
-    return type_name == "Q4_0" and n_rows % 8 == 0
+    return type_name in ("Q4_0", "Q4_K") and n_rows % 8 == 0
 
 
-def linear(x: np.ndarray, *weights: PackedWeight, tinyblas_rows: np.ndarray | None = None) -> list[np.ndarray]:
+def linear(x: np.ndarray, *weights: PackedWeight, tinyblas_rows: np.ndarray | None = None,
+           tiled_rows: np.ndarray | None = None, grouped_rows: np.ndarray | None = None) -> list[np.ndarray]:
     """x [T, K] times each weight; activations are prepared once per format (q, k and v share)."""
     prepared: dict = {}
     outs = []
     for w in weights:
         if w.act_key not in prepared:
             prepared[w.act_key] = prepare(x, *w.act_key)
-        outs.append(matmul(prepared[w.act_key], w, tinyblas_rows))
+        outs.append(matmul(prepared[w.act_key], w, tinyblas_rows, tiled_rows, grouped_rows))
     return outs

@@ -1,0 +1,295 @@
+"""Q4_K, Q5_K and Q6_K times Q8_K activations, in the order llama.cpp's AVX2 kernels add.
+
+A K-quant super-block holds 256 weights in sub-blocks with small integer scales (6-bit for
+Q4_K, 8-bit signed for Q6_K) under one f16 scale. llama.cpp keeps the sub-block scales as
+integers: all products inside a super-block are summed exactly as integers, and only then
+scaled in floats. Which integers are summed together, and how the floats are added, is what
+these kernels copy:
+
+* Q6_K (ggml_vec_dot_q6_K_q8_K): 8 lanes; lane l of a super-block is the integer
+  sum over its eight 32-weight groups g of scale(16-group) * u6 * y for weights 32g+4l..32g+4l+3
+  (u6 = the unsigned 6-bit quant), minus 32 * (bsum[2l] * sc[2l] + bsum[2l+1] * sc[2l+1]);
+  lane = fma(d_y * d_w, float(lane sum), lane); the result is hsum8 of the lanes.
+* Q4_K, matrices of 8k rows (llama.cpp repacks them: ggml_gemv_q4_K_8x8_q8_K): one integer per
+  super-block, I = sum_s scale_s * (q4 . y)_s and M = sum_s min_s * ysum_s;
+  acc = fma(float(I), d_w * d_y, acc), acc_min = fma(float(M), dmin_w * d_y, acc_min);
+  the result is acc - acc_min. Tokens that llama.cpp multiplies in groups of 4
+  (ggml_gemm_q4_K_8x8_q8_K: the first n - n % 4 tokens of a batch) get the same, with one
+  FMA per 64 weights (two sub-blocks) instead of one per super-block.
+* Prompt passes of 8 tokens or more (ggml-cpu's tiled K-quant matmul, for matrices that are
+  not repacked): per super-block one integer s1 (and s2 = sum_s min_s * ysum_s for Q4_K),
+  res = d_w * float(s1) (minus dmin_w * float(s2) in one FMA), acc = fma(res, d_y, acc).
+* Q5_K (never repacked on AVX2) as Q4_K's vec_dot below, except that its mins are summed into
+  one scalar, summs = fma(-d_y * dmin_w, float(sum_s min_s * ysum_s), summs).
+* Q4_K, other row counts (ggml_vec_dot_q4_K_q8_K): 8 lanes of scale_s * (q4 . y) over weights
+  4l..4l+3 of every sub-block, lane = fma(d, float(.), lane), plus 4 lanes of min sums,
+  fma(-d_y * dmin_w, float(min_2m * ysum_2m + min_2m+1 * ysum_2m+1), .), and the result
+  hsum8(lanes) + ((m0 + m2) + (m1 + m3)).
+
+The blocks are unpacked once at load (pack_k): one int8 per weight, integer sub-block scales,
+and the super-block scales widened to f32. Checked against an AVX2 build of llama-server
+with bench/compare_tokens.py, and against NumPy twins of these orders in the tests.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..float_ops import fma
+
+QK_K = 256
+
+
+@njit(cache=True, nogil=True)
+def quantize_q8_k_rows(x, xq, xd, bsums):
+    """ggml's quantize_row_q8_K_ref: per super-block of 256, iscale = -127 / v (v the value of
+    largest magnitude), q = min(127, round-half-even(iscale * x)), d = 1 / iscale, and the sums of
+    each 16 quants (bsums).  x: [T, K] f32; xq: [T, K] int8; xd: [T, K/256] f32;
+    bsums: [T, K/256, 16] int32"""
+    n_tokens, n_cols = x.shape
+    for t in range(n_tokens):
+        for s in range(n_cols // QK_K):
+            base = s * QK_K
+            vmax = np.float32(0.0)
+            amax = np.float32(0.0)
+            for j in range(QK_K):
+                v = x[t, base + j]
+                if abs(v) > amax:
+                    amax = abs(v)
+                    vmax = v
+            if amax == 0:
+                xq[t, base:base + QK_K] = 0
+                xd[t, s] = 0
+                bsums[t, s, :] = 0
+                continue
+            iscale = np.float32(-127.0) / vmax
+            for j in range(QK_K):
+                xq[t, base + j] = min(127, np.int32(np.rint(iscale * x[t, base + j])))
+            for g in range(16):
+                total = 0
+                for j in range(16):
+                    total += np.int32(xq[t, base + 16 * g + j])
+                bsums[t, s, g] = total
+            xd[t, s] = np.float32(1.0) / iscale
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _hsum8(a):
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+
+
+def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
+    """Unpack Q4_K / Q6_K blocks once, at load, into what the kernels read, ROWS rows per tile:
+    q [n_tiles, n_super, 256, ROWS] int8 (Q4_K: 0..15; Q6_K: the unsigned 6-bit value 0..63),
+    sub [n_tiles, n_super, 16, ROWS] int32 (Q4_K: 8 scales then 8 mins; Q6_K: 16 scales), and
+    the f16 super-block scales widened, d and dmin [n_tiles, n_super, ROWS] f32 (dmin zero for
+    Q6_K)."""
+    from . import blocks
+    n_super = n_cols // QK_K
+    bb, _ = blocks.BLOCK_SIZES[type_name]
+    flat = np.asarray(raw, np.uint8).reshape(n_rows * n_super, bb)
+    sub = np.zeros((n_rows * n_super, 16), np.int32)
+    if type_name in ("Q4_K", "Q5_K"):
+        q, _, _, _ = (blocks.unpack_q4_k if type_name == "Q4_K" else blocks.unpack_q5_k)(flat)
+        sc, mn = blocks._k4_scales_mins(flat[:, 4:16])
+        sub[:, :8], sub[:, 8:] = sc, mn
+        d, dmin = blocks._f16(flat, 0), blocks._f16(flat, 2)
+    else:
+        q, _, _, _ = blocks.unpack_q6_k(flat)
+        q = q + np.int8(32)
+        sub[:] = np.ascontiguousarray(flat[:, 192:208]).view(np.int8)
+        d, dmin = blocks._f16(flat, 208), np.zeros((n_rows * n_super, 1), np.float32)
+    return (tile_rows(q.reshape(n_rows, n_super, QK_K)), tile_rows(sub.reshape(n_rows, n_super, 16)),
+            tile_rows(d.reshape(n_rows, n_super)), tile_rows(dmin.reshape(n_rows, n_super)))
+
+
+ROWS = 32   # rows interleaved per tile: the integer loops run across rows, one SIMD lane each
+
+
+def tile_rows(a: np.ndarray) -> np.ndarray:
+    """[N, ...] -> [n_tiles, ..., ROWS], rows zero-padded to a multiple of ROWS."""
+    n = a.shape[0]
+    pad = -n % ROWS
+    if pad:
+        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+    t = a.reshape((a.shape[0] // ROWS, ROWS) + a.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(t, 1, -1))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _group_dots(q, y, group_dot):
+    """group_dot[g, r] = sum of q[e, r] * y[e] over sub-block g (32 weights), for ROWS rows.
+    q: [256, ROWS] int8; y: [256] int8; group_dot: [8, ROWS] int32"""
+    group_dot[:, :] = 0
+    for e in range(QK_K):
+        ye = np.int32(y[e])
+        qe = q[e]
+        gd = group_dot[e // 32]
+        for r in range(ROWS):
+            gd[r] += np.int32(np.int32(qe[r]) * ye)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lane_sums(q, sub, group, y, quad, lane_sum):
+    """For ROWS rows at once: lane_sum[l, r] = sum over the weights e of ggml's AVX2 lane l
+    (elements 4l..4l+3 of every group of 32) of scale(e, r) * q[e, r] * y[e], the scale being
+    sub[e // group, r]. Exact integers. Every loop runs across rows (contiguous).
+    q: [256, ROWS] int8; sub: [16, ROWS] int32; y: [256] int8; quad: [ROWS] int32 scratch;
+    lane_sum: [8, ROWS] int32"""
+    lane_sum[:, :] = 0
+    for g in range(QK_K // 32):
+        for l in range(8):
+            e = 32 * g + 4 * l
+            y0, y1, y2, y3 = np.int32(y[e]), np.int32(y[e + 1]), np.int32(y[e + 2]), np.int32(y[e + 3])
+            q0, q1, q2, q3 = q[e], q[e + 1], q[e + 2], q[e + 3]
+            sc = sub[e // group]
+            ls = lane_sum[l]
+            for r in range(ROWS):
+                quad[r] = np.int32(np.int32(q0[r]) * y0 + np.int32(q1[r]) * y1
+                                   + np.int32(q2[r]) * y2 + np.int32(q3[r]) * y3)
+            for r in range(ROWS):
+                ls[r] += np.int32(sc[r] * quad[r])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5, out):
+    """out[t, r] = row r of a Q4_K (or, with q5, Q5_K) matrix (pack_k) times Q8_K activations
+    (quantize_q8_k_rows), in llama.cpp's order (module docstring).
+    wq: [n_tiles, n_super, 256, ROWS] int8; wsub: [n_tiles, n_super, 16, ROWS] int32;
+    wd, wdmin: [n_tiles, n_super, ROWS] f32; out: [T, n_tiles * ROWS]"""
+    n_tokens = xq.shape[0]
+    n_tiles, n_super, _, _ = wq.shape
+    for tile in prange(n_tiles):
+        lanes = np.empty((8, ROWS), np.float32)
+        mins = np.empty((4, ROWS), np.float32)
+        acc = np.empty(ROWS, np.float32)
+        acc_min = np.empty(ROWS, np.float32)
+        lane_sum = np.empty((8, ROWS), np.int32)
+        quad = np.empty(ROWS, np.int32)
+        s1 = np.empty(ROWS, np.int32)
+        s2 = np.empty(ROWS, np.int32)
+        group_dot = np.empty((8, ROWS), np.int32)
+        for t in range(n_tokens):
+            acc[:] = 0
+            acc_min[:] = 0
+            lanes[:, :] = 0
+            mins[:, :] = 0
+            for s in range(n_super):
+                sub = wsub[tile, s]
+                yd = xd[t, s]
+                d_w, dmin_w = wd[tile, s], wdmin[tile, s]
+                if repacked and grouped[t]:
+                    _group_dots(wq[tile, s], xq[t, s * QK_K:(s + 1) * QK_K], group_dot)
+                else:
+                    _lane_sums(wq[tile, s], sub, 32, xq[t, s * QK_K:(s + 1) * QK_K], quad, lane_sum)
+                if repacked and grouped[t]:   # ggml_gemm_q4_K_8x8_q8_K: one FMA per 64 weights
+                    for c in range(4):
+                        s1[:] = 0
+                        s2[:] = 0
+                        for g in (2 * c, 2 * c + 1):
+                            sg, mg = sub[g], sub[8 + g]
+                            ysum = np.int32(bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
+                            for r in range(ROWS):
+                                s1[r] += np.int32(sg[r] * group_dot[g, r])
+                                s2[r] += np.int32(mg[r] * ysum)
+                        for r in range(ROWS):
+                            acc[r] = fma(np.float32(s1[r]), d_w[r] * yd, acc[r])
+                            acc_min[r] = fma(np.float32(s2[r]), dmin_w[r] * yd, acc_min[r])
+                elif repacked or tiled[t]:
+                    s1[:] = 0
+                    s2[:] = 0
+                    for l in range(8):
+                        ls = lane_sum[l]
+                        for r in range(ROWS):
+                            s1[r] += ls[r]
+                    for g in range(8):
+                        ysum = np.int32(bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
+                        mg = sub[8 + g]
+                        for r in range(ROWS):
+                            s2[r] += np.int32(mg[r] * ysum)
+                    if repacked:   # ggml_gemv_q4_K_8x8_q8_K
+                        for r in range(ROWS):
+                            acc[r] = fma(np.float32(s1[r]), d_w[r] * yd, acc[r])
+                            acc_min[r] = fma(np.float32(s2[r]), dmin_w[r] * yd, acc_min[r])
+                    else:          # tiled: res = d_w * s1 - dmin_w * s2 (one rounding), acc += res * d_y
+                        for r in range(ROWS):
+                            res = fma(-dmin_w[r], np.float32(s2[r]), d_w[r] * np.float32(s1[r]))
+                            acc[r] = fma(res, yd, acc[r])
+                else:              # ggml_vec_dot_q4_K_q8_K / _q5_K_q8_K
+                    for l in range(8):
+                        lane, ls = lanes[l], lane_sum[l]
+                        for r in range(ROWS):
+                            lane[r] = fma(yd * d_w[r], np.float32(ls[r]), lane[r])
+                    if q5:         # Q5_K: one scalar sum of the mins, summs += dmin * M
+                        s2[:] = 0
+                        for g in range(8):
+                            ysum = np.int32(bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
+                            mg = sub[8 + g]
+                            for r in range(ROWS):
+                                s2[r] += np.int32(mg[r] * ysum)
+                        for r in range(ROWS):
+                            acc_min[r] = fma(-yd * dmin_w[r], np.float32(s2[r]), acc_min[r])
+                        continue
+                    for m in range(4):
+                        y_a = np.int32(bsums[t, s, 4 * m] + bsums[t, s, 4 * m + 1])
+                        y_b = np.int32(bsums[t, s, 4 * m + 2] + bsums[t, s, 4 * m + 3])
+                        m_a, m_b, mm = sub[8 + 2 * m], sub[8 + 2 * m + 1], mins[m]
+                        for r in range(ROWS):
+                            pair = np.int32(m_a[r] * y_a + m_b[r] * y_b)
+                            mm[r] = fma(-yd * dmin_w[r], np.float32(pair), mm[r])
+            o = out[t, tile * ROWS:(tile + 1) * ROWS]
+            for r in range(ROWS):
+                if repacked:
+                    o[r] = acc[r] - acc_min[r]
+                elif tiled[t]:
+                    o[r] = acc[r]
+                else:
+                    lanes_sum = (((lanes[0, r] + lanes[4, r]) + (lanes[2, r] + lanes[6, r]))
+                                 + ((lanes[1, r] + lanes[5, r]) + (lanes[3, r] + lanes[7, r])))
+                    o[r] = lanes_sum + (acc_min[r] if q5 else (mins[0, r] + mins[2, r]) + (mins[1, r] + mins[3, r]))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q6_k(xq, xd, bsums, wq, wsub, wd, tiled, out):
+    """out[t, r] = row r of a Q6_K matrix (pack_k) times Q8_K activations, in the order of
+    ggml_vec_dot_q6_K_q8_K on AVX2, or of the tiled kernel for long prompt passes.
+    wq: [n_tiles, n_super, 256, ROWS] int8 (0..63); wsub: [n_tiles, n_super, 16, ROWS] int32;
+    wd: [n_tiles, n_super, ROWS] f32; out: [T, n_tiles * ROWS]"""
+    n_tokens = xq.shape[0]
+    n_tiles, n_super, _, _ = wq.shape
+    for tile in prange(n_tiles):
+        lanes = np.empty((8, ROWS), np.float32)
+        acc = np.empty(ROWS, np.float32)
+        lane_sum = np.empty((8, ROWS), np.int32)
+        quad = np.empty(ROWS, np.int32)
+        s1 = np.empty(ROWS, np.int32)
+        for t in range(n_tokens):
+            lanes[:, :] = 0
+            acc[:] = 0
+            for s in range(n_super):
+                sc = wsub[tile, s]
+                _lane_sums(wq[tile, s], sc, 16, xq[t, s * QK_K:(s + 1) * QK_K], quad, lane_sum)
+                for l in range(8):   # the weights are u6 - 32: take 32 * scale * y back out
+                    b0, b1 = np.int32(bsums[t, s, 2 * l]), np.int32(bsums[t, s, 2 * l + 1])
+                    c0, c1, ls = sc[2 * l], sc[2 * l + 1], lane_sum[l]
+                    for r in range(ROWS):
+                        ls[r] -= np.int32(32 * (b0 * c0[r] + b1 * c1[r]))
+                yd = xd[t, s]
+                d_w = wd[tile, s]
+                if tiled[t]:   # tiled: one integer per super-block, res = d_w * s1, acc += res * d_y
+                    s1[:] = 0
+                    for l in range(8):
+                        ls = lane_sum[l]
+                        for r in range(ROWS):
+                            s1[r] += ls[r]
+                    for r in range(ROWS):
+                        acc[r] = fma(d_w[r] * np.float32(s1[r]), yd, acc[r])
+                    continue
+                for l in range(8):
+                    lane, ls = lanes[l], lane_sum[l]
+                    for r in range(ROWS):
+                        lane[r] = fma(yd * d_w[r], np.float32(ls[r]), lane[r])
+            o = out[t, tile * ROWS:(tile + 1) * ROWS]
+            for r in range(ROWS):
+                o[r] = acc[r] if tiled[t] else (((lanes[0, r] + lanes[4, r]) + (lanes[2, r] + lanes[6, r]))
+                                                + ((lanes[1, r] + lanes[5, r]) + (lanes[3, r] + lanes[7, r])))

@@ -1,0 +1,119 @@
+"""Q4_K, Q5_K and Q6_K in llama.cpp's orders, against NumPy twins written from ggml's C code
+(ggml-cpu/arch/x86/quants.c, repack.cpp, tiled/tiled-kernel.cpp): bit for bit."""
+import numpy as np
+import pytest
+
+from engine.quants import blocks, linear, pack_weight, prepare, repacked_order
+
+K_SCALE_AT = {"Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def fma(a, b, c):
+    return np.float32(np.float64(np.float32(a)) * np.float64(np.float32(b)) + np.float64(np.float32(c)))
+
+
+def hsum8(l):
+    f = np.float32
+    return f(f(f(l[0] + l[4]) + f(l[2] + l[6])) + f(f(l[1] + l[5]) + f(l[3] + l[7])))
+
+
+def random_blocks(name, rng, n_rows, n_cols):
+    bb, _ = blocks.BLOCK_SIZES[name]
+    raw = rng.integers(0, 256, size=(n_rows, n_cols // 256 * bb), dtype=np.uint8)
+    flat = raw.reshape(-1, bb)
+    for at in K_SCALE_AT[name]:
+        flat[:, at:at + 2] = rng.uniform(0.001, 0.02, flat.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+def ints(name, block):
+    """(unsigned quants [256], scales [8 or 16], mins [8] or None, d, dmin) of one GGUF block."""
+    b = block[None, :]
+    f16 = lambda at: np.float32(block[at:at + 2].view(np.float16)[0])   # noqa: E731
+    if name == "Q6_K":
+        q, _, _, _ = blocks.unpack_q6_k(b)
+        return q[0].astype(np.int64) + 32, block[192:208].view(np.int8).astype(np.int64), None, f16(208), 0
+    q, _, _, _ = (blocks.unpack_q4_k if name == "Q4_K" else blocks.unpack_q5_k)(b)
+    sc, mn = blocks._k4_scales_mins(b[:, 4:16])
+    return q[0].astype(np.int64), sc[0].astype(np.int64), mn[0].astype(np.int64), f16(0), f16(2)
+
+
+def twin(name, raw_row, yq, yd, ybs, path):
+    """One output element, path in "vec_dot", "tiled", "gemv", "gemm"."""
+    acc, acc_min = np.float32(0), np.float32(0)
+    lanes, mins = np.zeros(8, np.float32), np.zeros(4, np.float32)
+    bb, _ = blocks.BLOCK_SIZES[name]
+    for s in range(len(yd)):
+        q, sc, mn, d, dmin = ints(name, raw_row[s * bb:(s + 1) * bb])
+        y = yq[s * 256:(s + 1) * 256].astype(np.int64)
+        group = 16 if name == "Q6_K" else 32
+        scaled = q * sc[np.arange(256) // group] * y
+        lane = [int(scaled[(np.arange(256) % 32) // 4 == l].sum()) for l in range(8)]
+        ysum = [int(ybs[s, 2 * g] + ybs[s, 2 * g + 1]) for g in range(8)]
+        if name == "Q6_K":   # the -32 offset, taken out per lane as ggml does
+            lane = [lane[l] - 32 * int(ybs[s, 2 * l] * sc[2 * l] + ybs[s, 2 * l + 1] * sc[2 * l + 1]) for l in range(8)]
+            m_total = 0
+        else:
+            m_total = sum(int(mn[g]) * ysum[g] for g in range(8))
+        if path == "vec_dot":
+            for l in range(8):
+                lanes[l] = fma(np.float32(yd[s] * d), lane[l], lanes[l])
+            if name == "Q4_K":
+                for m in range(4):
+                    mins[m] = fma(np.float32(-yd[s] * dmin), mn[2 * m] * ysum[2 * m] + mn[2 * m + 1] * ysum[2 * m + 1], mins[m])
+            elif name == "Q5_K":
+                acc_min = fma(np.float32(-yd[s] * dmin), m_total, acc_min)
+        elif path == "tiled":
+            res = np.float32(d * np.float32(sum(lane)))
+            if name != "Q6_K":
+                res = fma(-dmin, m_total, res)
+            acc = fma(res, yd[s], acc)
+        elif path == "gemv":
+            acc = fma(sum(lane), np.float32(d * yd[s]), acc)
+            acc_min = fma(m_total, np.float32(dmin * yd[s]), acc_min)
+        else:   # gemm: one FMA per two sub-blocks
+            for c in range(4):
+                i1 = sum(int(sc[g] * (q[32 * g:32 * g + 32] * y[32 * g:32 * g + 32]).sum()) for g in (2 * c, 2 * c + 1))
+                m1 = sum(int(mn[g]) * ysum[g] for g in (2 * c, 2 * c + 1))
+                acc = fma(i1, np.float32(d * yd[s]), acc)
+                acc_min = fma(m1, np.float32(dmin * yd[s]), acc_min)
+    if path == "vec_dot":
+        if name == "Q4_K":
+            return np.float32(hsum8(lanes) + np.float32(np.float32(mins[0] + mins[2]) + np.float32(mins[1] + mins[3])))
+        return np.float32(hsum8(lanes) + acc_min)
+    return np.float32(acc - acc_min) if path in ("gemv", "gemm") else acc
+
+
+@pytest.mark.parametrize("name,n_rows,path", [
+    ("Q4_K", 12, "vec_dot"), ("Q4_K", 12, "tiled"), ("Q4_K", 16, "gemv"), ("Q4_K", 16, "gemm"),
+    ("Q5_K", 12, "vec_dot"), ("Q5_K", 16, "tiled"), ("Q6_K", 16, "vec_dot"), ("Q6_K", 12, "tiled")])
+def test_kquant_orders_equal_numpy_twins(name, n_rows, path):
+    rng = np.random.default_rng(n_rows)
+    n_cols = 512
+    raw = random_blocks(name, rng, n_rows, n_cols)
+    w = pack_weight(name, raw, n_rows, n_cols)
+    assert repacked_order(name, n_rows) == (path in ("gemv", "gemm"))
+    x = (rng.standard_normal((2, n_cols)) * 2).astype(np.float32)
+    flag = np.full(2, path in ("tiled", "gemm"))
+    (out,) = linear(x, w, tiled_rows=flag if path == "tiled" else None, grouped_rows=flag if path == "gemm" else None)
+    act = prepare(x, w.act_format, w.group)
+    for t in range(2):
+        for r in range(n_rows):
+            want = twin(name, raw[r], act.q[t], act.d[t], act.s[t], path)
+            assert out[t, r] == want, (t, r, out[t, r], want)
+
+
+def test_q8_k_activations_are_ggmls():
+    """quantize_row_q8_K_ref: iscale = -127 / (the value of largest magnitude), round half to
+    even, d = 1 / iscale, and bsums of 16."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((1, 512)) * 3).astype(np.float32)
+    act = prepare(x, "q8_k_rows", 256)
+    for s in range(2):
+        v = x[0, s * 256:(s + 1) * 256]
+        vmax = v[np.argmax(np.abs(v))]
+        iscale = np.float32(-127.0) / vmax
+        q = np.minimum(127, np.rint(iscale * v)).astype(np.int8)
+        np.testing.assert_array_equal(act.q[0, s * 256:(s + 1) * 256], q)
+        assert act.d[0, s] == np.float32(1) / iscale
+        np.testing.assert_array_equal(act.s[0, s], q.astype(np.int32).reshape(16, 16).sum(1))
