@@ -9,8 +9,8 @@ why our logits agree with llama.cpp's:
 | F16 / BF16                | rounded to f16 / bf16     | the same (weights widened at load)       |
 | Q4_0, Q5_0, Q8_0          | Q8_0 blocks of 32         | matmul_q32_lanes                         |
 | Q4_1, Q5_1                | Q8_1 blocks of 32 (+ sum) | matmul_q32_lanes                         |
-| Q4_K, Q5_K, Q6_K          | Q8_K super-blocks of 256  | kquants.matmul_q4_k / matmul_q6_k        |
-| Q2_K, Q3_K                | Q8_K, per weight group    | matmul_int8                              |
+| Q3_K .. Q6_K              | Q8_K super-blocks of 256  | kquants.matmul_q4_k / matmul_k16         |
+| Q2_K                      | Q8_K, per weight group    | matmul_int8                              |
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from . import blocks
 from .kernels import (ROW_TILE, matmul_float_tiles, matmul_int8, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
                       quantize_q8_blocks, quantize_q8_k)
-from .kquants import matmul_q4_k, matmul_q6_k, pack_k, quantize_q8_k_rows
+from .kquants import matmul_k16, matmul_q4_k, pack_k, quantize_q8_k_rows
 from .simd import have_avx2
 
 USE_AVX2 = have_avx2()   # 32-weight blocks through simd.py's vpmaddubsw loops, else the portable kernels
@@ -31,7 +31,7 @@ ACT_FORMAT = {
     "F32": "f32", "F16": "f16", "BF16": "bf16",
     "Q4_0": "q8_0", "Q5_0": "q8_0", "Q8_0": "q8_0",
     "Q4_1": "q8_1", "Q5_1": "q8_1",
-    "Q2_K": "q8_k", "Q3_K": "q8_k", "Q4_K": "q8_k_rows", "Q5_K": "q8_k_rows", "Q6_K": "q8_k_rows",
+    "Q2_K": "q8_k", "Q3_K": "q8_k_rows", "Q4_K": "q8_k_rows", "Q5_K": "q8_k_rows", "Q6_K": "q8_k_rows",
 }
 
 
@@ -231,8 +231,9 @@ def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None =
             matmul_q4_k(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, w.minimum,
                         repacked_order(w.type_name, w.n_rows), tiled_rows, grouped_rows,
                         w.type_name == "Q5_K", out)
-        else:
-            matmul_q6_k(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, tiled_rows, out)
+        else:   # Q3_K, Q6_K
+            matmul_k16(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, 32 if w.type_name == "Q6_K" else 0,
+                       tiled_rows, out)
         return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
     if w.act_format == "q8_k":
         out = np.empty((act.q.shape[0], w.n_rows), np.float32)

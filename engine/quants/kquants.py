@@ -1,4 +1,4 @@
-"""Q4_K, Q5_K and Q6_K times Q8_K activations, in the order llama.cpp's AVX2 kernels add.
+"""Q3_K, Q4_K, Q5_K and Q6_K times Q8_K activations, in the order llama.cpp's AVX2 kernels add.
 
 A K-quant super-block holds 256 weights in sub-blocks with small integer scales (6-bit for
 Q4_K, 8-bit signed for Q6_K) under one f16 scale. llama.cpp keeps the sub-block scales as
@@ -6,6 +6,7 @@ integers: all products inside a super-block are summed exactly as integers, and 
 scaled in floats. Which integers are summed together, and how the floats are added, is what
 these kernels copy:
 
+* Q3_K (ggml_vec_dot_q3_K_q8_K) as Q6_K below, with signed 3-bit quants and no offset.
 * Q6_K (ggml_vec_dot_q6_K_q8_K): 8 lanes; lane l of a super-block is the integer
   sum over its eight 32-weight groups g of scale(16-group) * u6 * y for weights 32g+4l..32g+4l+3
   (u6 = the unsigned 6-bit quant), minus 32 * (bsum[2l] * sc[2l] + bsum[2l+1] * sc[2l+1]);
@@ -94,6 +95,10 @@ def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
         sc, mn = blocks._k4_scales_mins(flat[:, 4:16])
         sub[:, :8], sub[:, 8:] = sc, mn
         d, dmin = blocks._f16(flat, 0), blocks._f16(flat, 2)
+    elif type_name == "Q3_K":   # signed quants (-4..3) and scales (-32..31), as ggml sums them
+        q, _, _, _ = blocks.unpack_q3_k(flat)
+        sub[:] = blocks._q3_k_scales(flat[:, 96:108])
+        d, dmin = blocks._f16(flat, 108), np.zeros((n_rows * n_super, 1), np.float32)
     else:
         q, _, _, _ = blocks.unpack_q6_k(flat)
         q = q + np.int8(32)
@@ -250,10 +255,12 @@ def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def matmul_q6_k(xq, xd, bsums, wq, wsub, wd, tiled, out):
-    """out[t, r] = row r of a Q6_K matrix (pack_k) times Q8_K activations, in the order of
-    ggml_vec_dot_q6_K_q8_K on AVX2, or of the tiled kernel for long prompt passes.
-    wq: [n_tiles, n_super, 256, ROWS] int8 (0..63); wsub: [n_tiles, n_super, 16, ROWS] int32;
+def matmul_k16(xq, xd, bsums, wq, wsub, wd, offset, tiled, out):
+    """out[t, r] = row r of a K-quant matrix with one scale per 16 weights and no minimum
+    (pack_k: Q6_K, offset 32, its quants stored unsigned; Q3_K, offset 0, signed) times Q8_K
+    activations, in the order of ggml_vec_dot_q6_K_q8_K / _q3_K_q8_K on AVX2, or of the tiled
+    kernel for long prompt passes.
+    wq: [n_tiles, n_super, 256, ROWS] int8; wsub: [n_tiles, n_super, 16, ROWS] int32;
     wd: [n_tiles, n_super, ROWS] f32; out: [T, n_tiles * ROWS]"""
     n_tokens = xq.shape[0]
     n_tiles, n_super, _, _ = wq.shape
@@ -269,11 +276,11 @@ def matmul_q6_k(xq, xd, bsums, wq, wsub, wd, tiled, out):
             for s in range(n_super):
                 sc = wsub[tile, s]
                 _lane_sums(wq[tile, s], sc, 16, xq[t, s * QK_K:(s + 1) * QK_K], quad, lane_sum)
-                for l in range(8):   # the weights are u6 - 32: take 32 * scale * y back out
+                for l in range(8 if offset else 0):   # Q6_K's weights are u6 - 32: take 32 * scale * y out
                     b0, b1 = np.int32(bsums[t, s, 2 * l]), np.int32(bsums[t, s, 2 * l + 1])
                     c0, c1, ls = sc[2 * l], sc[2 * l + 1], lane_sum[l]
                     for r in range(ROWS):
-                        ls[r] -= np.int32(32 * (b0 * c0[r] + b1 * c1[r]))
+                        ls[r] -= np.int32(offset * (b0 * c0[r] + b1 * c1[r]))
                 yd = xd[t, s]
                 d_w = wd[tile, s]
                 if tiled[t]:   # tiled: one integer per super-block, res = d_w * s1, acc += res * d_y
