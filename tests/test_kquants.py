@@ -1,11 +1,11 @@
-"""Q3_K, Q4_K, Q5_K and Q6_K in llama.cpp's orders, against NumPy twins written from ggml's C code
+"""The K-quants (Q2_K .. Q6_K) in llama.cpp's orders, against NumPy twins written from ggml's C code
 (ggml-cpu/arch/x86/quants.c, repack.cpp, tiled/tiled-kernel.cpp): bit for bit."""
 import numpy as np
 import pytest
 
 from engine.quants import blocks, linear, pack_weight, prepare, repacked_order
 
-K_SCALE_AT = {"Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+K_SCALE_AT = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 
 
 def fma(a, b, c):
@@ -33,6 +33,10 @@ def ints(name, block):
     if name == "Q6_K":
         q, _, _, _ = blocks.unpack_q6_k(b)
         return q[0].astype(np.int64) + 32, block[192:208].view(np.int8).astype(np.int64), None, f16(208), 0
+    if name == "Q2_K":   # 16 scales and 16 mins
+        q, _, _, _ = blocks.unpack_q2_k(b)
+        return (q[0].astype(np.int64), (block[0:16] & 15).astype(np.int64), (block[0:16] >> 4).astype(np.int64),
+                f16(80), f16(82))
     if name == "Q3_K":
         q, _, _, _ = blocks.unpack_q3_k(b)
         return q[0].astype(np.int64), blocks._q3_k_scales(b[:, 96:108])[0].astype(np.int64), None, f16(108), 0
@@ -49,7 +53,7 @@ def twin(name, raw_row, yq, yd, ybs, path):
     for s in range(len(yd)):
         q, sc, mn, d, dmin = ints(name, raw_row[s * bb:(s + 1) * bb])
         y = yq[s * 256:(s + 1) * 256].astype(np.int64)
-        group = 16 if name in ("Q3_K", "Q6_K") else 32
+        group = 16 if name in ("Q2_K", "Q3_K", "Q6_K") else 32
         scaled = q * sc[np.arange(256) // group] * y
         lane = [int(scaled[(np.arange(256) % 32) // 4 == l].sum()) for l in range(8)]
         ysum = [int(ybs[s, 2 * g] + ybs[s, 2 * g + 1]) for g in range(8)]
@@ -58,9 +62,15 @@ def twin(name, raw_row, yq, yd, ybs, path):
             m_total = 0
         elif name == "Q3_K":
             m_total = 0
+        elif name == "Q2_K":   # mins per 16, against bsums of 16
+            min_lane = [int(mn[2 * l] * ybs[s, 2 * l] + mn[2 * l + 1] * ybs[s, 2 * l + 1]) for l in range(8)]
+            m_total = sum(min_lane)
         else:
             m_total = sum(int(mn[g]) * ysum[g] for g in range(8))
         if path == "vec_dot":
+            if name == "Q2_K":   # the mins enter the lanes first
+                for l in range(8):
+                    lanes[l] = fma(np.float32(-yd[s] * dmin), min_lane[l], lanes[l])
             for l in range(8):
                 lanes[l] = fma(np.float32(yd[s] * d), lane[l], lanes[l])
             if name == "Q4_K":
@@ -70,7 +80,7 @@ def twin(name, raw_row, yq, yd, ybs, path):
                 acc_min = fma(np.float32(-yd[s] * dmin), m_total, acc_min)
         elif path == "tiled":
             res = np.float32(d * np.float32(sum(lane)))
-            if name in ("Q4_K", "Q5_K"):
+            if name in ("Q2_K", "Q4_K", "Q5_K"):
                 res = fma(-dmin, m_total, res)
             acc = fma(res, yd[s], acc)
         elif path == "gemv":
@@ -92,7 +102,7 @@ def twin(name, raw_row, yq, yd, ybs, path):
 @pytest.mark.parametrize("name,n_rows,path", [
     ("Q4_K", 12, "vec_dot"), ("Q4_K", 12, "tiled"), ("Q4_K", 16, "gemv"), ("Q4_K", 16, "gemm"),
     ("Q5_K", 12, "vec_dot"), ("Q5_K", 16, "tiled"), ("Q6_K", 16, "vec_dot"), ("Q6_K", 12, "tiled"),
-    ("Q3_K", 16, "vec_dot"), ("Q3_K", 12, "tiled")])
+    ("Q3_K", 16, "vec_dot"), ("Q3_K", 12, "tiled"), ("Q2_K", 16, "vec_dot"), ("Q2_K", 12, "tiled")])
 def test_kquant_orders_equal_numpy_twins(name, n_rows, path):
     rng = np.random.default_rng(n_rows)
     n_cols = 512

@@ -46,8 +46,6 @@ def _dequantized_activations(act, fmt, x):
     n = x.shape[0]
     if fmt == "q8_k_rows":  # [T, K], one scale per 256
         return act.q.astype(np.float64) * np.repeat(act.d, 256, axis=1)
-    if fmt == "q8_k":  # block-minor [T, group, n_groups]
-        return (act.q.transpose(0, 2, 1).astype(np.float64) * act.d[:, :, None]).reshape(n, -1)
     return (act.q.astype(np.float64) * act.d[:, :, None]).reshape(n, -1)  # [T, n_blocks, 32]
 
 

@@ -9,8 +9,7 @@ why our logits agree with llama.cpp's:
 | F16 / BF16                | rounded to f16 / bf16     | the same (weights widened at load)       |
 | Q4_0, Q5_0, Q8_0          | Q8_0 blocks of 32         | matmul_q32_lanes                         |
 | Q4_1, Q5_1                | Q8_1 blocks of 32 (+ sum) | matmul_q32_lanes                         |
-| Q3_K .. Q6_K              | Q8_K super-blocks of 256  | kquants.matmul_q4_k / matmul_k16         |
-| Q2_K                      | Q8_K, per weight group    | matmul_int8                              |
+| Q2_K .. Q6_K              | Q8_K super-blocks of 256  | kquants.matmul_q4_k / matmul_k16         |
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import blocks
-from .kernels import (ROW_TILE, matmul_float_tiles, matmul_int8, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
+from .kernels import (ROW_TILE, matmul_float_tiles, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
                       quantize_q8_blocks, quantize_q8_k)
 from .kquants import matmul_k16, matmul_q4_k, pack_k, quantize_q8_k_rows
@@ -31,7 +30,7 @@ ACT_FORMAT = {
     "F32": "f32", "F16": "f16", "BF16": "bf16",
     "Q4_0": "q8_0", "Q5_0": "q8_0", "Q8_0": "q8_0",
     "Q4_1": "q8_1", "Q5_1": "q8_1",
-    "Q2_K": "q8_k", "Q3_K": "q8_k_rows", "Q4_K": "q8_k_rows", "Q5_K": "q8_k_rows", "Q6_K": "q8_k_rows",
+    "Q2_K": "q8_k_rows", "Q3_K": "q8_k_rows", "Q4_K": "q8_k_rows", "Q5_K": "q8_k_rows", "Q6_K": "q8_k_rows",
 }
 
 
@@ -52,7 +51,7 @@ class PackedWeight:
     q: np.ndarray | None = None
     scale: np.ndarray | None = None
     minimum: np.ndarray | None = None  # zeros for symmetric types
-    sub_scales: np.ndarray | None = None  # Q4_K/Q6_K: [n_rows, n_super, 16] int32 (kquants.pack_k)
+    sub_scales: np.ndarray | None = None  # K-quants: integer sub-block scales (kquants.pack_k)
 
     @property
     def act_key(self) -> tuple[str, int]:
@@ -90,10 +89,6 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
     n_groups = n_cols // group
     if minimum is None:
         minimum = np.zeros_like(scale)
-    if fmt == "q8_k":
-        q_block_minor = np.ascontiguousarray(q.reshape(n_rows, n_groups, group).transpose(0, 2, 1))
-        return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=q_block_minor, scale=scale,
-                            minimum=minimum)
     # 32-weight blocks: interleave ROW_TILE rows (padded with zero rows) for matmul_q32_lanes
     tiles = _row_tiles(q.reshape(n_rows, n_groups, 32), n_rows)    # [tiles, NB, 32, R]
     if USE_AVX2 if simd is None else simd:   # -> [tiles, NB, 8, R, 4]: weights 4i..4i+3 per row
@@ -197,8 +192,8 @@ def prepare(x: np.ndarray, act_format: str, group: int) -> Activations:
         bsums = np.empty((n_tokens, n_groups, 16), np.int32)
         quantize_q8_k_rows(x, q, d, bsums)
         return Activations(q=q, d=d, s=bsums)
-    if act_format == "q8_k":
-        q = np.empty((n_tokens, group, n_groups), np.int8)   # block-minor, as the K-quant kernel reads
+    if act_format == "q8_k":   # per weight group, block-minor: what the CUDA twin of the K-quants reads
+        q = np.empty((n_tokens, group, n_groups), np.int8)
         quantize_q8_k(x, group, q, d, s)
         return Activations(q=q, d=d, s=s)
     q = np.empty((n_tokens, n_groups, 32), np.int8)
@@ -231,14 +226,10 @@ def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None =
             matmul_q4_k(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, w.minimum,
                         repacked_order(w.type_name, w.n_rows), tiled_rows, grouped_rows,
                         w.type_name == "Q5_K", out)
-        else:   # Q3_K, Q6_K
-            matmul_k16(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, 32 if w.type_name == "Q6_K" else 0,
-                       tiled_rows, out)
+        else:   # Q2_K, Q3_K, Q6_K
+            matmul_k16(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, w.minimum,
+                       32 if w.type_name == "Q6_K" else 0, tiled_rows, out)
         return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
-    if w.act_format == "q8_k":
-        out = np.empty((act.q.shape[0], w.n_rows), np.float32)
-        matmul_int8(act.q, act.d, act.s, w.q, w.scale, w.minimum, out)
-        return out
     out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
     whole_blocks = repacked_order(w.type_name, w.n_rows)
     if w.type_name in ("Q4_0", "Q4_1") and w.q.ndim == 5:   # the byte-pair layout of simd.py

@@ -5,7 +5,8 @@
 * `matmul_q32_lanes`: 32-weight blocks (Q5_0, Q5_1, Q8_0) times Q8_0/Q8_1 activations, in
   the order of ggml's AVX2 vec_dot kernels; `matmul_q4_lanes` the same for Q4_0/Q4_1 read
   from their packed nibbles.
-* `matmul_int8`: the K-quants times Q8_K activations (integer group sums, then float scaling).
+* The K-quants are in kquants.py. `quantize_q8_k` (Q8_K per weight group, block-minor) feeds
+  the CUDA twin of the K-quants.
 
 Why the exact order matters: with 8-bit activations, a one-ulp difference in a layer's output
 can flip one activation's rounding to int8 in the next layer, and over 30 layers such flips
@@ -361,34 +362,6 @@ def matmul_q32_simd(xq, xd, xs, wq, wd, wm, has_min, out):
             o = out[t, tile * n_r:(tile + 1) * n_r]
             for r in range(n_r):
                 o[r] = hsum8(lanes[:, r]) + summs[r]
-
-
-@njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def matmul_int8(xq, xd, xs, wq, wd, wm, out):
-    """out[t, r] = sum_g (wd[r,g] * xd[t,g]) * isum[g] + wm[r,g] * xs[t,g],
-    where isum[g] = sum_p wq[r,p,g] * xq[t,p,g] is an exact int32 dot product.
-
-    xq:  [T, G, NG] int8  activation quants, block-minor (G = weights per group)
-    xd:  [T, NG]    f32   activation scale of each group
-    xs:  [T, NG]    f32   activation scale * sum of the group's quants (feeds the min term)
-    wq:  [N, G, NG] int8  weight quants, block-minor
-    wd:  [N, NG]    f32   weight scale of each group
-    wm:  [N, NG]    f32   weight offset of each group (zeros for symmetric types)
-    out: [T, N]     f32
-    """
-    n_tokens = xq.shape[0]
-    n_rows, group, n_groups = wq.shape
-    for r in prange(n_rows):
-        isum = np.empty(n_groups, np.int32)
-        for t in range(n_tokens):
-            isum[:] = 0
-            for p in range(group):
-                for g in range(n_groups):
-                    isum[g] += np.int32(np.int32(wq[r, p, g]) * np.int32(xq[t, p, g]))
-            acc = np.float32(0.0)
-            for g in range(n_groups):
-                acc += wd[r, g] * xd[t, g] * np.float32(isum[g]) + wm[r, g] * xs[t, g]
-            out[t, r] = acc
 
 
 @njit(cache=True, nogil=True)

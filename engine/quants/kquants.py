@@ -1,4 +1,4 @@
-"""Q3_K, Q4_K, Q5_K and Q6_K times Q8_K activations, in the order llama.cpp's AVX2 kernels add.
+"""The K-quants (Q2_K .. Q6_K) times Q8_K activations, in the order llama.cpp's AVX2 kernels add.
 
 A K-quant super-block holds 256 weights in sub-blocks with small integer scales (6-bit for
 Q4_K, 8-bit signed for Q6_K) under one f16 scale. llama.cpp keeps the sub-block scales as
@@ -6,7 +6,9 @@ integers: all products inside a super-block are summed exactly as integers, and 
 scaled in floats. Which integers are summed together, and how the floats are added, is what
 these kernels copy:
 
-* Q3_K (ggml_vec_dot_q3_K_q8_K) as Q6_K below, with signed 3-bit quants and no offset.
+* Q3_K (ggml_vec_dot_q3_K_q8_K) as Q6_K below, with signed 3-bit quants and no offset; Q2_K
+  likewise, after first adding its mins into the lanes: lane = fma(-d_y * dmin_w,
+  float(min_2l * bsum_2l + min_2l+1 * bsum_2l+1), lane).
 * Q6_K (ggml_vec_dot_q6_K_q8_K): 8 lanes; lane l of a super-block is the integer
   sum over its eight 32-weight groups g of scale(16-group) * u6 * y for weights 32g+4l..32g+4l+3
   (u6 = the unsigned 6-bit quant), minus 32 * (bsum[2l] * sc[2l] + bsum[2l+1] * sc[2l+1]);
@@ -89,8 +91,12 @@ def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
     n_super = n_cols // QK_K
     bb, _ = blocks.BLOCK_SIZES[type_name]
     flat = np.asarray(raw, np.uint8).reshape(n_rows * n_super, bb)
-    sub = np.zeros((n_rows * n_super, 16), np.int32)
-    if type_name in ("Q4_K", "Q5_K"):
+    sub = np.zeros((n_rows * n_super, 32 if type_name == "Q2_K" else 16), np.int32)
+    if type_name == "Q2_K":     # 16 four-bit scales, then 16 four-bit mins
+        q, _, _, _ = blocks.unpack_q2_k(flat)
+        sub[:, :16], sub[:, 16:] = flat[:, 0:16] & 0x0F, flat[:, 0:16] >> 4
+        d, dmin = blocks._f16(flat, 80), blocks._f16(flat, 82)
+    elif type_name in ("Q4_K", "Q5_K"):
         q, _, _, _ = (blocks.unpack_q4_k if type_name == "Q4_K" else blocks.unpack_q5_k)(flat)
         sc, mn = blocks._k4_scales_mins(flat[:, 4:16])
         sub[:, :8], sub[:, 8:] = sc, mn
@@ -104,7 +110,7 @@ def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
         q = q + np.int8(32)
         sub[:] = np.ascontiguousarray(flat[:, 192:208]).view(np.int8)
         d, dmin = blocks._f16(flat, 208), np.zeros((n_rows * n_super, 1), np.float32)
-    return (tile_rows(q.reshape(n_rows, n_super, QK_K)), tile_rows(sub.reshape(n_rows, n_super, 16)),
+    return (tile_rows(q.reshape(n_rows, n_super, QK_K)), tile_rows(sub.reshape(n_rows, n_super, -1)),
             tile_rows(d.reshape(n_rows, n_super)), tile_rows(dmin.reshape(n_rows, n_super)))
 
 
@@ -255,11 +261,11 @@ def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def matmul_k16(xq, xd, bsums, wq, wsub, wd, offset, tiled, out):
+def matmul_k16(xq, xd, bsums, wq, wsub, wd, wdmin, offset, tiled, out):
     """out[t, r] = row r of a K-quant matrix with one scale per 16 weights and no minimum
-    (pack_k: Q6_K, offset 32, its quants stored unsigned; Q3_K, offset 0, signed) times Q8_K
-    activations, in the order of ggml_vec_dot_q6_K_q8_K / _q3_K_q8_K on AVX2, or of the tiled
-    kernel for long prompt passes.
+    (pack_k: Q6_K, offset 32, its quants stored unsigned; Q3_K, offset 0, signed) or with
+    16 mins too (Q2_K: wsub holds 16 scales then 16 mins) times Q8_K activations, in the order
+    of ggml_vec_dot_q{6,3,2}_K_q8_K on AVX2, or of the tiled kernel for long prompt passes.
     wq: [n_tiles, n_super, 256, ROWS] int8; wsub: [n_tiles, n_super, 16, ROWS] int32;
     wd: [n_tiles, n_super, ROWS] f32; out: [T, n_tiles * ROWS]"""
     n_tokens = xq.shape[0]
@@ -268,8 +274,10 @@ def matmul_k16(xq, xd, bsums, wq, wsub, wd, offset, tiled, out):
         lanes = np.empty((8, ROWS), np.float32)
         acc = np.empty(ROWS, np.float32)
         lane_sum = np.empty((8, ROWS), np.int32)
+        min_lane = np.empty((8, ROWS), np.int32)
         quad = np.empty(ROWS, np.int32)
         s1 = np.empty(ROWS, np.int32)
+        s2 = np.empty(ROWS, np.int32)
         for t in range(n_tokens):
             lanes[:, :] = 0
             acc[:] = 0
@@ -282,16 +290,34 @@ def matmul_k16(xq, xd, bsums, wq, wsub, wd, offset, tiled, out):
                     for r in range(ROWS):
                         ls[r] -= np.int32(offset * (b0 * c0[r] + b1 * c1[r]))
                 yd = xd[t, s]
-                d_w = wd[tile, s]
-                if tiled[t]:   # tiled: one integer per super-block, res = d_w * s1, acc += res * d_y
-                    s1[:] = 0
+                d_w, dmin_w = wd[tile, s], wdmin[tile, s]
+                has_min = wsub.shape[2] == 32
+                if has_min:   # Q2_K: the 16 mins times the 16 bsums, as 8 lanes of pairs
                     for l in range(8):
-                        ls = lane_sum[l]
+                        b0, b1 = np.int32(bsums[t, s, 2 * l]), np.int32(bsums[t, s, 2 * l + 1])
+                        m0, m1 = sc[16 + 2 * l], sc[16 + 2 * l + 1]
+                        for r in range(ROWS):
+                            min_lane[l, r] = np.int32(m0[r] * b0 + m1[r] * b1)
+                if tiled[t]:   # tiled: one integer per super-block, res = d_w * s1 (- dmin_w * s2), acc += res * d_y
+                    s1[:] = 0
+                    s2[:] = 0
+                    for l in range(8):
+                        ls, ml = lane_sum[l], min_lane[l]
                         for r in range(ROWS):
                             s1[r] += ls[r]
+                            if has_min:
+                                s2[r] += ml[r]
                     for r in range(ROWS):
-                        acc[r] = fma(d_w[r] * np.float32(s1[r]), yd, acc[r])
+                        res = d_w[r] * np.float32(s1[r])
+                        if has_min:
+                            res = fma(-dmin_w[r], np.float32(s2[r]), res)
+                        acc[r] = fma(res, yd, acc[r])
                     continue
+                if has_min:   # ggml_vec_dot_q2_K_q8_K: the mins go into the lanes first
+                    for l in range(8):
+                        lane, ml = lanes[l], min_lane[l]
+                        for r in range(ROWS):
+                            lane[r] = fma(-yd * dmin_w[r], np.float32(ml[r]), lane[r])
                 for l in range(8):
                     lane, ls = lanes[l], lane_sum[l]
                     for r in range(ROWS):
