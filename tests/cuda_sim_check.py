@@ -3,11 +3,13 @@ twins (small shapes, every quant type) and on stories260K. Prints one line per c
 import sys
 
 import numpy as np
+
+import kquant_cases
 from gguf import GGMLQuantizationType as GQ
 from gguf import quants as gq
 
 from engine.cuda_backend import CudaLayers, DeviceWeight, cuda_status
-from engine.quants import ACT_FORMAT, blocks, linear, pack_weight, round_bf16
+from engine.quants import ACT_FORMAT, linear, pack_weight, round_bf16
 
 assert cuda_status() == (True, "CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"), cuda_status()
 rng = np.random.default_rng(0)
@@ -23,12 +25,7 @@ def weight(name, n_rows, n_cols):
     if name == "BF16":
         return (round_bf16(w).view(np.uint32) >> 16).astype(np.uint16)
     if name in K_TYPES:
-        bb, bw = blocks.BLOCK_SIZES[name]
-        raw = rng.integers(0, 256, size=(n_rows, n_cols // bw * bb), dtype=np.uint8)
-        flat = raw.reshape(-1, bb)
-        for at in K_TYPES[name]:
-            flat[:, at:at + 2] = rng.uniform(0.001, 0.02, flat.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
-        return raw
+        return kquant_cases.weights(name, n_rows, n_cols)
     return gq.quantize(w, GQ[name])
 
 

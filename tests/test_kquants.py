@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from engine.quants import blocks, linear, pack_weight, prepare, repacked_order
+from kquant_cases import weights
 
-K_SCALE_AT = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 
 
 def fma(a, b, c):
@@ -15,15 +15,6 @@ def fma(a, b, c):
 def hsum8(l):
     f = np.float32
     return f(f(f(l[0] + l[4]) + f(l[2] + l[6])) + f(f(l[1] + l[5]) + f(l[3] + l[7])))
-
-
-def random_blocks(name, rng, n_rows, n_cols):
-    bb, _ = blocks.BLOCK_SIZES[name]
-    raw = rng.integers(0, 256, size=(n_rows, n_cols // 256 * bb), dtype=np.uint8)
-    flat = raw.reshape(-1, bb)
-    for at in K_SCALE_AT[name]:
-        flat[:, at:at + 2] = rng.uniform(0.001, 0.02, flat.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    return raw
 
 
 def ints(name, block):
@@ -106,7 +97,7 @@ def twin(name, raw_row, yq, yd, ybs, path):
 def test_kquant_orders_equal_numpy_twins(name, n_rows, path):
     rng = np.random.default_rng(n_rows)
     n_cols = 512
-    raw = random_blocks(name, rng, n_rows, n_cols)
+    raw = weights(name, n_rows, n_cols)
     w = pack_weight(name, raw, n_rows, n_cols)
     assert repacked_order(name, n_rows) == (path in ("gemv", "gemm"))
     x = (rng.standard_normal((2, n_cols)) * 2).astype(np.float32)
@@ -133,3 +124,24 @@ def test_q8_k_activations_are_ggmls():
         np.testing.assert_array_equal(act.q[0, s * 256:(s + 1) * 256], q)
         assert act.d[0, s] == np.float32(1) / iscale
         np.testing.assert_array_equal(act.s[0, s], q.astype(np.int32).reshape(16, 16).sum(1))
+
+
+def test_avx2_and_portable_kernels_agree(tmp_path):
+    """Every quantized type, every path: the AVX2 kernels (simd.py) in this process, the
+    portable ones in a child with NUMLLAMA_PORTABLE=1, bit for bit."""
+    import os
+    import subprocess
+    import sys
+    from engine.quants.simd import have_avx2
+    from kquant_cases import CASES, outputs
+    if not have_avx2():
+        pytest.skip("no AVX2 here: the portable kernels are the only ones")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = tmp_path / "portable.npz"
+    r = subprocess.run([sys.executable, os.path.join(here, "portable_check.py"), str(out)], cwd=here,
+                       env={**os.environ, "NUMLLAMA_PORTABLE": "1", "PYTHONPATH": os.path.dirname(here)},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    portable = np.load(out)
+    for name, path in CASES:
+        np.testing.assert_array_equal(outputs(name, path), portable[f"{name}_{path}"], err_msg=f"{name} {path}")

@@ -39,6 +39,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..float_ops import fma
+from .simd import have_avx2, k_lane_sums_16, k_lane_sums_32
+
+SIMD = have_avx2()   # the integer loops in simd.py (vpmaddubsw), else the portable ones below
 
 QK_K = 256
 
@@ -110,7 +113,10 @@ def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
         q = q + np.int8(32)
         sub[:] = np.ascontiguousarray(flat[:, 192:208]).view(np.int8)
         d, dmin = blocks._f16(flat, 208), np.zeros((n_rows * n_super, 1), np.float32)
-    return (tile_rows(q.reshape(n_rows, n_super, QK_K)), tile_rows(sub.reshape(n_rows, n_super, -1)),
+    q = tile_rows(q.reshape(n_rows, n_super, QK_K))                   # [tiles, n_super, 256, ROWS]
+    if SIMD:   # -> [tiles, n_super, 8 sub-blocks, 8 lanes, ROWS, 4 weights] for simd.k_lane_sums
+        q = np.ascontiguousarray(q.reshape(q.shape[0], n_super, 8, 8, 4, ROWS).transpose(0, 1, 2, 3, 5, 4))
+    return (q, tile_rows(sub.reshape(n_rows, n_super, -1)),
             tile_rows(d.reshape(n_rows, n_super)), tile_rows(dmin.reshape(n_rows, n_super)))
 
 
@@ -162,6 +168,42 @@ def _lane_sums(q, sub, group, y, quad, lane_sum):
                 ls[r] += np.int32(sc[r] * quad[r])
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _group_dots_simd(q, y, group_dot):
+    """_group_dots for the SIMD layout, q: [8, 8, ROWS, 4] int8."""
+    group_dot[:, :] = 0
+    for g in range(8):
+        gd = group_dot[g]
+        for i in range(8):
+            for k in range(4):
+                ye = np.int32(y[32 * g + 4 * i + k])
+                for r in range(ROWS):
+                    gd[r] += np.int32(np.int32(q[g, i, r, k]) * ye)
+
+
+if SIMD:
+    @njit(cache=True, nogil=True, inline="always")
+    def lane_sums(wq, wsub, tile, s, xq, t, group, quad, lane_sum):
+        """Lane sums of super-block s of a tile for token t (see _lane_sums), in AVX2."""
+        if group == 32:
+            k_lane_sums_32(wq, wsub, tile, s, xq, t, lane_sum)
+        else:
+            k_lane_sums_16(wq, wsub, tile, s, xq, t, lane_sum)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def group_dots(wq, tile, s, xq, t, group_dot):
+        _group_dots_simd(wq[tile, s], xq[t, s * QK_K:(s + 1) * QK_K], group_dot)
+else:
+    @njit(cache=True, nogil=True, inline="always")
+    def lane_sums(wq, wsub, tile, s, xq, t, group, quad, lane_sum):
+        """Lane sums of super-block s of a tile for token t (see _lane_sums)."""
+        _lane_sums(wq[tile, s], wsub[tile, s], group, xq[t, s * QK_K:(s + 1) * QK_K], quad, lane_sum)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def group_dots(wq, tile, s, xq, t, group_dot):
+        _group_dots(wq[tile, s], xq[t, s * QK_K:(s + 1) * QK_K], group_dot)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5, out):
     """out[t, r] = row r of a Q4_K (or, with q5, Q5_K) matrix (pack_k) times Q8_K activations
@@ -169,7 +211,7 @@ def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5
     wq: [n_tiles, n_super, 256, ROWS] int8; wsub: [n_tiles, n_super, 16, ROWS] int32;
     wd, wdmin: [n_tiles, n_super, ROWS] f32; out: [T, n_tiles * ROWS]"""
     n_tokens = xq.shape[0]
-    n_tiles, n_super, _, _ = wq.shape
+    n_tiles, n_super = wq.shape[0], wq.shape[1]
     for tile in prange(n_tiles):
         lanes = np.empty((8, ROWS), np.float32)
         mins = np.empty((4, ROWS), np.float32)
@@ -190,9 +232,9 @@ def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5
                 yd = xd[t, s]
                 d_w, dmin_w = wd[tile, s], wdmin[tile, s]
                 if repacked and grouped[t]:
-                    _group_dots(wq[tile, s], xq[t, s * QK_K:(s + 1) * QK_K], group_dot)
+                    group_dots(wq, tile, s, xq, t, group_dot)
                 else:
-                    _lane_sums(wq[tile, s], sub, 32, xq[t, s * QK_K:(s + 1) * QK_K], quad, lane_sum)
+                    lane_sums(wq, wsub, tile, s, xq, t, 32, quad, lane_sum)
                 if repacked and grouped[t]:   # ggml_gemm_q4_K_8x8_q8_K: one FMA per 64 weights
                     for c in range(4):
                         s1[:] = 0
@@ -269,7 +311,7 @@ def matmul_k16(xq, xd, bsums, wq, wsub, wd, wdmin, offset, tiled, out):
     wq: [n_tiles, n_super, 256, ROWS] int8; wsub: [n_tiles, n_super, 16, ROWS] int32;
     wd: [n_tiles, n_super, ROWS] f32; out: [T, n_tiles * ROWS]"""
     n_tokens = xq.shape[0]
-    n_tiles, n_super, _, _ = wq.shape
+    n_tiles, n_super = wq.shape[0], wq.shape[1]
     for tile in prange(n_tiles):
         lanes = np.empty((8, ROWS), np.float32)
         acc = np.empty(ROWS, np.float32)
@@ -283,7 +325,7 @@ def matmul_k16(xq, xd, bsums, wq, wsub, wd, wdmin, offset, tiled, out):
             acc[:] = 0
             for s in range(n_super):
                 sc = wsub[tile, s]
-                _lane_sums(wq[tile, s], sc, 16, xq[t, s * QK_K:(s + 1) * QK_K], quad, lane_sum)
+                lane_sums(wq, wsub, tile, s, xq, t, 16, quad, lane_sum)
                 for l in range(8 if offset else 0):   # Q6_K's weights are u6 - 32: take 32 * scale * y out
                     b0, b1 = np.int32(bsums[t, s, 2 * l]), np.int32(bsums[t, s, 2 * l + 1])
                     c0, c1, ls = sc[2 * l], sc[2 * l + 1], lane_sum[l]

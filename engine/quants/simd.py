@@ -25,6 +25,7 @@ is 8 rows x one lane's 4 weights, and vpmaddubsw + vpmaddwd give 8 rows' lane su
 """
 from __future__ import annotations
 
+import os
 import platform
 
 from llvmlite import ir
@@ -41,7 +42,10 @@ _V16i32, _V16f32, _V16f16 = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16), ir
 
 
 def have_avx2() -> bool:
-    """True where this CPU (as LLVM sees it) runs AVX2 and F16C."""
+    """True where this CPU (as LLVM sees it) runs AVX2 and F16C, unless NUMLLAMA_PORTABLE=1
+    asks for the portable kernels (the tests compare the two)."""
+    if os.environ.get("NUMLLAMA_PORTABLE") == "1":
+        return False
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     import llvmlite.binding as llvm
@@ -259,3 +263,77 @@ def q8_lanes(typingctx, wq, wd, tile, xq, xd, t, lanes):
     if not _c_layout(wq, wd, xq, xd, lanes):
         return None
     return types.void(wq, wd, tile, xq, xd, t, lanes), codegen
+
+
+def _make_k_lane_sums(group: int):
+    """The integer part of the K-quants (kquants.py) for one super-block: for 8 rows at a time,
+    lane i of sub-block g is sum_{k<4} w[32g+4i+k] * y[32g+4i+k] (vpmaddubsw with the sign
+    trick, then vpmaddwd), times the row's integer scale of that sub-block (vpmulld), summed
+    over the 8 sub-blocks. Exact integers, as kquants._lane_sums computes them."""
+
+    @intrinsic
+    def k_lane_sums(typingctx, wq, wsub, tile, s, xq, t, lane_sum):
+        """wq: [n_tiles, n_super, 8, 8, R, 4] int8 (sub-block g, lane i, row, 4 weights);
+        wsub: [n_tiles, n_super, NS, R] int32 (scales: one per 32 weights, or per 16 when
+        group == 16); xq: [T, K] int8; lane_sum: [8, R] int32 (written)"""
+        def codegen(context, builder, signature, args):
+            wq_a, wsub_a, tile_v, s_v, xq_a, t_v, out_a = args
+            wq_s, wsub_s, _, _, xq_s, _, out_s = signature.args
+            arr = context.make_array(wq_s)(context, builder, wq_a)
+            _, n_super, _, _, n_rows, _ = cgutils.unpack_tuple(builder, arr.shape, 6)
+            sub_arr = context.make_array(wsub_s)(context, builder, wsub_a)
+            n_scales = cgutils.unpack_tuple(builder, sub_arr.shape, 4)[2]
+            x_arr = context.make_array(xq_s)(context, builder, xq_a)
+            n_cols = cgutils.unpack_tuple(builder, x_arr.shape, 2)[1]
+            i8p = _i8.as_pointer()
+            wq_p = builder.bitcast(arr.data, i8p)
+            sub_p = sub_arr.data                                                        # i32*
+            xq_p = builder.bitcast(x_arr.data, i8p)
+            out_p = context.make_array(out_s)(context, builder, out_a).data             # i32*
+            ext = lambda v: builder.sext(v, _i64) if v.type.width < 64 else v   # noqa: E731
+            tile_v, s_v, t_v = ext(tile_v), ext(s_v), ext(t_v)
+            mod = builder.module
+            maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16i16, [_V32i8, _V32i8]),
+                                                     "llvm.x86.avx2.pmadd.ub.sw")
+            madd = cgutils.get_or_insert_function(mod, ir.FunctionType(_V8i32, [_V16i16, _V16i16]),
+                                                  "llvm.x86.avx2.pmadd.wd")
+            zero = ir.Constant(_V32i8, [0] * 32)
+            ones = ir.Constant(_V16i16, [1] * 16)
+            ts = builder.add(builder.mul(tile_v, n_super), s_v)
+            w_base = builder.mul(ts, builder.mul(n_rows, _c(256)))                     # bytes
+            x_base = builder.add(builder.mul(t_v, n_cols), builder.mul(s_v, _c(256)))
+            acc = [cgutils.alloca_once(builder, _V8i32) for _ in range(8)]
+            with cgutils.for_range(builder, builder.udiv(n_rows, _c(QUAD_ROWS))) as rows:
+                rg = builder.mul(rows.index, _c(QUAD_ROWS))
+                for a in acc:
+                    builder.store(ir.Constant(_V8i32, [0] * 8), a)
+                for g in range(8):
+                    for i in range(8):
+                        at = builder.add(w_base, builder.add(builder.mul(_c(8 * g + i), builder.mul(n_rows, _c(4))),
+                                                             builder.mul(rg, _c(4))))
+                        w = _load(builder, wq_p, at, _V32i8)                              # 8 rows x 4 weights
+                        x4 = builder.load(builder.bitcast(builder.gep(xq_p, [builder.add(x_base, _c(32 * g + 4 * i))]),
+                                                          _i32.as_pointer()), align=1)
+                        y = builder.bitcast(_splat(builder, x4, _V8i32), _V32i8)
+                        negative = builder.icmp_signed("<", w, zero)
+                        w_abs = builder.select(negative, builder.sub(zero, w), w)
+                        y_signed = builder.select(negative, builder.sub(zero, y), y)
+                        quads = builder.call(madd, [builder.call(maddubs, [w_abs, y_signed]), ones])
+                        idx = g if group == 32 else 2 * g + (i >= 4)
+                        sc_at = builder.add(builder.mul(builder.add(builder.mul(ts, n_scales), _c(idx)), n_rows), rg)
+                        sc = builder.load(builder.bitcast(builder.gep(sub_p, [sc_at]), _V8i32.as_pointer()), align=4)
+                        builder.store(builder.add(builder.load(acc[i]), builder.mul(quads, sc)), acc[i])
+                for i in range(8):
+                    dst = builder.gep(out_p, [builder.add(builder.mul(_c(i), n_rows), rg)])
+                    builder.store(builder.load(acc[i]), builder.bitcast(dst, _V8i32.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        if not _c_layout(wq, wsub, xq, lane_sum):
+            return None
+        return types.void(wq, wsub, tile, s, xq, t, lane_sum), codegen
+
+    return k_lane_sums
+
+
+k_lane_sums_32 = _make_k_lane_sums(32)
+k_lane_sums_16 = _make_k_lane_sums(16)
