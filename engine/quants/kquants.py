@@ -1,37 +1,35 @@
 """The K-quants (Q2_K .. Q6_K) times Q8_K activations, in the order llama.cpp's AVX2 kernels add.
 
-A K-quant super-block holds 256 weights in sub-blocks with small integer scales (6-bit for
-Q4_K, 8-bit signed for Q6_K) under one f16 scale. llama.cpp keeps the sub-block scales as
-integers: all products inside a super-block are summed exactly as integers, and only then
-scaled in floats. Which integers are summed together, and how the floats are added, is what
-these kernels copy:
+A K-quant super-block holds 256 weights in sub-blocks (of 16 or 32) with small integer scales
+(and, for Q2_K/Q4_K/Q5_K, integer mins) under one f16 scale. llama.cpp keeps the sub-block
+scales as integers: products are summed exactly as integers, and only then scaled in floats.
+Which integers are summed together, and how the floats are added, depends on the path
+llama.cpp takes, and these kernels copy each of them:
 
-* Q3_K (ggml_vec_dot_q3_K_q8_K) as Q6_K below, with signed 3-bit quants and no offset; Q2_K
-  likewise, after first adding its mins into the lanes: lane = fma(-d_y * dmin_w,
-  float(min_2l * bsum_2l + min_2l+1 * bsum_2l+1), lane).
-* Q6_K (ggml_vec_dot_q6_K_q8_K): 8 lanes; lane l of a super-block is the integer
-  sum over its eight 32-weight groups g of scale(16-group) * u6 * y for weights 32g+4l..32g+4l+3
-  (u6 = the unsigned 6-bit quant), minus 32 * (bsum[2l] * sc[2l] + bsum[2l+1] * sc[2l+1]);
-  lane = fma(d_y * d_w, float(lane sum), lane); the result is hsum8 of the lanes.
-* Q4_K, matrices of 8k rows (llama.cpp repacks them: ggml_gemv_q4_K_8x8_q8_K): one integer per
-  super-block, I = sum_s scale_s * (q4 . y)_s and M = sum_s min_s * ysum_s;
-  acc = fma(float(I), d_w * d_y, acc), acc_min = fma(float(M), dmin_w * d_y, acc_min);
-  the result is acc - acc_min. Tokens that llama.cpp multiplies in groups of 4
-  (ggml_gemm_q4_K_8x8_q8_K: the first n - n % 4 tokens of a batch) get the same, with one
-  FMA per 64 weights (two sub-blocks) instead of one per super-block.
-* Prompt passes of 8 tokens or more (ggml-cpu's tiled K-quant matmul, for matrices that are
-  not repacked): per super-block one integer s1 (and s2 = sum_s min_s * ysum_s for Q4_K),
-  res = d_w * float(s1) (minus dmin_w * float(s2) in one FMA), acc = fma(res, d_y, acc).
-* Q5_K (never repacked on AVX2) as Q4_K's vec_dot below, except that its mins are summed into
-  one scalar, summs = fma(-d_y * dmin_w, float(sum_s min_s * ysum_s), summs).
-* Q4_K, other row counts (ggml_vec_dot_q4_K_q8_K): 8 lanes of scale_s * (q4 . y) over weights
-  4l..4l+3 of every sub-block, lane = fma(d, float(.), lane), plus 4 lanes of min sums,
-  fma(-d_y * dmin_w, float(min_2m * ysum_2m + min_2m+1 * ysum_2m+1), .), and the result
-  hsum8(lanes) + ((m0 + m2) + (m1 + m3)).
+1. ggml_vec_dot_qN_K_q8_K (decoding, short prompts). 8 lanes: lane l of a super-block is the
+   integer sum, over its 32-weight groups g, of scale * q * y for weights 32g+4l..32g+4l+3;
+   lane = fma(d_y * d_w, float(lane sum), lane), and the result is hsum8 of the lanes. Then:
+   * Q6_K: its quants are u6 - 32; the lane sum takes out 32 * (bsum[2l] * sc[2l] +
+     bsum[2l+1] * sc[2l+1]). Q3_K: signed quants, nothing to take out.
+   * Q2_K: before the scaled quants, its mins enter the same lanes:
+     lane = fma(-d_y * dmin_w, float(min_2l * bsum_2l + min_2l+1 * bsum_2l+1), lane).
+   * Q4_K: 4 more lanes of min pairs, fma(-d_y * dmin_w, float(min_2m * ysum_2m +
+     min_2m+1 * ysum_2m+1), .); the result is hsum8(lanes) + ((m0 + m2) + (m1 + m3)).
+   * Q5_K: its mins go to one scalar, summs = fma(-d_y * dmin_w, float(sum_s min_s * ysum_s),
+     summs), added to hsum8(lanes).
+2. Repacked Q4_K (llama.cpp repacks Q4_K matrices of 8k rows on AVX2): per super-block
+   I = sum_s scale_s * (q4 . y)_s and M = sum_s min_s * ysum_s, acc = fma(float(I), d_w * d_y,
+   acc), acc_min = fma(float(M), dmin_w * d_y, acc_min), result acc - acc_min
+   (ggml_gemv_q4_K_8x8_q8_K). Tokens it takes in groups of 4 (ggml_gemm_q4_K_8x8_q8_K: the
+   first n - n % 4 of a batch) get one FMA per 64 weights instead of one per super-block.
+3. Prompt passes of 8 tokens or more (ggml-cpu's tiled K-quant matmul, matrices not
+   repacked): per super-block one integer s1 (and s2 = sum of mins * ysums where there are
+   mins), res = d_w * float(s1) (minus dmin_w * float(s2) in one FMA), acc = fma(res, d_y, acc).
 
 The blocks are unpacked once at load (pack_k): one int8 per weight, integer sub-block scales,
-and the super-block scales widened to f32. Checked against an AVX2 build of llama-server
-with bench/compare_tokens.py, and against NumPy twins of these orders in the tests.
+and the super-block scales widened to f32, in tiles of 32 rows; the integer loops run in
+simd.k_lane_sums on AVX2. Checked against an AVX2 build of llama-server with
+bench/compare_tokens.py, and against NumPy twins of these orders in tests/test_kquants.py.
 """
 from __future__ import annotations
 
