@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from .quants import PackedWeight, blocks, float_rows, prepare, repacked_order
+from .quants.kquants import unpack_k
 
 
 class CudaUnavailable(RuntimeError):
@@ -50,15 +51,16 @@ class DeviceWeight:
         if packed.act_format in ("f32", "f16", "bf16"):   # row-major f32, as matmul_float reads
             self.w = cuda.to_device(np.ascontiguousarray(float_rows(name, raw, n_rows, n_cols)))
             return
+        if packed.act_format == "q8_k_rows":   # the K-quants: their integers, row-major
+            q, sub, d, dmin = unpack_k(name, raw, n_rows, n_cols)
+            self.q, self.sub = cuda.to_device(np.ascontiguousarray(q)), cuda.to_device(np.ascontiguousarray(sub))
+            self.scale = cuda.to_device(np.ascontiguousarray(d))
+            self.minimum = cuda.to_device(np.ascontiguousarray(dmin))
+            return
         q, scale, minimum, group = blocks.unpack(name, raw, n_rows, n_cols)
         if minimum is None:
             minimum = np.zeros_like(scale)
-        n_groups = n_cols // group
-        self.group = group
-        if packed.act_format in ("q8_k", "q8_k_rows"):
-            q = q.reshape(n_rows, n_groups, group).transpose(0, 2, 1)     # [N, G, NG]
-        else:
-            q = q.reshape(n_rows, n_groups, 32)                           # [N, NB, 32]
+        q = q.reshape(n_rows, n_cols // group, 32)                          # [N, NB, 32]
         self.q = cuda.to_device(np.ascontiguousarray(q))
         self.scale = cuda.to_device(np.ascontiguousarray(scale, np.float32))
         self.minimum = cuda.to_device(np.ascontiguousarray(minimum, np.float32))
@@ -97,23 +99,25 @@ class CudaLayers:
 
     def linear(self, x: np.ndarray, *weights: PackedWeight, tinyblas_rows=None, tiled_rows=None,
                grouped_rows=None) -> list[np.ndarray]:
-        """(tiled_rows: the CPU's K-quant order for long prompt passes; the GPU twin of the
-        K-quants keeps its own order, within 1e-5 of the CPU's)"""
         cuda, k = self.cuda, self.k
         n_tokens = x.shape[0]
+        flags = lambda a: cuda.to_device(np.zeros(n_tokens, bool) if a is None else a)   # noqa: E731
         rows = cuda.to_device(np.ones(n_tokens, bool) if tinyblas_rows is None else tinyblas_rows)
         outs = []
         for w in weights:
             dw = self.weights[id(w)]
-            # host: the CPU's quantization (the K-quant twin reads Q8_K per weight group)
-            act = prepare(x, "q8_k", dw.group) if w.act_format == "q8_k_rows" else prepare(x, w.act_format, w.group)
+            act = prepare(x, w.act_format, w.group)          # host: the CPU's quantization
             out = cuda.device_array((n_tokens, w.n_rows), np.float32)
             blocks_, threads = _grid(n_tokens, w.n_rows)
             if w.act_format in ("f32", "f16", "bf16"):
                 k.matmul_float[blocks_, threads](cuda.to_device(act.x), dw.w, rows, w.act_format == "f16", out)
-            elif w.act_format in ("q8_k", "q8_k_rows"):
-                k.matmul_kquant[blocks_, threads](cuda.to_device(act.q), cuda.to_device(act.d),
-                                                  cuda.to_device(act.s), dw.q, dw.scale, dw.minimum, out)
+            elif w.act_format == "q8_k_rows":
+                kind = {"Q4_K": 0, "Q5_K": 1}.get(w.type_name, 2)
+                k.matmul_kquant[blocks_, threads](cuda.to_device(act.q), cuda.to_device(act.d), cuda.to_device(act.s),
+                                                  dw.q, dw.sub, dw.scale, dw.minimum, kind,
+                                                  32 if w.type_name == "Q6_K" else 0,
+                                                  repacked_order(w.type_name, w.n_rows),
+                                                  flags(tiled_rows), flags(grouped_rows), out)
             else:
                 k.matmul_q32[blocks_, threads](cuda.to_device(act.q), cuda.to_device(act.d),
                                                cuda.to_device(act.s), dw.q, dw.scale, dw.minimum,

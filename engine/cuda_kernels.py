@@ -89,22 +89,103 @@ def matmul_q32(xq, xd, xs, wq, wd, wm, has_min, whole_blocks, out):
 
 
 @cuda.jit
-def matmul_kquant(xq, xd, xs, wq, wd, wm, out):
-    """The K-quants (the CPU's quants/kquants.py adds in llama.cpp's orders; this twin agrees
-    with it within 1e-5): exact integer group sums, then
-    sum_g (wd * xd) * isum + wm * xs, groups in order.
+def matmul_kquant(xq, xd, bsums, wq, wsub, wd, wdmin, kind, offset, repacked, tiled, grouped, out):
+    """Twin of quants/kquants.py: the K-quants in llama.cpp's orders, one thread per
+    (token, row). kind: 0 Q4_K, 1 Q5_K, 2 the types with one scale per 16 weights (Q2_K with
+    mins, wsub holding 32 values; Q3_K; Q6_K with offset 32). tiled, grouped: [T] bool.
 
-    xq: [T, G, NG] int8; wq: [N, G, NG] int8; wd, wm: [N, NG]; xd, xs: [T, NG]; out: [T, N]"""
+    xq: [T, K] int8; xd: [T, n_super] f32; bsums: [T, n_super, 16] int32
+    wq: [N, n_super, 256] int8; wsub: [N, n_super, 16 or 32] int32; wd, wdmin: [N, n_super] f32"""
     t, r = cuda.grid(2)
     if t >= out.shape[0] or r >= out.shape[1]:
         return
+    lanes = cuda.local.array(8, np.float32)
+    mins = cuda.local.array(4, np.float32)
+    lane_sum = cuda.local.array(8, np.int32)
+    group_dot = cuda.local.array(8, np.int32)
+    for l in range(8):
+        lanes[l] = 0
+    for m in range(4):
+        mins[m] = 0
     acc = np.float32(0.0)
-    for g in range(wq.shape[2]):
-        isum = 0
-        for p in range(wq.shape[1]):
-            isum += np.int32(wq[r, p, g]) * np.int32(xq[t, p, g])
-        acc += wd[r, g] * xd[t, g] * np.float32(isum) + wm[r, g] * xs[t, g]
-    out[t, r] = acc
+    acc_min = np.float32(0.0)
+    group = 32 if kind < 2 else 16
+    has_min = kind < 2 or wsub.shape[2] == 32
+    for s in range(wq.shape[1]):
+        for l in range(8):
+            lane_sum[l] = 0
+            group_dot[l] = 0
+        for e in range(256):
+            p = np.int32(wq[r, s, e]) * np.int32(xq[t, s * 256 + e])
+            lane_sum[(e % 32) // 4] += wsub[r, s, e // group] * p
+            group_dot[e // 32] += p
+        yd = xd[t, s]
+        d_w = wd[r, s]
+        dmin_w = wdmin[r, s]
+        if kind == 2:
+            s1 = 0
+            s2 = 0
+            for l in range(8):
+                if offset:
+                    lane_sum[l] -= offset * (bsums[t, s, 2 * l] * wsub[r, s, 2 * l]
+                                             + bsums[t, s, 2 * l + 1] * wsub[r, s, 2 * l + 1])
+                s1 += lane_sum[l]
+            if tiled[t]:
+                res = d_w * np.float32(s1)
+                if has_min:
+                    for l in range(8):
+                        s2 += wsub[r, s, 16 + 2 * l] * bsums[t, s, 2 * l] + wsub[r, s, 17 + 2 * l] * bsums[t, s, 2 * l + 1]
+                    res = fma(-dmin_w, np.float32(s2), res)
+                acc = fma(res, yd, acc)
+                continue
+            for l in range(8):
+                if has_min:
+                    pair = wsub[r, s, 16 + 2 * l] * bsums[t, s, 2 * l] + wsub[r, s, 17 + 2 * l] * bsums[t, s, 2 * l + 1]
+                    lanes[l] = fma(-yd * dmin_w, np.float32(pair), lanes[l])
+                lanes[l] = fma(yd * d_w, np.float32(lane_sum[l]), lanes[l])
+            continue
+        if repacked and grouped[t]:   # ggml_gemm_q4_K_8x8_q8_K: one FMA per 64 weights
+            for c in range(4):
+                s1 = 0
+                s2 = 0
+                for g in range(2 * c, 2 * c + 2):
+                    s1 += wsub[r, s, g] * group_dot[g]
+                    s2 += wsub[r, s, 8 + g] * (bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
+                acc = fma(np.float32(s1), d_w * yd, acc)
+                acc_min = fma(np.float32(s2), dmin_w * yd, acc_min)
+            continue
+        s1 = 0
+        s2 = 0
+        for l in range(8):
+            s1 += lane_sum[l]
+        for g in range(8):
+            s2 += wsub[r, s, 8 + g] * (bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
+        if repacked:
+            acc = fma(np.float32(s1), d_w * yd, acc)
+            acc_min = fma(np.float32(s2), dmin_w * yd, acc_min)
+        elif tiled[t]:
+            acc = fma(fma(-dmin_w, np.float32(s2), d_w * np.float32(s1)), yd, acc)
+        else:
+            for l in range(8):
+                lanes[l] = fma(yd * d_w, np.float32(lane_sum[l]), lanes[l])
+            if kind == 1:
+                acc_min = fma(-yd * dmin_w, np.float32(s2), acc_min)
+            else:
+                for m in range(4):
+                    pair = (wsub[r, s, 8 + 2 * m] * (bsums[t, s, 4 * m] + bsums[t, s, 4 * m + 1])
+                            + wsub[r, s, 9 + 2 * m] * (bsums[t, s, 4 * m + 2] + bsums[t, s, 4 * m + 3]))
+                    mins[m] = fma(-yd * dmin_w, np.float32(pair), mins[m])
+    lane_total = hsum8(lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7])
+    if kind == 2:
+        out[t, r] = acc if tiled[t] else lane_total
+    elif repacked:
+        out[t, r] = acc - acc_min
+    elif tiled[t]:
+        out[t, r] = acc
+    elif kind == 1:
+        out[t, r] = lane_total + acc_min
+    else:
+        out[t, r] = lane_total + ((mins[0] + mins[2]) + (mins[1] + mins[3]))
 
 
 @cuda.jit

@@ -38,19 +38,23 @@ class GpuOnly(CudaLayers):
 
 
 gpu = GpuOnly()
-# Q4_0 twice: 5 rows (ggml_vec_dot's order) and 8 rows (the repacked kernels' order)
-for name, n_rows in [(n, 5) for n in ACT_FORMAT] + [("Q4_0", 8)]:
+# every type in ggml_vec_dot's order (5 rows); then the repacked orders (Q4_0, Q4_K with 8 rows:
+# tokens 0-1 in groups of 4 for Q4_K) and the tiled K-quant order (tokens 0-1)
+CASES = [(n, 5, None) for n in ACT_FORMAT] + [("Q4_0", 8, "repacked"), ("Q4_K", 8, "grouped")] + \
+    [(n, 5, "tiled") for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")]
+for name, n_rows, path in CASES:
     n_cols = 256 if name in K_TYPES else 96
     data = weight(name, n_rows, n_cols)
     packed = pack_weight(name, data, n_rows, n_cols)
     gpu.weights[id(packed)] = DeviceWeight(data, packed)
     x = rng.standard_normal((3, n_cols)).astype(np.float32)
     rows = np.array([True, False, True])
-    (cpu,) = linear(x, packed, tinyblas_rows=rows)
-    (dev,) = gpu.linear(x, packed, tinyblas_rows=rows)
-    exact = name not in K_TYPES   # the CPU K-quant kernel is fastmath: its order is the compiler's
-    ok = np.array_equal(cpu, dev) if exact else np.allclose(cpu, dev, rtol=1e-5, atol=1e-5 * np.abs(cpu).max())
-    print(f"matmul {name}: {'bit-identical' if exact else 'close'} {ok}")
+    flag = np.array([True, True, False])
+    kw = {"tiled_rows": flag} if path == "tiled" else {"grouped_rows": flag} if path == "grouped" else {}
+    (cpu,) = linear(x, packed, tinyblas_rows=rows, **kw)
+    (dev,) = gpu.linear(x, packed, tinyblas_rows=rows, **kw)
+    ok = np.array_equal(cpu, dev)
+    print(f"matmul {name} {path or 'vec_dot'}: bit-identical {ok}")
     if not ok:
         sys.exit(1)
 

@@ -82,12 +82,10 @@ def _hsum8(a):
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 
 
-def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
-    """Unpack Q4_K / Q6_K blocks once, at load, into what the kernels read, ROWS rows per tile:
-    q [n_tiles, n_super, 256, ROWS] int8 (Q4_K: 0..15; Q6_K: the unsigned 6-bit value 0..63),
-    sub [n_tiles, n_super, 16, ROWS] int32 (Q4_K: 8 scales then 8 mins; Q6_K: 16 scales), and
-    the f16 super-block scales widened, d and dmin [n_tiles, n_super, ROWS] f32 (dmin zero for
-    Q6_K)."""
+def unpack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
+    """The integers of K-quant blocks, row-major: q [N, n_super, 256] int8 (Q2_K/Q4_K/Q5_K
+    unsigned, Q3_K signed, Q6_K the unsigned u6), sub [N, n_super, 16 or 32] int32 (scales, then
+    Q2_K's 16 or Q4_K/Q5_K's 8 mins), d and dmin [N, n_super] f32 (dmin zero without mins)."""
     from . import blocks
     n_super = n_cols // QK_K
     bb, _ = blocks.BLOCK_SIZES[type_name]
@@ -111,11 +109,20 @@ def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
         q = q + np.int8(32)
         sub[:] = np.ascontiguousarray(flat[:, 192:208]).view(np.int8)
         d, dmin = blocks._f16(flat, 208), np.zeros((n_rows * n_super, 1), np.float32)
-    q = tile_rows(q.reshape(n_rows, n_super, QK_K))                   # [tiles, n_super, 256, ROWS]
+    return (q.reshape(n_rows, n_super, QK_K), sub.reshape(n_rows, n_super, -1),
+            d.reshape(n_rows, n_super), dmin.reshape(n_rows, n_super))
+
+
+def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
+    """unpack_k's arrays in tiles of ROWS rows, as the kernels read them:
+    q [n_tiles, n_super, 256, ROWS] int8 (on AVX2 [n_tiles, n_super, 8, 8, ROWS, 4], see
+    simd.k_lane_sums), sub [n_tiles, n_super, 16 or 32, ROWS], d and dmin [n_tiles, n_super, ROWS]."""
+    q, sub, d, dmin = unpack_k(type_name, raw, n_rows, n_cols)
+    n_super = n_cols // QK_K
+    q = tile_rows(q)                                                  # [tiles, n_super, 256, ROWS]
     if SIMD:   # -> [tiles, n_super, 8 sub-blocks, 8 lanes, ROWS, 4 weights] for simd.k_lane_sums
         q = np.ascontiguousarray(q.reshape(q.shape[0], n_super, 8, 8, 4, ROWS).transpose(0, 1, 2, 3, 5, 4))
-    return (q, tile_rows(sub.reshape(n_rows, n_super, -1)),
-            tile_rows(d.reshape(n_rows, n_super)), tile_rows(dmin.reshape(n_rows, n_super)))
+    return q, tile_rows(sub), tile_rows(d), tile_rows(dmin)
 
 
 ROWS = 32   # rows interleaved per tile: the integer loops run across rows, one SIMD lane each
