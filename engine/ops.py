@@ -65,7 +65,8 @@ def store_f16(cache_layer, seq_ids, positions, rows, n_head_kv, head_dim):
                 cache_layer[seq_ids[t], h, positions[t], d] = f16_bits_of(rows[t, h * head_dim + d])
 
 
-KEY_CHUNK = 64   # positions per chunk of the transposed key cache (kv_cache.py)
+KEY_CHUNK = 64   # positions per chunk of the transposed key cache (kv_cache.py), scored together
+                 # by attention (its lanes scratch: 32 x 64 f32 = 8 KB, in L1)
 
 
 @njit(cache=True, nogil=True)
@@ -79,7 +80,6 @@ def store_keys(cache_layer, seq_ids, positions, rows, n_head_kv, head_dim):
                 cache_layer[seq_ids[t], h, chunk, d, at] = f16_bits_of(rows[t, h * head_dim + d])
 
 
-SCORE_CHUNK = KEY_CHUNK   # positions scored together (lanes scratch: 32 x 64 f32 = 8 KB, in L1)
 ATTENTION_PARTS = 64   # at most this many scratch sets per call (see attention)
 
 
@@ -92,8 +92,8 @@ def _scores(qh, keys, nj, head_dim, lanes, wide, out):
     (contiguous in the transposed key cache) and vectorizes; the rows are taken as 1-D views
     because Numba vectorizes those loops and not the same loops written with 2-D indexing.
 
-    qh: [head_dim] f32 (f16 values); keys: [head_dim, KEY_CHUNK] uint16; lanes: [32, SCORE_CHUNK] f32
-    wide: [SCORE_CHUNK] f64 scratch; out: [nj] f32
+    qh: [head_dim] f32 (f16 values); keys: [head_dim, KEY_CHUNK] uint16; lanes: [32, KEY_CHUNK] f32
+    wide: [KEY_CHUNK] f64 scratch; out: [nj] f32
     """
     n_simd = head_dim - head_dim % 32
     for i in range(0, n_simd, 32):
@@ -158,8 +158,8 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
         all_scores = np.empty(max_kv, np.float32)
         all_ms = np.empty(max_kv, np.float32)
         all_vs = np.empty(max_kv, np.float32)
-        lanes = np.empty((32, SCORE_CHUNK), np.float32)
-        wide = np.empty(SCORE_CHUNK, np.float64)
+        lanes = np.empty((32, KEY_CHUNK), np.float32)
+        wide = np.empty(KEY_CHUNK, np.float64)
         for job in range(part, n_jobs, n_parts):
             t = job // n_head
             h = job % n_head
@@ -179,9 +179,9 @@ def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scal
         qh[d] = round_f16(qt[d])
     # 1. scores
     scores = all_scores[:n_kv]
-    for j0 in range(0, n_kv, SCORE_CHUNK):
-        nj = min(SCORE_CHUNK, n_kv - j0)
-        _scores(qh, keys[j0 // SCORE_CHUNK], nj, head_dim, lanes, wide, scores[j0:j0 + nj])
+    for j0 in range(0, n_kv, KEY_CHUNK):
+        nj = min(KEY_CHUNK, n_kv - j0)
+        _scores(qh, keys[j0 // KEY_CHUNK], nj, head_dim, lanes, wide, scores[j0:j0 + nj])
     for j in range(n_kv):
         scores[j] = scores[j] * scale
     # 2. online softmax: ms[j] rescales the accumulator, vs[j] weighs v_j

@@ -2,8 +2,6 @@
 for an f16 cache, written as ggml writes it: one position at a time, online softmax, f16
 accumulator. Bit for bit, across head sizes (with and without a tail past the 32-wide blocks),
 chunk boundaries of the key cache and several sequences."""
-import ctypes
-import ctypes.util
 import math
 
 import numpy as np
@@ -12,19 +10,10 @@ import pytest
 from engine.hparams import HParams
 from engine.kv_cache import KVCache
 from engine.ops import attention
+from twins import expf
+from twins import fma_twin as fma
 
 f32, f16 = np.float32, np.float16
-_libm = ctypes.CDLL(ctypes.util.find_library("m"))
-_libm.expf.restype, _libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
-
-
-def expf(x):
-    """libm's expf, as ggml calls it (NumPy's float32 exp differs in the last bit)."""
-    return f32(_libm.expf(float(x)))
-
-
-def fma(a, b, c):
-    return f32(np.float64(f32(a)) * np.float64(f32(b)) + np.float64(f32(c)))
 
 
 def dot_f16(q, k):

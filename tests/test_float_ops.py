@@ -8,12 +8,7 @@ from numba import njit
 from engine.float_ops import expf_array, expf_ggml, fma
 from engine.quants import pack_weight
 from engine.quants.kernels import matmul_float
-
-
-def fma_twin(a, b, c):
-    """f32 FMA emulated in float64: a*b is exact there, so only the final sum rounds (twice,
-    which differs from one rounding with probability ~2^-29: never in these tests)."""
-    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+from twins import expf, fma_twin, hsum8_twin
 
 
 @njit
@@ -53,16 +48,8 @@ def test_ggml_expf_is_accurate_everywhere():
 
 
 def test_expf_array_is_libm():
-    import ctypes
-    libm = ctypes.CDLL("libm.so.6")
-    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
     x = np.random.default_rng(1).normal(scale=5, size=3000).astype(np.float32)
-    np.testing.assert_array_equal(expf_array(x), [libm.expf(float(v)) for v in x])
-
-
-def hsum8_twin(l):
-    return np.float32(np.float32(np.float32(l[0] + l[4]) + np.float32(l[2] + l[6])) +
-                      np.float32(np.float32(l[1] + l[5]) + np.float32(l[3] + l[7])))
+    np.testing.assert_array_equal(expf_array(x), [expf(v) for v in x])
 
 
 def test_float_kernel_orders_equal_numpy_twins():

@@ -5,16 +5,8 @@ import pytest
 
 from engine.quants import blocks, linear, pack_weight, prepare, repacked_order
 from kquant_cases import weights
-
-
-
-def fma(a, b, c):
-    return np.float32(np.float64(np.float32(a)) * np.float64(np.float32(b)) + np.float64(np.float32(c)))
-
-
-def hsum8(l):
-    f = np.float32
-    return f(f(f(l[0] + l[4]) + f(l[2] + l[6])) + f(f(l[1] + l[5]) + f(l[3] + l[7])))
+from twins import fma_twin as fma
+from twins import hsum8_twin as hsum8
 
 
 def ints(name, block):

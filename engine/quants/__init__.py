@@ -20,11 +20,9 @@ import numpy as np
 from . import blocks
 from .kernels import (ROW_TILE, matmul_float_tiles, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
-                      quantize_q8_blocks, quantize_q8_k)
+                      quantize_q8_blocks)
 from .kquants import matmul_k16, matmul_q4_k, pack_k, quantize_q8_k_rows
-from .simd import have_avx2
-
-USE_AVX2 = have_avx2()   # 32-weight blocks through simd.py's vpmaddubsw loops, else the portable kernels
+from .simd import AVX2 as USE_AVX2   # 32-weight blocks through simd.py, else the portable kernels
 
 ACT_FORMAT = {
     "F32": "f32", "F16": "f16", "BF16": "bf16",
@@ -192,10 +190,6 @@ def prepare(x: np.ndarray, act_format: str, group: int) -> Activations:
         bsums = np.empty((n_tokens, n_groups, 16), np.int32)
         quantize_q8_k_rows(x, q, d, bsums)
         return Activations(q=q, d=d, s=bsums)
-    if act_format == "q8_k":   # per weight group, block-minor: what the CUDA twin of the K-quants reads
-        q = np.empty((n_tokens, group, n_groups), np.int8)
-        quantize_q8_k(x, group, q, d, s)
-        return Activations(q=q, d=d, s=s)
     q = np.empty((n_tokens, n_groups, 32), np.int8)
     quantize_q8_blocks(x, q, d, s)   # d and s come back rounded to f16, as ggml stores them
     return Activations(q=q, d=d, s=s)

@@ -5,8 +5,7 @@
 * `matmul_q32_lanes`: 32-weight blocks (Q5_0, Q5_1, Q8_0) times Q8_0/Q8_1 activations, in
   the order of ggml's AVX2 vec_dot kernels; `matmul_q4_lanes` the same for Q4_0/Q4_1 read
   from their packed nibbles.
-* The K-quants are in kquants.py. `quantize_q8_k` (Q8_K per weight group, block-minor) feeds
-  the CUDA twin of the K-quants.
+* The K-quants are in kquants.py.
 
 Why the exact order matters: with 8-bit activations, a one-ulp difference in a layer's output
 can flip one activation's rounding to int8 in the next layer, and over 30 layers such flips
@@ -149,9 +148,8 @@ def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
                     lane, wk, xk = lanes[k % 8], w[k], xt[k]
                     for r in range(n_r):
                         lane[r] = fma(wk[r], xk, lane[r])
-                l0, l1, l2, l3, l4, l5, l6, l7 = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]
                 for r in range(n_r):
-                    o[r] = ((l0[r] + l4[r]) + (l2[r] + l6[r])) + ((l1[r] + l5[r]) + (l3[r] + l7[r]))
+                    o[r] = hsum8(lanes[:, r])
                 continue
             # ggml_vec_dot: 32 lanes over the blocks of 32, reduce4x8, then the tail
             lanes[:, :] = 0
@@ -387,41 +385,3 @@ def quantize_q8_blocks(x, xq, xd, xs):
                 total += v
             xd[t, g] = round_f16(d)
             xs[t, g] = round_f16(d * np.float32(total))
-
-
-@njit(cache=True, nogil=True)
-def quantize_q8_k(x, group, xq, xd, xs):
-    """Quantize activations like ggml's quantize_row_q8_K: super-blocks of 256 with an f32
-    scale d = 1 / (-127 / v), v the value of largest magnitude (sign kept).
-    `xd`/`xs` are filled per weight group (16 or 32) so the int8 kernel reads one layout.
-
-    x: [T, K] f32; xq: [T, group, K // group] int8; xd, xs: [T, K // group] f32
-    """
-    n_tokens, n_cols = x.shape
-    per_super = 256 // group
-    for t in range(n_tokens):
-        for s in range(n_cols // 256):
-            vmax = np.float32(0.0)
-            amax = np.float32(0.0)
-            for j in range(256):
-                v = x[t, s * 256 + j]
-                if abs(v) > amax:
-                    amax = abs(v)
-                    vmax = v
-            if amax == 0:
-                for j in range(256):
-                    xq[t, j % group, s * per_super + j // group] = 0
-                for g in range(per_super):
-                    xd[t, s * per_super + g] = 0.0
-                    xs[t, s * per_super + g] = 0.0
-                continue
-            iscale = np.float32(-127.0) / vmax
-            d = np.float32(1.0) / iscale
-            for g in range(per_super):
-                total = 0
-                for p in range(group):
-                    v = min(127, np.int32(np.rint(iscale * x[t, s * 256 + g * group + p])))
-                    xq[t, p, s * per_super + g] = v
-                    total += v
-                xd[t, s * per_super + g] = d
-                xs[t, s * per_super + g] = d * np.float32(total)

@@ -37,9 +37,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..float_ops import fma
-from .simd import have_avx2, k_lane_sums_16, k_lane_sums_32
-
-SIMD = have_avx2()   # the integer loops in simd.py (vpmaddubsw), else the portable ones below
+from .kernels import hsum8
+from .simd import AVX2 as SIMD   # the integer loops in simd.py (vpmaddubsw), else the portable ones below
+from .simd import k_lane_sums_16, k_lane_sums_32
 
 QK_K = 256
 
@@ -75,11 +75,6 @@ def quantize_q8_k_rows(x, xq, xd, bsums):
                     total += np.int32(xq[t, base + 16 * g + j])
                 bsums[t, s, g] = total
             xd[t, s] = np.float32(1.0) / iscale
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _hsum8(a):
-    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 
 
 def unpack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
@@ -302,9 +297,7 @@ def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5
                 elif tiled[t]:
                     o[r] = acc[r]
                 else:
-                    lanes_sum = (((lanes[0, r] + lanes[4, r]) + (lanes[2, r] + lanes[6, r]))
-                                 + ((lanes[1, r] + lanes[5, r]) + (lanes[3, r] + lanes[7, r])))
-                    o[r] = lanes_sum + (acc_min[r] if q5 else (mins[0, r] + mins[2, r]) + (mins[1, r] + mins[3, r]))
+                    o[r] = hsum8(lanes[:, r]) + (acc_min[r] if q5 else (mins[0, r] + mins[2, r]) + (mins[1, r] + mins[3, r]))
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -371,5 +364,4 @@ def matmul_k16(xq, xd, bsums, wq, wsub, wd, wdmin, offset, tiled, out):
                         lane[r] = fma(yd * d_w[r], np.float32(ls[r]), lane[r])
             o = out[t, tile * ROWS:(tile + 1) * ROWS]
             for r in range(ROWS):
-                o[r] = acc[r] if tiled[t] else (((lanes[0, r] + lanes[4, r]) + (lanes[2, r] + lanes[6, r]))
-                                                + ((lanes[1, r] + lanes[5, r]) + (lanes[3, r] + lanes[7, r])))
+                o[r] = acc[r] if tiled[t] else hsum8(lanes[:, r])

@@ -53,6 +53,9 @@ def have_avx2() -> bool:
     return "+avx2" in features and "+f16c" in features
 
 
+AVX2 = have_avx2()   # decided once per process, for every kernel choice
+
+
 def _splat(builder, scalar, vtype):
     vec = builder.insert_element(ir.Constant(vtype, ir.Undefined), scalar, ir.Constant(_i32, 0))
     return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_i32, vtype.count), [0] * vtype.count))
