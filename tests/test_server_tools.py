@@ -39,6 +39,9 @@ def test_tool_calls_use_the_cwd_header(server, tmp_path):
     assert r.json() == {"plain_text_response": "hello\n"}   # "cwd" in params is the model's: ignored
     r = server.post("/tools", {"tool": "read_file", "params": {"path": "missing"}}, headers=hdr)
     assert r.status_code == 200 and r.json() == {"error": "cannot stat file: missing"}
+    r = server.post("/tools", {"tool": "exec_shell_command", "params": {"command": "pwd"}},
+                    headers={**AUTH, "X-Tool-Cwd": str(tmp_path / "no-such-folder")})
+    assert r.status_code == 200 and r.json()["error"].startswith("cannot run the command")
 
 
 def test_tool_errors(server):
@@ -98,8 +101,12 @@ def test_cors_proxy_forwards_only_named_headers(server):
         target.server_close()
     r = server.get("/cors-proxy?url=file:///etc/passwd", headers=AUTH)
     assert r.status_code == 400 and "unsupported URL scheme" in r.json()["error"]["message"]
+    for bad in ("http://[::1/", "http://example.com:port/"):   # malformed: the client's fault
+        r = server.get("/cors-proxy", params={"url": bad}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("invalid target URL")
     r = server.get("/cors-proxy?url=http://127.0.0.1:1/", headers=AUTH)
     assert r.status_code == 502
+    assert server.get("/health").status_code == 200
 
 
 def test_features_off_by_default(stories_path):

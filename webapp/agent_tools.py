@@ -295,8 +295,11 @@ def exec_shell_command(params, emit):
         raise ToolError("parameter 'command' must be a string")
     timeout = min(_int(params, "timeout", 10), SHELL_MAX_TIMEOUT)
     max_output = min(_int(params, "max_output_size", SHELL_MAX_OUTPUT), SHELL_MAX_OUTPUT)
-    proc = subprocess.Popen(["sh", "-c", command], cwd=params.get("cwd") or None, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc = subprocess.Popen(["sh", "-c", command], cwd=params.get("cwd") or None, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as e:   # e.g. an x-tool-cwd folder that does not exist: the model can read why
+        return {"error": f"cannot run the command: {e}"}
     os.set_blocking(proc.stdout.fileno(), False)
     deadline = time.monotonic() + timeout
     kept, timed_out, gone = bytearray(), False, False

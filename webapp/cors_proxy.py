@@ -27,7 +27,11 @@ def cors_proxy():
     if not current_app.config["NUMLLAMA"].ui_mcp_proxy:
         raise APIError("this feature is disabled", 403, "feature_disabled")
     url = request.args.get("url", "")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port   # a port that is not a number raises here, not upstream
+    except ValueError as e:
+        raise APIError(f"invalid target URL: {e}", 400) from None
     if parts.scheme not in ("http", "https"):
         raise APIError(f"unsupported URL scheme in target URL: {parts.scheme}", 400)
     if not parts.hostname:
@@ -44,6 +48,8 @@ def cors_proxy():
         upstream = session.request(request.method, url, headers=headers, stream=True,
                                    data=request.get_data() if request.method == "POST" else None,
                                    timeout=(30, TIMEOUT_S), allow_redirects=False)
+    except requests.exceptions.InvalidURL as e:
+        raise APIError(f"invalid target URL: {e}", 400) from None
     except requests.RequestException as e:
         raise APIError(f"proxy request failed: {e}", 502, "server_error") from None
 
