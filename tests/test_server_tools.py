@@ -64,6 +64,11 @@ def test_shell_streams(server):
     events = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
     assert events[-1] == {"done": True}
     assert "".join(e["chunk"] for e in events[:-1]) == "one\ntwo\n\n[exit code: 0]"
+    r = requests.post(server.url + "/tools", json={"tool": "exec_shell_command", "stream": True,
+                                                   "params": {"command": "pwd"}},
+                      headers={**AUTH, "X-Tool-Cwd": "/no/such/folder"}, stream=True, timeout=30)
+    events = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1]["done"] and events[-1]["error"].startswith("cannot run the command")
 
 
 def test_cors_defaults_to_localhost_with_tools(server):

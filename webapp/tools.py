@@ -67,7 +67,9 @@ def _stream(tool, params) -> Response:
     def work():
         done = {"done": True}
         try:
-            tool.invoke(params, emit)
+            result = tool.invoke(params, emit)
+            if result.get("error"):   # a failure the tool reports as its result
+                done["error"] = result["error"]
         except Exception as e:  # reported in the stream: the status line has already gone out
             done["error"] = str(e)
         chunks.put(done)
