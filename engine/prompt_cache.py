@@ -19,14 +19,19 @@ class PromptCache:
         self.entries: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.n_bytes = 0
 
-    def save(self, tokens: list[int], k: np.ndarray, v: np.ndarray) -> bool:
-        """Keep a copy of a slot's state (k, v: [n_layer, n_kv, n, hd]); False if there was
-        nothing new to keep."""
+    def refresh(self, tokens: list[int]) -> bool:
+        """True (and the entry becomes the most recently used) if this state is already kept."""
         key = tuple(tokens)
-        if not key:
-            return False
         if key in self.entries:
             self.entries.move_to_end(key)
+            return True
+        return False
+
+    def save(self, tokens: list[int], k: np.ndarray, v: np.ndarray) -> bool:
+        """Keep a slot's state (k, v: [n_layer, n_kv, n, hd], arrays the cache now owns, such as
+        KVCache.cells returns); False if there was nothing new to keep."""
+        key = tuple(tokens)
+        if not key or self.refresh(tokens):
             return False
         size = k.nbytes + v.nbytes
         if self.budget is not None and size > self.budget:
@@ -34,7 +39,7 @@ class PromptCache:
         # an entry that is a prefix of the new one is no longer needed
         for old in [e for e in self.entries if len(e) < len(key) and key[:len(e)] == e]:
             self._drop(old)
-        self.entries[key] = (k.copy(), v.copy())
+        self.entries[key] = (k, v)
         self.n_bytes += size
         while self.budget is not None and self.n_bytes > self.budget:
             self._drop(next(iter(self.entries)))

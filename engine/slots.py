@@ -308,7 +308,9 @@ class Scheduler:
 
     def _save_to_ram(self, slot: Slot) -> bool:
         n = len(slot.cache_tokens)
-        return self.prompt_cache.save(slot.cache_tokens, *self.cache.cells(slot.id, n)) if n else False
+        if not n or self.prompt_cache.refresh(slot.cache_tokens):   # kept already: no copy to make
+            return False
+        return self.prompt_cache.save(slot.cache_tokens, *self.cache.cells(slot.id, n))
 
     def _load_from_ram(self, slot: Slot, prompt: list[int]) -> None:
         found = self.prompt_cache.best(prompt)
