@@ -9,13 +9,24 @@ Matching works like llama.cpp's: the state is a set of *stacks*. A stack's top s
 element of which alternative comes next; the frames below it are where to continue when that
 rule is done. Advancing by a character expands rule references until each stack's top is a
 character set, keeps the stacks whose set contains the character, and moves them on. An empty
-stack means the whole root rule has been matched.
+stack means the whole root rule has been matched. As in llama.cpp, a frame whose alternative
+is finished is never kept: a reference in tail position (`star ::= item star`) replaces its
+frame instead of stacking on it, so a repetition of any length matches in constant depth.
+
+What llama.cpp refuses at parse time is refused here too, with the rule's name: left recursion
+(which would expand forever) and repetition counts above MAX_REPETITION.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+
+MAX_REPETITION = 2000            # llama.cpp's MAX_REPETITION_THRESHOLD for {m,n}
+MAX_NESTING = 200                # parentheses inside parentheses
+MAX_ELEMENTS = 200_000           # elements of all rules after repetitions are written out
+MAX_STACK_DEPTH = 10_000         # frames of one stack (nested rules, not repetitions)
+MAX_STACKS = 10_000              # alive parses at once (an ambiguous grammar multiplies them)
+CLOSURE_CACHE_SIZE = 20_000      # expanded stacks remembered per grammar
 
 
 class GrammarError(ValueError):
@@ -97,21 +108,28 @@ class _Parser:
         self.rules[name] = alternatives
         return RuleRef(name)
 
-    def alternates(self, pos: int, rule: str, nested: bool) -> tuple[list[list], int]:
+    def alternates(self, pos: int, rule: str, depth: int) -> tuple[list[list], int]:
+        """depth: 0 for a rule's body, +1 inside each pair of parentheses."""
+        if depth > MAX_NESTING:
+            self.error(pos, f"parentheses nested deeper than {MAX_NESTING} in rule '{rule}'")
         alts = []
-        seq, pos = self.sequence(pos, rule, nested)
+        seq, pos = self.sequence(pos, rule, depth)
         alts.append(seq)
         while pos < len(self.src) and self.src[pos] == "|":
             pos = self.skip(pos + 1, True)
-            seq, pos = self.sequence(pos, rule, nested)
+            seq, pos = self.sequence(pos, rule, depth)
             alts.append(seq)
         return alts, pos
 
-    def sequence(self, pos: int, rule: str, nested: bool) -> tuple[list, int]:
+    def sequence(self, pos: int, rule: str, depth: int) -> tuple[list, int]:
+        nested = depth > 0
         seq: list = []
         last_start = 0   # where the last element began in seq (for postfix operators)
+        n_prev = 1       # copies the last element already stands for (llama.cpp's n_prev_rules)
         while pos < len(self.src):
             c = self.src[pos]
+            if c not in "*+?{":
+                n_prev = 1
             if c == '"':
                 pos += 1
                 last_start = len(seq)
@@ -151,7 +169,7 @@ class _Parser:
                 last_start = len(seq)
                 seq.append(RuleRef(name))
             elif c == "(":
-                alts, pos = self.alternates(self.skip(pos + 1, True), rule, True)
+                alts, pos = self.alternates(self.skip(pos + 1, True), rule, depth + 1)
                 if pos >= len(self.src) or self.src[pos] != ")":
                     self.error(pos, "expected ')'")
                 pos += 1
@@ -161,8 +179,18 @@ class _Parser:
                 if not seq:
                     self.error(pos, f"'{c}' with nothing to repeat")
                 item = seq.pop()
-                lo, hi, pos = self.repetition(pos)
+                lo, hi, at = self.repetition(pos)
+                if lo > MAX_REPETITION:
+                    self.error(pos, f"number of repetitions exceeds sane defaults ({lo} > {MAX_REPETITION}) "
+                                    f"in rule '{rule}'")
+                if hi is not None and hi > MAX_REPETITION:
+                    hi = None   # as llama.cpp: a huge upper bound is no bound
+                n_prev *= max(1, hi if hi is not None else lo)
+                if n_prev > MAX_REPETITION:
+                    self.error(pos, f"repetitions of repetitions exceed sane defaults ({n_prev} > "
+                                    f"{MAX_REPETITION}) in rule '{rule}'")
                 seq.extend(self.repeat(rule, item, lo, hi))
+                pos = at
                 last_start = len(seq)
             elif c in "|)" or (c == "\n" and not nested):
                 break
@@ -211,7 +239,7 @@ class _Parser:
             if not self.src.startswith("::=", pos):
                 self.error(pos, "expected '::='")
             pos = self.skip(pos + 3, True)
-            alts, pos = self.alternates(pos, name, False)
+            alts, pos = self.alternates(pos, name, 0)
             self.rules[name] = alts
             if pos < len(self.src) and self.src[pos] not in "\n":
                 self.error(pos, f"unexpected '{self.src[pos]}'")
@@ -223,7 +251,63 @@ class _Parser:
                         raise GrammarError(f"invalid grammar: undefined rule '{el.name}'")
         if "root" not in self.rules:
             raise GrammarError("invalid grammar: no 'root' rule")
+        n_elements = sum(len(seq) for alts in self.rules.values() for seq in alts)
+        if n_elements > MAX_ELEMENTS:
+            raise GrammarError(f"invalid grammar: {n_elements} elements once repetitions are written out "
+                               f"(at most {MAX_ELEMENTS})")
+        check_left_recursion(self.rules)
         return self.rules
+
+
+def nullable_rules(rules: dict[str, list[list]]) -> set[str]:
+    """The rules that can match the empty string (a fixpoint: a rule is nullable when one of
+    its alternatives holds only nullable rule references)."""
+    nullable: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for name, alts in rules.items():
+            if name not in nullable and any(
+                    all(isinstance(el, RuleRef) and el.name in nullable for el in seq) for seq in alts):
+                nullable.add(name)
+                changed = True
+    return nullable
+
+
+def check_left_recursion(rules: dict[str, list[list]]) -> None:
+    """Refuse a rule that can reach itself without consuming a character (`root ::= root "a"`,
+    or through rules that may be empty): matching it would expand forever, and llama.cpp
+    refuses it too. A depth-first search over "may start with" edges, without recursion."""
+    nullable = nullable_rules(rules)
+    starts: dict[str, list[str]] = {}
+    for name, alts in rules.items():
+        firsts = []
+        for seq in alts:
+            for el in seq:
+                if not isinstance(el, RuleRef):
+                    break
+                firsts.append(el.name)
+                if el.name not in nullable:
+                    break
+        starts[name] = firsts
+    done: set[str] = set()
+    for root in rules:
+        if root in done:
+            continue
+        on_path = {root}
+        path = [(root, iter(starts[root]))]
+        while path:
+            name, children = path[-1]
+            child = next(children, None)
+            if child is None:
+                path.pop()
+                on_path.discard(name)
+                done.add(name)
+            elif child in on_path:
+                raise GrammarError(f"unsupported grammar, left recursion detected for rule '{child}'")
+            elif child not in done:
+                on_path.add(child)
+                path.append((child, iter(starts[child])))
 
 
 # ---------------------------------------------------------------------------------- matching
@@ -231,33 +315,46 @@ class Grammar:
     def __init__(self, text: str):
         self.text = text
         self.rules = {name: tuple(tuple(seq) for seq in alts) for name, alts in _Parser(text).parse().items()}
-        self.start = frozenset(((("root", a, 0),) for a in range(len(self.rules["root"]))))
+        self.start = frozenset(self._enter((), "root"))
+        # stack -> its expansion; per grammar and bounded, so a grammar's memory goes with it
+        self._closures: dict[tuple, tuple] = {}
 
-    @lru_cache(maxsize=200_000)
+    def _enter(self, base: tuple, rule: str) -> list[tuple]:
+        """The stacks that begin each alternative of `rule` on top of `base` (an empty
+        alternative is finished at once: `base` itself)."""
+        return [base + ((rule, a, 0),) if seq else base for a, seq in enumerate(self.rules[rule])]
+
     def _closure(self, stack: tuple) -> tuple:
         """Stacks whose top is a character set (or the empty stack: all matched)."""
-        out = []
-        work = [(stack, 0)]
+        cached = self._closures.get(stack)
+        if cached is not None:
+            return cached
+        out, seen, work = set(), set(), [stack]
         while work:
-            st, depth = work.pop()
-            if depth > 200:
-                raise GrammarError("grammar recursion too deep (left recursion?)")
-            if not st:
-                out.append(st)
+            st = work.pop()
+            if st in seen:
                 continue
+            seen.add(st)
+            if not st:
+                out.add(st)
+                continue
+            if len(st) > MAX_STACK_DEPTH:
+                raise GrammarError(f"grammar nests rules deeper than {MAX_STACK_DEPTH}")
             rule, alt, i = st[-1]
             seq = self.rules[rule][alt]
-            if i == len(seq):
-                work.append((st[:-1], depth + 1))
-                continue
             el = seq[i]
             if isinstance(el, CharSet):
-                out.append(st)
+                out.add(st)
                 continue
-            rest = st[:-1] + ((rule, alt, i + 1),)
-            for a in range(len(self.rules[el.name])):
-                work.append((rest + ((el.name, a, 0),), depth + 1))
-        return tuple(set(out))
+            # the reference is replaced by the rule it names; what follows it (if anything)
+            # waits below
+            base = st[:-1] + (((rule, alt, i + 1),) if i + 1 < len(seq) else ())
+            work.extend(self._enter(base, el.name))
+        result = tuple(out)
+        if len(self._closures) >= CLOSURE_CACHE_SIZE:
+            self._closures.clear()
+        self._closures[stack] = result
+        return result
 
     def advance(self, stacks: frozenset, text: str) -> frozenset:
         """The stacks after matching `text`; empty when it cannot be matched."""
@@ -268,8 +365,11 @@ class Grammar:
                     if not cst:
                         continue
                     rule, alt, i = cst[-1]
-                    if self.rules[rule][alt][i].matches(ch):
-                        nxt.add(cst[:-1] + ((rule, alt, i + 1),))
+                    seq = self.rules[rule][alt]
+                    if seq[i].matches(ch):
+                        nxt.add(cst[:-1] + ((rule, alt, i + 1),) if i + 1 < len(seq) else cst[:-1])
+            if len(nxt) > MAX_STACKS:
+                raise GrammarError(f"grammar too ambiguous: more than {MAX_STACKS} parses alive at once")
             stacks = frozenset(nxt)
             if not stacks:
                 break
@@ -365,7 +465,10 @@ def json_schema_to_grammar(schema) -> str:
             props = s["properties"]
             if not isinstance(props, dict):
                 raise GrammarError("'properties' must be an object")
-            required = set(s.get("required", props.keys()))
+            required = s.get("required", list(props))
+            if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+                raise GrammarError("'required' must be an array of property names")
+            required = set(required)
             parts, first = [], True
             for key, sub in props.items():
                 item = f'{_literal(key)} space ":" space {visit(sub, f"{name}-{key}")}'
