@@ -212,19 +212,26 @@ def _xtc(c: Candidates, prm: SamplingParams, rng: random.Random) -> None:
 def _temperature(c: Candidates, prm: SamplingParams) -> None:
     temp = prm.temperature
     if prm.dynatemp_range > 0 and len(c.ids) > 1:
-        # entropy-scaled temperature between temp -/+ range
-        lo, hi = max(0.0, temp - prm.dynatemp_range), temp + prm.dynatemp_range
+        # entropy-scaled temperature between temp -/+ range, in f32 as llama_sampler_temp_ext:
+        # an extreme exponent gives an infinite or zero temperature there, not an error
+        lo = np.float32(max(0.0, temp - prm.dynatemp_range))
+        hi = np.float32(temp + prm.dynatemp_range)
+        c.sort()
         c.softmax()
-        ent = -float(np.sum(c.p * np.log(np.maximum(c.p, 1e-30))))
-        norm = ent / math.log(len(c.ids))
-        temp = lo + (hi - lo) * norm ** prm.dynatemp_exponent
+        with np.errstate(all="ignore"):
+            p = c.p[c.p > 0]
+            entropy = -np.sum(p * np.log(p), dtype=np.float32)
+            max_entropy = -np.log(np.float32(1.0) / np.float32(len(c.ids)))
+            norm = np.float32(entropy / max_entropy)
+            temp = lo + (hi - lo) * np.power(norm, np.float32(prm.dynatemp_exponent))
     if temp <= 0:
         best = int(np.argmax(c.logits))
         logits = np.full_like(c.logits, -np.inf)
         logits[best] = c.logits[best]
         c.logits = logits
         return
-    c.logits = c.logits / np.float32(temp)
+    with np.errstate(all="ignore"):
+        c.logits = c.logits / np.float32(temp)
 
 
 class Sampler:

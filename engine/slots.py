@@ -33,6 +33,10 @@ class SlotBusy(Exception):
     """A slot operation needs an idle slot."""
 
 
+class QueueFull(Exception):
+    """Every slot is busy and the queue of waiting tasks is at its limit."""
+
+
 @dataclass
 class Task:
     prompt_tokens: list[int]
@@ -174,8 +178,9 @@ class Scheduler:
 
     def __init__(self, engine: Engine, n_slots: int, n_ctx_slot: int, n_batch: int = 512,
                  n_predict_default: int = -1, context_shift: bool = False, cache_ram_mib: float = 0,
-                 cache_idle_slots: bool = True, kv_unified: bool = False):
-        """cache_ram_mib: budget of the host-RAM prompt cache (0: none, < 0: unlimited).
+                 cache_idle_slots: bool = True, kv_unified: bool = False, max_waiting: int | None = None):
+        """max_waiting: tasks that may wait for a slot (None: no limit); submit refuses more.
+        cache_ram_mib: budget of the host-RAM prompt cache (0: none, < 0: unlimited).
         cache_idle_slots: also keep idle slots' states there when a task starts (and, with a
         unified KV pool, clear them), as llama-server does."""
         self.engine = engine
@@ -188,6 +193,7 @@ class Scheduler:
             self.log.debug("idle slots will be saved to the prompt cache upon starting a new task "
                            "__TEST_TAG_CACHE_IDLE_SLOTS_ENABLED__")
         self.n_batch = max(1, n_batch)
+        self.max_waiting = max_waiting
         self.n_predict_default = n_predict_default
         self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
         self.cache = engine.model.new_cache(n_slots, n_ctx_slot)
@@ -203,12 +209,28 @@ class Scheduler:
 
     # ---------------------------------------------------------------- request side
     def submit(self, task: Task) -> Task:
+        return self.submit_all([task])[0]
+
+    def submit_all(self, tasks: list[Task]) -> list[Task]:
+        """Queue tasks together, or none of them (QueueFull) when the tasks that would have to
+        wait for a slot exceed max_waiting."""
         with self.lock:
-            self._next_id += 1
-            task.id = self._next_id
-            self.waiting.append(task)
+            if self.max_waiting is not None:
+                n_idle = sum(not s.busy for s in self.slots)
+                n_queued = sum(not t.cancelled.is_set() for t in self.waiting)
+                if n_queued + len(tasks) - n_idle > self.max_waiting:
+                    raise QueueFull(f"all {len(self.slots)} slots are busy and {n_queued} tasks are "
+                                    f"waiting (the limit is {self.max_waiting})")
+            for task in tasks:
+                self._next_id += 1
+                task.id = self._next_id
+                self.waiting.append(task)
             self.lock.notify_all()
-        return task
+        return tasks
+
+    def capacity(self) -> int | None:
+        """Tasks the scheduler can hold at once (running and waiting); None: no limit."""
+        return None if self.max_waiting is None else len(self.slots) + self.max_waiting
 
     def cancel(self, task: Task) -> None:
         task.cancelled.set()
@@ -392,7 +414,13 @@ class Scheduler:
             if has_logits:
                 if s.t_prompt_done is None:
                     s.t_prompt_done = time.perf_counter()
-                self._sample(s, logits[row])
+                try:
+                    self._sample(s, logits[row])
+                except Exception as e:  # this request's failure ends this request, no other
+                    self.log.warning("slot %d: sampling failed: %s: %s", s.id, type(e).__name__, e)
+                    s.task.events.put(ErrorEvent(f"sampling failed: {type(e).__name__}: {e}"))
+                    s.next_token = None
+                    self._release(s)
                 row += 1
 
     def _sample(self, s: Slot, logits: np.ndarray) -> None:
