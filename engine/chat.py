@@ -70,10 +70,13 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, extra: dict | None = None) -> str:
+        """extra: more template variables (a request's chat_template_kwargs); they cannot
+        replace the four this method sets."""
+        variables = {**(extra or {}), "messages": messages, "add_generation_prompt": add_generation_prompt,
+                     "bos_token": self.bos_token, "eos_token": self.eos_token}
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token, **extra)
+            return self._template.render(variables)
         except ChatTemplateError:
             raise
         except Exception as e:  # template code is data: any failure is the request's problem

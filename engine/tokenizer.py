@@ -134,6 +134,13 @@ class Tokenizer:
             self._pre_regexes = [regex.compile(r) for r in PRE_TOKENIZERS[pre]]
             self._ignore_merges = pre in ("llama3", "llama-bpe")
         self._pieces = [self._piece_bytes(i) for i in range(self.n_vocab)]
+        self.max_piece_bytes = max(1, max(len(p) for p in self._pieces))
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), known without tokenizing: the pieces of the tokens
+        spell the text's UTF-8 bytes (at least one per character), and no piece is longer than
+        max_piece_bytes. It lets a server refuse a prompt that cannot fit before paying for it."""
+        return -(-len(text) // self.max_piece_bytes)
 
     # ---------------------------------------------------------------- text -> tokens
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
