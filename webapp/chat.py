@@ -6,10 +6,11 @@ from flask import Blueprint, Response, current_app
 from engine.chat import ChatTemplateError
 from engine.slots import ErrorEvent, ProgressEvent, TokenEvent
 
-from .completions import (Completion, DisconnectWatch, _disconnect_probe, collect_finals, request_json, sse,
-                          wait_event)
+from .completions import Completion, DisconnectWatch, collect_finals, wait_event
 from .errors import APIError, json_response
+from .http import disconnect_probe, request_json, sse
 from .params import get_bool, get_number
+from .tokens import check_tokenizable
 
 bp = Blueprint("chat", __name__)
 
@@ -65,9 +66,9 @@ def render_prompt(body: dict) -> tuple[str, list[dict]]:
     try:
         if prefill:
             last = messages[-1]
-            prompt = ctx.chat_template.render(messages[:-1], add_generation_prompt=True, **kwargs) + last["content"]
+            prompt = ctx.chat_template.render(messages[:-1], add_generation_prompt=True, extra=kwargs) + last["content"]
         else:
-            prompt = ctx.chat_template.render(messages, add_generation_prompt=add_gen, **kwargs)
+            prompt = ctx.chat_template.render(messages, add_generation_prompt=add_gen, extra=kwargs)
     except ChatTemplateError as e:
         raise APIError(str(e))
     return prompt, messages
@@ -141,7 +142,7 @@ def _multi_usage(fins) -> dict:
 def _stream(c: Completion, verbose: bool, prompt: str) -> Response:
     tasks = c.submit()
     ctx = c.ctx
-    watch = DisconnectWatch(_disconnect_probe())
+    watch = DisconnectWatch(disconnect_probe())
     timings_per_token = c.timings_per_token
 
     def events():
@@ -207,5 +208,6 @@ def apply_template():
 @bp.post("/v1/chat/completions/input_tokens")
 def input_tokens():
     prompt, _ = render_prompt(request_json())
-    tok = current_app.config["NUMLLAMA"].engine.tokenizer
-    return json_response({"input_tokens": len(tok.encode(prompt, add_special=True))})
+    ctx = current_app.config["NUMLLAMA"]
+    check_tokenizable([prompt], ctx)
+    return json_response({"input_tokens": len(ctx.engine.tokenizer.encode(prompt, add_special=True))})

@@ -1,33 +1,32 @@
 """POST /completion (/completions) in llama-server's format, and POST /v1/completions (OpenAI)."""
 from __future__ import annotations
 
-import json
 import queue
 import random
 import string
 import time
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app
 
-from engine.slots import ErrorEvent, FinalEvent, ProgressEvent, Task, TokenEvent
+from engine.slots import ErrorEvent, FinalEvent, ProgressEvent, QueueFull, Task, TokenEvent
 
 from .errors import APIError, json_response
-from .params import (effective_n_predict, generation_settings, get_bool, get_number, parse_prompts,
-                     parse_stop, sampling_params)
+from .http import disconnect_probe, request_json, sse
+from .params import (N_PROBS_MAX, effective_n_predict, generation_settings, get_bool, get_number,
+                     parse_prompts, parse_stop, sampling_params)
 
 bp = Blueprint("completions", __name__)
 
 POLL_S = 0.02  # how often a waiting request checks whether its client went away
+RETRY_AFTER_S = 1   # told to clients refused because every slot and the queue are full
 
 
-def request_json() -> dict:
-    try:
-        body = json.loads(request.get_data(as_text=True) or "null")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(f"Invalid JSON in request body: {e}")
-    if not isinstance(body, dict):
-        raise APIError("Request body must be a JSON object")
-    return body
+def exceeds_context(n_prompt: int, n_ctx: int, at_least: bool = False):
+    """llama-server's 400 for a prompt longer than a slot's context (at_least: a lower bound on
+    the prompt's tokens, known without tokenizing it)."""
+    raise APIError(f"request ({'at least ' if at_least else ''}{n_prompt} tokens) exceeds the available "
+                   f"context size ({n_ctx} tokens), try increasing it", 400, "exceed_context_size_error",
+                   n_prompt_tokens=n_prompt, n_ctx=n_ctx)
 
 
 class Completion:
@@ -51,6 +50,7 @@ class Completion:
         self.n_probs = get_number(body, key, 0, int) if n_probs is not None else 0
         if self.n_probs < 0:
             raise APIError(f"Field '{key}': Value must be between 0 <= value <= 2147483647")
+        self.n_probs = min(self.n_probs, N_PROBS_MAX)
         self.post_sampling = get_bool(body, "post_sampling_probs", False)
         self.ignore_eos = get_bool(body, "ignore_eos", False)
         self.cache_prompt = get_bool(body, "cache_prompt", True)
@@ -73,20 +73,23 @@ class Completion:
                 raise APIError(f"Field '{k}': must be an object")
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.params = sampling_params(body, ctx.defaults, tok, self.ignore_eos)
-        prompts, self.is_batch = parse_prompts(body["prompt"], tok)
+        n_ctx = ctx.n_ctx_slot
+        # a prompt that cannot fit is refused before it is tokenized (which costs memory and time)
         n_cmpl = get_number(body, "n_cmpl", 1, int) if body.get("n_cmpl") is not None else 1
         if not 1 <= n_cmpl <= len(ctx.scheduler.slots):
             raise APIError(f"Field 'n_cmpl': Value must be between 1 <= value <= "
                            f"{len(ctx.scheduler.slots)}, but got {n_cmpl}")
+        capacity = ctx.scheduler.capacity()
+        prompts, self.is_batch = parse_prompts(
+            body["prompt"], tok, max_tokens=n_ctx - 1,
+            on_too_long=lambda n: exceeds_context(n, n_ctx, at_least=True),
+            max_prompts=capacity // n_cmpl if capacity is not None else None)
         if n_cmpl > 1:  # several completions of each prompt, returned as a list
             prompts = [p for p in prompts for _ in range(n_cmpl)]
             self.is_batch = True
-        n_ctx = ctx.n_ctx_slot
         for p in prompts:
             if len(p) >= n_ctx:
-                raise APIError(f"request ({len(p)} tokens) exceeds the available context size "
-                               f"({n_ctx} tokens), try increasing it", 400, "exceed_context_size_error",
-                               n_prompt_tokens=len(p), n_ctx=n_ctx)
+                exceeds_context(len(p), n_ctx)
         self.prompts = prompts
         self.model_name = ctx.model_alias
         self.settings = generation_settings(self.params, self.n_predict, self.stop, self.stream,
@@ -96,14 +99,16 @@ class Completion:
         self.created = int(time.time())
 
     def submit(self) -> list[Task]:
-        tasks = []
-        for i, p in enumerate(self.prompts):
-            tasks.append(self.ctx.scheduler.submit(Task(
-                prompt_tokens=p, n_predict=self.n_predict, params=self.params, stop=self.stop,
-                n_probs=self.n_probs, post_sampling_probs=self.post_sampling, ignore_eos=self.ignore_eos,
-                cache_prompt=self.cache_prompt, id_slot=self.id_slot, t_max_predict_ms=self.t_max, index=i,
-                return_progress=self.return_progress, n_keep=self.n_keep, n_discard=self.n_discard)))
-        return tasks
+        tasks = [Task(prompt_tokens=p, n_predict=self.n_predict, params=self.params, stop=self.stop,
+                      n_probs=self.n_probs, post_sampling_probs=self.post_sampling, ignore_eos=self.ignore_eos,
+                      cache_prompt=self.cache_prompt, id_slot=self.id_slot, t_max_predict_ms=self.t_max,
+                      index=i, return_progress=self.return_progress, n_keep=self.n_keep,
+                      n_discard=self.n_discard)
+                 for i, p in enumerate(self.prompts)]
+        try:
+            return self.ctx.scheduler.submit_all(tasks)
+        except QueueFull as e:   # a load balancer may retry elsewhere
+            raise APIError(f"server is busy: {e}", 503, headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     # ------------------------------------------------------------------ presentation
     def probs_items(self, probs_list) -> list[dict]:
@@ -212,14 +217,9 @@ def wait_event(task: Task, ctx, watch: DisconnectWatch):
             pass
 
 
-def _disconnect_probe():
-    probe = request.environ.get("waitress.client_disconnected")
-    return probe if probe is not None else (lambda: False)
-
-
 def collect_finals(c: Completion, tasks: list[Task]) -> list[FinalEvent]:
     """Wait for every task's final result; a vanished client or a failed task cancels them all."""
-    watch = DisconnectWatch(_disconnect_probe())
+    watch = DisconnectWatch(disconnect_probe())
     fins: list[FinalEvent] = []
     try:
         for t in tasks:
@@ -248,14 +248,10 @@ def run_blocking(c: Completion) -> Response:
     return json_response(objs if c.is_batch else objs[0])
 
 
-def sse(obj) -> str:
-    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
-
-
 def run_stream(c: Completion) -> Response:
     tasks = c.submit()
     ctx = c.ctx
-    watch = DisconnectWatch(_disconnect_probe())
+    watch = DisconnectWatch(disconnect_probe())
 
     def events():
         fins = []

@@ -11,11 +11,13 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 
 
 class APIError(Exception):
-    def __init__(self, message: str, code: int = 400, type: str | None = None, **extra):
+    def __init__(self, message: str, code: int = 400, type: str | None = None, headers: dict | None = None,
+                 **extra):
         super().__init__(message)
         self.message = message
         self.code = code
         self.type = type or ERROR_TYPES.get(code, "server_error")
+        self.headers = headers or {}
         self.extra = extra
 
     def body(self) -> dict:
@@ -28,7 +30,9 @@ def json_response(obj, status: int = 200) -> Response:
 
 
 def error_response(err: APIError) -> Response:
-    return json_response(err.body(), err.code)
+    resp = json_response(err.body(), err.code)
+    resp.headers.update(err.headers)
+    return resp
 
 
 def _json_default(o):

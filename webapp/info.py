@@ -11,7 +11,8 @@ from engine.slots import SlotBusy
 from engine.sampling import SamplingParams
 
 from .errors import APIError, json_response
-from .params import generation_settings
+from .http import request_json, require_flag
+from .params import N_PROBS_MAX, generation_settings
 
 bp = Blueprint("info", __name__)
 
@@ -51,6 +52,7 @@ def props():
         "build_info": ctx.build_fingerprint,
         "device": ctx.device,
         "is_sleeping": False,
+        "n_probs_max": N_PROBS_MAX,   # numllama: a larger n_probs is capped to this
         "cors_proxy_enabled": False,
     })
 
@@ -58,8 +60,7 @@ def props():
 @bp.post("/props")
 def set_props():
     ctx = current_app.config["NUMLLAMA"]
-    if not ctx.enable_props:
-        raise APIError("This server does not support changing global properties. Start it with `--props`", 501)
+    require_flag(ctx.enable_props, "changing global properties", "--props")
     # llama-server accepts the body and changes nothing it does not know; numllama has no
     # runtime-changeable property yet, so the same holds
     return json_response({"success": True})
@@ -68,8 +69,7 @@ def set_props():
 @bp.get("/slots")
 def slots():
     ctx = current_app.config["NUMLLAMA"]
-    if not ctx.enable_slots:
-        raise APIError("This server does not support slots endpoint. Start it with `--slots`", 501)
+    require_flag(ctx.enable_slots, "slots endpoint", "--slots")
     sched = ctx.scheduler
     if request.args.get("fail_on_no_slot") in ("1", "true") and all(s.busy for s in sched.slots):
         raise APIError("no slot available", 503)
@@ -122,15 +122,14 @@ def models():
 @bp.post("/slots/<id_slot>")
 def slot_action(id_slot):
     """?action=save|restore|erase on one slot; files live in --slot-save-path only."""
-    from .completions import request_json
     ctx = current_app.config["NUMLLAMA"]
-    if not ctx.slot_save_path:
-        raise APIError("This server does not support slots action. Start it with `--slot-save-path`", 501)
+    require_flag(bool(ctx.slot_save_path), "slots action", "--slot-save-path")
     sched = ctx.scheduler
-    if not id_slot.isdigit() or int(id_slot) >= len(sched.slots):
-        raise APIError(f"Invalid slot id: {id_slot}")
+    if not (id_slot.isascii() and id_slot.isdigit()) or int(id_slot) >= len(sched.slots):
+        raise APIError(f"Invalid slot id: {id_slot[:20]}")
     slot_id = int(id_slot)
     action = request.args.get("action")
+    filename = None
     try:
         if action == "erase":
             return json_response({"id_slot": slot_id, "n_erased": sched.erase_slot(slot_id)})
@@ -153,5 +152,7 @@ def slot_action(id_slot):
                               "timings": {"restore_ms": (time.perf_counter() - t0) * 1000}})
     except SlotBusy as e:
         raise APIError(str(e), 503)
-    except (ValueError, OSError, KeyError) as e:
+    except OSError as e:   # its message names the path: the client gave only the file name
+        raise APIError(f"Cannot {action} slot {slot_id}: {e.strerror or type(e).__name__} ({filename[:100]!r})")
+    except (ValueError, KeyError) as e:
         raise APIError(f"Cannot {action} slot {slot_id}: {e}")

@@ -11,7 +11,7 @@ import time
 
 from flask import Blueprint, Response, current_app
 
-from .errors import APIError
+from .http import require_flag
 
 bp = Blueprint("metrics", __name__)
 PROCESS_START = int(time.time())
@@ -55,8 +55,7 @@ def _window_rates(m: dict) -> tuple[float, float]:
 @bp.get("/metrics")
 def metrics():
     ctx = current_app.config["NUMLLAMA"]
-    if not ctx.enable_metrics:
-        raise APIError("This server does not support metrics endpoint. Start it with `--metrics`", 501)
+    require_flag(ctx.enable_metrics, "metrics endpoint", "--metrics")
     sched = ctx.scheduler
     m = dict(sched.metrics)
     prompt_rate, predicted_rate = _window_rates(m)

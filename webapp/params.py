@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from engine.sampling import DEFAULT_SAMPLERS, RANDOM_SEED, SamplingParams, parse_samplers
@@ -10,6 +11,13 @@ from engine.sampling import DEFAULT_SAMPLERS, RANDOM_SEED, SamplingParams, parse
 from .errors import APIError
 
 INT_MAX = 2147483647
+INT64_MAX = 2 ** 63 - 1
+# No sampling parameter means anything beyond this magnitude, and below it the f32 arithmetic of
+# the samplers (penalties times counts, logit / temperature, logit_bias) stays finite.
+FLOAT_FIELD_MAX = 1e6
+N_PROBS_MAX = 100   # top tokens reported per generated token (a larger n_probs is capped, see /props)
+MAX_TOKEN_ID_DIGITS = 10   # a logit_bias key with more digits is no token id of any vocabulary
+MAX_BIAS_TEXT_CHARS = 1000  # a logit_bias text key is a word or a phrase, tokenized per request
 # fields whose value must lie within bounds (a 400 otherwise), as llama-server
 HARD_LIMITS = {"n_predict": (-1, INT_MAX), "n_keep": (-1, INT_MAX), "n_indent": (0, INT_MAX),
                "n_discard": (0, INT_MAX), "repeat_last_n": (-1, INT_MAX),
@@ -49,6 +57,11 @@ def get_number(body: dict, key: str, default, kind=float):
         raise APIError(f"Field '{key}': type must be number, but is {_typename(v)}")
     if isinstance(v, float) and not math.isfinite(v):
         raise APIError(f"Field '{key}': value must be finite")
+    if kind is int and not -INT64_MAX <= v <= INT64_MAX:
+        raise APIError(f"Field '{key}': Value must be between {-INT64_MAX} <= value <= {INT64_MAX}")
+    if kind is not int and not -FLOAT_FIELD_MAX <= v <= FLOAT_FIELD_MAX:
+        raise APIError(f"Field '{key}': Value must be between {-FLOAT_FIELD_MAX:g} <= value <= "
+                       f"{FLOAT_FIELD_MAX:g}, but got {v:g}")
     v = int(v) if kind is int else float(v)
     if key in HARD_LIMITS:
         lo, hi = HARD_LIMITS[key]
@@ -113,6 +126,9 @@ def parse_logit_bias(value, tokenizer) -> list[tuple[int, float]]:
             b = -math.inf
         elif isinstance(bias, bool) or not isinstance(bias, (int, float)):
             raise APIError(f"logit_bias values must be numbers or false, got {_typename(bias)}")
+        elif not -FLOAT_FIELD_MAX <= bias <= FLOAT_FIELD_MAX:
+            raise APIError(f"logit_bias values must be between {-FLOAT_FIELD_MAX:g} and {FLOAT_FIELD_MAX:g} "
+                           f"(or false)")
         else:
             b = float(bias)
         if isinstance(key, bool):
@@ -120,12 +136,29 @@ def parse_logit_bias(value, tokenizer) -> list[tuple[int, float]]:
         if isinstance(key, int):
             ids = [key]
         elif isinstance(key, str):
-            ids = [int(key)] if key.lstrip("-").isdigit() else \
-                tokenizer.encode(key, add_special=False, parse_special=False)
+            ids = token_id_key(key)
+            if ids is None:
+                if len(key) > MAX_BIAS_TEXT_CHARS:
+                    raise APIError(f"logit_bias: a text key may hold at most {MAX_BIAS_TEXT_CHARS} characters")
+                ids = tokenizer.encode(key, add_special=False, parse_special=False)
         else:
             raise APIError("logit_bias keys must be token ids or strings")
         out += [(i, b) for i in ids if 0 <= i < n_vocab]
     return out
+
+
+_TOKEN_ID = re.compile(r"-?[0-9]+")
+
+
+def token_id_key(key: str) -> list[int] | None:
+    """A logit_bias key that is a token id written as text ("15043"): [id], or [] when the
+    number is no id at all; None when the key is text to tokenize. (ASCII digits only:
+    str.isdigit() also accepts "²", which int() refuses.)"""
+    if not _TOKEN_ID.fullmatch(key):
+        return None
+    if len(key.lstrip("-")) > MAX_TOKEN_ID_DIGITS:
+        return []
+    return [int(key)]
 
 
 def parse_stop(value) -> tuple[str, ...]:
@@ -209,9 +242,17 @@ def parse_grammar(body: dict):
         raise APIError(str(e))
 
 
-def tokenize_prompt_element(el, tokenizer) -> list[int]:
-    """One prompt: a string, a list of token ids, a mixed list, or {"prompt_string": ...}."""
+def tokenize_prompt_element(el, tokenizer, max_tokens: int | None = None, on_too_long=None) -> list[int]:
+    """One prompt: a string, a list of token ids, a mixed list, or {"prompt_string": ...}.
+    When the text's lower bound of tokens (Tokenizer.min_tokens) exceeds max_tokens, it is not
+    tokenized: on_too_long(that bound) is called, and must raise."""
     n_vocab = tokenizer.n_vocab
+    if max_tokens is not None:
+        texts = [el] if isinstance(el, str) else [el.get("prompt_string")] if isinstance(el, dict) else \
+            el if isinstance(el, list) else []
+        at_least = sum(tokenizer.min_tokens(t) if isinstance(t, str) else 1 for t in texts)
+        if at_least > max_tokens:
+            on_too_long(at_least)
     if isinstance(el, str):
         return tokenizer.encode(el, add_special=True, parse_special=True)
     if isinstance(el, dict):
@@ -240,14 +281,18 @@ def tokenize_prompt_element(el, tokenizer) -> list[int]:
                    "a prompt string, or a list of mixed strings & tokens.")
 
 
-def parse_prompts(prompt, tokenizer) -> tuple[list[list[int]], bool]:
+def parse_prompts(prompt, tokenizer, max_tokens: int | None = None, on_too_long=None,
+                  max_prompts: int | None = None) -> tuple[list[list[int]], bool]:
     """(token lists, is_batch): a top-level list without bare ids is several prompts."""
     if isinstance(prompt, list):
         if not prompt:
             raise APIError("\"prompt\" must not be empty")
         if not any(isinstance(e, int) and not isinstance(e, bool) for e in prompt):
-            return [tokenize_prompt_element(e, tokenizer) for e in prompt], True
-    return [tokenize_prompt_element(prompt, tokenizer)], False
+            if max_prompts is not None and len(prompt) > max_prompts:
+                raise APIError(f"too many prompts in one request: {len(prompt)} (this server takes at most "
+                               f"{max_prompts}: its slots and its queue)")
+            return [tokenize_prompt_element(e, tokenizer, max_tokens, on_too_long) for e in prompt], True
+    return [tokenize_prompt_element(prompt, tokenizer, max_tokens, on_too_long)], False
 
 
 def generation_settings(p: SamplingParams, n_predict: int, stop, stream: bool, n_probs: int,

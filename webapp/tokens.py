@@ -3,11 +3,21 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app
 
-from .completions import request_json
 from .errors import APIError, json_response
+from .http import request_json
 from .params import get_bool
 
 bp = Blueprint("tokens", __name__)
+
+
+def check_tokenizable(texts, ctx) -> None:
+    """Refuse, before tokenizing, text that must make more tokens than any context of this
+    server could hold (tokenizing costs memory and time in proportion to the text)."""
+    limit = max(ctx.n_ctx_slot * len(ctx.scheduler.slots), ctx.engine.gguf.hparams.n_ctx_train)
+    at_least = sum(ctx.engine.tokenizer.min_tokens(t) for t in texts if isinstance(t, str))
+    if at_least > limit:
+        raise APIError(f"content too long: at least {at_least} tokens, more than this server's "
+                       f"largest context ({limit} tokens)")
 
 
 @bp.post("/tokenize")
@@ -23,6 +33,7 @@ def tokenize():
     if not isinstance(content, (str, list)):
         raise APIError("Field 'content': must be a string or an array of strings and token ids")
     parts = content if isinstance(content, list) else [content]
+    check_tokenizable(parts, current_app.config["NUMLLAMA"])
     ids: list[int] = []
     for i, part in enumerate(parts):
         if isinstance(part, str):
