@@ -1,9 +1,10 @@
 """The Flask application factory. Routes live in one blueprint per API family."""
 from __future__ import annotations
 
+import hmac
+import logging
 import time
 from dataclasses import dataclass, field
-
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, request
@@ -36,12 +37,28 @@ class ServerContext:
     enable_props: bool = False     # POST /props
     tools: list = field(default_factory=list)   # webapp.agent_tools.Tool, enabled by --tools
     ui_mcp_proxy: bool = False     # /cors-proxy
+    allowed_hosts: tuple = ()      # Host names accepted, besides loopback, while tools or the proxy are on
+    cors_proxy_allow_private: bool = False   # /cors-proxy may reach loopback and private addresses
     build_fingerprint: str = "b1-numllama"
     started: float = field(default_factory=time.time)
 
 
 PUBLIC_PATHS = ("/health", "/v1/health", "/")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+log = logging.getLogger("numllama.http")
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8080" -> "::1")."""
+    try:
+        return (urlsplit("//" + host_header).hostname or "").rstrip(".")
+    except ValueError:
+        return ""
+
+
+def api_key_matches(given: str | None, key: str) -> bool:
+    """Compared in constant time, so response timing tells nothing about the key."""
+    return given is not None and hmac.compare_digest(given.encode(), key.encode())
 
 
 def allowed_origin(origin: str, policy: str) -> bool:
@@ -83,10 +100,16 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
             if request.path == "/":
                 return None
             raise APIError("Loading model", 503)
-        if ctx.api_key and request.method != "OPTIONS" and request.path not in PUBLIC_PATHS:
+        if request.path in PUBLIC_PATHS:
+            return None
+        if (ctx.tools or ctx.ui_mcp_proxy) and host_name(request.host) not in LOOPBACK_HOSTS + ctx.allowed_hosts:
+            # DNS rebinding: a page whose name now points at 127.0.0.1 must not reach the tools
+            raise APIError(f"Host '{request.host[:100]}' is not allowed while tools or the MCP proxy are on "
+                           f"(see --allowed-hosts)", 403, "permission_error")
+        if ctx.api_key:
             auth = request.headers.get("Authorization", "")
             given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-Api-Key")
-            if given != ctx.api_key:
+            if not api_key_matches(given, ctx.api_key):
                 raise APIError("Invalid API Key", 401)
 
     @app.after_request
@@ -101,6 +124,8 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
 
     @app.errorhandler(APIError)
     def api_error(e: APIError):
+        # one line per refused request, never a traceback: the client's mistake is not ours
+        log.warning("%s %s -> %d %s", request.method, request.path[:200], e.code, e.message[:300])
         return error_response(e)
 
     @app.errorhandler(HTTPException)

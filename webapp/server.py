@@ -46,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
       help="when a slot's context is full, drop old tokens instead of stopping")
     a("--no-context-shift", dest="context_shift", action="store_false")
     a("--api-key")
+    a("--unsafe-no-api-key", action="store_true", default=bool(os.environ.get("NUMLLAMA_UNSAFE_NO_API_KEY")),
+      help="allow --tools and --ui-mcp-proxy without --api-key (any local process, and any web page "
+           "whose request is not blocked by CORS, can then use them); also NUMLLAMA_UNSAFE_NO_API_KEY=1")
+    a("--allowed-hosts", default="",
+      help="comma-separated Host names accepted besides loopback ones while --tools or --ui-mcp-proxy "
+           "are on (DNS-rebinding protection); the --host addresses are accepted too")
+    a("--cors-proxy-allow-private", action="store_true",
+      default=bool(os.environ.get("NUMLLAMA_CORS_PROXY_ALLOW_PRIVATE")),
+      help="let /cors-proxy reach loopback, private, link-local and multicast addresses (refused by "
+           "default: it would expose this machine's and this network's services); also "
+           "NUMLLAMA_CORS_PROXY_ALLOW_PRIVATE=1")
     a("--cors-origins", default=None,
       help='"*" (default), "localhost", or a comma-separated list of origins; '
            'with --tools or --agent the default is "localhost"')
@@ -76,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="do not move idle slots' states to the prompt cache when a task starts")
     a("--max-body-mb", type=float, default=64.0,
       help="largest request body accepted, in MiB (larger ones get 413)")
+    a("--max-queue", type=int, default=64,
+      help="tasks (prompts) that may wait for a slot; more get 503, so that a load balancer can "
+           "send them elsewhere (each waiting request holds one of the server's threads)")
+    a("--connection-limit", type=int, default=1000,
+      help="open connections accepted at once (idle ones are closed after --idle-timeout seconds)")
+    a("--idle-timeout", type=int, default=30, help="seconds before an idle connection is closed")
     return ap
 
 
@@ -89,9 +106,14 @@ def main(argv=None) -> int:
         args.tools = select_tools(args.tools)
     except ValueError as e:
         ap.error(str(e))
+    if (args.tools or args.ui_mcp_proxy) and not args.api_key and not args.unsafe_no_api_key:
+        ap.error("--tools and --ui-mcp-proxy run commands and reach other services for whoever can "
+                 "send this server a request: give an --api-key, or pass --unsafe-no-api-key on a "
+                 "machine where every local user and every page you open is trusted")
     if args.cors_origins is None:
-        # tools read and write files: only pages served from this machine may call them
-        args.cors_origins = "localhost" if args.tools else "*"
+        # tools read and write files, the proxy reaches other services: only pages served from
+        # this machine may call them
+        args.cors_origins = "localhost" if args.tools or args.ui_mcp_proxy else "*"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
 
@@ -120,16 +142,8 @@ def main(argv=None) -> int:
             os._exit(1)
 
     threading.Thread(target=load, name="numllama-loader", daemon=True).start()
-    from waitress import serve
-    n_slots = args.parallel if args.parallel > 0 else 4
-    # channel_request_lookahead lets a request thread see that its client went away
-    # --host may list several addresses ("127.0.0.1,::1"): one listening socket each
-    listen = " ".join(f"[{h}]:{args.port}" if ":" in h else f"{h}:{args.port}"
-                      for h in args.host.split(",") if h)
-    serve(app, listen=listen, threads=max(8, 2 * n_slots + 4),
-          channel_request_lookahead=1, ident="llama.cpp", _quiet=not args.verbose,
-          # waitress's own (plain-text) 413 is only a safety net above the app's JSON one
-          max_request_body_size=int(args.max_body_mb * 2 * 1024 * 1024) + (1 << 20))
+    from .serving import serve
+    serve(app, args)
     return 0
 
 
@@ -157,7 +171,7 @@ def build_context(args, path: str):
     if n_slots <= 0:  # llama-server's "auto": 4 slots sharing one context
         n_slots, kv_unified = 4, True
     n_ctx_slot = n_ctx if kv_unified else max(1, n_ctx // n_slots)
-    scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=args.batch_size,
+    scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=args.batch_size, max_waiting=max(0, args.max_queue),
                           n_predict_default=args.n_predict, context_shift=args.context_shift,
                           cache_ram_mib=args.cache_ram, cache_idle_slots=args.cache_idle_slots,
                           kv_unified=kv_unified)
@@ -173,6 +187,7 @@ def build_context(args, path: str):
                                  bos_token=tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
                                  eos_token=tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "")
     aliases = [a for a in (args.alias or "").split(",") if a]
+    hosts = [h.strip().strip("[]") for h in (args.allowed_hosts + "," + args.host).split(",")]
     seed = RANDOM_SEED if args.seed < 0 else args.seed
     return ServerContext(
         engine=engine, scheduler=scheduler,
@@ -182,6 +197,8 @@ def build_context(args, path: str):
         enable_metrics=args.metrics, api_key=args.api_key, chat_template=chat_template, verbose=args.verbose,
         cors_origins=args.cors_origins, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
         ui=not args.no_ui, enable_props=args.props, device=device,
+        allowed_hosts=tuple(h for h in hosts if h and h not in ("0.0.0.0", "::")),
+        cors_proxy_allow_private=args.cors_proxy_allow_private,
         slot_save_path=os.path.abspath(args.slot_save_path) if args.slot_save_path else None)
 
 

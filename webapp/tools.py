@@ -1,5 +1,10 @@
 """GET/POST /tools: the built-in agent tools (--tools), as llama-server serves them to its web UI.
-Without --tools both answer 403 "this feature is disabled"."""
+Without --tools both answer 403 "this feature is disabled".
+
+POST must say `Content-Type: application/json`. A web page can send a cross-site POST without
+asking first (no CORS preflight) only with a "simple" content type such as text/plain; the
+browser hides the answer from the page but the request still runs. Requiring JSON makes the
+browser ask first, and CORS (localhost pages only, by default with tools on) then says no."""
 from __future__ import annotations
 
 import json
@@ -10,14 +15,14 @@ from flask import Blueprint, Response, current_app, request
 
 from .agent_tools import ToolError
 from .errors import APIError, json_response
+from .http import request_json, require_agent_feature
 
 bp = Blueprint("tools", __name__)
 
 
 def _enabled_tools() -> dict:
     tools = current_app.config["NUMLLAMA"].tools
-    if not tools:
-        raise APIError("this feature is disabled", 403, "feature_disabled")
+    require_agent_feature(bool(tools))
     return {t.name: t for t in tools}
 
 
@@ -29,8 +34,10 @@ def list_tools():
 @bp.post("/tools")
 def call_tool():
     tools = _enabled_tools()
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("tool"), str):
+    if request.mimetype != "application/json":
+        raise APIError("POST /tools needs Content-Type: application/json", 415, "invalid_request_error")
+    body = request_json()
+    if not isinstance(body.get("tool"), str):
         raise APIError('the body must be a JSON object with a "tool" name', 400)
     params = body.get("params", {})
     if not isinstance(params, dict):
