@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import requests
@@ -34,12 +35,14 @@ class Server:
             cmd += ["--host", "127.0.0.1"]
         if model:
             cmd += ["-m", model]
+        # a file, not a pipe: a pipe nobody reads fills up and then blocks the server's logging
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd + args, cwd=REPO, env={**os.environ, **(env or {})},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server died: {self.proc.stdout.read()}")
+                raise RuntimeError(f"server died: {self.output()}")
             try:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -66,6 +69,20 @@ class Server:
             if "[DONE]" in line:
                 return
             yield json.loads(line[6:])
+
+    def output(self) -> str:
+        """Everything the server has printed so far."""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def rss_mb(self) -> float:
+        """The server process's resident memory (Linux)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
 
     def stop(self):
         if self.proc.poll() is None:

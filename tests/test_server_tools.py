@@ -15,7 +15,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def server(stories_path):
-    s = Server(TINYLLAMA2 + ["--tools", "all", "--ui-mcp-proxy", "--api-key", KEY], model=stories_path)
+    # the proxy test below runs its target on 127.0.0.1, which needs --cors-proxy-allow-private
+    s = Server(TINYLLAMA2 + ["--tools", "all", "--ui-mcp-proxy", "--api-key", KEY, "--cors-proxy-allow-private"],
+               model=stories_path)
     yield s
     s.stop()
 
@@ -51,8 +53,11 @@ def test_tool_errors(server):
     assert r.status_code == 404 and "does not support stream" in r.json()["error"]["message"]
     r = server.post("/tools", {"tool": "read_file", "params": {}}, headers=AUTH)
     assert r.status_code == 400 and "missing parameter 'path'" in r.json()["error"]["message"]
-    r = requests.post(server.url + "/tools", data="{not json", headers=AUTH, timeout=10)
+    r = requests.post(server.url + "/tools", data="{not json", timeout=10,
+                      headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = requests.post(server.url + "/tools", data='{"tool": "get_info"}', headers=AUTH, timeout=10)
+    assert r.status_code == 415 and r.json()["error"]["type"] == "invalid_request_error"
     assert server.get("/health").status_code == 200
 
 
