@@ -35,9 +35,19 @@ def cuda_status() -> tuple[bool, str]:
     try:
         if not cuda.is_available():
             return False, "no CUDA driver or device found"
+        name = cuda.get_current_device().name   # bytes in older numba-cuda, str in 0.30
     except Exception as e:  # pragma: no cover
         return False, f"CUDA failed to initialise: {e}"
-    return True, "CUDA device " + cuda.get_current_device().name.decode(errors="replace")
+    try:   # a broken install fails here with a reason, not at the first real kernel
+        cuda.jit("void(float32[:])")(_probe_kernel)
+    except Exception as e:  # pragma: no cover - needs a GPU
+        return False, (f"numba-cuda cannot compile kernels here ({type(e).__name__}: {e}); numba-cuda 0.30 "
+                       f"needs NumPy below 2.5: pip install 'numllama[cuda]'")
+    return True, "CUDA device " + (name.decode(errors="replace") if isinstance(name, bytes) else str(name))
+
+
+def _probe_kernel(a):
+    a[0] = 1.0
 
 
 class DeviceWeight:
