@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .engine import Engine
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, common_prefix
 from .model import Batch
 from .sampling import Sampler, SamplingParams, log_softmax
 from .tokenizer import utf8_complete_prefix
@@ -142,12 +142,7 @@ class Slot:
         self.task = task
         self.params = task.params
         prompt = task.prompt_tokens
-        n_past = 0
-        if task.cache_prompt:
-            for a, b in zip(self.cache_tokens, prompt):
-                if a != b:
-                    break
-                n_past += 1
+        n_past = common_prefix(self.cache_tokens, prompt) if task.cache_prompt else 0
         n_past = min(n_past, len(prompt) - 1)  # at least one token is evaluated, for its logits
         self.cache_tokens = self.cache_tokens[:n_past]
         self.n_cached = n_past
@@ -175,6 +170,7 @@ class Slot:
 
 class Scheduler:
     SIMILARITY = 0.1   # llama-server's slot_prompt_similarity: reuse a slot above this overlap
+    SAVE_BELOW_KEEP = 0.5   # llama-server: a reused slot about to lose more than half its state saves it first
 
     def __init__(self, engine: Engine, n_slots: int, n_ctx_slot: int, n_batch: int = 512,
                  n_predict_default: int = -1, context_shift: bool = False, cache_ram_mib: float = 0,
@@ -186,7 +182,9 @@ class Scheduler:
         self.engine = engine
         self.context_shift = context_shift
         self.log = logging.getLogger("numllama.slots")
-        self.prompt_cache = PromptCache(cache_ram_mib) if cache_ram_mib != 0 else None
+        # llama-server's token budget for the cache: the server's whole context
+        n_ctx_total = n_ctx_slot if kv_unified else n_ctx_slot * n_slots
+        self.prompt_cache = PromptCache(cache_ram_mib, n_ctx_total) if cache_ram_mib != 0 else None
         self.cache_idle_slots = cache_idle_slots and self.prompt_cache is not None
         self.kv_unified = kv_unified
         if self.cache_idle_slots:
@@ -302,19 +300,18 @@ class Scheduler:
                 slot = idle[0]
             else:
                 def lcp(s: Slot) -> int:
-                    n = 0
-                    for a, b in zip(s.cache_tokens, task.prompt_tokens):
-                        if a != b:
-                            break
-                        n += 1
-                    return n
+                    return common_prefix(s.cache_tokens, task.prompt_tokens)
                 slot = max(idle, key=lambda s: (lcp(s), -s.last_used))
-                if not task.cache_prompt or lcp(slot) <= self.SIMILARITY * len(task.prompt_tokens):
-                    slot = min(idle, key=lambda s: s.last_used)
-                    if self.prompt_cache is not None and task.cache_prompt:
-                        self.log.debug("updating prompt cache")
-                        self._save_to_ram(slot)
-                        self._load_from_ram(slot, task.prompt_tokens)
+                n = lcp(slot)
+                if not task.cache_prompt or n <= self.SIMILARITY * len(task.prompt_tokens):
+                    slot, update_cache = min(idle, key=lambda s: s.last_used), True
+                else:   # reused for its prefix; the rest of its state is about to go
+                    update_cache = n < self.SAVE_BELOW_KEEP * len(slot.cache_tokens)
+                if update_cache and self.prompt_cache is not None and task.cache_prompt:
+                    self.log.debug("updating prompt cache")
+                    self._save_to_ram(slot)
+                    self._load_from_ram(slot, task.prompt_tokens)
+                    self.prompt_cache.update()
             slot.start(task, self.engine)
             if task.return_progress:
                 slot.report_progress()
@@ -324,23 +321,23 @@ class Scheduler:
                         continue
                     if self._save_to_ram(other):
                         self.log.debug("slot %d saved to the prompt cache __TEST_TAG_CACHE_IDLE_SLOT__", other.id)
+                        self.prompt_cache.update()
                     if self.kv_unified:
                         other.cache_tokens = []
         self.waiting = still
 
     def _save_to_ram(self, slot: Slot) -> bool:
         n = len(slot.cache_tokens)
-        if not n or self.prompt_cache.refresh(slot.cache_tokens):   # kept already: no copy to make
+        if not n or self.prompt_cache.holds(slot.cache_tokens):   # kept already: no copy to make
             return False
         return self.prompt_cache.save(slot.cache_tokens, *self.cache.cells(slot.id, n))
 
     def _load_from_ram(self, slot: Slot, prompt: list[int]) -> None:
-        found = self.prompt_cache.best(prompt)
+        """Resume from a cached state if one beats what the slot holds (it moves into the slot)."""
+        found = self.prompt_cache.load(slot.cache_tokens, prompt)
         if found is None:
-            slot.cache_tokens = []
             return
-        key, _ = found
-        k, v = self.prompt_cache.get(key)
+        key, k, v = found
         n = min(len(key), slot.n_ctx)
         self.cache.put_cells(slot.id, k[:, :, :n], v[:, :, :n])
         slot.cache_tokens = list(key[:n])

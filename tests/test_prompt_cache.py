@@ -9,17 +9,31 @@ def kv(n):
     return np.ones((2, 1, n, 4), np.uint16), np.ones((2, 1, n, 4), np.uint16)
 
 
-def test_best_prefix_budget_and_lru():
+def test_save_load_and_evict_as_llama_server():
     cache = PromptCache(budget_mib=20 * 32 / 2 ** 20)   # k and v: 32 bytes per token: room for 20
     assert cache.save([1, 2, 3], *kv(3)) and not cache.save([1, 2, 3], *kv(3))
     assert cache.save([1, 2, 3, 4, 5], *kv(5))                            # supersedes its prefix
     assert list(cache.entries) == [(1, 2, 3, 4, 5)]
+    assert not cache.save([1, 2, 3, 4], *kv(4))                           # held already, inside it
     assert cache.save([7, 8, 9, 10, 11, 12], *kv(6))
-    assert cache.best([1, 2, 3, 9]) == ((1, 2, 3, 4, 5), 3)
-    assert cache.best([42]) is None
-    cache.save(list(range(100, 110)), *kv(10))                           # over budget: LRU goes
-    assert (1, 2, 3, 4, 5) not in cache.entries and cache.n_bytes <= cache.budget
+    # an entry of which less than a quarter would be kept is not taken
+    assert cache.load([], [7, 99]) is None
+    # one that beats the slot's own state is, and it leaves the cache
+    key, k, v = cache.load([], [1, 2, 3, 9])
+    assert key == (1, 2, 3, 4, 5) and k.shape[2] == 5 and key not in cache.entries and cache.hits == 1
+    # not when the slot holds as good a state
+    assert cache.load([7, 8, 9, 10, 11, 12, 13], [7, 8, 9, 10, 11, 12, 13]) is None
+    cache.save(list(range(100, 116)), *kv(16))                           # over budget: the oldest go
+    assert (7, 8, 9, 10, 11, 12) not in cache.entries and cache.n_bytes <= cache.budget
     assert not PromptCache(budget_mib=0.000001).save([1], *kv(1))
+
+
+def test_token_budget():
+    cache = PromptCache(budget_mib=-1, limit_tokens=10)
+    for start in (0, 100, 200):
+        cache.save(list(range(start, start + 4)), *kv(4))
+    cache.update()   # 12 tokens held, 10 allowed: the oldest goes
+    assert list(cache.entries) == [tuple(range(100, 104)), tuple(range(200, 204))]
 
 
 def test_one_slot_serves_two_conversations(stories_path):

@@ -71,5 +71,16 @@ def metrics():
         for name, help_text in table:
             full = "llamacpp:" + name
             lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {float(values[name]):g}"]
+    # numllama's own, under its own prefix: the host-RAM prompt cache (--cache-ram)
+    cache = sched.prompt_cache
+    for name, kind, help_text, value in (
+            ("prompt_cache_bytes", "gauge", "Bytes of K/V held by the host-RAM prompt cache.",
+             cache.n_bytes if cache else 0),
+            ("prompt_cache_states", "gauge", "Prompt states held by the host-RAM prompt cache.",
+             len(cache.entries) if cache else 0),
+            ("prompt_cache_hits_total", "counter", "Prompt states restored from the host-RAM prompt cache.",
+             cache.hits if cache else 0)):
+        full = "numllama:" + name
+        lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {float(value):g}"]
     return Response("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4",
                     headers={"Process-Start-Time-Unix": str(PROCESS_START)})
