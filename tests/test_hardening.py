@@ -430,3 +430,30 @@ def test_api_key_guards_slots_and_save_paths_stay_private(stories_path, tmp_path
         assert r.status_code == 400 and str(tmp_path) not in r.text
     finally:
         s.stop()
+
+
+def test_reserved_paths_have_threads_of_their_own():
+    """/health still runs when every general thread is busy (here: the general pool has one
+    thread, blocked until the health check has been served)."""
+    from types import SimpleNamespace
+
+    from webapp.serving import ReservedPathDispatcher
+    d = ReservedPathDispatcher(1)
+    served, release = [], threading.Event()
+
+    def channel(command, path, block=False):
+        def service():
+            if block:
+                release.wait(10)
+            served.append(path)
+        return SimpleNamespace(requests=[SimpleNamespace(command=command, path=path)], service=service)
+    try:
+        d.add_task(channel("POST", "/completion", block=True))
+        d.add_task(channel("GET", "/health"))
+        deadline = time.time() + 5
+        while "/health" not in served and time.time() < deadline:
+            time.sleep(0.01)
+        assert served == ["/health"]
+    finally:
+        release.set()
+        d.shutdown(timeout=5)
