@@ -45,6 +45,15 @@ def free_port() -> int:
     return p
 
 
+def proc_status_mb(pid: int, field: str) -> float:
+    """A memory figure of a process from /proc (Linux): VmRSS now, VmHWM its peak."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def build_llama_server() -> str:
     """Build llama-server from the vendored llama.cpp tree (once; reused afterwards)."""
     binary = os.path.join(CACHE, "build", "bin", "llama-server")
@@ -93,11 +102,7 @@ class Server:
         return r.json()
 
     def peak_rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+        return proc_status_mb(self.proc.pid, "VmHWM")
 
     def stop(self):
         self.proc.terminate()

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -25,24 +24,16 @@ import time
 
 import requests
 
+from run import free_port, proc_status_mb
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("once upon a time there was a little girl named lily she liked to play in the park with "
          "her dog and the sun was bright one day they found a big red ball under an old tree").split()
 FLAGS = ["-np", "4", "-c", "8192", "--slots", "--metrics"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return proc_status_mb(pid, "VmRSS")
 
 
 def start(cmd: list[str], port: int) -> subprocess.Popen:
