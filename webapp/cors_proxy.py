@@ -136,21 +136,22 @@ def cors_proxy():
 def _proxy(url: str, host: str, port: int, headers: dict, allow_private: bool) -> Response:
     """Forward the request; the slot taken in cors_proxy() is released when the answer ends."""
     import requests
+    session = _public_only_session() if not allow_private else requests.Session()
+    session.trust_env = False   # no proxy settings or ~/.netrc credentials of ours go upstream
     try:
         if not allow_private:
             check_target(host, port)
-        session = _public_only_session() if not allow_private else requests.Session()
-        session.trust_env = False   # no proxy settings or ~/.netrc credentials of ours go upstream
         # requests' own defaults (User-Agent, Accept: */*) stay unless the page named them
         upstream = session.request(request.method, url, headers=headers, stream=True,
                                    data=request.get_data() if request.method == "POST" else None,
                                    timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), allow_redirects=False)
-    except ForbiddenTarget as e:
-        raise APIError(f"{e}: the proxy reaches public addresses only (see --cors-proxy-allow-private)",
-                       403, "permission_error") from None
-    except requests.exceptions.InvalidURL as e:
-        raise APIError(f"invalid target URL: {e}", 400) from None
-    except requests.RequestException as e:
+    except (ForbiddenTarget, requests.RequestException) as e:
+        session.close()
+        if isinstance(e, ForbiddenTarget):
+            raise APIError(f"{e}: the proxy reaches public addresses only (see --cors-proxy-allow-private)",
+                           403, "permission_error") from None
+        if isinstance(e, requests.exceptions.InvalidURL):
+            raise APIError(f"invalid target URL: {e}", 400) from None
         raise APIError(f"proxy request failed: {e}", 502, "server_error") from None
     client_gone = disconnect_probe()
 
