@@ -130,8 +130,8 @@ def measure(server: Server, prompt_tokens: list[int], n_decode: int) -> dict:
 
 
 def prompt_of(model: str, n: int) -> list[int]:
-    from engine.gguf_model import load_gguf
-    from engine.tokenizer import Tokenizer
+    from numllama.engine.gguf_model import load_gguf
+    from numllama.engine.tokenizer import Tokenizer
     tok = Tokenizer(load_gguf(model).vocab)
     ids = tok.encode("Once upon a time, in a small village by the sea, there lived a curious girl. " * 40)
     return ids[:n]
@@ -173,7 +173,7 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     sys.path.insert(0, REPO)
-    from engine.models import default_model_path
+    from numllama.engine.models import default_model_path
     models = args.model or [default_model_path(),
                             os.path.join(os.path.dirname(REPO), "shared", "models", "stories260K.gguf")]
     llama_bin = os.environ.get("LLAMA_SERVER_BIN") or build_llama_server()

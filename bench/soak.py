@@ -141,10 +141,10 @@ def main() -> int:
     a = ap.parse_args()
     model = a.model
     if not model:
-        from engine.models import default_model_path
+        from numllama.engine.models import default_model_path
         model = default_model_path()
     ours = [shutil.which("numllama-server") or sys.executable, *([] if shutil.which("numllama-server") else
-                                                                 ["-m", "webapp.server"])]
+                                                                 ["-m", "numllama.webapp.server"])]
     soak("numllama", ours + ["-m", model] + FLAGS, free_port(), a.minutes * 60, a.every)
     if a.llama_server:
         soak("llama-server", [a.llama_server, "-m", model] + FLAGS, free_port(), a.minutes * 60, a.every)

@@ -26,7 +26,7 @@ def stories_path() -> str:
 
 @pytest.fixture(scope="session")
 def smollm_path() -> str:
-    from engine.models import ModelNotFound, default_model_path
+    from numllama.engine.models import ModelNotFound, default_model_path
     try:
         return default_model_path()
     except ModelNotFound as e:
@@ -55,11 +55,11 @@ def server(stories_path):
 
 @pytest.fixture(scope="session")
 def stories(stories_path):
-    from engine.engine import Engine
+    from numllama.engine.engine import Engine
     return Engine.load(stories_path)
 
 
 @pytest.fixture(scope="session")
 def smollm(smollm_path):
-    from engine.engine import Engine
+    from numllama.engine.engine import Engine
     return Engine.load(smollm_path)

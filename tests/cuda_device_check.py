@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 
 
 def compare(path: str, n_decode: int) -> bool:
-    from engine.engine import Engine
-    from engine.model import Batch
+    from numllama.engine.engine import Engine
+    from numllama.engine.model import Batch
     e = Engine.load(path)
     ids = [1, 15, 27, 300, 42, 7, 99, 150]
 

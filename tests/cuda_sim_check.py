@@ -8,8 +8,8 @@ import kquant_cases
 from gguf import GGMLQuantizationType as GQ
 from gguf import quants as gq
 
-from engine.cuda_backend import CudaLayers, DeviceWeight, cuda_status
-from engine.quants import ACT_FORMAT, linear, pack_weight, round_bf16
+from numllama.engine.cuda_backend import CudaLayers, DeviceWeight, cuda_status
+from numllama.engine.quants import ACT_FORMAT, linear, pack_weight, round_bf16
 
 ok, why = cuda_status()   # the simulator in CI; a real device when run by tests/cuda_device_check.py
 assert ok, why
@@ -35,7 +35,7 @@ class GpuOnly(CudaLayers):
     def __init__(self):  # kernels only, no model
         from numba import cuda
 
-        from engine import cuda_kernels
+        from numllama.engine import cuda_kernels
         self.cuda, self.k, self.weights = cuda, cuda_kernels, {}
 
 
@@ -60,7 +60,7 @@ for name, n_rows, path in CASES:
     if not ok:
         sys.exit(1)
 
-from engine.ops import rms_norm  # noqa: E402
+from numllama.engine.ops import rms_norm  # noqa: E402
 x = rng.standard_normal((3, 64)).astype(np.float32)
 w = rng.standard_normal(64).astype(np.float32)
 cpu = np.empty_like(x)
@@ -71,8 +71,8 @@ if not ok:
     sys.exit(1)
 
 # stories260K: the first layer on the (simulated) GPU, the rest on the CPU
-from engine.engine import Engine  # noqa: E402
-from engine.model import Batch  # noqa: E402
+from numllama.engine.engine import Engine  # noqa: E402
+from numllama.engine.model import Batch  # noqa: E402
 
 e = Engine.load(sys.argv[1])
 ids = e.tokenizer.encode("Once upon a time")

@@ -2,7 +2,7 @@
 matmul outputs for each summation path."""
 import numpy as np
 
-from engine.quants import blocks, linear, pack_weight
+from numllama.engine.quants import blocks, linear, pack_weight
 
 SCALE_AT = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
             "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0]}

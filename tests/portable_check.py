@@ -6,5 +6,5 @@ import numpy as np
 
 from kquant_cases import CASES, outputs
 
-assert not __import__("engine.quants.simd", fromlist=["have_avx2"]).have_avx2()
+assert not __import__("numllama.engine.quants.simd", fromlist=["have_avx2"]).have_avx2()
 np.savez(sys.argv[1], **{f"{name}_{path}": outputs(name, path) for name, path in CASES})

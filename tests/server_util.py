@@ -30,7 +30,7 @@ class Server:
     def __init__(self, args: list[str], env: dict | None = None, model: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "webapp.server", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "numllama.webapp.server", "--port", str(self.port)]
         if "--host" not in args:
             cmd += ["--host", "127.0.0.1"]
         if model:

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from webapp.agent_tools import TOOLS, ToolError, glob_match, select_tools
+from numllama.webapp.agent_tools import TOOLS, ToolError, glob_match, select_tools
 
 T = {t.name: t for t in TOOLS}
 

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from engine.hparams import HParams
-from engine.kv_cache import KVCache
-from engine.ops import attention
+from numllama.engine.hparams import HParams
+from numllama.engine.kv_cache import KVCache
+from numllama.engine.ops import attention
 from twins import expf
 from twins import fma_twin as fma
 

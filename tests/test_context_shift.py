@@ -1,7 +1,7 @@
 """Context shift: old tokens dropped, later keys re-rotated to their new positions."""
 import numpy as np
 
-from engine.model import Batch
+from numllama.engine.model import Batch
 from server_util import TINYLLAMA2, Server
 
 

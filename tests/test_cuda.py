@@ -19,7 +19,7 @@ def test_cuda_kernels_equal_cpu_twins_in_simulator(stories_path):
 
 def test_gpu_request_without_gpu_falls_back_to_cpu(stories_path):
     """This machine has no GPU: the server says so and serves from the CPU."""
-    from engine.cuda_backend import cuda_status
+    from numllama.engine.cuda_backend import cuda_status
     ok, why = cuda_status()
     s = Server(TINYLLAMA2 + ["--n-gpu-layers", "99"], model=stories_path)
     try:

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from numba import njit
 
-from engine.float_ops import expf_array, expf_ggml, fma
-from engine.quants import pack_weight
-from engine.quants.kernels import matmul_float
+from numllama.engine.float_ops import expf_array, expf_ggml, fma
+from numllama.engine.quants import pack_weight
+from numllama.engine.quants.kernels import matmul_float
 from twins import expf, fma_twin, hsum8_twin
 
 
@@ -87,7 +87,7 @@ def test_float_kernel_orders_equal_numpy_twins():
 def test_float_tiles_equal_the_row_by_row_kernel(type_name, n_rows, n_cols):
     """The row-tiled float kernel (what linear uses) against matmul_float, checked above
     against its NumPy twin: bit-identical in both summation orders, tail in f32 and in double."""
-    from engine.quants import float_rows, linear, prepare
+    from numllama.engine.quants import float_rows, linear, prepare
     rng = np.random.default_rng(n_rows)
     w = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
     raw = {"F32": w, "F16": w.astype(np.float16),
@@ -108,7 +108,7 @@ def test_q32_lanes_equal_numpy_twin(type_name):
     block, lane = fma(d_w * d_x, sum, lane), result hsum8(lanes) + sum of fma(m_w, s_x)."""
     from gguf import GGMLQuantizationType as GQ
     from gguf import quants as gq
-    from engine.quants import blocks, matmul, prepare
+    from numllama.engine.quants import blocks, matmul, prepare
     rng = np.random.default_rng(3)
     n_rows, n_cols = 37, 128   # 37: rows are padded to the 32-row tile
     raw = gq.quantize(rng.standard_normal((n_rows, n_cols)).astype(np.float32), GQ[type_name])
@@ -140,8 +140,8 @@ def test_q4_0_repacked_order_equals_numpy_twin(simd):
     each block's integer sum, then one accumulator per row, acc = fma(float(sum), d_w * d_x, acc)."""
     from gguf import GGMLQuantizationType as GQ
     from gguf import quants as gq
-    from engine.quants import blocks, matmul, prepare, repacked_order
-    from engine.quants.simd import have_avx2
+    from numllama.engine.quants import blocks, matmul, prepare, repacked_order
+    from numllama.engine.quants.simd import have_avx2
     if simd and not have_avx2():
         pytest.skip("no AVX2 on this CPU")
     rng = np.random.default_rng(4)
@@ -176,7 +176,7 @@ def test_f16_encoding_rounding_and_widening_are_exact(impl):
     """The KV cache's f16 bits and attention's f16 rounding: encoding equals NumPy's float16 cast
     (ties to even, subnormals, overflow), rounding equals the cast and back, and widening gives
     back every one of the 65536 halves. Both the F16C versions and the bit-twiddling fallback."""
-    from engine import float_ops as F
+    from numllama.engine import float_ops as F
     suffix = "_soft" if impl == "soft" else ""
     to_bits, rounded, widen = (_elementwise(getattr(F, n + suffix)) for n in ("f16_bits_of", "round_f16", "f16_to_f32"))
     rng = np.random.default_rng(5)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from engine.grammar import Grammar, GrammarError, json_schema_to_grammar
+from numllama.engine.grammar import Grammar, GrammarError, json_schema_to_grammar
 
 
 def matches(grammar: Grammar, text: str) -> bool:

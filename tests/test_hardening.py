@@ -32,7 +32,7 @@ def quick(server, path="/health", **kw) -> tuple[int, float]:
 # ---------------------------------------------------------------------------------- 1. tools
 def test_tools_refuse_to_start_without_api_key(stories_path):
     for flags in (["--tools", "all"], ["--ui-mcp-proxy"], ["--agent"]):
-        p = subprocess.run([sys.executable, "-m", "webapp.server", "-m", stories_path, "--port",
+        p = subprocess.run([sys.executable, "-m", "numllama.webapp.server", "-m", stories_path, "--port",
                             str(free_port()), *flags], cwd=REPO, capture_output=True, text=True, timeout=60,
                            env={"PATH": "/usr/bin:/bin"})
         assert p.returncode != 0 and "--api-key" in p.stderr, (flags, p.stderr[-300:])
@@ -211,9 +211,9 @@ def test_a_failing_request_changes_no_other_token(server4):
 def test_scheduler_contains_a_sampling_failure(stories):
     """An exception while sampling one slot ends that task with an error; the other slots of
     the same batch go on with bit-identical tokens (greedy and seeded)."""
-    from engine.grammar import Grammar
-    from engine.sampling import SamplingParams
-    from engine.slots import ErrorEvent, FinalEvent, Scheduler, Task
+    from numllama.engine.grammar import Grammar
+    from numllama.engine.sampling import SamplingParams
+    from numllama.engine.slots import ErrorEvent, FinalEvent, Scheduler, Task
 
     class BreaksAfterFive(Grammar):
         calls = 0
@@ -252,7 +252,7 @@ def test_scheduler_contains_a_sampling_failure(stories):
 
 # ---------------------------------------------------------------------------------- 4. grammars
 def test_long_repetitions_match_in_constant_depth():
-    from engine.grammar import Grammar, json_schema_to_grammar
+    from numllama.engine.grammar import Grammar, json_schema_to_grammar
     g = Grammar("root ::= [a-z ,.]*")
     stacks = g.start
     for i in range(10_000):
@@ -437,7 +437,7 @@ def test_reserved_paths_have_threads_of_their_own():
     thread, blocked until the health check has been served)."""
     from types import SimpleNamespace
 
-    from webapp.serving import ReservedPathDispatcher
+    from numllama.webapp.serving import ReservedPathDispatcher
     d = ReservedPathDispatcher(1)
     served, release = [], threading.Event()
 

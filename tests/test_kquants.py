@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from engine.quants import blocks, linear, pack_weight, prepare, repacked_order
+from numllama.engine.quants import blocks, linear, pack_weight, prepare, repacked_order
 from kquant_cases import weights
 from twins import fma_twin as fma
 from twins import hsum8_twin as hsum8
@@ -124,7 +124,7 @@ def test_avx2_and_portable_kernels_agree(tmp_path):
     import os
     import subprocess
     import sys
-    from engine.quants.simd import have_avx2
+    from numllama.engine.quants.simd import have_avx2
     from kquant_cases import CASES, outputs
     if not have_avx2():
         pytest.skip("no AVX2 here: the portable kernels are the only ones")

@@ -1,8 +1,8 @@
 """The KV cache: memory taken as cells are written, and the position-major view of its cells."""
 import numpy as np
 
-from engine.hparams import HParams
-from engine.kv_cache import KVCache
+from numllama.engine.hparams import HParams
+from numllama.engine.kv_cache import KVCache
 
 # SmolLM2-135M's shapes: 30 layers, 3 kv heads of 64
 HP = HParams("llama", 49152, 8192, 576, 30, 9, 3, 1536, 64, 64, 100000.0, 1.0, 1e-5)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from engine.model import Batch
+from numllama.engine.model import Batch
 
 
 def greedy(engine, prompt_ids, n):

@@ -1,7 +1,7 @@
 """The host-RAM prompt cache (--cache-ram)."""
 import numpy as np
 
-from engine.prompt_cache import PromptCache
+from numllama.engine.prompt_cache import PromptCache
 from server_util import TINYLLAMA2, Server
 
 

@@ -4,7 +4,7 @@ import pytest
 from gguf import GGMLQuantizationType as GQ
 from gguf import quants as gq
 
-from engine.quants import ACT_FORMAT, blocks, linear, pack_weight, prepare, round_bf16
+from numllama.engine.quants import ACT_FORMAT, blocks, linear, pack_weight, prepare, round_bf16
 
 K_TYPES = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 
@@ -95,7 +95,7 @@ def test_batch_invariance(name):
 def test_avx2_kernels_equal_portable_twins(name, n_rows, n_cols, n_tokens):
     """simd.py's hand-written vpmaddubsw loops give the portable kernels' results bit for bit
     (each reads its own layout of the same GGUF bytes)."""
-    from engine.quants.simd import have_avx2
+    from numllama.engine.quants.simd import have_avx2
     if not have_avx2():
         pytest.skip("this CPU has no AVX2: the portable kernels are the only ones used")
     rng = np.random.default_rng(n_rows + n_cols)
@@ -117,7 +117,7 @@ def test_avx2_kernels_equal_portable_twins(name, n_rows, n_cols, n_tokens):
 def test_large_matrices_pack_in_chunks_to_the_same_arrays(name, monkeypatch):
     """An output projection is packed a few thousand rows at a time (to keep load memory
     low); the arrays equal those packed in one piece, whatever the last chunk's size."""
-    import engine.quants as Q
+    import numllama.engine.quants as Q
     rng = np.random.default_rng(9)
     raw, _ = _quantized(name, rng, 97, 256)
     whole = pack_weight(name, raw, 97, 256)

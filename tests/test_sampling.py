@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from engine.model import Batch
-from engine.mt19937 import MT19937
-from engine.sampling import Sampler, SamplingParams, parse_samplers
+from numllama.engine.model import Batch
+from numllama.engine.mt19937 import MT19937
+from numllama.engine.sampling import Sampler, SamplingParams, parse_samplers
 
 
 def test_mt19937_reference_value():

@@ -125,7 +125,7 @@ def test_hf_repo_from_llama_cache(tmp_path, stories_path):
 
 
 def _run_server(args, env=None):
-    return subprocess.run([sys.executable, "-m", "webapp.server"] + args, cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "numllama.webapp.server"] + args, cwd=REPO, capture_output=True,
                           text=True, timeout=60, env={**os.environ, **(env or {})})
 
 
@@ -140,7 +140,7 @@ def test_unknown_flag_is_an_error():
 
 
 def test_loading_answers_503():
-    from webapp.app import create_app
+    from numllama.webapp.app import create_app
     client = create_app(None).test_client()
     r = client.get("/health")
     assert r.status_code == 503
@@ -241,6 +241,6 @@ def test_request_body_limit(stories_path):
 
 def test_progress_bar_on_a_terminal(stories_path):
     """numllama generate shows no bar in a pipe; the engine's bar path itself works."""
-    from engine.engine import Engine
+    from numllama.engine.engine import Engine
     e = Engine.load(stories_path, progress=True)
     assert e.tokenizer.n_vocab == 512

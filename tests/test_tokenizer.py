@@ -1,6 +1,6 @@
 import pytest
 
-from engine.tokenizer import utf8_complete_prefix
+from numllama.engine.tokenizer import utf8_complete_prefix
 
 
 @pytest.mark.parametrize("which", ["stories", "smollm"])

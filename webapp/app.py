@@ -80,7 +80,7 @@ def allowed_origin(origin: str, policy: str) -> bool:
 def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 << 20) -> Flask:
     """Build the app. Until `app.config["NUMLLAMA"]` holds a ServerContext, every route answers
     503 "Loading model" (so clients can poll /health while the model loads)."""
-    app = Flask("numllama")
+    app = Flask(__name__)
     app.config["NUMLLAMA"] = context
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes   # larger bodies: 413 in the JSON shape
 
@@ -138,7 +138,7 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
 
     @app.errorhandler(Exception)
     def unexpected(e: Exception):
-        app.logger.exception("unexpected error")
+        log.exception("unexpected error")
         return error_response(APIError(f"{type(e).__name__}: {e}", 500))
 
     return app

@@ -8,7 +8,7 @@ import time
 
 from flask import Blueprint, Response, current_app
 
-from engine.slots import ErrorEvent, FinalEvent, ProgressEvent, QueueFull, Task, TokenEvent
+from ..engine.slots import ErrorEvent, FinalEvent, ProgressEvent, QueueFull, Task, TokenEvent
 
 from .errors import APIError, json_response
 from .http import disconnect_probe, request_json, sse

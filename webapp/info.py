@@ -6,9 +6,9 @@ import time
 
 from flask import Blueprint, current_app, request
 
-from engine.slots import SlotBusy
+from ..engine.slots import SlotBusy
 
-from engine.sampling import SamplingParams
+from ..engine.sampling import SamplingParams
 
 from .errors import APIError, json_response
 from .http import request_json, require_flag

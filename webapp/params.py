@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from engine.sampling import DEFAULT_SAMPLERS, RANDOM_SEED, SamplingParams, parse_samplers
+from ..engine.sampling import DEFAULT_SAMPLERS, RANDOM_SEED, SamplingParams, parse_samplers
 
 from .errors import APIError
 
@@ -217,7 +217,7 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
 
 def parse_grammar(body: dict):
     """`grammar` (GBNF), `json_schema`, or OpenAI's `response_format` -> a Grammar (or None)."""
-    from engine.grammar import Grammar, GrammarError, json_schema_to_grammar
+    from ..engine.grammar import Grammar, GrammarError, json_schema_to_grammar
     text = None
     try:
         if body.get("grammar") is not None:

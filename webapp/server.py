@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
 
-    from engine.models import ModelNotFound, default_model_path, resolve_hf
+    from ..engine.models import ModelNotFound, default_model_path, resolve_hf
     try:
         if args.model:
             path = args.model
@@ -148,8 +148,8 @@ def main(argv=None) -> int:
 
 
 def build_context(args, path: str):
-    from engine.engine import Engine
-    from engine.slots import Scheduler
+    from ..engine.engine import Engine
+    from ..engine.slots import Scheduler
     from .app import ServerContext
     from .params import ServerDefaults
 
@@ -158,7 +158,7 @@ def build_context(args, path: str):
     n_gpu = args.n_gpu_layers if args.n_gpu_layers > 0 else (10 ** 6 if args.device == "cuda" else 0)
     device = "cpu"
     if n_gpu > 0 and args.device != "cpu":
-        from engine.cuda_backend import CudaUnavailable
+        from ..engine.cuda_backend import CudaUnavailable
         try:
             device = engine.model.use_gpu(n_gpu)
             engine.warm_up()
@@ -175,7 +175,7 @@ def build_context(args, path: str):
                           n_predict_default=args.n_predict, context_shift=args.context_shift,
                           cache_ram_mib=args.cache_ram, cache_idle_slots=args.cache_idle_slots,
                           kv_unified=kv_unified)
-    from engine.chat import ChatTemplate
+    from ..engine.chat import ChatTemplate
     template = args.chat_template
     if args.chat_template_file:
         with open(args.chat_template_file, encoding="utf-8") as f:
