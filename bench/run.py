@@ -173,7 +173,7 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     sys.path.insert(0, REPO)
-    from numllama.engine.models import default_model_path
+    from numllama.engine.model_files import default_model_path
     models = args.model or [default_model_path(),
                             os.path.join(os.path.dirname(REPO), "shared", "models", "stories260K.gguf")]
     llama_bin = os.environ.get("LLAMA_SERVER_BIN") or build_llama_server()

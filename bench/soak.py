@@ -152,7 +152,7 @@ def main() -> int:
     a = ap.parse_args()
     model = a.model
     if not model:
-        from numllama.engine.models import default_model_path
+        from numllama.engine.model_files import default_model_path
         model = default_model_path()
     ours = [shutil.which("numllama-server") or sys.executable, *([] if shutil.which("numllama-server") else
                                                                  ["-m", "numllama.webapp.server"])]

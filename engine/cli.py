@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .engine import Engine, ModelLoadError
-    from .models import ModelNotFound, default_model_path
+    from .model_files import ModelNotFound, default_model_path
     try:
         path = args.model or default_model_path()
         engine = Engine.load(path, n_threads=args.threads)

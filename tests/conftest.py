@@ -26,7 +26,7 @@ def stories_path() -> str:
 
 @pytest.fixture(scope="session")
 def smollm_path() -> str:
-    from numllama.engine.models import ModelNotFound, default_model_path
+    from numllama.engine.model_files import ModelNotFound, default_model_path
     try:
         return default_model_path()
     except ModelNotFound as e:

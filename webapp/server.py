@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
 
-    from ..engine.models import ModelNotFound, default_model_path, resolve_hf
+    from ..engine.model_files import ModelNotFound, default_model_path, resolve_hf
     try:
         if args.model:
             path = args.model
