@@ -22,7 +22,7 @@ SHAPES = {   # name: (n_embd, n_layer, n_head, n_head_kv, n_ff)
 def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_head_kv: int, n_ff: int,
           qtype: str = "Q4_0", seed: int = 0, n_ctx: int = 4096) -> str:
     """A random-weight model; matrices in `qtype`, norms in F32, embeddings in Q8_0."""
-    from numllama.engine.gguf_model import load_gguf
+    from numllama.engine.gguf_file import load_gguf
     vocab = load_gguf(vocab_from).vocab
     rng = np.random.default_rng(seed)
     head_dim = n_embd // n_head

@@ -130,7 +130,7 @@ def measure(server: Server, prompt_tokens: list[int], n_decode: int) -> dict:
 
 
 def prompt_of(model: str, n: int) -> list[int]:
-    from numllama.engine.gguf_model import load_gguf
+    from numllama.engine.gguf_file import load_gguf
     from numllama.engine.tokenizer import Tokenizer
     tok = Tokenizer(load_gguf(model).vocab)
     ids = tok.encode("Once upon a time, in a small village by the sea, there lived a curious girl. " * 40)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gguf_model import GGUFModel, ModelLoadError, load_gguf  # noqa: F401 (re-exported)
+from .gguf_file import GGUFModel, ModelLoadError, load_gguf  # noqa: F401 (re-exported)
 from .model import Batch, LlamaModel
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer, utf8_complete_prefix

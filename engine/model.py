@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gguf_model import GGUFModel, ModelLoadError
+from .gguf_file import GGUFModel, ModelLoadError
 from .hparams import HParams
 from .kv_cache import KVCache
 from .ops import attention, rms_norm, rope, swiglu

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import regex
 
-from .gguf_model import VocabData
+from .gguf_file import VocabData
 
 # token types stored in tokenizer.ggml.token_type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 
-from numllama.engine.gguf_model import ModelLoadError, load_gguf
+from numllama.engine.gguf_file import ModelLoadError, load_gguf
 
 
 def test_stories_hparams(stories_path):
