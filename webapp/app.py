@@ -28,7 +28,7 @@ class ServerContext:
     enable_slots: bool = True
     enable_metrics: bool = False
     api_key: str | None = None
-    chat_template: object = None   # engine.chat.ChatTemplate
+    chat_template: object = None   # engine.chat_template.ChatTemplate
     verbose: bool = False
     cors_origins: str = "*"        # "*", "localhost", or a comma-separated list of origins
     ui: bool = True

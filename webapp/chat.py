@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app
 
-from ..engine.chat import ChatTemplateError
+from ..engine.chat_template import ChatTemplateError
 from ..engine.slots import ErrorEvent, ProgressEvent, TokenEvent
 
 from .completions import Completion, DisconnectWatch, collect_finals, wait_event

@@ -175,7 +175,7 @@ def build_context(args, path: str):
                           n_predict_default=args.n_predict, context_shift=args.context_shift,
                           cache_ram_mib=args.cache_ram, cache_idle_slots=args.cache_idle_slots,
                           kv_unified=kv_unified)
-    from ..engine.chat import ChatTemplate
+    from ..engine.chat_template import ChatTemplate
     template = args.chat_template
     if args.chat_template_file:
         with open(args.chat_template_file, encoding="utf-8") as f:
