@@ -84,8 +84,8 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
     app.config["NUMLLAMA"] = context
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes   # larger bodies: 413 in the JSON shape
 
-    from . import chat, completions, cors_proxy, info, metrics, tokens, tools, ui
-    for module in (info, completions, chat, tokens, metrics, ui, tools, cors_proxy):
+    from . import chat_completions, completions, cors_proxy, info, metrics, tokens, tools, ui
+    for module in (info, completions, chat_completions, tokens, metrics, ui, tools, cors_proxy):
         app.register_blueprint(module.bp)
 
     @app.before_request
