@@ -7,6 +7,7 @@ serve for exactness and speed comparisons. The vocabulary is stories260K's (512 
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--ffn", type=int, default=1536)
     ap.add_argument("--type", default="Q4_0")
-    ap.add_argument("--vocab-from", default="../shared/models/stories260K.gguf")
+    ap.add_argument("--vocab-from", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "stories260K.gguf"))
     a = ap.parse_args()
     embd, layers, heads, kv, ffn = SHAPES[a.shape] if a.shape else (a.embd, 30, a.heads, a.kv_heads, a.ffn)
     write(a.out, a.vocab_from, embd, a.layers or layers, heads, kv, ffn, a.type)

@@ -5,12 +5,11 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("NUMLLAMA_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
+STORIES = os.path.join(REPO, "tests", "data", "stories260K.gguf")   # vendored with the tests
 
 
 @pytest.fixture(autouse=True)
 def _doc_names(doctest_namespace):
-    path = os.path.join(SHARED, "models", "stories260K.gguf")
-    if not os.path.exists(path):
-        pytest.fail(f"docs need stories260K: looked for {path}")
-    doctest_namespace["STORIES"] = path
+    if not os.path.exists(STORIES):
+        pytest.fail(f"docs need stories260K: looked for {STORIES}")
+    doctest_namespace["STORIES"] = STORIES

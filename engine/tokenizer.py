@@ -11,7 +11,7 @@ Two algorithms, chosen by `tokenizer.ggml.model`:
   lowest *merge rank* is merged, again and again.
 
 Both first cut out special tokens ("<s>", "<|im_start|>", ...) so they are never split.
-The results equal llama.cpp's tokenizer on the golden data in ../shared/golden.
+The results equal llama.cpp's tokenizer on the golden data in tests/data.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: the models and golden data the tests need, found where a clean checkout
-has them (../shared beside the repository, or $NUMLLAMA_SHARED)."""
+"""Shared fixtures: the models and golden data the tests need. They are vendored in tests/data
+(see its README), so a fresh clone needs nothing beside it."""
 from __future__ import annotations
 
 import json
@@ -8,20 +8,19 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("NUMLLAMA_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
+DATA = os.path.join(REPO, "tests", "data")
 
 
-def shared_path(*parts: str) -> str:
-    path = os.path.join(SHARED, *parts)
+def data_path(name: str) -> str:
+    path = os.path.join(DATA, name)
     if not os.path.exists(path):
-        pytest.fail(f"test data not found: looked for {path} (set NUMLLAMA_SHARED to the folder "
-                    f"holding models/ and golden/)")
+        pytest.fail(f"test data not found: {path}")
     return path
 
 
 @pytest.fixture(scope="session")
 def stories_path() -> str:
-    return shared_path("models", "stories260K.gguf")
+    return data_path("stories260K.gguf")
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +34,12 @@ def smollm_path() -> str:
 
 @pytest.fixture(scope="session")
 def stories_golden() -> dict:
-    return json.load(open(shared_path("golden", "stories260K.json")))
+    return json.load(open(data_path("stories260K.json")))
 
 
 @pytest.fixture(scope="session")
 def smollm_golden() -> dict:
-    return json.load(open(shared_path("golden", "SmolLM2-135M-Instruct.Q4_1.json")))
+    return json.load(open(data_path("SmolLM2-135M-Instruct.Q4_1.json")))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import tarfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-SHARED = os.environ.get("NUMLLAMA_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
 SDIST = "llama-cpp-python==0.3.36"
 WORK = os.environ.get("NUMLLAMA_CONFORMANCE_DIR", os.path.join(REPO, ".tox", "conformance-work"))
 
@@ -59,7 +58,7 @@ def fetch_tests() -> str:
 
 
 def seed_cache(tests: str) -> str:
-    model = os.path.join(SHARED, "models", "stories260K.gguf")
+    model = os.path.join(REPO, "tests", "data", "stories260K.gguf")
     if not os.path.isfile(model):
         sys.exit(f"stories260K not found: looked for {model}")
     cache = os.path.join(tests, "tmp")
