@@ -274,15 +274,13 @@ class Sampler:
         return self._sample(self._grammar_masked(np.asarray(logits, np.float32) + self.bias))
 
     def _grammar_masked(self, biased: np.ndarray) -> np.ndarray:
-        """-inf for every token the grammar forbids now. When top_k comes first (penalties off),
-        only the k best allowed tokens can matter: the scan stops there, with the same result."""
-        prm = self.params
+        """-inf for every token the grammar forbids now (llama.cpp masks the whole vocabulary).
+        Where only the k best allowed tokens can matter, the scan stops there: same result."""
         masked = biased.copy()
-        early = (prm.top_k > 0 and prm.samplers[:prm.samplers.index("top_k") + 1 if "top_k" in prm.samplers else 0]
-                 and prm.repeat_penalty == 1.0 and prm.frequency_penalty == 0.0 and prm.presence_penalty == 0.0)
+        stop_at = self.params.top_k if self._top_k_decides() else None
         found = 0
         for tid in np.argsort(-biased, kind="stable"):
-            if early and found >= prm.top_k:
+            if stop_at is not None and found >= stop_at:
                 break
             if np.isneginf(masked[tid]):
                 continue
@@ -291,6 +289,23 @@ class Sampler:
             else:
                 masked[tid] = -np.inf
         return masked
+
+    def _top_k_decides(self) -> bool:
+        """True when the candidates that reach top_k are the biased logits as they are: every
+        sampler before it is a no-op with these parameters. (Penalties change the order; top_n_sigma
+        looks at the mean and spread of every logit, which masking changes.)"""
+        prm = self.params
+        if prm.top_k <= 0 or "top_k" not in prm.samplers:
+            return False
+        for name in prm.samplers[:prm.samplers.index("top_k")]:
+            if name == "penalties" and (prm.repeat_penalty != 1.0 or prm.frequency_penalty != 0.0
+                                        or prm.presence_penalty != 0.0):
+                return False
+            if name == "top_n_sigma" and prm.top_n_sigma > 0:
+                return False
+            if name not in ("penalties", "dry", "top_n_sigma"):   # dry: a no-op at multiplier 0
+                return False
+        return True
 
     def _sample(self, biased: np.ndarray) -> int:
         prm = self.params

@@ -86,3 +86,31 @@ def test_repeat_penalty_lowers_seen_token():
 def test_parse_samplers():
     assert parse_samplers(["top_k", "nucleus", "temp"]) == ("top_k", "top_p", "temperature")
     assert parse_samplers("kpt") == ("top_k", "top_p", "temperature")
+
+
+def full_mask(sampler: Sampler, biased: np.ndarray) -> np.ndarray:
+    """What llama.cpp does with a grammar: -inf for every forbidden token of the vocabulary."""
+    return np.array([l if sampler.grammar.allows(t) else -np.inf for t, l in enumerate(biased)], np.float32)
+
+
+@pytest.mark.parametrize("top_n_sigma", [1.0, -1.0])
+def test_grammar_early_stop_equals_full_masking(stories, top_n_sigma):
+    """The grammar's scan may stop after top_k allowed tokens only where that cannot change the
+    result: with top_n_sigma on before top_k (it looks at every logit) the whole vocabulary is
+    masked, as llama.cpp does; with it off the shortcut is taken and gives the same candidates."""
+    from numllama.engine.grammar import Grammar
+    tok = stories.tokenizer
+    params = SamplingParams(temperature=0.8, top_k=40, top_n_sigma=top_n_sigma, seed=3,
+                            grammar=Grammar("root ::= [a-m ]+"))
+
+    def sampler():
+        return Sampler(params, tok.n_vocab, token_text=tok.token_text, eog_ids=tok.eog_ids)
+
+    fast, full = sampler(), sampler()
+    assert fast._top_k_decides() == (top_n_sigma <= 0)
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        biased = (rng.standard_normal(tok.n_vocab) * 3).astype(np.float32)
+        assert fast._sample(fast._grammar_masked(biased)) == full._sample(full_mask(full, biased))
+        a, b = fast.last_candidates, full.last_candidates
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.p, b.p)
