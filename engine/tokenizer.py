@@ -304,13 +304,16 @@ class Tokenizer:
 
 
 def utf8_complete_prefix(buf: bytes) -> int:
-    """Length of the longest prefix of `buf` that does not end inside a UTF-8 character,
-    so streamed text never carries half a character."""
+    """Length of the longest prefix of `buf` that does not end inside a UTF-8 character, so
+    streamed text never carries half a character. This is llama-server's `validate_utf8` step
+    for step, so that streamed chunks break where its chunks break: a lead byte among the last
+    four holds back the bytes from it on if the character it starts is longer than they are,
+    even when what follows is not a continuation byte (invalid UTF-8, which a byte-fallback
+    model can produce). codecs' incremental decoder would emit such bytes at once."""
     n = len(buf)
     for back in range(1, min(4, n) + 1):
         c = buf[n - back]
-        if c & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
-            continue
-        need = 1 if c < 0x80 else 2 if c >> 5 == 0x6 else 3 if c >> 4 == 0xE else 4 if c >> 3 == 0x1E else 1
-        return n if need <= back else n - back
+        need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4 if c & 0xF8 == 0xF0 else 0
+        if back < need:
+            return n - back
     return n

@@ -41,3 +41,11 @@ def test_utf8_complete_prefix_never_splits(text):
         n = utf8_complete_prefix(data[:cut])
         data[:n].decode("utf-8")  # must not raise
         assert n >= cut - 3
+
+
+@pytest.mark.parametrize("data, n", [(b"\xe6a", 0), (b"x\xf0ab", 1), (b"\xf0abc", 4), (b"\xc3a", 2),
+                                     (b"a\xff", 2), (b"\xe6\x97\xa5", 3)])
+def test_utf8_complete_prefix_holds_as_llama_server(data, n):
+    """llama-server's validate_utf8 holds back from a lead byte among the last four whose
+    character would be longer, even when invalid bytes follow it; the stream breaks there too."""
+    assert utf8_complete_prefix(data) == n
