@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -112,22 +113,39 @@ class FinalEvent:
 
 @dataclass
 class ErrorEvent:
+    """The request failed inside the engine (a failed batch step, a failed draw) and has ended;
+    the others go on. How to tell the client (an HTTP status) is the webapp's business."""
     message: str
-    type: str = "server_error"
-    code: int = 500
 
 
+@dataclass(eq=False)
 class Slot:
-    def __init__(self, slot_id: int, n_ctx: int):
-        self.id = slot_id
-        self.n_ctx = n_ctx
-        self.cache_tokens: list[int] = []   # tokens whose K/V are in this slot's cache row
-        self.task: Task | None = None
-        self.last_used = 0.0
-        self.last_task_id: int | None = None
-        self.last_prompt: list[int] = []
-        self.last_generated = ""
-        self.params: SamplingParams | None = None
+    """One sequence of the KV cache and the request it serves. Between requests it keeps its
+    cached tokens (a later prompt may share their prefix) and what /slots tells of its last task."""
+    id: int
+    n_ctx: int
+    cache_tokens: list[int] = field(default_factory=list)   # tokens whose K/V are in this slot's row
+    last_used: float = 0.0
+    last_task_id: int | None = None
+    last_prompt: list[int] = field(default_factory=list)
+    last_generated: str = ""
+    params: SamplingParams | None = None
+    # the request being served; `start` sets all of these
+    task: Task | None = None
+    sampler: Sampler | None = None
+    n_cached: int = 0                    # prompt tokens reused from cache_tokens
+    to_eval: list[int] = field(default_factory=list)   # prompt tokens not yet evaluated
+    prompt_pass: bool = False            # see Batch.prompt_pass
+    generated: list[int] = field(default_factory=list)
+    pending_bytes: bytes = b""           # the start of a character whose other bytes are to come
+    text: str = ""                       # generated text so far
+    n_sent: int = 0                      # characters of text already sent
+    probs: list = field(default_factory=list)
+    next_token: int | None = None        # sampled, to be evaluated in the next batch
+    t_start: float = 0.0
+    t_prompt_done: float | None = None
+    has_new_line: bool = False
+    truncated: bool = False              # a context shift dropped tokens
 
     @property
     def busy(self) -> bool:
@@ -154,18 +172,81 @@ class Slot:
                                token_text=engine.tokenizer.token_text, eog_ids=engine.tokenizer.eog_ids)
         if task.ignore_eos:
             self.sampler.bias[list(engine.tokenizer.eog_ids)] = -np.inf
-        self.generated: list[int] = []
+        self.generated = []
         self.pending_bytes = b""
         self.text = ""
         self.n_sent = 0
-        self.probs: list = []
-        self.next_token: int | None = None
+        self.probs = []
+        self.next_token = None
         self.t_start = time.perf_counter()
         self.t_prompt_done = None
         self.last_prompt = list(prompt)
         self.last_task_id = task.id
         self.has_new_line = False
         self.truncated = False
+
+    def view(self) -> "SlotView":
+        busy = self.busy
+        return SlotView(self.id, self.n_ctx, busy, self.last_task_id, tuple(self.last_prompt),
+                        self.n_cached, self.params, busy and self.has_new_line,
+                        len(self.generated) if busy else 0, self.last_generated)
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What the HTTP side may see of a slot (/slots), copied at one moment."""
+    id: int
+    n_ctx: int
+    busy: bool
+    last_task_id: int | None
+    last_prompt: tuple
+    n_cached: int
+    params: SamplingParams | None
+    has_new_line: bool
+    n_decoded: int             # of the running task (an idle slot carries none of its last)
+    last_generated: str
+
+
+@dataclass
+class SchedulerMetrics:
+    """llama-server's counters (/metrics), kept by the worker."""
+    n_decode_total: int = 0
+    n_busy_slots_total: int = 0
+    n_tokens_max: int = 0
+    prompt_tokens_total: int = 0
+    prompt_tokens_cached_total: int = 0
+    tokens_predicted_total: int = 0
+    prompt_seconds_total: float = 0.0
+    tokens_predicted_seconds_total: float = 0.0
+
+
+@dataclass(frozen=True)
+class SchedulerView:
+    """A read-only copy of the scheduler's state for the HTTP side (/slots, /metrics)."""
+    slots: tuple
+    n_waiting: int
+    metrics: SchedulerMetrics
+    prompt_cache_bytes: int
+    prompt_cache_states: int
+    prompt_cache_hits: int
+
+    @property
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots)
+
+    def view(self) -> SchedulerView:
+        """A consistent copy of what the HTTP side may show (taken under the lock, so no task
+        starts or is queued meanwhile)."""
+        with self.lock:
+            cache = self.prompt_cache
+            return SchedulerView(
+                slots=tuple(s.view() for s in self.slots),
+                n_waiting=sum(not t.cancelled.is_set() for t in self.waiting),
+                metrics=dataclasses.replace(self.metrics),
+                prompt_cache_bytes=cache.n_bytes if cache else 0,
+                prompt_cache_states=len(cache.entries) if cache else 0,
+                prompt_cache_hits=cache.hits if cache else 0)
 
 
 class Scheduler:
@@ -198,10 +279,7 @@ class Scheduler:
         self.waiting: list[Task] = []
         self.lock = threading.Condition()
         self._next_id = 0
-        self.metrics = {"n_decode_total": 0, "prompt_tokens_total": 0, "prompt_tokens_cached_total": 0,
-                        "tokens_predicted_total": 0,
-                        "prompt_seconds_total": 0.0, "tokens_predicted_seconds_total": 0.0,
-                        "n_busy_slots_total": 0, "n_tokens_max": 0}
+        self.metrics = SchedulerMetrics()
         self._thread = threading.Thread(target=self._run, name="numllama-batcher", daemon=True)
         self._thread.start()
 
@@ -235,8 +313,22 @@ class Scheduler:
         with self.lock:
             self.lock.notify_all()
 
-    def n_busy(self) -> int:
-        return sum(s.busy for s in self.slots)
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots)
+
+    def view(self) -> SchedulerView:
+        """A consistent copy of what the HTTP side may show (taken under the lock, so no task
+        starts or is queued meanwhile)."""
+        with self.lock:
+            cache = self.prompt_cache
+            return SchedulerView(
+                slots=tuple(s.view() for s in self.slots),
+                n_waiting=sum(not t.cancelled.is_set() for t in self.waiting),
+                metrics=dataclasses.replace(self.metrics),
+                prompt_cache_bytes=cache.n_bytes if cache else 0,
+                prompt_cache_states=len(cache.entries) if cache else 0,
+                prompt_cache_hits=cache.hits if cache else 0)
 
     # ---------------------------------------------------------------- slot state files
     def _idle_slot(self, slot_id: int) -> Slot:
@@ -396,9 +488,10 @@ class Scheduler:
         batch = Batch(np.array(tokens, np.int32), np.array(positions, np.int32),
                       np.array(seq_ids, np.int32), np.array(want, bool), np.array(prompt_pass, bool))
         logits = self.engine.model.forward(batch, self.cache)
-        self.metrics["n_decode_total"] += 1
-        self.metrics["n_busy_slots_total"] += len(active)
-        self.metrics["n_tokens_max"] = max(self.metrics["n_tokens_max"], len(tokens))
+        m = self.metrics
+        m.n_decode_total += 1
+        m.n_busy_slots_total += len(active)
+        m.n_tokens_max = max(m.n_tokens_max, len(tokens))
         row = 0
         for s, chunk, has_logits in owners:
             s.cache_tokens += chunk
@@ -421,59 +514,76 @@ class Scheduler:
                 row += 1
 
     def _sample(self, s: Slot, logits: np.ndarray) -> None:
+        """A slot's next token: draw it, extend the text, decide whether the request stops, send
+        what may be sent, and finish the request if it stopped."""
         task = s.task
-        tok = self.engine.tokenizer
         token = s.sampler.sample(logits)
         s.sampler.accept(token)
         s.generated.append(token)
         probs = self._probs(s, logits, token) if task.n_probs > 0 else None
-        is_eog = token in tok.eog_ids and not task.ignore_eos
-        stop_type, stopping_word = None, ""
-        if is_eog:
+        if probs is not None:
+            s.probs.append(probs)
+        stop_type, stopping_word, truncated, send_upto = None, "", False, len(s.text)
+        if token in self.engine.tokenizer.eog_ids and not task.ignore_eos:
             stop_type = "eos"
         else:
-            s.pending_bytes += tok.token_bytes(token, special=False)
-            n = utf8_complete_prefix(s.pending_bytes)
-            s.text += s.pending_bytes[:n].decode("utf-8", "replace")
-            s.pending_bytes = s.pending_bytes[n:]
-            if "\n" in s.text:
-                s.has_new_line = True
-        # stop strings: a full match ends generation; a partial match at the end is held back
-        send_upto = len(s.text)
-        if task.stop and not is_eog:
-            hit = self._find_stop(s.text, task.stop, s.n_sent)
-            if hit is not None:
-                pos, word = hit
-                s.text = s.text[:pos]
-                send_upto = pos
-                stop_type, stopping_word = "word", word
-            else:
-                send_upto = len(s.text) - self._partial_stop(s.text, task.stop)
-        n_decoded = len(s.generated)
-        truncated = False
+            self._append_text(s, token)
+            stop_type, stopping_word, send_upto = self._match_stop(s)
         if stop_type is None:
-            n_predict = task.n_predict
-            if n_predict is not None and n_predict >= 0 and n_decoded >= max(n_predict, 1):
-                stop_type = "limit"
-            elif len(s.cache_tokens) + 1 >= s.n_ctx:
-                if self.context_shift and self._shift(s):
-                    s.truncated = True
-                else:
-                    stop_type, truncated = "limit", True
-            elif (task.t_max_predict_ms > 0 and s.has_new_line and
-                  (time.perf_counter() - s.t_start) * 1000 > task.t_max_predict_ms):
-                stop_type = "limit"
-        truncated = truncated or s.truncated
-        if stop_type is not None and stop_type != "word":
+            stop_type, truncated = self._limit(s)
+        if stop_type not in (None, "word"):   # it ends here: no stop string can complete now
             send_upto = len(s.text)
         piece = s.text[s.n_sent:send_upto] if send_upto > s.n_sent else ""
         s.n_sent = max(s.n_sent, send_upto)
-        if probs is not None:
-            s.probs.append(probs)
-        task.events.put(TokenEvent(token, piece, probs, n_decoded, len(task.prompt_tokens)))
+        task.events.put(TokenEvent(token, piece, probs, len(s.generated), len(task.prompt_tokens)))
         if stop_type is None:
             s.next_token = token
-            return
+        else:
+            self._finish(s, stop_type, stopping_word, truncated or s.truncated)
+
+    def _append_text(self, s: Slot, token: int) -> None:
+        """Add a token's bytes to the text, holding back a character's first bytes until the
+        rest of it has come."""
+        s.pending_bytes += self.engine.tokenizer.token_bytes(token, special=False)
+        n = utf8_complete_prefix(s.pending_bytes)
+        s.text += s.pending_bytes[:n].decode("utf-8", "replace")
+        s.pending_bytes = s.pending_bytes[n:]
+        if "\n" in s.text:
+            s.has_new_line = True
+
+    def _match_stop(self, s: Slot) -> tuple[str | None, str, int]:
+        """Stop strings: a full match ends the request there ("word", the word, where the text
+        now ends); a partial match at the end of the text is held back. Returns (stop type or
+        None, stopping word, how far the text may be sent)."""
+        stops = s.task.stop
+        if not stops:
+            return None, "", len(s.text)
+        hit = self._find_stop(s.text, stops, s.n_sent)
+        if hit is None:
+            return None, "", len(s.text) - self._partial_stop(s.text, stops)
+        pos, word = hit
+        s.text = s.text[:pos]
+        return "word", word, pos
+
+    def _limit(self, s: Slot) -> tuple[str | None, bool]:
+        """The request's limits: n_predict, the slot's context (unless a context shift makes
+        room), t_max_predict_ms. Returns ("limit" or None, whether the context cut it short)."""
+        task = s.task
+        if task.n_predict is not None and task.n_predict >= 0 and len(s.generated) >= max(task.n_predict, 1):
+            return "limit", False
+        if len(s.cache_tokens) + 1 >= s.n_ctx:
+            if self.context_shift and self._shift(s):
+                s.truncated = True
+                return None, False
+            return "limit", True
+        if (task.t_max_predict_ms > 0 and s.has_new_line and
+                (time.perf_counter() - s.t_start) * 1000 > task.t_max_predict_ms):
+            return "limit", False
+        return None, False
+
+    def _finish(self, s: Slot, stop_type: str, stopping_word: str, truncated: bool) -> None:
+        """Count the request in the metrics, send its FinalEvent and free the slot."""
+        task, tok = s.task, self.engine.tokenizer
         now = time.perf_counter()
         content = s.text
         probs_out = s.probs
@@ -486,15 +596,17 @@ class Scheduler:
                 kept.append(p)
             probs_out = kept
         s.last_generated = content
-        self.metrics["prompt_tokens_total"] += len(task.prompt_tokens) - s.n_cached
-        self.metrics["prompt_tokens_cached_total"] += s.n_cached
-        self.metrics["tokens_predicted_total"] += n_decoded
-        self.metrics["prompt_seconds_total"] += (s.t_prompt_done - s.t_start)
-        self.metrics["tokens_predicted_seconds_total"] += (now - s.t_prompt_done)
+        n_prompt, n_decoded = len(task.prompt_tokens), len(s.generated)
+        m = self.metrics
+        m.prompt_tokens_total += n_prompt - s.n_cached
+        m.prompt_tokens_cached_total += s.n_cached
+        m.tokens_predicted_total += n_decoded
+        m.prompt_seconds_total += s.t_prompt_done - s.t_start
+        m.tokens_predicted_seconds_total += now - s.t_prompt_done
         task.events.put(FinalEvent(
             content=content, tokens=list(s.generated), stop_type=stop_type,
             stopping_word=stopping_word, truncated=truncated, has_new_line=s.has_new_line,
-            n_prompt=len(task.prompt_tokens), n_prompt_processed=len(task.prompt_tokens) - s.n_cached,
+            n_prompt=n_prompt, n_prompt_processed=n_prompt - s.n_cached,
             n_cached=s.n_cached, n_decoded=n_decoded, tokens_cached=len(s.cache_tokens),
             prompt_ms=(s.t_prompt_done - s.t_start) * 1000, predicted_ms=(now - s.t_prompt_done) * 1000,
             probs=probs_out, id_slot=s.id, seed=s.sampler.seed))

@@ -1,14 +1,16 @@
 """POST /v1/chat/completions (and /chat/completions), /apply-template, and the input-token count."""
 from __future__ import annotations
 
+from contextlib import closing
+
 from flask import Blueprint, Response, current_app
 
 from ..engine.chat_template import ChatTemplateError
 from ..engine.slots import ErrorEvent, ProgressEvent, TokenEvent
 
-from .completions import Completion, DisconnectWatch, collect_finals, wait_event
+from .completions import Completion, collect_finals, engine_error, task_events
 from .errors import APIError, json_response
-from .http import disconnect_probe, request_json, sse
+from .http import request_json, sse
 from .params import get_bool, get_number
 from .tokens import check_tokenizable
 
@@ -87,8 +89,8 @@ def _completion_body(body: dict, prompt: str) -> dict:
         out["n_probs"] = max(out["n_probs"], 1)
     n = get_number(body, "n", 1, int)
     ctx = current_app.config["NUMLLAMA"]
-    if not 1 <= n <= len(ctx.scheduler.slots):
-        raise APIError(f"Field 'n': Value must be between 1 <= value <= {len(ctx.scheduler.slots)}, but got {n}")
+    if not 1 <= n <= ctx.scheduler.n_slots:
+        raise APIError(f"Field 'n': Value must be between 1 <= value <= {ctx.scheduler.n_slots}, but got {n}")
     out["_n"] = n
     return out
 
@@ -142,52 +144,45 @@ def _multi_usage(fins) -> dict:
 def _stream(c: Completion, verbose: bool, prompt: str) -> Response:
     tasks = c.submit()
     ctx = c.ctx
-    watch = DisconnectWatch(disconnect_probe())
-    timings_per_token = c.timings_per_token
 
     def events():
-        fins = []
-        try:
-            for t in tasks:
-                yield sse(_chunk(c, t.index, {"role": "assistant", "content": None}, None))
-                while True:
-                    ev = wait_event(t, ctx, watch)
-                    if ev is None:
-                        return
-                    if isinstance(ev, ErrorEvent):
-                        yield sse({"error": {"code": ev.code, "message": ev.message, "type": ev.type}})
-                        return
-                    if isinstance(ev, ProgressEvent):
-                        yield sse({"choices": [], "created": c.created, "id": c.id, "model": c.model_name,
-                                   "system_fingerprint": ctx.build_fingerprint,
-                                   "object": "chat.completion.chunk", "prompt_progress": ev.as_dict()})
-                        continue
-                    if isinstance(ev, TokenEvent):
-                        if not ev.text:
-                            continue  # never an empty content delta
-                        lp = {"content": c.probs_items([ev.probs])} if ev.probs else None
-                        chunk = _chunk(c, t.index, {"content": ev.text}, None, lp)
-                        if timings_per_token:
-                            chunk["timings"] = {"predicted_n": ev.n_decoded, "prompt_n": ev.n_prompt,
-                                                "prompt_per_second": 0.0, "predicted_per_second": 0.0}
-                        yield sse(chunk)
-                        continue
+        fins, current = [], None
+        with closing(task_events(c, tasks)) as task_evs:
+            for t, ev in task_evs:
+                if t is not current:   # each choice opens with the assistant's role
+                    current = t
+                    yield sse(_chunk(c, t.index, {"role": "assistant", "content": None}, None))
+                if isinstance(ev, ErrorEvent):
+                    yield sse(engine_error(ev).body())
+                    return
+                if isinstance(ev, ProgressEvent):
+                    yield sse({"choices": [], "created": c.created, "id": c.id, "model": c.model_name,
+                               "system_fingerprint": ctx.build_fingerprint,
+                               "object": "chat.completion.chunk", "prompt_progress": ev.as_dict()})
+                elif isinstance(ev, TokenEvent):
+                    if not ev.text:
+                        continue  # never an empty content delta
+                    lp = {"content": c.probs_items([ev.probs])} if ev.probs else None
+                    chunk = _chunk(c, t.index, {"content": ev.text}, None, lp)
+                    if c.timings_per_token:
+                        chunk["timings"] = {"predicted_n": ev.n_decoded, "prompt_n": ev.n_prompt,
+                                            "prompt_per_second": 0.0, "predicted_per_second": 0.0}
+                    yield sse(chunk)
+                else:   # the FinalEvent
                     fins.append(ev)
                     chunk = _chunk(c, t.index, {}, c.finish_reason(ev))
                     chunk["timings"] = c.timings(ev)
                     if verbose:
                         chunk["__verbose"] = {"prompt": prompt}
                     yield sse(chunk)
-                    break
-            if c.include_usage:
-                usage = c.usage(fins) if len(fins) == 1 else _multi_usage(fins)
-                yield sse({"choices": [], "created": c.created, "id": c.id, "model": c.model_name,
-                           "system_fingerprint": ctx.build_fingerprint, "object": "chat.completion.chunk",
-                           "usage": usage, "timings": c.timings(fins[-1])})
-            yield "data: [DONE]\n\n"
-        finally:
-            for t in tasks:
-                ctx.scheduler.cancel(t)
+        if len(fins) < len(tasks):   # the client hung up
+            return
+        if c.include_usage:
+            usage = c.usage(fins) if len(fins) == 1 else _multi_usage(fins)
+            yield sse({"choices": [], "created": c.created, "id": c.id, "model": c.model_name,
+                       "system_fingerprint": ctx.build_fingerprint, "object": "chat.completion.chunk",
+                       "usage": usage, "timings": c.timings(fins[-1])})
+        yield "data: [DONE]\n\n"
 
     return Response(events(), content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

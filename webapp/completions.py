@@ -5,6 +5,7 @@ import queue
 import random
 import string
 import time
+from contextlib import closing
 
 from flask import Blueprint, Response, current_app
 
@@ -58,8 +59,8 @@ class Completion:
         self.timings_per_token = get_bool(body, "timings_per_token", False)
         self.return_progress = get_bool(body, "return_progress", False) and self.stream
         self.id_slot = get_number(body, "id_slot", -1, int)
-        if self.id_slot >= len(ctx.scheduler.slots):
-            raise APIError(f"Invalid id_slot {self.id_slot}: the server has {len(ctx.scheduler.slots)} slots")
+        if self.id_slot >= ctx.scheduler.n_slots:
+            raise APIError(f"Invalid id_slot {self.id_slot}: the server has {ctx.scheduler.n_slots} slots")
         self.t_max = get_number(body, "t_max_predict_ms", -1, int)
         self.n_keep = get_number(body, "n_keep", 0, int)
         self.n_discard = get_number(body, "n_discard", 0, int)
@@ -76,9 +77,9 @@ class Completion:
         n_ctx = ctx.n_ctx_slot
         # a prompt that cannot fit is refused before it is tokenized (which costs memory and time)
         n_cmpl = get_number(body, "n_cmpl", 1, int) if body.get("n_cmpl") is not None else 1
-        if not 1 <= n_cmpl <= len(ctx.scheduler.slots):
+        if not 1 <= n_cmpl <= ctx.scheduler.n_slots:
             raise APIError(f"Field 'n_cmpl': Value must be between 1 <= value <= "
-                           f"{len(ctx.scheduler.slots)}, but got {n_cmpl}")
+                           f"{ctx.scheduler.n_slots}, but got {n_cmpl}")
         capacity = ctx.scheduler.capacity()
         prompts, self.is_batch = parse_prompts(
             body["prompt"], tok, max_tokens=n_ctx - 1,
@@ -217,25 +218,44 @@ def wait_event(task: Task, ctx, watch: DisconnectWatch):
             pass
 
 
-def collect_finals(c: Completion, tasks: list[Task]) -> list[FinalEvent]:
-    """Wait for every task's final result; a vanished client or a failed task cancels them all."""
+def task_events(c: Completion, tasks: list[Task]):
+    """(task, event) for every event of the tasks, one task after the other, each up to its
+    FinalEvent. It ends early, after yielding it, at an ErrorEvent, and silently when the client
+    goes away. However it ends (closed by a hung-up stream too), every task is cancelled, so no
+    slot keeps working for nobody. Every route that waits for results reads them through here."""
     watch = DisconnectWatch(disconnect_probe())
-    fins: list[FinalEvent] = []
     try:
         for t in tasks:
             while True:
                 ev = wait_event(t, c.ctx, watch)
                 if ev is None:
-                    raise APIError("client disconnected", 400)
+                    return
+                yield t, ev
                 if isinstance(ev, ErrorEvent):
-                    raise APIError(ev.message, ev.code, ev.type)
+                    return
                 if isinstance(ev, FinalEvent):
-                    fins.append(ev)
                     break
     finally:
-        if len(fins) < len(tasks):
-            for t in tasks:
-                c.ctx.scheduler.cancel(t)
+        for t in tasks:
+            c.ctx.scheduler.cancel(t)
+
+
+def engine_error(ev: ErrorEvent) -> APIError:
+    """A failure inside the engine is the server's: 500, as llama-server reports one."""
+    return APIError(ev.message, 500, "server_error")
+
+
+def collect_finals(c: Completion, tasks: list[Task]) -> list[FinalEvent]:
+    """Wait for every task's final result; a vanished client or a failed task cancels them all."""
+    fins: list[FinalEvent] = []
+    with closing(task_events(c, tasks)) as events:
+        for _, ev in events:
+            if isinstance(ev, ErrorEvent):
+                raise engine_error(ev)
+            if isinstance(ev, FinalEvent):
+                fins.append(ev)
+    if len(fins) < len(tasks):
+        raise APIError("client disconnected", 400)
     return fins
 
 
@@ -250,32 +270,24 @@ def run_blocking(c: Completion) -> Response:
 
 def run_stream(c: Completion) -> Response:
     tasks = c.submit()
-    ctx = c.ctx
-    watch = DisconnectWatch(disconnect_probe())
 
     def events():
-        fins = []
-        try:
-            for t in tasks:
-                while True:
-                    ev = wait_event(t, ctx, watch)
-                    if ev is None:  # the client went away: the finally below frees the slots
-                        return
-                    if isinstance(ev, ErrorEvent):
-                        yield sse({"error": {"code": ev.code, "message": ev.message, "type": ev.type}})
-                        return
-                    if isinstance(ev, ProgressEvent):
-                        if not c.oai:
-                            chunk = {"index": t.index, "content": "", "tokens": [], "stop": False,
-                                     "id_slot": -1, "prompt_progress": ev.as_dict()}
-                            if c.timings_per_token:
-                                chunk["timings"] = ev.timings()
-                            yield sse(chunk)
-                        continue
-                    if isinstance(ev, TokenEvent):
-                        yield sse(token_chunk(c, t, ev))
-                        continue
-                    fins.append(ev)
+        finished = 0
+        with closing(task_events(c, tasks)) as task_evs:
+            for t, ev in task_evs:
+                if isinstance(ev, ErrorEvent):
+                    yield sse(engine_error(ev).body())
+                    return
+                if isinstance(ev, ProgressEvent):
+                    if not c.oai:
+                        chunk = {"index": t.index, "content": "", "tokens": [], "stop": False,
+                                 "id_slot": -1, "prompt_progress": ev.as_dict()}
+                        if c.timings_per_token:
+                            chunk["timings"] = ev.timings()
+                        yield sse(chunk)
+                elif isinstance(ev, TokenEvent):
+                    yield sse(token_chunk(c, t, ev))
+                else:   # the FinalEvent
                     if c.oai:
                         chunk = oai_chunk(c, t, "", c.finish_reason(ev))
                         chunk["usage"] = c.usage([ev])
@@ -283,12 +295,9 @@ def run_stream(c: Completion) -> Response:
                         yield sse(chunk)
                     else:
                         yield sse(c.select_fields(c.final_object(t, ev, streamed=True)))
-                    break
-            if c.oai:
-                yield "data: [DONE]\n\n"
-        finally:  # a closed connection ends the generator: free the slots at once
-            for t in tasks:
-                ctx.scheduler.cancel(t)
+                    finished += 1
+        if c.oai and finished == len(tasks):   # not after a hang-up
+            yield "data: [DONE]\n\n"
 
     return Response(events(), content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

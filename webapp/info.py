@@ -34,7 +34,7 @@ def props():
     tok = ctx.engine.tokenizer
     return json_response({
         "default_generation_settings": {"params": _default_params(ctx, full=False), "n_ctx": ctx.n_ctx_slot},
-        "total_slots": len(ctx.scheduler.slots),
+        "total_slots": ctx.scheduler.n_slots,
         "model_alias": ctx.model_alias,
         "model_ftype": ctx.engine.gguf.ftype_name,
         "model_path": ctx.model_path,
@@ -70,26 +70,25 @@ def set_props():
 def slots():
     ctx = current_app.config["NUMLLAMA"]
     require_flag(ctx.enable_slots, "slots endpoint", "--slots")
-    sched = ctx.scheduler
-    if request.args.get("fail_on_no_slot") in ("1", "true") and all(s.busy for s in sched.slots):
+    view = ctx.scheduler.view()
+    if request.args.get("fail_on_no_slot") in ("1", "true") and all(s.busy for s in view.slots):
         raise APIError("no slot available", 503)
     tok = ctx.engine.tokenizer
     out = []
-    for s in sched.slots:
+    for s in view.slots:
         d = {"id": s.id, "n_ctx": s.n_ctx, "speculative": False, "is_processing": s.busy}
         if s.last_task_id is not None:
             d.update({
                 "id_task": s.last_task_id,
                 "n_prompt_tokens": len(s.last_prompt),
-                "n_prompt_tokens_processed": len(s.last_prompt) - getattr(s, "n_cached", 0),
-                "n_prompt_tokens_cache": getattr(s, "n_cached", 0),
+                "n_prompt_tokens_processed": len(s.last_prompt) - s.n_cached,
+                "n_prompt_tokens_cache": s.n_cached,
                 "params": generation_settings(s.params, -1, (), False, 0, False, False, False, full=False),
                 "next_token": [{"has_next_token": s.busy,
-                                "has_new_line": s.busy and getattr(s, "has_new_line", False),
+                                "has_new_line": s.has_new_line,
                                 "n_remain": -1,
-                                # an idle slot carries no budget of its finished task
-                                "n_decoded": len(getattr(s, "generated", [])) if s.busy else 0}],
-                "prompt": tok.decode(s.last_prompt),
+                                "n_decoded": s.n_decoded}],
+                "prompt": tok.decode(list(s.last_prompt)),
                 "generated": s.last_generated,
             })
         out.append(d)
@@ -125,7 +124,7 @@ def slot_action(id_slot):
     ctx = current_app.config["NUMLLAMA"]
     require_flag(bool(ctx.slot_save_path), "slots action", "--slot-save-path")
     sched = ctx.scheduler
-    if not (id_slot.isascii() and id_slot.isdigit()) or int(id_slot) >= len(sched.slots):
+    if not (id_slot.isascii() and id_slot.isdigit()) or int(id_slot) >= sched.n_slots:
         raise APIError(f"Invalid slot id: {id_slot[:20]}")
     slot_id = int(id_slot)
     action = request.args.get("action")

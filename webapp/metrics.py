@@ -6,6 +6,7 @@ exactly, and prometheus-client appends `_total` to every counter (llama-server's
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -56,14 +57,14 @@ def _window_rates(m: dict) -> tuple[float, float]:
 def metrics():
     ctx = current_app.config["NUMLLAMA"]
     require_flag(ctx.enable_metrics, "metrics endpoint", "--metrics")
-    sched = ctx.scheduler
-    m = dict(sched.metrics)
+    view = ctx.scheduler.view()
+    m = dataclasses.asdict(view.metrics)
     prompt_rate, predicted_rate = _window_rates(m)
     values = dict(m)
     values.update({"spec_decode_num_draft_tokens_total": 0, "spec_decode_num_accepted_tokens_total": 0,
                    "spec_decode_num_drafts_total": 0, "prompt_tokens_seconds": prompt_rate,
-                   "predicted_tokens_seconds": predicted_rate, "requests_processing": sched.n_busy(),
-                   "requests_deferred": len(sched.waiting),
+                   "predicted_tokens_seconds": predicted_rate, "requests_processing": view.n_busy,
+                   "requests_deferred": view.n_waiting,
                    "n_busy_slots_per_decode": (m["n_busy_slots_total"] / m["n_decode_total"]
                                                if m["n_decode_total"] else 0.0)})
     lines = []
@@ -72,14 +73,13 @@ def metrics():
             full = "llamacpp:" + name
             lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {float(values[name]):g}"]
     # numllama's own, under its own prefix: the host-RAM prompt cache (--cache-ram)
-    cache = sched.prompt_cache
     for name, kind, help_text, value in (
             ("prompt_cache_bytes", "gauge", "Bytes of K/V held by the host-RAM prompt cache.",
-             cache.n_bytes if cache else 0),
+             view.prompt_cache_bytes),
             ("prompt_cache_states", "gauge", "Prompt states held by the host-RAM prompt cache.",
-             len(cache.entries) if cache else 0),
+             view.prompt_cache_states),
             ("prompt_cache_hits_total", "counter", "Prompt states restored from the host-RAM prompt cache.",
-             cache.hits if cache else 0)):
+             view.prompt_cache_hits)):
         full = "numllama:" + name
         lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {float(value):g}"]
     return Response("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4",

@@ -13,7 +13,7 @@ bp = Blueprint("tokens", __name__)
 def check_tokenizable(texts, ctx) -> None:
     """Refuse, before tokenizing, text that must make more tokens than any context of this
     server could hold (tokenizing costs memory and time in proportion to the text)."""
-    limit = max(ctx.n_ctx_slot * len(ctx.scheduler.slots), ctx.engine.gguf.hparams.n_ctx_train)
+    limit = max(ctx.n_ctx_slot * ctx.scheduler.n_slots, ctx.engine.gguf.hparams.n_ctx_train)
     at_least = sum(ctx.engine.tokenizer.min_tokens(t) for t in texts if isinstance(t, str))
     if at_least > limit:
         raise APIError(f"content too long: at least {at_least} tokens, more than this server's "
