@@ -231,22 +231,8 @@ class SchedulerView:
     prompt_cache_hits: int
 
     @property
-    @property
-    def n_slots(self) -> int:
-        return len(self.slots)
-
-    def view(self) -> SchedulerView:
-        """A consistent copy of what the HTTP side may show (taken under the lock, so no task
-        starts or is queued meanwhile)."""
-        with self.lock:
-            cache = self.prompt_cache
-            return SchedulerView(
-                slots=tuple(s.view() for s in self.slots),
-                n_waiting=sum(not t.cancelled.is_set() for t in self.waiting),
-                metrics=dataclasses.replace(self.metrics),
-                prompt_cache_bytes=cache.n_bytes if cache else 0,
-                prompt_cache_states=len(cache.entries) if cache else 0,
-                prompt_cache_hits=cache.hits if cache else 0)
+    def n_busy(self) -> int:
+        return sum(s.busy for s in self.slots)
 
 
 class Scheduler:

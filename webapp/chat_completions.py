@@ -144,10 +144,11 @@ def _multi_usage(fins) -> dict:
 def _stream(c: Completion, verbose: bool, prompt: str) -> Response:
     tasks = c.submit()
     ctx = c.ctx
+    task_evs = task_events(c, tasks)
 
     def events():
         fins, current = [], None
-        with closing(task_events(c, tasks)) as task_evs:
+        with closing(task_evs):
             for t, ev in task_evs:
                 if t is not current:   # each choice opens with the assistant's role
                     current = t

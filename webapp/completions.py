@@ -222,22 +222,28 @@ def task_events(c: Completion, tasks: list[Task]):
     """(task, event) for every event of the tasks, one task after the other, each up to its
     FinalEvent. It ends early, after yielding it, at an ErrorEvent, and silently when the client
     goes away. However it ends (closed by a hung-up stream too), every task is cancelled, so no
-    slot keeps working for nobody. Every route that waits for results reads them through here."""
+    slot keeps working for nobody. Every route that waits for results reads them through here.
+    Call it while handling the request: a stream's body is read after the request context ends,
+    so the disconnect probe is taken now."""
     watch = DisconnectWatch(disconnect_probe())
-    try:
-        for t in tasks:
-            while True:
-                ev = wait_event(t, c.ctx, watch)
-                if ev is None:
-                    return
-                yield t, ev
-                if isinstance(ev, ErrorEvent):
-                    return
-                if isinstance(ev, FinalEvent):
-                    break
-    finally:
-        for t in tasks:
-            c.ctx.scheduler.cancel(t)
+
+    def events():
+        try:
+            for t in tasks:
+                while True:
+                    ev = wait_event(t, c.ctx, watch)
+                    if ev is None:
+                        return
+                    yield t, ev
+                    if isinstance(ev, ErrorEvent):
+                        return
+                    if isinstance(ev, FinalEvent):
+                        break
+        finally:
+            for t in tasks:
+                c.ctx.scheduler.cancel(t)
+
+    return events()
 
 
 def engine_error(ev: ErrorEvent) -> APIError:
@@ -270,10 +276,11 @@ def run_blocking(c: Completion) -> Response:
 
 def run_stream(c: Completion) -> Response:
     tasks = c.submit()
+    task_evs = task_events(c, tasks)
 
     def events():
         finished = 0
-        with closing(task_events(c, tasks)) as task_evs:
+        with closing(task_evs):
             for t, ev in task_evs:
                 if isinstance(ev, ErrorEvent):
                     yield sse(engine_error(ev).body())
