@@ -142,6 +142,13 @@ def _top_k(c: Candidates, k: int) -> None:
     c.sorted = True
 
 
+def _n_before_cut(reached: np.ndarray, min_keep: int) -> int:
+    """How many candidates a cumulative-probability cut keeps: up to and including the first
+    whose running sum has reached the threshold (reached [n] bool), and at least min_keep."""
+    hits = np.nonzero(reached[max(min_keep, 1) - 1:])[0]
+    return int(hits[0]) + max(min_keep, 1) if hits.size else len(reached)
+
+
 def _typical(c: Candidates, p: float, min_keep: int) -> None:
     if p >= 1.0:
         return
@@ -151,12 +158,7 @@ def _typical(c: Candidates, p: float, min_keep: int) -> None:
     shifted = np.abs(-logp - entropy)
     order = np.argsort(shifted, kind="stable")
     cum = np.cumsum(c.p[order], dtype=np.float32)
-    last = len(order)
-    for i in range(len(order)):
-        if cum[i] > p and i + 1 >= min_keep:
-            last = i + 1
-            break
-    order = order[:last]
+    order = order[:_n_before_cut(cum > p, min_keep)]   # llama.cpp: cum > p (a double)
     c.ids, c.logits, c.p = c.ids[order], c.logits[order], c.p[order]
     c.sorted = False
 
@@ -167,12 +169,7 @@ def _top_p(c: Candidates, p: float, min_keep: int) -> None:
     c.softmax()
     c.sort()
     cum = np.cumsum(c.p, dtype=np.float32)
-    last = len(c.ids)
-    for i in range(len(cum)):
-        if cum[i] >= np.float32(p) and i + 1 >= min_keep:
-            last = i + 1
-            break
-    c.keep(last)
+    c.keep(_n_before_cut(cum >= np.float32(p), min_keep))   # llama.cpp: cum >= p (a float)
 
 
 def _min_p(c: Candidates, p: float, min_keep: int) -> None:
