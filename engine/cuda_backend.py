@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .quants import PackedWeight, blocks, float_rows, prepare, repacked_order
+from .quants import KernelOrder, PackedWeight, blocks, float_rows, prepare, repacked_order
 from .quants.kquants import unpack_k
 
 
@@ -107,12 +107,12 @@ class CudaLayers:
                 for packed, raw in zip(packed_list, raws):
                     self.weights[id(packed)] = DeviceWeight(raw, packed)
 
-    def linear(self, x: np.ndarray, *weights: PackedWeight, tinyblas_rows=None, tiled_rows=None,
-               grouped_rows=None) -> list[np.ndarray]:
+    def linear(self, x: np.ndarray, *weights: PackedWeight, order: KernelOrder | None = None) -> list[np.ndarray]:
         cuda, k = self.cuda, self.k
         n_tokens = x.shape[0]
-        flags = lambda a: cuda.to_device(np.zeros(n_tokens, bool) if a is None else a)   # noqa: E731
-        rows = cuda.to_device(np.ones(n_tokens, bool) if tinyblas_rows is None else tinyblas_rows)
+        if order is None:
+            order = KernelOrder.of(n_tokens)
+        rows = cuda.to_device(order.tinyblas)
         outs = []
         for w in weights:
             dw = self.weights[id(w)]
@@ -127,7 +127,7 @@ class CudaLayers:
                                                   dw.q, dw.sub, dw.scale, dw.minimum, kind,
                                                   32 if w.type_name == "Q6_K" else 0,
                                                   repacked_order(w.type_name, w.n_rows),
-                                                  flags(tiled_rows), flags(grouped_rows), out)
+                                                  cuda.to_device(order.tiled), cuda.to_device(order.grouped), out)
             else:
                 k.matmul_q32[blocks_, threads](cuda.to_device(act.q), cuda.to_device(act.d),
                                                cuda.to_device(act.s), dw.q, dw.scale, dw.minimum,

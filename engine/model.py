@@ -21,7 +21,7 @@ from .gguf_file import GGUFModel, ModelLoadError
 from .hparams import HParams
 from .kv_cache import KVCache
 from .ops import attention, rms_norm, rope, swiglu
-from .quants import PackedWeight, linear, pack_tensor, pack_weight, repacked_order
+from .quants import KernelOrder, PackedWeight, linear, pack_tensor, pack_weight, repacked_order
 from .quants.blocks import BLOCK_SIZES, dequantize
 
 
@@ -162,45 +162,36 @@ class LlamaModel:
         n_tokens = len(batch.tokens)
         x = self.token_embd(batch.tokens)                          # [T, n_embd]
         attn_out = np.empty((n_tokens, hp.n_head * hp.head_dim), np.float32)
-        # llama.cpp sums float matmuls in tinyBLAS's order for prompt passes and in vec_dot's
-        # for single-token decodes; we follow it per token (see quants.matmul)
-        order = batch.prompt_pass
-        # and K-quant matmuls with its tiled kernels when a prompt pass has 8 tokens or more:
-        # decided per sequence, by the size of its prompt chunk in this batch
-        chunk = np.bincount(batch.seq_ids[order], minlength=int(batch.seq_ids.max(initial=0)) + 1)
-        tiled = order & (chunk[batch.seq_ids] >= 8)
-        # and repacked Q4_K in groups of 4 tokens, the first n - n % 4 of a prompt chunk of n
-        grouped = np.zeros(n_tokens, bool)
-        for seq in np.nonzero(chunk >= 4)[0]:
-            rows = np.nonzero(order & (batch.seq_ids == seq))[0]
-            grouped[rows[:len(rows) - len(rows) % 4]] = True
+        # each token's matmuls sum in the order llama.cpp would use for it (prompt pass or
+        # decode step, and how big its sequence's prompt chunk is): see quants.KernelOrder
+        order = KernelOrder.for_batch(batch.prompt_pass, batch.seq_ids)
         last = len(self.layers) - 1
         for il, layer in enumerate(self.layers):
             ops = self.gpu if self.gpu is not None and il < self.gpu.n_layers else CPU_OPS
             # attention block
             h = ops.rms_norm(x, layer.attn_norm, hp.rms_eps)       # [T, n_embd]
-            q, k, v = split(ops.linear(h, *layer.qkv, tinyblas_rows=order, tiled_rows=tiled, grouped_rows=grouped), self.qkv_sizes)  # [T, n_head*hd], [T, n_kv*hd] x2
+            q, k, v = split(ops.linear(h, *layer.qkv, order=order), self.qkv_sizes)  # [T, n_head*hd], [T, n_kv*hd] x2
             rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
             rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
             cache.store(il, batch.seq_ids, batch.positions, k, v)
             ops.attention(q, cache.k[il], cache.v[il], batch.seq_ids, batch.positions,
                           hp.n_head, hp.n_head_kv, hp.head_dim, attn_out)
-            (o,) = ops.linear(attn_out, layer.wo, tinyblas_rows=order, tiled_rows=tiled, grouped_rows=grouped)  # [T, n_embd]
+            (o,) = ops.linear(attn_out, layer.wo, order=order)     # [T, n_embd]
             x += o                                                 # residual
             if il == last:
                 # only the rows whose logits are wanted go on (llama.cpp's inp_out_ids); these
                 # few rows are multiplied one by one there, hence vec_dot order from here on
                 x = np.ascontiguousarray(x[batch.want_logits])     # [n_wanted, n_embd]
-                order = tiled = grouped = np.zeros(len(x), bool)
+                order = KernelOrder.vec_dot(len(x))
             # feed-forward block (SwiGLU)
             h = ops.rms_norm(x, layer.ffn_norm, hp.rms_eps)
-            gate, up = split(ops.linear(h, *layer.gate_up, tinyblas_rows=order, tiled_rows=tiled, grouped_rows=grouped), (hp.n_ff, hp.n_ff))  # [T, n_ff] x2
+            gate, up = split(ops.linear(h, *layer.gate_up, order=order), (hp.n_ff, hp.n_ff))  # [T, n_ff] x2
             act = np.empty_like(gate)
             swiglu(gate, up, act)
-            (down,) = ops.linear(act, layer.w_down, tinyblas_rows=order, tiled_rows=tiled, grouped_rows=grouped)  # [T, n_embd]
+            (down,) = ops.linear(act, layer.w_down, order=order)   # [T, n_embd]
             x += down                                              # residual
         normed = rms_norm_rows(x, self.output_norm, hp.rms_eps)   # [n_wanted, n_embd]
-        (logits,) = linear(normed, self.output, tinyblas_rows=order, tiled_rows=tiled, grouped_rows=grouped)  # [n_wanted, n_vocab]
+        (logits,) = linear(normed, self.output, order=order)      # [n_wanted, n_vocab]
         return logits
 
 

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as GQ
 from gguf import quants as gq
 
 from numllama.engine.cuda_backend import CudaLayers, DeviceWeight, cuda_status
-from numllama.engine.quants import ACT_FORMAT, linear, pack_weight, round_bf16
+from numllama.engine.quants import ACT_FORMAT, KernelOrder, linear, pack_weight, round_bf16
 
 ok, why = cuda_status()   # the simulator in CI; a real device when run by tests/cuda_device_check.py
 assert ok, why
@@ -52,9 +52,10 @@ for name, n_rows, path in CASES:
     x = rng.standard_normal((3, n_cols)).astype(np.float32)
     rows = np.array([True, False, True])
     flag = np.array([True, True, False])
-    kw = {"tiled_rows": flag} if path == "tiled" else {"grouped_rows": flag} if path == "grouped" else {}
-    (cpu,) = linear(x, packed, tinyblas_rows=rows, **kw)
-    (dev,) = gpu.linear(x, packed, tinyblas_rows=rows, **kw)
+    order = KernelOrder.of(3, tinyblas=rows, tiled=flag if path == "tiled" else None,
+                           grouped=flag if path == "grouped" else None)
+    (cpu,) = linear(x, packed, order=order)
+    (dev,) = gpu.linear(x, packed, order=order)
     ok = np.array_equal(cpu, dev)
     print(f"matmul {name} {path or 'vec_dot'}: bit-identical {ok}")
     if not ok:

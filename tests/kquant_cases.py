@@ -2,7 +2,7 @@
 matmul outputs for each summation path."""
 import numpy as np
 
-from numllama.engine.quants import blocks, linear, pack_weight
+from numllama.engine.quants import KernelOrder, blocks, linear, pack_weight
 
 SCALE_AT = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
             "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0]}
@@ -24,6 +24,6 @@ def outputs(name, path, n_rows=40, n_cols=512):
     w = pack_weight(name, weights(name, n_rows, n_cols), n_rows, n_cols)
     x = (np.random.default_rng(3).standard_normal((5, n_cols)) * 2).astype(np.float32)
     flag = np.array([True, True, True, True, False])
-    (out,) = linear(x, w, tiled_rows=flag if path == "tiled" else None,
-                    grouped_rows=flag if path == "grouped" else None)
+    (out,) = linear(x, w, order=KernelOrder.of(5, tiled=flag if path == "tiled" else None,
+                                               grouped=flag if path == "grouped" else None))
     return out

@@ -6,7 +6,7 @@ import pytest
 from numba import njit
 
 from numllama.engine.float_ops import expf_array, expf_ggml, fma
-from numllama.engine.quants import pack_weight
+from numllama.engine.quants import KernelOrder, pack_weight
 from numllama.engine.quants.kernels import matmul_float
 from twins import expf, fma_twin, hsum8_twin
 
@@ -95,7 +95,7 @@ def test_float_tiles_equal_the_row_by_row_kernel(type_name, n_rows, n_cols):
     packed = pack_weight(type_name, raw, n_rows, n_cols)
     x = rng.standard_normal((6, n_cols)).astype(np.float32)
     order = np.array([True, False, True, True, False, False])
-    (tiled,) = linear(x, packed, tinyblas_rows=order)
+    (tiled,) = linear(x, packed, order=KernelOrder.of(6, tinyblas=order))
     plain = np.empty((6, n_rows), np.float32)
     matmul_float(prepare(x, packed.act_format, 0).x, float_rows(type_name, raw, n_rows, n_cols), order,
                  type_name == "F16", plain)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from numllama.engine.quants import blocks, linear, pack_weight, prepare, repacked_order
+from numllama.engine.quants import KernelOrder, blocks, linear, pack_weight, prepare, repacked_order
 from kquant_cases import weights
 from twins import fma_twin as fma
 from twins import hsum8_twin as hsum8
@@ -94,7 +94,8 @@ def test_kquant_orders_equal_numpy_twins(name, n_rows, path):
     assert repacked_order(name, n_rows) == (path in ("gemv", "gemm"))
     x = (rng.standard_normal((2, n_cols)) * 2).astype(np.float32)
     flag = np.full(2, path in ("tiled", "gemm"))
-    (out,) = linear(x, w, tiled_rows=flag if path == "tiled" else None, grouped_rows=flag if path == "gemm" else None)
+    (out,) = linear(x, w, order=KernelOrder.of(2, tiled=flag if path == "tiled" else None,
+                                               grouped=flag if path == "gemm" else None))
     act = prepare(x, w.act_format, w.group)
     for t in range(2):
         for r in range(n_rows):

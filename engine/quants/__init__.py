@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import blocks
-from .kernels import (ROW_TILE, matmul_float_tiles, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
+from .kernels import (ROW_TILE, tile_rows, matmul_float_tiles, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
                       quantize_q8_blocks)
 from .kquants import matmul_k16, matmul_q4_k, pack_k, quantize_q8_k_rows
-from .simd import AVX2 as USE_AVX2   # 32-weight blocks through simd.py, else the portable kernels
+from .simd import AVX2   # 32-weight blocks through simd.py, else the portable kernels
 
 ACT_FORMAT = {
     "F32": "f32", "F16": "f16", "BF16": "bf16",
@@ -30,6 +30,50 @@ ACT_FORMAT = {
     "Q4_1": "q8_1", "Q5_1": "q8_1",
     "Q2_K": "q8_k_rows", "Q3_K": "q8_k_rows", "Q4_K": "q8_k_rows", "Q5_K": "q8_k_rows", "Q6_K": "q8_k_rows",
 }
+
+
+TILED_MIN_TOKENS = 8   # llama.cpp's tiled K-quant kernels take a sequence's prompt chunk of >= 8 tokens
+GROUP_TOKENS = 4       # its repacked Q4_K kernel multiplies tokens 4 at a time
+
+
+@dataclass(frozen=True)
+class KernelOrder:
+    """For each token (row) of a batch, the summation order llama.cpp's CPU backend would use
+    for it: which kernel a matmul goes through decides the last bits of the result.
+
+    tinyblas [T] bool   float weights: tinyBLAS (a prompt pass of >= 2 tokens), else vec_dot
+    tiled    [T] bool   Q4_K/Q6_K: the tiled kernels (a prompt chunk of >= TILED_MIN_TOKENS)
+    grouped  [T] bool   repacked Q4_K: in groups of GROUP_TOKENS (the first n - n % 4 of a
+                        prompt chunk of n >= 4 tokens)"""
+    tinyblas: np.ndarray
+    tiled: np.ndarray
+    grouped: np.ndarray
+
+    @staticmethod
+    def of(n_tokens: int, tinyblas=None, tiled=None, grouped=None) -> "KernelOrder":
+        """Given rows as they are; tinyBLAS for every token and no K-quant tiling by default."""
+        return KernelOrder(np.ones(n_tokens, bool) if tinyblas is None else tinyblas,
+                           np.zeros(n_tokens, bool) if tiled is None else tiled,
+                           np.zeros(n_tokens, bool) if grouped is None else grouped)
+
+    @staticmethod
+    def vec_dot(n_tokens: int) -> "KernelOrder":
+        """Row by row, as llama.cpp multiplies single tokens."""
+        none = np.zeros(n_tokens, bool)
+        return KernelOrder(none, none, none)
+
+    @staticmethod
+    def for_batch(prompt_pass: np.ndarray, seq_ids: np.ndarray) -> "KernelOrder":
+        """What llama.cpp would do with each token: prompt_pass [T] marks tokens of prompts
+        evaluated >= 2 tokens at a time; the K-quant choices go by the size of each sequence's
+        prompt chunk in this batch."""
+        chunk = np.bincount(seq_ids[prompt_pass], minlength=int(seq_ids.max(initial=0)) + 1)
+        tiled = prompt_pass & (chunk[seq_ids] >= TILED_MIN_TOKENS)
+        grouped = np.zeros(len(seq_ids), bool)
+        for seq in np.nonzero(chunk >= GROUP_TOKENS)[0]:
+            rows = np.nonzero(prompt_pass & (seq_ids == seq))[0]
+            grouped[rows[:len(rows) - len(rows) % GROUP_TOKENS]] = True
+        return KernelOrder(prompt_pass, tiled, grouped)
 
 
 @dataclass(frozen=True)
@@ -41,8 +85,8 @@ class PackedWeight:
     act_format: str               # how activations are prepared (see ACT_FORMAT)
     group: int                    # weights per scale group (int8 formats), 0 for float
     w: np.ndarray | None = None   # [n_tiles, n_cols, ROW_TILE] f32 (float formats), rows transposed
-    # int8 formats. K-quants: q [n_rows, group, n_groups] (block-minor), scale/minimum
-    # [n_rows, n_groups]. 32-blocks: q [n_tiles, n_blocks, 32, ROW_TILE] int8 with ROW_TILE
+    # int8 formats, all in tiles of ROW_TILE rows (kernels.tile_rows). K-quants: see
+    # kquants.pack_k. 32-blocks: q [n_tiles, n_blocks, 32, ROW_TILE] int8 with ROW_TILE
     # rows interleaved (Q4_0/Q4_1: [n_tiles, n_blocks, 16, ROW_TILE] uint8, the packed nibble
     # bytes, or [n_tiles, n_blocks, 8, ROW_TILE, 2] byte pairs for the AVX2 kernel, with f16
     # scale/minimum bits), scale/minimum [n_tiles, n_blocks, ROW_TILE] (rows padded to the tile).
@@ -75,11 +119,11 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
     if fmt in ("f32", "f16", "bf16"):   # widened to f32, transposed in row tiles: [tiles, K, R]
         rows = float_rows(type_name, data, n_rows, n_cols)
         return PackedWeight(type_name, n_rows, n_cols, fmt, 0,
-                            w=_row_tiles(rows.reshape(n_rows, 1, n_cols), n_rows)[:, 0])
+                            w=tile_rows(rows.reshape(n_rows, 1, n_cols))[:, 0])
     if n_rows > PACK_CHUNK_ROWS:
         return _pack_in_chunks(type_name, data, n_rows, n_cols, simd)
     if type_name in ("Q4_0", "Q4_1"):
-        return _pack_q4(type_name, data, n_rows, n_cols, USE_AVX2 if simd is None else simd)
+        return _pack_q4(type_name, data, n_rows, n_cols, AVX2 if simd is None else simd)
     if fmt == "q8_k_rows":   # kquants.py: int8 quants, integer sub-block scales
         q, sub, d, dmin = pack_k(type_name, data, n_rows, n_cols)
         return PackedWeight(type_name, n_rows, n_cols, fmt, 256, q=q, scale=d, minimum=dmin, sub_scales=sub)
@@ -88,11 +132,11 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
     if minimum is None:
         minimum = np.zeros_like(scale)
     # 32-weight blocks: interleave ROW_TILE rows (padded with zero rows) for matmul_q32_lanes
-    tiles = _row_tiles(q.reshape(n_rows, n_groups, 32), n_rows)    # [tiles, NB, 32, R]
-    if USE_AVX2 if simd is None else simd:   # -> [tiles, NB, 8, R, 4]: weights 4i..4i+3 per row
+    tiles = tile_rows(q.reshape(n_rows, n_groups, 32))    # [tiles, NB, 32, R]
+    if AVX2 if simd is None else simd:   # -> [tiles, NB, 8, R, 4]: weights 4i..4i+3 per row
         tiles = np.ascontiguousarray(tiles.reshape(tiles.shape[0], n_groups, 8, 4, ROW_TILE).transpose(0, 1, 2, 4, 3))
     return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=tiles,
-                        scale=_row_tiles(scale, n_rows), minimum=_row_tiles(minimum, n_rows))
+                        scale=tile_rows(scale), minimum=tile_rows(minimum))
 
 
 PACK_CHUNK_ROWS = 4096   # a multiple of ROW_TILE
@@ -116,15 +160,6 @@ def _pack_in_chunks(type_name: str, data: np.ndarray, n_rows: int, n_cols: int, 
     return PackedWeight(type_name, n_rows, n_cols, part.act_format, part.group, **out)
 
 
-def _row_tiles(a: np.ndarray, n_rows: int) -> np.ndarray:
-    """[n_rows, n_blocks, *inner] -> [n_tiles, n_blocks, *inner, ROW_TILE], rows zero-padded."""
-    n_pad = -n_rows % ROW_TILE
-    if n_pad:
-        a = np.concatenate([a, np.zeros((n_pad,) + a.shape[1:], a.dtype)])
-    tiled = a.reshape((a.shape[0] // ROW_TILE, ROW_TILE) + a.shape[1:])
-    return np.ascontiguousarray(np.moveaxis(tiled, 1, -1))
-
-
 def _pack_q4(type_name: str, data, n_rows: int, n_cols: int, simd: bool) -> PackedWeight:
     """Q4_0 (f16 d, 16 nibble bytes) / Q4_1 (f16 d, f16 m, 16 nibble bytes) per 32 weights:
     the nibble bytes are kept as they are, only regrouped into row tiles."""
@@ -139,15 +174,15 @@ def _pack_q4(type_name: str, data, n_rows: int, n_cols: int, simd: bool) -> Pack
     else:
         m = np.zeros_like(d)
         qs = raw[:, :, 2:18]
-    tiles = _row_tiles(qs, n_rows)   # [tiles, NB, 16 bytes, R]
+    tiles = tile_rows(qs)   # [tiles, NB, 16 bytes, R]
     if simd:   # -> [tiles, NB, 8 slots, R, 2]: slot 2i + q, pair j = byte 4i + 2q + j (simd.py)
         tiles = np.ascontiguousarray(tiles.reshape(tiles.shape[0], n_blocks, 8, 2, ROW_TILE).transpose(0, 1, 2, 4, 3))
     return PackedWeight(type_name, n_rows, n_cols, ACT_FORMAT[type_name], 32, q=tiles,
-                        scale=_row_tiles(d, n_rows), minimum=_row_tiles(m, n_rows))
+                        scale=tile_rows(d), minimum=tile_rows(m))
 
 
 def pack_tensor(tensor) -> PackedWeight:
-    """Pack a gguf-py ReaderTensor (shape is stored innermost-first: [n_cols, n_rows])."""
+    """Pack a GGUFTensor of gguf_file.py (shape is stored innermost-first: [n_cols, n_rows])."""
     n_cols, n_rows = int(tensor.shape[0]), int(tensor.shape[1])
     return pack_weight(tensor.tensor_type.name, tensor.data, n_rows, n_cols)
 
@@ -170,6 +205,10 @@ class Activations:
     q: np.ndarray | None = None    # [T, G, NG] int8
     d: np.ndarray | None = None    # [T, NG] f32
     s: np.ndarray | None = None    # [T, NG] f32
+
+    @property
+    def n_tokens(self) -> int:
+        return (self.x if self.x is not None else self.q).shape[0]
 
 
 def prepare(x: np.ndarray, act_format: str, group: int) -> Activations:
@@ -195,34 +234,25 @@ def prepare(x: np.ndarray, act_format: str, group: int) -> Activations:
     return Activations(q=q, d=d, s=s)
 
 
-def matmul(act: Activations, w: PackedWeight, tinyblas_rows: np.ndarray | None = None,
-           tiled_rows: np.ndarray | None = None, grouped_rows: np.ndarray | None = None) -> np.ndarray:
-    """[T, K] activations times the weight's transpose -> [T, n_rows] f32.
-    tinyblas_rows [T] bool marks tokens of a multi-token prompt pass, which llama.cpp sends
-    through tinyBLAS (float weights only; None: every token). tiled_rows [T] bool marks tokens
-    of a prompt pass of 8 or more tokens, which llama.cpp sends through its tiled K-quant
-    kernels (Q4_K/Q6_K only; None: no token); grouped_rows those it multiplies in groups of 4
-    with its repacked kernels (Q4_K of 8k rows only)."""
+def matmul(act: Activations, w: PackedWeight, order: KernelOrder | None = None) -> np.ndarray:
+    """[T, K] activations times the weight's transpose -> [T, n_rows] f32, each token summed
+    in the order llama.cpp would use for it (None: KernelOrder.of's defaults)."""
+    if order is None:
+        order = KernelOrder.of(act.n_tokens)
     if w.w is not None:
         n_tokens = act.x.shape[0]
         out = np.empty((n_tokens, w.w.shape[0] * ROW_TILE), np.float32)
-        if tinyblas_rows is None:
-            tinyblas_rows = np.ones(n_tokens, bool)
-        matmul_float_tiles(act.x, w.w, tinyblas_rows, w.act_format == "f16", out)
+        matmul_float_tiles(act.x, w.w, order.tinyblas, w.act_format == "f16", out)
         return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
     if w.act_format == "q8_k_rows":
         out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
-        if tiled_rows is None:
-            tiled_rows = np.zeros(act.q.shape[0], bool)
-        if grouped_rows is None:
-            grouped_rows = np.zeros(act.q.shape[0], bool)
         if w.type_name in ("Q4_K", "Q5_K"):
             matmul_q4_k(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, w.minimum,
-                        repacked_order(w.type_name, w.n_rows), tiled_rows, grouped_rows,
+                        repacked_order(w.type_name, w.n_rows), order.tiled, order.grouped,
                         w.type_name == "Q5_K", out)
         else:   # Q2_K, Q3_K, Q6_K
             matmul_k16(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, w.minimum,
-                       32 if w.type_name == "Q6_K" else 0, tiled_rows, out)
+                       32 if w.type_name == "Q6_K" else 0, order.tiled, out)
         return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
     out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
     whole_blocks = repacked_order(w.type_name, w.n_rows)
@@ -247,13 +277,12 @@ def repacked_order(type_name: str, n_rows: int) -> bool:
     return type_name in ("Q4_0", "Q4_K") and n_rows % 8 == 0
 
 
-def linear(x: np.ndarray, *weights: PackedWeight, tinyblas_rows: np.ndarray | None = None,
-           tiled_rows: np.ndarray | None = None, grouped_rows: np.ndarray | None = None) -> list[np.ndarray]:
+def linear(x: np.ndarray, *weights: PackedWeight, order: KernelOrder | None = None) -> list[np.ndarray]:
     """x [T, K] times each weight; activations are prepared once per format (q, k and v share)."""
     prepared: dict = {}
     outs = []
     for w in weights:
         if w.act_key not in prepared:
             prepared[w.act_key] = prepare(x, *w.act_key)
-        outs.append(matmul(prepared[w.act_key], w, tinyblas_rows, tiled_rows, grouped_rows))
+        outs.append(matmul(prepared[w.act_key], w, order))
     return outs

@@ -1,10 +1,11 @@
 """Numba kernels for `out = x @ W.T` straight from quantized weights.
 
-* `matmul_float`: float weights (F32, or F16/BF16 widened at load) times float activations,
-  in the summation order of llamafile's tinyBLAS (prompt tokens) or ggml_vec_dot (decode).
+* `matmul_float_tiles`: float weights (F32, or F16/BF16 widened at load) times float
+  activations, in the summation order of llamafile's tinyBLAS (prompt tokens) or ggml_vec_dot
+  (decode). `matmul_float` is its plain twin, one row at a time, which the tests compare it with.
 * `matmul_q32_lanes`: 32-weight blocks (Q5_0, Q5_1, Q8_0) times Q8_0/Q8_1 activations, in
   the order of ggml's AVX2 vec_dot kernels; `matmul_q4_lanes` the same for Q4_0/Q4_1 read
-  from their packed nibbles.
+  from their packed nibbles (`*_simd`: the same sums through simd.py's AVX2 intrinsics).
 * The K-quants are in kquants.py.
 
 Why the exact order matters: with 8-bit activations, a one-ulp difference in a layer's output
@@ -13,10 +14,10 @@ change tokens. So the float kernels reproduce ggml's AVX2 lanes: element k of a 
 lane (k % 32) // 4 (int8) or k % 8 (float), each lane accumulates with FMA, and the 8 lanes are
 added in the fixed tree of hsum_float_8.
 
-Layout ("block-minor"): a row's int8 quants are stored as [group_size, n_groups]: for a
-position p inside the group, the p-th quant of *every* group of the row is contiguous. The inner
-loop then runs across groups, each SIMD lane accumulating its own group's integer sum, instead
-of ending every 32-step loop in a horizontal sum (see ../shared/spec/kernel-notes.md).
+Layout (row tiles, `tile_rows`): weights are packed in tiles of ROW_TILE rows with the row
+index innermost, so the inner loops run across the rows of a tile, each SIMD lane computing
+its own row's dot product in that row's exact order, instead of ending every block in a
+horizontal sum across lanes (docs/09-performance.md).
 
 Batch invariance: each output element (token t, row r) is computed by the same loops, in the
 same order, whatever the number of tokens in the batch, so a sequence's logits do not depend on
@@ -118,7 +119,17 @@ def matmul_float(x, w, tinyblas_rows, tail_in_double, out):
                 out[t, r] = _dot_vecdot(x, w, t, r, n_cols, lanes, tail_in_double)
 
 
-ROW_TILE = 32  # rows interleaved per tile (float and 32-block layouts)
+ROW_TILE = 32  # rows interleaved per tile: the inner loops run across rows, one SIMD lane each
+
+
+def tile_rows(a: np.ndarray) -> np.ndarray:
+    """[n_rows, ...] -> [n_tiles, ..., ROW_TILE], rows zero-padded to a multiple of ROW_TILE
+    (the layout every packed weight is read in)."""
+    pad = -a.shape[0] % ROW_TILE
+    if pad:
+        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+    tiled = a.reshape((a.shape[0] // ROW_TILE, ROW_TILE) + a.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(tiled, 1, -1))
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -37,11 +37,10 @@ import numpy as np
 from numba import njit, prange
 
 from ..float_ops import fma
-from .kernels import hsum8
-from .simd import AVX2 as SIMD   # the integer loops in simd.py (vpmaddubsw), else the portable ones below
+from .blocks import QK_K
+from .kernels import ROW_TILE, hsum8, tile_rows
+from .simd import AVX2   # the integer loops in simd.py (vpmaddubsw), else the portable ones below
 from .simd import k_lane_sums_16, k_lane_sums_32
-
-QK_K = 256
 
 
 @njit(cache=True, nogil=True)
@@ -109,50 +108,37 @@ def unpack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
 
 
 def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
-    """unpack_k's arrays in tiles of ROWS rows, as the kernels read them:
-    q [n_tiles, n_super, 256, ROWS] int8 (on AVX2 [n_tiles, n_super, 8, 8, ROWS, 4], see
-    simd.k_lane_sums), sub [n_tiles, n_super, 16 or 32, ROWS], d and dmin [n_tiles, n_super, ROWS]."""
+    """unpack_k's arrays in tiles of ROW_TILE rows, as the kernels read them:
+    q [n_tiles, n_super, 256, ROW_TILE] int8 (on AVX2 [n_tiles, n_super, 8, 8, ROW_TILE, 4], see
+    simd.k_lane_sums), sub [n_tiles, n_super, 16 or 32, ROW_TILE], d and dmin [n_tiles, n_super, ROW_TILE]."""
     q, sub, d, dmin = unpack_k(type_name, raw, n_rows, n_cols)
     n_super = n_cols // QK_K
-    q = tile_rows(q)                                                  # [tiles, n_super, 256, ROWS]
-    if SIMD:   # -> [tiles, n_super, 8 sub-blocks, 8 lanes, ROWS, 4 weights] for simd.k_lane_sums
-        q = np.ascontiguousarray(q.reshape(q.shape[0], n_super, 8, 8, 4, ROWS).transpose(0, 1, 2, 3, 5, 4))
+    q = tile_rows(q)                                                  # [tiles, n_super, 256, ROW_TILE]
+    if AVX2:   # -> [tiles, n_super, 8 sub-blocks, 8 lanes, ROW_TILE, 4 weights] for simd.k_lane_sums
+        q = np.ascontiguousarray(q.reshape(q.shape[0], n_super, 8, 8, 4, ROW_TILE).transpose(0, 1, 2, 3, 5, 4))
     return q, tile_rows(sub), tile_rows(d), tile_rows(dmin)
-
-
-ROWS = 32   # rows interleaved per tile: the integer loops run across rows, one SIMD lane each
-
-
-def tile_rows(a: np.ndarray) -> np.ndarray:
-    """[N, ...] -> [n_tiles, ..., ROWS], rows zero-padded to a multiple of ROWS."""
-    n = a.shape[0]
-    pad = -n % ROWS
-    if pad:
-        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
-    t = a.reshape((a.shape[0] // ROWS, ROWS) + a.shape[1:])
-    return np.ascontiguousarray(np.moveaxis(t, 1, -1))
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _group_dots(q, y, group_dot):
-    """group_dot[g, r] = sum of q[e, r] * y[e] over sub-block g (32 weights), for ROWS rows.
-    q: [256, ROWS] int8; y: [256] int8; group_dot: [8, ROWS] int32"""
+    """group_dot[g, r] = sum of q[e, r] * y[e] over sub-block g (32 weights), for ROW_TILE rows.
+    q: [256, ROW_TILE] int8; y: [256] int8; group_dot: [8, ROW_TILE] int32"""
     group_dot[:, :] = 0
     for e in range(QK_K):
         ye = np.int32(y[e])
         qe = q[e]
         gd = group_dot[e // 32]
-        for r in range(ROWS):
+        for r in range(ROW_TILE):
             gd[r] += np.int32(np.int32(qe[r]) * ye)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _lane_sums(q, sub, group, y, quad, lane_sum):
-    """For ROWS rows at once: lane_sum[l, r] = sum over the weights e of ggml's AVX2 lane l
+    """For ROW_TILE rows at once: lane_sum[l, r] = sum over the weights e of ggml's AVX2 lane l
     (elements 4l..4l+3 of every group of 32) of scale(e, r) * q[e, r] * y[e], the scale being
     sub[e // group, r]. Exact integers. Every loop runs across rows (contiguous).
-    q: [256, ROWS] int8; sub: [16, ROWS] int32; y: [256] int8; quad: [ROWS] int32 scratch;
-    lane_sum: [8, ROWS] int32"""
+    q: [256, ROW_TILE] int8; sub: [16, ROW_TILE] int32; y: [256] int8; quad: [ROW_TILE] int32 scratch;
+    lane_sum: [8, ROW_TILE] int32"""
     lane_sum[:, :] = 0
     for g in range(QK_K // 32):
         for l in range(8):
@@ -161,27 +147,27 @@ def _lane_sums(q, sub, group, y, quad, lane_sum):
             q0, q1, q2, q3 = q[e], q[e + 1], q[e + 2], q[e + 3]
             sc = sub[e // group]
             ls = lane_sum[l]
-            for r in range(ROWS):
+            for r in range(ROW_TILE):
                 quad[r] = np.int32(np.int32(q0[r]) * y0 + np.int32(q1[r]) * y1
                                    + np.int32(q2[r]) * y2 + np.int32(q3[r]) * y3)
-            for r in range(ROWS):
+            for r in range(ROW_TILE):
                 ls[r] += np.int32(sc[r] * quad[r])
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _group_dots_simd(q, y, group_dot):
-    """_group_dots for the SIMD layout, q: [8, 8, ROWS, 4] int8."""
+    """_group_dots for the SIMD layout, q: [8, 8, ROW_TILE, 4] int8."""
     group_dot[:, :] = 0
     for g in range(8):
         gd = group_dot[g]
         for i in range(8):
             for k in range(4):
                 ye = np.int32(y[32 * g + 4 * i + k])
-                for r in range(ROWS):
+                for r in range(ROW_TILE):
                     gd[r] += np.int32(np.int32(q[g, i, r, k]) * ye)
 
 
-if SIMD:
+if AVX2:
     @njit(cache=True, nogil=True, inline="always")
     def lane_sums(wq, wsub, tile, s, xq, t, group, quad, lane_sum):
         """Lane sums of super-block s of a tile for token t (see _lane_sums), in AVX2."""
@@ -208,20 +194,20 @@ else:
 def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5, out):
     """out[t, r] = row r of a Q4_K (or, with q5, Q5_K) matrix (pack_k) times Q8_K activations
     (quantize_q8_k_rows), in llama.cpp's order (module docstring).
-    wq: [n_tiles, n_super, 256, ROWS] int8; wsub: [n_tiles, n_super, 16, ROWS] int32;
-    wd, wdmin: [n_tiles, n_super, ROWS] f32; out: [T, n_tiles * ROWS]"""
+    wq: [n_tiles, n_super, 256, ROW_TILE] int8; wsub: [n_tiles, n_super, 16, ROW_TILE] int32;
+    wd, wdmin: [n_tiles, n_super, ROW_TILE] f32; out: [T, n_tiles * ROW_TILE]"""
     n_tokens = xq.shape[0]
     n_tiles, n_super = wq.shape[0], wq.shape[1]
     for tile in prange(n_tiles):
-        lanes = np.empty((8, ROWS), np.float32)
-        mins = np.empty((4, ROWS), np.float32)
-        acc = np.empty(ROWS, np.float32)
-        acc_min = np.empty(ROWS, np.float32)
-        lane_sum = np.empty((8, ROWS), np.int32)
-        quad = np.empty(ROWS, np.int32)
-        s1 = np.empty(ROWS, np.int32)
-        s2 = np.empty(ROWS, np.int32)
-        group_dot = np.empty((8, ROWS), np.int32)
+        lanes = np.empty((8, ROW_TILE), np.float32)
+        mins = np.empty((4, ROW_TILE), np.float32)
+        acc = np.empty(ROW_TILE, np.float32)
+        acc_min = np.empty(ROW_TILE, np.float32)
+        lane_sum = np.empty((8, ROW_TILE), np.int32)
+        quad = np.empty(ROW_TILE, np.int32)
+        s1 = np.empty(ROW_TILE, np.int32)
+        s2 = np.empty(ROW_TILE, np.int32)
+        group_dot = np.empty((8, ROW_TILE), np.int32)
         for t in range(n_tokens):
             acc[:] = 0
             acc_min[:] = 0
@@ -242,10 +228,10 @@ def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5
                         for g in (2 * c, 2 * c + 1):
                             sg, mg = sub[g], sub[8 + g]
                             ysum = np.int32(bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
-                            for r in range(ROWS):
+                            for r in range(ROW_TILE):
                                 s1[r] += np.int32(sg[r] * group_dot[g, r])
                                 s2[r] += np.int32(mg[r] * ysum)
-                        for r in range(ROWS):
+                        for r in range(ROW_TILE):
                             acc[r] = fma(np.float32(s1[r]), d_w[r] * yd, acc[r])
                             acc_min[r] = fma(np.float32(s2[r]), dmin_w[r] * yd, acc_min[r])
                 elif repacked or tiled[t]:
@@ -253,45 +239,45 @@ def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5
                     s2[:] = 0
                     for l in range(8):
                         ls = lane_sum[l]
-                        for r in range(ROWS):
+                        for r in range(ROW_TILE):
                             s1[r] += ls[r]
                     for g in range(8):
                         ysum = np.int32(bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
                         mg = sub[8 + g]
-                        for r in range(ROWS):
+                        for r in range(ROW_TILE):
                             s2[r] += np.int32(mg[r] * ysum)
                     if repacked:   # ggml_gemv_q4_K_8x8_q8_K
-                        for r in range(ROWS):
+                        for r in range(ROW_TILE):
                             acc[r] = fma(np.float32(s1[r]), d_w[r] * yd, acc[r])
                             acc_min[r] = fma(np.float32(s2[r]), dmin_w[r] * yd, acc_min[r])
                     else:          # tiled: res = d_w * s1 - dmin_w * s2 (one rounding), acc += res * d_y
-                        for r in range(ROWS):
+                        for r in range(ROW_TILE):
                             res = fma(-dmin_w[r], np.float32(s2[r]), d_w[r] * np.float32(s1[r]))
                             acc[r] = fma(res, yd, acc[r])
                 else:              # ggml_vec_dot_q4_K_q8_K / _q5_K_q8_K
                     for l in range(8):
                         lane, ls = lanes[l], lane_sum[l]
-                        for r in range(ROWS):
+                        for r in range(ROW_TILE):
                             lane[r] = fma(yd * d_w[r], np.float32(ls[r]), lane[r])
                     if q5:         # Q5_K: one scalar sum of the mins, summs += dmin * M
                         s2[:] = 0
                         for g in range(8):
                             ysum = np.int32(bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
                             mg = sub[8 + g]
-                            for r in range(ROWS):
+                            for r in range(ROW_TILE):
                                 s2[r] += np.int32(mg[r] * ysum)
-                        for r in range(ROWS):
+                        for r in range(ROW_TILE):
                             acc_min[r] = fma(-yd * dmin_w[r], np.float32(s2[r]), acc_min[r])
                         continue
                     for m in range(4):
                         y_a = np.int32(bsums[t, s, 4 * m] + bsums[t, s, 4 * m + 1])
                         y_b = np.int32(bsums[t, s, 4 * m + 2] + bsums[t, s, 4 * m + 3])
                         m_a, m_b, mm = sub[8 + 2 * m], sub[8 + 2 * m + 1], mins[m]
-                        for r in range(ROWS):
+                        for r in range(ROW_TILE):
                             pair = np.int32(m_a[r] * y_a + m_b[r] * y_b)
                             mm[r] = fma(-yd * dmin_w[r], np.float32(pair), mm[r])
-            o = out[t, tile * ROWS:(tile + 1) * ROWS]
-            for r in range(ROWS):
+            o = out[t, tile * ROW_TILE:(tile + 1) * ROW_TILE]
+            for r in range(ROW_TILE):
                 if repacked:
                     o[r] = acc[r] - acc_min[r]
                 elif tiled[t]:
@@ -306,18 +292,18 @@ def matmul_k16(xq, xd, bsums, wq, wsub, wd, wdmin, offset, tiled, out):
     (pack_k: Q6_K, offset 32, its quants stored unsigned; Q3_K, offset 0, signed) or with
     16 mins too (Q2_K: wsub holds 16 scales then 16 mins) times Q8_K activations, in the order
     of ggml_vec_dot_q{6,3,2}_K_q8_K on AVX2, or of the tiled kernel for long prompt passes.
-    wq: [n_tiles, n_super, 256, ROWS] int8; wsub: [n_tiles, n_super, 16, ROWS] int32;
-    wd: [n_tiles, n_super, ROWS] f32; out: [T, n_tiles * ROWS]"""
+    wq: [n_tiles, n_super, 256, ROW_TILE] int8; wsub: [n_tiles, n_super, 16, ROW_TILE] int32;
+    wd: [n_tiles, n_super, ROW_TILE] f32; out: [T, n_tiles * ROW_TILE]"""
     n_tokens = xq.shape[0]
     n_tiles, n_super = wq.shape[0], wq.shape[1]
     for tile in prange(n_tiles):
-        lanes = np.empty((8, ROWS), np.float32)
-        acc = np.empty(ROWS, np.float32)
-        lane_sum = np.empty((8, ROWS), np.int32)
-        min_lane = np.empty((8, ROWS), np.int32)
-        quad = np.empty(ROWS, np.int32)
-        s1 = np.empty(ROWS, np.int32)
-        s2 = np.empty(ROWS, np.int32)
+        lanes = np.empty((8, ROW_TILE), np.float32)
+        acc = np.empty(ROW_TILE, np.float32)
+        lane_sum = np.empty((8, ROW_TILE), np.int32)
+        min_lane = np.empty((8, ROW_TILE), np.int32)
+        quad = np.empty(ROW_TILE, np.int32)
+        s1 = np.empty(ROW_TILE, np.int32)
+        s2 = np.empty(ROW_TILE, np.int32)
         for t in range(n_tokens):
             lanes[:, :] = 0
             acc[:] = 0
@@ -327,7 +313,7 @@ def matmul_k16(xq, xd, bsums, wq, wsub, wd, wdmin, offset, tiled, out):
                 for l in range(8 if offset else 0):   # Q6_K's weights are u6 - 32: take 32 * scale * y out
                     b0, b1 = np.int32(bsums[t, s, 2 * l]), np.int32(bsums[t, s, 2 * l + 1])
                     c0, c1, ls = sc[2 * l], sc[2 * l + 1], lane_sum[l]
-                    for r in range(ROWS):
+                    for r in range(ROW_TILE):
                         ls[r] -= np.int32(offset * (b0 * c0[r] + b1 * c1[r]))
                 yd = xd[t, s]
                 d_w, dmin_w = wd[tile, s], wdmin[tile, s]
@@ -336,18 +322,18 @@ def matmul_k16(xq, xd, bsums, wq, wsub, wd, wdmin, offset, tiled, out):
                     for l in range(8):
                         b0, b1 = np.int32(bsums[t, s, 2 * l]), np.int32(bsums[t, s, 2 * l + 1])
                         m0, m1 = sc[16 + 2 * l], sc[16 + 2 * l + 1]
-                        for r in range(ROWS):
+                        for r in range(ROW_TILE):
                             min_lane[l, r] = np.int32(m0[r] * b0 + m1[r] * b1)
                 if tiled[t]:   # tiled: one integer per super-block, res = d_w * s1 (- dmin_w * s2), acc += res * d_y
                     s1[:] = 0
                     s2[:] = 0
                     for l in range(8):
                         ls, ml = lane_sum[l], min_lane[l]
-                        for r in range(ROWS):
+                        for r in range(ROW_TILE):
                             s1[r] += ls[r]
                             if has_min:
                                 s2[r] += ml[r]
-                    for r in range(ROWS):
+                    for r in range(ROW_TILE):
                         res = d_w[r] * np.float32(s1[r])
                         if has_min:
                             res = fma(-dmin_w[r], np.float32(s2[r]), res)
@@ -356,12 +342,12 @@ def matmul_k16(xq, xd, bsums, wq, wsub, wd, wdmin, offset, tiled, out):
                 if has_min:   # ggml_vec_dot_q2_K_q8_K: the mins go into the lanes first
                     for l in range(8):
                         lane, ml = lanes[l], min_lane[l]
-                        for r in range(ROWS):
+                        for r in range(ROW_TILE):
                             lane[r] = fma(-yd * dmin_w[r], np.float32(ml[r]), lane[r])
                 for l in range(8):
                     lane, ls = lanes[l], lane_sum[l]
-                    for r in range(ROWS):
+                    for r in range(ROW_TILE):
                         lane[r] = fma(yd * d_w[r], np.float32(ls[r]), lane[r])
-            o = out[t, tile * ROWS:(tile + 1) * ROWS]
-            for r in range(ROWS):
+            o = out[t, tile * ROW_TILE:(tile + 1) * ROW_TILE]
+            for r in range(ROW_TILE):
                 o[r] = acc[r] if tiled[t] else hsum8(lanes[:, r])

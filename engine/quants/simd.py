@@ -33,7 +33,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-ROWS = 16   # rows per 256-bit vector of byte pairs
+PAIR_ROWS = 16   # rows per 256-bit vector of byte pairs
 
 _i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _f32 = ir.FloatType()
@@ -161,7 +161,7 @@ def _make_q4_lanes(offset: int, whole_blocks: bool = False):
             def block(g, b, acc):
                 xb, xd_b = k.x_block(b)
                 # d = d_w * d_x for 16 rows: the f16 scales widened by vcvtph2ps
-                wd_at = builder.mul(k.scale_index(g, b, ROWS), _c(2))
+                wd_at = builder.mul(k.scale_index(g, b, PAIR_ROWS), _c(2))
                 d = builder.fmul(builder.fpext(_load(builder, k.wd, wd_at, _V16f16), _V16f32),
                                  _splat(builder, xd_b, _V16f32))
                 wb = k.weight_block(b, 16)
@@ -170,7 +170,7 @@ def _make_q4_lanes(offset: int, whole_blocks: bool = False):
                     s_lo = s_hi = None
                     for q in range(2):
                         slot = builder.add(wb, builder.add(builder.mul(_c(2 * i + q), builder.mul(k.n_rows, _c(2))),
-                                                           builder.mul(g, _c(2 * ROWS))))
+                                                           builder.mul(g, _c(2 * PAIR_ROWS))))
                         pairs = _load(builder, k.wq, slot, _V32i8)          # 16 rows x 2 bytes
                         lo = builder.and_(pairs, low_mask)                   # weights 4i+2q, 4i+2q+1
                         hi = builder.lshr(pairs, four)                       # weights 16 + the same
@@ -203,7 +203,7 @@ def _make_q4_lanes(offset: int, whole_blocks: bool = False):
                     f = builder.sitofp(builder.sext(block_sum, _V16i32), _V16f32)
                     builder.store(builder.call(fma, [f, d, builder.load(acc[0])]), acc[0])
 
-            k.loop(ROWS, _V16f32, block)
+            k.loop(PAIR_ROWS, _V16f32, block)
             return context.get_dummy_value()
 
         if not _c_layout(wq, wd, xq, xd, lanes):
