@@ -236,8 +236,8 @@ class SchedulerView:
 
 
 class Scheduler:
-    SIMILARITY = 0.1   # llama-server's slot_prompt_similarity: reuse a slot above this overlap
-    SAVE_BELOW_KEEP = 0.5   # llama-server: a reused slot about to lose more than half its state saves it first
+    SIMILARITY = np.float32(0.1)   # llama-server's slot_prompt_similarity: reuse a slot above this overlap
+    SAVE_BELOW_KEEP = np.float32(0.5)   # llama-server: a reused slot about to lose more than half its state saves it first
 
     def __init__(self, engine: Engine, n_slots: int, n_ctx_slot: int, n_batch: int = 512,
                  n_predict_default: int = -1, context_shift: bool = False, cache_ram_mib: float = 0,
@@ -361,9 +361,8 @@ class Scheduler:
 
     # ---------------------------------------------------------------- worker side
     def _assign(self) -> None:
-        """Give waiting tasks to idle slots, as llama-server chooses: the slot whose cache shares
-        enough of the prompt (> SIMILARITY), else the least recently used one, whose state then
-        goes to the RAM prompt cache while the best cached state for the prompt comes back."""
+        """Give waiting tasks to idle slots (_choose_slot). A slot whose state is about to go
+        saves it to the RAM prompt cache, and the best cached state for the prompt comes back."""
         still = []
         for task in self.waiting:
             if task.cancelled.is_set():
@@ -374,22 +373,12 @@ class Scheduler:
             if not idle:
                 still.append(task)
                 continue
-            if task.id_slot >= 0:
-                slot = idle[0]
-            else:
-                def lcp(s: Slot) -> int:
-                    return common_prefix(s.cache_tokens, task.prompt_tokens)
-                slot = max(idle, key=lambda s: (lcp(s), -s.last_used))
-                n = lcp(slot)
-                if not task.cache_prompt or n <= self.SIMILARITY * len(task.prompt_tokens):
-                    slot, update_cache = min(idle, key=lambda s: s.last_used), True
-                else:   # reused for its prefix; the rest of its state is about to go
-                    update_cache = n < self.SAVE_BELOW_KEEP * len(slot.cache_tokens)
-                if update_cache and self.prompt_cache is not None and task.cache_prompt:
-                    self.log.debug("updating prompt cache")
-                    self._save_to_ram(slot)
-                    self._load_from_ram(slot, task.prompt_tokens)
-                    self.prompt_cache.update()
+            slot, update_cache = self._choose_slot(task, idle)
+            if update_cache and self.prompt_cache is not None:
+                self.log.debug("updating prompt cache")
+                self._save_to_ram(slot)
+                self._load_from_ram(slot, task.prompt_tokens)
+                self.prompt_cache.update()
             slot.start(task, self.engine)
             if task.return_progress:
                 slot.report_progress()
@@ -403,6 +392,34 @@ class Scheduler:
                     if self.kv_unified:
                         other.cache_tokens = []
         self.waiting = still
+
+    def _choose_slot(self, task: Task, idle: list[Slot]) -> tuple[Slot, bool]:
+        """llama-server's get_available_slot, step for step (the slot ids it reports depend on
+        it): the slot asked for (id_slot; `idle` holds only it then), or the idle slot whose
+        cached tokens cover the largest share of the prompt above SIMILARITY (the first on
+        ties), else the least recently used one (the last on ties). Returns the slot and whether
+        its state goes to the RAM prompt cache first: always after an LRU pick, and after a
+        reuse that keeps less than half of it. Whether the task uses the cache (cache_prompt)
+        plays no part, as in llama-server."""
+        n_prompt = np.float32(max(len(task.prompt_tokens), 1))
+        chosen = idle[0] if task.id_slot >= 0 else None
+        f_sim_best = np.float32(0)
+        for s in idle:
+            if not s.cache_tokens:
+                continue
+            f_sim = np.float32(common_prefix(s.cache_tokens, task.prompt_tokens)) / n_prompt
+            if f_sim > f_sim_best and f_sim > self.SIMILARITY:
+                f_sim_best, chosen = f_sim, s
+        if chosen is not None:
+            if not chosen.cache_tokens:   # llama-server's f_keep is 0/0 then: no reason to save
+                return chosen, False
+            f_keep = f_sim_best * n_prompt / np.float32(len(chosen.cache_tokens))
+            return chosen, bool(f_keep < self.SAVE_BELOW_KEEP)
+        t_last = 0.0
+        for s in idle:
+            if chosen is None or s.last_used <= t_last:
+                chosen, t_last = s, s.last_used
+        return chosen, True
 
     def _save_to_ram(self, slot: Slot) -> bool:
         n = len(slot.cache_tokens)

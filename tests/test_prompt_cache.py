@@ -56,3 +56,30 @@ def test_one_slot_serves_two_conversations(stories_path):
         assert again["timings"]["cache_n"] <= 1                 # without the RAM cache: BOS at most
     finally:
         s.stop()
+
+
+SLOT_CHOICE_PROMPTS = [
+    "Once upon a time there was a little girl named Lily who loved the park",
+    "Tom had a big red ball and he played with it every single day in the sun",
+    "Every morning the old dog went down to the river to drink some cold water",
+    "Zebras and lions lived together in a zoo where children came to see them",
+    "Once upon a time there was a little girl named Lily who loved the park and the trees",
+    "Bob the builder made a tall tower out of wooden blocks and small stones today",
+]
+
+
+def test_slot_choice_as_llama_server(stories_path):
+    """Which slot serves a request decides what its cache holds and the id_slot every answer
+    reports. An AVX2 llama-server (-np 4 -c 1024, stories260K) answered these prompts, one after
+    the other, from slots 3 2 1 0 3 2 (and the seventh below from 1): the least recently used slot is the *last* of equals, and
+    a prompt that shares more than a tenth with a slot's tokens goes back to that slot."""
+    s = Server(["-np", "4", "-c", "1024"], model=stories_path)
+    try:
+        ids = [s.post("/completion", {"prompt": p, "n_predict": 2}).json()["id_slot"] for p in SLOT_CHOICE_PROMPTS]
+        assert ids == [3, 2, 1, 0, 3, 2]
+        # cache_prompt false changes nothing in the choice (llama-server ignores it there):
+        # no slot holds this conversation any more, so the least recently used one (1) serves it
+        r = s.post("/completion", {"prompt": SLOT_CHOICE_PROMPTS[1] + " again", "n_predict": 2, "cache_prompt": False})
+        assert r.json()["id_slot"] == 1
+    finally:
+        s.stop()
