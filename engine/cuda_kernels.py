@@ -24,12 +24,21 @@ if SIMULATED:
     def fma(a, b, c):
         """f32 FMA, emulated exactly in float64 (the simulator's libdevice.fmaf is not usable)."""
         return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+    @cuda.jit(device=True)
+    def mul(a, b):
+        return np.float32(a * b)
 else:  # pragma: no cover - needs a GPU
     from numba.cuda import libdevice
 
     @cuda.jit(device=True)
     def fma(a, b, c):
         return libdevice.fmaf(a, b, c)
+
+    @cuda.jit(device=True)
+    def mul(a, b):
+        """An f32 product rounded on its own: NVVM may not fuse it into a following add."""
+        return libdevice.fmul_rn(a, b)
 
 
 @cuda.jit(device=True)
@@ -218,8 +227,8 @@ def matmul_float(x, w, tinyblas_rows, tail_in_double, out):
             wide += np.float64(w[r, k] * x[t, k])
         out[t, r] = np.float32(wide)
     else:
-        for k in range(n_simd, n_cols):
-            total = fma(w[r, k], x[t, k], total)
+        for k in range(n_simd, n_cols):   # product rounded, then added, as on the CPU
+            total = total + mul(w[r, k], x[t, k])
         out[t, r] = total
 
 

@@ -82,7 +82,9 @@ def _dot_tinyblas(x, w, t, r, n_cols, lanes):
 @njit(cache=True, nogil=True, inline="always")
 def _dot_vecdot(x, w, t, r, n_cols, lanes, tail_in_double):
     """ggml_vec_dot_f32 / _f16 order: 4 accumulators of 8 lanes over blocks of 32 (FMA),
-    reduce4x8, then the tail element by element (f32 FMA; double for the f16 variant)."""
+    reduce4x8, then the tail element by element: an f32 product added in f32 (not fused: an
+    AVX2 llama.cpp build rounds the product first, checked on stories260K's ffn_down, K=172),
+    or added in double for the f16 variant."""
     n_simd = n_cols - n_cols % 32
     lanes[:] = 0
     for l in range(0, n_simd, 32):
@@ -95,7 +97,7 @@ def _dot_vecdot(x, w, t, r, n_cols, lanes, tail_in_double):
             wide += np.float64(w[r, k] * x[t, k])
         return np.float32(wide)
     for k in range(n_simd, n_cols):
-        total = fma(w[r, k], x[t, k], total)
+        total = total + w[r, k] * x[t, k]
     return total
 
 
@@ -182,10 +184,10 @@ def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
                 for r in range(n_r):
                     total[r] = np.float32(wide[r])
             else:
-                for k in range(n_simd, n_cols):
+                for k in range(n_simd, n_cols):   # product rounded, then added (_dot_vecdot)
                     wk, xk = w[k], xt[k]
                     for r in range(n_r):
-                        total[r] = fma(wk[r], xk, total[r])
+                        total[r] = total[r] + wk[r] * xk
             o[:] = total
 
 
