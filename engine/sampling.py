@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from .float_ops import expf_array
 from .mt19937 import MT19937
@@ -348,8 +349,98 @@ class Sampler:
         return int(c.ids[chosen])
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """log p over the full vocabulary [n_vocab] (for n_probs, before sampling)."""
-    l = logits.astype(np.float64)
-    l = l - l.max()
-    return (l - np.log(np.exp(l).sum())).astype(np.float32)
+# ---- n_probs before sampling: llama-server's get_token_probabilities, bit for bit -----------
+# Its softmax adds the probabilities in f32 in the order std::partial_sort leaves the vocabulary
+# (the n_top best first, sorted; the rest as libstdc++'s heap selection leaves them), so that
+# order is reproduced too: another order changes the sum, and every probability, in the last bit.
+
+@njit(cache=True, nogil=True, inline="always")
+def _heap_push(ids, lg, hole, top, vid, vl):
+    """libstdc++ __push_heap with comp(a, b) = a.logit > b.logit."""
+    parent = (hole - 1) // 2
+    while hole > top and lg[parent] > vl:
+        ids[hole], lg[hole] = ids[parent], lg[parent]
+        hole = parent
+        parent = (hole - 1) // 2
+    ids[hole], lg[hole] = vid, vl
+
+
+@njit(cache=True, nogil=True)
+def _heap_adjust(ids, lg, hole, length, vid, vl):
+    """libstdc++ __adjust_heap on ids/lg[0:length]."""
+    top = hole
+    child = hole
+    while child < (length - 1) // 2:
+        child = 2 * (child + 1)
+        if lg[child] > lg[child - 1]:
+            child -= 1
+        ids[hole], lg[hole] = ids[child], lg[child]
+        hole = child
+    if length % 2 == 0 and child == (length - 2) // 2:
+        child = 2 * (child + 1)
+        ids[hole], lg[hole] = ids[child - 1], lg[child - 1]
+        hole = child - 1
+    _heap_push(ids, lg, hole, top, vid, vl)
+
+
+@njit(cache=True, nogil=True)
+def _partial_sort_desc(ids, lg, middle):
+    """libstdc++ std::partial_sort(first, first + middle, last) by descending logit:
+    __heap_select, then __sort_heap, moving ids along with their logits."""
+    n = lg.shape[0]
+    if middle >= 2:   # __make_heap
+        parent = (middle - 2) // 2
+        while True:
+            _heap_adjust(ids, lg, parent, middle, ids[parent], lg[parent])
+            if parent == 0:
+                break
+            parent -= 1
+    for i in range(middle, n):   # __heap_select: a better element replaces the heap's top
+        if lg[i] > lg[0]:
+            vid, vl = ids[i], lg[i]
+            ids[i], lg[i] = ids[0], lg[0]
+            _heap_adjust(ids, lg, 0, middle, vid, vl)
+    last = middle
+    while last > 1:   # __sort_heap
+        last -= 1
+        vid, vl = ids[last], lg[last]
+        ids[last], lg[last] = ids[0], lg[0]
+        _heap_adjust(ids, lg, 0, last, vid, vl)
+
+
+@njit(cache=True, nogil=True)
+def token_probabilities(logits, n_top):
+    """llama-server's get_token_probabilities: the vocabulary with the n_top most likely tokens
+    first, and every token's softmax probability (expf, summed in f32 in that order).
+    logits: [n_vocab] f32 -> ids [n_vocab] i32, p [n_vocab] f32"""
+    n = logits.shape[0]
+    ids = np.arange(n).astype(np.int32)
+    lg = logits.copy()
+    n_top = min(n_top, n)
+    if n_top > 0:
+        _partial_sort_desc(ids, lg, n_top)
+        max_l = lg[0]
+    else:
+        max_l = lg.max()
+    p = np.empty(n, np.float32)
+    total = np.float32(0.0)
+    for i in range(n):
+        p[i] = np.exp(lg[i] - max_l)
+        total += p[i]
+    for i in range(n):
+        p[i] = p[i] / total
+    return ids, p
+
+
+LOWEST_F32 = float(np.finfo(np.float32).min)   # llama-server's log of 0 (JSON has no -inf)
+
+
+@njit(cache=True, nogil=True)
+def logf(x):
+    """std::log of an f32 (libm's logf, as Numba calls it; NumPy's vectorised log may differ)."""
+    return np.log(np.float32(x))
+
+
+def logprob(p) -> float:
+    """llama-server's completion_token_output::logarithm."""
+    return LOWEST_F32 if p == 0 else float(logf(p))

@@ -26,7 +26,7 @@ import numpy as np
 from .engine import Engine
 from .prompt_cache import PromptCache, common_prefix
 from .model import Batch
-from .sampling import Sampler, SamplingParams, log_softmax
+from .sampling import Sampler, SamplingParams, logprob, token_probabilities
 from .tokenizer import utf8_complete_prefix
 
 
@@ -661,7 +661,7 @@ class Scheduler:
             top = [(int(i), float(v)) for i, v in zip(ids[:n], p[:n]) if v > 0]
             chosen = dict(zip(ids.tolist(), p.tolist())).get(token, 0.0)
             return {"id": token, "value": float(chosen), "top": top}
-        lp = log_softmax(logits)
-        top_ids = np.argsort(-lp, kind="stable")[:n]
-        return {"id": token, "value": float(lp[token]),
-                "top": [(int(i), float(lp[i])) for i in top_ids]}
+        ids, p = token_probabilities(np.ascontiguousarray(logits, np.float32), n)
+        chosen = p[np.flatnonzero(ids == token)[0]]
+        return {"id": token, "value": logprob(chosen),
+                "top": [(int(i), logprob(v)) for i, v in zip(ids[:n], p[:n])]}

@@ -114,3 +114,48 @@ def test_grammar_early_stop_equals_full_masking(stories, top_n_sigma):
         assert fast._sample(fast._grammar_masked(biased)) == full._sample(full_mask(full, biased))
         a, b = fast.last_candidates, full.last_candidates
         assert np.array_equal(a.ids, b.ids) and np.array_equal(a.p, b.p)
+
+
+PARTIAL_SORT_CPP = r"""
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+int main() {
+    int n, top; std::scanf("%d %d", &n, &top);
+    std::vector<std::pair<int, float>> v(n);
+    for (int i = 0; i < n; i++) { v[i].first = i; std::scanf("%f", &v[i].second); }
+    std::partial_sort(v.begin(), v.begin() + top, v.end(),
+                      [](const auto & a, const auto & b) { return a.second > b.second; });
+    for (auto & x : v) std::printf("%d\n", x.first);
+}
+"""
+
+
+def test_token_probabilities_follow_libstdcxx_partial_sort(tmp_path):
+    """llama-server sums the softmax in the order std::partial_sort leaves the vocabulary; our
+    heap selection must leave it in the same order. Checked against libstdc++ itself, compiled
+    here (g++ is part of the project's build machines)."""
+    import shutil
+    import subprocess
+    from numllama.engine.float_ops import expf_array
+    from numllama.engine.sampling import token_probabilities
+    gxx = shutil.which("g++")
+    assert gxx, "g++ is needed to check the partial sort against libstdc++"
+    src, exe = tmp_path / "ps.cpp", tmp_path / "ps"
+    src.write_text(PARTIAL_SORT_CPP)
+    subprocess.run([gxx, "-O1", "-std=c++17", str(src), "-o", str(exe)], check=True, timeout=120)
+    rng = np.random.default_rng(7)
+    for n, top in [(512, 5), (1000, 1), (49, 10), (300, 300), (64, 2)]:
+        logits = rng.standard_normal(n).astype(np.float32)
+        logits[rng.integers(0, n, n // 10)] = logits[0]   # ties too
+        out = subprocess.run([str(exe)], input=f"{n} {top}\n" + "\n".join(f"{x:.9g}" for x in logits),
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+        ids, p = token_probabilities(logits, top)
+        assert ids.tolist() == [int(x) for x in out.split()]
+        # the probabilities: libm's expf of the distance to the best (not NumPy's exp, which may
+        # differ in the last bit), normalised by their f32 sum in that order
+        e = expf_array(logits[ids] - logits[ids[0]])
+        total = np.float32(0)
+        for x in e:
+            total = np.float32(total + x)
+        assert np.array_equal(p, (e / total).astype(np.float32))
