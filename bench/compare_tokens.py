@@ -1,8 +1,9 @@
-"""Greedy tokens and top-1 log-probabilities of numllama-server and llama-server on one model.
+"""Tokens and top log-probabilities of numllama-server and llama-server on one model.
 
-For a model without a golden file: both servers get the same prompts (temperature 0, 48 tokens,
-n_probs 1), and the script counts the positions before the two greedy sequences first differ and
-the largest top-1 log-probability difference among them.
+Both servers get the same prompts, greedy (temperature 0) and seeded (temperature 0.8, seeds
+1..N), 48 tokens each with n_probs 5. The script counts the positions before each pair of
+sequences first differs, and every difference among them in the five top log-probabilities
+(ids and values): exact agreement prints 0 differences.
 
     python3 bench/compare_tokens.py MODEL.gguf --llama-server /path/to/llama-server
 
@@ -13,6 +14,7 @@ another order.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -49,13 +51,26 @@ def start(binary: str, model: str) -> tuple[subprocess.Popen, str]:
     sys.exit(f"{binary} was not ready within 120 s")
 
 
-def greedy(url: str, n_predict: int) -> list[list[tuple[int, float]]]:
+N_PROBS = 5
+
+
+def runs(n_seeds: int) -> list[tuple[str, dict]]:
+    """(label, sampling fields) of every request: greedy, then the seeded ones."""
+    out = [("greedy", {"temperature": 0})]
+    out += [(f"seed {seed}", {"temperature": 0.8, "seed": seed}) for seed in range(1, n_seeds + 1)]
+    return out
+
+
+def sample(url: str, n_predict: int, n_seeds: int) -> list[list[tuple]]:
+    """Per request: per position (token, logprob, ((id, logprob) x N_PROBS))."""
     out = []
     for prompt in PROMPTS:
-        r = requests.post(url + "/completion", json={"prompt": prompt, "n_predict": n_predict, "temperature": 0,
-                                                    "n_probs": 1, "cache_prompt": False}, timeout=600)
-        r.raise_for_status()
-        out.append([(c["id"], c["logprob"]) for c in r.json()["completion_probabilities"]])
+        for _, fields in runs(n_seeds):
+            r = requests.post(url + "/completion", json={"prompt": prompt, "n_predict": n_predict, "n_probs": N_PROBS,
+                                                        "cache_prompt": False, **fields}, timeout=600)
+            r.raise_for_status()
+            out.append([(c["id"], c["logprob"], tuple((t["id"], t["logprob"]) for t in c["top_logprobs"]))
+                        for c in r.json()["completion_probabilities"]])
     return out
 
 
@@ -65,6 +80,9 @@ def main() -> int:
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER_BIN"), required=False)
     ap.add_argument("--numllama-server", default=shutil.which("numllama-server"))
     ap.add_argument("-n", "--n-predict", type=int, default=48)
+    ap.add_argument("--seeds", type=int, default=4, help="seeded runs per prompt (temperature 0.8)")
+    ap.add_argument("--record", metavar="JSON", help="also write llama-server's answers there (a golden file: "
+                    "tests/data/stories260K-top5.json was made with -n 24 --seeds 2)")
     args = ap.parse_args()
     if not args.llama_server:
         ap.error("give --llama-server (or set LLAMA_SERVER_BIN)")
@@ -72,21 +90,35 @@ def main() -> int:
     for binary in (args.llama_server, args.numllama_server):
         proc, url = start(binary, args.model)
         try:
-            results.append(greedy(url, args.n_predict))
+            results.append(sample(url, args.n_predict, args.seeds))
         finally:
             proc.terminate()
             proc.wait()
-    same = total = 0
-    max_diff = 0.0
-    for theirs, ours in zip(*results):
-        for (a, la), (b, lb) in zip(theirs, ours):
+    if args.record:
+        requests_made = [{"prompt": prompt, "n_predict": args.n_predict, "n_probs": N_PROBS, **fields}
+                         for prompt in PROMPTS for _, fields in runs(args.seeds)]
+        with open(args.record, "w") as f:
+            json.dump({"model": os.path.basename(args.model), "producer": "bench/compare_tokens.py --record, "
+                       "llama-server built for AVX2 (GGML_NATIVE=OFF, GGML_AVX2/FMA/F16C=ON) from the "
+                       "llama-cpp-python 0.3.36 sdist", "requests": requests_made,
+                       "answers": results[0]}, f)
+    labels = [label for _ in PROMPTS for label, _ in runs(args.seeds)]
+    same, total, differing, max_diff = {}, {}, 0, 0.0
+    for label, theirs, ours in zip(labels, *results):
+        kind = label.split()[0]
+        for (a, la, ta), (b, lb, tb) in zip(theirs, ours):
             if a != b:
                 break
-            same += 1
-            max_diff = max(max_diff, abs(la - lb))
-        total += len(theirs)
-    print(f"greedy positions before divergence {same}/{total}; max top-1 logprob diff {max_diff:.2e}")
-    return 0 if same == total else 1
+            same[kind] = same.get(kind, 0) + 1
+            pairs = [(la, lb)] + [(x[1], y[1]) for x, y in zip(ta, tb)]
+            differing += (la != lb or [x[0] for x in ta] != [y[0] for y in tb]
+                          or any(x != y for x, y in pairs))
+            max_diff = max([max_diff] + [abs(x - y) for x, y in pairs])
+        total[kind] = total.get(kind, 0) + len(theirs)
+    for kind in total:
+        print(f"{kind}: positions before divergence {same.get(kind, 0)}/{total[kind]}")
+    print(f"positions whose top-{N_PROBS} log-probabilities differ: {differing} (largest difference {max_diff:.2e})")
+    return 0 if same == total and not differing else 1
 
 
 if __name__ == "__main__":

@@ -24,20 +24,21 @@ def test_stories_greedy_equals_llama_cpp(stories, stories_golden):
         assert stories.tokenizer.decode(out) == g["content"]
 
 
-def test_stories_logprobs_close_to_llama_cpp(stories, stories_golden):
-    """Measured: top-1 within 4e-4, top-5 within 2.1e-3, mean 2e-5 (llama.cpp prints 5 decimals).
-    What is left comes from f16 rounding of K/V/attention amplifying last-bit differences."""
-    diffs, top1 = [], []
-    for g in stories_golden["greedy"]:
-        ids = stories.tokenizer.encode(g["prompt"])
-        _, steps = greedy(stories, ids, g["n_predict"])
-        for logits, top in zip(steps, g["top_logprobs"]):
-            l = logits.astype(np.float64) - logits.max()
-            l -= np.log(np.exp(l).sum())
-            diffs += [abs(l[e["id"]] - e["logprob"]) for e in top]
-            top1.append(diffs[-len(top)])
-    assert max(top1) < 1e-3 and max(diffs) < 5e-3 and np.mean(diffs) < 1e-4, \
-        (max(top1), max(diffs), np.mean(diffs))
+def test_stories_top_logprobs_equal_llama_server(server):
+    """Greedy and seeded completions with their five top log-probabilities, bit for bit, against
+    what an AVX2 llama-server answered (tests/data/stories260K-top5.json, written by
+    `bench/compare_tokens.py --record`). This used to be "close" (up to 2e-3): the F32 dot
+    product's tail (ffn_down, K=172) was fused where llama.cpp rounds the product first, and the
+    n_probs softmax summed in another order than llama-server's."""
+    import json
+    import os
+    from conftest import DATA
+    gold = json.load(open(os.path.join(DATA, "stories260K-top5.json")))
+    for req, answer in zip(gold["requests"], gold["answers"]):
+        r = server.post("/completion", {**req, "cache_prompt": False}).json()
+        got = [[c["id"], c["logprob"], [[t["id"], t["logprob"]] for t in c["top_logprobs"]]]
+               for c in r["completion_probabilities"]]
+        assert got == answer, req
 
 
 def test_smollm_greedy_equals_llama_cpp(smollm, smollm_golden):
