@@ -67,7 +67,8 @@ def test_float_kernel_orders_equal_numpy_twins():
                     for i in range(8):
                         lanes[i] = fma_twin(w[r, l + i], x[0, l + i], lanes[i])
                 assert out[0, r] == hsum8_twin(lanes)
-            # token 1: ggml_vec_dot_f32 (4x8 lanes, reduce, f32 FMA tail)
+            # token 1: ggml_vec_dot_f32 (4x8 lanes, reduce, then the tail: each product rounded
+            # to f32, then added; llama.cpp does not fuse these)
             acc = np.zeros(32, np.float32)
             n_simd = n_cols - n_cols % 32
             for l in range(0, n_simd, 32):
@@ -78,7 +79,7 @@ def test_float_kernel_orders_equal_numpy_twins():
             total = np.float32(np.float32(np.float32(v[0] + v[4]) + np.float32(v[1] + v[5])) +
                                np.float32(np.float32(v[2] + v[6]) + np.float32(v[3] + v[7])))
             for k in range(n_simd, n_cols):
-                total = fma_twin(w[r, k], x[1, k], total)
+                total = np.float32(total + np.float32(w[r, k] * x[1, k]))
             assert out[1, r] == total
 
 

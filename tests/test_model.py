@@ -32,8 +32,7 @@ def test_stories_top_logprobs_equal_llama_server(server):
     n_probs softmax summed in another order than llama-server's."""
     import json
     import os
-    from conftest import DATA
-    gold = json.load(open(os.path.join(DATA, "stories260K-top5.json")))
+    gold = json.load(open(os.path.join(os.path.dirname(__file__), "data", "stories260K-top5.json")))
     for req, answer in zip(gold["requests"], gold["answers"]):
         r = server.post("/completion", {**req, "cache_prompt": False}).json()
         got = [[c["id"], c["logprob"], [[t["id"], t["logprob"]] for t in c["top_logprobs"]]]
