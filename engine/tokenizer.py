@@ -266,9 +266,7 @@ class Tokenizer:
         if ttype == BYTE and self.spm and len(text) == 6 and text.startswith("<0x"):
             return bytes([int(text[3:5], 16)])
         if ttype in (CONTROL, USER_DEFINED, UNKNOWN, UNUSED):
-            if ttype == UNKNOWN and self.spm:
-                return "\u2585".encode()
-            return text.encode("utf-8")
+            return text.encode("utf-8")   # "<unk>" too (older llama.cpp printed U+2585 for it)
         if self.spm:
             return text.replace("\u2581", " ").encode("utf-8")
         try:
@@ -280,8 +278,9 @@ class Tokenizer:
         return int(self.vocab.token_types[tid]) == CONTROL
 
     def token_bytes(self, tid: int, special: bool = True) -> bytes:
-        """The bytes of one token. Control tokens render as their text only with `special`."""
-        if not special and self.is_control(tid):
+        """The bytes of one token. Control and unknown tokens render as their text only with
+        `special` (llama_vocab::token_to_piece: nothing otherwise)."""
+        if not special and int(self.vocab.token_types[tid]) in (CONTROL, UNKNOWN):
             return b""
         return self._pieces[tid]
 

@@ -49,3 +49,12 @@ def test_utf8_complete_prefix_holds_as_llama_server(data, n):
     """llama-server's validate_utf8 holds back from a lead byte among the last four whose
     character would be longer, even when invalid bytes follow it; the stream breaks there too."""
     assert utf8_complete_prefix(data) == n
+
+
+def test_unknown_token_renders_as_llama_server(stories):
+    """<unk> is its own text with special tokens shown (/detokenize), and nothing in generated
+    text, as llama.cpp's token_to_piece does (an AVX2 llama-server answered "<unk> ha<unk>" for
+    [0, 300, 0]; older llama.cpp printed U+2585)."""
+    tok = stories.tokenizer
+    assert tok.decode([0, 300, 0]) == "<unk> ha<unk>"
+    assert tok.token_bytes(0, special=False) == b""
