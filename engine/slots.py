@@ -140,7 +140,7 @@ class Slot:
     pending_bytes: bytes = b""           # the start of a character whose other bytes are to come
     text: str = ""                       # generated text so far
     n_sent: int = 0                      # characters of text already sent
-    probs: list = field(default_factory=list)
+    probs: list = field(default_factory=list)   # per generated token: its n_probs entry or None
     next_token: int | None = None        # sampled, to be evaluated in the next batch
     t_start: float = 0.0
     t_prompt_done: float | None = None
@@ -518,27 +518,32 @@ class Scheduler:
 
     def _sample(self, s: Slot, logits: np.ndarray) -> None:
         """A slot's next token: draw it, extend the text, decide whether the request stops, send
-        what may be sent, and finish the request if it stopped."""
+        what may be sent, and finish the request if it stopped. A token after which the text
+        ends inside a character is, as in llama-server, neither sent nor reported (n_probs), and
+        no stop string is looked for until the character is complete."""
         task = s.task
         token = s.sampler.sample(logits)
         s.sampler.accept(token)
         s.generated.append(token)
         probs = self._probs(s, logits, token) if task.n_probs > 0 else None
-        if probs is not None:
-            s.probs.append(probs)
-        stop_type, stopping_word, truncated, send_upto = None, "", False, len(s.text)
-        if token in self.engine.tokenizer.eog_ids and not task.ignore_eos:
-            stop_type = "eos"
-        else:
+        is_eog = token in self.engine.tokenizer.eog_ids and not task.ignore_eos
+        if not is_eog:
             self._append_text(s, token)
+        complete = not s.pending_bytes
+        s.probs.append(probs if complete else None)   # aligned with s.generated; None: not reported
+        stop_type, stopping_word, truncated, send_upto = None, "", False, len(s.text)
+        if is_eog:
+            stop_type = "eos"
+        elif complete:
             stop_type, stopping_word, send_upto = self._match_stop(s)
         if stop_type is None:
             stop_type, truncated = self._limit(s)
         if stop_type not in (None, "word"):   # it ends here: no stop string can complete now
             send_upto = len(s.text)
-        piece = s.text[s.n_sent:send_upto] if send_upto > s.n_sent else ""
-        s.n_sent = max(s.n_sent, send_upto)
-        task.events.put(TokenEvent(token, piece, probs, len(s.generated), len(task.prompt_tokens)))
+        if complete:
+            piece = s.text[s.n_sent:send_upto] if send_upto > s.n_sent else ""
+            s.n_sent = max(s.n_sent, send_upto)
+            task.events.put(TokenEvent(token, piece, probs, len(s.generated), len(task.prompt_tokens)))
         if stop_type is None:
             s.next_token = token
         else:
@@ -598,6 +603,7 @@ class Scheduler:
                 acc += tok.token_bytes(t, special=False)
                 kept.append(p)
             probs_out = kept
+        probs_out = [p for p in probs_out if p is not None]
         s.last_generated = content
         n_prompt, n_decoded = len(task.prompt_tokens), len(s.generated)
         m = self.metrics
