@@ -20,9 +20,30 @@ SHAPES = {   # name: (n_embd, n_layer, n_head, n_head_kv, n_ff)
 }
 
 
+def llama3_rope_factors(head_dim: int, base: float, factor: float = 8.0, low_freq_factor: float = 1.0,
+                        high_freq_factor: float = 4.0, original_context: int = 8192) -> np.ndarray:
+    """Llama 3's RoPE scaling as convert_hf_to_gguf.py writes it into rope_freqs.weight: no
+    change for short wavelengths, `factor` for long ones, a smooth mix between. [head_dim/2] f32"""
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    low_wavelen, high_wavelen = original_context / low_freq_factor, original_context / high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
 def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_head_kv: int, n_ff: int,
-          qtype: str = "Q4_0", seed: int = 0, n_ctx: int = 4096) -> str:
-    """A random-weight model; matrices in `qtype`, norms in F32, embeddings in Q8_0."""
+          qtype: str = "Q4_0", seed: int = 0, n_ctx: int = 4096, rope_base: float = 10000.0,
+          llama3_rope: bool = False) -> str:
+    """A random-weight model; matrices in `qtype`, norms in F32, embeddings in Q8_0; with
+    llama3_rope, Llama 3's rope_freqs.weight."""
     from numllama.engine.gguf_file import load_gguf
     vocab = load_gguf(vocab_from).vocab
     rng = np.random.default_rng(seed)
@@ -36,7 +57,7 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
     w.add_feed_forward_length(n_ff)
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(rope_base)
     w.add_tokenizer_model(vocab.model)
     w.add_token_list(vocab.tokens)
     w.add_token_scores([float(s) for s in vocab.scores])
@@ -51,6 +72,8 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
 
     n_vocab = len(vocab.tokens)
     matrix("token_embd.weight", n_vocab, n_embd, "Q8_0")
+    if llama3_rope:
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, rope_base))
     for i in range(n_layer):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, np.float32))
@@ -81,10 +104,14 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--ffn", type=int, default=1536)
     ap.add_argument("--type", default="Q4_0")
+    ap.add_argument("--rope-base", type=float, default=10000.0)
+    ap.add_argument("--llama3-rope", action="store_true", help="write Llama 3's rope_freqs.weight")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-from", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "stories260K.gguf"))
     a = ap.parse_args()
     embd, layers, heads, kv, ffn = SHAPES[a.shape] if a.shape else (a.embd, 30, a.heads, a.kv_heads, a.ffn)
-    write(a.out, a.vocab_from, embd, a.layers or layers, heads, kv, ffn, a.type)
+    write(a.out, a.vocab_from, embd, a.layers or layers, heads, kv, ffn, a.type, seed=a.seed,
+          rope_base=a.rope_base, llama3_rope=a.llama3_rope)
 
 
 if __name__ == "__main__":

@@ -246,7 +246,18 @@ def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
         rope_freq_base=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_freq_scale=scale,
         rms_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_freq_factors=_rope_freq_factors(tensors),
     )
+
+
+def _rope_freq_factors(tensors: dict) -> tuple:
+    """Llama 3 files carry their RoPE scaling as a tensor of per-pair divisors."""
+    t = tensors.get("rope_freqs.weight")
+    if t is None:
+        return ()
+    if t.tensor_type.name != "F32":
+        raise ModelLoadError(f"rope_freqs.weight is {t.tensor_type.name}; llama.cpp and numllama read it as F32")
+    return tuple(float(f) for f in np.asarray(t.data, np.float32).ravel())
 
 
 def _read_vocab(fields: dict) -> VocabData:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class HParams:
@@ -19,6 +21,15 @@ class HParams:
     rope_freq_base: float
     rope_freq_scale: float
     rms_eps: float
+    # Llama 3's RoPE scaling: one divisor per rotated pair (the rope_freqs.weight tensor,
+    # [n_rot / 2]); empty when the file has none, which is the same as all ones
+    rope_freq_factors: tuple = ()
+
+    def rope_factors(self) -> np.ndarray:
+        """The frequency divisors as RoPE takes them: [n_rot / 2] f32."""
+        if self.rope_freq_factors:
+            return np.asarray(self.rope_freq_factors, np.float32)
+        return np.ones(self.n_rot // 2, np.float32)
 
     @property
     def n_embd_kv(self) -> int:

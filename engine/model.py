@@ -137,6 +137,7 @@ class LlamaModel:
 
         hp = self.hp
         self.qkv_sizes = (hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, hp.n_head_kv * hp.head_dim)
+        self.rope_factors = hp.rope_factors()   # [n_rot / 2] f32
         self.token_embd = TokenEmbedding(need("token_embd.weight"))
         self.layers = [layer(i) for i in range(self.hp.n_layer)]
         self.output_norm = vector("output_norm.weight")
@@ -171,8 +172,8 @@ class LlamaModel:
             # attention block
             h = ops.rms_norm(x, layer.attn_norm, hp.rms_eps)       # [T, n_embd]
             q, k, v = split(ops.linear(h, *layer.qkv, order=order), self.qkv_sizes)  # [T, n_head*hd], [T, n_kv*hd] x2
-            rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
-            rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
+            rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, self.rope_factors)
+            rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, self.rope_factors)
             cache.store(il, batch.seq_ids, batch.positions, k, v)
             ops.attention(q, cache.k[il], cache.v[il], batch.seq_ids, batch.positions,
                           hp.n_head, hp.n_head_kv, hp.head_dim, attn_out)

@@ -31,18 +31,19 @@ def rms_norm(x, weight, eps, out):
 
 
 @njit(cache=True, nogil=True)
-def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale):
-    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by angle pos * base^(-2i/n_rot),
-    in place (llama's "normal" RoPE mode). The angle is built by repeated f32 multiplication,
-    as ggml's rope cache does.
+def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_factors):
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by angle
+    freq_scale * pos * base^(-2i/n_rot) / freq_factors[i], in place (llama's "normal" RoPE
+    mode). The angle is built by repeated f32 multiplication, as ggml's rope cache does, and
+    divided by the pair's factor as ggml_rope_cache_init does (Llama 3's scaling; 1 otherwise).
 
-    x: [T, n_heads * head_dim] f32; positions: [T] i32
+    x: [T, n_heads * head_dim] f32; positions: [T] i32; freq_factors: [n_rot / 2] f32
     """
     theta_scale = np.float32(freq_base) ** (np.float32(-2.0) / np.float32(n_rot))
     for t in range(x.shape[0]):
         theta = np.float32(positions[t])
         for i in range(0, n_rot, 2):
-            angle = np.float32(freq_scale) * theta
+            angle = np.float32(freq_scale) * (theta / freq_factors[i // 2])
             c = np.float32(np.cos(angle))
             s = np.float32(np.sin(angle))
             for h in range(n_heads):

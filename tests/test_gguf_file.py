@@ -104,3 +104,17 @@ def test_unsupported_architecture(tmp_path):
 def test_unsupported_tensor_type(tmp_path):
     with pytest.raises(ModelLoadError, match="unsupported tensor type IQ2_XXS"):
         load_gguf(_write(tmp_path, tensor_type=GGMLQuantizationType.IQ2_XXS))
+
+
+def test_llama3_rope_factors_are_read():
+    """rope_freqs.weight (Llama 3) becomes hparams.rope_freq_factors, one per rotated pair; a
+    file without it has none, which RoPE takes as all ones."""
+    import os
+    import numpy as np
+    from numllama.engine.gguf_file import load_gguf
+    data = os.path.join(os.path.dirname(__file__), "data")
+    hp = load_gguf(os.path.join(data, "llama3-rope-tiny.gguf")).hparams
+    assert len(hp.rope_freq_factors) == hp.n_rot // 2 and max(hp.rope_freq_factors) == 8.0
+    assert hp.rope_factors().dtype == np.float32
+    plain = load_gguf(os.path.join(data, "stories260K.gguf")).hparams
+    assert plain.rope_freq_factors == () and (plain.rope_factors() == 1).all()

@@ -24,20 +24,38 @@ def test_stories_greedy_equals_llama_cpp(stories, stories_golden):
         assert stories.tokenizer.decode(out) == g["content"]
 
 
-def test_stories_top_logprobs_equal_llama_server(server):
-    """Greedy and seeded completions with their five top log-probabilities, bit for bit, against
-    what an AVX2 llama-server answered (tests/data/stories260K-top5.json, written by
-    `bench/compare_tokens.py --record`). This used to be "close" (up to 2e-3): the F32 dot
-    product's tail (ffn_down, K=172) was fused where llama.cpp rounds the product first, and the
-    n_probs softmax summed in another order than llama-server's."""
+def top_logprobs_equal_golden(server, golden_name: str) -> None:
+    """Every request of a golden file made by `bench/compare_tokens.py --record` (an AVX2
+    llama-server's answers) gives the same tokens and top-5 log-probabilities, bit for bit."""
     import json
     import os
-    gold = json.load(open(os.path.join(os.path.dirname(__file__), "data", "stories260K-top5.json")))
+    gold = json.load(open(os.path.join(os.path.dirname(__file__), "data", golden_name)))
     for req, answer in zip(gold["requests"], gold["answers"]):
         r = server.post("/completion", {**req, "cache_prompt": False}).json()
         got = [[c["id"], c["logprob"], [[t["id"], t["logprob"]] for t in c["top_logprobs"]]]
                for c in r["completion_probabilities"]]
         assert got == answer, req
+
+
+def test_stories_top_logprobs_equal_llama_server(server):
+    """Greedy and seeded completions of stories260K (tests/data/stories260K-top5.json). This
+    used to be "close" (up to 2e-3): the F32 dot product's tail (ffn_down, K=172) was fused
+    where llama.cpp rounds the product first, and the n_probs softmax summed in another order."""
+    top_logprobs_equal_golden(server, "stories260K-top5.json")
+
+
+def test_llama3_rope_scaling_equals_llama_server(tmp_path):
+    """Llama 3's RoPE scaling (rope_freqs.weight: per-pair frequency divisors) on a tiny
+    random-weight llama file (bench/random_gguf.py --embd 64 --layers 2 --heads 4 --kv-heads 2
+    --ffn 128 --type Q8_0 --rope-base 500000 --llama3-rope --seed 3), against an AVX2
+    llama-server's answers (tests/data/llama3-rope-tiny-top5.json)."""
+    import os
+    from server_util import Server
+    s = Server(["-np", "1", "-c", "2048"], model=os.path.join(os.path.dirname(__file__), "data", "llama3-rope-tiny.gguf"))
+    try:
+        top_logprobs_equal_golden(s, "llama3-rope-tiny-top5.json")
+    finally:
+        s.stop()
 
 
 def test_smollm_greedy_equals_llama_cpp(smollm, smollm_golden):
