@@ -37,15 +37,24 @@ GAUGES = [
     ("n_busy_slots_per_decode", "Average number of busy slots per llama_decode() call"),
 ]
 
-_last = {"lock": threading.Lock(), "snap": None}
+
+class ScrapeWindow:
+    """Throughputs since the previous scrape (llama-server resets its window per scrape): one
+    per app, kept in app.extensions."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.prev = {"prompt_tokens_total": 0, "prompt_seconds_total": 0.0,
+                     "tokens_predicted_total": 0, "tokens_predicted_seconds_total": 0.0}
+
+    def rates(self, m: dict) -> tuple[float, float]:
+        with self.lock:
+            prev, self.prev = self.prev, dict(m)
+        return _rates(prev, m)
 
 
-def _window_rates(m: dict) -> tuple[float, float]:
-    """Throughputs since the previous scrape (llama-server resets its window per scrape)."""
-    with _last["lock"]:
-        prev = _last["snap"] or {"prompt_tokens_total": 0, "prompt_seconds_total": 0.0,
-                                 "tokens_predicted_total": 0, "tokens_predicted_seconds_total": 0.0}
-        _last["snap"] = dict(m)
+def _rates(prev: dict, m: dict) -> tuple[float, float]:
+    """Prompt and generation tokens per second between two snapshots of the counters."""
     dp = m["prompt_tokens_total"] - prev["prompt_tokens_total"]
     ds = m["prompt_seconds_total"] - prev["prompt_seconds_total"]
     dg = m["tokens_predicted_total"] - prev["tokens_predicted_total"]
@@ -59,7 +68,8 @@ def metrics():
     require_flag(ctx.enable_metrics, "metrics endpoint", "--metrics")
     view = ctx.scheduler.view()
     m = dataclasses.asdict(view.metrics)
-    prompt_rate, predicted_rate = _window_rates(m)
+    window = current_app.extensions.setdefault("numllama_scrape_window", ScrapeWindow())
+    prompt_rate, predicted_rate = window.rates(m)
     values = dict(m)
     values.update({"spec_decode_num_draft_tokens_total": 0, "spec_decode_num_accepted_tokens_total": 0,
                    "spec_decode_num_drafts_total": 0, "prompt_tokens_seconds": prompt_rate,
