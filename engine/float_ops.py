@@ -1,8 +1,10 @@
 """Exact float building blocks for Numba kernels: fused multiply-add and bit casts.
 
-ggml's C code is compiled with floating-point contraction and its SIMD code calls
-_mm256_fmadd_ps explicitly; where it does, we must too, or the last bit differs, and 8-bit
-activation quantization amplifies that bit into different tokens. `expf_ggml` is ggml's
+ggml's SIMD code calls _mm256_fmadd_ps explicitly and much of its C is compiled with
+floating-point contraction; where it fuses, we must too, or the last bit differs, and 8-bit
+activation quantization amplifies that bit into different tokens. Where it does not (the scalar
+tail of ggml_vec_dot_f32 rounds the product first), neither do we: which is which was read off
+an AVX2 build, tensor by tensor, not assumed. `expf_ggml` is ggml's
 vectorised exp (ggml_v_expf), which SiLU uses instead of libm's expf.
 """
 from __future__ import annotations
