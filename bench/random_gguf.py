@@ -41,14 +41,15 @@ def llama3_rope_factors(head_dim: int, base: float, factor: float = 8.0, low_fre
 
 def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_head_kv: int, n_ff: int,
           qtype: str = "Q4_0", seed: int = 0, n_ctx: int = 4096, rope_base: float = 10000.0,
-          llama3_rope: bool = False) -> str:
+          llama3_rope: bool = False, arch: str = "llama") -> str:
     """A random-weight model; matrices in `qtype`, norms in F32, embeddings in Q8_0; with
-    llama3_rope, Llama 3's rope_freqs.weight."""
+    llama3_rope, Llama 3's rope_freqs.weight; arch "qwen2" adds q/k/v biases (and llama.cpp
+    then rotates NeoX-style)."""
     from numllama.engine.gguf_file import load_gguf
     vocab = load_gguf(vocab_from).vocab
     rng = np.random.default_rng(seed)
     head_dim = n_embd // n_head
-    w = GGUFWriter(path, "llama")
+    w = GGUFWriter(path, arch)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
@@ -81,6 +82,9 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
         matrix(p + "attn_q.weight", n_head * head_dim, n_embd, qtype)
         matrix(p + "attn_k.weight", n_head_kv * head_dim, n_embd, qtype)
         matrix(p + "attn_v.weight", n_head_kv * head_dim, n_embd, qtype)
+        if arch == "qwen2":
+            for name, rows in (("attn_q", n_head), ("attn_k", n_head_kv), ("attn_v", n_head_kv)):
+                w.add_tensor(p + name + ".bias", rng.standard_normal(rows * head_dim).astype(np.float32))
         matrix(p + "attn_output.weight", n_embd, n_head * head_dim, qtype)
         matrix(p + "ffn_gate.weight", n_ff, n_embd, qtype)
         matrix(p + "ffn_up.weight", n_ff, n_embd, qtype)
@@ -107,11 +111,12 @@ def main() -> None:
     ap.add_argument("--rope-base", type=float, default=10000.0)
     ap.add_argument("--llama3-rope", action="store_true", help="write Llama 3's rope_freqs.weight")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
     ap.add_argument("--vocab-from", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "stories260K.gguf"))
     a = ap.parse_args()
     embd, layers, heads, kv, ffn = SHAPES[a.shape] if a.shape else (a.embd, 30, a.heads, a.kv_heads, a.ffn)
     write(a.out, a.vocab_from, embd, a.layers or layers, heads, kv, ffn, a.type, seed=a.seed,
-          rope_base=a.rope_base, llama3_rope=a.llama3_rope)
+          rope_base=a.rope_base, llama3_rope=a.llama3_rope, arch=a.arch)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .hparams import HParams
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2")
+# RoPE style per architecture (llama.cpp's llama_model_rope_type): NeoX rotates dimension i
+# with i + n_rot/2, the "normal" style rotates adjacent pairs
+NEOX_ROPE_ARCHS = frozenset({"qwen2"})
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                           "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -247,6 +250,7 @@ def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
         rope_freq_scale=scale,
         rms_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_freq_factors=_rope_freq_factors(tensors),
+        rope_neox=arch in NEOX_ROPE_ARCHS,
     )
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class HParams:
-    arch: str             # "llama"
+    arch: str             # "llama", "qwen2"
     n_vocab: int          # rows of token_embd
     n_ctx_train: int      # context length the model was trained with
     n_embd: int           # width of the residual stream
@@ -24,6 +24,7 @@ class HParams:
     # Llama 3's RoPE scaling: one divisor per rotated pair (the rope_freqs.weight tensor,
     # [n_rot / 2]); empty when the file has none, which is the same as all ones
     rope_freq_factors: tuple = ()
+    rope_neox: bool = False   # NeoX-style RoPE (qwen2): pairs (i, i + n_rot/2), not (2i, 2i+1)
 
     def rope_factors(self) -> np.ndarray:
         """The frequency divisors as RoPE takes them: [n_rot / 2] f32."""

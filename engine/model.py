@@ -5,7 +5,7 @@ Read `LlamaModel.forward` top to bottom: it is the math of one transformer step.
     x = embed(tokens)
     for each layer:
         h = rms_norm(x) * attn_norm
-        q, k, v = h Wq, h Wk, h Wv          rope(q), rope(k); k, v -> KV cache
+        q, k, v = h Wq, h Wk, h Wv          (+ bq, bk, bv: qwen2) rope(q), rope(k); k, v -> KV cache
         x = x + attention(q, cache) Wo
         h = rms_norm(x) * ffn_norm
         x = x + (silu(h Wgate) * (h Wup)) Wdown
@@ -38,6 +38,7 @@ class LayerWeights:
     ffn_norm: np.ndarray      # [n_embd] f32
     gate_up: tuple            # PackedWeight(s), see above
     w_down: PackedWeight      # [n_embd, n_ff]
+    qkv_bias: tuple | None = None   # (b_q, b_k, b_v) f32 added after the projections (qwen2)
 
 
 @dataclass
@@ -121,6 +122,15 @@ class LlamaModel:
         def vector(name):
             return np.asarray(need(name).data, dtype=np.float32)
 
+        def biases(*names):
+            """The projections' bias vectors, where the file has them (all or none)."""
+            present = [n in t for n in names]
+            if not any(present):
+                return None
+            if not all(present):
+                raise ModelLoadError(f"{gguf.path} has some of {', '.join(names)} but not all")
+            return tuple(vector(n) for n in names)
+
         def layer(i):
             packed = LayerWeights(
                 attn_norm=vector(f"blk.{i}.attn_norm.weight"),
@@ -129,6 +139,7 @@ class LlamaModel:
                 ffn_norm=vector(f"blk.{i}.ffn_norm.weight"),
                 gate_up=stacked(f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight"),
                 w_down=weight(f"blk.{i}.ffn_down.weight"),
+                qkv_bias=biases(f"blk.{i}.attn_q.bias", f"blk.{i}.attn_k.bias", f"blk.{i}.attn_v.bias"),
             )
             gguf.drop_resident_pages()   # the layer's GGUF pages were copied: out of our RSS now
             if on_layer:
@@ -172,8 +183,13 @@ class LlamaModel:
             # attention block
             h = ops.rms_norm(x, layer.attn_norm, hp.rms_eps)       # [T, n_embd]
             q, k, v = split(ops.linear(h, *layer.qkv, order=order), self.qkv_sizes)  # [T, n_head*hd], [T, n_kv*hd] x2
-            rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, self.rope_factors)
-            rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, self.rope_factors)
+            if layer.qkv_bias is not None:                         # qwen2
+                bq, bk, bv = layer.qkv_bias
+                q += bq
+                k += bk
+                v += bv
+            rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, self.rope_factors, hp.rope_neox)
+            rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, self.rope_factors, hp.rope_neox)
             cache.store(il, batch.seq_ids, batch.positions, k, v)
             ops.attention(q, cache.k[il], cache.v[il], batch.seq_ids, batch.positions,
                           hp.n_head, hp.n_head_kv, hp.head_dim, attn_out)

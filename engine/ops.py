@@ -31,11 +31,12 @@ def rms_norm(x, weight, eps, out):
 
 
 @njit(cache=True, nogil=True)
-def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_factors):
-    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by angle
-    freq_scale * pos * base^(-2i/n_rot) / freq_factors[i], in place (llama's "normal" RoPE
-    mode). The angle is built by repeated f32 multiplication, as ggml's rope cache does, and
-    divided by the pair's factor as ggml_rope_cache_init does (Llama 3's scaling; 1 otherwise).
+def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_factors, neox):
+    """Rotate pair i of every head by angle freq_scale * pos * base^(-2i/n_rot) /
+    freq_factors[i], in place. The pair is (x[2i], x[2i+1]) in llama's "normal" mode and
+    (x[i], x[i + n_rot/2]) in NeoX's (qwen2); dimensions past n_rot stay as they are. The angle
+    is built by repeated f32 multiplication, as ggml's rope cache does, and divided by the
+    pair's factor as ggml_rope_cache_init does (Llama 3's scaling; 1 otherwise).
 
     x: [T, n_heads * head_dim] f32; positions: [T] i32; freq_factors: [n_rot / 2] f32
     """
@@ -47,12 +48,17 @@ def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_fac
             c = np.float32(np.cos(angle))
             s = np.float32(np.sin(angle))
             for h in range(n_heads):
-                j = h * head_dim + i
-                x0 = x[t, j]
-                x1 = x[t, j + 1]
-                # ggml's C is compiled with FP contraction: the first product is fused
-                x[t, j] = fma(x0, c, -(x1 * s))
-                x[t, j + 1] = fma(x0, s, x1 * c)
+                if neox:
+                    j0 = h * head_dim + i // 2
+                    j1 = j0 + n_rot // 2
+                else:
+                    j0 = h * head_dim + i
+                    j1 = j0 + 1
+                x0 = x[t, j0]
+                x1 = x[t, j1]
+                # ggml's C is compiled with FP contraction here: the first product is fused
+                x[t, j0] = fma(x0, c, -(x1 * s))
+                x[t, j1] = fma(x0, s, x1 * c)
             theta = theta * theta_scale
 
 

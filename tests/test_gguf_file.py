@@ -118,3 +118,10 @@ def test_llama3_rope_factors_are_read():
     assert hp.rope_factors().dtype == np.float32
     plain = load_gguf(os.path.join(data, "stories260K.gguf")).hparams
     assert plain.rope_freq_factors == () and (plain.rope_factors() == 1).all()
+
+
+def test_rope_style_follows_the_architecture():
+    import os
+    data = os.path.join(os.path.dirname(__file__), "data")
+    assert load_gguf(os.path.join(data, "qwen2-tiny.gguf")).hparams.rope_neox
+    assert not load_gguf(os.path.join(data, "stories260K.gguf")).hparams.rope_neox

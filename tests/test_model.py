@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from numllama.engine.model import Batch
 
@@ -44,16 +45,22 @@ def test_stories_top_logprobs_equal_llama_server(server):
     top_logprobs_equal_golden(server, "stories260K-top5.json")
 
 
-def test_llama3_rope_scaling_equals_llama_server(tmp_path):
-    """Llama 3's RoPE scaling (rope_freqs.weight: per-pair frequency divisors) on a tiny
-    random-weight llama file (bench/random_gguf.py --embd 64 --layers 2 --heads 4 --kv-heads 2
-    --ffn 128 --type Q8_0 --rope-base 500000 --llama3-rope --seed 3), against an AVX2
-    llama-server's answers (tests/data/llama3-rope-tiny-top5.json)."""
+# Tiny random-weight files written by bench/random_gguf.py (--embd 64 --layers 2 --heads 4
+# --kv-heads 2 --ffn 128 --type Q8_0 and what is listed), with an AVX2 llama-server's answers
+# recorded by bench/compare_tokens.py --record (-n 24 --seeds 2).
+TINY_MODELS = {
+    "llama3-rope-tiny": "Llama 3's RoPE scaling, rope_freqs.weight (--rope-base 500000 --llama3-rope --seed 3)",
+    "qwen2-tiny": "qwen2: q/k/v biases, NeoX RoPE (--arch qwen2 --rope-base 1000000 --seed 5)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_tiny_architecture_equals_llama_server(name):
     import os
     from server_util import Server
-    s = Server(["-np", "1", "-c", "2048"], model=os.path.join(os.path.dirname(__file__), "data", "llama3-rope-tiny.gguf"))
+    s = Server(["-np", "1", "-c", "2048"], model=os.path.join(os.path.dirname(__file__), "data", name + ".gguf"))
     try:
-        top_logprobs_equal_golden(s, "llama3-rope-tiny-top5.json")
+        top_logprobs_equal_golden(s, name + "-top5.json")
     finally:
         s.stop()
 
