@@ -5,7 +5,8 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STORIES = os.path.join(REPO, "tests", "data", "stories260K.gguf")   # vendored with the tests
+DATA = os.path.join(REPO, "tests", "data")                        # vendored with the tests
+STORIES = os.path.join(DATA, "stories260K.gguf")
 
 
 @pytest.fixture(autouse=True)
@@ -13,3 +14,4 @@ def _doc_names(doctest_namespace):
     if not os.path.exists(STORIES):
         pytest.fail(f"docs need stories260K: looked for {STORIES}")
     doctest_namespace["STORIES"] = STORIES
+    doctest_namespace["DATA"] = DATA
