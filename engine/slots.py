@@ -236,16 +236,19 @@ class SchedulerView:
 
 
 class Scheduler:
-    SIMILARITY = np.float32(0.1)   # llama-server's slot_prompt_similarity: reuse a slot above this overlap
     SAVE_BELOW_KEEP = np.float32(0.5)   # llama-server: a reused slot about to lose more than half its state saves it first
 
     def __init__(self, engine: Engine, n_slots: int, n_ctx_slot: int, n_batch: int = 512,
                  n_predict_default: int = -1, context_shift: bool = False, cache_ram_mib: float = 0,
-                 cache_idle_slots: bool = True, kv_unified: bool = False, max_waiting: int | None = None):
+                 cache_idle_slots: bool = True, kv_unified: bool = False, max_waiting: int | None = None,
+                 slot_prompt_similarity: float = 0.1):
         """max_waiting: tasks that may wait for a slot (None: no limit); submit refuses more.
         cache_ram_mib: budget of the host-RAM prompt cache (0: none, < 0: unlimited).
         cache_idle_slots: also keep idle slots' states there when a task starts (and, with a
-        unified KV pool, clear them), as llama-server does."""
+        unified KV pool, clear them), as llama-server does.
+        slot_prompt_similarity: llama-server's -sps; a slot whose cached tokens cover more than
+        this share of a prompt serves it (0: the least recently used slot always does)."""
+        self.similarity = np.float32(slot_prompt_similarity)
         self.engine = engine
         self.context_shift = context_shift
         self.log = logging.getLogger("numllama.slots")
@@ -396,25 +399,28 @@ class Scheduler:
     def _choose_slot(self, task: Task, idle: list[Slot]) -> tuple[Slot, bool]:
         """llama-server's get_available_slot, step for step (the slot ids it reports depend on
         it): the slot asked for (id_slot; `idle` holds only it then), or the idle slot whose
-        cached tokens cover the largest share of the prompt above SIMILARITY (the first on
+        cached tokens cover the largest share of the prompt above `similarity` (the first on
         ties), else the least recently used one (the last on ties). Returns the slot and whether
         its state goes to the RAM prompt cache first: always after an LRU pick, and after a
         reuse that keeps less than half of it. Whether the task uses the cache (cache_prompt)
         plays no part, as in llama-server."""
         n_prompt = np.float32(max(len(task.prompt_tokens), 1))
         chosen = idle[0] if task.id_slot >= 0 else None
-        f_sim_best = np.float32(0)
-        for s in idle:
-            if not s.cache_tokens:
-                continue
-            f_sim = np.float32(common_prefix(s.cache_tokens, task.prompt_tokens)) / n_prompt
-            if f_sim > f_sim_best and f_sim > self.SIMILARITY:
-                f_sim_best, chosen = f_sim, s
-        if chosen is not None:
-            if not chosen.cache_tokens:   # llama-server's f_keep is 0/0 then: no reason to save
-                return chosen, False
-            f_keep = f_sim_best * n_prompt / np.float32(len(chosen.cache_tokens))
-            return chosen, bool(f_keep < self.SAVE_BELOW_KEEP)
+        if self.similarity != 0:
+            f_sim_best = np.float32(0)
+            for s in idle:
+                if not s.cache_tokens:
+                    continue
+                f_sim = np.float32(common_prefix(s.cache_tokens, task.prompt_tokens)) / n_prompt
+                if f_sim > f_sim_best and f_sim > self.similarity:
+                    f_sim_best, chosen = f_sim, s
+            if chosen is not None:
+                if not chosen.cache_tokens:   # llama-server's f_keep is 0/0 then: no reason to save
+                    return chosen, False
+                f_keep = f_sim_best * n_prompt / np.float32(len(chosen.cache_tokens))
+                return chosen, bool(f_keep < self.SAVE_BELOW_KEEP)
+        if chosen is not None:   # asked for by id, similarity off: llama-server saves nothing
+            return chosen, False
         t_last = 0.0
         for s in idle:
             if chosen is None or s.last_used <= t_last:

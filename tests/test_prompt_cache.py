@@ -83,3 +83,15 @@ def test_slot_choice_as_llama_server(stories_path):
         assert r.json()["id_slot"] == 1
     finally:
         s.stop()
+
+
+def test_slot_prompt_similarity_flag(stories_path):
+    """-sps 0 turns the similarity choice off (llama-server answered 3 2 1 0 for these prompts,
+    and 3 3 3 3 with its default 0.1)."""
+    prompts = [f"Once upon a time number {i}" for i in (1, 2, 3, 1)]
+    for sps, expected in (("0", [3, 2, 1, 0]), ("0.1", [3, 3, 3, 3])):
+        s = Server(["-np", "4", "-c", "1024", "-sps", sps], model=stories_path)
+        try:
+            assert [s.post("/completion", {"prompt": p, "n_predict": 2}).json()["id_slot"] for p in prompts] == expected
+        finally:
+            s.stop()

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--slot-save-path", help="folder for POST /slots/{id}?action=save|restore")
     a("--cache-ram", type=float, default=8192,
       help="MiB of host RAM for saved prompt states (0: off, -1: no limit)")
+    a("-sps", "--slot-prompt-similarity", type=float, default=0.1,
+      help="reuse the idle slot whose cached tokens cover more than this share of the prompt (0: always the least recently used)")
     a("--cache-idle-slots", dest="cache_idle_slots", action="store_true", default=True)
     a("--no-cache-idle-slots", dest="cache_idle_slots", action="store_false",
       help="do not move idle slots' states to the prompt cache when a task starts")
@@ -198,7 +200,7 @@ def build_context(args, path: str):
     scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=args.batch_size, max_waiting=max(0, args.max_queue),
                           n_predict_default=args.n_predict, context_shift=args.context_shift,
                           cache_ram_mib=args.cache_ram, cache_idle_slots=args.cache_idle_slots,
-                          kv_unified=kv_unified)
+                          kv_unified=kv_unified, slot_prompt_similarity=args.slot_prompt_similarity)
     from ..engine.chat_template import ChatTemplate
     template = args.chat_template
     if args.chat_template_file:
