@@ -408,28 +408,16 @@ def _partial_sort_desc(ids, lg, middle):
         _heap_adjust(ids, lg, 0, last, vid, vl)
 
 
-@njit(cache=True, nogil=True)
-def token_probabilities(logits, n_top):
+def token_probabilities(logits: np.ndarray, n_top: int) -> tuple[np.ndarray, np.ndarray]:
     """llama-server's get_token_probabilities: the vocabulary with the n_top most likely tokens
-    first, and every token's softmax probability (expf, summed in f32 in that order).
+    first, and every token's softmax probability, summed in f32 in that order (the sampler's
+    own softmax, Candidates.softmax, is the same arithmetic).
     logits: [n_vocab] f32 -> ids [n_vocab] i32, p [n_vocab] f32"""
-    n = logits.shape[0]
-    ids = np.arange(n).astype(np.int32)
-    lg = logits.copy()
-    n_top = min(n_top, n)
+    c = Candidates(np.arange(len(logits), dtype=np.int32), np.array(logits, np.float32))
     if n_top > 0:
-        _partial_sort_desc(ids, lg, n_top)
-        max_l = lg[0]
-    else:
-        max_l = lg.max()
-    p = np.empty(n, np.float32)
-    total = np.float32(0.0)
-    for i in range(n):
-        p[i] = np.exp(lg[i] - max_l)
-        total += p[i]
-    for i in range(n):
-        p[i] = p[i] / total
-    return ids, p
+        _partial_sort_desc(c.ids, c.logits, min(n_top, len(logits)))
+    c.softmax()
+    return c.ids, c.p
 
 
 LOWEST_F32 = float(np.finfo(np.float32).min)   # llama-server's log of 0 (JSON has no -inf)
