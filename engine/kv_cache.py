@@ -77,10 +77,11 @@ class KVCache:
         delta = np.full(m, -n_discard, np.int32)
         keys = self.k[self._keys(seq, src, m)].view(np.float16).astype(np.float32)   # [m, L, n_kv, hd]
         moved = np.empty_like(keys)
+        rope_factors = hp.rope_factors()
         for layer in range(hp.n_layer):
             k = np.ascontiguousarray(keys[:, layer].reshape(m, -1))                     # [m, n_kv*hd]
             rope(k, delta, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale,
-                 hp.rope_factors(), hp.rope_neox)
+                 rope_factors, hp.rope_neox)
             moved[:, layer] = k.reshape(m, hp.n_head_kv, hp.head_dim)
         self.k[self._keys(seq, dst, m)] = moved.astype(np.float16).view(np.uint16)
         self.v[:, seq, :, dst:dst + m] = self.v[:, seq, :, src:src + m].copy()

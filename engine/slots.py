@@ -13,10 +13,10 @@ request thread submits a `Task` and reads `Event`s from the task's queue; settin
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
-import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -282,7 +282,7 @@ class Scheduler:
         with self.lock:
             if self.max_waiting is not None:
                 n_idle = sum(not s.busy for s in self.slots)
-                n_queued = sum(not t.cancelled.is_set() for t in self.waiting)
+                n_queued = self._n_waiting()
                 if n_queued + len(tasks) - n_idle > self.max_waiting:
                     raise QueueFull(f"all {len(self.slots)} slots are busy and {n_queued} tasks are "
                                     f"waiting (the limit is {self.max_waiting})")
@@ -295,7 +295,7 @@ class Scheduler:
 
     def capacity(self) -> int | None:
         """Tasks the scheduler can hold at once (running and waiting); None: no limit."""
-        return None if self.max_waiting is None else len(self.slots) + self.max_waiting
+        return None if self.max_waiting is None else self.n_slots + self.max_waiting
 
     def cancel(self, task: Task) -> None:
         task.cancelled.set()
@@ -306,6 +306,10 @@ class Scheduler:
     def n_slots(self) -> int:
         return len(self.slots)
 
+    def _n_waiting(self) -> int:
+        """Tasks queued for a slot and not cancelled (call under the lock)."""
+        return sum(not t.cancelled.is_set() for t in self.waiting)
+
     def view(self) -> SchedulerView:
         """A consistent copy of what the HTTP side may show (taken under the lock, so no task
         starts or is queued meanwhile)."""
@@ -313,7 +317,7 @@ class Scheduler:
             cache = self.prompt_cache
             return SchedulerView(
                 slots=tuple(s.view() for s in self.slots),
-                n_waiting=sum(not t.cancelled.is_set() for t in self.waiting),
+                n_waiting=self._n_waiting(),
                 metrics=dataclasses.replace(self.metrics),
                 prompt_cache_bytes=cache.n_bytes if cache else 0,
                 prompt_cache_states=len(cache.entries) if cache else 0,
@@ -531,12 +535,12 @@ class Scheduler:
         token = s.sampler.sample(logits)
         s.sampler.accept(token)
         s.generated.append(token)
-        probs = self._probs(s, logits, token) if task.n_probs > 0 else None
         is_eog = token in self.engine.tokenizer.eog_ids and not task.ignore_eos
         if not is_eog:
             self._append_text(s, token)
         complete = not s.pending_bytes
-        s.probs.append(probs if complete else None)   # aligned with s.generated; None: not reported
+        probs = self._probs(s, logits, token) if task.n_probs > 0 and complete else None
+        s.probs.append(probs)   # aligned with s.generated; None: not reported
         stop_type, stopping_word, truncated, send_upto = None, "", False, len(s.text)
         if is_eog:
             stop_type = "eos"
