@@ -98,14 +98,10 @@ class CudaLayers:
         self.weights: dict[int, DeviceWeight] = {}
         for i in range(self.n_layers):
             layer = model.layers[i]
-            groups = ((layer.qkv, ("attn_q", "attn_k", "attn_v")), ((layer.wo,), ("attn_output",)),
-                      (layer.gate_up, ("ffn_gate", "ffn_up")), ((layer.w_down,), ("ffn_down",)))
-            for packed_list, names in groups:
-                raws = [t[f"blk.{i}.{n}.weight"].data for n in names]
-                if len(packed_list) == 1 and len(raws) > 1:   # a stacked projection: stack the rows too
-                    raws = [np.concatenate([np.asarray(r) for r in raws])]
-                for packed, raw in zip(packed_list, raws):
-                    self.weights[id(packed)] = DeviceWeight(raw, packed)
+            for packed in (*layer.qkv, layer.wo, *layer.gate_up, layer.w_down):
+                raws = [np.asarray(t[name].data) for name in model.sources[id(packed)]]
+                raw = raws[0] if len(raws) == 1 else np.concatenate(raws)   # a stacked projection
+                self.weights[id(packed)] = DeviceWeight(raw, packed)
 
     def linear(self, x: np.ndarray, *weights: PackedWeight, order: KernelOrder | None = None) -> list[np.ndarray]:
         cuda, k = self.cuda, self.k
@@ -142,7 +138,7 @@ class CudaLayers:
                                                      cuda.to_device(weight), np.float32(eps), out)
         return out.copy_to_host()
 
-    def attention(self, q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, out):
+    def attention(self, q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, scale, window, out):
         cuda = self.cuda
         n_ctx = int(positions.max()) + 1
         kc = cuda.to_device(np.ascontiguousarray(k_cache[:, :, :-(-n_ctx // k_cache.shape[-1])]).view(np.float16))
@@ -152,5 +148,5 @@ class CudaLayers:
         dev_out = cuda.device_array(out.shape, np.float32)
         self.k.attention[math.ceil(jobs / 32), 32](cuda.to_device(q), kc, vc, cuda.to_device(seq_ids),
                                                    cuda.to_device(positions), n_head, n_head_kv, head_dim,
-                                                   scores, dev_out)
+                                                   np.float32(scale), window, scores, dev_out)
         out[:] = dev_out.copy_to_host()

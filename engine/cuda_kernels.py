@@ -253,10 +253,11 @@ def round_f16(v):
 
 
 @cuda.jit
-def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, scores, out):
+def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, scale, window,
+              scores, out):
     """Twin of ops.attention (ggml's flash attention with an f16 cache): one thread per
-    (token, head); f16 dot products (lane order for head_dim >= 32), online softmax, f16
-    accumulator with FMA.  k_cache: [n_seq, n_kv, n_chunks, hd, k_chunk] f16 (as on the host);
+    (token, head) over positions max(0, pos - window + 1) .. pos (all up to pos when window is
+    0); f16 dot products (lane order for head_dim >= 32), online softmax, f16 accumulator with FMA.  k_cache: [n_seq, n_kv, n_chunks, hd, k_chunk] f16 (as on the host);
     v_cache: [n_seq, n_kv, n_ctx, hd] f16;
     scores: [T * n_head, n_ctx] f32 scratch; out: [T, n_head * hd] f32"""
     job = cuda.grid(1)
@@ -267,11 +268,13 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     kvh = h // (n_head // n_head_kv)
     s_id = seq_ids[t]
     n_kv = positions[t] + 1
+    first = 0
+    if window > 0 and n_kv > window:
+        first = n_kv - window
     k_chunk = k_cache.shape[4]
-    scale = np.float32(1.0) / math.sqrt(np.float32(head_dim))
     lanes = cuda.local.array(32, np.float32)
     n_simd = head_dim - head_dim % 32
-    for j in range(n_kv):
+    for j in range(first, n_kv):
         for i in range(32):
             lanes[i] = 0
         for l in range(0, n_simd, 32):
@@ -283,11 +286,11 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
             key = np.float32(k_cache[s_id, kvh, j // k_chunk, d, j % k_chunk])
             total += np.float64(round_f16(q[t, h * head_dim + d]) * key)
         scores[job, j] = np.float32(total) * scale
-    m = scores[job, 0]
+    m = scores[job, first]
     s_total = np.float32(1.0)
     for d in range(head_dim):
-        out[t, h * head_dim + d] = np.float32(v_cache[s_id, kvh, 0, d])
-    for j in range(1, n_kv):
+        out[t, h * head_dim + d] = np.float32(v_cache[s_id, kvh, first, d])
+    for j in range(first + 1, n_kv):
         sj = scores[job, j]
         ms = np.float32(1.0)
         vs = np.float32(1.0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .float_ops import expf_ggml, f16_bits_of, f16_to_f32, fma, round_f16
+from .float_ops import expf_ggml, f16_bits_of, f16_to_f32, f32_bits, fma, round_f16
 from .quants.kernels import reduce4x8_across
 
 
@@ -131,8 +131,10 @@ def _scores(qh, keys, nj, head_dim, lanes, wide, out):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, out):
-    """Causal grouped-query attention of each token over its own sequence's cache.
+def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, scale, window, out):
+    """Causal grouped-query attention of each token over its own sequence's cache: the
+    positions max(0, pos - window + 1) .. pos when window > 0 (a sliding-window layer, whose
+    older cells llama.cpp masks to -inf and skips), else 0 .. pos. Scores are scaled by `scale`.
 
     Mirrors ggml's CPU flash attention for an f16 cache (one_chunk): q is rounded to f16,
     scores are f16 x f16 dot products, the softmax is online (running max M and sum S) and the
@@ -145,12 +147,14 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
               transposed in chunks of positions, see kv_cache.py)
     v_cache:  [n_seq, n_head_kv, n_ctx, head_dim] uint16, f16 bits
     seq_ids:  [T] i32  which cache row each token reads
-    positions:[T] i32  the token attends to cache positions 0..positions[t]
+    positions:[T] i32  the token attends to cache positions up to positions[t]
+    scale:    f32 scores are multiplied by (1/sqrt(head_dim), or 1 where q was scaled before)
+    window:   i32 0, or how many positions a sliding-window layer sees
     out:      [T, n_head * head_dim] f32
     """
     n_tokens = q.shape[0]
     group = n_head // n_head_kv
-    scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
+    scale = np.float32(scale)
     n_jobs = n_tokens * n_head
     max_kv = 0
     for t in range(n_tokens):
@@ -170,25 +174,32 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
         for job in range(part, n_jobs, n_parts):
             t = job // n_head
             h = job % n_head
-            _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, out,
+            _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, out,
                     qh, acc, all_scores, all_ms, all_vs, lanes, wide)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, out,
+def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, out,
             qh, acc, all_scores, all_ms, all_vs, lanes, wide):
     """One token's attention for one head (see `attention`), in the scratch arrays given."""
     keys = k_cache[seq_ids[t], h // group]       # [n_chunks, head_dim, KEY_CHUNK]
-    values = v_cache[seq_ids[t], h // group]     # [n_ctx, head_dim]
-    n_kv = positions[t] + 1
+    n_end = positions[t] + 1
+    first = 0
+    if window > 0 and n_end > window:
+        first = n_end - window
+    # the key chunks are scored whole: start at the chunk holding `first`, drop what precedes it
+    chunk0 = first - first % KEY_CHUNK
+    values = v_cache[seq_ids[t], h // group, first:]   # [n_kv, head_dim]
+    n_kv = n_end - first
     qt = q[t, h * head_dim:(h + 1) * head_dim]
     for d in range(head_dim):
         qh[d] = round_f16(qt[d])
     # 1. scores
-    scores = all_scores[:n_kv]
-    for j0 in range(0, n_kv, KEY_CHUNK):
-        nj = min(KEY_CHUNK, n_kv - j0)
-        _scores(qh, keys[j0 // KEY_CHUNK], nj, head_dim, lanes, wide, scores[j0:j0 + nj])
+    chunk_scores = all_scores[:n_end - chunk0]
+    for j0 in range(chunk0, n_end, KEY_CHUNK):
+        nj = min(KEY_CHUNK, n_end - j0)
+        _scores(qh, keys[j0 // KEY_CHUNK], nj, head_dim, lanes, wide, chunk_scores[j0 - chunk0:j0 - chunk0 + nj])
+    scores = chunk_scores[first - chunk0:]
     for j in range(n_kv):
         scores[j] = scores[j] * scale
     # 2. online softmax: ms[j] rescales the accumulator, vs[j] weighs v_j
@@ -242,3 +253,53 @@ def swiglu(gate, up, out):
         for i in range(n_simd, n):
             g = gate[t, i]
             out[t, i] = (g / (one + np.float32(np.exp(-g)))) * up[t, i]
+
+
+GELU_COEF_A = np.float32(0.044715)
+SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
+GELU_TABLE_LIMIT = np.float32(10.0)
+F16_QUIET_NAN, F16_SIGN = 0x7E00, 0x8000   # beyond +-10, ggml's GELU is x (or 0) without the table
+
+
+@njit(cache=True, nogil=True)
+def gelu_f16_table():
+    """ggml_table_gelu_f16: GELU-tanh of every f16 value, rounded to f16 ([65536] uint16, indexed
+    by the input's bits). ggml builds it in ggml_cpu_init from ggml_gelu_f32,
+        0.5 x (1 + tanhf(sqrt(2/pi) x (1 + 0.044715 x x))),
+    compiled with FP contraction: the inner `1 + 0.044715 x * x` is one fused multiply-add."""
+    table = np.empty(1 << 16, np.uint16)
+    for bits in range(1 << 16):
+        x = f16_to_f32(np.uint16(bits))
+        inner = (SQRT_2_OVER_PI * x) * fma(GELU_COEF_A * x, x, np.float32(1.0))
+        y = (np.float32(0.5) * x) * (np.float32(1.0) + np.float32(np.tanh(inner)))
+        if y != y:   # NaN: ggml's table holds the quiet NaN without payload, sign kept
+            table[bits] = F16_QUIET_NAN | (F16_SIGN if f32_bits(y) < 0 else 0)
+        else:
+            table[bits] = f16_bits_of(y)
+    return table
+
+
+@njit(cache=True, nogil=True)
+def geglu(gate, up, table, out):
+    """out = gelu(gate) * up, as ggml_vec_geglu_f32 with GGML_GELU_FP16: gelu is looked up in
+    `table` (gelu_f16_table) at gate rounded to f16, except past +-GELU_TABLE_LIMIT.
+    gate, up, out: [T, n_ff] f32"""
+    for t in range(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            g = gate[t, i]
+            if g <= -GELU_TABLE_LIMIT:
+                out[t, i] = np.float32(0.0)
+            elif g >= GELU_TABLE_LIMIT:
+                out[t, i] = g * up[t, i]
+            else:
+                out[t, i] = f16_to_f32(table[f16_bits_of(g)]) * up[t, i]
+
+
+@njit(cache=True, nogil=True)
+def softcap(x, cap):
+    """x = cap * tanh(x / cap) in place, as gemma's ggml_scale(1/cap) -> ggml_tanh -> ggml_scale(cap).
+    x: [T, n] f32"""
+    inv = np.float32(1.0) / np.float32(cap)
+    for t in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            x[t, i] = np.float32(np.tanh(x[t, i] * inv)) * np.float32(cap)

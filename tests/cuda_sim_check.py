@@ -71,6 +71,25 @@ print("rms_norm bit-identical", ok)
 if not ok:
     sys.exit(1)
 
+# attention over an f16 cache, with a sliding window and q scaled beforehand (gemma3), or not
+from numllama.engine.hparams import HParams  # noqa: E402
+from numllama.engine.kv_cache import KVCache  # noqa: E402
+from numllama.engine.ops import attention  # noqa: E402
+for head_dim, window, scale in ((48, 0, 1 / np.sqrt(np.float32(48))), (64, 5, 1.0)):
+    hp = HParams("llama", 32, 80, 2 * head_dim, 1, 2, 1, 8, head_dim, head_dim, 10000.0, 1.0, 1e-5)
+    cache = KVCache(hp, n_seq=1, n_ctx=80)
+    kv = rng.standard_normal((2, 70, head_dim)).astype(np.float32)
+    cache.store(0, np.zeros(70, np.int32), np.arange(70, dtype=np.int32), kv[0], kv[1])
+    q = rng.standard_normal((3, 2 * head_dim)).astype(np.float32)
+    seq_ids, positions = np.zeros(3, np.int32), np.array([3, 40, 69], np.int32)
+    cpu, dev = np.empty_like(q), np.empty_like(q)
+    attention(q, cache.k[0], cache.v[0], seq_ids, positions, 2, 1, head_dim, np.float32(scale), window, cpu)
+    gpu.attention(q, cache.k[0], cache.v[0], seq_ids, positions, 2, 1, head_dim, scale, window, dev)
+    ok = np.array_equal(cpu, dev)
+    print(f"attention head_dim {head_dim} window {window}: bit-identical {ok}")
+    if not ok:
+        sys.exit(1)
+
 # stories260K: the first layer on the (simulated) GPU, the rest on the CPU
 from numllama.engine.engine import Engine  # noqa: E402
 from numllama.engine.model import Batch  # noqa: E402

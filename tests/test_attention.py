@@ -36,14 +36,16 @@ def dot_f16(q, k):
     return f32(total)
 
 
-def twin(q, keys, values, n_kv):
-    """One token and head. keys, values: [n_kv, hd] f16 values as f32."""
+def twin(q, keys, values, n_kv, scale, window):
+    """One token and head. keys, values: [n_kv, hd] f16 values as f32. A sliding window masks
+    the older positions to -inf, which ggml's loop skips."""
     hd = len(q)
     qh = q.astype(f16).astype(f32)
-    scale = f32(1.0) / f32(math.sqrt(f32(hd)))
     m, s_sum = f32(-np.inf), f32(0)
     acc = np.zeros(hd, f32)   # VKQ16, f16 values
     for j in range(n_kv):
+        if window and (n_kv - 1) - j >= window:   # llama_hparams::is_masked_swa
+            continue
         s = f32(dot_f16(qh, keys[j]) * scale)
         ms = vs = f32(1)
         if s > m:
@@ -57,8 +59,11 @@ def twin(q, keys, values, n_kv):
     return acc * (f32(1) / s_sum)
 
 
-@pytest.mark.parametrize("head_dim", [8, 48, 64, 80, 128])
-def test_attention_equals_ggml_order(head_dim):
+@pytest.mark.parametrize("head_dim,window,q_scaled", [(8, 0, False), (48, 0, False), (64, 0, False),
+                                                      (80, 0, False), (128, 0, False),
+                                                      (64, 40, False), (256, 70, True)])
+def test_attention_equals_ggml_order(head_dim, window, q_scaled):
+    """window: a sliding-window layer (gemma3); q_scaled: q was scaled before, scores by 1."""
     rng = np.random.default_rng(head_dim)
     n_head, n_head_kv, n_ctx = 4, 2, 160
     hp = HParams("llama", 32, n_ctx, n_head * head_dim, 1, n_head, n_head_kv, 8, head_dim, head_dim,
@@ -73,7 +78,8 @@ def test_attention_equals_ggml_order(head_dim):
     positions = np.array([5, 63, 64, 150], np.int32)
     q = (rng.standard_normal((4, n_head * head_dim)) * 2).astype(f32)
     out = np.empty_like(q)
-    attention(q, cache.k[0], cache.v[0], seq_ids, positions, n_head, n_head_kv, head_dim, out)
+    scale = f32(1.0) if q_scaled else f32(1.0) / f32(math.sqrt(f32(head_dim)))
+    attention(q, cache.k[0], cache.v[0], seq_ids, positions, n_head, n_head_kv, head_dim, scale, window, out)
     keys = k.astype(f16).astype(f32)
     values = v.astype(f16).astype(f32)
     for t in range(4):
@@ -81,5 +87,5 @@ def test_attention_equals_ggml_order(head_dim):
             kvh = h // (n_head // n_head_kv)
             cols = slice(kvh * head_dim, (kvh + 1) * head_dim)
             want = twin(q[t, h * head_dim:(h + 1) * head_dim], keys[seq_ids[t], :, cols], values[seq_ids[t], :, cols],
-                        positions[t] + 1)
+                        positions[t] + 1, scale, window)
             np.testing.assert_array_equal(out[t, h * head_dim:(h + 1) * head_dim], want, err_msg=f"t={t} h={h}")

@@ -7,6 +7,7 @@ import numpy as np
 f32 = np.float32
 _libm = ctypes.CDLL(ctypes.util.find_library("m"))
 _libm.expf.restype, _libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+_libm.tanhf.restype, _libm.tanhf.argtypes = ctypes.c_float, [ctypes.c_float]
 
 
 def fma_twin(a, b, c):
@@ -24,3 +25,8 @@ def hsum8_twin(l):
 def expf(x):
     """libm's expf, as ggml calls it (NumPy's float32 exp differs in the last bit)."""
     return f32(_libm.expf(float(x)))
+
+
+def tanhf(x):
+    """libm's tanhf, as ggml calls it."""
+    return f32(_libm.tanhf(float(x)))
