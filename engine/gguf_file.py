@@ -17,10 +17,12 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .hparams import HParams
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 # RoPE style per architecture (llama.cpp's llama_model_rope_type): NeoX rotates dimension i
 # with i + n_rot/2, the "normal" style rotates adjacent pairs
-NEOX_ROPE_ARCHS = frozenset({"qwen2"})
+NEOX_ROPE_ARCHS = frozenset({"qwen2", "qwen3", "gemma3", "phi3"})
+GEMMA3_SWA_PATTERN = 6     # gemma3's default: every 6th layer attends globally, the rest slide
+GEMMA3_27B_LAYERS = 62     # the one gemma3 size whose q scale is 1/sqrt(n_embd / n_head)
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                           "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -233,8 +235,14 @@ def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
         raise ModelLoadError("GGUF file has no token_embd.weight tensor")
     n_vocab = int(embd.shape[1])
     scale = 1.0
-    if fields.get(f"{arch}.rope.scaling.type", "none") == "linear":
+    scaling = fields.get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
         scale = 1.0 / float(fields.get(f"{arch}.rope.scaling.factor", 1.0))
+    elif scaling not in ("none", ""):
+        raise ModelLoadError(f"RoPE scaling {scaling!r} is not supported yet (numllama applies none, "
+                             f"linear and Llama 3's rope_freqs)")
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        raise ModelLoadError("LongRoPE (rope_factors_long/short.weight) is not supported yet")
     return HParams(
         arch=arch,
         n_vocab=n_vocab,
@@ -251,7 +259,39 @@ def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
         rms_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_freq_factors=_rope_freq_factors(tensors),
         rope_neox=arch in NEOX_ROPE_ARCHS,
+        **_family_traits(fields, arch, n_embd, n_head, head_dim, int(get("block_count"))),
     )
+
+
+def _family_traits(fields: dict, arch: str, n_embd: int, n_head: int, head_dim: int, n_layer: int) -> dict:
+    """The HParams fields in which an architecture departs from llama, as llama.cpp's
+    src/models/<arch>.cpp sets them (the f32 arithmetic of its constants included)."""
+    f32 = np.float32
+    if arch == "qwen3":
+        return dict(qk_norm=True)
+    if arch == "phi3":
+        # llama.cpp reads phi3's sliding_window but turns it off ("Phi SWA is currently disabled")
+        return dict(q_scale=float(f32(1.0) / np.sqrt(f32(head_dim))))
+    if arch != "gemma3":
+        # llama-arch files (Mistral's included) may declare a sliding_window: llama.cpp does
+        # not apply it to them, so neither do we
+        return {}
+    q_norm_dim = n_embd // n_head if n_layer == GEMMA3_27B_LAYERS else head_dim
+    traits = dict(qk_norm=True, post_norms=True, ffn_act="gelu_tanh",
+                  embd_scale=float(np.sqrt(f32(n_embd))),
+                  q_scale=float(f32(1.0) / np.sqrt(f32(q_norm_dim))),
+                  logit_softcap=float(fields.get("gemma3.final_logit_softcapping", 0.0)))
+    n_swa = int(fields.get("gemma3.attention.sliding_window", 0))
+    if n_swa > 0:
+        pattern = fields.get("gemma3.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+        if isinstance(pattern, (list, tuple, np.ndarray)):
+            swa = tuple(bool(x) for x in pattern)[:n_layer]
+        else:   # llama_hparams::set_swa_pattern: the last layer of every `pattern` is global
+            n = int(pattern)
+            swa = tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
+        traits.update(n_swa=n_swa, swa_layers=swa,
+                      rope_freq_base_swa=float(fields.get("gemma3.rope.freq_base_swa", 10000.0)))
+    return traits
 
 
 def _rope_freq_factors(tensors: dict) -> tuple:

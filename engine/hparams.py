@@ -8,7 +8,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class HParams:
-    arch: str             # "llama", "qwen2"
+    arch: str             # "llama", "qwen2", "qwen3", "gemma3", "phi3"
     n_vocab: int          # rows of token_embd
     n_ctx_train: int      # context length the model was trained with
     n_embd: int           # width of the residual stream
@@ -16,7 +16,7 @@ class HParams:
     n_head: int           # query heads
     n_head_kv: int        # key/value heads (grouped-query attention when < n_head)
     n_ff: int             # hidden width of the SwiGLU feed-forward
-    head_dim: int         # n_embd // n_head
+    head_dim: int         # n_embd // n_head, unless the file says (key_length: qwen3, gemma3)
     n_rot: int            # how many dimensions of each head RoPE rotates
     rope_freq_base: float
     rope_freq_scale: float
@@ -25,6 +25,34 @@ class HParams:
     # [n_rot / 2]); empty when the file has none, which is the same as all ones
     rope_freq_factors: tuple = ()
     rope_neox: bool = False   # NeoX-style RoPE (qwen2): pairs (i, i + n_rot/2), not (2i, 2i+1)
+    # what the families do differently (docs/11-model-families.md); the defaults are llama's
+    qk_norm: bool = False     # RMSNorm over each head of q and of k before RoPE (qwen3, gemma3)
+    post_norms: bool = False  # RMSNorm on the attention and FFN outputs before each residual add (gemma3)
+    ffn_act: str = "silu"     # the gated FFN's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, gemma3)
+    embd_scale: float = 1.0   # token embeddings are multiplied by this (gemma3: sqrt(n_embd))
+    # q is multiplied by this before attention, which then scores with scale 1 (gemma3, phi3);
+    # 0: the scores themselves are scaled by 1/sqrt(head_dim) (llama, qwen)
+    q_scale: float = 0.0
+    logit_softcap: float = 0.0   # logits -> cap * tanh(logits / cap) when > 0 (gemma3 files may set it)
+    # sliding-window attention: a layer marked in swa_layers sees only its last n_swa positions
+    # and rotates with its own RoPE base and scale (gemma3: 5 of every 6 layers)
+    n_swa: int = 0
+    swa_layers: tuple = ()    # [n_layer] bool, empty when no layer slides
+    rope_freq_base_swa: float = 10000.0
+    rope_freq_scale_swa: float = 1.0
+
+    def is_swa(self, il: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[il]
+
+    def layer_window(self, il: int) -> int:
+        """How many positions back layer il attends (0: all of them)."""
+        return self.n_swa if self.is_swa(il) else 0
+
+    def layer_rope(self, il: int) -> tuple[float, float]:
+        """(freq_base, freq_scale) of layer il's RoPE, as llama_model::get_rope_freq_base/scale."""
+        if self.is_swa(il):
+            return self.rope_freq_base_swa, self.rope_freq_scale_swa
+        return self.rope_freq_base, self.rope_freq_scale
 
     def rope_factors(self) -> np.ndarray:
         """The frequency divisors as RoPE takes them: [n_rot / 2] f32."""

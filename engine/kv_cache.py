@@ -80,8 +80,8 @@ class KVCache:
         rope_factors = hp.rope_factors()
         for layer in range(hp.n_layer):
             k = np.ascontiguousarray(keys[:, layer].reshape(m, -1))                     # [m, n_kv*hd]
-            rope(k, delta, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale,
-                 rope_factors, hp.rope_neox)
+            freq_base, freq_scale = hp.layer_rope(layer)
+            rope(k, delta, hp.n_head_kv, hp.head_dim, hp.n_rot, freq_base, freq_scale, rope_factors, hp.rope_neox)
             moved[:, layer] = k.reshape(m, hp.n_head_kv, hp.head_dim)
         self.k[self._keys(seq, dst, m)] = moved.astype(np.float16).view(np.uint16)
         self.v[:, seq, :, dst:dst + m] = self.v[:, seq, :, src:src + m].copy()

@@ -2,14 +2,20 @@
 
 Read `LlamaModel.forward` top to bottom: it is the math of one transformer step.
 
-    x = embed(tokens)
+    x = embed(tokens)                       (x sqrt(n_embd): gemma3)
     for each layer:
         h = rms_norm(x) * attn_norm
-        q, k, v = h Wq, h Wk, h Wv          (+ bq, bk, bv: qwen2) rope(q), rope(k); k, v -> KV cache
-        x = x + attention(q, cache) Wo
+        q, k, v = h Wq, h Wk, h Wv          (+ bq, bk, bv: qwen2)
+        q, k = rms_norm(q_head) * q_norm, rms_norm(k_head) * k_norm   (qwen3, gemma3)
+        rope(q), rope(k); k, v -> KV cache  (a sliding-window layer has its own RoPE base)
+        o = attention(q, cache) Wo          (over the last n_swa positions in a sliding-window layer)
+        x = x + o                           (o = rms_norm(o) * attn_post_norm first: gemma3)
         h = rms_norm(x) * ffn_norm
-        x = x + (silu(h Wgate) * (h Wup)) Wdown
-    logits = rms_norm(x) * output_norm  Wout
+        f = (act(h Wgate) * (h Wup)) Wdown  (act: silu, or gelu-tanh for gemma3)
+        x = x + f                           (f = rms_norm(f) * ffn_post_norm first: gemma3)
+    logits = rms_norm(x) * output_norm  Wout   (cap * tanh(logits / cap) where a cap is set)
+
+Which of these a file takes is in its HParams (see docs/11-model-families.md).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import numpy as np
 from .gguf_file import GGUFModel, ModelLoadError
 from .hparams import HParams
 from .kv_cache import KVCache
-from .ops import attention, rms_norm, rope, swiglu
+from .ops import attention, geglu, gelu_f16_table, rms_norm, rope, softcap, swiglu
 from .quants import KernelOrder, PackedWeight, linear, pack_tensor, pack_weight, repacked_order
 from .quants.blocks import BLOCK_SIZES, dequantize
 
@@ -39,6 +45,10 @@ class LayerWeights:
     gate_up: tuple            # PackedWeight(s), see above
     w_down: PackedWeight      # [n_embd, n_ff]
     qkv_bias: tuple | None = None   # (b_q, b_k, b_v) f32 added after the projections (qwen2)
+    q_norm: np.ndarray | None = None          # [head_dim] f32, when hp.qk_norm
+    k_norm: np.ndarray | None = None          # [head_dim] f32, when hp.qk_norm
+    attn_post_norm: np.ndarray | None = None  # [n_embd] f32, when hp.post_norms
+    ffn_post_norm: np.ndarray | None = None   # [n_embd] f32, when hp.post_norms
 
 
 @dataclass
@@ -132,23 +142,48 @@ class LlamaModel:
             return tuple(vector(n) for n in names)
 
         def layer(i):
+            p = f"blk.{i}."
+            hp = self.hp
+            if p + "attn_qkv.weight" in t:      # phi3: q, k, v are one tensor already
+                qkv, qkv_names = (weight(p + "attn_qkv.weight"),), (p + "attn_qkv.weight",)
+            else:
+                qkv_names = (p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight")
+                qkv = stacked(*qkv_names)
+            if p + "ffn_gate.weight" in t:
+                gate_up_names = (p + "ffn_gate.weight", p + "ffn_up.weight")
+                gate_up = stacked(*gate_up_names)
+            else:                               # phi3: ffn_up is [2 n_ff, n_embd], gate rows first
+                gate_up_names = (p + "ffn_up.weight",)
+                gate_up = (weight(p + "ffn_up.weight"),)
             packed = LayerWeights(
-                attn_norm=vector(f"blk.{i}.attn_norm.weight"),
-                qkv=stacked(f"blk.{i}.attn_q.weight", f"blk.{i}.attn_k.weight", f"blk.{i}.attn_v.weight"),
-                wo=weight(f"blk.{i}.attn_output.weight"),
-                ffn_norm=vector(f"blk.{i}.ffn_norm.weight"),
-                gate_up=stacked(f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight"),
-                w_down=weight(f"blk.{i}.ffn_down.weight"),
-                qkv_bias=biases(f"blk.{i}.attn_q.bias", f"blk.{i}.attn_k.bias", f"blk.{i}.attn_v.bias"),
+                attn_norm=vector(p + "attn_norm.weight"),
+                qkv=qkv,
+                wo=weight(p + "attn_output.weight"),
+                ffn_norm=vector(p + "ffn_norm.weight"),
+                gate_up=gate_up,
+                w_down=weight(p + "ffn_down.weight"),
+                qkv_bias=biases(p + "attn_q.bias", p + "attn_k.bias", p + "attn_v.bias"),
+                q_norm=vector(p + "attn_q_norm.weight") if hp.qk_norm else None,
+                k_norm=vector(p + "attn_k_norm.weight") if hp.qk_norm else None,
+                attn_post_norm=vector(p + "post_attention_norm.weight") if hp.post_norms else None,
+                ffn_post_norm=vector(p + "post_ffw_norm.weight") if hp.post_norms else None,
             )
+            # which file tensors each packed matrix holds, for a GPU copy (cuda_backend)
+            self.sources[id(packed.wo)] = (p + "attn_output.weight",)
+            self.sources[id(packed.w_down)] = (p + "ffn_down.weight",)
+            for group, names in ((qkv, qkv_names), (gate_up, gate_up_names)):
+                for w, src in zip(group, (names,) if len(group) == 1 else ((n,) for n in names)):
+                    self.sources[id(w)] = src
             gguf.drop_resident_pages()   # the layer's GGUF pages were copied: out of our RSS now
             if on_layer:
                 on_layer(1)
             return packed
 
         hp = self.hp
+        self.sources: dict[int, tuple] = {}   # id(PackedWeight) -> the GGUF tensor names it stacks
         self.qkv_sizes = (hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, hp.n_head_kv * hp.head_dim)
         self.rope_factors = hp.rope_factors()   # [n_rot / 2] f32
+        self.gelu_table = gelu_f16_table() if hp.ffn_act == "gelu_tanh" else None   # [65536] u16
         self.token_embd = TokenEmbedding(need("token_embd.weight"))
         self.layers = [layer(i) for i in range(self.hp.n_layer)]
         self.output_norm = vector("output_norm.weight")
@@ -173,7 +208,11 @@ class LlamaModel:
         hp = self.hp
         n_tokens = len(batch.tokens)
         x = self.token_embd(batch.tokens)                          # [T, n_embd]
+        if hp.embd_scale != 1.0:                                   # gemma3
+            x *= np.float32(hp.embd_scale)
         attn_out = np.empty((n_tokens, hp.n_head * hp.head_dim), np.float32)
+        # llama scales the scores by 1/sqrt(head_dim); gemma3 and phi3 scale q instead
+        score_scale = np.float32(1.0) if hp.q_scale else np.float32(1.0) / np.sqrt(np.float32(hp.head_dim))
         # each token's matmuls sum in the order llama.cpp would use for it (prompt pass or
         # decode step, and how big its sequence's prompt chunk is): see quants.KernelOrder
         order = KernelOrder.for_batch(batch.prompt_pass, batch.seq_ids)
@@ -188,27 +227,43 @@ class LlamaModel:
                 q += bq
                 k += bk
                 v += bv
-            rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, self.rope_factors, hp.rope_neox)
-            rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, self.rope_factors, hp.rope_neox)
+            if hp.qk_norm:                                         # qwen3, gemma3: each head on its own
+                q = ops.rms_norm(q.reshape(-1, hp.head_dim), layer.q_norm, hp.rms_eps).reshape(n_tokens, -1)
+                k = ops.rms_norm(k.reshape(-1, hp.head_dim), layer.k_norm, hp.rms_eps).reshape(n_tokens, -1)
+            freq_base, freq_scale = hp.layer_rope(il)
+            rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, freq_base, freq_scale, self.rope_factors, hp.rope_neox)
+            rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, freq_base, freq_scale, self.rope_factors, hp.rope_neox)
+            if hp.q_scale:
+                q *= np.float32(hp.q_scale)
             cache.store(il, batch.seq_ids, batch.positions, k, v)
             ops.attention(q, cache.k[il], cache.v[il], batch.seq_ids, batch.positions,
-                          hp.n_head, hp.n_head_kv, hp.head_dim, attn_out)
+                          hp.n_head, hp.n_head_kv, hp.head_dim, score_scale, hp.layer_window(il), attn_out)
             (o,) = ops.linear(attn_out, layer.wo, order=order)     # [T, n_embd]
-            x += o                                                 # residual
             if il == last:
                 # only the rows whose logits are wanted go on (llama.cpp's inp_out_ids); these
                 # few rows are multiplied one by one there, hence vec_dot order from here on
                 x = np.ascontiguousarray(x[batch.want_logits])     # [n_wanted, n_embd]
+                o = np.ascontiguousarray(o[batch.want_logits])
                 order = KernelOrder.vec_dot(len(x))
-            # feed-forward block (SwiGLU)
+            if hp.post_norms:                                      # gemma3
+                o = ops.rms_norm(o, layer.attn_post_norm, hp.rms_eps)
+            x += o                                                 # residual
+            # feed-forward block (gated: SwiGLU or GeGLU)
             h = ops.rms_norm(x, layer.ffn_norm, hp.rms_eps)
             gate, up = split(ops.linear(h, *layer.gate_up, order=order), (hp.n_ff, hp.n_ff))  # [T, n_ff] x2
             act = np.empty_like(gate)
-            swiglu(gate, up, act)
+            if hp.ffn_act == "gelu_tanh":
+                geglu(gate, up, self.gelu_table, act)
+            else:
+                swiglu(gate, up, act)
             (down,) = ops.linear(act, layer.w_down, order=order)   # [T, n_embd]
+            if hp.post_norms:                                      # gemma3
+                down = ops.rms_norm(down, layer.ffn_post_norm, hp.rms_eps)
             x += down                                              # residual
         normed = rms_norm_rows(x, self.output_norm, hp.rms_eps)   # [n_wanted, n_embd]
         (logits,) = linear(normed, self.output, order=order)      # [n_wanted, n_vocab]
+        if hp.logit_softcap:
+            softcap(logits, hp.logit_softcap)
         return logits
 
 

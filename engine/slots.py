@@ -235,13 +235,19 @@ class SchedulerView:
         return sum(s.busy for s in self.slots)
 
 
+# llama-server cuts the prompt of a model with sliding-window layers where CHECKPOINT_TAIL and
+# CHECKPOINT_TAIL + n_ubatch tokens are left, to checkpoint its state there (server-context.cpp,
+# checkpoint_offsets; llama.cpp PR 20288)
+CHECKPOINT_TAIL = 4
+
+
 class Scheduler:
     SAVE_BELOW_KEEP = np.float32(0.5)   # llama-server: a reused slot about to lose more than half its state saves it first
 
     def __init__(self, engine: Engine, n_slots: int, n_ctx_slot: int, n_batch: int = 512,
                  n_predict_default: int = -1, context_shift: bool = False, cache_ram_mib: float = 0,
                  cache_idle_slots: bool = True, kv_unified: bool = False, max_waiting: int | None = None,
-                 slot_prompt_similarity: float = 0.1):
+                 slot_prompt_similarity: float = 0.1, n_ubatch: int = 512):
         """max_waiting: tasks that may wait for a slot (None: no limit); submit refuses more.
         cache_ram_mib: budget of the host-RAM prompt cache (0: none, < 0: unlimited).
         cache_idle_slots: also keep idle slots' states there when a task starts (and, with a
@@ -261,6 +267,11 @@ class Scheduler:
             self.log.debug("idle slots will be saved to the prompt cache upon starting a new task "
                            "__TEST_TAG_CACHE_IDLE_SLOTS_ENABLED__")
         self.n_batch = max(1, n_batch)
+        # llama-server evaluates the last few tokens of a prompt in batches of their own where it
+        # makes context checkpoints (models with sliding-window layers): cut our chunks there too,
+        # since the batch a token is evaluated in decides its summation order
+        self.checkpoint_cuts = ((min(self.n_batch, CHECKPOINT_TAIL + n_ubatch), min(self.n_batch, CHECKPOINT_TAIL))
+                                if engine.model.hp.n_swa > 0 else ())
         self.max_waiting = max_waiting
         self.n_predict_default = n_predict_default
         self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
@@ -486,7 +497,7 @@ class Scheduler:
                 budget -= 1
         for s in active:  # then prompt chunks, as far as the batch allows
             if s.to_eval and budget > 0:
-                chunk = s.to_eval[:budget]
+                chunk = s.to_eval[:self._chunk_length(len(s.to_eval), budget)]
                 last = len(chunk) == len(s.to_eval)
                 start = len(s.cache_tokens)
                 tokens += chunk
@@ -525,6 +536,16 @@ class Scheduler:
                     s.next_token = None
                     self._release(s)
                 row += 1
+
+    def _chunk_length(self, n_left: int, budget: int) -> int:
+        """How many of a prompt's n_left tokens go into this batch: as many as the budget allows,
+        but a chunk ends where llama-server's would end to make a checkpoint (it stops filling
+        the batch when exactly n_last prompt tokens remain)."""
+        n = min(n_left, budget)
+        for n_last in self.checkpoint_cuts:
+            if n_left - n < n_last < n_left:
+                return n_left - n_last
+        return n
 
     def _sample(self, s: Slot, logits: np.ndarray) -> None:
         """A slot's next token: draw it, extend the text, decide whether the request stops, send

@@ -74,10 +74,14 @@ def test_truncated(tmp_path, stories_path):
         load_gguf(str(p))
 
 
-def _write(tmp_path, arch="llama", tensor_type=None):
+def _write(tmp_path, arch="llama", tensor_type=None, rope_scaling=None, extra_tensor=None):
     p = str(tmp_path / f"{arch}.gguf")
     w = GGUFWriter(p, arch)
     w.add_context_length(16)
+    if rope_scaling:
+        w.add_string(f"{arch}.rope.scaling.type", rope_scaling)
+    if extra_tensor:
+        w.add_tensor(extra_tensor, np.ones(16, np.float32))
     w.add_embedding_length(32)
     w.add_block_count(0)
     w.add_head_count(1)
@@ -99,6 +103,14 @@ def _write(tmp_path, arch="llama", tensor_type=None):
 def test_unsupported_architecture(tmp_path):
     with pytest.raises(ModelLoadError, match="unsupported model architecture 'mamba9'"):
         load_gguf(_write(tmp_path, arch="mamba9"))
+
+
+def test_rope_scalings_not_applied_are_refused(tmp_path):
+    """yarn and LongRoPE change every angle: a file that needs them is refused, not run wrong."""
+    with pytest.raises(ModelLoadError, match="RoPE scaling 'yarn'"):
+        load_gguf(_write(tmp_path, rope_scaling="yarn"))
+    with pytest.raises(ModelLoadError, match="LongRoPE"):
+        load_gguf(_write(tmp_path, arch="phi3", extra_tensor="rope_factors_long.weight"))
 
 
 def test_unsupported_tensor_type(tmp_path):

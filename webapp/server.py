@@ -197,7 +197,7 @@ def build_context(args, path: str):
     if n_slots <= 0:  # llama-server's "auto": 4 slots sharing one context
         n_slots, kv_unified = 4, True
     n_ctx_slot = n_ctx if kv_unified else max(1, n_ctx // n_slots)
-    scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=args.batch_size, max_waiting=max(0, args.max_queue),
+    scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=args.batch_size, n_ubatch=args.ubatch_size, max_waiting=max(0, args.max_queue),
                           n_predict_default=args.n_predict, context_shift=args.context_shift,
                           cache_ram_mib=args.cache_ram, cache_idle_slots=args.cache_idle_slots,
                           kv_unified=kv_unified, slot_prompt_similarity=args.slot_prompt_similarity)
