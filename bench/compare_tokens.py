@@ -61,16 +61,21 @@ def runs(n_seeds: int) -> list[tuple[str, dict]]:
     return out
 
 
-def sample(url: str, n_predict: int, n_seeds: int) -> list[list[tuple]]:
-    """Per request: per position (token, logprob, ((id, logprob) x N_PROBS))."""
+def sample(url: str, n_predict: int, n_seeds: int) -> list[tuple[list, list]]:
+    """Per request: (the token ids generated, and per position whose text was sent: (token,
+    logprob, ((id, logprob) x N_PROBS))). A token that leaves its text an incomplete UTF-8
+    sequence (a byte token) is sent with a later one, and has no entry of its own there."""
     out = []
     for prompt in PROMPTS:
         for _, fields in runs(n_seeds):
             r = requests.post(url + "/completion", json={"prompt": prompt, "n_predict": n_predict, "n_probs": N_PROBS,
-                                                        "cache_prompt": False, **fields}, timeout=600)
+                                                        "cache_prompt": False, "return_tokens": True, **fields},
+                              timeout=600)
             r.raise_for_status()
-            out.append([(c["id"], c["logprob"], tuple((t["id"], t["logprob"]) for t in c["top_logprobs"]))
-                        for c in r.json()["completion_probabilities"]])
+            body = r.json()
+            out.append((body["tokens"],
+                        [(c["id"], c["logprob"], tuple((t["id"], t["logprob"]) for t in c["top_logprobs"]))
+                         for c in body.get("completion_probabilities", [])]))
     return out
 
 
@@ -101,20 +106,25 @@ def main() -> int:
             json.dump({"model": os.path.basename(args.model), "producer": "bench/compare_tokens.py --record, "
                        "llama-server built for AVX2 (GGML_NATIVE=OFF, GGML_AVX2/FMA/F16C=ON) from the "
                        "llama-cpp-python 0.3.36 sdist", "requests": requests_made,
-                       "answers": results[0]}, f)
+                       "answers": [probs for _, probs in results[0]],
+                       "tokens": [tokens for tokens, _ in results[0]]}, f)
     labels = [label for _ in PROMPTS for label, _ in runs(args.seeds)]
     same, total, differing, max_diff = {}, {}, 0, 0.0
-    for label, theirs, ours in zip(labels, *results):
+    for label, (their_tokens, theirs), (our_tokens, ours) in zip(labels, *results):
         kind = label.split()[0]
-        for (a, la, ta), (b, lb, tb) in zip(theirs, ours):
+        for a, b in zip(their_tokens, our_tokens):
             if a != b:
                 break
             same[kind] = same.get(kind, 0) + 1
+        total[kind] = total.get(kind, 0) + len(their_tokens)
+        differing += len(theirs) != len(ours)
+        for (a, la, ta), (b, lb, tb) in zip(theirs, ours):
+            if a != b:
+                break
             pairs = [(la, lb)] + [(x[1], y[1]) for x, y in zip(ta, tb)]
             differing += (la != lb or [x[0] for x in ta] != [y[0] for y in tb]
                           or any(x != y for x, y in pairs))
             max_diff = max([max_diff] + [abs(x - y) for x, y in pairs])
-        total[kind] = total.get(kind, 0) + len(theirs)
     for kind in total:
         print(f"{kind}: positions before divergence {same.get(kind, 0)}/{total[kind]}")
     print(f"positions whose top-{N_PROBS} log-probabilities differ: {differing} (largest difference {max_diff:.2e})")

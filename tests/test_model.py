@@ -31,11 +31,14 @@ def top_logprobs_equal_golden(server, golden_name: str) -> None:
     import json
     import os
     gold = json.load(open(os.path.join(os.path.dirname(__file__), "data", golden_name)))
-    for req, answer in zip(gold["requests"], gold["answers"]):
-        r = server.post("/completion", {**req, "cache_prompt": False}).json()
+    tokens = gold.get("tokens", [None] * len(gold["answers"]))   # (older files: no token list)
+    for req, answer, want_tokens in zip(gold["requests"], gold["answers"], tokens):
+        r = server.post("/completion", {**req, "cache_prompt": False, "return_tokens": True}).json()
         got = [[c["id"], c["logprob"], [[t["id"], t["logprob"]] for t in c["top_logprobs"]]]
-               for c in r["completion_probabilities"]]
+               for c in r.get("completion_probabilities", [])]
         assert got == answer, req
+        if want_tokens is not None:
+            assert r["tokens"] == want_tokens, req
 
 
 def test_stories_top_logprobs_equal_llama_server(server):
@@ -51,6 +54,14 @@ def test_stories_top_logprobs_equal_llama_server(server):
 TINY_MODELS = {
     "llama3-rope-tiny": "Llama 3's RoPE scaling, rope_freqs.weight (--rope-base 500000 --llama3-rope --seed 3)",
     "qwen2-tiny": "qwen2: q/k/v biases, NeoX RoPE (--arch qwen2 --rope-base 1000000 --seed 5)",
+    "qwen3-tiny": "qwen3: per-head q/k RMSNorm, head_dim 32 != n_embd / n_head "
+                  "(--arch qwen3 --head-dim 32 --rope-base 1000000 --seed 7)",
+    "gemma3-tiny": "gemma3: scaled embeddings, q/k norms, q scaled before attention, post-norms, GeGLU, "
+                   "tied output; 4 layers, a sliding window of 8 in layers 0, 1, 3 with their own RoPE base "
+                   "(--layers 4 --kv-heads 1 --arch gemma3 --head-dim 32 --rope-base 1000000 "
+                   "--sliding-window 8 --swa-pattern 3 --seed 11)",
+    "phi3-tiny": "phi3: fused attn_qkv, ffn_up holding gate and up, q scaled before attention, RoPE on 8 "
+                 "of 16 dimensions (--arch phi3 --rot 8 --seed 13)",
 }
 
 
@@ -61,6 +72,18 @@ def test_tiny_architecture_equals_llama_server(name):
     s = Server(["-np", "1", "-c", "2048"], model=os.path.join(os.path.dirname(__file__), "data", name + ".gguf"))
     try:
         top_logprobs_equal_golden(s, name + "-top5.json")
+    finally:
+        s.stop()
+
+
+def test_gemma3_270m_equals_llama_server(gemma3_path):
+    """A real gemma3 file (Q8_0, Q5_0, Q4_K, Q6_K; 262,144-token SPM vocabulary; sliding-window
+    layers; prompts cut where llama-server cuts them for its checkpoints): greedy and seeded
+    tokens and top-5 log-probabilities, bit for bit (tests/data/gemma-3-270m-q4_k_m-top5.json)."""
+    from server_util import Server
+    s = Server(["-np", "1", "-c", "2048"], model=gemma3_path)
+    try:
+        top_logprobs_equal_golden(s, "gemma-3-270m-q4_k_m-top5.json")
     finally:
         s.stop()
 
@@ -102,3 +125,19 @@ def test_batch_invariance_across_sequences_and_chunks(stories):
         parts = [model.forward(Batch.single(a[i:i + chunk], i, 0, all_logits=True, prompt_pass=True), cache3)
                  for i in range(0, len(a), chunk)]
         np.testing.assert_array_equal(np.concatenate(parts), alone)
+
+
+def test_prompt_chunks_end_where_llama_server_checkpoints(stories):
+    """A model with sliding-window layers: llama-server stops filling a batch when 4 + n_ubatch
+    or 4 prompt tokens remain (to checkpoint there), and the batch decides the kernels' order,
+    so numllama's scheduler cuts the same chunks. Other models' prompts are not cut."""
+    import os
+    from numllama.engine.engine import Engine
+    from numllama.engine.slots import Scheduler
+    gemma = Engine.load(os.path.join(os.path.dirname(__file__), "data", "gemma3-tiny.gguf"))
+    swa = Scheduler(gemma, 1, 256, n_batch=2048, n_ubatch=8)
+    plain = Scheduler(stories, 1, 256, n_batch=2048, n_ubatch=8)
+    # (tokens left, batch budget) -> tokens taken now
+    assert [swa._chunk_length(n, 2048) for n in (600, 12, 9, 8, 5, 4, 1)] == [588, 8, 5, 4, 1, 4, 1]
+    assert swa._chunk_length(600, 100) == 100          # the budget cuts first
+    assert [plain._chunk_length(n, 2048) for n in (600, 12, 5)] == [600, 12, 5]
