@@ -30,11 +30,11 @@ PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", 
            "The quick brown fox", "Water boils at"]
 
 
-def start(binary: str, model: str) -> tuple[subprocess.Popen, str]:
+def start(binary: str, model: str, flags: tuple = ("-c", "2048", "-np", "1", "-t", "2")) -> tuple[subprocess.Popen, str]:
+    """Start a server on a free loopback port and wait for /health."""
     port = free_port()
     env = {**os.environ, "LD_LIBRARY_PATH": os.path.dirname(os.path.abspath(binary))}
-    proc = subprocess.Popen([binary, "-m", model, "--port", str(port), "--host", "127.0.0.1",
-                             "-c", "2048", "-np", "1", "-t", "2"],
+    proc = subprocess.Popen([binary, "-m", model, "--port", str(port), "--host", "127.0.0.1", *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -5,9 +5,20 @@ Face's tokenizer_config.json), from a built-in name (`--chat-template chatml`), 
 template given as text. It is rendered with jinja2 in an immutable sandbox: a template is data
 from a model file and must not reach the host. Without any template, ChatML is used, as
 llama.cpp does.
+
+Like llama.cpp (common/chat.cpp, common/jinja/caps.cpp), numllama first learns what a template
+can do by rendering probe conversations (`TemplateCaps`), then adapts each request's messages
+to it before rendering: a system message goes into the first user message of a template
+without a system role, tool-call arguments become objects for templates that read them as
+objects, tool-call messages get "" content where the template would choke on null. The date
+(`date_string`, `datetime`) and `enable_thinking` are given to every render, and a BOS (EOS)
+token the template writes at the start (end) is removed when the tokenizer adds it anyway.
 """
 from __future__ import annotations
 
+import copy
+import json
+from dataclasses import dataclass
 from datetime import datetime
 
 from jinja2.exceptions import TemplateError
@@ -54,30 +65,145 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """The `tojson` of llama.cpp's Jinja (and of Hugging Face's chat templating): keys in their
+    order, no HTML escaping, ", " and ": " between items unless indented. (jinja2's own sorts
+    the keys and escapes <, >, & and ' for HTML, which would change the prompt.)"""
+    if separators is None:
+        separators = (", " if indent is None else ",", ": ")
+    return json.dumps(value, ensure_ascii=bool(ensure_ascii), indent=indent, separators=tuple(separators),
+                      sort_keys=bool(sort_keys))
+
+
+def _probe_tools(name: str) -> list[dict]:
+    return [{"name": "tool", "type": "function", "function": {
+        "name": name, "description": "Tool description",
+        "parameters": {"type": "object", "properties": {"arg": {"type": "string", "description": "Arg description"}},
+                       "required": ["arg"]}}}]
+
+
+def _probe_conversation(arguments, with_calls: bool = True) -> list[dict]:
+    """llama.cpp's tool-call probe: a call, its result, an answer and a new question."""
+    call = {"role": "assistant", "content": ""}
+    if with_calls:
+        call["tool_calls"] = [{"id": "call00001", "type": "function",
+                               "function": {"name": "tool1", "arguments": arguments}}]
+    return [{"role": "user", "content": "User message"}, call,
+            {"role": "tool", "content": "Tool response", "tool_call_id": "call00001"},
+            {"role": "assistant", "content": "The tool response was 'tool response'"},
+            {"role": "user", "content": "User message"}]
+
+
+@dataclass(frozen=True)
+class TemplateCaps:
+    """What a template does with what it is given, found by rendering probes (llama.cpp's
+    caps_get): a probe's marker that does not reach the output was not used."""
+    supports_system_role: bool = True
+    supports_tools: bool = True
+    supports_tool_calls: bool = True
+    supports_object_arguments: bool = False
+
+
 class ChatTemplate:
-    def __init__(self, source: str | None, bos_token: str = "", eos_token: str = ""):
-        """source: a built-in name, a Jinja template, or None for ChatML."""
+    def __init__(self, source: str | None, bos_token: str = "", eos_token: str = "",
+                 add_bos: bool = False, add_eos: bool = False):
+        """source: a built-in name, a Jinja template, or None for ChatML. add_bos/add_eos: the
+        tokenizer adds these tokens itself, so the template's own are removed."""
         self.source = BUILTIN_TEMPLATES.get(source, source) if source else _CHATML
         self.name = source if source in BUILTIN_TEMPLATES else ("chatml" if not source else "jinja")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
+        env.filters["tojson"] = _tojson
         try:
             self._template = env.from_string(self.source)
         except TemplateError as e:
             raise ChatTemplateError(f"invalid chat template: {e}") from e
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self.add_bos = add_bos
+        self.add_eos = add_eos
+        self.caps = self._probe()
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, extra: dict | None = None) -> str:
-        """extra: more template variables (a request's chat_template_kwargs); they cannot
-        replace the four this method sets."""
-        variables = {**(extra or {}), "messages": messages, "add_generation_prompt": add_generation_prompt,
-                     "bos_token": self.bos_token, "eos_token": self.eos_token}
+    def _try(self, messages: list[dict], tools: list | None = None) -> str | None:
+        variables = {"messages": messages, "add_generation_prompt": False, "bos_token": self.bos_token,
+                     "eos_token": self.eos_token}
+        if tools:
+            variables["tools"] = tools
         try:
             return self._template.render(variables)
+        except Exception:   # a template that raises on a probe tells what it does not take
+            return None
+
+    def _probe(self) -> TemplateCaps:
+        """llama.cpp asks whether the render used a value; here, whether changing the value
+        changes the output (a template that fails on a probe does not take what it probes)."""
+        def differs(a, b) -> bool:
+            return a is not None and b is not None and a != b
+
+        def system(text):
+            return self._try([{"role": "system", "content": text}, {"role": "user", "content": "User message"}])
+
+        caps = {"supports_system_role": differs(system("System message"), system("System text"))}
+        obj = self._try(_probe_conversation({"arg": "value"}), _probe_tools("tool1"))
+        if obj is not None:
+            caps["supports_tools"] = differs(obj, self._try(_probe_conversation({"arg": "value"}), _probe_tools("tool2")))
+            caps["supports_object_arguments"] = differs(obj, self._try(_probe_conversation({"arg": "other"}),
+                                                                       _probe_tools("tool1")))
+            caps["supports_tool_calls"] = differs(obj, self._try(_probe_conversation(None, False), _probe_tools("tool1")))
+        if not caps.get("supports_object_arguments"):
+            text = self._try(_probe_conversation('{"arg": "value"}'), _probe_tools("tool1"))
+            if text is None:
+                caps.update(supports_tools=False, supports_tool_calls=False)
+            else:
+                caps["supports_tools"] = differs(text, self._try(_probe_conversation('{"arg": "value"}'),
+                                                                 _probe_tools("tool2")))
+                caps["supports_tool_calls"] = differs(text, self._try(_probe_conversation(None, False),
+                                                                      _probe_tools("tool1")))
+        return TemplateCaps(**caps)
+
+    def adapt(self, messages: list[dict]) -> list[dict]:
+        """The messages as llama.cpp hands them to this template (its `workaround`s)."""
+        messages = copy.deepcopy(messages)
+        if not self.caps.supports_system_role and messages and messages[0].get("role") == "system":
+            system = messages.pop(0)
+            if messages:
+                messages[0]["content"] = system.get("content", "") + "\n" + messages[0].get("content", "")
+        for m in messages:
+            if "tool_calls" not in m:
+                continue
+            if self.caps.supports_tool_calls and m.get("content") is None:
+                m["content"] = ""
+            if self.caps.supports_object_arguments:
+                for call in m["tool_calls"] or []:
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                        try:
+                            fn["arguments"] = json.loads(fn["arguments"])
+                        except ValueError as e:
+                            raise ChatTemplateError(f"Failed to parse tool call arguments as JSON: {e}") from e
+        return messages
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, extra: dict | None = None,
+               tools: list | None = None) -> str:
+        """extra: more template variables (a request's chat_template_kwargs); they cannot
+        replace the four this method sets. tools: the request's tools, if any."""
+        now = datetime.now()
+        variables = {"date_string": now.strftime("%d %b %Y"), "datetime": now.strftime("%b %d %Y"),
+                     "enable_thinking": True, **(extra or {}),
+                     "messages": self.adapt(messages), "add_generation_prompt": add_generation_prompt,
+                     "bos_token": self.bos_token, "eos_token": self.eos_token}
+        if tools:
+            variables["tools"] = tools
+        try:
+            text = self._template.render(variables)
         except ChatTemplateError:
             raise
         except Exception as e:  # template code is data: any failure is the request's problem
             raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+        if self.add_bos and self.bos_token and text.startswith(self.bos_token):
+            text = text[len(self.bos_token):]
+        if self.add_eos and self.eos_token and text.endswith(self.eos_token):
+            text = text[:-len(self.eos_token)]
+        return text

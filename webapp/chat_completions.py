@@ -65,12 +65,16 @@ def render_prompt(body: dict) -> tuple[str, list[dict]]:
     if continue_final and body.get("add_generation_prompt") is True:
         raise APIError("Cannot have both add_generation_prompt and continue_final_message")
     prefill = messages[-1]["role"] == "assistant" or continue_final
+    tools = body.get("tools") or None
+    if tools is not None and not isinstance(tools, list):
+        raise APIError("'tools' must be an array")
     try:
         if prefill:
             last = messages[-1]
-            prompt = ctx.chat_template.render(messages[:-1], add_generation_prompt=True, extra=kwargs) + last["content"]
+            prompt = ctx.chat_template.render(messages[:-1], add_generation_prompt=True, extra=kwargs,
+                                              tools=tools) + last["content"]
         else:
-            prompt = ctx.chat_template.render(messages, add_generation_prompt=add_gen, extra=kwargs)
+            prompt = ctx.chat_template.render(messages, add_generation_prompt=add_gen, extra=kwargs, tools=tools)
     except ChatTemplateError as e:
         raise APIError(str(e))
     return prompt, messages

@@ -211,7 +211,8 @@ def build_context(args, path: str):
     # formatters for known templates produce the same text
     chat_template = ChatTemplate(template or engine.gguf.vocab.chat_template,
                                  bos_token=tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
-                                 eos_token=tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "")
+                                 eos_token=tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "",
+                                 add_bos=engine.gguf.vocab.add_bos, add_eos=engine.gguf.vocab.add_eos)
     aliases = [a for a in (args.alias or "").split(",") if a]
     hosts = [h.strip().strip("[]") for h in (args.allowed_hosts + "," + args.host).split(",")]
     seed = RANDOM_SEED if args.seed < 0 else args.seed
