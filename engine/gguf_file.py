@@ -34,7 +34,8 @@ class ModelLoadError(Exception):
 @dataclass(frozen=True)
 class VocabData:
     """The tokenizer as stored in GGUF metadata (`tokenizer.ggml.*`)."""
-    model: str                      # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    model: str                      # "llama" (SentencePiece), "gpt2" (byte-level BPE), "gemma4" (BPE
+                                    # over UTF-8 with SPM's spaces) or "bert" (WordPiece)
     pre: str                        # BPE pre-tokenizer name ("default", "llama3", "smollm", ...)
     tokens: list[str]
     scores: np.ndarray | None       # [n_vocab] f32, SPM merge priorities
@@ -48,6 +49,8 @@ class VocabData:
     add_eos: bool
     add_space_prefix: bool
     chat_template: str | None
+    lowercase: bool = False         # WordPiece: lowercase the text first
+    strip_accents: bool = False     # WordPiece: drop accents (decompose, drop the marks)
 
 
 @dataclass
@@ -219,6 +222,19 @@ def load_gguf(path: str) -> GGUFModel:
     return GGUFModel(path, hparams, vocab, tensors, metadata, file_size, n_params, mapped)
 
 
+def load_vocab(path: str) -> VocabData:
+    """Only the tokenizer of a GGUF file: enough for a vocabulary-only file (llama.cpp's
+    models/ggml-vocab-*.gguf), which has metadata and no weights."""
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"model file not found: {path}")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        try:
+            fields, _ = _parse(mapped)
+        except (ValueError, struct.error, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{path} is a truncated or corrupt GGUF file: {e}") from e
+    return _read_vocab(fields)
+
+
 def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
     def get(key, default=None):
         v = fields.get(f"{arch}.{key}", default)
@@ -304,10 +320,16 @@ def _rope_freq_factors(tensors: dict) -> tuple:
     return tuple(float(f) for f in np.asarray(t.data, np.float32).ravel())
 
 
+# tokenizer models numllama reads, with llama.cpp's default (BOS, EOS, UNK) ids for files that do
+# not name them (llama_vocab::impl::load)
+TOKENIZER_DEFAULT_IDS = {"llama": (1, 2, 0), "gpt2": (11, 11, -1), "gemma4": (-1, -1, -1), "bert": (101, -1, 100)}
+
+
 def _read_vocab(fields: dict) -> VocabData:
     model = fields.get("tokenizer.ggml.model")
-    if model not in ("llama", "gpt2"):
-        raise ModelLoadError(f"unsupported tokenizer model {model!r} (numllama reads llama/SPM and gpt2/BPE)")
+    if model not in TOKENIZER_DEFAULT_IDS:
+        raise ModelLoadError(f"unsupported tokenizer model {model!r} (numllama reads "
+                             f"{', '.join(TOKENIZER_DEFAULT_IDS)})")
     tokens = list(fields.get("tokenizer.ggml.tokens", []))
     if not tokens:
         raise ModelLoadError("GGUF metadata lacks tokenizer.ggml.tokens")
@@ -317,12 +339,13 @@ def _read_vocab(fields: dict) -> VocabData:
     types = np.asarray(types, dtype=np.int32) if types is not None else np.ones(len(tokens), dtype=np.int32)
     merges = list(fields.get("tokenizer.ggml.merges", []))
     spm = model == "llama"
+    default_bos, default_eos, default_unk = TOKENIZER_DEFAULT_IDS[model]
 
     def token_id(key, default):
         v = fields.get(key, default)
         return -1 if v is None or int(v) >= len(tokens) else int(v)
 
-    eos = token_id("tokenizer.ggml.eos_token_id", 2 if spm else 11)
+    eos = token_id("tokenizer.ggml.eos_token_id", default_eos)
     eot = token_id("tokenizer.ggml.eot_token_id", -1)
     if eot < 0:  # llama.cpp recognises end-of-turn markers by their text when the id is absent
         for name in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
@@ -331,17 +354,23 @@ def _read_vocab(fields: dict) -> VocabData:
                 break
     return VocabData(
         model=model,
-        pre=str(fields.get("tokenizer.ggml.pre", "default")),
+        # gemma4's pre-tokenizer is implied by its model (llama.cpp sets it)
+        pre="gemma4" if model == "gemma4" else str(fields.get("tokenizer.ggml.pre", "default")),
         tokens=tokens,
         scores=scores,
         token_types=types,
         merges=merges,
-        bos_id=token_id("tokenizer.ggml.bos_token_id", 1 if spm else 11),
+        bos_id=token_id("tokenizer.ggml.bos_token_id", default_bos),
         eos_id=eos,
-        unk_id=token_id("tokenizer.ggml.unknown_token_id", 0 if spm else -1),
+        unk_id=token_id("tokenizer.ggml.unknown_token_id", default_unk),
         eot_id=eot,
-        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", spm)),
+        # (Gemma 4 files say false, and llama.cpp overrides it: PR 21500)
+        add_bos=model == "gemma4" or bool(fields.get("tokenizer.ggml.add_bos_token", spm)),
         add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
         add_space_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", spm)),
         chat_template=fields.get("tokenizer.chat_template"),
+        # BertNormalizer options, on unless the file says (llama.cpp: strip_accents follows lowercase)
+        lowercase=bool(fields.get("tokenizer.ggml.normalizer.lowercase", True)),
+        strip_accents=bool(fields.get("tokenizer.ggml.normalizer.strip_accents",
+                                      fields.get("tokenizer.ggml.normalizer.lowercase", True))),
     )

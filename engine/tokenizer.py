@@ -1,6 +1,6 @@
 """Text <-> token ids, from the vocabulary stored in the GGUF file.
 
-Two algorithms, chosen by `tokenizer.ggml.model`:
+Three algorithms, chosen by `tokenizer.ggml.model`:
 
 * SPM ("llama"): SentencePiece-style. Spaces become "▁" (U+2581), the text is split into UTF-8
   characters, and the adjacent pair whose merged text is a token with the highest *score* is
@@ -8,7 +8,11 @@ Two algorithms, chosen by `tokenizer.ggml.model`:
   "<0xXX>".
 * BPE ("gpt2"): byte-level BPE. A pre-tokenizer regex (chosen by `tokenizer.ggml.pre`) cuts the
   text into words; each word's bytes are mapped to printable characters and the pair with the
-  lowest *merge rank* is merged, again and again.
+  lowest *merge rank* is merged, again and again. Gemma 4's ("gemma4") merges UTF-8 characters
+  as they are, after spaces became "▁", and falls back to "<0xXX>" byte tokens like SPM.
+* WPM ("bert"): WordPiece. The text is cut into words at spaces and punctuation (lowercased
+  and stripped of accents if the file says), and each word, with "▁" before it, is covered by
+  the longest tokens that match from its start, or becomes the unknown token.
 
 Both first cut out special tokens ("<s>", "<|im_start|>", ...) so they are never split.
 The results equal llama.cpp's tokenizer on the golden data in tests/data.
@@ -16,6 +20,7 @@ The results equal llama.cpp's tokenizer on the golden data in tests/data.
 from __future__ import annotations
 
 import heapq
+import unicodedata
 from functools import lru_cache
 
 import regex
@@ -26,19 +31,58 @@ from .gguf_file import VocabData
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Pre-tokenizer regexes by `tokenizer.ggml.pre`, applied one after the other: each splits the
-# pieces the previous one produced (the text between matches is kept as pieces too).
+# pieces the previous one produced (the text between matches is kept as pieces too). They are
+# llama.cpp's (src/llama-vocab.cpp, llm_tokenizer_bpe); `$` is written `\Z` since C++'s regex
+# matches it only at the very end, where Python's also matches before a final newline.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+          r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN35 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+"
+           r"|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DEEPSEEK_LETTERS = (   # deepseek-llm's letter ranges, as llama.cpp spells them
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
+    "\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-"
+    "\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90"
+    "-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d"
+    "\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-"
+    "\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4"
+    "\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d"
+    "\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4"
+    "\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e"
+    "\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f"
+    "\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2"
+    "\U000118a0-\U000118df\U0001e900-\U0001e943")
+_DEEPSEEK_PUNCT = "!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002"
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
 PRE_TOKENIZERS = {
     "default": [_GPT2],
     "gpt2": [_GPT2],
+    "gpt-2": [_GPT2],
+    "phi-2": [_GPT2],
+    "mpt": [_GPT2],
+    "olmo": [_GPT2],
     "llama3": [_LLAMA3],
+    "llama-v3": [_LLAMA3],
     "llama-bpe": [_LLAMA3],
     "smollm": [r"\p{N}", _GPT2],
     "starcoder": [r"\p{N}", _GPT2],
     "refact": [r"\p{N}", _GPT2],
+    "command-r": [r"\p{N}", _GPT2],
+    "qwen2": [_QWEN2],
+    "deepseek-r1-qwen": [_QWEN2],
+    "stablelm2": [_QWEN2],
+    "qwen35": [_QWEN35],
+    "deepseek-llm": ["[\r\n]", "\\s?[" + _DEEPSEEK_LETTERS + "]+", r"\s?[" + _DEEPSEEK_PUNCT + "]+",
+                     r"\s+\Z", _CJK, r"\p{N}+"],
+    "deepseek-coder": ["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"],
+    "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"],
+    "gemma4": [r"[^\n]+|[\n]+"],   # lines only: the merges run over whole lines
 }
+# pre-tokenizers whose words that are whole tokens are taken as they are, not merged (llama.cpp's
+# ignore_merges)
+IGNORE_MERGES = frozenset({"llama3", "llama-v3", "llama-bpe"})
 
 
 @lru_cache(maxsize=1)
@@ -106,6 +150,9 @@ class Tokenizer:
         self.bos_id = vocab.bos_id
         self.eos_id = vocab.eos_id
         self.spm = vocab.model == "llama"
+        self.wpm = vocab.model == "bert"
+        # byte-level BPE maps bytes to printable characters; gemma4's merges UTF-8 as it is
+        self.byte_encode = vocab.model == "gpt2"
         self.token_to_id = {t: i for i, t in enumerate(vocab.tokens)}
         types = vocab.token_types
         # end-of-generation tokens: EOS, EOT, and control tokens that end a turn
@@ -123,6 +170,8 @@ class Tokenizer:
             key=lambda x: -len(x[0]))
         if self.spm:
             self._scores = vocab.scores
+        elif self.wpm:
+            self._max_token_bytes = max(len(t.encode("utf-8")) for t in vocab.tokens)
         else:
             self._byte_char = _bytes_to_unicode()
             self._char_byte = {c: b for b, c in self._byte_char.items()}
@@ -130,9 +179,11 @@ class Tokenizer:
             for rank, m in enumerate(vocab.merges):
                 left, _, right = m.partition(" ")
                 self._ranks[(left, right)] = rank
-            pre = vocab.pre if vocab.pre in PRE_TOKENIZERS else "default"
+            pre = vocab.pre or "default"
+            if pre not in PRE_TOKENIZERS:   # llama.cpp refuses these files too
+                raise ValueError(f"unknown pre-tokenizer type: {pre!r} (numllama knows: {', '.join(PRE_TOKENIZERS)})")
             self._pre_regexes = [regex.compile(r) for r in PRE_TOKENIZERS[pre]]
-            self._ignore_merges = pre in ("llama3", "llama-bpe")
+            self._ignore_merges = pre in IGNORE_MERGES
         self._pieces = [self._piece_bytes(i) for i in range(self.n_vocab)]
         self.max_piece_bytes = max(1, max(len(p) for p in self._pieces))
 
@@ -158,8 +209,12 @@ class Tokenizer:
                 if self.vocab.add_space_prefix and is_prev_special:
                     frag = " " + frag
                 self._spm_encode(frag.replace(" ", "\u2581"), out)
-            else:
+            elif self.wpm:
+                self._wpm_encode(frag, out)
+            elif self.byte_encode:
                 self._bpe_encode(frag, out)
+            else:   # gemma4: SPM's spaces, BPE's merges
+                self._bpe_encode(frag.replace(" ", "\u2581"), out)
             is_prev_special = False
         if add_special and self.vocab.add_eos and self.eos_id >= 0:
             out.append(self.eos_id)
@@ -239,11 +294,14 @@ class Tokenizer:
         return pieces
 
     def _bpe_encode(self, text: str, out: list[int]) -> None:
-        """Byte-level BPE merge by rank, as llama.cpp's llm_tokenizer_bpe_session."""
+        """BPE merge by rank, as llama.cpp's llm_tokenizer_bpe_session."""
         for word in self._bpe_words(text):
-            mapped = "".join(self._byte_char[b] for b in word.encode("utf-8"))
-            if self._ignore_merges and mapped in self.token_to_id:
-                out.append(self.token_to_id[mapped])
+            mapped = "".join(self._byte_char[b] for b in word.encode("utf-8")) if self.byte_encode else word
+            whole = self.token_to_id.get(mapped)
+            # ignore_merges takes a word that is a token as it is; gemma4 does so for runs of
+            # newlines (llama.cpp PR 21343)
+            if whole is not None and (self._ignore_merges or (not self.byte_encode and not mapped.strip("\n"))):
+                out.append(whole)
                 continue
             out.extend(self._bpe_word(mapped))
 
@@ -254,20 +312,47 @@ class Tokenizer:
             tid = self.token_to_id.get(symbol)
             if tid is not None:
                 ids.append(tid)
-            else:  # not in the vocabulary: one token per byte character
+            elif self.byte_encode:   # not in the vocabulary: one token per byte character
                 ids.extend(self.token_to_id[c] for c in symbol if c in self.token_to_id)
+            else:                    # gemma4: "<0xXX>" byte tokens
+                ids.extend(self.token_to_id[f"<0x{b:02X}>"] for b in symbol.encode("utf-8")
+                           if f"<0x{b:02X}>" in self.token_to_id)
         return tuple(ids)
+
+    def _wpm_encode(self, text: str, out: list[int]) -> None:
+        """WordPiece, as llama.cpp's llm_tokenizer_wpm_session: per word, "▁" + word is covered
+        greedily by the longest matching tokens (compared as UTF-8 bytes); a word that cannot be
+        covered whole becomes the unknown token."""
+        for word in wpm_words(text, self.vocab.lowercase, self.vocab.strip_accents):
+            data = ("\u2581" + word).encode("utf-8")
+            start = len(out)
+            i = 0
+            while i < len(data):
+                for j in range(min(len(data), i + self._max_token_bytes + 1), i, -1):
+                    try:
+                        tid = self.token_to_id.get(data[i:j].decode("utf-8"))
+                    except UnicodeDecodeError:
+                        tid = None
+                    if tid is not None:
+                        out.append(tid)
+                        i = j
+                        break
+                else:   # no token fits here: the whole word is dropped
+                    del out[start:]
+                    break
+            if len(out) == start:
+                out.append(self.vocab.unk_id)
 
     # ---------------------------------------------------------------- tokens -> text
     def _piece_bytes(self, tid: int) -> bytes:
         """The bytes a token stands for when special tokens are rendered as text."""
         text = self.vocab.tokens[tid]
         ttype = int(self.vocab.token_types[tid])
-        if ttype == BYTE and self.spm and len(text) == 6 and text.startswith("<0x"):
+        if ttype == BYTE and not self.byte_encode and len(text) == 6 and text.startswith("<0x"):
             return bytes([int(text[3:5], 16)])
         if ttype in (CONTROL, USER_DEFINED, UNKNOWN, UNUSED):
             return text.encode("utf-8")   # "<unk>" too (older llama.cpp printed U+2585 for it)
-        if self.spm:
+        if not self.byte_encode:   # SPM, gemma4 and WordPiece write spaces as "▁"
             return text.replace("\u2581", " ").encode("utf-8")
         try:
             return bytes(self._char_byte[c] for c in text)
@@ -300,6 +385,48 @@ class Tokenizer:
 
     def token_str(self, tid: int) -> str:
         return self.token_bytes(tid).decode("utf-8", "replace")
+
+
+# llama.cpp's whitespace (unicode.cpp, from Unicode's White_Space property)
+_WHITESPACE = frozenset([*range(0x09, 0x0E), *range(0x2000, 0x200B), 0x20, 0x85, 0xA0, 0x1680, 0x2028, 0x2029,
+                         0x202F, 0x205F, 0x3000])
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+               (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def wpm_words(text: str, lowercase: bool, strip_accents: bool) -> list[str]:
+    """WordPiece's words, as llm_tokenizer_wpm_session::preprocess: spaces end words; control
+    characters go; accents go when stripping (each character replaced by the first of its
+    NFD decomposition, then combining marks dropped); punctuation, ASCII symbols and CJK
+    characters are words of their own."""
+    words = [""]
+    for ch in text:
+        if strip_accents:
+            ch = unicodedata.normalize("NFD", ch)[0]
+        cpt = ord(ch)
+        category = unicodedata.category(ch)
+        if cpt in _WHITESPACE:
+            if words[-1]:
+                words.append("")
+            continue
+        if cpt == 0 or cpt == 0xFFFD or category[0] == "C" and category != "Cn":
+            continue
+        if strip_accents and category[0] == "M":
+            continue
+        if lowercase:
+            low = ch.lower()
+            ch = low if len(low) == 1 else low[0]
+        if category[0] == "P" or (cpt < 0x7F and category[0] == "S") or \
+                any(a <= cpt <= b for a, b in _CJK_RANGES):
+            if words[-1]:
+                words.append("")
+            words[-1] = ch
+            words.append("")
+        else:
+            words[-1] += ch
+    if not words[-1]:
+        words.pop()
+    return words
 
 
 def utf8_complete_prefix(buf: bytes) -> int:

@@ -58,3 +58,26 @@ def test_unknown_token_renders_as_llama_server(stories):
     tok = stories.tokenizer
     assert tok.decode([0, 300, 0]) == "<unk> ha<unk>"
     assert tok.token_bytes(0, special=False) == b""
+
+
+# llama.cpp's tokenizer test files (models/ggml-vocab-<name>.gguf with .inp/.out), every
+# vocabulary that has them: each pre-tokenizer and tokenizer model they cover
+LLAMA_CPP_VOCABS = ("bert-bge", "command-r", "deepseek-coder", "deepseek-llm", "falcon", "gemma-4", "gpt-2",
+                    "llama-bpe", "llama-spm", "mpt", "phi-3", "qwen2", "qwen35", "refact", "starcoder")
+
+
+@pytest.mark.parametrize("name", LLAMA_CPP_VOCABS)
+def test_llama_cpp_vocab_cases(name):
+    """Every case of the file, read as test-tokenizer-0 reads it: no BOS, no special tokens.
+    (The files come from the llama-cpp-python sdist: tox fetches them with tests/llama_tree.py.)"""
+    import os
+    from llama_tree import VOCAB_TESTS, read_vocab_cases, tree_root
+    from numllama.engine.gguf_file import load_vocab
+    from numllama.engine.tokenizer import Tokenizer
+    path = os.path.join(tree_root(), VOCAB_TESTS + name + ".gguf")
+    if not os.path.exists(path + ".inp"):
+        pytest.fail(f"{path}.inp not found: run `python tests/llama_tree.py` first (tox does)")
+    tok = Tokenizer(load_vocab(path))
+    misses = [(text, want, got) for text, want in read_vocab_cases(path)
+              if (got := tok.encode(text, add_special=False, parse_special=False)) != want]
+    assert not misses, f"{len(misses)} cases differ, the first: {misses[0]}"

@@ -1,7 +1,7 @@
 """Run llama.cpp's own server tests, unchanged, against numllama-server.
 
 1. Fetch the llama-cpp-python 0.3.36 sdist (it vendors llama.cpp) and take
-   vendor/llama.cpp/tools/server/tests.
+   vendor/llama.cpp/tools/server/tests (tests/llama_tree.py).
 2. Replace only conftest.py: the original starts every preset (bert, gemma3, router...) to
    pre-download models, which an offline machine cannot do. Ours keeps the per-test server stop.
 3. Seed $LLAMA_CACHE with stories260K in the Hugging Face cache layout, as the harness expects
@@ -10,16 +10,16 @@
 """
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-SDIST = "llama-cpp-python==0.3.36"
+sys.path.insert(0, os.path.dirname(HERE))   # tests/, for llama_tree
+import llama_tree  # noqa: E402
+
 WORK = os.environ.get("NUMLLAMA_CONFORMANCE_DIR", os.path.join(REPO, ".tox", "conformance-work"))
 
 CONFTEST = '''import pytest
@@ -37,21 +37,8 @@ def stop_server_after_each_test():
 def fetch_tests() -> str:
     """tools/server/tests inside a copy of llama.cpp's tree (the chat tests read templates at
     ../../../models/templates relative to it)."""
-    tests = os.path.join(WORK, "llama.cpp", "tools", "server", "tests")
-    if os.path.isdir(tests):
-        return tests
-    dl = os.path.join(WORK, "sdist")
-    os.makedirs(dl, exist_ok=True)
-    if not glob.glob(os.path.join(dl, "*.tar.gz")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "-d", dl, SDIST], check=True)
-    archive = glob.glob(os.path.join(dl, "*.tar.gz"))[0]
-    with tarfile.open(archive) as tar:
-        wanted = ("/vendor/llama.cpp/tools/server/tests/", "/vendor/llama.cpp/models/templates/")
-        members = [m for m in tar.getmembers() if any(w in m.name for w in wanted)]
-        root = members[0].name.split("/vendor/")[0] + "/vendor/llama.cpp"
-        tar.extractall(os.path.join(WORK, "x"), members=members, filter="data")
-    shutil.move(os.path.join(WORK, "x", root), os.path.join(WORK, "llama.cpp"))
+    root = llama_tree.fetch(("tools/server/tests/", "models/templates/"), WORK)
+    tests = os.path.join(root, "tools", "server", "tests")
     with open(os.path.join(tests, "conftest.py"), "w") as f:
         f.write(CONFTEST)
     return tests
