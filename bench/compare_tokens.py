@@ -30,6 +30,14 @@ PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", 
            "The quick brown fox", "Water boils at"]
 
 
+# --long: one prompt of some 300 tokens. A prompt of >= 64 tokens takes ggml's tiled attention,
+# and decoding past 256 cells its split-KV attention: other summation orders than short prompts
+LONG_PROMPT = " ".join(
+    ["Once upon a time there was a little girl named Lily who loved to play outside in the sun.",
+     "One day she found a big red ball in the park and ran to show it to her mom.",
+     "Her mom smiled and said they could play with it after lunch."] * 5)
+
+
 def start(binary: str, model: str, flags: tuple = ("-c", "2048", "-np", "1", "-t", "2")) -> tuple[subprocess.Popen, str]:
     """Start a server on a free loopback port and wait for /health."""
     port = free_port()
@@ -61,12 +69,12 @@ def runs(n_seeds: int) -> list[tuple[str, dict]]:
     return out
 
 
-def sample(url: str, n_predict: int, n_seeds: int) -> list[tuple[list, list]]:
+def sample(url: str, n_predict: int, n_seeds: int, prompts: list[str]) -> list[tuple[list, list]]:
     """Per request: (the token ids generated, and per position whose text was sent: (token,
     logprob, ((id, logprob) x N_PROBS))). A token that leaves its text an incomplete UTF-8
     sequence (a byte token) is sent with a later one, and has no entry of its own there."""
     out = []
-    for prompt in PROMPTS:
+    for prompt in prompts:
         for _, fields in runs(n_seeds):
             r = requests.post(url + "/completion", json={"prompt": prompt, "n_predict": n_predict, "n_probs": N_PROBS,
                                                         "cache_prompt": False, "return_tokens": True, **fields},
@@ -88,27 +96,29 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=4, help="seeded runs per prompt (temperature 0.8)")
     ap.add_argument("--record", metavar="JSON", help="also write llama-server's answers there (a golden file: "
                     "tests/data/stories260K-top5.json was made with -n 24 --seeds 2)")
+    ap.add_argument("--long", action="store_true", help="one long prompt (LONG_PROMPT) instead of the eight short ones")
     args = ap.parse_args()
+    prompts = [LONG_PROMPT] if args.long else PROMPTS
     if not args.llama_server:
         ap.error("give --llama-server (or set LLAMA_SERVER_BIN)")
     results = []
     for binary in (args.llama_server, args.numllama_server):
         proc, url = start(binary, args.model)
         try:
-            results.append(sample(url, args.n_predict, args.seeds))
+            results.append(sample(url, args.n_predict, args.seeds, prompts))
         finally:
             proc.terminate()
             proc.wait()
     if args.record:
         requests_made = [{"prompt": prompt, "n_predict": args.n_predict, "n_probs": N_PROBS, **fields}
-                         for prompt in PROMPTS for _, fields in runs(args.seeds)]
+                         for prompt in prompts for _, fields in runs(args.seeds)]
         with open(args.record, "w") as f:
             json.dump({"model": os.path.basename(args.model), "producer": "bench/compare_tokens.py --record, "
                        "llama-server built for AVX2 (GGML_NATIVE=OFF, GGML_AVX2/FMA/F16C=ON) from the "
                        "llama-cpp-python 0.3.36 sdist", "requests": requests_made,
                        "answers": [probs for _, probs in results[0]],
                        "tokens": [tokens for tokens, _ in results[0]]}, f)
-    labels = [label for _ in PROMPTS for label, _ in runs(args.seeds)]
+    labels = [label for _ in prompts for label, _ in runs(args.seeds)]
     same, total, differing, max_diff = {}, {}, 0, 0.0
     for label, (their_tokens, theirs), (our_tokens, ours) in zip(labels, *results):
         kind = label.split()[0]

@@ -138,7 +138,12 @@ class CudaLayers:
                                                      cuda.to_device(weight), np.float32(eps), out)
         return out.copy_to_host()
 
-    def attention(self, q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, scale, window, out):
+    def attention(self, q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, scale, window,
+                  tiled, kv_chunk, out):
+        if tiled.any() or kv_chunk.any():   # ggml's tiled and split-KV orders have no CUDA twin yet
+            from .ops import attention
+            return attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim,
+                             np.float32(scale), window, tiled, kv_chunk, out)
         cuda = self.cuda
         n_ctx = int(positions.max()) + 1
         kc = cuda.to_device(np.ascontiguousarray(k_cache[:, :, :-(-n_ctx // k_cache.shape[-1])]).view(np.float16))

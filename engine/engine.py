@@ -1,6 +1,7 @@
 """`Engine`: a loaded model and its tokenizer, the one object the CLI and the server hold."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +10,20 @@ from .gguf_file import GGUFModel, ModelLoadError, load_gguf  # noqa: F401 (re-ex
 from .model import Batch, LlamaModel
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer, utf8_complete_prefix
+
+
+def physical_cores() -> int:
+    """CPU cores, not counting hyper-threads: llama.cpp's default thread count (cpu_get_num_math),
+    which decides how its attention splits a long cache among threads."""
+    import glob
+    siblings = set()
+    for path in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/topology/thread_siblings_list"):
+        try:
+            with open(path) as f:
+                siblings.add(f.read().strip())
+        except OSError:
+            pass
+    return len(siblings) or os.cpu_count() or 1
 
 
 @dataclass

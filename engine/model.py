@@ -26,7 +26,7 @@ import numpy as np
 from .gguf_file import GGUFModel, ModelLoadError
 from .hparams import HParams
 from .kv_cache import KVCache
-from .ops import attention, geglu, gelu_f16_table, rms_norm, rope, softcap, swiglu
+from .ops import FA_TILE_Q, attention, geglu, gelu_f16_table, rms_norm, rope, softcap, swiglu
 from .quants import KernelOrder, PackedWeight, linear, pack_tensor, pack_weight, repacked_order
 from .quants.blocks import BLOCK_SIZES, dequantize
 
@@ -59,6 +59,11 @@ class Batch:
     seq_ids: np.ndarray      # [T] i32  KV-cache row of each token's sequence
     want_logits: np.ndarray  # [T] bool  which tokens' logits to return
     prompt_pass: np.ndarray  # [T] bool  token belongs to a prompt evaluated >= 2 tokens at a time
+    # [T] bool  token's ubatch has >= FA_TILE_Q tokens, so ggml's attention takes its tiled path
+    # (None: the batch is one ubatch)
+    attn_tiled: np.ndarray | None = None
+    # [T] i32  > 0 for a lone decode token whose attention ggml splits among threads (ops.split_kv_chunk)
+    attn_kv_chunk: np.ndarray | None = None
 
     @staticmethod
     def single(tokens, start_pos: int, seq_id: int = 0, all_logits: bool = False,
@@ -216,6 +221,8 @@ class LlamaModel:
         # each token's matmuls sum in the order llama.cpp would use for it (prompt pass or
         # decode step, and how big its sequence's prompt chunk is): see quants.KernelOrder
         order = KernelOrder.for_batch(batch.prompt_pass, batch.seq_ids)
+        tiled = batch.attn_tiled if batch.attn_tiled is not None else np.full(n_tokens, n_tokens >= FA_TILE_Q)
+        kv_chunk = batch.attn_kv_chunk if batch.attn_kv_chunk is not None else np.zeros(n_tokens, np.int32)
         last = len(self.layers) - 1
         for il, layer in enumerate(self.layers):
             ops = self.gpu if self.gpu is not None and il < self.gpu.n_layers else CPU_OPS
@@ -237,7 +244,8 @@ class LlamaModel:
                 q *= np.float32(hp.q_scale)
             cache.store(il, batch.seq_ids, batch.positions, k, v)
             ops.attention(q, cache.k[il], cache.v[il], batch.seq_ids, batch.positions,
-                          hp.n_head, hp.n_head_kv, hp.head_dim, score_scale, hp.layer_window(il), attn_out)
+                          hp.n_head, hp.n_head_kv, hp.head_dim, score_scale, hp.layer_window(il), tiled, kv_chunk,
+                          attn_out)
             (o,) = ops.linear(attn_out, layer.wo, order=order)     # [T, n_embd]
             if il == last:
                 # only the rows whose logits are wanted go on (llama.cpp's inp_out_ids); these

@@ -87,6 +87,22 @@ def store_keys(cache_layer, seq_ids, positions, rows, n_head_kv, head_dim):
                 cache_layer[seq_ids[t], h, chunk, d, at] = f16_bits_of(rows[t, h * head_dim + d])
 
 
+FA_TILE_Q = 64    # ggml's flash attention goes tiled for ubatches of at least this many tokens
+FA_TILE_KV = 64   # ... and then takes the cache this many cells at a time (= KEY_CHUNK)
+
+FA_SPLIT_MIN_KV = 512   # ... and splits a lone decode token's cells among its threads from this many
+KV_PAD = 256            # llama.cpp's KV view covers the used cells rounded up to this
+
+
+def split_kv_chunk(position: int, kv_size: int, n_threads: int) -> int:
+    """For a decode token evaluated alone at `position` (its sequence's cells 0 .. position in
+    use), the run of cells each of ggml's n_threads attends to, or 0 when ggml does not split:
+    the KV view is the used cells rounded up to KV_PAD (at most kv_size), and ggml splits it
+    when it has at least FA_SPLIT_MIN_KV cells (llama_kv_cache::get_n_kv; ggml-cpu ops.cpp)."""
+    n_kv = min(kv_size, max(KV_PAD, -(-(position + 1) // KV_PAD) * KV_PAD))
+    return -(-n_kv // n_threads) if n_kv >= FA_SPLIT_MIN_KV else 0
+
+
 ATTENTION_PARTS = 64   # at most this many scratch sets per call (see attention)
 
 
@@ -131,10 +147,13 @@ def _scores(qh, keys, nj, head_dim, lanes, wide, out):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, scale, window, out):
+def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_dim, scale, window, tiled, kv_chunk,
+              out):
     """Causal grouped-query attention of each token over its own sequence's cache: the
     positions max(0, pos - window + 1) .. pos when window > 0 (a sliding-window layer, whose
     older cells llama.cpp masks to -inf and skips), else 0 .. pos. Scores are scaled by `scale`.
+    Tokens marked `tiled` follow ggml's tiled flash attention instead (`_attend_tiled`), which
+    ggml uses for a whole ubatch of >= FA_TILE_Q tokens.
 
     Mirrors ggml's CPU flash attention for an f16 cache (one_chunk): q is rounded to f16,
     scores are f16 x f16 dot products, the softmax is online (running max M and sum S) and the
@@ -150,6 +169,9 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     positions:[T] i32  the token attends to cache positions up to positions[t]
     scale:    f32 scores are multiplied by (1/sqrt(head_dim), or 1 where q was scaled before)
     window:   i32 0, or how many positions a sliding-window layer sees
+    tiled:    [T] bool  which tokens take the tiled path
+    kv_chunk: [T] i32   > 0: the token is a lone decode token over >= 512 cells, which ggml
+              splits among its threads in runs of this many cells (see `_attend`); 0 otherwise
     out:      [T, n_head * head_dim] f32
     """
     n_tokens = q.shape[0]
@@ -166,7 +188,8 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     for part in prange(n_parts):
         qh = np.empty(head_dim, np.float32)
         acc = np.empty(head_dim, np.float32)
-        all_scores = np.empty(max_kv, np.float32)
+        partial = np.empty(head_dim, np.float32)   # one thread's share under ggml's split-KV
+        all_scores = np.empty(max(max_kv, FA_TILE_KV), np.float32)
         all_ms = np.empty(max_kv, np.float32)
         all_vs = np.empty(max_kv, np.float32)
         lanes = np.empty((32, KEY_CHUNK), np.float32)
@@ -174,27 +197,60 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
         for job in range(part, n_jobs, n_parts):
             t = job // n_head
             h = job % n_head
-            _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, out,
-                    qh, acc, all_scores, all_ms, all_vs, lanes, wide)
+            if tiled[t]:
+                _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window,
+                              out, acc, all_scores)
+            else:
+                _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, kv_chunk[t],
+                        out, qh, acc, partial, all_scores, all_ms, all_vs, lanes, wide)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, out,
-            qh, acc, all_scores, all_ms, all_vs, lanes, wide):
-    """One token's attention for one head (see `attention`), in the scratch arrays given."""
-    keys = k_cache[seq_ids[t], h // group]       # [n_chunks, head_dim, KEY_CHUNK]
+def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, kv_chunk, out,
+            qh, acc, part, all_scores, all_ms, all_vs, lanes, wide):
+    """One token's attention for one head (see `attention`), in the scratch arrays given: over
+    all its visible cells at once, or, with kv_chunk > 0, as ggml's split-KV path for a lone
+    decode token: each run of kv_chunk cells (one per thread) is attended on its own, and the
+    partial results are merged in order as ggml_flash_attn_ext_reduce_partials merges them."""
     n_end = positions[t] + 1
     first = 0
     if window > 0 and n_end > window:
         first = n_end - window
-    # the key chunks are scored whole: start at the chunk holding `first`, drop what precedes it
-    chunk0 = first - first % KEY_CHUNK
-    values = v_cache[seq_ids[t], h // group, first:]   # [n_kv, head_dim]
-    n_kv = n_end - first
     qt = q[t, h * head_dim:(h + 1) * head_dim]
     for d in range(head_dim):
         qh[d] = round_f16(qt[d])
-    # 1. scores
+    if kv_chunk <= 0:
+        m, total = _attend_range(qh, k_cache, v_cache, seq_ids[t], h // group, head_dim, scale, first, n_end,
+                                 acc, all_scores, all_ms, all_vs, lanes, wide)
+    else:
+        m, total = np.float32(-np.inf), np.float32(0.0)
+        acc[:] = 0
+        for c0 in range(first - first % kv_chunk, n_end, kv_chunk):
+            mc, sc = _attend_range(qh, k_cache, v_cache, seq_ids[t], h // group, head_dim, scale, max(first, c0),
+                                   min(n_end, c0 + kv_chunk), part, all_scores, all_ms, all_vs, lanes, wide)
+            m_new = max(m, mc)
+            scale_old = np.float32(np.exp(np.float32(m - m_new)))
+            scale_new = np.float32(np.exp(np.float32(mc - m_new)))
+            for d in range(head_dim):   # compiled with contraction: the first product is fused
+                acc[d] = fma(acc[d], scale_old, part[d] * scale_new)
+            total = fma(total, scale_old, sc * scale_new)
+            m = m_new
+    inv = np.float32(1.0) / total
+    o = out[t, h * head_dim:(h + 1) * head_dim]
+    for d in range(head_dim):
+        o[d] = acc[d] * inv
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _attend_range(qh, k_cache, v_cache, seq, kv_head, head_dim, scale, first, n_end, acc,
+                  all_scores, all_ms, all_vs, lanes, wide):
+    """ggml's one_chunk over cells first .. n_end - 1: fills acc with the f16 accumulator of
+    sum_j exp(s_j - M) v_j and returns (M, S), the running max and sum. qh: q rounded to f16."""
+    keys = k_cache[seq, kv_head]                 # [n_chunks, head_dim, KEY_CHUNK]
+    values = v_cache[seq, kv_head, first:]       # [n_kv, head_dim]
+    n_kv = n_end - first
+    # 1. scores; the key chunks are scored whole: start at the chunk holding `first`
+    chunk0 = first - first % KEY_CHUNK
     chunk_scores = all_scores[:n_end - chunk0]
     for j0 in range(chunk0, n_end, KEY_CHUNK):
         nj = min(KEY_CHUNK, n_end - j0)
@@ -232,6 +288,63 @@ def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scal
         value = values[j]
         for d in range(head_dim):
             acc[d] = round_f16(fma(f16_to_f32(value[d]), w, acc[d]))
+    return m, total
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, out,
+                  acc, scratch):
+    """One token's attention for one head as ggml_compute_forward_flash_attn_ext_tiled does it:
+    q stays f32; the cache is taken FA_TILE_KV cells at a time, and per tile every score is a
+    plain chain of FMAs over head_dim (simd_gemm), the running max M moves to the tile's max,
+    the f32 accumulator and the sum S are rescaled by expf(M_old - M), the tile's weights are
+    ggml's vectorized exp, summed 8 at a time (hsum order) into a double that S takes in, and
+    each output dimension adds weight x value as a chain of FMAs (simd_gemm again). Tiles with
+    no visible cell, and masked cells (weight 0), change nothing.
+    scratch: [>= FA_TILE_KV] f32 (the tile's scores, then weights)"""
+    keys = k_cache[seq_ids[t], h // group]       # [n_chunks, head_dim, KEY_CHUNK]
+    values = v_cache[seq_ids[t], h // group]     # [n_ctx, head_dim]
+    n_end = positions[t] + 1
+    first = 0
+    if window > 0 and n_end > window:
+        first = n_end - window
+    qt = q[t, h * head_dim:(h + 1) * head_dim]
+    e = scratch[:FA_TILE_KV]
+    m = np.float32(-np.inf)
+    total = np.float32(0.0)
+    acc[:] = 0
+    for c0 in range(first - first % FA_TILE_KV, n_end, FA_TILE_KV):
+        lo = max(first, c0) - c0
+        hi = min(n_end, c0 + FA_TILE_KV) - c0
+        chunk = keys[c0 // KEY_CHUNK]            # [head_dim, KEY_CHUNK]
+        e[:] = 0
+        for d in range(head_dim):                # scores, across the tile's cells
+            qd = qt[d]
+            key = chunk[d]
+            for j in range(lo, hi):
+                e[j] = fma(qd, f16_to_f32(key[j]), e[j])
+        tile_max = np.float32(-np.inf)
+        for j in range(lo, hi):
+            e[j] = e[j] * scale
+            tile_max = max(tile_max, e[j])
+        if tile_max > m:
+            ms = np.float32(np.exp(np.float32(m - tile_max)))
+            for d in range(head_dim):
+                acc[d] = acc[d] * ms
+            total = total * ms
+            m = tile_max
+        for j in range(FA_TILE_KV):              # masked and padded cells weigh exp(-inf) = 0
+            e[j] = expf_ggml(np.float32(e[j] - m)) if lo <= j < hi else np.float32(0.0)
+        tile_sum = 0.0
+        for b in range(0, FA_TILE_KV, 8):
+            tile_sum += np.float64(((e[b] + e[b + 4]) + (e[b + 2] + e[b + 6])) +
+                                   ((e[b + 1] + e[b + 5]) + (e[b + 3] + e[b + 7])))
+        total = np.float32(np.float64(total) + tile_sum)
+        for j in range(lo, hi):
+            w = e[j]
+            value = values[c0 + j]
+            for d in range(head_dim):
+                acc[d] = fma(w, f16_to_f32(value[d]), acc[d])
     inv = np.float32(1.0) / total
     o = out[t, h * head_dim:(h + 1) * head_dim]
     for d in range(head_dim):

@@ -26,6 +26,7 @@ import numpy as np
 from .engine import Engine
 from .prompt_cache import PromptCache, common_prefix
 from .model import Batch
+from .ops import FA_TILE_Q, KV_PAD, split_kv_chunk
 from .sampling import Sampler, SamplingParams, logprob, token_probabilities
 from .tokenizer import utf8_complete_prefix
 
@@ -241,13 +242,20 @@ class SchedulerView:
 CHECKPOINT_TAIL = 4
 
 
+def tiled_attention_rows(n_tokens: int, n_ubatch: int) -> np.ndarray:
+    """[n_tokens] bool: the tokens whose ubatch (llama.cpp cuts a batch into ubatches of
+    n_ubatch tokens, in order) is big enough for ggml's tiled flash attention."""
+    sizes = np.minimum(n_ubatch, n_tokens - np.arange(0, n_tokens, n_ubatch))
+    return np.repeat(sizes >= FA_TILE_Q, sizes)
+
+
 class Scheduler:
     SAVE_BELOW_KEEP = np.float32(0.5)   # llama-server: a reused slot about to lose more than half its state saves it first
 
     def __init__(self, engine: Engine, n_slots: int, n_ctx_slot: int, n_batch: int = 512,
                  n_predict_default: int = -1, context_shift: bool = False, cache_ram_mib: float = 0,
                  cache_idle_slots: bool = True, kv_unified: bool = False, max_waiting: int | None = None,
-                 slot_prompt_similarity: float = 0.1, n_ubatch: int = 512):
+                 slot_prompt_similarity: float = 0.1, n_ubatch: int = 512, n_threads: int = 1):
         """max_waiting: tasks that may wait for a slot (None: no limit); submit refuses more.
         cache_ram_mib: budget of the host-RAM prompt cache (0: none, < 0: unlimited).
         cache_idle_slots: also keep idle slots' states there when a task starts (and, with a
@@ -267,6 +275,11 @@ class Scheduler:
             self.log.debug("idle slots will be saved to the prompt cache upon starting a new task "
                            "__TEST_TAG_CACHE_IDLE_SLOTS_ENABLED__")
         self.n_batch = max(1, n_batch)
+        self.n_ubatch = max(1, n_ubatch)
+        # llama.cpp's thread count splits a lone decode token's attention (ops.split_kv_chunk);
+        # its cache holds the context rounded up to KV_PAD cells
+        self.n_threads = max(1, n_threads)
+        self.kv_size = -(-n_ctx_slot // KV_PAD) * KV_PAD
         # llama-server evaluates the last few tokens of a prompt in batches of their own where it
         # makes context checkpoints (models with sliding-window layers): cut our chunks there too,
         # since the batch a token is evaluated in decides its summation order
@@ -510,7 +523,10 @@ class Scheduler:
         if not tokens:
             return
         batch = Batch(np.array(tokens, np.int32), np.array(positions, np.int32),
-                      np.array(seq_ids, np.int32), np.array(want, bool), np.array(prompt_pass, bool))
+                      np.array(seq_ids, np.int32), np.array(want, bool), np.array(prompt_pass, bool),
+                      attn_tiled=tiled_attention_rows(len(tokens), self.n_ubatch),
+                      attn_kv_chunk=np.array([split_kv_chunk(positions[0], self.kv_size, self.n_threads)
+                                              if len(tokens) == 1 else 0] * len(tokens), np.int32))
         logits = self.engine.model.forward(batch, self.cache)
         m = self.metrics
         m.n_decode_total += 1

@@ -83,8 +83,11 @@ for head_dim, window, scale in ((48, 0, 1 / np.sqrt(np.float32(48))), (64, 5, 1.
     q = rng.standard_normal((3, 2 * head_dim)).astype(np.float32)
     seq_ids, positions = np.zeros(3, np.int32), np.array([3, 40, 69], np.int32)
     cpu, dev = np.empty_like(q), np.empty_like(q)
-    attention(q, cache.k[0], cache.v[0], seq_ids, positions, 2, 1, head_dim, np.float32(scale), window, cpu)
-    gpu.attention(q, cache.k[0], cache.v[0], seq_ids, positions, 2, 1, head_dim, scale, window, dev)
+    one_chunk, no_split = np.zeros(3, bool), np.zeros(3, np.int32)   # (the CUDA kernel's path)
+    attention(q, cache.k[0], cache.v[0], seq_ids, positions, 2, 1, head_dim, np.float32(scale), window,
+              one_chunk, no_split, cpu)
+    gpu.attention(q, cache.k[0], cache.v[0], seq_ids, positions, 2, 1, head_dim, scale, window, one_chunk,
+                  no_split, dev)
     ok = np.array_equal(cpu, dev)
     print(f"attention head_dim {head_dim} window {window}: bit-identical {ok}")
     if not ok:

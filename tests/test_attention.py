@@ -1,6 +1,6 @@
-"""ops.attention (three passes, chunked key cache) against a NumPy twin of ggml's flash attention
+"""ops.attention (three passes, chunked key cache) against NumPy twins of ggml's flash attention
 for an f16 cache, written as ggml writes it: one position at a time, online softmax, f16
-accumulator. Bit for bit, across head sizes (with and without a tail past the 32-wide blocks),
+accumulator (one_chunk); 64 cells a tile in f32 (tiled); per thread, then merged (split-KV). Bit for bit, across head sizes (with and without a tail past the 32-wide blocks),
 chunk boundaries of the key cache and several sequences."""
 import math
 
@@ -10,7 +10,8 @@ import pytest
 from numllama.engine.hparams import HParams
 from numllama.engine.kv_cache import KVCache
 from numllama.engine.ops import attention
-from twins import expf
+from numllama.engine.float_ops import expf_ggml
+from twins import expf, hsum8_twin
 from twins import fma_twin as fma
 
 f32, f16 = np.float32, np.float16
@@ -36,15 +37,20 @@ def dot_f16(q, k):
     return f32(total)
 
 
-def twin(q, keys, values, n_kv, scale, window):
-    """One token and head. keys, values: [n_kv, hd] f16 values as f32. A sliding window masks
-    the older positions to -inf, which ggml's loop skips."""
+def visible(j, n_kv, window):
+    """Whether cell j is seen by the token at position n_kv - 1 (llama_hparams::is_masked_swa)."""
+    return j < n_kv and not (window and (n_kv - 1) - j >= window)
+
+
+def chunk_twin(q, keys, values, lo, hi, n_kv, scale, window):
+    """ggml's one_chunk over cells lo .. hi - 1 for one token and head: the f16 accumulator
+    (unnormalized), M and S. keys, values: [n, hd] f16 values as f32. Masked cells are skipped."""
     hd = len(q)
     qh = q.astype(f16).astype(f32)
     m, s_sum = f32(-np.inf), f32(0)
     acc = np.zeros(hd, f32)   # VKQ16, f16 values
-    for j in range(n_kv):
-        if window and (n_kv - 1) - j >= window:   # llama_hparams::is_masked_swa
+    for j in range(lo, hi):
+        if not visible(j, n_kv, window):
             continue
         s = f32(dot_f16(qh, keys[j]) * scale)
         ms = vs = f32(1)
@@ -56,14 +62,69 @@ def twin(q, keys, values, n_kv, scale, window):
             vs = expf(f32(s - m))
         acc = np.array([fma(values[j, d], vs, acc[d]) for d in range(hd)], f32).astype(f16).astype(f32)
         s_sum = fma(s_sum, ms, vs)
+    return acc, m, s_sum
+
+
+def twin(q, keys, values, n_kv, scale, window):
+    """ggml's one_chunk over the whole cache, normalized."""
+    acc, _, s_sum = chunk_twin(q, keys, values, 0, n_kv, n_kv, scale, window)
     return acc * (f32(1) / s_sum)
 
 
+def split_twin(q, keys, values, n_kv, scale, window, chunk):
+    """ggml's split-KV path: one_chunk per run of `chunk` cells, then
+    ggml_flash_attn_ext_reduce_partials (compiled with contraction: the first product fused)."""
+    acc_f, m_f, s_f = np.zeros(len(q), f32), f32(-np.inf), f32(0)
+    for c0 in range(0, n_kv, chunk):
+        acc, m, s_sum = chunk_twin(q, keys, values, c0, min(c0 + chunk, n_kv), n_kv, scale, window)
+        if s_sum == 0:
+            continue
+        m_new = max(m_f, m)
+        scale_old, scale_new = expf(f32(m_f - m_new)), expf(f32(m - m_new))
+        acc_f = np.array([fma(acc_f[d], scale_old, f32(acc[d] * scale_new)) for d in range(len(q))], f32)
+        s_f = fma(s_f, scale_old, f32(s_sum * scale_new))
+        m_f = m_new
+    return acc_f * (f32(1) / s_f)
+
+
+def tiled_twin(q, keys, values, n_kv, scale, window):
+    """ggml_compute_forward_flash_attn_ext_tiled for one token and head: q in f32, 64 cells a
+    tile, scores and the V update as chains of FMAs (simd_gemm), the tile's exps (ggml's
+    vectorized exp) summed 8 at a time into a double."""
+    hd = len(q)
+    m, s_sum = f32(-np.inf), f32(0)
+    acc = np.zeros(hd, f32)
+    for c0 in range(0, n_kv, 64):
+        cells = [j for j in range(c0, c0 + 64) if visible(j, n_kv, window)]
+        if not cells:
+            continue
+        kq = np.full(64, -np.inf, f32)
+        for j in cells:
+            dot = f32(0)
+            for d in range(hd):
+                dot = fma(q[d], keys[j, d], dot)
+            kq[j - c0] = f32(dot * scale)
+        m_new = max(m, kq.max())
+        if m_new > m:
+            ms = expf(f32(m - m_new))
+            acc = (acc * ms).astype(f32)
+            s_sum = f32(s_sum * ms)
+        m = m_new
+        e = np.array([expf_ggml(f32(x - m)) for x in kq], f32)
+        s_sum = f32(np.float64(s_sum) + sum(np.float64(hsum8_twin(e[b:b + 8])) for b in range(0, 64, 8)))
+        for j in cells:
+            acc = np.array([fma(e[j - c0], values[j, d], acc[d]) for d in range(hd)], f32)
+    return acc * (f32(1) / s_sum)
+
+
+@pytest.mark.parametrize("path", ["one_chunk", "tiled", "split"])
 @pytest.mark.parametrize("head_dim,window,q_scaled", [(8, 0, False), (48, 0, False), (64, 0, False),
                                                       (80, 0, False), (128, 0, False),
                                                       (64, 40, False), (256, 70, True)])
-def test_attention_equals_ggml_order(head_dim, window, q_scaled):
-    """window: a sliding-window layer (gemma3); q_scaled: q was scaled before, scores by 1."""
+def test_attention_equals_ggml_order(head_dim, window, q_scaled, path):
+    """window: a sliding-window layer (gemma3); q_scaled: q was scaled before, scores by 1;
+    path: ggml's one_chunk (short ubatches), tiled (ubatches of >= 64 tokens) or split-KV (a
+    lone decode token over >= 512 cells, here in runs of 48 cells)."""
     rng = np.random.default_rng(head_dim)
     n_head, n_head_kv, n_ctx = 4, 2, 160
     hp = HParams("llama", 32, n_ctx, n_head * head_dim, 1, n_head, n_head_kv, 8, head_dim, head_dim,
@@ -79,13 +140,17 @@ def test_attention_equals_ggml_order(head_dim, window, q_scaled):
     q = (rng.standard_normal((4, n_head * head_dim)) * 2).astype(f32)
     out = np.empty_like(q)
     scale = f32(1.0) if q_scaled else f32(1.0) / f32(math.sqrt(f32(head_dim)))
-    attention(q, cache.k[0], cache.v[0], seq_ids, positions, n_head, n_head_kv, head_dim, scale, window, out)
+    tiled = np.full(4, path == "tiled")
+    kv_chunk = np.full(4, 48 if path == "split" else 0, np.int32)
+    attention(q, cache.k[0], cache.v[0], seq_ids, positions, n_head, n_head_kv, head_dim, scale, window, tiled,
+              kv_chunk, out)
     keys = k.astype(f16).astype(f32)
     values = v.astype(f16).astype(f32)
     for t in range(4):
         for h in range(n_head):
             kvh = h // (n_head // n_head_kv)
             cols = slice(kvh * head_dim, (kvh + 1) * head_dim)
-            want = twin(q[t, h * head_dim:(h + 1) * head_dim], keys[seq_ids[t], :, cols], values[seq_ids[t], :, cols],
-                        positions[t] + 1, scale, window)
+            args = (q[t, h * head_dim:(h + 1) * head_dim], keys[seq_ids[t], :, cols], values[seq_ids[t], :, cols],
+                    positions[t] + 1, scale, window)
+            want = tiled_twin(*args) if path == "tiled" else split_twin(*args, 48) if path == "split" else twin(*args)
             np.testing.assert_array_equal(out[t, h * head_dim:(h + 1) * head_dim], want, err_msg=f"t={t} h={h}")

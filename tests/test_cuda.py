@@ -12,8 +12,9 @@ def test_cuda_kernels_equal_cpu_twins_in_simulator(stories_path):
                        cwd=REPO, env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"},
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    # all 13 types in vec_dot order, Q4_0 and Q4_K repacked, 5 K-quants tiled, and rms_norm
-    assert r.stdout.count("bit-identical True") == 13 + 2 + 5 + 1
+    # all 13 types in vec_dot order, Q4_0 and Q4_K repacked, 5 K-quants tiled, rms_norm, and
+    # attention with and without a sliding window
+    assert r.stdout.count("bit-identical True") == 13 + 2 + 5 + 1 + 2
     assert "max |diff| 0.00e+00, same argmax True" in r.stdout
 
 

@@ -48,6 +48,18 @@ def test_stories_top_logprobs_equal_llama_server(server):
     top_logprobs_equal_golden(server, "stories260K-top5.json")
 
 
+def test_long_prompt_and_decode_equal_llama_server(stories_path):
+    """A prompt of some 300 tokens (ggml's tiled attention: >= 64 tokens in the ubatch) and 400
+    tokens decoded after it (past 256 cells ggml splits a lone decode token's attention among
+    its threads, -t 2 here as when recorded): stories260K-long-top5.json, bit for bit."""
+    from server_util import Server
+    s = Server(["-np", "1", "-c", "2048", "-t", "2"], model=stories_path)
+    try:
+        top_logprobs_equal_golden(s, "stories260K-long-top5.json")
+    finally:
+        s.stop()
+
+
 # Tiny random-weight files written by bench/random_gguf.py (--embd 64 --layers 2 --heads 4
 # --kv-heads 2 --ffn 128 --type Q8_0 and what is listed), with an AVX2 llama-server's answers
 # recorded by bench/compare_tokens.py --record (-n 24 --seeds 2).

@@ -174,7 +174,7 @@ def main(argv=None) -> int:
 
 
 def build_context(args, path: str):
-    from ..engine.engine import Engine
+    from ..engine.engine import Engine, physical_cores
     from ..engine.slots import Scheduler
     from .app import ServerContext
     from .params import ServerDefaults
@@ -200,7 +200,8 @@ def build_context(args, path: str):
     scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=args.batch_size, n_ubatch=args.ubatch_size, max_waiting=max(0, args.max_queue),
                           n_predict_default=args.n_predict, context_shift=args.context_shift,
                           cache_ram_mib=args.cache_ram, cache_idle_slots=args.cache_idle_slots,
-                          kv_unified=kv_unified, slot_prompt_similarity=args.slot_prompt_similarity)
+                          kv_unified=kv_unified, slot_prompt_similarity=args.slot_prompt_similarity,
+                          n_threads=args.threads or physical_cores())
     from ..engine.chat_template import ChatTemplate
     template = args.chat_template
     if args.chat_template_file:
