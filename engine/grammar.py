@@ -1,4 +1,5 @@
-"""Grammar-constrained generation: GBNF grammars (llama.cpp's format) and JSON schemas.
+"""Grammar-constrained generation: GBNF grammars (llama.cpp's format); JSON schemas become
+GBNF in json_schema.py.
 
 A grammar is a set of rules; each rule is a list of alternatives; each alternative is a
 sequence of elements: a character set, or a reference to a rule. Repetition (`*`, `+`, `?`,
@@ -18,7 +19,6 @@ What llama.cpp refuses at parse time is refused here too, with the rule's name: 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 MAX_REPETITION = 2000            # llama.cpp's MAX_REPETITION_THRESHOLD for {m,n}
@@ -399,97 +399,3 @@ class GrammarState:
     def accept(self, token: int) -> None:
         if token not in self.eog_ids:
             self.stacks = self.grammar.advance(self.stacks, self.token_text(token))
-
-
-# ---------------------------------------------------------------------------------- JSON schema
-_SPACE = 'space ::= | " " | "\\n" [ \\t]{0,20}'
-_PRIMITIVES = {
-    "string": 'string ::= "\\"" ( [^"\\\\\\x00-\\x1F] | "\\\\" ["\\\\/bfnrt] )* "\\"" space',
-    "integer": 'integer ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) space',
-    "number": 'number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9]+)? space',
-    "boolean": 'boolean ::= ("true" | "false") space',
-    "null": 'null ::= "null" space',
-    "value": 'value ::= object | array | string | number | boolean | null',
-    "object": 'object ::= "{" space ( string ":" space value ("," space string ":" space value)* )? "}" space',
-    "array": 'array ::= "[" space ( value ("," space value)* )? "]" space',
-}
-_NEEDS = {"value": ("object", "array", "string", "number", "boolean", "null"),
-          "object": ("string", "value"), "array": ("value",)}
-
-
-def _literal(value) -> str:
-    return json.dumps(json.dumps(value))
-
-
-def json_schema_to_grammar(schema) -> str:
-    """A GBNF grammar for the JSON values a (subset of) JSON Schema allows: type, const, enum,
-    properties/required, items (a schema, or a list of schemas for a tuple). Raises
-    GrammarError for what it does not understand."""
-    rules: dict[str, str] = {}
-    used: set[str] = set()
-
-    def use(prim: str) -> str:
-        if prim not in used:
-            used.add(prim)
-            for dep in _NEEDS.get(prim, ()):
-                use(dep)
-        return prim
-
-    def visit(s, name: str) -> str:
-        if not isinstance(s, dict):
-            raise GrammarError("a JSON schema must be an object")
-        if "const" in s:
-            rules[name] = f"{name} ::= {_literal(s['const'])} space"
-            return name
-        if "enum" in s:
-            if not isinstance(s["enum"], list) or not s["enum"]:
-                raise GrammarError("'enum' must be a non-empty array")
-            rules[name] = f"{name} ::= (" + " | ".join(_literal(v) for v in s["enum"]) + ") space"
-            return name
-        t = s.get("type")
-        if t is None:
-            if "properties" in s:
-                t = "object"
-            elif "items" in s or "prefixItems" in s:
-                t = "array"
-            else:
-                return use("value")
-        if isinstance(t, list):
-            if not t or not all(isinstance(x, str) for x in t):
-                raise GrammarError("'type' must be a string or a list of strings")
-            rules[name] = f"{name} ::= " + " | ".join(visit({**s, "type": x}, f"{name}-{x}") for x in t)
-            return name
-        if not isinstance(t, str) or t not in ("string", "integer", "number", "boolean", "null", "object", "array"):
-            raise GrammarError(f"unsupported JSON schema type {t!r}")
-        if t == "object" and "properties" in s:
-            props = s["properties"]
-            if not isinstance(props, dict):
-                raise GrammarError("'properties' must be an object")
-            required = s.get("required", list(props))
-            if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-                raise GrammarError("'required' must be an array of property names")
-            required = set(required)
-            parts, first = [], True
-            for key, sub in props.items():
-                item = f'{_literal(key)} space ":" space {visit(sub, f"{name}-{key}")}'
-                sep = "" if first else '"," space '
-                parts.append(f"{sep}{item}" if key in required else f"({sep}{item})?")
-                first = False
-            rules[name] = f'{name} ::= "{{" space ' + " ".join(parts) + ' "}" space'
-            return name
-        if t == "array" and ("items" in s or "prefixItems" in s):
-            items = s.get("prefixItems", s.get("items"))
-            if isinstance(items, list):    # a tuple
-                elems = [visit(sub, f"{name}-{i}") for i, sub in enumerate(items)]
-                body = ' "," space '.join(elems)
-                rules[name] = f'{name} ::= "[" space {body} "]" space'
-            else:
-                item = visit(items, f"{name}-item")
-                rules[name] = f'{name} ::= "[" space ({item} ("," space {item})*)? "]" space'
-            return name
-        return use(t)
-
-    root = visit(schema, "root")
-    lines = [] if root == "root" else [f"root ::= {root}"]
-    lines += list(rules.values()) + [_PRIMITIVES[p] for p in sorted(used)] + [_SPACE]
-    return "\n".join(lines)

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from numllama.engine.grammar import Grammar, GrammarError, json_schema_to_grammar
+from numllama.engine.grammar import Grammar, GrammarError
+from numllama.engine.json_schema import json_schema_to_grammar
 
 
 def matches(grammar: Grammar, text: str) -> bool:
@@ -53,7 +54,8 @@ def test_grammar_forces_output(server):
 
 
 def test_json_output_is_valid_json(server):
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}   # (as in JSON Schema, properties are optional unless required)
     b = server.post("/chat/completions", {"max_tokens": 60, "response_format": {
         "type": "json_schema", "json_schema": {"schema": schema}},
         "messages": [{"role": "user", "content": "Write a person"}]}).json()

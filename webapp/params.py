@@ -216,8 +216,19 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
 
 
 def parse_grammar(body: dict):
-    """`grammar` (GBNF), `json_schema`, or OpenAI's `response_format` -> a Grammar (or None)."""
-    from ..engine.grammar import Grammar, GrammarError, json_schema_to_grammar
+    """`grammar` (GBNF), `json_schema`, or OpenAI's `response_format` -> a Grammar (or None), as
+    llama-server chooses: a grammar wins over a schema, and an empty schema means any object."""
+    from ..engine.grammar import Grammar, GrammarError
+    from ..engine.json_schema import json_schema_to_grammar
+
+    def from_schema(schema) -> str:
+        if isinstance(schema, dict) and not schema:
+            schema = {"type": "object"}
+        try:
+            return json_schema_to_grammar(schema)
+        except GrammarError as e:
+            raise APIError(f'"json_schema": {e}')
+
     text = None
     try:
         if body.get("grammar") is not None:
@@ -225,18 +236,17 @@ def parse_grammar(body: dict):
                 raise APIError("Field 'grammar': must be a string (GBNF)")
             text = body["grammar"] or None
         elif body.get("json_schema") is not None:
-            text = json_schema_to_grammar(body["json_schema"])
+            text = from_schema(body["json_schema"])
         elif body.get("response_format") is not None:
             rf = body["response_format"]
-            if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
-                raise APIError("response_format type must be one of 'text', 'json_object', 'json_schema'")
-            if rf["type"] == "json_object":
-                text = json_schema_to_grammar(rf.get("schema", {"type": "object"}))
-            elif rf["type"] == "json_schema":
-                js = rf.get("json_schema")
-                if not isinstance(js, dict):
-                    raise APIError("response_format.json_schema must be an object")
-                text = json_schema_to_grammar(js.get("schema", {"type": "object"}))
+            kind = rf.get("type", "") if isinstance(rf, dict) else None
+            if kind not in ("", "text", "json_object", "json_schema"):
+                raise APIError(f'response_format type must be one of "text" or "json_object", but got: {kind}')
+            if kind == "json_object":
+                text = from_schema(rf.get("schema", {}))
+            elif kind == "json_schema":
+                wrapper = rf.get("json_schema")
+                text = from_schema((wrapper if isinstance(wrapper, dict) else {}).get("schema", {}))
         return Grammar(text) if text else None
     except GrammarError as e:
         raise APIError(str(e))
