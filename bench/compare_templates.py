@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import requests
 
-from compare_tokens import start   # beside this file
+from compare_tokens import add_server_args, running   # beside this file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = [{"type": "function", "function": {
@@ -39,23 +38,18 @@ CONVERSATIONS = [
 
 def render_all(binary: str, model: str, template: str) -> list:
     """Per conversation: the prompt, or the HTTP status of a refusal."""
-    proc, url = start(binary, model, ("-c", "512", "-np", "1", "--chat-template-file", template))
-    try:
+    with running(binary, model, ("-c", "512", "-np", "1", "--chat-template-file", template)) as url:
         out = []
         for conv in CONVERSATIONS:
             r = requests.post(url + "/apply-template", json=conv, timeout=60)
             out.append(r.json()["prompt"] if r.status_code == 200 else r.status_code)
         return out
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("templates", nargs="+")
-    ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER_BIN"))
-    ap.add_argument("--numllama-server", default=shutil.which("numllama-server"))
+    add_server_args(ap)
     ap.add_argument("--model", default=os.path.join(REPO, "tests", "data", "stories260K.gguf"))
     ap.add_argument("--record", metavar="JSON", help="write llama-server's renderings there")
     args = ap.parse_args()

@@ -14,6 +14,7 @@ another order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -59,6 +60,23 @@ def start(binary: str, model: str, flags: tuple = ("-c", "2048", "-np", "1", "-t
     sys.exit(f"{binary} was not ready within 120 s")
 
 
+@contextlib.contextmanager
+def running(binary: str, model: str, flags: tuple = ("-c", "2048", "-np", "1", "-t", "2")):
+    """A started server's URL, for the length of the with-block."""
+    proc, url = start(binary, model, flags)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """The two servers compared: an AVX2 llama-server and numllama-server."""
+    ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER_BIN"))
+    ap.add_argument("--numllama-server", default=shutil.which("numllama-server"))
+
+
 N_PROBS = 5
 
 
@@ -90,8 +108,7 @@ def sample(url: str, n_predict: int, n_seeds: int, prompts: list[str]) -> list[t
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER_BIN"), required=False)
-    ap.add_argument("--numllama-server", default=shutil.which("numllama-server"))
+    add_server_args(ap)
     ap.add_argument("-n", "--n-predict", type=int, default=48)
     ap.add_argument("--seeds", type=int, default=4, help="seeded runs per prompt (temperature 0.8)")
     ap.add_argument("--record", metavar="JSON", help="also write llama-server's answers there (a golden file: "
@@ -103,12 +120,8 @@ def main() -> int:
         ap.error("give --llama-server (or set LLAMA_SERVER_BIN)")
     results = []
     for binary in (args.llama_server, args.numllama_server):
-        proc, url = start(binary, args.model)
-        try:
+        with running(binary, args.model) as url:
             results.append(sample(url, args.n_predict, args.seeds, prompts))
-        finally:
-            proc.terminate()
-            proc.wait()
     if args.record:
         requests_made = [{"prompt": prompt, "n_predict": args.n_predict, "n_probs": N_PROBS, **fields}
                          for prompt in prompts for _, fields in runs(args.seeds)]

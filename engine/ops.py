@@ -318,10 +318,10 @@ def _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim
         hi = min(n_end, c0 + FA_TILE_KV) - c0
         chunk = keys[c0 // KEY_CHUNK]            # [head_dim, KEY_CHUNK]
         e[:] = 0
-        for d in range(head_dim):                # scores, across the tile's cells
-            qd = qt[d]
-            key = chunk[d]
-            for j in range(lo, hi):
+        for d in range(head_dim):                # scores, across all the tile's cells (a fixed
+            qd = qt[d]                           # count vectorizes; cells outside lo..hi are
+            key = chunk[d]                       # not used)
+            for j in range(FA_TILE_KV):
                 e[j] = fma(qd, f16_to_f32(key[j]), e[j])
         tile_max = np.float32(-np.inf)
         for j in range(lo, hi):
