@@ -39,7 +39,8 @@ class PromptCache:
         """budget_mib < 0: no byte limit; limit_tokens: the server's context (0: none)."""
         self.budget = None if budget_mib < 0 else int(budget_mib * 1024 * 1024)
         self.limit_tokens = limit_tokens
-        self.entries: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()   # oldest first
+        # tokens -> (k, v, extra): extra is what else a slot's state carries (its checkpoints)
+        self.entries: OrderedDict[tuple, tuple] = OrderedDict()   # oldest first
         self.n_bytes = 0
         self.hits = 0          # states restored into a slot
 
@@ -48,7 +49,7 @@ class PromptCache:
         n = len(tokens)
         return any(len(key) >= n and common_prefix(key, tokens) == n for key in self.entries)
 
-    def save(self, tokens: list[int], k: np.ndarray, v: np.ndarray) -> bool:
+    def save(self, tokens: list[int], k: np.ndarray, v: np.ndarray, extra: tuple = ()) -> bool:
         """Keep a slot's state (k, v: [n_layer, n_kv, n, hd], arrays the cache now owns, such as
         KVCache.cells returns); False if there was nothing new to keep or it does not fit."""
         key = tuple(tokens)
@@ -61,11 +62,11 @@ class PromptCache:
             self._drop(old)
         while self.entries and self.budget is not None and self.n_bytes + size > self.budget:
             self._drop(next(iter(self.entries)))
-        self.entries[key] = (k, v)
+        self.entries[key] = (k, v, extra)
         self.n_bytes += size
         return True
 
-    def load(self, slot_tokens, prompt) -> tuple[tuple, np.ndarray, np.ndarray] | None:
+    def load(self, slot_tokens, prompt) -> tuple[tuple, np.ndarray, np.ndarray, tuple] | None:
         """The entry to resume `prompt` from instead of the slot's own state, taken out of the
         cache (None: the slot's state is as good)."""
         lcp = common_prefix(slot_tokens, prompt)
@@ -81,10 +82,10 @@ class PromptCache:
                 f_keep_best, f_sim_best, best = f_keep, f_sim, key
         if best is None:
             return None
-        k, v = self.entries[best]
+        k, v, extra = self.entries[best]
         self._drop(best)
         self.hits += 1
-        return best, k, v
+        return best, k, v, extra
 
     def update(self) -> None:
         """Evict the oldest entries beyond the byte budget, then beyond the token budget."""
@@ -101,5 +102,5 @@ class PromptCache:
             self._drop(oldest)
 
     def _drop(self, key) -> None:
-        k, v = self.entries.pop(key)
+        k, v, _ = self.entries.pop(key)
         self.n_bytes -= k.nbytes + v.nbytes

@@ -126,6 +126,9 @@ class Slot:
     id: int
     n_ctx: int
     cache_tokens: list[int] = field(default_factory=list)   # tokens whose K/V are in this slot's row
+    # where llama-server would have checkpointed this slot's sliding-window cache: (n_tokens,
+    # pos_min, pos_max) each (sliding-window models only; see Checkpoints)
+    checkpoints: list[tuple] = field(default_factory=list)
     last_used: float = 0.0
     last_task_id: int | None = None
     last_prompt: list[int] = field(default_factory=list)
@@ -139,6 +142,7 @@ class Slot:
     prompt_pass: bool = False            # see Batch.prompt_pass
     generated: list[int] = field(default_factory=list)
     pending_bytes: bytes = b""           # the start of a character whose other bytes are to come
+    unsent_bytes: bytes = b""            # bytes turned into text since the last token was sent
     text: str = ""                       # generated text so far
     n_sent: int = 0                      # characters of text already sent
     probs: list = field(default_factory=list)   # per generated token: its n_probs entry or None
@@ -157,11 +161,13 @@ class Slot:
         self.task.events.put(ProgressEvent(total, self.n_cached, total - len(self.to_eval),
                                            (time.perf_counter() - self.t_start) * 1000))
 
-    def start(self, task: Task, engine: Engine) -> None:
+    def start(self, task: Task, engine: Engine, checkpoints: "Checkpoints | None" = None) -> None:
         self.task = task
         self.params = task.params
         prompt = task.prompt_tokens
         n_past = common_prefix(self.cache_tokens, prompt) if task.cache_prompt else 0
+        if checkpoints is not None:   # a sliding-window model: what llama-server can reuse
+            n_past = checkpoints.reusable(self, n_past, len(prompt))
         n_past = min(n_past, len(prompt) - 1)  # at least one token is evaluated, for its logits
         self.cache_tokens = self.cache_tokens[:n_past]
         self.n_cached = n_past
@@ -175,6 +181,7 @@ class Slot:
             self.sampler.bias[list(engine.tokenizer.eog_ids)] = -np.inf
         self.generated = []
         self.pending_bytes = b""
+        self.unsent_bytes = b""
         self.text = ""
         self.n_sent = 0
         self.probs = []
@@ -236,6 +243,52 @@ class SchedulerView:
         return sum(s.busy for s in self.slots)
 
 
+@dataclass(frozen=True)
+class Checkpoints:
+    """llama-server's context checkpoints, for models with sliding-window layers: its small
+    sliding-window cache cannot go back to an earlier position, so while it reads a prompt it
+    saves that cache just before the last batches (record), and a later request that shares the
+    prefix resumes from the last such checkpoint, or from scratch (reusable), not from the end
+    of the shared prefix (server-context.cpp). numllama's cache can go back anywhere; it follows
+    the same rule because the batches a prompt is read in decide the kernels' summation order.
+    The sliding-window cache holds swa_cache_size cells, reused as a ring (positions before
+    n - swa_cache_size are gone)."""
+    n_swa: int
+    swa_cache_size: int
+    n_ubatch: int
+    max_checkpoints: int = 32   # llama-server's --ctx-checkpoints
+
+    def pos_min(self, n_cells: int) -> int:
+        """The oldest position the sliding-window cache still holds, -1 when it is empty."""
+        return max(0, n_cells - self.swa_cache_size) if n_cells else -1
+
+    def record(self, slot: "Slot", n_left_after: int) -> None:
+        """Before a prompt chunk is evaluated: the checkpoint llama-server makes there, if any (a
+        chunk near the prompt's end, once the cache holds something)."""
+        n = len(slot.cache_tokens)
+        if not n or n_left_after >= self.n_ubatch:
+            return
+        slot.checkpoints = [c for c in slot.checkpoints if c[0] != n][-(self.max_checkpoints - 1):]
+        slot.checkpoints.append((n, self.pos_min(n), n - 1))
+
+    def reusable(self, slot: "Slot", n_past: int, n_prompt: int) -> int:
+        """How much of a shared prefix of n_past tokens llama-server can reuse (the checkpoints
+        after that point are forgotten)."""
+        pos_next = n_past
+        if n_past > 0:
+            threshold = max(0, pos_next - self.n_swa - (0 if n_past < n_prompt else 1))
+            if self.pos_min(len(slot.cache_tokens)) >= threshold:   # the window it needs is gone
+                usable = [c for c in slot.checkpoints if c[2] <= pos_next and (c[1] < threshold or c[1] == 0)]
+                if usable:
+                    n_tokens, c_min, c_max = usable[-1]
+                    pos_next = min(pos_next, max(c_min + 1, c_max))
+                    n_past = min(pos_next, n_tokens)
+                else:
+                    pos_next = n_past = 0
+        slot.checkpoints = [c for c in slot.checkpoints if c[2] <= pos_next]
+        return n_past
+
+
 # llama-server cuts the prompt of a model with sliding-window layers where CHECKPOINT_TAIL and
 # CHECKPOINT_TAIL + n_ubatch tokens are left, to checkpoint its state there (server-context.cpp,
 # checkpoint_offsets; llama.cpp PR 20288)
@@ -283,8 +336,12 @@ class Scheduler:
         # llama-server evaluates the last few tokens of a prompt in batches of their own where it
         # makes context checkpoints (models with sliding-window layers): cut our chunks there too,
         # since the batch a token is evaluated in decides its summation order
+        hp = engine.model.hp
         self.checkpoint_cuts = ((min(self.n_batch, CHECKPOINT_TAIL + n_ubatch), min(self.n_batch, CHECKPOINT_TAIL))
-                                if engine.model.hp.n_swa > 0 else ())
+                                if hp.n_swa > 0 else ())
+        kv_cells = -(-(n_ctx_slot if kv_unified else n_ctx_slot) // KV_PAD) * KV_PAD
+        swa_cells = min(kv_cells, hp.n_swa * (n_slots if kv_unified else 1) + n_ubatch)
+        self.checkpoints = Checkpoints(hp.n_swa, -(-swa_cells // KV_PAD) * KV_PAD, n_ubatch) if hp.n_swa > 0 else None
         self.max_waiting = max_waiting
         self.n_predict_default = n_predict_default
         self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
@@ -410,7 +467,7 @@ class Scheduler:
                 self._save_to_ram(slot)
                 self._load_from_ram(slot, task.prompt_tokens)
                 self.prompt_cache.update()
-            slot.start(task, self.engine)
+            slot.start(task, self.engine, self.checkpoints)
             if task.return_progress:
                 slot.report_progress()
             if self.cache_idle_slots:
@@ -459,17 +516,18 @@ class Scheduler:
         n = len(slot.cache_tokens)
         if not n or self.prompt_cache.holds(slot.cache_tokens):   # kept already: no copy to make
             return False
-        return self.prompt_cache.save(slot.cache_tokens, *self.cache.cells(slot.id, n))
+        return self.prompt_cache.save(slot.cache_tokens, *self.cache.cells(slot.id, n), extra=tuple(slot.checkpoints))
 
     def _load_from_ram(self, slot: Slot, prompt: list[int]) -> None:
         """Resume from a cached state if one beats what the slot holds (it moves into the slot)."""
         found = self.prompt_cache.load(slot.cache_tokens, prompt)
         if found is None:
             return
-        key, k, v = found
+        key, k, v, checkpoints = found
         n = min(len(key), slot.n_ctx)
         self.cache.put_cells(slot.id, k[:, :, :n], v[:, :, :n])
         slot.cache_tokens = list(key[:n])
+        slot.checkpoints = list(checkpoints)
         self.log.debug("slot %d: %d tokens restored from the prompt cache", slot.id, n)
 
     def _run(self) -> None:
@@ -511,6 +569,8 @@ class Scheduler:
         for s in active:  # then prompt chunks, as far as the batch allows
             if s.to_eval and budget > 0:
                 chunk = s.to_eval[:self._chunk_length(len(s.to_eval), budget)]
+                if self.checkpoints is not None:
+                    self.checkpoints.record(s, len(s.to_eval) - len(chunk))
                 last = len(chunk) == len(s.to_eval)
                 start = len(s.cache_tokens)
                 tokens += chunk
@@ -577,6 +637,8 @@ class Scheduler:
             self._append_text(s, token)
         complete = not s.pending_bytes
         probs = self._probs(s, logits, token) if task.n_probs > 0 and complete else None
+        if probs is not None:   # the bytes this token sends (with earlier tokens' held-back bytes)
+            probs["sent"] = s.unsent_bytes
         s.probs.append(probs)   # aligned with s.generated; None: not reported
         stop_type, stopping_word, truncated, send_upto = None, "", False, len(s.text)
         if is_eog:
@@ -591,6 +653,7 @@ class Scheduler:
             piece = s.text[s.n_sent:send_upto] if send_upto > s.n_sent else ""
             s.n_sent = max(s.n_sent, send_upto)
             task.events.put(TokenEvent(token, piece, probs, len(s.generated), len(task.prompt_tokens)))
+            s.unsent_bytes = b""
         if stop_type is None:
             s.next_token = token
         else:
@@ -601,6 +664,7 @@ class Scheduler:
         rest of it has come."""
         s.pending_bytes += self.engine.tokenizer.token_bytes(token, special=False)
         n = utf8_complete_prefix(s.pending_bytes)
+        s.unsent_bytes += s.pending_bytes[:n]
         s.text += s.pending_bytes[:n].decode("utf-8", "replace")
         s.pending_bytes = s.pending_bytes[n:]
         if "\n" in s.text:
@@ -640,7 +704,9 @@ class Scheduler:
         """Count the request in the metrics, send its FinalEvent and free the slot."""
         task, tok = s.task, self.engine.tokenizer
         now = time.perf_counter()
-        content = s.text
+        # the whole text, with the first bytes of a character that never came (llama-server's
+        # generated_text, whose JSON turns them into U+FFFD); a stream never sends these
+        content = s.text + s.pending_bytes.decode("utf-8", "replace")
         probs_out = s.probs
         if stop_type == "word":  # the stop word's tokens are not reported
             kept, acc = [], b""

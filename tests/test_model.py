@@ -153,3 +153,26 @@ def test_prompt_chunks_end_where_llama_server_checkpoints(stories):
     assert [swa._chunk_length(n, 2048) for n in (600, 12, 9, 8, 5, 4, 1)] == [588, 8, 5, 4, 1, 4, 1]
     assert swa._chunk_length(600, 100) == 100          # the budget cuts first
     assert [plain._chunk_length(n, 2048) for n in (600, 12, 5)] == [600, 12, 5]
+
+
+@pytest.mark.parametrize("name", ["gemma3-tiny-turns.json", "gemma-3-270m-q4_k_m-turns.json"])
+def test_conversation_with_cached_prompts_equals_llama_server(name, gemma3_path):
+    """Three turns, each prompt the last one plus its answer plus more, cache_prompt on: a
+    sliding-window model resumes where llama-server resumes (Gemma 3 270M: from its last context
+    checkpoint; the tiny model, window 8: from the shared prefix, whose window is still cached),
+    so the same tokens are evaluated (timings prompt_n, cache_n) in the same batches, and the
+    answers are llama-server's to the byte (tokens, probabilities, their texts)."""
+    import json
+    import os
+    from server_util import Server
+    gold = json.load(open(os.path.join(os.path.dirname(__file__), "data", name)))
+    model = gemma3_path if gold["model"].startswith("gemma-3-270m") else \
+        os.path.join(os.path.dirname(__file__), "data", gold["model"])
+    s = Server(["-np", "1", "-c", "2048", "-t", "2"], model=model)
+    try:
+        for turn in gold["turns"]:
+            r = s.post("/completion", turn["request"]).json()
+            assert (r["tokens"], r.get("completion_probabilities"), r["timings"]["prompt_n"], r["timings"]["cache_n"]) == \
+                (turn["tokens"], turn["probs"], turn["prompt_n"], turn["cache_n"]), turn["request"]["prompt"]
+    finally:
+        s.stop()

@@ -12,15 +12,16 @@ def kv(n):
 def test_save_load_and_evict_as_llama_server():
     cache = PromptCache(budget_mib=20 * 32 / 2 ** 20)   # k and v: 32 bytes per token: room for 20
     assert cache.save([1, 2, 3], *kv(3)) and not cache.save([1, 2, 3], *kv(3))
-    assert cache.save([1, 2, 3, 4, 5], *kv(5))                            # supersedes its prefix
+    assert cache.save([1, 2, 3, 4, 5], *kv(5), extra=((3, 0, 2),))       # supersedes its prefix
     assert list(cache.entries) == [(1, 2, 3, 4, 5)]
     assert not cache.save([1, 2, 3, 4], *kv(4))                           # held already, inside it
     assert cache.save([7, 8, 9, 10, 11, 12], *kv(6))
     # an entry of which less than a quarter would be kept is not taken
     assert cache.load([], [7, 99]) is None
     # one that beats the slot's own state is, and it leaves the cache
-    key, k, v = cache.load([], [1, 2, 3, 9])
+    key, k, v, extra = cache.load([], [1, 2, 3, 9])
     assert key == (1, 2, 3, 4, 5) and k.shape[2] == 5 and key not in cache.entries and cache.hits == 1
+    assert extra == ((3, 0, 2),)   # what the state carried besides K/V (a slot's checkpoints)
     # not when the slot holds as good a state
     assert cache.load([7, 8, 9, 10, 11, 12, 13], [7, 8, 9, 10, 11, 12, 13]) is None
     cache.save(list(range(100, 116)), *kv(16))                           # over budget: the oldest go
