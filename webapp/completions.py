@@ -10,6 +10,7 @@ from contextlib import closing
 from flask import Blueprint, Response, current_app
 
 from ..engine.slots import ErrorEvent, FinalEvent, ProgressEvent, QueueFull, Task, TokenEvent
+from ..engine.tokenizer import utf8_complete_prefix
 
 from .errors import APIError, json_response
 from .http import disconnect_probe, request_json, sse
@@ -116,11 +117,15 @@ class Completion:
         tok = self.ctx.engine.tokenizer
         key, top_key = ("prob", "top_probs") if self.post_sampling else ("logprob", "top_logprobs")
 
-        def item(tid, value):
-            raw = tok.token_bytes(tid)
-            return {"id": tid, "token": raw.decode("utf-8", "ignore"), "bytes": list(raw),
+        def item(tid, value, raw=None):
+            raw = tok.token_bytes(tid) if raw is None else raw
+            # llama-server cuts a character's first bytes off the end (validate_utf8), and its
+            # JSON turns other invalid UTF-8 (a byte token on its own) into U+FFFD
+            text = raw[:utf8_complete_prefix(raw)].decode("utf-8", "replace")
+            return {"id": tid, "token": text, "bytes": list(raw),
                     key: value if value > -3.4e38 else -3.4028234663852886e38}
-        return [{**item(p["id"], p["value"]), top_key: [item(i, v) for i, v in p["top"]]}
+        # the chosen token shows the text it sent (llama-server's text_to_send), the others their own
+        return [{**item(p["id"], p["value"], p.get("sent")), top_key: [item(i, v) for i, v in p["top"]]}
                 for p in probs_list]
 
     @staticmethod
