@@ -257,8 +257,6 @@ def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
     elif scaling not in ("none", ""):
         raise ModelLoadError(f"RoPE scaling {scaling!r} is not supported yet (numllama applies none, "
                              f"linear and Llama 3's rope_freqs)")
-    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
-        raise ModelLoadError("LongRoPE (rope_factors_long/short.weight) is not supported yet")
     return HParams(
         arch=arch,
         n_vocab=n_vocab,
@@ -274,6 +272,10 @@ def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
         rope_freq_scale=scale,
         rms_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_freq_factors=_rope_freq_factors(tensors),
+        rope_factors_short=_rope_freq_factors(tensors, "rope_factors_short.weight"),
+        rope_factors_long=_rope_freq_factors(tensors, "rope_factors_long.weight"),
+        n_ctx_orig=int(fields.get(f"{arch}.rope.scaling.original_context_length", 0)),
+        rope_attn_factor=float(fields.get(f"{arch}.rope.scaling.attn_factor", 1.0)),
         rope_neox=arch in NEOX_ROPE_ARCHS,
         **_family_traits(fields, arch, n_embd, n_head, head_dim, int(get("block_count"))),
     )
@@ -310,13 +312,14 @@ def _family_traits(fields: dict, arch: str, n_embd: int, n_head: int, head_dim: 
     return traits
 
 
-def _rope_freq_factors(tensors: dict) -> tuple:
-    """Llama 3 files carry their RoPE scaling as a tensor of per-pair divisors."""
-    t = tensors.get("rope_freqs.weight")
+def _rope_freq_factors(tensors: dict, name: str = "rope_freqs.weight") -> tuple:
+    """Llama 3 files carry their RoPE scaling as a tensor of per-pair divisors (rope_freqs),
+    LongRoPE files two of them (rope_factors_short/long)."""
+    t = tensors.get(name)
     if t is None:
         return ()
     if t.tensor_type.name != "F32":
-        raise ModelLoadError(f"rope_freqs.weight is {t.tensor_type.name}; llama.cpp and numllama read it as F32")
+        raise ModelLoadError(f"{name} is {t.tensor_type.name}; llama.cpp and numllama read it as F32")
     return tuple(float(f) for f in np.asarray(t.data, np.float32).ravel())
 
 

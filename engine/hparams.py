@@ -25,6 +25,12 @@ class HParams:
     # [n_rot / 2]); empty when the file has none, which is the same as all ones
     rope_freq_factors: tuple = ()
     rope_neox: bool = False   # NeoX-style RoPE (qwen2): pairs (i, i + n_rot/2), not (2i, 2i+1)
+    # LongRoPE (phi3 128k): divisors for contexts up to the original length (short) and beyond
+    # (long), chosen by the context each sequence gets; cos and sin are scaled by attn_factor
+    rope_factors_short: tuple = ()
+    rope_factors_long: tuple = ()
+    n_ctx_orig: int = 0       # rope.scaling.original_context_length (0: n_ctx_train)
+    rope_attn_factor: float = 1.0
     # what the families do differently (docs/11-model-families.md); the defaults are llama's
     qk_norm: bool = False     # RMSNorm over each head of q and of k before RoPE (qwen3, gemma3)
     post_norms: bool = False  # RMSNorm on the attention and FFN outputs before each residual add (gemma3)
@@ -54,10 +60,15 @@ class HParams:
             return self.rope_freq_base_swa, self.rope_freq_scale_swa
         return self.rope_freq_base, self.rope_freq_scale
 
-    def rope_factors(self) -> np.ndarray:
-        """The frequency divisors as RoPE takes them: [n_rot / 2] f32."""
+    def rope_factors(self, n_ctx_seq: int = 0) -> np.ndarray:
+        """The frequency divisors as RoPE takes them, for sequences of n_ctx_seq positions:
+        [n_rot / 2] f32 (llama_model::get_rope_factors)."""
         if self.rope_freq_factors:
             return np.asarray(self.rope_freq_factors, np.float32)
+        if self.rope_factors_long and n_ctx_seq > (self.n_ctx_orig or self.n_ctx_train):
+            return np.asarray(self.rope_factors_long, np.float32)
+        if self.rope_factors_short:
+            return np.asarray(self.rope_factors_short, np.float32)
         return np.ones(self.n_rot // 2, np.float32)
 
     @property

@@ -36,6 +36,8 @@ class KVCache:
         self.n_ctx = n_ctx
         self.n_head_kv, self.head_dim = hp.n_head_kv, hp.head_dim
         self.hp = hp
+        # RoPE's divisors for sequences of n_ctx positions (LongRoPE picks by context length)
+        self.rope_factors = hp.rope_factors(n_ctx)   # [n_rot / 2] f32
         n_chunks = -(-n_ctx // KEY_CHUNK)
         # f16 bits: k [n_layer, n_seq, n_head_kv, n_chunks, head_dim, KEY_CHUNK]
         #           v [n_layer, n_seq, n_head_kv, n_ctx, head_dim]
@@ -77,11 +79,11 @@ class KVCache:
         delta = np.full(m, -n_discard, np.int32)
         keys = self.k[self._keys(seq, src, m)].view(np.float16).astype(np.float32)   # [m, L, n_kv, hd]
         moved = np.empty_like(keys)
-        rope_factors = hp.rope_factors()
         for layer in range(hp.n_layer):
             k = np.ascontiguousarray(keys[:, layer].reshape(m, -1))                     # [m, n_kv*hd]
             freq_base, freq_scale = hp.layer_rope(layer)
-            rope(k, delta, hp.n_head_kv, hp.head_dim, hp.n_rot, freq_base, freq_scale, rope_factors, hp.rope_neox)
+            rope(k, delta, hp.n_head_kv, hp.head_dim, hp.n_rot, freq_base, freq_scale, self.rope_factors, hp.rope_neox,
+                 hp.rope_attn_factor)
             moved[:, layer] = k.reshape(m, hp.n_head_kv, hp.head_dim)
         self.k[self._keys(seq, dst, m)] = moved.astype(np.float16).view(np.uint16)
         self.v[:, seq, :, dst:dst + m] = self.v[:, seq, :, src:src + m].copy()

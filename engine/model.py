@@ -187,7 +187,6 @@ class LlamaModel:
         hp = self.hp
         self.sources: dict[int, tuple] = {}   # id(PackedWeight) -> the GGUF tensor names it stacks
         self.qkv_sizes = (hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, hp.n_head_kv * hp.head_dim)
-        self.rope_factors = hp.rope_factors()   # [n_rot / 2] f32
         self.gelu_table = gelu_f16_table() if hp.ffn_act == "gelu_tanh" else None   # [65536] u16
         self.token_embd = TokenEmbedding(need("token_embd.weight"))
         self.layers = [layer(i) for i in range(self.hp.n_layer)]
@@ -238,8 +237,10 @@ class LlamaModel:
                 q = ops.rms_norm(q.reshape(-1, hp.head_dim), layer.q_norm, hp.rms_eps).reshape(n_tokens, -1)
                 k = ops.rms_norm(k.reshape(-1, hp.head_dim), layer.k_norm, hp.rms_eps).reshape(n_tokens, -1)
             freq_base, freq_scale = hp.layer_rope(il)
-            rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, freq_base, freq_scale, self.rope_factors, hp.rope_neox)
-            rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, freq_base, freq_scale, self.rope_factors, hp.rope_neox)
+            rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, freq_base, freq_scale, cache.rope_factors,
+                 hp.rope_neox, hp.rope_attn_factor)
+            rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, freq_base, freq_scale, cache.rope_factors,
+                 hp.rope_neox, hp.rope_attn_factor)
             if hp.q_scale:
                 q *= np.float32(hp.q_scale)
             cache.store(il, batch.seq_ids, batch.positions, k, v)

@@ -31,12 +31,13 @@ def rms_norm(x, weight, eps, out):
 
 
 @njit(cache=True, nogil=True)
-def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_factors, neox):
+def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_factors, neox, mscale=1.0):
     """Rotate pair i of every head by angle freq_scale * pos * base^(-2i/n_rot) /
     freq_factors[i], in place. The pair is (x[2i], x[2i+1]) in llama's "normal" mode and
     (x[i], x[i + n_rot/2]) in NeoX's (qwen2); dimensions past n_rot stay as they are. The angle
     is built by repeated f32 multiplication, as ggml's rope cache does, and divided by the
-    pair's factor as ggml_rope_cache_init does (Llama 3's scaling; 1 otherwise).
+    pair's factor as ggml_rope_cache_init does (Llama 3's scaling, LongRoPE; 1 otherwise); cos
+    and sin are then multiplied by mscale (LongRoPE's attn_factor; 1 otherwise), as rope_yarn does.
 
     x: [T, n_heads * head_dim] f32; positions: [T] i32; freq_factors: [n_rot / 2] f32
     """
@@ -45,8 +46,8 @@ def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_fac
         theta = np.float32(positions[t])
         for i in range(0, n_rot, 2):
             angle = np.float32(freq_scale) * (theta / freq_factors[i // 2])
-            c = np.float32(np.cos(angle))
-            s = np.float32(np.sin(angle))
+            c = np.float32(np.cos(angle)) * np.float32(mscale)
+            s = np.float32(np.sin(angle)) * np.float32(mscale)
             for h in range(n_heads):
                 if neox:
                     j0 = h * head_dim + i // 2

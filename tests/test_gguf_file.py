@@ -74,14 +74,12 @@ def test_truncated(tmp_path, stories_path):
         load_gguf(str(p))
 
 
-def _write(tmp_path, arch="llama", tensor_type=None, rope_scaling=None, extra_tensor=None):
+def _write(tmp_path, arch="llama", tensor_type=None, rope_scaling=None):
     p = str(tmp_path / f"{arch}.gguf")
     w = GGUFWriter(p, arch)
     w.add_context_length(16)
     if rope_scaling:
         w.add_string(f"{arch}.rope.scaling.type", rope_scaling)
-    if extra_tensor:
-        w.add_tensor(extra_tensor, np.ones(16, np.float32))
     w.add_embedding_length(32)
     w.add_block_count(0)
     w.add_head_count(1)
@@ -105,12 +103,20 @@ def test_unsupported_architecture(tmp_path):
         load_gguf(_write(tmp_path, arch="mamba9"))
 
 
-def test_rope_scalings_not_applied_are_refused(tmp_path):
-    """yarn and LongRoPE change every angle: a file that needs them is refused, not run wrong."""
+def test_yarn_is_refused(tmp_path):
+    """yarn changes every angle: a file that needs it is refused, not run wrong."""
     with pytest.raises(ModelLoadError, match="RoPE scaling 'yarn'"):
         load_gguf(_write(tmp_path, rope_scaling="yarn"))
-    with pytest.raises(ModelLoadError, match="LongRoPE"):
-        load_gguf(_write(tmp_path, arch="phi3", extra_tensor="rope_factors_long.weight"))
+
+
+def test_longrope_factors_follow_the_context():
+    """LongRoPE (phi3 128k): the short factors for sequences up to the original context, the
+    long ones beyond it, as llama_model::get_rope_factors; cos and sin scaled by attn_factor."""
+    import os
+    hp = load_gguf(os.path.join(os.path.dirname(__file__), "data", "phi3-longrope-tiny.gguf")).hparams
+    assert hp.n_ctx_orig == 1024 and abs(hp.rope_attn_factor - 1.1902381) < 1e-6
+    assert (hp.rope_factors(1024) == np.asarray(hp.rope_factors_short, np.float32)).all()
+    assert (hp.rope_factors(1025) == np.asarray(hp.rope_factors_long, np.float32)).all()
 
 
 def test_unsupported_tensor_type(tmp_path):
