@@ -45,7 +45,8 @@ ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_head_kv: int, n_ff: int,
           qtype: str = "Q4_0", seed: int = 0, n_ctx: int = 4096, rope_base: float = 10000.0,
           llama3_rope: bool = False, arch: str = "llama", head_dim: int | None = None,
-          n_rot: int | None = None, sliding_window: int = 0, swa_pattern: int = 0, longrope_ctx: int = 0) -> str:
+          n_rot: int | None = None, sliding_window: int = 0, swa_pattern: int = 0, longrope_ctx: int = 0,
+          yarn: tuple = ()) -> str:
     """A random-weight model; matrices in `qtype`, norms in F32, embeddings in Q8_0. Each family
     gets the tensors and keys that make it what it is (docs/11-model-families.md):
     llama3_rope: Llama 3's rope_freqs.weight; qwen2: q/k/v biases; qwen3: per-head q/k norms
@@ -53,7 +54,7 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
     post-FFN norms, tied output, and `sliding_window` with every `swa_pattern`-th layer global;
     phi3: one fused attn_qkv and one ffn_up holding gate and up, RoPE on the first n_rot dims;
     longrope_ctx: LongRoPE's short and long factor tensors, with that original context length
-    and an attn_factor (phi3 128k files)."""
+    and an attn_factor (phi3 128k files); yarn = (factor, original context): YaRN scaling keys."""
     from numllama.engine.gguf_file import load_gguf
     vocab = load_gguf(vocab_from).vocab
     rng = np.random.default_rng(seed)
@@ -97,6 +98,10 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
     matrix("token_embd.weight", n_vocab, n_embd, "Q8_0")
     if llama3_rope:
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, rope_base))
+    if yarn:
+        w.add_string(f"{arch}.rope.scaling.type", "yarn")
+        w.add_float32(f"{arch}.rope.scaling.factor", float(yarn[0]))
+        w.add_uint32(f"{arch}.rope.scaling.original_context_length", int(yarn[1]))
     if longrope_ctx:
         w.add_uint32(f"{arch}.rope.scaling.original_context_length", longrope_ctx)
         w.add_float32(f"{arch}.rope.scaling.attn_factor", 1.1902380714238083)   # sqrt(1 + ln 32 / ln 4096)
@@ -161,12 +166,14 @@ def main() -> None:
     ap.add_argument("--sliding-window", type=int, default=0, help="gemma3: positions a sliding layer sees")
     ap.add_argument("--swa-pattern", type=int, default=0, help="gemma3: every Nth layer is global (file default 6)")
     ap.add_argument("--longrope-ctx", type=int, default=0, help="phi3: LongRoPE factors for this original context")
+    ap.add_argument("--yarn", type=float, nargs=2, metavar=("FACTOR", "ORIG_CTX"), help="YaRN scaling")
     ap.add_argument("--vocab-from", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "stories260K.gguf"))
     a = ap.parse_args()
     embd, layers, heads, kv, ffn = SHAPES[a.shape] if a.shape else (a.embd, 30, a.heads, a.kv_heads, a.ffn)
     write(a.out, a.vocab_from, embd, a.layers or layers, heads, kv, ffn, a.type, seed=a.seed,
           rope_base=a.rope_base, llama3_rope=a.llama3_rope, arch=a.arch, head_dim=a.head_dim, n_rot=a.rot,
-          sliding_window=a.sliding_window, swa_pattern=a.swa_pattern, longrope_ctx=a.longrope_ctx)
+          sliding_window=a.sliding_window, swa_pattern=a.swa_pattern, longrope_ctx=a.longrope_ctx,
+          yarn=tuple(a.yarn) if a.yarn else ())
 
 
 if __name__ == "__main__":

@@ -252,11 +252,13 @@ def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
     n_vocab = int(embd.shape[1])
     scale = 1.0
     scaling = fields.get(f"{arch}.rope.scaling.type", "none")
-    if scaling == "linear":
+    if scaling in ("linear", "yarn"):
         scale = 1.0 / float(fields.get(f"{arch}.rope.scaling.factor", 1.0))
     elif scaling not in ("none", ""):
         raise ModelLoadError(f"RoPE scaling {scaling!r} is not supported yet (numllama applies none, "
-                             f"linear and Llama 3's rope_freqs)")
+                             f"linear, yarn and Llama 3's rope_freqs)")
+    if float(fields.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) != 0.0:
+        raise ModelLoadError("YaRN with a log multiplier (DeepSeek's mscale_all_dim) is not supported yet")
     return HParams(
         arch=arch,
         n_vocab=n_vocab,
@@ -276,6 +278,9 @@ def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
         rope_factors_long=_rope_freq_factors(tensors, "rope_factors_long.weight"),
         n_ctx_orig=int(fields.get(f"{arch}.rope.scaling.original_context_length", 0)),
         rope_attn_factor=float(fields.get(f"{arch}.rope.scaling.attn_factor", 1.0)),
+        rope_ext_factor=1.0 if scaling == "yarn" else 0.0,
+        yarn_beta_fast=float(fields.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+        yarn_beta_slow=float(fields.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
         rope_neox=arch in NEOX_ROPE_ARCHS,
         **_family_traits(fields, arch, n_embd, n_head, head_dim, int(get("block_count"))),
     )

@@ -31,6 +31,11 @@ class HParams:
     rope_factors_long: tuple = ()
     n_ctx_orig: int = 0       # rope.scaling.original_context_length (0: n_ctx_train)
     rope_attn_factor: float = 1.0
+    # YaRN (rope.scaling.type yarn): blend interpolated and extrapolated angles between the pairs
+    # that beta_fast and beta_slow select over n_ctx_orig; 0 = no YaRN
+    rope_ext_factor: float = 0.0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
     # what the families do differently (docs/11-model-families.md); the defaults are llama's
     qk_norm: bool = False     # RMSNorm over each head of q and of k before RoPE (qwen3, gemma3)
     post_norms: bool = False  # RMSNorm on the attention and FFN outputs before each residual add (gemma3)

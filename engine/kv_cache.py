@@ -19,7 +19,7 @@ import mmap
 import numpy as np
 
 from .hparams import HParams
-from .ops import KEY_CHUNK, rope, store_f16, store_keys
+from .ops import KEY_CHUNK, rope, store_f16, store_keys, yarn_attn_factor
 
 
 def _lazy_zeros(shape: tuple) -> np.ndarray:
@@ -38,6 +38,11 @@ class KVCache:
         self.hp = hp
         # RoPE's divisors for sequences of n_ctx positions (LongRoPE picks by context length)
         self.rope_factors = hp.rope_factors(n_ctx)   # [n_rot / 2] f32
+        # what scales cos and sin (llama_context's yarn_attn_factor), and YaRN's parameters
+        self.rope_mscale = float(yarn_attn_factor(hp.rope_freq_scale, hp.rope_attn_factor)) if hp.rope_ext_factor \
+            else hp.rope_attn_factor
+        self.rope_yarn = (float(hp.rope_ext_factor), int(hp.n_ctx_orig or hp.n_ctx_train),
+                          float(hp.yarn_beta_fast), float(hp.yarn_beta_slow))
         n_chunks = -(-n_ctx // KEY_CHUNK)
         # f16 bits: k [n_layer, n_seq, n_head_kv, n_chunks, head_dim, KEY_CHUNK]
         #           v [n_layer, n_seq, n_head_kv, n_ctx, head_dim]
@@ -83,7 +88,7 @@ class KVCache:
             k = np.ascontiguousarray(keys[:, layer].reshape(m, -1))                     # [m, n_kv*hd]
             freq_base, freq_scale = hp.layer_rope(layer)
             rope(k, delta, hp.n_head_kv, hp.head_dim, hp.n_rot, freq_base, freq_scale, self.rope_factors, hp.rope_neox,
-                 hp.rope_attn_factor)
+                 self.rope_mscale, self.rope_yarn)
             moved[:, layer] = k.reshape(m, hp.n_head_kv, hp.head_dim)
         self.k[self._keys(seq, dst, m)] = moved.astype(np.float16).view(np.uint16)
         self.v[:, seq, :, dst:dst + m] = self.v[:, seq, :, src:src + m].copy()

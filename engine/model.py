@@ -238,9 +238,9 @@ class LlamaModel:
                 k = ops.rms_norm(k.reshape(-1, hp.head_dim), layer.k_norm, hp.rms_eps).reshape(n_tokens, -1)
             freq_base, freq_scale = hp.layer_rope(il)
             rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, freq_base, freq_scale, cache.rope_factors,
-                 hp.rope_neox, hp.rope_attn_factor)
+                 hp.rope_neox, cache.rope_mscale, cache.rope_yarn)
             rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, freq_base, freq_scale, cache.rope_factors,
-                 hp.rope_neox, hp.rope_attn_factor)
+                 hp.rope_neox, cache.rope_mscale, cache.rope_yarn)
             if hp.q_scale:
                 q *= np.float32(hp.q_scale)
             cache.store(il, batch.seq_ids, batch.positions, k, v)

@@ -31,23 +31,51 @@ def rms_norm(x, weight, eps, out):
 
 
 @njit(cache=True, nogil=True)
-def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_factors, neox, mscale=1.0):
+def yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow):
+    """ggml_rope_yarn_corr_dims: the pair indices between which YaRN blends interpolated and
+    extrapolated angles (low, high), in ggml's f32 arithmetic."""
+    two_log_base = np.float32(2.0) * np.float32(np.log(np.float32(freq_base)))
+    pi = np.float32(np.pi)
+    lo = np.float32(n_dims) * np.float32(np.log(np.float32(n_ctx_orig) / (np.float32(beta_fast) * np.float32(2.0) * pi))) \
+        / two_log_base
+    hi = np.float32(n_dims) * np.float32(np.log(np.float32(n_ctx_orig) / (np.float32(beta_slow) * np.float32(2.0) * pi))) \
+        / two_log_base
+    return max(np.float32(0.0), np.float32(np.floor(lo))), min(np.float32(n_dims - 1), np.float32(np.ceil(hi)))
+
+
+@njit(cache=True, nogil=True)
+def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_factors, neox, mscale, yarn):
     """Rotate pair i of every head by angle freq_scale * pos * base^(-2i/n_rot) /
     freq_factors[i], in place. The pair is (x[2i], x[2i+1]) in llama's "normal" mode and
     (x[i], x[i + n_rot/2]) in NeoX's (qwen2); dimensions past n_rot stay as they are. The angle
     is built by repeated f32 multiplication, as ggml's rope cache does, and divided by the
     pair's factor as ggml_rope_cache_init does (Llama 3's scaling, LongRoPE; 1 otherwise); cos
-    and sin are then multiplied by mscale (LongRoPE's attn_factor; 1 otherwise), as rope_yarn does.
+    and sin are then multiplied by mscale (the context's attn_factor; 1 otherwise), as rope_yarn
+    does. yarn = (ext_factor, n_ctx_orig, beta_fast, beta_slow): with ext_factor != 0 (YaRN),
+    each pair's angle blends the interpolated (x freq_scale) and the extrapolated one by a ramp
+    over the pair index, and mscale grows by 1 + 0.1 ln(1 / freq_scale) (rope_yarn).
 
     x: [T, n_heads * head_dim] f32; positions: [T] i32; freq_factors: [n_rot / 2] f32
     """
+    ext_factor, n_ctx_orig, beta_fast, beta_slow = yarn
     theta_scale = np.float32(freq_base) ** (np.float32(-2.0) / np.float32(n_rot))
+    fs = np.float32(freq_scale)
+    ms = np.float32(mscale)
+    low, high = np.float32(0.0), np.float32(0.0)
+    if ext_factor != 0.0:
+        low, high = yarn_corr_dims(n_rot, n_ctx_orig, freq_base, beta_fast, beta_slow)
+        ms = ms * fma(np.float32(0.1), np.float32(np.log(np.float32(1.0) / fs)), np.float32(1.0))
     for t in range(x.shape[0]):
         theta = np.float32(positions[t])
         for i in range(0, n_rot, 2):
-            angle = np.float32(freq_scale) * (theta / freq_factors[i // 2])
-            c = np.float32(np.cos(angle)) * np.float32(mscale)
-            s = np.float32(np.sin(angle)) * np.float32(mscale)
+            extrap = theta / freq_factors[i // 2]
+            angle = fs * extrap
+            if ext_factor != 0.0:
+                y = (np.float32(i // 2) - low) / max(np.float32(0.001), high - low)
+                mix = (np.float32(1.0) - min(np.float32(1.0), max(np.float32(0.0), y))) * np.float32(ext_factor)
+                angle = fma(angle, np.float32(1.0) - mix, extrap * mix)
+            c = np.float32(np.cos(angle)) * ms
+            s = np.float32(np.sin(angle)) * ms
             for h in range(n_heads):
                 if neox:
                     j0 = h * head_dim + i // 2
@@ -61,6 +89,18 @@ def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_fac
                 x[t, j0] = fma(x0, c, -(x1 * s))
                 x[t, j1] = fma(x0, s, x1 * c)
             theta = theta * theta_scale
+
+
+@njit(cache=True, nogil=True)
+def yarn_attn_factor(freq_scale, attn_factor):
+    """llama_context's yarn_attn_factor for YaRN: get_mscale(1 / freq_scale) times its own
+    cancelling 1 / (1 + 0.1 ln factor) (rope_yarn multiplies the latter back), times the
+    file's attn_factor; f32 with the products fused as compiled."""
+    factor = np.float32(1.0) / np.float32(freq_scale)
+    log_factor = np.float32(np.log(factor))
+    m = fma(np.float32(0.1), log_factor, np.float32(1.0)) if factor > np.float32(1.0) else np.float32(1.0)
+    m = m * (np.float32(1.0) / fma(np.float32(0.1), log_factor, np.float32(1.0)))
+    return m * np.float32(attn_factor)
 
 
 @njit(cache=True, nogil=True)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
@@ -103,10 +105,12 @@ def test_unsupported_architecture(tmp_path):
         load_gguf(_write(tmp_path, arch="mamba9"))
 
 
-def test_yarn_is_refused(tmp_path):
-    """yarn changes every angle: a file that needs it is refused, not run wrong."""
-    with pytest.raises(ModelLoadError, match="RoPE scaling 'yarn'"):
-        load_gguf(_write(tmp_path, rope_scaling="yarn"))
+def test_unknown_rope_scaling_is_refused(tmp_path):
+    """A scaling numllama does not apply changes every angle: refused, not run wrong."""
+    with pytest.raises(ModelLoadError, match="RoPE scaling 'dynamic'"):
+        load_gguf(_write(tmp_path, rope_scaling="dynamic"))
+    yarn = load_gguf(os.path.join(os.path.dirname(__file__), "data", "qwen2-yarn-tiny.gguf")).hparams
+    assert (yarn.rope_ext_factor, yarn.rope_freq_scale, yarn.n_ctx_orig) == (1.0, 0.25, 512)
 
 
 def test_longrope_factors_follow_the_context():

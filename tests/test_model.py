@@ -74,6 +74,8 @@ TINY_MODELS = {
                    "--sliding-window 8 --swa-pattern 3 --seed 11)",
     "phi3-tiny": "phi3: fused attn_qkv, ffn_up holding gate and up, q scaled before attention, RoPE on 8 "
                  "of 16 dimensions (--arch phi3 --rot 8 --seed 13)",
+    "qwen2-yarn-tiny": "qwen2 with YaRN: factor 4 over an original context of 512 (--arch qwen2 --rope-base "
+                       "1000000 --yarn 4 512 --seed 19)",
     "phi3-longrope-tiny": "phi3 with LongRoPE: short and long factors, original context 1024 (so -c 2048 takes "
                           "the long ones), attn_factor 1.19 (--arch phi3 --longrope-ctx 1024 --seed 17)",
 }
