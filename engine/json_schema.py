@@ -847,3 +847,18 @@ def json_schema_to_grammar(schema) -> str:
     if converter.errors:
         raise GrammarError("JSON schema conversion failed:\n" + "\n".join(converter.errors))
     return converter.format_grammar()
+
+
+# llama-server's chat route does not constrain a response_format with the schema's grammar alone:
+# its chat parser (common/chat-auto-parser-generator.cpp, for templates without a reasoning
+# block) accepts the JSON after optional whitespace, bare or in a ```json fence. After the
+# generation prompt (which it feeds to the grammar first), its grammar's language is this:
+CHAT_RESPONSE_FORMAT_ROOT = 'root ::= space space ("```json" space response-format space "```" | space response-format space)'
+
+
+def chat_response_format_grammar(schema) -> str:
+    """The grammar of a chat request's response_format, as llama-server's chat parser builds it
+    (same language; the schema's own rules come from json_schema_to_grammar)."""
+    lines = json_schema_to_grammar(schema).splitlines()
+    renamed = ["response-format ::= " + line[len("root ::= "):] if line.startswith("root ::= ") else line for line in lines]
+    return "\n".join(sorted(renamed + [CHAT_RESPONSE_FORMAT_ROOT])) + "\n"

@@ -67,3 +67,24 @@ def test_errors_name_the_place():
         json_schema_to_grammar({"type": "object", "properties": {"x": {"type": "widget"}}})
     with pytest.raises(GrammarError, match="only references into the same document"):
         json_schema_to_grammar({"$ref": "https://example.com/schema.json"})
+
+
+def test_chat_response_format_grammar_allows_fence_and_whitespace():
+    """llama-server's chat route wraps a response_format's schema: optional whitespace, then the
+    JSON bare or in a ```json fence (its chat parser's grammar; same language here)."""
+    from numllama.engine.json_schema import chat_response_format_grammar
+    g = Grammar(chat_response_format_grammar({"type": "object", "properties": {"a": {"type": "integer"}},
+                                              "required": ["a"]}))
+
+    def accepts(text):
+        stacks = g.advance(g.start, text)
+        return bool(stacks) and g.accepts_end(stacks)
+    assert accepts('{"a": 1}') and accepts('\n{"a": 1}\n') and accepts('```json\n{"a": 1}\n```')
+    assert not accepts('{"a": 1} and more') and not accepts('```json {"a": 1}')
+
+
+def test_chat_response_format_content_is_the_json():
+    from numllama.webapp.chat_completions import _response_format_content
+    assert _response_format_content('\n```json\n{"a": 1}\n```', True) == '{"a": 1}'
+    assert _response_format_content('\n{"a": 1}\n\n', True) == '{"a": 1}'
+    assert _response_format_content('{"a": 1,\n ', False) == '{"a": 1,\n '   # cut short: inside the value

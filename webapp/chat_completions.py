@@ -6,6 +6,8 @@ from contextlib import closing
 from flask import Blueprint, Response, current_app
 
 from ..engine.chat_template import ChatTemplateError
+from ..engine.grammar import GrammarError
+from ..engine.json_schema import chat_response_format_grammar
 from ..engine.slots import ErrorEvent, ProgressEvent, TokenEvent
 
 from .completions import Completion, collect_finals, engine_error, task_events
@@ -80,6 +82,42 @@ def render_prompt(body: dict) -> tuple[str, list[dict]]:
     return prompt, messages
 
 
+def _chat_response_format(out: dict) -> None:
+    """A response_format becomes the grammar llama-server's chat parser would build for it
+    (optional whitespace, an optional ```json fence), for templates without a reasoning block;
+    with one (a <think> section first) the schema's grammar alone is used (issue 21)."""
+    rf = out.get("response_format")
+    ctx = current_app.config["NUMLLAMA"]
+    if not isinstance(rf, dict) or rf.get("type") not in ("json_object", "json_schema") or out.get("grammar") \
+            or "<think>" in ctx.chat_template.source:
+        return
+    if rf["type"] == "json_object":
+        schema = rf.get("schema", {})
+    else:
+        wrapper = rf.get("json_schema")
+        schema = (wrapper if isinstance(wrapper, dict) else {}).get("schema", {})
+    if isinstance(schema, dict) and not schema:
+        schema = {"type": "object"}   # an absent or empty schema means any object
+    try:
+        out["grammar"] = chat_response_format_grammar(schema)
+    except GrammarError as e:
+        raise APIError(f'"json_schema": {e}')
+    del out["response_format"]
+    out["_response_format"] = True
+
+
+def _response_format_content(text: str, complete: bool) -> str:
+    """What llama-server's chat parser returns as the content of a response_format answer: the
+    JSON without the whitespace and ```json fence around it (a JSON cut short by the token
+    limit keeps its trailing whitespace: it is inside the value)."""
+    text = text.lstrip(" \t\n")
+    if text.startswith("```json"):
+        text = text[len("```json"):].lstrip(" \t\n")
+        if text.endswith("```"):
+            text = text[:-len("```")]
+    return text.rstrip(" \t\n") if complete else text
+
+
 def _completion_body(body: dict, prompt: str) -> dict:
     for key in UNSUPPORTED:
         if body.get(key):
@@ -88,6 +126,7 @@ def _completion_body(body: dict, prompt: str) -> dict:
         raise APIError("top_logprobs requires logprobs to be set to true")
     out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs", "n")}
     out["prompt"] = prompt
+    _chat_response_format(out)
     if body.get("logprobs"):
         out["n_probs"] = get_number(body, "top_logprobs", 20, int) if body.get("top_logprobs") is not None else 20
         out["n_probs"] = max(out["n_probs"], 1)
@@ -112,6 +151,7 @@ def _handle() -> Response:
     prompt, _ = render_prompt(body)
     cbody = _completion_body(body, prompt)
     n = cbody.pop("_n")
+    parsed = cbody.pop("_response_format", False)
     cbody["prompt"] = [prompt] * n if n > 1 else prompt
     c = Completion(cbody, oai=True)
     verbose = get_bool(body, "verbose", False) or c.ctx.verbose
@@ -124,7 +164,9 @@ def _handle() -> Response:
     choices = []
     for t, f in zip(tasks, fins):
         choice = {"finish_reason": c.finish_reason(f), "index": t.index,
-                  "message": {"role": "assistant", "content": f.content}}
+                  "message": {"role": "assistant",
+                              "content": _response_format_content(f.content, f.stop_type != "limit") if parsed
+                              else f.content}}
         if c.n_probs > 0:
             choice["logprobs"] = {"content": c.probs_items(f.probs)}
         choices.append(choice)
