@@ -339,8 +339,9 @@ class Scheduler:
         hp = engine.model.hp
         self.checkpoint_cuts = ((min(self.n_batch, CHECKPOINT_TAIL + n_ubatch), min(self.n_batch, CHECKPOINT_TAIL))
                                 if hp.n_swa > 0 else ())
-        kv_cells = -(-(n_ctx_slot if kv_unified else n_ctx_slot) // KV_PAD) * KV_PAD
-        swa_cells = min(kv_cells, hp.n_swa * (n_slots if kv_unified else 1) + n_ubatch)
+        # its sliding-window cache: the window of every sequence it holds plus a ubatch, at most
+        # the whole cache, in KV_PAD cells (llama_kv_cache_iswa)
+        swa_cells = min(self.kv_size, hp.n_swa * (n_slots if kv_unified else 1) + n_ubatch)
         self.checkpoints = Checkpoints(hp.n_swa, -(-swa_cells // KV_PAD) * KV_PAD, n_ubatch) if hp.n_swa > 0 else None
         self.max_waiting = max_waiting
         self.n_predict_default = n_predict_default
