@@ -8,6 +8,7 @@ import numpy as np
 
 from .gguf_file import GGUFModel, ModelLoadError, load_gguf  # noqa: F401 (re-exported)
 from .model import Batch, LlamaModel
+from .ops import KV_PAD, split_kv_chunk
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer, utf8_complete_prefix
 
@@ -80,7 +81,11 @@ class Engine:
                 return
             if pos >= n_ctx:
                 return
-            logits = self.model.forward(Batch.single([token], pos), cache)[0]
+            step = Batch.single([token], pos)
+            # past 256 cells llama.cpp splits a lone token's attention among its threads
+            step.attn_kv_chunk = np.array([split_kv_chunk(pos, -(-n_ctx // KV_PAD) * KV_PAD, physical_cores())],
+                                          np.int32)
+            logits = self.model.forward(step, cache)[0]
             pos += 1
 
     def generate_text(self, prompt: str, n_predict: int, params: SamplingParams, ignore_eos=False):
