@@ -1,6 +1,7 @@
 """POST /v1/chat/completions (and /chat/completions), /apply-template, and the input-token count."""
 from __future__ import annotations
 
+import json
 from contextlib import closing
 
 from flask import Blueprint, Response, current_app
@@ -106,16 +107,24 @@ def _chat_response_format(out: dict) -> None:
     out["_response_format"] = True
 
 
-def _response_format_content(text: str, complete: bool) -> str:
-    """What llama-server's chat parser returns as the content of a response_format answer: the
-    JSON without the whitespace and ```json fence around it (a JSON cut short by the token
-    limit keeps its trailing whitespace: it is inside the value)."""
+def _response_format_content(text: str) -> str:
+    """What llama-server's chat parser takes as the content of a response_format answer, so far:
+    the JSON without the whitespace and ```json fence around it. Once the JSON value is
+    complete, what follows it is not content; until then all of it is (a JSON cut short keeps
+    its trailing whitespace: it is inside the value)."""
     text = text.lstrip(" \t\n")
-    if text.startswith("```json"):
-        text = text[len("```json"):].lstrip(" \t\n")
-        if text.endswith("```"):
-            text = text[:-len("```")]
-    return text.rstrip(" \t\n") if complete else text
+    if FENCE.startswith(text):   # (the fence may still be coming)
+        return ""
+    if text.startswith(FENCE):
+        text = text[len(FENCE):].lstrip(" \t\n")
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return text
+    return text[:end]
+
+
+FENCE = "```json"
 
 
 def _completion_body(body: dict, prompt: str) -> dict:
@@ -158,15 +167,14 @@ def _handle() -> Response:
     if verbose:  # what the model actually read: the prompt tokens, special tokens rendered
         prompt = c.ctx.engine.tokenizer.decode(c.prompts[0], special=True)
     if c.stream:
-        return _stream(c, verbose, prompt)
+        return _stream(c, verbose, prompt, parsed)
     tasks = c.submit()
     fins = collect_finals(c, tasks)
     choices = []
     for t, f in zip(tasks, fins):
         choice = {"finish_reason": c.finish_reason(f), "index": t.index,
                   "message": {"role": "assistant",
-                              "content": _response_format_content(f.content, f.stop_type != "limit") if parsed
-                              else f.content}}
+                              "content": _response_format_content(f.content) if parsed else f.content}}
         if c.n_probs > 0:
             choice["logprobs"] = {"content": c.probs_items(f.probs)}
         choices.append(choice)
@@ -187,10 +195,12 @@ def _multi_usage(fins) -> dict:
             "prompt_tokens_details": {"cached_tokens": fins[0].n_cached}}
 
 
-def _stream(c: Completion, verbose: bool, prompt: str) -> Response:
+def _stream(c: Completion, verbose: bool, prompt: str, parsed: bool = False) -> Response:
+    """parsed: a response_format answer, whose deltas are those of its JSON content only."""
     tasks = c.submit()
     ctx = c.ctx
     task_evs = task_events(c, tasks)
+    raw: dict = {}    # per choice: the text so far, and how much of its content was sent
 
     def events():
         fins, current = [], None
@@ -207,10 +217,16 @@ def _stream(c: Completion, verbose: bool, prompt: str) -> Response:
                                "system_fingerprint": ctx.build_fingerprint,
                                "object": "chat.completion.chunk", "prompt_progress": ev.as_dict()})
                 elif isinstance(ev, TokenEvent):
-                    if not ev.text:
+                    text = ev.text
+                    if parsed:
+                        so_far, n_sent = raw.get(t.index, ("", 0))
+                        content = _response_format_content(so_far + ev.text)
+                        text = content[n_sent:]
+                        raw[t.index] = (so_far + ev.text, max(n_sent, len(content)))
+                    if not text:
                         continue  # never an empty content delta
                     lp = {"content": c.probs_items([ev.probs])} if ev.probs else None
-                    chunk = _chunk(c, t.index, {"content": ev.text}, None, lp)
+                    chunk = _chunk(c, t.index, {"content": text}, None, lp)
                     if c.timings_per_token:
                         chunk["timings"] = {"predicted_n": ev.n_decoded, "prompt_n": ev.n_prompt,
                                             "prompt_per_second": 0.0, "predicted_per_second": 0.0}
