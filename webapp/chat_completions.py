@@ -7,14 +7,13 @@ from contextlib import closing
 from flask import Blueprint, Response, current_app
 
 from ..engine.chat_template import ChatTemplateError
-from ..engine.grammar import GrammarError
 from ..engine.json_schema import chat_response_format_grammar
 from ..engine.slots import ErrorEvent, ProgressEvent, TokenEvent
 
 from .completions import Completion, collect_finals, engine_error, task_events
 from .errors import APIError, json_response
 from .http import request_json, sse
-from .params import get_bool, get_number
+from .params import get_bool, get_number, response_format_schema, schema_grammar
 from .tokens import check_tokenizable
 
 bp = Blueprint("chat", __name__)
@@ -87,22 +86,13 @@ def _chat_response_format(out: dict) -> None:
     """A response_format becomes the grammar llama-server's chat parser would build for it
     (optional whitespace, an optional ```json fence), for templates without a reasoning block;
     with one (a <think> section first) the schema's grammar alone is used (issue 21)."""
-    rf = out.get("response_format")
     ctx = current_app.config["NUMLLAMA"]
-    if not isinstance(rf, dict) or rf.get("type") not in ("json_object", "json_schema") or out.get("grammar") \
-            or "<think>" in ctx.chat_template.source:
+    if out.get("response_format") is None or out.get("grammar") or "<think>" in ctx.chat_template.source:
         return
-    if rf["type"] == "json_object":
-        schema = rf.get("schema", {})
-    else:
-        wrapper = rf.get("json_schema")
-        schema = (wrapper if isinstance(wrapper, dict) else {}).get("schema", {})
-    if isinstance(schema, dict) and not schema:
-        schema = {"type": "object"}   # an absent or empty schema means any object
-    try:
-        out["grammar"] = chat_response_format_grammar(schema)
-    except GrammarError as e:
-        raise APIError(f'"json_schema": {e}')
+    schema = response_format_schema(out["response_format"])
+    if schema is None:
+        return
+    out["grammar"] = schema_grammar(schema, chat_response_format_grammar)
     del out["response_format"]
     out["_response_format"] = True
 

@@ -215,20 +215,37 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
     )
 
 
+def response_format_schema(rf):
+    """The JSON schema OpenAI's `response_format` asks for, as llama-server reads it (None: plain
+    text)."""
+    kind = rf.get("type", "") if isinstance(rf, dict) else None
+    if kind not in ("", "text", "json_object", "json_schema"):
+        raise APIError(f'response_format type must be one of "text" or "json_object", but got: {kind}')
+    if kind == "json_object":
+        return rf.get("schema", {})
+    if kind == "json_schema":
+        wrapper = rf.get("json_schema")
+        return (wrapper if isinstance(wrapper, dict) else {}).get("schema", {})
+    return None
+
+
+def schema_grammar(schema, convert=None) -> str:
+    """A schema's grammar text (json_schema.json_schema_to_grammar, or `convert`); an empty
+    schema means any object, and a schema that cannot be converted is the request's error."""
+    from ..engine.grammar import GrammarError
+    from ..engine.json_schema import json_schema_to_grammar
+    if isinstance(schema, dict) and not schema:
+        schema = {"type": "object"}
+    try:
+        return (convert or json_schema_to_grammar)(schema)
+    except GrammarError as e:
+        raise APIError(f'"json_schema": {e}')
+
+
 def parse_grammar(body: dict):
     """`grammar` (GBNF), `json_schema`, or OpenAI's `response_format` -> a Grammar (or None), as
-    llama-server chooses: a grammar wins over a schema, and an empty schema means any object."""
+    llama-server chooses: a grammar wins over a schema."""
     from ..engine.grammar import Grammar, GrammarError
-    from ..engine.json_schema import json_schema_to_grammar
-
-    def from_schema(schema) -> str:
-        if isinstance(schema, dict) and not schema:
-            schema = {"type": "object"}
-        try:
-            return json_schema_to_grammar(schema)
-        except GrammarError as e:
-            raise APIError(f'"json_schema": {e}')
-
     text = None
     try:
         if body.get("grammar") is not None:
@@ -236,17 +253,10 @@ def parse_grammar(body: dict):
                 raise APIError("Field 'grammar': must be a string (GBNF)")
             text = body["grammar"] or None
         elif body.get("json_schema") is not None:
-            text = from_schema(body["json_schema"])
+            text = schema_grammar(body["json_schema"])
         elif body.get("response_format") is not None:
-            rf = body["response_format"]
-            kind = rf.get("type", "") if isinstance(rf, dict) else None
-            if kind not in ("", "text", "json_object", "json_schema"):
-                raise APIError(f'response_format type must be one of "text" or "json_object", but got: {kind}')
-            if kind == "json_object":
-                text = from_schema(rf.get("schema", {}))
-            elif kind == "json_schema":
-                wrapper = rf.get("json_schema")
-                text = from_schema((wrapper if isinstance(wrapper, dict) else {}).get("schema", {}))
+            schema = response_format_schema(body["response_format"])
+            text = schema_grammar(schema) if schema is not None else None
         return Grammar(text) if text else None
     except GrammarError as e:
         raise APIError(str(e))
