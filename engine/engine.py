@@ -8,7 +8,7 @@ import numpy as np
 
 from .gguf_file import GGUFModel, ModelLoadError, load_gguf  # noqa: F401 (re-exported)
 from .model import Batch, LlamaModel
-from .ops import KV_PAD, split_kv_chunk
+from .ops import kv_cells, split_kv_chunk
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer, utf8_complete_prefix
 
@@ -73,6 +73,7 @@ class Engine:
             sampler.bias[list(self.tokenizer.eog_ids)] = -np.inf
         logits = self.model.forward(Batch.single(prompt_ids, 0), cache)[0]
         pos = len(prompt_ids)
+        kv_size, n_threads = kv_cells(n_ctx), physical_cores()   # what llama.cpp's split depends on
         for _ in range(n_predict):
             token = sampler.sample(logits)
             sampler.accept(token)
@@ -83,8 +84,7 @@ class Engine:
                 return
             step = Batch.single([token], pos)
             # past 256 cells llama.cpp splits a lone token's attention among its threads
-            step.attn_kv_chunk = np.array([split_kv_chunk(pos, -(-n_ctx // KV_PAD) * KV_PAD, physical_cores())],
-                                          np.int32)
+            step.attn_kv_chunk = np.array([split_kv_chunk(pos, kv_size, n_threads)], np.int32)
             logits = self.model.forward(step, cache)[0]
             pos += 1
 

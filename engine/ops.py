@@ -135,12 +135,17 @@ FA_SPLIT_MIN_KV = 512   # ... and splits a lone decode token's cells among its t
 KV_PAD = 256            # llama.cpp's KV view covers the used cells rounded up to this
 
 
+def kv_cells(n: int) -> int:
+    """n cache cells rounded up to KV_PAD, as llama.cpp sizes its caches and their views."""
+    return -(-n // KV_PAD) * KV_PAD
+
+
 def split_kv_chunk(position: int, kv_size: int, n_threads: int) -> int:
     """For a decode token evaluated alone at `position` (its sequence's cells 0 .. position in
     use), the run of cells each of ggml's n_threads attends to, or 0 when ggml does not split:
     the KV view is the used cells rounded up to KV_PAD (at most kv_size), and ggml splits it
     when it has at least FA_SPLIT_MIN_KV cells (llama_kv_cache::get_n_kv; ggml-cpu ops.cpp)."""
-    n_kv = min(kv_size, max(KV_PAD, -(-(position + 1) // KV_PAD) * KV_PAD))
+    n_kv = min(kv_size, max(KV_PAD, kv_cells(position + 1)))
     return -(-n_kv // n_threads) if n_kv >= FA_SPLIT_MIN_KV else 0
 
 
