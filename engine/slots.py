@@ -26,7 +26,7 @@ import numpy as np
 from .engine import Engine
 from .prompt_cache import PromptCache, common_prefix
 from .model import Batch
-from .ops import FA_TILE_Q, KV_PAD, split_kv_chunk
+from .ops import FA_TILE_Q, kv_cells, split_kv_chunk
 from .sampling import Sampler, SamplingParams, logprob, token_probabilities
 from .tokenizer import utf8_complete_prefix
 
@@ -243,6 +243,9 @@ class SchedulerView:
         return sum(s.busy for s in self.slots)
 
 
+CHECKPOINT_TAIL = 4   # prompt tokens llama-server evaluates last, alone, for a checkpoint before them
+
+
 @dataclass(frozen=True)
 class Checkpoints:
     """llama-server's context checkpoints, for models with sliding-window layers: its small
@@ -256,7 +259,18 @@ class Checkpoints:
     n_swa: int
     swa_cache_size: int
     n_ubatch: int
+    n_batch: int
     max_checkpoints: int = 32   # llama-server's --ctx-checkpoints
+
+    def cut(self, n_left: int, n: int) -> int:
+        """Of a prompt's n_left tokens, n would fit in this batch: llama-server stops filling its
+        batch when exactly CHECKPOINT_TAIL + n_ubatch or CHECKPOINT_TAIL prompt tokens remain,
+        to checkpoint there (server-context.cpp, checkpoint_offsets; llama.cpp PR 20288)."""
+        for tail in (CHECKPOINT_TAIL + self.n_ubatch, CHECKPOINT_TAIL):
+            n_last = min(self.n_batch, tail)
+            if n_left - n < n_last < n_left:
+                return n_left - n_last
+        return n
 
     def pos_min(self, n_cells: int) -> int:
         """The oldest position the sliding-window cache still holds, -1 when it is empty."""
@@ -289,10 +303,6 @@ class Checkpoints:
         return n_past
 
 
-# llama-server cuts the prompt of a model with sliding-window layers where CHECKPOINT_TAIL and
-# CHECKPOINT_TAIL + n_ubatch tokens are left, to checkpoint its state there (server-context.cpp,
-# checkpoint_offsets; llama.cpp PR 20288)
-CHECKPOINT_TAIL = 4
 
 
 def tiled_attention_rows(n_tokens: int, n_ubatch: int) -> np.ndarray:
@@ -332,17 +342,15 @@ class Scheduler:
         # llama.cpp's thread count splits a lone decode token's attention (ops.split_kv_chunk);
         # its cache holds the context rounded up to KV_PAD cells
         self.n_threads = max(1, n_threads)
-        self.kv_size = -(-n_ctx_slot // KV_PAD) * KV_PAD
+        self.kv_size = kv_cells(n_ctx_slot)
         # llama-server evaluates the last few tokens of a prompt in batches of their own where it
         # makes context checkpoints (models with sliding-window layers): cut our chunks there too,
         # since the batch a token is evaluated in decides its summation order
         hp = engine.model.hp
-        self.checkpoint_cuts = ((min(self.n_batch, CHECKPOINT_TAIL + n_ubatch), min(self.n_batch, CHECKPOINT_TAIL))
-                                if hp.n_swa > 0 else ())
         # its sliding-window cache: the window of every sequence it holds plus a ubatch, at most
         # the whole cache, in KV_PAD cells (llama_kv_cache_iswa)
-        swa_cells = min(self.kv_size, hp.n_swa * (n_slots if kv_unified else 1) + n_ubatch)
-        self.checkpoints = Checkpoints(hp.n_swa, -(-swa_cells // KV_PAD) * KV_PAD, n_ubatch) if hp.n_swa > 0 else None
+        swa_cells = kv_cells(min(self.kv_size, hp.n_swa * (n_slots if kv_unified else 1) + n_ubatch))
+        self.checkpoints = Checkpoints(hp.n_swa, swa_cells, n_ubatch, self.n_batch) if hp.n_swa > 0 else None
         self.max_waiting = max_waiting
         self.n_predict_default = n_predict_default
         self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
@@ -616,13 +624,9 @@ class Scheduler:
 
     def _chunk_length(self, n_left: int, budget: int) -> int:
         """How many of a prompt's n_left tokens go into this batch: as many as the budget allows,
-        but a chunk ends where llama-server's would end to make a checkpoint (it stops filling
-        the batch when exactly n_last prompt tokens remain)."""
+        but for a sliding-window model no further than llama-server's chunk (Checkpoints.cut)."""
         n = min(n_left, budget)
-        for n_last in self.checkpoint_cuts:
-            if n_left - n < n_last < n_left:
-                return n_left - n_last
-        return n
+        return self.checkpoints.cut(n_left, n) if self.checkpoints is not None else n
 
     def _sample(self, s: Slot, logits: np.ndarray) -> None:
         """A slot's next token: draw it, extend the text, decide whether the request stops, send
