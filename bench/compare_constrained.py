@@ -7,6 +7,7 @@ each greedy and seeded, on the same model. Counts the requests whose tokens are 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -34,7 +35,7 @@ PROMPTS = ["Describe a person as JSON:", "Once upon a time"]
 SAMPLING = [{"temperature": 0}, {"temperature": 0.8, "seed": 42}, {"temperature": 1.0, "seed": 7}]
 
 
-def requests_to_make() -> list[tuple[str, dict]]:
+def requests_to_make(chat_only: bool = False) -> list[tuple[str, dict]]:
     out = []
     for prompt in PROMPTS:
         for sampling in SAMPLING:
@@ -47,15 +48,18 @@ def requests_to_make() -> list[tuple[str, dict]]:
                                                                      "json_schema": {"schema": PERSON}}}))
             out.append(("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], **sampling,
                                                  "response_format": {"type": "json_object"}}))
-    return out
+    return [r for r in out if r[0] != "/completion"] if chat_only else out
 
 
-def answers(binary: str, model: str, n_predict: int) -> list:
+def with_limits(body: dict, n_predict: int) -> dict:
+    return {**body, "n_predict": n_predict, "max_tokens": n_predict, "cache_prompt": False, "return_tokens": True}
+
+
+def answers(binary: str, model: str, n_predict: int, chat_only: bool = False) -> list:
     with running(binary, model) as url:
         out = []
-        for route, body in requests_to_make():
-            body = {**body, "n_predict": n_predict, "max_tokens": n_predict, "cache_prompt": False,
-                    "return_tokens": True}
+        for route, body in requests_to_make(chat_only):
+            body = with_limits(body, n_predict)
             r = requests.post(url + route, json=body, timeout=600)
             b = r.json()
             if r.status_code != 200:
@@ -73,13 +77,22 @@ def main() -> int:
     add_server_args(ap)
     ap.add_argument("-n", "--n-predict", type=int, default=64)
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--chat-only", action="store_true", help="only the chat response_format requests")
+    ap.add_argument("--record", metavar="JSON", help="also write llama-server's answers there (a golden file)")
     args = ap.parse_args()
     if not args.llama_server:
         ap.error("give --llama-server (or set LLAMA_SERVER_BIN)")
-    theirs = answers(args.llama_server, args.model, args.n_predict)
-    ours = answers(args.numllama_server, args.model, args.n_predict)
+    theirs = answers(args.llama_server, args.model, args.n_predict, args.chat_only)
+    ours = answers(args.numllama_server, args.model, args.n_predict, args.chat_only)
+    made = requests_to_make(args.chat_only)
+    if args.record:
+        with open(args.record, "w") as f:
+            json.dump({"model": os.path.basename(args.model), "producer": "bench/compare_constrained.py --record, "
+                       "llama-server built for AVX2 from the llama-cpp-python 0.3.36 sdist",
+                       "requests": [[route, with_limits(body, args.n_predict)] for route, body in made],
+                       "answers": theirs}, f, indent=1)
     same = 0
-    for (route, body), a, b in zip(requests_to_make(), theirs, ours):
+    for (route, body), a, b in zip(made, theirs, ours):
         same += a == b
         if a != b and args.verbose:
             what = body.get("json_schema", body.get("grammar", body.get("response_format")))

@@ -376,6 +376,9 @@ ODD_BODIES = [
     ("/completion", '{"prompt": "Once", "json_schema": {"type": "string", "minLength": -1}}'),
     ("/completion", '{"prompt": "Once", "json_schema": {"type": "object", "properties": 5}}'),
     ("/completion", '{"prompt": "Once", "json_schema": {"type": "array", "items": 5}}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "response_format": '
+                             '{"type": "json_object", "schema": {"type": "string", "pattern": "^(a$"}}}'),
     ("/completion", '{"prompt": "Once", "' + "a" * 10 + '": ' + "[" * 100_000 + "]" * 100_000 + "}"),
     ("/completion", '{"prompt": "Once", "grammar": "root ::= ' + "(" * 3000 + '\\"a\\"' + ")" * 3000 + '"}'),
 ]

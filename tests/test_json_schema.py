@@ -6,6 +6,7 @@ import os
 import re
 
 import pytest
+import requests
 
 from numllama.engine.grammar import Grammar, GrammarError
 from numllama.engine.json_schema import json_schema_to_grammar
@@ -89,3 +90,26 @@ def test_chat_response_format_content_is_the_json():
     assert _response_format_content('\n{"a": 1}\n\n') == '{"a": 1}'
     assert _response_format_content('{"a": 1,\n ') == '{"a": 1,\n '   # cut short: inside the value
     assert _response_format_content('\n``') == ""                      # a fence may be coming
+
+
+def test_chat_response_format_equals_llama_server(smollm_path):
+    """Chat requests with response_format on SmolLM2 Q4_1 (greedy and seeded), over HTTP:
+    llama-server's very contents (tests/data/...-response-format.json, recorded by
+    bench/compare_constrained.py --chat-only --record); and streamed, the deltas add up to the
+    same content (the fence and the outer whitespace are never sent)."""
+    from server_util import Server
+    gold = json.load(open(os.path.join(os.path.dirname(__file__), "data",
+                                       "SmolLM2-135M-Instruct.Q4_1-response-format.json")))
+    s = Server(["-np", "1", "-c", "2048", "-t", "2"], model=smollm_path)
+    try:
+        for (route, body), want in zip(gold["requests"], gold["answers"]):
+            r = s.post(route, body).json()
+            assert [r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"]] == want, body
+        route, body = gold["requests"][0]
+        streamed = requests.post(s.url + route, json={**body, "stream": True}, stream=True, timeout=120)
+        deltas = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                  for line in streamed.iter_lines() if line.startswith(b"data: {")
+                  and json.loads(line[6:]).get("choices")]
+        assert "".join(deltas) == gold["answers"][0][0] and "```" not in "".join(deltas)
+    finally:
+        s.stop()
