@@ -259,26 +259,20 @@ class _Parser:
         return self.rules
 
 
-def nullable_rules(rules: dict[str, list[list]]) -> set[str]:
-    """The rules that can match the empty string (a fixpoint: a rule is nullable when one of
-    its alternatives holds only nullable rule references)."""
-    nullable: set[str] = set()
-    changed = True
-    while changed:
-        changed = False
-        for name, alts in rules.items():
-            if name not in nullable and any(
-                    all(isinstance(el, RuleRef) and el.name in nullable for el in seq) for seq in alts):
-                nullable.add(name)
-                changed = True
-    return nullable
+def empty_rules(rules: dict[str, list[list]]) -> set[str]:
+    """The rules with an empty alternative: what llama.cpp's left-recursion check counts as
+    "may be empty" (llama_grammar_detect_left_recursion). A rule that is empty only through
+    other rules (`g ::= x? space`) does not count there, so `(x? space)+` (llama-server's own
+    tool-call grammars) passes; the stack-depth bound in Grammar._closure keeps such grammars
+    finite."""
+    return {name for name, alts in rules.items() if any(not seq for seq in alts)}
 
 
 def check_left_recursion(rules: dict[str, list[list]]) -> None:
     """Refuse a rule that can reach itself without consuming a character (`root ::= root "a"`,
     or through rules that may be empty): matching it would expand forever, and llama.cpp
     refuses it too. A depth-first search over "may start with" edges, without recursion."""
-    nullable = nullable_rules(rules)
+    nullable = empty_rules(rules)
     starts: dict[str, list[str]] = {}
     for name, alts in rules.items():
         firsts = []
@@ -380,15 +374,26 @@ class Grammar:
 
 
 class GrammarState:
-    """One request's progress through a grammar, and which tokens may come next."""
+    """One request's progress through a grammar, and which tokens may come next.
 
-    def __init__(self, grammar: Grammar, token_text, eog_ids):
+    A lazy grammar (triggers: words) constrains nothing until one of its words appears in the
+    output; it then starts from the word, fed the text of the tokens from the word on
+    (llama_grammar_accept_impl: the token holding the word's start is fed from there)."""
+
+    def __init__(self, grammar: Grammar, token_text, eog_ids, triggers=(), token_piece=None):
         self.grammar = grammar
         self.stacks = grammar.start
-        self.token_text = token_text     # id -> str, or None for tokens that are not plain text
+        self.token_text = token_text     # id -> str, or None for bytes that are not whole characters
         self.eog_ids = eog_ids
+        self.triggers = tuple(t.encode("utf-8") for t in triggers)
+        self.token_piece = token_piece   # id -> bytes (the text the trigger words are looked for in)
+        self.awaiting = bool(triggers)
+        self.buffer = b""
+        self.spans: list[tuple[int, int]] = []   # each buffered token's [start, end) in buffer
 
     def allows(self, token: int) -> bool:
+        if self.awaiting:
+            return True
         if token in self.eog_ids:
             return self.grammar.accepts_end(self.stacks)
         text = self.token_text(token)
@@ -397,5 +402,22 @@ class GrammarState:
         return bool(self.grammar.advance(self.stacks, text))
 
     def accept(self, token: int) -> None:
-        if token not in self.eog_ids:
+        if self.awaiting:
+            self._await(token)
+        elif token not in self.eog_ids:
             self.stacks = self.grammar.advance(self.stacks, self.token_text(token))
+
+    def _await(self, token: int) -> None:
+        piece = self.token_piece(token)
+        self.spans.append((len(self.buffer), len(self.buffer) + len(piece)))
+        self.buffer += piece
+        starts = [i for i in (self.buffer.find(t) for t in self.triggers) if i >= 0]
+        if not starts:
+            return
+        start = starts[0]   # llama.cpp tries the triggers in order and takes the first found
+        self.awaiting = False
+        for a, b in self.spans:
+            if b > start:
+                # a word starting inside a multi-byte character cannot be; ignore stray bytes
+                self.stacks = self.grammar.advance(self.stacks, self.buffer[max(a, start):b].decode("utf-8", "ignore"))
+        self.buffer, self.spans = b"", []

@@ -67,6 +67,7 @@ class SamplingParams:
     logit_bias: tuple = ()            # ((token_id, bias), ...); bias -inf bans the token
     samplers: tuple = DEFAULT_SAMPLERS
     grammar: object = None            # engine.grammar.Grammar constraining the output
+    grammar_triggers: tuple = ()      # words: the grammar waits for one of them (lazy)
 
 
 @dataclass
@@ -235,9 +236,10 @@ def _temperature(c: Candidates, prm: SamplingParams) -> None:
 class Sampler:
     """One request's sampler: its parameters, its RNG, and the tokens seen so far."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int, history=(), token_text=None, eog_ids=()):
-        """token_text(id) -> str and eog_ids are needed with a grammar (what each token spells,
-        and which tokens end the text)."""
+    def __init__(self, params: SamplingParams, n_vocab: int, history=(), token_text=None, eog_ids=(),
+                 token_piece=None):
+        """token_text(id) -> str, token_piece(id) -> bytes and eog_ids are needed with a grammar
+        (what each token spells, and which tokens end the text)."""
         self.params = params
         seed = params.seed
         if seed in (RANDOM_SEED, -1):
@@ -255,7 +257,8 @@ class Sampler:
         self.grammar = None
         if params.grammar is not None:
             from .grammar import GrammarState
-            self.grammar = GrammarState(params.grammar, token_text, frozenset(eog_ids))
+            self.grammar = GrammarState(params.grammar, token_text, frozenset(eog_ids),
+                                        params.grammar_triggers, token_piece)
 
     def accept(self, token: int) -> None:
         self.history.append(int(token))

@@ -176,7 +176,8 @@ class Slot:
         # (kernel order follows it; see Batch.prompt_pass), whatever chunks we cut it into
         self.prompt_pass = len(self.to_eval) >= 2
         self.sampler = Sampler(task.params, engine.tokenizer.n_vocab, prompt,
-                               token_text=engine.tokenizer.token_text, eog_ids=engine.tokenizer.eog_ids)
+                               token_text=engine.tokenizer.token_text, eog_ids=engine.tokenizer.eog_ids,
+                               token_piece=engine.tokenizer.token_bytes)
         if task.ignore_eos:
             self.sampler.bias[list(engine.tokenizer.eog_ids)] = -np.inf
         self.generated = []

@@ -374,10 +374,9 @@ class Tokenizer:
         return b"".join(self.token_bytes(int(t), special) for t in ids).decode("utf-8", "replace")
 
     def token_text(self, tid: int) -> str | None:
-        """What a token spells as text (for grammars): None for control tokens and for bytes
-        that are not whole UTF-8 characters on their own."""
-        if self.is_control(tid):
-            return None
+        """What a token spells as text, for grammars: control tokens spell their own text, as
+        llama.cpp's grammar sees them (end-of-generation tokens are judged apart); None for
+        bytes that are not whole UTF-8 characters on their own."""
         try:
             return self._pieces[tid].decode("utf-8")
         except UnicodeDecodeError:

@@ -212,7 +212,31 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         logit_bias=tuple(bias),
         samplers=samplers,
         grammar=grammar,
+        grammar_triggers=parse_grammar_triggers(body) if grammar is not None else (),
     )
+
+
+TRIGGER_WORD = 1   # common_grammar_trigger_type: TOKEN, WORD, PATTERN, PATTERN_FULL
+
+
+def parse_grammar_triggers(body: dict) -> tuple:
+    """`grammar_lazy` with `grammar_triggers` ([{"type": 1, "value": word}]): the grammar waits
+    for one of the words (llama-server's tool-call grammars; also open to /completion)."""
+    lazy = body.get("grammar_lazy", False)
+    if not isinstance(lazy, bool):
+        raise APIError("Field 'grammar_lazy': must be a boolean")
+    if not lazy:
+        return ()
+    triggers = body.get("grammar_triggers")
+    if not isinstance(triggers, list) or not triggers:
+        raise APIError("Error: no triggers set for lazy grammar!")
+    words = []
+    for t in triggers:
+        if not isinstance(t, dict) or t.get("type") != TRIGGER_WORD or not isinstance(t.get("value"), str) \
+                or not t["value"]:
+            raise APIError('Field \'grammar_triggers\': numllama takes word triggers only: {"type": 1, "value": "..."}')
+        words.append(t["value"])
+    return tuple(words)
 
 
 def response_format_schema(rf):
@@ -344,8 +368,10 @@ def generation_settings(p: SamplingParams, n_predict: int, stop, stream: bool, n
         d["logit_bias"] = [{"bias": None if math.isinf(b) else b, "token": t} for t, b in p.logit_bias]
     d.update({"n_probs": n_probs, "min_keep": p.min_keep})
     if full:
-        d.update({"grammar": p.grammar.text if p.grammar is not None else "", "grammar_lazy": False,
-                  "grammar_triggers": [], "preserved_tokens": []})
+        d.update({"grammar": p.grammar.text if p.grammar is not None else "",
+                  "grammar_lazy": bool(p.grammar_triggers),
+                  "grammar_triggers": [{"type": TRIGGER_WORD, "value": w} for w in p.grammar_triggers],
+                  "preserved_tokens": []})
     d.update({"chat_format": "Content-only", "reasoning_format": "deepseek",
               "reasoning_in_content": False, "generation_prompt": "",
               "samplers": list(p.samplers), "speculative.types": "none",
