@@ -82,12 +82,14 @@ def _probe_tools(name: str) -> list[dict]:
                        "required": ["arg"]}}}]
 
 
-def _probe_conversation(arguments, with_calls: bool = True) -> list[dict]:
-    """llama.cpp's tool-call probe: a call, its result, an answer and a new question."""
+def _probe_conversation(arguments, with_calls: bool = True, name: str = "tool1") -> list[dict]:
+    """llama.cpp's tool-call probe: a call, its result, an answer and a new question. (Without
+    the call, or with another function's name: templates that raise on a tool result with no
+    call before it still show whether they print the call.)"""
     call = {"role": "assistant", "content": ""}
     if with_calls:
         call["tool_calls"] = [{"id": "call00001", "type": "function",
-                               "function": {"name": "tool1", "arguments": arguments}}]
+                               "function": {"name": name, "arguments": arguments}}]
     return [{"role": "user", "content": "User message"}, call,
             {"role": "tool", "content": "Tool response", "tool_call_id": "call00001"},
             {"role": "assistant", "content": "The tool response was 'tool response'"},
@@ -102,6 +104,7 @@ class TemplateCaps:
     supports_tools: bool = True
     supports_tool_calls: bool = True
     supports_object_arguments: bool = False
+    supports_parallel_tool_calls: bool = False
 
 
 class ChatTemplate:
@@ -151,7 +154,9 @@ class ChatTemplate:
             caps["supports_tools"] = differs(obj, self._try(_probe_conversation({"arg": "value"}), _probe_tools("tool2")))
             caps["supports_object_arguments"] = differs(obj, self._try(_probe_conversation({"arg": "other"}),
                                                                        _probe_tools("tool1")))
-            caps["supports_tool_calls"] = differs(obj, self._try(_probe_conversation(None, False), _probe_tools("tool1")))
+            caps["supports_tool_calls"] = (differs(obj, self._try(_probe_conversation(None, False), _probe_tools("tool1")))
+                                           or differs(obj, self._try(_probe_conversation({"arg": "value"}, name="tool2"),
+                                                                     _probe_tools("tool1"))))
         if not caps.get("supports_object_arguments"):
             text = self._try(_probe_conversation('{"arg": "value"}'), _probe_tools("tool1"))
             if text is None:
@@ -161,7 +166,21 @@ class ChatTemplate:
                                                                  _probe_tools("tool2")))
                 caps["supports_tool_calls"] = differs(text, self._try(_probe_conversation(None, False),
                                                                       _probe_tools("tool1")))
+        if caps.get("supports_tool_calls", True):
+            caps["supports_parallel_tool_calls"] = self._second_call_used(caps.get("supports_object_arguments", False))
         return TemplateCaps(**caps)
+
+    def _second_call_used(self, object_arguments: bool) -> bool:
+        """llama.cpp's parallel-call probe: a turn with two calls; does the second reach the
+        output? (Templates made for one call at a time raise or ignore it.)"""
+        def two_calls(second: str):
+            args = {"arg": "value"} if object_arguments else '{"arg": "value"}'
+            conv = _probe_conversation(args)
+            conv[1]["tool_calls"].append({"id": "call00002", "type": "function",
+                                          "function": {"name": second, "arguments": args}})
+            return self._try(conv, _probe_tools("tool1"))
+        a, b = two_calls("tool1"), two_calls("tool2")
+        return a is not None and b is not None and a != b
 
     def adapt(self, messages: list[dict]) -> list[dict]:
         """The messages as llama.cpp hands them to this template (its `workaround`s)."""

@@ -31,7 +31,11 @@ def test_renders_as_llama_server(name):
 
 
 def test_capabilities_are_probed():
-    assert template("Qwen-Qwen2.5-7B-Instruct.jinja").caps == TemplateCaps(True, True, True, True)
+    assert template("Qwen-Qwen2.5-7B-Instruct.jinja").caps == TemplateCaps(True, True, True, True, True)
+    # Llama 3.3 raises on a second call in one turn; Mistral Nemo raises when a tool result has
+    # no call before it, and is still seen to print calls
+    assert template("meta-llama-Llama-3.3-70B-Instruct.jinja").caps.supports_parallel_tool_calls is False
+    assert template("mistralai-Mistral-Nemo-Instruct-2407.jinja").caps.supports_tool_calls
     assert template("microsoft-Phi-3.5-mini-instruct.jinja").caps == TemplateCaps(True, False, False, False)
     no_system = template("no-system-role.jinja")
     assert not no_system.caps.supports_system_role
