@@ -29,6 +29,8 @@ class ServerContext:
     enable_metrics: bool = False
     api_key: str | None = None
     chat_template: object = None   # engine.chat_template.ChatTemplate
+    tool_format: object = None     # engine.tool_calls.ToolFormat of the template (None: it writes no calls)
+    tool_format_error: str = ""    # why the template's tool calls cannot be read, if so
     verbose: bool = False
     cors_origins: str = "*"        # "*", "localhost", or a comma-separated list of origins
     ui: bool = True

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import secrets
+import string
 from contextlib import closing
+from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app
 
 from ..engine.chat_template import ChatTemplateError
 from ..engine.json_schema import chat_response_format_grammar
 from ..engine.slots import ErrorEvent, ProgressEvent, TokenEvent
+from ..engine.tool_calls import parse_answer, tool_call_grammar
 
 from .completions import Completion, collect_finals, engine_error, task_events
 from .errors import APIError, json_response
@@ -18,7 +22,9 @@ from .tokens import check_tokenizable
 
 bp = Blueprint("chat", __name__)
 
-UNSUPPORTED = ("tools", "tool_choice", "functions")
+UNSUPPORTED = ("functions",)   # OpenAI's legacy function calling; `tools` replaced it
+TOOL_CHOICES = ("auto", "none", "required")
+ID_CHARS = string.ascii_letters + string.digits
 
 
 def _messages(body: dict) -> list[dict]:
@@ -37,7 +43,11 @@ def _messages(body: dict) -> list[dict]:
         if content is None:
             if m["role"] != "assistant":
                 raise APIError("All non-assistant messages must contain 'content'")
+            if "content" not in m and "tool_calls" not in m:
+                raise APIError("Assistant message must contain either 'content' or 'tool_calls'!")
             content = ""
+        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+            raise APIError("'tool_calls' must be an array")
         if isinstance(content, list):
             parts: list[str] = []
             for p in content:
@@ -67,9 +77,9 @@ def render_prompt(body: dict) -> tuple[str, list[dict]]:
     if continue_final and body.get("add_generation_prompt") is True:
         raise APIError("Cannot have both add_generation_prompt and continue_final_message")
     prefill = messages[-1]["role"] == "assistant" or continue_final
-    tools = body.get("tools") or None
-    if tools is not None and not isinstance(tools, list):
-        raise APIError("'tools' must be an array")
+    tools = _tools(body) or None
+    if prefill and messages[-1].get("tool_calls"):
+        raise APIError("Cannot continue an assistant message that contains tool calls.")
     try:
         if prefill:
             last = messages[-1]
@@ -80,6 +90,90 @@ def render_prompt(body: dict) -> tuple[str, list[dict]]:
     except ChatTemplateError as e:
         raise APIError(str(e))
     return prompt, messages
+
+
+def _tools(body: dict) -> list:
+    """The request's tools: function definitions, each with a name."""
+    tools = body.get("tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise APIError("'tools' must be an array")
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError('Each tool must be {"type": "function", "function": {"name": ..., "parameters": ...}}')
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise APIError(f"Tool '{fn['name']}': 'parameters' must be a JSON schema object")
+    return tools
+
+
+@dataclass(frozen=True)
+class ToolCalling:
+    """A chat request whose answer may hold tool calls in the template's format."""
+    fmt: object        # engine.tool_calls.ToolFormat
+    tools: list
+    required: bool     # tool_choice "required"
+
+
+def _tool_calling(body: dict, out: dict) -> ToolCalling | None:
+    """tools + tool_choice -> the grammar llama-server would use (set in `out`), and how to read
+    the calls back; None when the answer is plain content (no tools, tool_choice "none", or a
+    template that does not write tool calls: it still sees the tools)."""
+    ctx = current_app.config["NUMLLAMA"]
+    tools = _tools(body)
+    choice = body.get("tool_choice")
+    if not isinstance(choice, str):   # llama-server reads a string only: an object (a named
+        choice = "auto"               # function) or null counts as "auto"
+    if choice not in TOOL_CHOICES:
+        raise APIError(f"Invalid tool_choice: {choice}")
+    if not tools or choice == "none":
+        return None
+    if "grammar" in body:
+        raise APIError("Cannot use custom grammar constraints with tools.")
+    if ctx.tool_format_error:
+        raise APIError(f"Tool calls with this chat template are not supported by numllama yet: "
+                       f"{ctx.tool_format_error}")
+    fmt = ctx.tool_format
+    if fmt is None:
+        return None
+    parallel = body.get("parallel_tool_calls", ctx.chat_template.caps.supports_parallel_tool_calls)
+    if not isinstance(parallel, bool):
+        raise APIError("'parallel_tool_calls' must be a boolean")
+    grammar = tool_call_grammar(fmt, tools, required=choice == "required", parallel=parallel)
+    if grammar.grammar is not None:
+        out["grammar"] = grammar.grammar
+        if grammar.lazy:
+            out["grammar_lazy"] = True
+            out["grammar_triggers"] = [{"type": 1, "value": w} for w in grammar.triggers]
+    return ToolCalling(fmt, tools, choice == "required")
+
+
+def _tool_call_id() -> str:
+    """llama-server's random_string(): 32 letters and digits."""
+    return "".join(secrets.choice(ID_CHARS) for _ in range(32))
+
+
+def _message(calling: ToolCalling | None, text: str, ids: list) -> tuple[dict, bool]:
+    """The assistant message of an answer, its tool calls read out (ids: the ids given so far,
+    extended for new calls); and whether it has calls."""
+    if calling is None:
+        return {"role": "assistant", "content": text}, False
+    parsed = parse_answer(calling.fmt, calling.tools, text, partial=False, required=calling.required)
+    msg = {"role": "assistant", "content": parsed.content}
+    if parsed.tool_calls:
+        msg["tool_calls"] = [_oai_call(c, _call_id(c, i, ids)) for i, c in enumerate(parsed.tool_calls)]
+    return msg, bool(parsed.tool_calls)
+
+
+def _call_id(call: dict, i: int, ids: list) -> str:
+    while len(ids) <= i:
+        ids.append(call["id"] or _tool_call_id())
+    return ids[i]
+
+
+def _oai_call(call: dict, call_id: str) -> dict:
+    return {"type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}, "id": call_id}
 
 
 def _chat_response_format(out: dict) -> None:
@@ -123,9 +217,11 @@ def _completion_body(body: dict, prompt: str) -> dict:
             raise APIError(f"'{key}' is not supported by numllama yet", 400)
     if body.get("top_logprobs") is not None and not body.get("logprobs"):
         raise APIError("top_logprobs requires logprobs to be set to true")
-    out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs", "n")}
+    out = {k: v for k, v in body.items()
+           if k not in ("messages", "logprobs", "top_logprobs", "n", "grammar_lazy", "grammar_triggers")}
     out["prompt"] = prompt
     _chat_response_format(out)
+    out["_tools"] = _tool_calling(body, out) if "_response_format" not in out else None
     if body.get("logprobs"):
         out["n_probs"] = get_number(body, "top_logprobs", 20, int) if body.get("top_logprobs") is not None else 20
         out["n_probs"] = max(out["n_probs"], 1)
@@ -151,20 +247,22 @@ def _handle() -> Response:
     cbody = _completion_body(body, prompt)
     n = cbody.pop("_n")
     parsed = cbody.pop("_response_format", False)
+    calling = cbody.pop("_tools")
     cbody["prompt"] = [prompt] * n if n > 1 else prompt
     c = Completion(cbody, oai=True)
     verbose = get_bool(body, "verbose", False) or c.ctx.verbose
     if verbose:  # what the model actually read: the prompt tokens, special tokens rendered
         prompt = c.ctx.engine.tokenizer.decode(c.prompts[0], special=True)
     if c.stream:
-        return _stream(c, verbose, prompt, parsed)
+        return _stream(c, verbose, prompt, parsed, calling)
     tasks = c.submit()
     fins = collect_finals(c, tasks)
     choices = []
     for t, f in zip(tasks, fins):
-        choice = {"finish_reason": c.finish_reason(f), "index": t.index,
-                  "message": {"role": "assistant",
-                              "content": _response_format_content(f.content) if parsed else f.content}}
+        message, has_calls = _message(calling, _response_format_content(f.content) if parsed else f.content, [])
+        finish = c.finish_reason(f)
+        choice = {"finish_reason": "tool_calls" if has_calls and finish == "stop" else finish, "index": t.index,
+                  "message": message}
         if c.n_probs > 0:
             choice["logprobs"] = {"content": c.probs_items(f.probs)}
         choices.append(choice)
@@ -185,12 +283,68 @@ def _multi_usage(fins) -> dict:
             "prompt_tokens_details": {"cached_tokens": fins[0].n_cached}}
 
 
-def _stream(c: Completion, verbose: bool, prompt: str, parsed: bool = False) -> Response:
-    """parsed: a response_format answer, whose deltas are those of its JSON content only."""
+class _CallStream:
+    """One streamed choice of a tool-calling answer, as llama-server streams it: after each
+    token the text so far is read again (partially), and what changed since the last reading
+    is sent (common_chat_msg_diff::compute_diffs): the content's new text; for the last call
+    known, its new argument text; each new call whole, with its id and name."""
+
+    def __init__(self, calling: ToolCalling):
+        self.calling = calling
+        self.text = ""
+        self.content = ""
+        self.calls: list[dict] = []
+        self.ids: list = []
+
+    def deltas(self, text: str, final: bool) -> list[dict]:
+        self.text += text
+        parsed = parse_answer(self.calling.fmt, self.calling.tools, self.text, partial=not final,
+                              required=self.calling.required)
+        if not parsed.ok or (not parsed.content and not parsed.tool_calls):
+            return []    # nothing read yet (or an answer out of format): nothing to send
+        calls = [{**c, "id": _call_id(c, i, self.ids)} for i, c in enumerate(parsed.tool_calls)]
+        out = []
+        if parsed.content != self.content:
+            d = _string_diff(self.content, parsed.content)
+            out.append({"content": d} if d else {})
+        if self.calls and len(calls) >= len(self.calls):
+            i = len(self.calls) - 1
+            old, new = self.calls[i], calls[i]
+            args = _string_diff(old["arguments"], new["arguments"])
+            renamed = old["id"] != new["id"] or old["name"] != new["name"]
+            if args or renamed:
+                out.append({"tool_calls": [_call_delta(i, new["id"] if renamed else "",
+                                                       new["name"] if renamed else "", args)]})
+        for i in range(len(self.calls), len(calls)):
+            out.append({"tool_calls": [_call_delta(i, calls[i]["id"], calls[i]["name"], calls[i]["arguments"])]})
+        self.content, self.calls = parsed.content, calls
+        return out
+
+
+def _string_diff(last: str, current: str) -> str:
+    """What `current` adds to `last` (nothing when it went back: a stop word was cut)."""
+    return current[len(last):] if current.startswith(last) else ""
+
+
+def _call_delta(index: int, call_id: str, name: str, arguments: str) -> dict:
+    """A tool call's delta as llama-server writes it (server_chat_msg_diff_to_json_oaicompat)."""
+    d: dict = {"index": index}
+    if call_id:
+        d.update(id=call_id, type="function")
+    if name or arguments:
+        d["function"] = {**({"name": name} if name else {}), **({"arguments": arguments} if arguments else {})}
+    return d
+
+
+def _stream(c: Completion, verbose: bool, prompt: str, parsed: bool = False,
+            calling: ToolCalling | None = None) -> Response:
+    """parsed: a response_format answer, whose deltas are those of its JSON content only.
+    calling: an answer that may hold tool calls (_CallStream)."""
     tasks = c.submit()
     ctx = c.ctx
     task_evs = task_events(c, tasks)
     raw: dict = {}    # per choice: the text so far, and how much of its content was sent
+    calls: dict = {}  # per choice: its _CallStream
 
     def events():
         fins, current = [], None
@@ -206,6 +360,12 @@ def _stream(c: Completion, verbose: bool, prompt: str, parsed: bool = False) -> 
                     yield sse({"choices": [], "created": c.created, "id": c.id, "model": c.model_name,
                                "system_fingerprint": ctx.build_fingerprint,
                                "object": "chat.completion.chunk", "prompt_progress": ev.as_dict()})
+                elif isinstance(ev, TokenEvent) and calling is not None:
+                    cs = calls.setdefault(t.index, _CallStream(calling))
+                    lp = {"content": c.probs_items([ev.probs])} if ev.probs else None
+                    deltas = cs.deltas(ev.text, final=False)
+                    for k, delta in enumerate(deltas):   # the token's logprobs ride on its last delta
+                        yield sse(_chunk(c, t.index, delta, None, lp if k == len(deltas) - 1 else None))
                 elif isinstance(ev, TokenEvent):
                     text = ev.text
                     if parsed:
@@ -223,7 +383,14 @@ def _stream(c: Completion, verbose: bool, prompt: str, parsed: bool = False) -> 
                     yield sse(chunk)
                 else:   # the FinalEvent
                     fins.append(ev)
-                    chunk = _chunk(c, t.index, {}, c.finish_reason(ev))
+                    finish = c.finish_reason(ev)
+                    if calling is not None:
+                        cs = calls.setdefault(t.index, _CallStream(calling))
+                        for delta in cs.deltas("", final=True):
+                            yield sse(_chunk(c, t.index, delta, None))
+                        if cs.calls and finish == "stop":
+                            finish = "tool_calls"
+                    chunk = _chunk(c, t.index, {}, finish)
                     chunk["timings"] = c.timings(ev)
                     if verbose:
                         chunk["__verbose"] = {"prompt": prompt}

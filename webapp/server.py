@@ -214,6 +214,12 @@ def build_context(args, path: str):
                                  bos_token=tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
                                  eos_token=tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "",
                                  add_bos=engine.gguf.vocab.add_bos, add_eos=engine.gguf.vocab.add_eos)
+    from ..engine.tool_calls import ToolFormatUnsupported, analyze_tool_format
+    tool_format, tool_format_error = None, ""
+    try:
+        tool_format = analyze_tool_format(chat_template)
+    except ToolFormatUnsupported as e:
+        tool_format_error = str(e)
     aliases = [a for a in (args.alias or "").split(",") if a]
     hosts = [h.strip().strip("[]") for h in (args.allowed_hosts + "," + args.host).split(",")]
     seed = RANDOM_SEED if args.seed < 0 else args.seed
@@ -223,6 +229,7 @@ def build_context(args, path: str):
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
         enable_metrics=args.metrics, api_key=args.api_key, chat_template=chat_template, verbose=args.verbose,
+        tool_format=tool_format, tool_format_error=tool_format_error,
         cors_origins=args.cors_origins, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
         ui=not args.no_ui, enable_props=args.props, device=device,
         allowed_hosts=tuple(h for h in hosts if h and h not in ("0.0.0.0", "::")),

@@ -6,7 +6,7 @@
    pre-download models, which an offline machine cannot do. Ours keeps the per-test server stop.
 3. Seed $LLAMA_CACHE with stories260K in the Hugging Face cache layout, as the harness expects
    for `--hf-repo ggml-org/test-model-stories260K`.
-4. Run pytest on unit/test_completion.py (or the files given) with LLAMA_SERVER_BIN_PATH set.
+4. Run pytest on unit/test_completion.py and unit/test_tool_call.py (or the files given) with LLAMA_SERVER_BIN_PATH set.
 """
 from __future__ import annotations
 
@@ -67,11 +67,11 @@ def main(argv: list[str]) -> int:
     server = shutil.which("numllama-server")
     if not server:
         sys.exit("numllama-server is not on PATH: install numllama first")
-    files = argv or ["unit/test_completion.py"]
+    files = argv or ["unit/test_completion.py", "unit/test_tool_call.py"]
     if argv == ["all"]:   # every file named by the API-surface issue
         files = [f"unit/test_{n}.py" for n in ("completion", "tokenize", "ignore_eos", "ctx_shift",
                                                 "kv_keep_only_active", "chat_completion", "security",
-                                                "metrics", "basic")]
+                                                "metrics", "basic", "tool_call")]
     # llama.cpp's tests start --tools without a key and point /cors-proxy at 127.0.0.1, both of
     # which numllama refuses by default (docs/10-security.md); the suite opts in as a user on a
     # trusted machine would, so that its tests run unchanged

@@ -1,0 +1,166 @@
+"""Chat requests with `tools` against numllama-server and llama-server (--jinja), side by side,
+on one model and several tool-calling templates: the grammar each server built (as
+llama-server's verbose answer shows it, rules compared after renaming its numbered `until`
+rules), the tokens generated, the message (content, tool_calls without their random ids) and
+the finish reason. Counts the requests where all of them agree.
+
+    python3 bench/compare_tool_calls.py SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --llama-server /path/to/llama-server [--record tests/data/tool-calls.json] [-v]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import requests
+
+from compare_tokens import add_server_args, running   # beside this file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEMPLATES = os.path.join(HERE, "..", "tests", "data", "templates")
+WEATHER = {"type": "function", "function": {"name": "get_current_weather", "description": "Get the weather",
+                                            "parameters": {"type": "object", "properties": {
+                                                "location": {"type": "string"}}, "required": ["location"]}}}
+PYTHON = {"type": "function", "function": {"name": "python", "description": "Run code", "parameters": {
+    "type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}}}
+HERMES_CALL = ('Call get_current_weather for Paris in a <tool_call> tag', [["<tool_call>", 6]])
+# (template, user message, extra fields); the logit bias makes a small model open a call
+CASES = {
+    "Qwen-Qwen2.5-7B-Instruct": [
+        ("weather in Paris?", {}),
+        ("weather in Paris?", {"tool_choice": "none"}),
+        ("weather in Paris?", {"tool_choice": "required", "max_tokens": 120}),
+        (HERMES_CALL[0], {"logit_bias": HERMES_CALL[1]}),
+        (HERMES_CALL[0], {"logit_bias": HERMES_CALL[1], "max_tokens": 30}),
+        (HERMES_CALL[0], {"logit_bias": HERMES_CALL[1], "max_tokens": 20, "parallel_tool_calls": False}),
+        (HERMES_CALL[0], {"logit_bias": HERMES_CALL[1], "max_tokens": 14}),
+        (HERMES_CALL[0], {"logit_bias": HERMES_CALL[1], "tools": [WEATHER, PYTHON]}),
+    ],
+    "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use": [
+        (HERMES_CALL[0], {"logit_bias": HERMES_CALL[1]}),
+        ("weather in Paris?", {"tool_choice": "required"}),
+    ],
+    "meta-llama-Llama-3.3-70B-Instruct": [
+        ('Repeat exactly: {"name": "get_current_weather", "parameters": {"location": "Paris"}}',
+         {"tool_choice": "required"}),
+        ("weather in Paris?", {}),
+        ("weather in Paris?", {"tool_choice": "required"}),
+    ],
+    "mistralai-Mistral-Nemo-Instruct-2407": [
+        ("weather in Paris?", {}),
+        ("weather in Paris?", {"tool_choice": "required", "tools": [WEATHER, PYTHON]}),
+    ],
+}
+
+
+def requests_for(template: str) -> list[dict]:
+    out = []
+    for user, extra in CASES[template]:
+        body = {"messages": [{"role": "user", "content": user}], "tools": [WEATHER], "max_tokens": 60,
+                "temperature": 0, "seed": 1, "logprobs": True, "top_logprobs": 1, "cache_prompt": False}
+        out.append({**body, **extra})
+    return out
+
+
+def canonical_grammar(text: str) -> str:
+    """The rules reachable from root, numbered `until-N` rules renamed in the order they are
+    reached (llama.cpp numbers them by parser id, which says nothing of the language)."""
+    token = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|[a-zA-Z0-9-]+|.', re.S)
+    rules = dict(line.split(" ::= ", 1) for line in text.strip().splitlines())
+    order, queue = [], ["root"]
+    while queue:
+        name = queue.pop(0)
+        if name in order:
+            continue
+        order.append(name)
+        queue += [t for t in token.findall(rules[name]) if t in rules and t not in order]
+    rename = {}
+    for name in order:
+        if re.fullmatch(r"until-\d+", name):
+            rename[name] = f"until-{len(rename) + 1}"
+
+    def ren(tok: str) -> str:
+        m = re.fullmatch(r"(until-\d+)(-\d+)?", tok)
+        return rename[m.group(1)] + (m.group(2) or "") if m and m.group(1) in rename else tok
+    return "\n".join(sorted(f"{ren(n)} ::= " + "".join(ren(t) for t in token.findall(rules[n])) for n in order))
+
+
+def answer(url: str, body: dict) -> dict:
+    r = requests.post(url + "/v1/chat/completions", json=body, timeout=600)
+    b = r.json()
+    if r.status_code != 200:
+        return {"status": r.status_code}
+    choice = b["choices"][0]
+    message = dict(choice["message"])
+    message["tool_calls"] = [{**c, "id": len(c.get("id", ""))} for c in message.get("tool_calls", [])]
+    out = {"finish_reason": choice["finish_reason"], "message": message,
+           "tokens": [t["token"] for t in choice["logprobs"]["content"]]}
+    out["stream"] = streamed(url, body)
+    settings = b.get("__verbose", {}).get("generation_settings")
+    if settings is not None:   # llama-server --verbose: the grammar it built (lazy: and its trigger)
+        out["grammar"] = {"gbnf": canonical_grammar(settings["grammar"]) if settings["grammar"] else "",
+                          "lazy": settings["grammar_lazy"],
+                          "triggers": [t["value"] for t in settings["grammar_triggers"]],
+                          "generation_prompt": settings["generation_prompt"]}
+    return out
+
+
+def streamed(url: str, body: dict) -> list[dict]:
+    """The deltas of the same request streamed (tool call ids as their length)."""
+    body = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
+    out = []
+    with requests.post(url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith(b"data: {"):
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                delta = choice["delta"]
+                for c in delta.get("tool_calls", []):
+                    if "id" in c:
+                        c["id"] = len(c["id"])
+                out.append([delta, choice["finish_reason"]])
+    return out
+
+
+def answers(binary: str, model: str, template: str, extra_flags: tuple = ()) -> list[dict]:
+    flags = ("-c", "4096", "-np", "1", "-t", "2", "--chat-template-file",
+             os.path.join(TEMPLATES, template + ".jinja"), *extra_flags)
+    with running(binary, model, flags) as url:
+        return [answer(url, body) for body in requests_for(template)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    add_server_args(ap)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--record", metavar="JSON", help="also write llama-server's answers there (a golden file)")
+    args = ap.parse_args()
+    if not args.llama_server:
+        ap.error("give --llama-server (or set LLAMA_SERVER_BIN)")
+    record, same, total = {}, 0, 0
+    for template in CASES:
+        theirs = answers(args.llama_server, args.model, template, ("--jinja", "--verbose"))
+        ours = answers(args.numllama_server, args.model, template)
+        record[template] = [{"request": b, "answer": a} for b, a in zip(requests_for(template), theirs)]
+        for body, a, b in zip(requests_for(template), theirs, ours):
+            total += 1
+            ok = {k: v for k, v in a.items() if k != "grammar"} == b
+            same += ok
+            if not ok and args.verbose:
+                print(f"{template} {json.dumps(body)[:120]}\n  llama-server: {json.dumps(a)[:800]}\n"
+                      f"  numllama:     {json.dumps(b)[:800]}")
+    if args.record:
+        with open(args.record, "w") as f:
+            json.dump({"model": os.path.basename(args.model),
+                       "producer": "bench/compare_tool_calls.py --record, llama-server built for AVX2 from the "
+                                   "llama-cpp-python 0.3.36 sdist", "templates": record}, f, indent=1)
+    print(f"identical: {same}/{total}")
+    return 0 if same == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,730 @@
+"""Tool calls in a chat: how a template writes them, the grammar that holds the model to that
+form, and reading the calls back out of the model's text.
+
+llama-server does not keep a table of model formats. Its differential autoparser
+(common/chat-diff-analyzer.cpp) renders the template twice, once with a plain assistant answer
+and once with a tool call, and reads the format off the difference: the markers around the call
+and the JSON field names. This module does the same for the JSON formats ("JSON_NATIVE": Qwen
+2.5/3 and Hermes' `<tool_call>{...}</tool_call>`, Llama 3.x's bare `{"name": ..., "parameters":
+...}`, Mistral's `[TOOL_CALLS][{...}]`), then builds the grammar llama.cpp's PEG builder would
+(common/chat-peg-parser.cpp standard_json_tools, peg-parser.cpp build_grammar), rule for rule.
+
+Formats it does not know (tagged arguments, function name as key, templates with a reasoning
+block, the hand-written parsers of common/chat.cpp) raise ToolFormatUnsupported: the request
+gets a clear 400 rather than calls parsed differently from llama-server.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from .json_schema import INVALID_RULE_CHARS, SchemaConverter, _SchemaBuilder, format_literal
+
+# The probe's names (chat-diff-analyzer.cpp): unlikely strings, so that where they land in the
+# rendered text can only be where the template put them
+FUN_FIRST = "FFF_FIRST_FUN_F"
+FUN_SECOND = "SSS_SECOND_FUN_S"
+ARG_FIRST = "AA_ARG_FST_AA"
+ARG_SECOND = "BB_ARG_SND_BB"
+USER_MSG = "U_USER_MSG Hello END_U"
+ASSISTANT_MSG = "A_ASST_MSG I can help END_A"
+CALL_ID_001 = "call00001"
+CALL_ID_002 = "call00002"
+
+_PARAMS_SCHEMA = {"type": "object",
+                  "properties": {ARG_FIRST: {"type": "string", "description": "First argument"},
+                                 ARG_SECOND: {"type": "string", "description": "Second argument"}},
+                  "required": []}
+PROBE_TOOLS = [{"type": "function", "function": {"name": FUN_FIRST, "description": "Test function foo",
+                                                 "parameters": _PARAMS_SCHEMA}},
+               {"type": "function", "function": {"name": FUN_SECOND, "description": "Test function bar",
+                                                 "parameters": _PARAMS_SCHEMA}}]
+
+
+def _probe_call(name: str, call_id: str) -> dict:
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": {ARG_FIRST: "XXXX", ARG_SECOND: "YYYY"}}}
+
+
+class ToolFormatUnsupported(ValueError):
+    """The template writes tool calls in a form this module does not parse."""
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """Where a template's tool calls sit and how their JSON is keyed (llama.cpp's
+    analyze_tools::format for JSON_NATIVE). A section wraps all the calls of a turn; per-call
+    markers wrap each."""
+    section_start: str = ""
+    section_end: str = ""
+    per_call_start: str = ""
+    per_call_end: str = ""
+    name_field: str = ""
+    args_field: str = ""
+    id_field: str = ""
+    gen_id_field: str = ""
+    parameter_order: tuple = ()
+    tools_array_wrapped: bool = False
+    openai_wrapper: bool = False      # also accept a leading "type": "function" field
+    supports_parallel: bool = False   # the template renders a second call (its caps)
+
+    @property
+    def trigger(self) -> str:
+        """The text that starts the calls: a lazy grammar waits for it."""
+        return self.section_start or self.per_call_start
+
+    @property
+    def tool_start(self) -> str:
+        """Content runs until this."""
+        return self.section_start or self.per_call_start or "{"
+
+
+# --- the differential analysis -------------------------------------------------------------
+
+def segmentize(text: str) -> list[tuple[bool, str]]:
+    """segmentize_markers: (is_marker, text) pieces, a marker being <...> or [...]."""
+    out, in_marker, opener, last = [], False, "", 0
+    for i, ch in enumerate(text):
+        if not in_marker and ch in "<[":
+            if last < i:
+                out.append((False, text[last:i]))
+            last, in_marker, opener = i, True, ch
+        elif in_marker and (opener, ch) in (("<", ">"), ("[", "]")):
+            out.append((True, text[last:i + 1]))
+            last, in_marker = i + 1, False
+    if last < len(text):
+        out.append((False, text[last:]))
+    return out
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _common_suffix_len(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+@dataclass
+class DiffSplit:
+    prefix: str = ""
+    suffix: str = ""
+    left: str = ""
+    right: str = ""
+
+
+def diff_split(left: str, right: str) -> DiffSplit:
+    """calculate_diff_split: peel equal marker/text segments off both ends, then equal
+    characters off the remaining text; what is left on each side is the difference."""
+    res = DiffSplit()
+    ls, rs = segmentize(left), segmentize(right)
+    if not ls:
+        res.right = right
+        return res
+    if not rs:
+        res.left = left
+        return res
+    l0, l1, r0, r1 = 0, len(ls) - 1, 0, len(rs) - 1
+    l_done = r_done = False
+    while l0 != l1 and r0 != r1:
+        advanced = False
+        if ls[l0] == rs[r0]:
+            res.prefix += ls[l0][1]
+            l0 += 1
+            r0 += 1
+            advanced = True
+        if ls[l1] == rs[r1]:
+            res.suffix = ls[l1][1] + res.suffix
+            if l0 != l1:
+                l1 -= 1
+            else:
+                l_done = True
+            if r0 != r1:
+                r1 -= 1
+            else:
+                r_done = True
+            advanced = True
+        if not advanced:
+            break
+    if l0 == l1 and r0 != r1:
+        if ls[l0] == rs[r1]:
+            res.suffix = rs[r1][1] + res.suffix
+            r1 -= 1
+            l_done = True
+        elif ls[l0] == rs[r0]:
+            res.prefix += rs[r0][1]
+            r0 += 1
+            l_done = True
+    elif r0 == r1 and l0 != l1:
+        if ls[l1] == rs[r0]:
+            res.suffix = ls[l1][1] + res.suffix
+            l1 -= 1
+            r_done = True
+        elif ls[l0] == rs[r0]:
+            res.prefix += ls[l0][1]
+            l0 += 1
+            r_done = True
+    elif l0 == l1 and r0 == r1 and ls[l0] == rs[r0] and ls[l0][0]:
+        res.prefix += rs[r0][1]
+        l_done = r_done = True
+    text_suffix = not ls[l1][0] and not rs[r1][0]
+    text_prefix = not rs[r0][0] and not ls[l0][0]
+    rem_l = "".join(s for _, s in ls[l0:l1 if l_done else l1 + 1])
+    rem_r = "".join(s for _, s in rs[r0:r1 if r_done else r1 + 1])
+    n_suf = _common_suffix_len(rem_l, rem_r) if text_suffix else 0
+    n_pre = _common_prefix_len(rem_l[:len(rem_l) - n_suf], rem_r[:len(rem_r) - n_suf]) if text_prefix else 0
+    res.prefix += rem_l[:n_pre]
+    res.suffix = rem_l[len(rem_l) - n_suf:] + res.suffix
+    res.left = rem_l[n_pre:len(rem_l) - n_suf]
+    res.right = rem_r[n_pre:len(rem_r) - n_suf]
+    if not res.left and not res.right:
+        res.prefix, res.suffix = left, ""
+    if not res.left and res.right and len(left) <= len(right) and right.startswith(left):
+        res.prefix, res.suffix, res.right = left, "", right[len(left):]
+    return res
+
+
+_WS = " \t\n\v\f\r"
+
+
+def analyze_tool_format(template) -> ToolFormat | None:
+    """The tool-call format of a engine.chat_template.ChatTemplate; None when the template
+    does not render tool calls at all (then llama-server parses the answer as plain content).
+    Raises ToolFormatUnsupported for formats outside JSON_NATIVE."""
+    caps = template.caps
+    if not caps.supports_tool_calls:
+        return None
+    if "<think>" in template.source or "reasoning_content" in template.source:
+        raise ToolFormatUnsupported("tool calls with a template that has a reasoning block")
+
+    def render(messages) -> str | None:
+        try:
+            return template.render(messages, add_generation_prompt=False, tools=PROBE_TOOLS)
+        except Exception:
+            return None
+
+    user = {"role": "user", "content": USER_MSG}
+    plain = render([user, {"role": "assistant", "content": ASSISTANT_MSG}])
+    one_call = render([user, {"role": "assistant", "content": "", "tool_calls": [_probe_call(FUN_FIRST, CALL_ID_001)]}])
+    if plain is None or one_call is None:
+        raise ToolFormatUnsupported("the template fails on a tool-call probe")
+    haystack = diff_split(plain, one_call).right
+    if not haystack:
+        return None
+    if not re.search(r'[{:]\s*"' + FUN_FIRST + '"', haystack):
+        raise ToolFormatUnsupported("tool calls whose function name is not a JSON string value")
+    fmt = _json_native_fields(haystack)
+    if caps.supports_parallel_tool_calls and fmt["section_start"]:
+        two = render([user, {"role": "assistant", "content": "", "tool_calls": [
+            _probe_call(FUN_FIRST, CALL_ID_001), _probe_call(FUN_SECOND, CALL_ID_002)]}])
+        if two is not None and fmt["section_start"] in diff_split(one_call, two).right:
+            fmt["per_call_start"], fmt["per_call_end"] = fmt["section_start"], fmt["section_end"]
+            fmt["section_start"] = fmt["section_end"] = ""
+    fmt["section_end"] = fmt["section_end"].strip(_WS)
+    fmt["per_call_end"] = fmt["per_call_end"].strip(_WS)
+    # chat-diff-analyzer.cpp's workaround for templates that describe {name, parameters} calls
+    # (Llama 3.x): their models write the OpenAI wrapper's "type": "function" too
+    fmt["openai_wrapper"] = ('Respond in the format {"name": function name' in template.source
+                             and "Do not use variables." in template.source)
+    return ToolFormat(supports_parallel=caps.supports_parallel_tool_calls, **fmt)
+
+
+def _json_native_fields(haystack: str) -> dict:
+    """analyze_tool_call_format_json_native: the call's JSON object in the rendered text, its
+    field names, their order, and the markers around it."""
+    start, end = haystack.find("{"), haystack.rfind("}")
+    cut = haystack[start:end + 1]
+    try:
+        call = json.loads(cut)
+    except ValueError:
+        raise ToolFormatUnsupported("the rendered tool call is not one JSON object") from None
+    fields = {"name_field": "", "args_field": "", "id_field": "", "gen_id_field": ""}
+
+    for key, value in call.items():
+        if key == FUN_FIRST:
+            raise ToolFormatUnsupported("tool calls keyed by function name")
+        if isinstance(value, dict) and ARG_FIRST not in json.dumps(value):
+            raise ToolFormatUnsupported("tool calls nested in a function object")
+        if isinstance(value, str) and "call0000" in value:
+            fields["id_field"] = key
+        elif isinstance(value, str) and value == FUN_FIRST:
+            fields["name_field"] = key
+        elif ARG_FIRST in json.dumps(value):
+            fields["args_field"] = key
+        elif "id" in key:
+            fields["gen_id_field"] = key
+    wrapped = re.search(r"(\[\s*)" + re.escape(cut) + r"(\s*\])", haystack)
+    if wrapped:
+        start -= len(wrapped.group(1))
+        end += len(wrapped.group(2))
+    end += 1
+    located = sorted((haystack.find(f) if f in haystack else len(haystack) + 1 << 32, f)
+                     for f in fields.values() if f)
+    section_end = haystack[end:].strip(_WS)
+    if wrapped and section_end == "]":
+        section_end = ""
+    return {**fields, "parameter_order": tuple(f for _, f in located), "tools_array_wrapped": bool(wrapped),
+            "section_start": haystack[:start].lstrip(_WS), "section_end": section_end,
+            "per_call_start": "", "per_call_end": ""}
+
+
+# --- the grammar ---------------------------------------------------------------------------
+# A few PEG nodes, enough for the JSON formats, turned into GBNF exactly as llama.cpp's
+# common_peg_arena::build_grammar writes them (so its rules and ours read the same).
+
+@dataclass(frozen=True)
+class Lit:
+    """These characters, exactly."""
+    text: str
+
+
+@dataclass(frozen=True)
+class Seq:
+    """Each item in turn (build with seq(), which flattens nested sequences as llama.cpp does)."""
+    items: tuple
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of the items."""
+    items: tuple
+
+
+@dataclass(frozen=True)
+class Rep:
+    """The item lo to hi times (hi -1: no bound)."""
+    item: object
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Atomic:
+    """A group kept whole (llama.cpp's atomic parser): a sequence inside it is not flattened
+    into its parent, so it prints in parentheses."""
+    item: object
+
+
+@dataclass(frozen=True)
+class Until:
+    """Any text in which no delimiter occurs (content before the calls)."""
+    delimiters: tuple
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A JSON value of this schema (a function's arguments); its rules are named after `name`."""
+    name: str
+    schema: object = field(hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    body: object
+    trigger: bool = False
+
+
+SPACE = "space"     # the PEG space parser: GBNF's `space` rule
+EPS = Seq(())
+STRING_CONTENT = Lit(None)   # a JSON string's characters (common_peg_string_parser, '"')
+JSON_NUMBER = "json-number"
+
+
+def seq(*items) -> Seq:
+    """common_peg_parser_builder::sequence: nested sequences flatten."""
+    out = []
+    for it in items:
+        out.extend(it.items if isinstance(it, Seq) else (it,))
+    return Seq(tuple(out))
+
+
+def choice(*items) -> Choice:
+    out = []
+    for it in items:
+        out.extend(it.items if isinstance(it, Choice) else (it,))
+    return Choice(tuple(out))
+
+
+def optional(item) -> Rep:
+    return Rep(item, 0, 1)
+
+
+JSON_NUMBER_RULE = '"-"? ("0" | [1-9] [0-9]*) ("." [0-9]+)? (("e" | "E") [+-]? [0-9]+)?'
+STRING_CONTENT_GBNF = '( [^"\\\\] | "\\\\" ( ["\\\\/ bfnrt] | "u" [0-9a-fA-F]{4} ) )*'
+
+
+def _rule_name(rule: Rule) -> str:
+    return INVALID_RULE_CHARS.sub("-", rule.name)
+
+
+def _effective(node):
+    while isinstance(node, Atomic):
+        node = node.item
+    return node
+
+
+class GrammarBuilder:
+    """to_gbnf over our nodes, collecting rules in a json_schema SchemaConverter (llama.cpp's
+    common_grammar_builder wraps the same converter)."""
+
+    def __init__(self):
+        self.conv = SchemaConverter()
+        self.rules: list[Rule] = []
+        self.n_until = 0
+
+    def gbnf(self, node) -> str:
+        if node == SPACE:
+            return "space"
+        if node == JSON_NUMBER:
+            self.conv.add_rule("json-number", JSON_NUMBER_RULE)
+            return "json-number"
+        if node is STRING_CONTENT:
+            return STRING_CONTENT_GBNF
+        if isinstance(node, Lit):
+            return format_literal(node.text)
+        if isinstance(node, Atomic):
+            return self.gbnf(node.item)
+        if isinstance(node, Seq):
+            parts = []
+            for child in node.items:
+                g = self.gbnf(child)
+                if g:
+                    parts.append(f"({g})" if isinstance(_effective(child), (Seq, Choice)) else g)
+            return " ".join(parts)
+        if isinstance(node, Choice):
+            return " | ".join(f"({self.gbnf(c)})" if isinstance(_effective(c), Choice) else self.gbnf(c)
+                              for c in node.items)
+        if isinstance(node, Rep):
+            g = self.gbnf(node.item)
+            if isinstance(_effective(node.item), (Seq, Choice)):
+                g = f"({g})"
+            suffix = {(0, 1): "?", (0, -1): "*", (1, -1): "+"}.get((node.lo, node.hi))
+            return g + suffix if suffix else g + "{%d,%s}" % (node.lo, "" if node.hi < 0 else node.hi)
+        if isinstance(node, Until):
+            self.n_until += 1
+            return excluding_grammar(self.conv, f"until-{self.n_until}", node.delimiters)
+        if isinstance(node, Schema):
+            return self.conv.visit(_SchemaBuilder(node.schema).build(), node.name)
+        if isinstance(node, Rule):
+            if node not in self.rules:
+                self.rules.append(node)
+                self.conv.add_rule(node.name, self.gbnf(node.body))
+            return _rule_name(node)
+        raise TypeError(f"no GBNF for {node!r}")
+
+    def grammar(self, root, lazy: bool) -> str:
+        """Lazy: the root is the choice of the trigger rules (what the grammar constrains once
+        the trigger word has appeared); otherwise the whole answer."""
+        if lazy:
+            self.gbnf(root)
+            triggers = sorted(_rule_name(r) for r in self.rules if r.trigger)
+            self.conv.add_rule("root", " | ".join(triggers))
+        else:
+            self.conv.add_rule("root", self.gbnf(root))
+        return self.conv.format_grammar()
+
+
+def excluding_grammar(conv: SchemaConverter, prefix: str, strings) -> str:
+    """gbnf_excluding_grammar: any text in which none of `strings` occurs, as the states of an
+    Aho-Corasick automaton (peg-parser.cpp, trie.cpp). Returns the start rule's name."""
+    children: list[dict] = [{}]
+    terminal: list[bool] = [False]
+    for s in strings:
+        node = 0
+        for ch in s:
+            if ch not in children[node]:
+                children.append({})
+                terminal.append(False)
+                children[node][ch] = len(children) - 1
+            node = children[node][ch]
+        terminal[node] = True
+    fail = [0] * len(children)
+    order, queue = [], [0]
+    while queue:
+        u = queue.pop(0)
+        order.append(u)
+        for ch, v in sorted(children[u].items()):
+            if u != 0:
+                f = fail[u]
+                while f and ch not in children[f]:
+                    f = fail[f]
+                nxt = children[f].get(ch)
+                fail[v] = nxt if nxt is not None and nxt != v else 0
+            queue.append(v)
+    match = list(terminal)
+    for u in order:
+        if u and not match[u]:
+            match[u] = match[fail[u]]
+    alphabet = sorted({ch for c in children for ch in c})
+
+    def nxt(state: int, ch: str) -> int:
+        while state and ch not in children[state]:
+            state = fail[state]
+        return children[state].get(ch, 0)
+
+    def name(s: int) -> str:
+        return prefix if s == 0 else f"{prefix}-{s:02d}"
+
+    for q in range(len(children)):
+        if match[q]:
+            continue
+        buckets: dict[int, list[str]] = {}
+        specific = []
+        for ch in alphabet:
+            d = nxt(q, ch)
+            if match[d]:
+                specific.append(ch)
+            elif d:
+                buckets.setdefault(d, []).append(ch)
+                specific.append(ch)
+        rhs = "|"
+        for d in sorted(buckets):
+            rhs += f" {_char_class(buckets[d], False)} {name(d)} |"
+        rhs += f" {_char_class(specific, True)} {name(0)}"
+        conv.add_rule(name(q), rhs)
+    if match[0]:
+        conv.add_rule(prefix, "|")
+    return name(0)
+
+
+def _char_class(chars, negate: bool) -> str:
+    out = "[^" if negate else "["
+    for ch in chars:
+        c = ord(ch)
+        if ch in "-][\\":
+            out += "\\" + ch
+        elif ch in "\n\t\r":
+            out += {"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch]
+        elif 0x20 <= c <= 0x7E:
+            out += ch
+        elif c <= 0xFF:
+            out += f"\\x{c:02X}"
+        elif c <= 0xFFFF:
+            out += f"\\u{c:04X}"
+        else:
+            out += f"\\U{c:08X}"
+    return out + "]"
+
+
+def _tool_parameters(function: dict) -> dict:
+    """common_chat_tool_parameters: a function's parameters schema (an empty object schema when
+    it has none)."""
+    params = function.get("parameters")
+    return params if isinstance(params, dict) else {"type": "object", "properties": {}}
+
+
+def _call_object(fmt: ToolFormat, tool: dict) -> Rule:
+    """build_json_tools_flat_keys: one function's call, its fields in the template's order."""
+    name = tool["function"]["name"]
+    name_key = fmt.name_field or "name"
+    args_key = fmt.args_field or "arguments"
+    fields = [(seq(Lit(f'"{name_key}"'), SPACE, Lit(":"), SPACE, Atomic(seq(Lit('"'), Lit(name), Lit('"')))), name_key),
+              (seq(Lit(f'"{args_key}"'), SPACE, Lit(":"), SPACE,
+                   Schema(f"tool-{name}-schema", _tool_parameters(tool["function"]))), args_key)]
+    for key in (fmt.id_field, fmt.gen_id_field):
+        if key:
+            value = choice(seq(Lit('"'), STRING_CONTENT, Lit('"')), JSON_NUMBER)
+            fields.append((optional(Atomic(seq(Lit(f'"{key}"'), SPACE, Lit(":"), SPACE, value))), key))
+    order = list(fmt.parameter_order)
+    fields.sort(key=lambda f: order.index(f[1]) if f[1] in order else len(order))
+    body = [Lit("{"), SPACE]
+    if fmt.openai_wrapper:
+        body.append(optional(seq(Lit('"type"'), SPACE, Lit(":"), SPACE, Lit('"function"'), SPACE, Lit(","), SPACE)))
+    for i, (parser, _) in enumerate(fields):
+        body.append(parser)
+        if i < len(fields) - 1:
+            body += [SPACE, Lit(","), SPACE]
+    body += [SPACE, Lit("}")]
+    return Rule(f"tool-{name}", seq(*body))
+
+
+def _calls_section(fmt: ToolFormat, start: str, end: str, tools: list, parallel: bool, required: bool):
+    """standard_json_tools: the marked section holding one call (or, parallel, several
+    separated by commas), itself optional unless calls are required."""
+    calls = choice(*[_call_object(fmt, t) for t in tools])
+    if parallel:
+        calls = seq(calls, Rep(seq(SPACE, Lit(","), SPACE, calls), 0, -1))
+    if fmt.tools_array_wrapped:
+        calls = seq(Lit("["), SPACE, calls, SPACE, Lit("]"))
+    section = Rule("tool-call", seq(Lit(start), SPACE, calls, SPACE, Lit(end)), trigger=True)
+    return section if required else optional(section)
+
+
+@dataclass(frozen=True)
+class ToolGrammar:
+    """What constrains a tool-calling answer: the GBNF, whether it waits for a trigger word
+    (lazy) and which; None grammar: the answer is free."""
+    grammar: str | None
+    lazy: bool = False
+    triggers: tuple = ()
+
+
+def tool_call_grammar(fmt: ToolFormat, tools: list, required: bool, parallel: bool,
+                      generation_prompt: str = "") -> ToolGrammar:
+    """The grammar llama-server builds for a JSON_NATIVE template (chat-auto-parser-generator.cpp
+    generate_parser + build_tool_parser_json_native). tool_choice "auto" gets a lazy grammar that
+    waits for the calls' opening marker (none when the format has no marker: the answer is then
+    free); "required" constrains the whole answer: any content, then the calls.
+
+    generation_prompt: llama-server's grammar starts with the prompt's last words (the
+    assistant header), which it feeds to the grammar before sampling; numllama passes "" and
+    starts from the state after them: the same language for the generated text."""
+    tools = [t for t in tools if isinstance(t, dict) and "function" in t]
+    if not required and not fmt.trigger:
+        return ToolGrammar(None)
+    if not fmt.section_start and fmt.per_call_start:
+        single = _calls_section(fmt, fmt.per_call_start, fmt.per_call_end, tools, parallel, required)
+        calls = Rule("tool-calls", Rep(seq(single, SPACE), 1, -1), trigger=True)
+    else:
+        calls = _calls_section(fmt, fmt.section_start, fmt.section_end, tools, parallel, required)
+    lazy = not required
+    if lazy:
+        return ToolGrammar(GrammarBuilder().grammar(calls, lazy=True), True, (fmt.trigger,))
+    prefix = Lit(generation_prompt) if generation_prompt else EPS
+    root = seq(prefix, SPACE, optional(Until((fmt.tool_start,))), calls)
+    return ToolGrammar(GrammarBuilder().grammar(root, lazy=False))
+
+
+# --- reading the calls back ----------------------------------------------------------------
+
+@dataclass
+class ParsedAnswer:
+    content: str
+    tool_calls: list          # [{"name", "arguments" (the JSON text as written), "id"}]
+    ok: bool = True           # False: a final answer that is not in the format (read as content)
+
+
+def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool, required: bool = False) -> ParsedAnswer:
+    """Content, then the calls, as llama-server's PEG parser reads a JSON_NATIVE answer: the
+    content runs up to the first call marker; each call is a JSON object whose name is one of
+    the request's tools; its arguments are kept as the model wrote them. A call cut short
+    (partial, or an answer stopped by length) gives what was complete. A final answer that does
+    not parse (no call where one is required or a marker opens one, text after the calls) is
+    all content, and not ok: llama-server's parser throws, and it falls back to the raw text."""
+    names = {t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)}
+    text = text.lstrip(_WS)   # the parser reads the generation prompt, then spaces, then content
+    start = text.find(fmt.tool_start)
+    if start < 0:
+        if partial:   # the end may be the start of a marker: hold it back
+            for n in range(min(len(fmt.tool_start) - 1, len(text)), 0, -1):
+                if fmt.tool_start.startswith(text[-n:]):
+                    return ParsedAnswer(text[:-n], [])
+        return ParsedAnswer(text, [], ok=partial or not required)
+    calls: list[dict] = []
+    pos = start
+    opener, closer = (fmt.per_call_start, fmt.per_call_end) if fmt.per_call_start else (fmt.section_start, fmt.section_end)
+    while True:
+        got = _read_section(fmt, text, pos, opener, closer, names, calls)
+        if got is None:
+            break
+        pos = got
+        if not fmt.per_call_start:
+            break
+        nxt = _skip_ws(text, pos)
+        if not text.startswith(opener, nxt):
+            break
+        pos = nxt
+    if not partial and (not calls or _skip_ws(text, pos) < len(text)):
+        return ParsedAnswer(text, [], ok=False)
+    return ParsedAnswer(text[:start], calls)
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in _WS:
+        pos += 1
+    return pos
+
+
+def _read_section(fmt, text, pos, opener, closer, names, calls) -> int | None:
+    """One marked section at pos: its calls are appended; returns where it ends, or None. An
+    answer cut short inside the section (the token limit) is read as far as it goes, as
+    llama-server's lenient parser does: a call counts once its name is complete, its arguments
+    being the text written so far."""
+    if not text.startswith(opener, pos):
+        return None
+    pos = _skip_ws(text, pos + len(opener))
+    wrapped = fmt.tools_array_wrapped
+    if wrapped:
+        if pos == len(text):
+            return pos
+        if not text.startswith("[", pos):
+            return None
+        pos = _skip_ws(text, pos + 1)
+    decoder = json.JSONDecoder()
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except ValueError:
+            call = _cut_call(fmt, text[pos:], names)
+            if call is None:
+                return None
+            calls.append(call)
+            return len(text)
+        call = _call_fields(fmt, obj, text[pos:end], names)
+        if call is None:
+            return None
+        calls.append(call)
+        pos = _skip_ws(text, end)
+        if text.startswith(",", pos):
+            pos = _skip_ws(text, pos + 1)
+            continue
+        break
+    for marker in (("]" if wrapped else ""), closer):
+        if not marker:
+            continue
+        if marker.startswith(text[pos:]):   # the answer ends before (or inside) the marker
+            return len(text)
+        if not text.startswith(marker, pos):
+            return None
+        pos = _skip_ws(text, pos + len(marker)) if marker == "]" else pos + len(marker)
+    return pos
+
+
+def _cut_call(fmt: ToolFormat, rest: str, names: set) -> dict | None:
+    """A call whose JSON the answer's end cut short (rest: from its "{" to the end): known once
+    its name is whole; its arguments are what was written of them ("{" before any)."""
+    name_key, args_key = fmt.name_field or "name", fmt.args_field or "arguments"
+    wrapper = r'(?:"type"\s*:\s*"function"\s*,\s*)?' if fmt.openai_wrapper else ""
+    m = re.match(r'\{\s*' + wrapper + '"' + re.escape(name_key) + r'"\s*:\s*"([^"\\]*)"', rest)
+    if not m or m.group(1) not in names:
+        return None
+    a = re.match(r'\s*,\s*"' + re.escape(args_key) + r'"\s*:\s*', rest[m.end():])
+    args = rest[m.end() + a.end():] if a else ""
+    try:
+        _, end = json.JSONDecoder().raw_decode(args)
+        args = args[:end]
+    except ValueError:
+        args = args.rstrip(_WS)
+    return {"name": m.group(1), "arguments": args or "{", "id": ""}
+
+
+def _call_fields(fmt: ToolFormat, obj, raw: str, names: set) -> dict | None:
+    if not isinstance(obj, dict):
+        return None
+    name = obj.get(fmt.name_field or "name")
+    args_key = fmt.args_field or "arguments"
+    if name not in names or not isinstance(obj.get(args_key), dict):
+        return None
+    # the arguments as written: re-found in the raw object text by decoding from its key
+    decoder = json.JSONDecoder()
+    m = re.search(r'"' + re.escape(args_key) + r'"\s*:\s*', raw)
+    args_text = json.dumps(obj[args_key], ensure_ascii=False)
+    if m:
+        try:
+            _, end = decoder.raw_decode(raw, m.end())
+            args_text = raw[m.end():end]
+        except ValueError:
+            pass
+    call_id = ""
+    for key in (fmt.id_field, fmt.gen_id_field):
+        if key and key in obj:
+            call_id = str(obj[key])
+    return {"name": name, "arguments": args_text, "id": call_id}

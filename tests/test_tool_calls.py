@@ -1,0 +1,234 @@
+"""Function calling on /v1/chat/completions, against llama-server's recorded answers.
+
+tests/data/tool-calls-SmolLM2.json was written by bench/compare_tool_calls.py --record with an
+AVX2 llama-server (--jinja) on SmolLM2-135M and four tool-calling templates (Qwen 2.5, Hermes 2
+Pro, Llama 3.3, Mistral Nemo): the grammar it built for each request, the tokens it generated,
+the message it answered (content, tool_calls with the length of their random ids) and the finish
+reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+from openai import OpenAI
+
+from numllama.engine.chat_template import ChatTemplate
+from numllama.engine.grammar import Grammar, GrammarState
+from numllama.engine.tool_calls import (ToolFormat, ToolFormatUnsupported, analyze_tool_format, diff_split,
+                                        parse_answer, tool_call_grammar)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "bench"))
+from compare_tool_calls import canonical_grammar  # noqa: E402
+
+GOLDEN = json.load(open(os.path.join(HERE, "data", "tool-calls-SmolLM2.json")))
+TEMPLATES = os.path.join(HERE, "data", "templates")
+
+
+def template(name: str) -> ChatTemplate:
+    return ChatTemplate(open(os.path.join(TEMPLATES, name + ".jinja")).read(), "<|im_start|>", "<|im_end|>")
+
+
+def cases():
+    for name, runs in GOLDEN["templates"].items():
+        for i, run in enumerate(runs):
+            yield pytest.param(name, run, id=f"{name}-{i}")
+
+
+def test_diff_split_finds_the_changed_part():
+    d = diff_split("<a>hello<b>", "<a>[CALL]{x}<b>")
+    assert (d.prefix, d.left, d.right, d.suffix) == ("<a>", "hello", "[CALL]{x}", "<b>")
+
+
+def test_formats_read_off_the_templates():
+    qwen = analyze_tool_format(template("Qwen-Qwen2.5-7B-Instruct"))
+    assert (qwen.per_call_start, qwen.per_call_end, qwen.name_field, qwen.args_field) == \
+        ("<tool_call>\n", "</tool_call>", "name", "arguments")
+    llama = analyze_tool_format(template("meta-llama-Llama-3.3-70B-Instruct"))
+    assert (llama.trigger, llama.args_field, llama.openai_wrapper, llama.supports_parallel) == \
+        ("", "parameters", True, False)
+    nemo = analyze_tool_format(template("mistralai-Mistral-Nemo-Instruct-2407"))
+    assert (nemo.section_start, nemo.tools_array_wrapped, nemo.id_field, nemo.parameter_order) == \
+        ("[TOOL_CALLS]", True, "id", ("name", "arguments", "id"))
+    assert analyze_tool_format(template("microsoft-Phi-3.5-mini-instruct")) is None   # writes no calls
+    with pytest.raises(ToolFormatUnsupported):
+        analyze_tool_format(template("Qwen-Qwen3-0.6B"))   # a <think> block: not yet
+
+
+@pytest.mark.parametrize("name,run", list(cases()))
+def test_grammar_is_llama_servers(name, run):
+    """Same rules as llama-server's, its numbered `until` rules renamed (bench/compare_tool_calls.py)."""
+    req, want = run["request"], run["answer"]["grammar"]
+    tmpl = template(name)
+    fmt = analyze_tool_format(tmpl)
+    choice = req.get("tool_choice", "auto")
+    if choice == "none":
+        assert want["gbnf"] == "" and not want["lazy"]
+        return
+    parallel = req.get("parallel_tool_calls", tmpl.caps.supports_parallel_tool_calls)
+    got = tool_call_grammar(fmt, req["tools"], choice == "required", parallel, want["generation_prompt"])
+    assert (canonical_grammar(got.grammar) if got.grammar else "") == want["gbnf"]
+    assert (got.lazy, list(got.triggers)) == (want["lazy"], want["triggers"])
+    Grammar(got.grammar or 'root ::= ""')   # and numllama's grammar engine takes it
+
+
+def test_lazy_grammar_waits_for_its_word_then_replays_from_it():
+    pieces = {0: b"Sure. ", 1: b"x<to", 2: b"ol>{", 3: b"}", 4: b"!"}
+    state = GrammarState(Grammar('root ::= "<tool>" "{" "}"'), lambda t: pieces[t].decode(), frozenset(),
+                         triggers=("<tool>",), token_piece=pieces.get)
+    assert state.allows(4)                       # nothing is constrained before the word
+    for t in (0, 1):
+        state.accept(t)
+    assert state.awaiting and state.allows(4)
+    state.accept(2)                               # "<tool>" complete: the grammar has read "<tool>{"
+    assert not state.awaiting
+    assert state.allows(3) and not state.allows(4)
+
+
+def test_cut_answers_read_as_llama_server_reads_them():
+    fmt = ToolFormat(per_call_start="<tool_call>\n", per_call_end="</tool_call>", name_field="name",
+                     args_field="arguments", parameter_order=("name", "arguments"))
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    head = '<tool_call>\n{"name": "f", "arguments": '
+    assert parse_answer(fmt, tools, head + '{"a": 1}}\n</tool_call>', False).tool_calls == \
+        [{"name": "f", "arguments": '{"a": 1}', "id": ""}]
+    assert parse_answer(fmt, tools, head + '{"a": 1', False).tool_calls[0]["arguments"] == '{"a": 1'
+    assert parse_answer(fmt, tools, head + " {\n  ", False).tool_calls[0]["arguments"] == "{"
+    short = '<tool_call>\n{"name": "f'   # the name unfinished: no call, all content
+    assert parse_answer(fmt, tools, short, False).content == short
+    assert parse_answer(fmt, tools, "hi <tool_", True).content == "hi "    # a marker may be coming
+    assert parse_answer(fmt, tools, "\n hi", False).content == "hi"        # leading space is not content
+
+
+@pytest.fixture(scope="module", params=list(GOLDEN["templates"]))
+def tool_server(request, smollm_path):
+    from server_util import Server
+    s = Server(["-c", "4096", "-np", "1", "--chat-template-file", os.path.join(TEMPLATES, request.param + ".jinja")],
+               model=smollm_path)
+    yield request.param, s
+    s.stop()
+
+
+def _streamed(s, body) -> list:
+    body = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
+    out = []
+    with s.post("/v1/chat/completions", {**body, "stream": True}, stream=True) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    for c in choice["delta"].get("tool_calls", []):
+                        if "id" in c:
+                            c["id"] = len(c["id"])
+                    out.append([choice["delta"], choice["finish_reason"]])
+    return out
+
+
+def _answer(s, body) -> dict:
+    r = s.post("/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    message = dict(choice["message"])
+    message["tool_calls"] = [{**c, "id": len(c.get("id", ""))} for c in message.get("tool_calls", [])]
+    return {"finish_reason": choice["finish_reason"], "message": message,
+            "tokens": [t["token"] for t in choice["logprobs"]["content"]], "stream": _streamed(s, body)}
+
+
+def test_answers_match_llama_server(tool_server):
+    """Tokens, message, finish reason, and the streamed deltas one by one."""
+    name, s = tool_server
+    for run in GOLDEN["templates"][name]:
+        want = {k: v for k, v in run["answer"].items() if k != "grammar"}
+        assert _answer(s, run["request"]) == want, json.dumps(run["request"])
+
+
+def test_streamed_calls_add_up_to_the_answer(tool_server):
+    name, s = tool_server
+    for run in GOLDEN["templates"][name]:
+        if not run["answer"]["message"]["tool_calls"]:
+            continue
+        client = OpenAI(api_key="dummy", base_url=s.url + "/v1")
+        body = {k: v for k, v in run["request"].items() if k not in ("messages", "logprobs", "top_logprobs")}
+        content, calls, finish = "", {}, None
+        for chunk in client.chat.completions.create(model="x", messages=run["request"]["messages"], stream=True,
+                                                    extra_body=body):
+            d = chunk.choices[0].delta
+            content += d.content or ""
+            for tc in d.tool_calls or []:   # a call opens with its id and name; its arguments follow
+                if tc.index not in calls:
+                    assert tc.type == "function" and len(tc.id) == 32 and tc.function.name
+                    calls[tc.index] = {"name": tc.function.name, "arguments": ""}
+                else:
+                    assert tc.id is None and tc.function.name is None
+                calls[tc.index]["arguments"] += tc.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        want = run["answer"]["message"]
+        assert content == want["content"] and finish == run["answer"]["finish_reason"]
+        assert [calls[i] for i in sorted(calls)] == [c["function"] for c in want["tool_calls"]]
+
+
+def test_openai_client_gets_tool_calls(tool_server):
+    name, s = tool_server
+    run = next((r for r in GOLDEN["templates"][name] if r["answer"]["message"]["tool_calls"]), None)
+    if run is None:
+        return
+    client = OpenAI(api_key="dummy", base_url=s.url + "/v1")
+    body = {k: v for k, v in run["request"].items() if k not in ("messages", "tools")}
+    res = client.chat.completions.create(model="x", messages=run["request"]["messages"],
+                                         tools=run["request"]["tools"], extra_body=body)
+    call = res.choices[0].message.tool_calls[0]
+    assert call.function.name == run["answer"]["message"]["tool_calls"][0]["function"]["name"]
+    assert res.choices[0].finish_reason == run["answer"]["finish_reason"]
+
+
+WEATHER = GOLDEN["templates"]["Qwen-Qwen2.5-7B-Instruct"][0]["request"]["tools"]
+
+
+@pytest.mark.parametrize("body,text", [
+    ({"tools": WEATHER, "tool_choice": "sometimes"}, "Invalid tool_choice: sometimes"),
+    ({"tools": WEATHER, "grammar": 'root ::= "a"'}, "Cannot use custom grammar constraints with tools."),
+    ({"tools": {"name": "f"}}, "'tools' must be an array"),
+    ({"tools": [{"type": "function"}]}, "Each tool must be"),
+    ({"tools": WEATHER, "parallel_tool_calls": "yes"}, "'parallel_tool_calls' must be a boolean"),
+])
+def test_bad_tool_requests_are_400(tool_server, body, text):
+    name, s = tool_server
+    if name != "Qwen-Qwen2.5-7B-Instruct":
+        return
+    r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **body})
+    assert r.status_code == 400 and text in r.json()["error"]["message"]
+    assert s.get("/health").status_code == 200
+
+
+def test_named_function_choice_reads_as_auto(tool_server):
+    """llama-server reads tool_choice as a string; an object (a named function) is "auto"."""
+    name, s = tool_server
+    run = GOLDEN["templates"][name][0]
+    if run["request"].get("tool_choice", "auto") != "auto":
+        return
+    named = {**run["request"], "tool_choice": {"type": "function", "function": {"name": "get_current_weather"}}}
+    assert _answer(s, named) == {k: v for k, v in run["answer"].items() if k != "grammar"}
+
+
+def test_template_without_tool_calls_still_answers(server):
+    """stories260K's template writes no tool calls: the tools reach it, the answer is content."""
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                             "tools": WEATHER, "tool_choice": "required"})
+    assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
+
+
+def test_reasoning_template_refuses_tools_clearly(stories_path):
+    from server_util import Server
+    s = Server(["-c", "512", "--chat-template-file", os.path.join(TEMPLATES, "Qwen-Qwen3-0.6B.jinja")],
+               model=stories_path)
+    try:
+        r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                            "tools": WEATHER})
+        assert r.status_code == 400 and "not supported by numllama yet" in r.json()["error"]["message"]
+        r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                            "tools": WEATHER, "tool_choice": "none"})
+        assert r.status_code == 200
+    finally:
+        s.stop()
