@@ -380,9 +380,17 @@ class GrammarState:
     output; it then starts from the word, fed the text of the tokens from the word on
     (llama_grammar_accept_impl: the token holding the word's start is fed from there)."""
 
-    def __init__(self, grammar: Grammar, token_text, eog_ids, triggers=(), token_piece=None):
+    def __init__(self, grammar: Grammar, token_text, eog_ids, triggers=(), token_piece=None, prefill: str = "",
+                 gate: "ReasoningGate | None" = None):
+        """prefill: text the grammar reads first (llama-server feeds its tool-call grammars the
+        generation prompt). gate: a lazy grammar sees no token inside a reasoning block."""
         self.grammar = grammar
         self.stacks = grammar.start
+        if prefill:
+            self.stacks = grammar.advance(self.stacks, prefill)
+            if not self.stacks:
+                raise GrammarError("the grammar does not accept the generation prompt")
+        self.gate = gate
         self.token_text = token_text     # id -> str, or None for bytes that are not whole characters
         self.eog_ids = eog_ids
         self.triggers = tuple(t.encode("utf-8") for t in triggers)
@@ -392,7 +400,7 @@ class GrammarState:
         self.spans: list[tuple[int, int]] = []   # each buffered token's [start, end) in buffer
 
     def allows(self, token: int) -> bool:
-        if self.awaiting:
+        if self.awaiting or (self.gate is not None and self.gate.inside):
             return True
         if token in self.eog_ids:
             return self.grammar.accepts_end(self.stacks)
@@ -402,6 +410,20 @@ class GrammarState:
         return bool(self.grammar.advance(self.stacks, text))
 
     def accept(self, token: int) -> None:
+        """common_sampler_accept: with a gate, a token inside a reasoning block is not the
+        grammar's; the block's closing tokens are replayed to it (they may hold a trigger)."""
+        if self.gate is None:
+            self._accept(token)
+            return
+        applies = not self.gate.inside
+        closed_by = self.gate.accept(token)
+        if closed_by and not applies:
+            for t in closed_by:
+                self._accept(t)
+        if applies:
+            self._accept(token)
+
+    def _accept(self, token: int) -> None:
         if self.awaiting:
             self._await(token)
         elif token not in self.eog_ids:
@@ -421,3 +443,26 @@ class GrammarState:
                 # a word starting inside a multi-byte character cannot be; ignore stray bytes
                 self.stacks = self.grammar.advance(self.stacks, self.buffer[max(a, start):b].decode("utf-8", "ignore"))
         self.buffer, self.spans = b"", []
+
+
+class ReasoningGate:
+    """Whether the model is inside a reasoning block, told by token sequences (llama.cpp's
+    reasoning-budget sampler with no budget: IDLE, then COUNTING from a start tag's tokens to an
+    end tag's, then DONE, re-armed by a new start tag)."""
+
+    def __init__(self, start: tuple, end: tuple, prefill=()):
+        self.start, self.end = tuple(start), tuple(end)
+        self.inside = False
+        self.seen: list[int] = []      # tokens since the last state change
+        for t in prefill:
+            self.accept(t)
+
+    def accept(self, token: int) -> tuple:
+        """Returns the end tag's tokens when this token closed a block."""
+        self.seen.append(token)
+        want = self.end if self.inside else self.start
+        if want and tuple(self.seen[-len(want):]) == want:
+            self.inside = not self.inside
+            self.seen = []
+            return want if not self.inside else ()
+        return ()

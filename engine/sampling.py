@@ -68,6 +68,8 @@ class SamplingParams:
     samplers: tuple = DEFAULT_SAMPLERS
     grammar: object = None            # engine.grammar.Grammar constraining the output
     grammar_triggers: tuple = ()      # words: the grammar waits for one of them (lazy)
+    grammar_prefill: str = ""         # text the grammar reads before the first token
+    reasoning_tags: tuple = ()        # (start ids, end ids, prompt ids): a lazy grammar sleeps in <think>
 
 
 @dataclass
@@ -257,8 +259,13 @@ class Sampler:
         self.grammar = None
         if params.grammar is not None:
             from .grammar import GrammarState
-            self.grammar = GrammarState(params.grammar, token_text, frozenset(eog_ids),
-                                        params.grammar_triggers, token_piece)
+            from .grammar import ReasoningGate
+            gate = None
+            if params.grammar_triggers and params.reasoning_tags:
+                start, end, prompt = params.reasoning_tags
+                gate = ReasoningGate(start, end, prompt)
+            self.grammar = GrammarState(params.grammar, token_text, frozenset(eog_ids), params.grammar_triggers,
+                                        token_piece, "" if params.grammar_triggers else params.grammar_prefill, gate)
 
     def accept(self, token: int) -> None:
         self.history.append(int(token))

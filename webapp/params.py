@@ -213,7 +213,19 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         samplers=samplers,
         grammar=grammar,
         grammar_triggers=parse_grammar_triggers(body) if grammar is not None else (),
+        # set by the chat route only (chat_completions._tool_calling): the generation prompt a
+        # tool-call grammar reads first, and the reasoning tags' tokens that put a lazy one to sleep
+        grammar_prefill=body["_grammar_prefill"] if isinstance(body.get("_grammar_prefill"), str) else "",
+        reasoning_tags=_token_lists(body.get("_reasoning_tags")),
     )
+
+
+def _token_lists(v) -> tuple:
+    """Three lists of token ids (the reasoning tags and the generation prompt), or nothing."""
+    if isinstance(v, (list, tuple)) and len(v) == 3 and all(
+            isinstance(x, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in x) for x in v):
+        return tuple(tuple(x) for x in v)
+    return ()
 
 
 TRIGGER_WORD = 1   # common_grammar_trigger_type: TOKEN, WORD, PATTERN, PATTERN_FULL
