@@ -27,6 +27,9 @@ WEATHER = {"type": "function", "function": {"name": "get_current_weather", "desc
 PYTHON = {"type": "function", "function": {"name": "python", "description": "Run code", "parameters": {
     "type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}}}
 HERMES_CALL = ('Call get_current_weather for Paris in a <tool_call> tag', [["<tool_call>", 6]])
+# a grammar that makes a small model think first, to see the reasoning block read out
+THINK = {"tools": None, "grammar": 'root ::= "<think>\\n" [a-z ]+ "\\n</think>\\n\\n" [A-Za-z ]+'}
+PREFILL = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\nLet me"}]
 # (template, user message, extra fields); the logit bias makes a small model open a call
 CASES = {
     "Qwen-Qwen2.5-7B-Instruct": [
@@ -53,6 +56,23 @@ CASES = {
         ("weather in Paris?", {}),
         ("weather in Paris?", {"tool_choice": "required", "tools": [WEATHER, PYTHON]}),
     ],
+    "Qwen-Qwen3-0.6B": [   # tool calls after a reasoning block
+        ("weather in Paris?", {}),
+        (HERMES_CALL[0], {"logit_bias": HERMES_CALL[1]}),
+        ("weather in Paris?", {"tool_choice": "required", "logit_bias": HERMES_CALL[1]}),
+        ("hi", {"tools": None}),
+        ("hi", THINK),
+        ("hi", {**THINK, "max_tokens": 6}),
+        ("hi", {**THINK, "max_tokens": 12}),
+        ("hi", {**THINK, "reasoning_format": "none"}),
+        ("hi", {"tools": None, "chat_template_kwargs": {"enable_thinking": False}}),
+        ("hi", {"tools": None, "messages": PREFILL}),
+    ],
+    "HuggingFaceTB-SmolLM3-3B": [   # a reasoning block, no tool calls
+        ("hi", {"tools": None}),
+        ("hi", THINK),
+        ("weather in Paris?", {}),
+    ],
 }
 
 
@@ -61,7 +81,10 @@ def requests_for(template: str) -> list[dict]:
     for user, extra in CASES[template]:
         body = {"messages": [{"role": "user", "content": user}], "tools": [WEATHER], "max_tokens": 60,
                 "temperature": 0, "seed": 1, "logprobs": True, "top_logprobs": 1, "cache_prompt": False}
-        out.append({**body, **extra})
+        body = {**body, **extra}
+        if body["tools"] is None:
+            del body["tools"]
+        out.append(body)
     return out
 
 

@@ -194,15 +194,14 @@ def diff_split(left: str, right: str) -> DiffSplit:
 _WS = " \t\n\v\f\r"
 
 
-def analyze_tool_format(template) -> ToolFormat | None:
+def analyze_tool_format(template, reasoning=None) -> ToolFormat | None:
     """The tool-call format of a engine.chat_template.ChatTemplate; None when the template
     does not render tool calls at all (then llama-server parses the answer as plain content).
-    Raises ToolFormatUnsupported for formats outside JSON_NATIVE."""
+    reasoning: the template's engine.reasoning.ReasoningFormat, whose markers are not part of
+    the calls. Raises ToolFormatUnsupported for formats outside JSON_NATIVE."""
     caps = template.caps
     if not caps.supports_tool_calls:
         return None
-    if "<think>" in template.source or "reasoning_content" in template.source:
-        raise ToolFormatUnsupported("tool calls with a template that has a reasoning block")
 
     def render(messages) -> str | None:
         try:
@@ -220,6 +219,9 @@ def analyze_tool_format(template) -> ToolFormat | None:
         return None
     if not re.search(r'[{:]\s*"' + FUN_FIRST + '"', haystack):
         raise ToolFormatUnsupported("tool calls whose function name is not a JSON string value")
+    for marker in (reasoning.start, reasoning.end) if reasoning is not None else ():
+        if marker and marker in haystack:   # the first of each goes (analyze_tool_call_format)
+            haystack = haystack.replace(marker, "", 1)
     fmt = _json_native_fields(haystack)
     if caps.supports_parallel_tool_calls and fmt["section_start"]:
         two = render([user, {"role": "assistant", "content": "", "tool_calls": [
@@ -568,15 +570,16 @@ class ToolGrammar:
 
 
 def tool_call_grammar(fmt: ToolFormat, tools: list, required: bool, parallel: bool,
-                      generation_prompt: str = "") -> ToolGrammar:
+                      generation_prompt: str = "", reasoning=None, extract_reasoning: bool = True) -> ToolGrammar:
     """The grammar llama-server builds for a JSON_NATIVE template (chat-auto-parser-generator.cpp
     generate_parser + build_tool_parser_json_native). tool_choice "auto" gets a lazy grammar that
     waits for the calls' opening marker (none when the format has no marker: the answer is then
     free); "required" constrains the whole answer: any content, then the calls.
 
     generation_prompt: llama-server's grammar starts with the prompt's last words (the
-    assistant header), which it feeds to the grammar before sampling; numllama passes "" and
-    starts from the state after them: the same language for the generated text."""
+    assistant header, up to a reasoning marker), and the whole generation prompt is fed to the
+    grammar before sampling (SamplingParams.grammar_prefill). reasoning (a ReasoningFormat),
+    when extracted: an optional reasoning block comes first."""
     tools = [t for t in tools if isinstance(t, dict) and "function" in t]
     if not required and not fmt.trigger:
         return ToolGrammar(None)
@@ -588,9 +591,25 @@ def tool_call_grammar(fmt: ToolFormat, tools: list, required: bool, parallel: bo
     lazy = not required
     if lazy:
         return ToolGrammar(GrammarBuilder().grammar(calls, lazy=True), True, (fmt.trigger,))
-    prefix = Lit(generation_prompt) if generation_prompt else EPS
-    root = seq(prefix, SPACE, optional(Until((fmt.tool_start,))), calls)
+    cut = generation_prompt
+    if reasoning is not None and reasoning.start.strip(_WS) and reasoning.start.strip(_WS) in cut:
+        cut = cut[:cut.index(reasoning.start.strip(_WS))]
+    prefix = Lit(cut) if cut else EPS
+    block = reasoning_block(reasoning) if reasoning is not None and extract_reasoning else EPS
+    root = seq(prefix, SPACE, block, optional(Until((fmt.tool_start,))), calls)
     return ToolGrammar(GrammarBuilder().grammar(root, lazy=False))
+
+
+def reasoning_block(reasoning):
+    """analyze_reasoning::build_parser: an optional `start reasoning end`, the whitespace around
+    each marker optional character by character (optspace)."""
+    def optspace(tag: str) -> list:
+        core = tag.strip(_WS)
+        i = tag.index(core) if core else len(tag)
+        return ([optional(Lit(c)) for c in tag[:i]] + ([Lit(core)] if core else [])
+                + [optional(Lit(c)) for c in tag[i + len(core):]])
+    start = optspace(reasoning.start) if reasoning.start else []
+    return optional(seq(*start, Until((reasoning.end.strip(_WS),)), *optspace(reasoning.end)))
 
 
 # --- reading the calls back ----------------------------------------------------------------
@@ -600,24 +619,25 @@ class ParsedAnswer:
     content: str
     tool_calls: list          # [{"name", "arguments" (the JSON text as written), "id"}]
     ok: bool = True           # False: a final answer that is not in the format (read as content)
+    reasoning: str = ""       # the reasoning block's text (engine/reasoning.py read_answer)
 
 
-def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool, required: bool = False) -> ParsedAnswer:
+def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool) -> ParsedAnswer:
     """Content, then the calls, as llama-server's PEG parser reads a JSON_NATIVE answer: the
     content runs up to the first call marker; each call is a JSON object whose name is one of
     the request's tools; its arguments are kept as the model wrote them. A call cut short
-    (partial, or an answer stopped by length) gives what was complete. A final answer that does
-    not parse (no call where one is required or a marker opens one, text after the calls) is
+    (partial, or an answer stopped by length) gives what was complete. `text` starts after the
+    generation prompt, its spaces and any reasoning block (engine/reasoning.py read_answer). A
+    final answer that does not parse (a marker followed by no call, text after the calls) is
     all content, and not ok: llama-server's parser throws, and it falls back to the raw text."""
     names = {t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)}
-    text = text.lstrip(_WS)   # the parser reads the generation prompt, then spaces, then content
     start = text.find(fmt.tool_start)
     if start < 0:
         if partial:   # the end may be the start of a marker: hold it back
             for n in range(min(len(fmt.tool_start) - 1, len(text)), 0, -1):
                 if fmt.tool_start.startswith(text[-n:]):
                     return ParsedAnswer(text[:-n], [])
-        return ParsedAnswer(text, [], ok=partial or not required)
+        return ParsedAnswer(text, [])
     calls: list[dict] = []
     pos = start
     opener, closer = (fmt.per_call_start, fmt.per_call_end) if fmt.per_call_start else (fmt.section_start, fmt.section_end)
@@ -632,9 +652,24 @@ def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool, require
         if not text.startswith(opener, nxt):
             break
         pos = nxt
-    if not partial and (not calls or _skip_ws(text, pos) < len(text)):
+    if not partial and ((not calls and not _unfinished_call(fmt, text[start:], names))
+                        or (calls and _skip_ws(text, pos) < len(text))):
         return ParsedAnswer(text, [], ok=False)
     return ParsedAnswer(text[:start], calls)
+
+
+def _unfinished_call(fmt: ToolFormat, rest: str, names: set) -> bool:
+    """Whether `rest` (from the calls' marker to the end) is the start of a call the token
+    limit cut before its name was whole: llama-server's lenient parser reads that as content
+    so far, not as a mismatch. (Compared without whitespace.)"""
+    squeezed = re.sub(r"\s+", "", rest)
+    opener = re.sub(r"\s+", "", fmt.trigger)
+    wrap = "[" if fmt.tools_array_wrapped else ""
+    name_key = fmt.name_field or "name"
+    heads = [f'{opener}{wrap}{{"{name_key}":"{n}"' for n in names]
+    if fmt.openai_wrapper:
+        heads += [f'{opener}{wrap}{{"type":"function","{name_key}":"{n}"' for n in names]
+    return any(h.startswith(squeezed) for h in heads)
 
 
 def _skip_ws(text: str, pos: int) -> int:

@@ -1,10 +1,10 @@
 """Function calling on /v1/chat/completions, against llama-server's recorded answers.
 
 tests/data/tool-calls-SmolLM2.json was written by bench/compare_tool_calls.py --record with an
-AVX2 llama-server (--jinja) on SmolLM2-135M and four tool-calling templates (Qwen 2.5, Hermes 2
-Pro, Llama 3.3, Mistral Nemo): the grammar it built for each request, the tokens it generated,
-the message it answered (content, tool_calls with the length of their random ids) and the finish
-reason.
+AVX2 llama-server (--jinja) on SmolLM2-135M and six templates (Qwen 2.5, Hermes 2 Pro, Llama 3.3,
+Mistral Nemo; Qwen 3 and SmolLM 3, which have a reasoning block): the grammar it built for each
+request, the tokens it generated, the message it answered (content, reasoning_content,
+tool_calls with the length of their random ids), the finish reason and the streamed deltas.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import pytest
 from openai import OpenAI
 
 from numllama.engine.chat_template import ChatTemplate
-from numllama.engine.grammar import Grammar, GrammarState
+from numllama.engine.grammar import Grammar, GrammarState, ReasoningGate
+from numllama.engine.reasoning import analyze_reasoning, read_answer
 from numllama.engine.tool_calls import (ToolFormat, ToolFormatUnsupported, analyze_tool_format, diff_split,
                                         parse_answer, tool_call_grammar)
 
@@ -54,8 +55,17 @@ def test_formats_read_off_the_templates():
     assert (nemo.section_start, nemo.tools_array_wrapped, nemo.id_field, nemo.parameter_order) == \
         ("[TOOL_CALLS]", True, "id", ("name", "arguments", "id"))
     assert analyze_tool_format(template("microsoft-Phi-3.5-mini-instruct")) is None   # writes no calls
-    with pytest.raises(ToolFormatUnsupported):
-        analyze_tool_format(template("Qwen-Qwen3-0.6B"))   # a <think> block: not yet
+    qwen3 = template("Qwen-Qwen3-0.6B")
+    think = analyze_reasoning(qwen3)
+    assert (think.start, think.end) == ("<think>\n", "\n</think>\n\n")
+    assert analyze_tool_format(qwen3, think).per_call_start == "<tool_call>\n"
+    smol3 = analyze_reasoning(template("HuggingFaceTB-SmolLM3-3B"))
+    assert (smol3.start, smol3.end) == ("<think>", "</think>")
+    assert analyze_reasoning(template("Qwen-Qwen2.5-7B-Instruct")) is None
+    tagged = ChatTemplate("{% for m in messages %}{% for c in m.tool_calls or [] %}<call name=\"{{ c.function.name }}\">"
+                          "{{ c.function.arguments | tojson }}</call>{% endfor %}{{ m.content }}{% endfor %}")
+    with pytest.raises(ToolFormatUnsupported):   # arguments in a tag, not JSON: not yet
+        analyze_tool_format(tagged)
 
 
 @pytest.mark.parametrize("name,run", list(cases()))
@@ -63,13 +73,17 @@ def test_grammar_is_llama_servers(name, run):
     """Same rules as llama-server's, its numbered `until` rules renamed (bench/compare_tool_calls.py)."""
     req, want = run["request"], run["answer"]["grammar"]
     tmpl = template(name)
-    fmt = analyze_tool_format(tmpl)
+    reasoning = analyze_reasoning(tmpl)
+    fmt = analyze_tool_format(tmpl, reasoning)
     choice = req.get("tool_choice", "auto")
+    if "grammar" in req or "tools" not in req or fmt is None:
+        return   # the request's own grammar, or no tool calls to constrain
     if choice == "none":
         assert want["gbnf"] == "" and not want["lazy"]
         return
     parallel = req.get("parallel_tool_calls", tmpl.caps.supports_parallel_tool_calls)
-    got = tool_call_grammar(fmt, req["tools"], choice == "required", parallel, want["generation_prompt"])
+    got = tool_call_grammar(fmt, req["tools"], choice == "required", parallel, want["generation_prompt"], reasoning,
+                            req.get("reasoning_format") != "none")
     assert (canonical_grammar(got.grammar) if got.grammar else "") == want["gbnf"]
     assert (got.lazy, list(got.triggers)) == (want["lazy"], want["triggers"])
     Grammar(got.grammar or 'root ::= ""')   # and numllama's grammar engine takes it
@@ -88,6 +102,34 @@ def test_lazy_grammar_waits_for_its_word_then_replays_from_it():
     assert state.allows(3) and not state.allows(4)
 
 
+def test_lazy_grammar_sleeps_inside_a_reasoning_block():
+    """llama.cpp's reasoning-budget sampler: a trigger word inside <think> does not wake it."""
+    pieces = {0: b"<think>", 1: b"<tool>", 2: b"</think>", 3: b"{", 4: b"}", 5: b"!"}
+    gate = ReasoningGate((0,), (2,))
+    state = GrammarState(Grammar('root ::= "<tool>" "{" "}"'), lambda t: pieces[t].decode(), frozenset(),
+                         triggers=("<tool>",), token_piece=pieces.get, gate=gate)
+    for t in (0, 1, 2):
+        state.accept(t)
+    assert state.awaiting                  # the <tool> was thought, not written
+    state.accept(1)
+    assert not state.awaiting and state.allows(3) and not state.allows(5)
+
+
+def test_reasoning_read_out_as_llama_server_reads_it():
+    think = analyze_reasoning(template("Qwen-Qwen3-0.6B"))
+    gp = "<|im_start|>assistant\n"
+    got = read_answer("<think>\nhmm\n</think>\n\nHello", False, gp, think)
+    assert (got.reasoning, got.content) == ("hmm\n", "Hello")
+    assert read_answer("<think>\nhm", True, gp, think).reasoning == "hm"          # still thinking
+    assert read_answer("<thi", True, gp, think).ok is False                     # nothing to send yet
+    assert read_answer("<think>\n", False, gp, think).content == "<think>\n"    # nothing read: the raw text
+    off = gp + "<think>\n\n</think>\n\n"   # enable_thinking false: the prompt closes an empty block
+    assert (read_answer("\nHi", False, off, think).content, read_answer("\nHi", False, off, think).reasoning) == \
+        ("\nHi", "")
+    assert read_answer("<think>\nhmm\n</think>\n\nHello", False, gp, think, extract=False).content == \
+        "<think>\nhmm\n</think>\n\nHello"
+
+
 def test_cut_answers_read_as_llama_server_reads_them():
     fmt = ToolFormat(per_call_start="<tool_call>\n", per_call_end="</tool_call>", name_field="name",
                      args_field="arguments", parameter_order=("name", "arguments"))
@@ -97,10 +139,11 @@ def test_cut_answers_read_as_llama_server_reads_them():
         [{"name": "f", "arguments": '{"a": 1}', "id": ""}]
     assert parse_answer(fmt, tools, head + '{"a": 1', False).tool_calls[0]["arguments"] == '{"a": 1'
     assert parse_answer(fmt, tools, head + " {\n  ", False).tool_calls[0]["arguments"] == "{"
-    short = '<tool_call>\n{"name": "f'   # the name unfinished: no call, all content
-    assert parse_answer(fmt, tools, short, False).content == short
+    short = '<tool_call>\n{"name": "f'   # the name unfinished: no call, nothing before it
+    assert parse_answer(fmt, tools, short, False).content == ""
+    assert parse_answer(fmt, tools, "Hi " + short, False).content == "Hi "
+    assert parse_answer(fmt, tools, head + '{}}\n</tool_call>\nmore', False).ok is False   # text after the calls
     assert parse_answer(fmt, tools, "hi <tool_", True).content == "hi "    # a marker may be coming
-    assert parse_answer(fmt, tools, "\n hi", False).content == "hi"        # leading space is not content
 
 
 @pytest.fixture(scope="module", params=list(GOLDEN["templates"]))
@@ -219,10 +262,12 @@ def test_template_without_tool_calls_still_answers(server):
     assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
 
 
-def test_reasoning_template_refuses_tools_clearly(stories_path):
+def test_unported_tool_format_is_a_clear_400(stories_path, tmp_path):
     from server_util import Server
-    s = Server(["-c", "512", "--chat-template-file", os.path.join(TEMPLATES, "Qwen-Qwen3-0.6B.jinja")],
-               model=stories_path)
+    path = tmp_path / "tagged.jinja"
+    path.write_text("{% for m in messages %}{% for c in m.tool_calls or [] %}<call name=\"{{ c.function.name }}\">"
+                    "{{ c.function.arguments | tojson }}</call>{% endfor %}{{ m.content }}{% endfor %}")
+    s = Server(["-c", "512", "--chat-template-file", str(path)], model=stories_path)
     try:
         r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                                             "tools": WEATHER})
@@ -232,3 +277,9 @@ def test_reasoning_template_refuses_tools_clearly(stories_path):
         assert r.status_code == 200
     finally:
         s.stop()
+
+
+def test_unknown_reasoning_format_is_400(server):
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                             "reasoning_format": "loud"})
+    assert r.status_code == 400 and "Unknown reasoning format: loud" in r.json()["error"]["message"]

@@ -31,6 +31,8 @@ class ServerContext:
     chat_template: object = None   # engine.chat_template.ChatTemplate
     tool_format: object = None     # engine.tool_calls.ToolFormat of the template (None: it writes no calls)
     tool_format_error: str = ""    # why the template's tool calls cannot be read, if so
+    reasoning_format: object = None   # engine.reasoning.ReasoningFormat of the template, if it has one
+    reasoning_format_default: str = "deepseek"   # --reasoning-format: split reasoning out, or "none"
     verbose: bool = False
     cors_origins: str = "*"        # "*", "localhost", or a comma-separated list of origins
     ui: bool = True

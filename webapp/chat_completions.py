@@ -12,7 +12,8 @@ from flask import Blueprint, Response, current_app
 from ..engine.chat_template import ChatTemplateError
 from ..engine.json_schema import chat_response_format_grammar
 from ..engine.slots import ErrorEvent, ProgressEvent, TokenEvent
-from ..engine.tool_calls import parse_answer, tool_call_grammar
+from ..engine.reasoning import generation_prompt, read_answer
+from ..engine.tool_calls import tool_call_grammar
 
 from .completions import Completion, collect_finals, engine_error, task_events
 from .errors import APIError, json_response
@@ -64,9 +65,19 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def render_prompt(body: dict) -> tuple[str, list[dict]]:
+@dataclass(frozen=True)
+class RenderedChat:
+    prompt: str
+    messages: list
+    generation_prompt: str   # what the template adds for the answer (llama-server's parser reads it first)
+    parse_prompt: str        # the same, with a continued assistant message (reasoning templates)
+
+
+def render_prompt(body: dict) -> RenderedChat:
     """The prompt text for a chat request, and its messages (the last assistant message, if
-    any, is continued: llama-server's prefill)."""
+    any, is continued: llama-server's prefill). With a reasoning template the continued turn is
+    rebuilt as llama-server does: the header, the reasoning block (closed unless only reasoning
+    is given), then the content."""
     ctx = current_app.config["NUMLLAMA"]
     messages = _messages(body)
     add_gen = get_bool(body, "add_generation_prompt", True)
@@ -80,16 +91,29 @@ def render_prompt(body: dict) -> tuple[str, list[dict]]:
     tools = _tools(body) or None
     if prefill and messages[-1].get("tool_calls"):
         raise APIError("Cannot continue an assistant message that contains tool calls.")
+    tmpl, reasoning = ctx.chat_template, ctx.reasoning_format
     try:
+        history = messages[:-1] if prefill else messages
+        gp = ""
+        if reasoning is not None or ctx.tool_format is not None:
+            gp = generation_prompt(tmpl, history, extra=kwargs, tools=tools)
         if prefill:
             last = messages[-1]
-            prompt = ctx.chat_template.render(messages[:-1], add_generation_prompt=True, extra=kwargs,
-                                              tools=tools) + last["content"]
+            if reasoning is not None and reasoning.start:
+                cut = gp[:gp.index(reasoning.start_tag)] if reasoning.start_tag in gp else gp
+                thought = last.get("reasoning_content") or ""
+                answer = cut + reasoning.start + thought
+                if last["content"] or not thought:
+                    answer += reasoning.end + last["content"]
+                prompt = tmpl.render(history, add_generation_prompt=False, extra=kwargs, tools=tools) + answer
+                return RenderedChat(prompt, messages, gp, answer)
+            prompt = tmpl.render(history, add_generation_prompt=True, extra=kwargs, tools=tools) + last["content"]
+            return RenderedChat(prompt, messages, gp, gp + last["content"])
         else:
-            prompt = ctx.chat_template.render(messages, add_generation_prompt=add_gen, extra=kwargs, tools=tools)
+            prompt = tmpl.render(messages, add_generation_prompt=add_gen, extra=kwargs, tools=tools)
     except ChatTemplateError as e:
         raise APIError(str(e))
-    return prompt, messages
+    return RenderedChat(prompt, messages, gp, gp)
 
 
 def _tools(body: dict) -> list:
@@ -109,17 +133,27 @@ def _tools(body: dict) -> list:
 
 
 @dataclass(frozen=True)
-class ToolCalling:
-    """A chat request whose answer may hold tool calls in the template's format."""
-    fmt: object        # engine.tool_calls.ToolFormat
-    tools: list
-    required: bool     # tool_choice "required"
+class AnswerReader:
+    """How llama-server's chat parser reads this request's answer: its reasoning block (split
+    out unless reasoning_format is "none"), then content and, with tools, calls."""
+    reasoning: object          # engine.reasoning.ReasoningFormat, or None
+    extract: bool              # reasoning_format is not "none"
+    parse_prompt: str          # the generation prompt (with a continued turn) read before the answer
+    tool_format: object = None # engine.tool_calls.ToolFormat, when calls are parsed
+    tools: tuple = ()
+
+    def read(self, text: str, partial: bool):
+        return read_answer(text, partial, self.parse_prompt, self.reasoning, self.extract,
+                           self.tool_format, self.tools)
 
 
-def _tool_calling(body: dict, out: dict) -> ToolCalling | None:
-    """tools + tool_choice -> the grammar llama-server would use (set in `out`), and how to read
-    the calls back; None when the answer is plain content (no tools, tool_choice "none", or a
-    template that does not write tool calls: it still sees the tools)."""
+REASONING_FORMATS = ("none", "auto", "deepseek")
+
+
+def _answer_reader(body: dict, out: dict, chat: RenderedChat) -> AnswerReader | None:
+    """tools + tool_choice -> the grammar llama-server would use (set in `out`), and how the
+    answer is read; None when it is plain content (a template without a reasoning block, and no
+    tools, tool_choice "none", or a template that writes no tool calls: it still sees them)."""
     ctx = current_app.config["NUMLLAMA"]
     tools = _tools(body)
     choice = body.get("tool_choice")
@@ -127,26 +161,40 @@ def _tool_calling(body: dict, out: dict) -> ToolCalling | None:
         choice = "auto"               # function) or null counts as "auto"
     if choice not in TOOL_CHOICES:
         raise APIError(f"Invalid tool_choice: {choice}")
-    if not tools or choice == "none":
-        return None
-    if "grammar" in body:
+    fmt_name = body.get("reasoning_format", ctx.reasoning_format_default)
+    if fmt_name == "deepseek-legacy":
+        raise APIError("reasoning_format 'deepseek-legacy' is not supported by numllama yet")
+    if fmt_name not in REASONING_FORMATS:
+        raise APIError(f"Unknown reasoning format: {fmt_name}" if isinstance(fmt_name, str) else
+                       "'reasoning_format' must be a string")
+    reasoning, extract = ctx.reasoning_format, fmt_name != "none"
+    calls = bool(tools) and choice != "none"
+    if calls and "grammar" in body:
         raise APIError("Cannot use custom grammar constraints with tools.")
-    if ctx.tool_format_error:
+    if calls and ctx.tool_format_error:
         raise APIError(f"Tool calls with this chat template are not supported by numllama yet: "
                        f"{ctx.tool_format_error}")
-    fmt = ctx.tool_format
+    fmt = ctx.tool_format if calls else None
     if fmt is None:
-        return None
+        return AnswerReader(reasoning, extract, chat.parse_prompt) if reasoning is not None else None
     parallel = body.get("parallel_tool_calls", ctx.chat_template.caps.supports_parallel_tool_calls)
     if not isinstance(parallel, bool):
         raise APIError("'parallel_tool_calls' must be a boolean")
-    grammar = tool_call_grammar(fmt, tools, required=choice == "required", parallel=parallel)
+    grammar = tool_call_grammar(fmt, tools, choice == "required", parallel, chat.generation_prompt,
+                                reasoning, extract)
     if grammar.grammar is not None:
         out["grammar"] = grammar.grammar
         if grammar.lazy:
             out["grammar_lazy"] = True
             out["grammar_triggers"] = [{"type": 1, "value": w} for w in grammar.triggers]
-    return ToolCalling(fmt, tools, choice == "required")
+            if reasoning is not None and reasoning.start_tag and reasoning.end_tag:
+                tok = ctx.engine.tokenizer
+                out["_reasoning_tags"] = [tok.encode(reasoning.start_tag, add_special=False),
+                                          tok.encode(reasoning.end_tag, add_special=False),
+                                          tok.encode(chat.parse_prompt, add_special=False)]
+        else:   # llama-server feeds the generation prompt to the grammar first
+            out["_grammar_prefill"] = chat.parse_prompt
+    return AnswerReader(reasoning, extract, chat.parse_prompt, fmt, tuple(tools))
 
 
 def _tool_call_id() -> str:
@@ -154,13 +202,15 @@ def _tool_call_id() -> str:
     return "".join(secrets.choice(ID_CHARS) for _ in range(32))
 
 
-def _message(calling: ToolCalling | None, text: str, ids: list) -> tuple[dict, bool]:
-    """The assistant message of an answer, its tool calls read out (ids: the ids given so far,
-    extended for new calls); and whether it has calls."""
-    if calling is None:
+def _message(reader: AnswerReader | None, text: str, ids: list) -> tuple[dict, bool]:
+    """The assistant message of an answer, its reasoning and tool calls read out (ids: the ids
+    given so far, extended for new calls); and whether it has calls."""
+    if reader is None:
         return {"role": "assistant", "content": text}, False
-    parsed = parse_answer(calling.fmt, calling.tools, text, partial=False, required=calling.required)
+    parsed = reader.read(text, partial=False)
     msg = {"role": "assistant", "content": parsed.content}
+    if parsed.reasoning:
+        msg["reasoning_content"] = parsed.reasoning
     if parsed.tool_calls:
         msg["tool_calls"] = [_oai_call(c, _call_id(c, i, ids)) for i, c in enumerate(parsed.tool_calls)]
     return msg, bool(parsed.tool_calls)
@@ -211,17 +261,18 @@ def _response_format_content(text: str) -> str:
 FENCE = "```json"
 
 
-def _completion_body(body: dict, prompt: str) -> dict:
+def _completion_body(body: dict, chat: RenderedChat) -> dict:
     for key in UNSUPPORTED:
         if body.get(key):
             raise APIError(f"'{key}' is not supported by numllama yet", 400)
     if body.get("top_logprobs") is not None and not body.get("logprobs"):
         raise APIError("top_logprobs requires logprobs to be set to true")
     out = {k: v for k, v in body.items()
-           if k not in ("messages", "logprobs", "top_logprobs", "n", "grammar_lazy", "grammar_triggers")}
-    out["prompt"] = prompt
+           if k not in ("messages", "logprobs", "top_logprobs", "n", "grammar_lazy", "grammar_triggers")
+           and not k.startswith("_")}   # (the route's own fields below start with "_")
+    out["prompt"] = chat.prompt
     _chat_response_format(out)
-    out["_tools"] = _tool_calling(body, out) if "_response_format" not in out else None
+    out["_reader"] = _answer_reader(body, out, chat) if "_response_format" not in out else None
     if body.get("logprobs"):
         out["n_probs"] = get_number(body, "top_logprobs", 20, int) if body.get("top_logprobs") is not None else 20
         out["n_probs"] = max(out["n_probs"], 1)
@@ -243,11 +294,12 @@ def _chunk(c: Completion, index: int, delta: dict, finish_reason, logprobs=None)
 
 def _handle() -> Response:
     body = request_json()
-    prompt, _ = render_prompt(body)
-    cbody = _completion_body(body, prompt)
+    chat = render_prompt(body)
+    prompt = chat.prompt
+    cbody = _completion_body(body, chat)
     n = cbody.pop("_n")
     parsed = cbody.pop("_response_format", False)
-    calling = cbody.pop("_tools")
+    calling = cbody.pop("_reader")
     cbody["prompt"] = [prompt] * n if n > 1 else prompt
     c = Completion(cbody, oai=True)
     verbose = get_bool(body, "verbose", False) or c.ctx.verbose
@@ -284,26 +336,30 @@ def _multi_usage(fins) -> dict:
 
 
 class _CallStream:
-    """One streamed choice of a tool-calling answer, as llama-server streams it: after each
-    token the text so far is read again (partially), and what changed since the last reading
-    is sent (common_chat_msg_diff::compute_diffs): the content's new text; for the last call
-    known, its new argument text; each new call whole, with its id and name."""
+    """One streamed choice of a parsed answer (reasoning, tool calls), as llama-server streams
+    it: after each token the text so far is read again (partially), and what changed since the
+    last reading is sent (common_chat_msg_diff::compute_diffs): the reasoning's new text, the
+    content's; for the last call known, its new argument text; each new call whole, with its id
+    and name."""
 
-    def __init__(self, calling: ToolCalling):
-        self.calling = calling
+    def __init__(self, reader: AnswerReader):
+        self.reader = reader
         self.text = ""
+        self.reasoning = ""
         self.content = ""
         self.calls: list[dict] = []
         self.ids: list = []
 
     def deltas(self, text: str, final: bool) -> list[dict]:
         self.text += text
-        parsed = parse_answer(self.calling.fmt, self.calling.tools, self.text, partial=not final,
-                              required=self.calling.required)
-        if not parsed.ok or (not parsed.content and not parsed.tool_calls):
+        parsed = self.reader.read(self.text, partial=not final)
+        if not parsed.ok or not (parsed.content or parsed.tool_calls or parsed.reasoning):
             return []    # nothing read yet (or an answer out of format): nothing to send
         calls = [{**c, "id": _call_id(c, i, self.ids)} for i, c in enumerate(parsed.tool_calls)]
         out = []
+        if parsed.reasoning != self.reasoning:
+            d = _string_diff(self.reasoning, parsed.reasoning)
+            out.append({"reasoning_content": d} if d else {})
         if parsed.content != self.content:
             d = _string_diff(self.content, parsed.content)
             out.append({"content": d} if d else {})
@@ -317,7 +373,7 @@ class _CallStream:
                                                        new["name"] if renamed else "", args)]})
         for i in range(len(self.calls), len(calls)):
             out.append({"tool_calls": [_call_delta(i, calls[i]["id"], calls[i]["name"], calls[i]["arguments"])]})
-        self.content, self.calls = parsed.content, calls
+        self.reasoning, self.content, self.calls = parsed.reasoning, parsed.content, calls
         return out
 
 
@@ -337,9 +393,9 @@ def _call_delta(index: int, call_id: str, name: str, arguments: str) -> dict:
 
 
 def _stream(c: Completion, verbose: bool, prompt: str, parsed: bool = False,
-            calling: ToolCalling | None = None) -> Response:
+            calling: AnswerReader | None = None) -> Response:
     """parsed: a response_format answer, whose deltas are those of its JSON content only.
-    calling: an answer that may hold tool calls (_CallStream)."""
+    calling: an answer read for reasoning or tool calls (_CallStream)."""
     tasks = c.submit()
     ctx = c.ctx
     task_evs = task_events(c, tasks)
@@ -415,14 +471,13 @@ def chat_completions():
 
 @bp.post("/apply-template")
 def apply_template():
-    prompt, _ = render_prompt(request_json())
-    return json_response({"prompt": prompt})
+    return json_response({"prompt": render_prompt(request_json()).prompt})
 
 
 @bp.post("/chat/completions/input_tokens")
 @bp.post("/v1/chat/completions/input_tokens")
 def input_tokens():
-    prompt, _ = render_prompt(request_json())
+    prompt = render_prompt(request_json()).prompt
     ctx = current_app.config["NUMLLAMA"]
     check_tokenizable([prompt], ctx)
     return json_response({"input_tokens": len(ctx.engine.tokenizer.encode(prompt, add_special=True))})

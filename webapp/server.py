@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("-no-ag", "--no-agent", dest="agent", action="store_false")
     a("--chat-template", help="a built-in name (chatml, llama3, llama2, command-r, gemma, phi3, zephyr) or a Jinja template")
     a("--chat-template-file", help="a file holding a Jinja chat template")
+    a("--reasoning-format", choices=("none", "auto", "deepseek"), default="deepseek",
+      help="split a reasoning block (<think>...</think>) out of chat answers as reasoning_content "
+           "(deepseek, auto), or leave it in the content (none)")
     a("--backend-sampling", "--backend_sampling", action="store_true")
     a("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0,
       help="run this many layers on a CUDA GPU (needs numba-cuda: pip install 'numllama[cuda]')")
@@ -214,10 +217,12 @@ def build_context(args, path: str):
                                  bos_token=tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
                                  eos_token=tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "",
                                  add_bos=engine.gguf.vocab.add_bos, add_eos=engine.gguf.vocab.add_eos)
+    from ..engine.reasoning import analyze_reasoning
     from ..engine.tool_calls import ToolFormatUnsupported, analyze_tool_format
     tool_format, tool_format_error = None, ""
+    reasoning = analyze_reasoning(chat_template)
     try:
-        tool_format = analyze_tool_format(chat_template)
+        tool_format = analyze_tool_format(chat_template, reasoning)
     except ToolFormatUnsupported as e:
         tool_format_error = str(e)
     aliases = [a for a in (args.alias or "").split(",") if a]
@@ -229,7 +234,8 @@ def build_context(args, path: str):
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
         enable_metrics=args.metrics, api_key=args.api_key, chat_template=chat_template, verbose=args.verbose,
-        tool_format=tool_format, tool_format_error=tool_format_error,
+        tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
+        reasoning_format_default=args.reasoning_format,
         cors_origins=args.cors_origins, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
         ui=not args.no_ui, enable_props=args.props, device=device,
         allowed_hosts=tuple(h for h in hosts if h and h not in ("0.0.0.0", "::")),
