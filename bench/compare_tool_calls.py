@@ -30,6 +30,8 @@ HERMES_CALL = ('Call get_current_weather for Paris in a <tool_call> tag', [["<to
 # a grammar that makes a small model think first, to see the reasoning block read out
 THINK = {"tools": None, "grammar": 'root ::= "<think>\\n" [a-z ]+ "\\n</think>\\n\\n" [A-Za-z ]+'}
 PREFILL = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\nLet me"}]
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
 # (template, user message, extra fields); the logit bias makes a small model open a call
 CASES = {
     "Qwen-Qwen2.5-7B-Instruct": [
@@ -67,6 +69,10 @@ CASES = {
         ("hi", {**THINK, "reasoning_format": "none"}),
         ("hi", {"tools": None, "chat_template_kwargs": {"enable_thinking": False}}),
         ("hi", {"tools": None, "messages": PREFILL}),
+        ("Describe a person as JSON", {"tools": None, "response_format": {
+            "type": "json_schema", "json_schema": {"schema": PERSON}}}),
+        ("Describe a person as JSON", {"tools": None, "response_format": {"type": "json_object"},
+                                       "chat_template_kwargs": {"enable_thinking": False}}),
     ],
     "HuggingFaceTB-SmolLM3-3B": [   # a reasoning block, no tool calls
         ("hi", {"tools": None}),
@@ -161,11 +167,14 @@ def main() -> int:
     add_server_args(ap)
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--record", metavar="JSON", help="also write llama-server's answers there (a golden file)")
+    ap.add_argument("--only", metavar="TEMPLATE", help="one template's requests only")
     args = ap.parse_args()
     if not args.llama_server:
         ap.error("give --llama-server (or set LLAMA_SERVER_BIN)")
+    if args.record and args.only:
+        ap.error("--record writes every template's answers: drop --only")
     record, same, total = {}, 0, 0
-    for template in CASES:
+    for template in [args.only] if args.only else CASES:
         theirs = answers(args.llama_server, args.model, template, ("--jinja", "--verbose"))
         ours = answers(args.numllama_server, args.model, template)
         record[template] = [{"request": b, "answer": a} for b, a in zip(requests_for(template), theirs)]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .tool_calls import (ParsedAnswer, parse_answer, ARG_FIRST, ARG_SECOND, ASSISTANT_MSG, CALL_ID_001, FUN_FIRST, PROBE_TOOLS, USER_MSG,
+from .tool_calls import (EPS, SPACE, GrammarBuilder, Lit, ParsedAnswer, Rule, Schema, choice, parse_answer,
+                         reasoning_block, seq, ARG_FIRST, ARG_SECOND, ASSISTANT_MSG, CALL_ID_001, FUN_FIRST, PROBE_TOOLS, USER_MSG,
                          _WS, diff_split, segmentize)
 
 THINKING = "REASON_PART I am thinking END_R"
@@ -217,3 +218,17 @@ def read_answer(text: str, partial: bool, gen_prompt: str = "", reasoning: Reaso
     if not partial and (not parsed.ok or not (parsed.content or parsed.reasoning or parsed.tool_calls)):
         return ParsedAnswer(text, [], ok=False)
     return parsed
+
+
+def response_format_grammar(schema, generation_prompt: str, reasoning: ReasoningFormat, extract: bool) -> str:
+    """A chat response_format's grammar for a template with a reasoning block, as llama-server's
+    chat parser builds it (chat-auto-parser-generator.cpp): the generation prompt up to the
+    block, spaces, the optional block (when extracted), spaces, then the JSON bare or in a
+    ```json fence. The generation prompt is fed to it first (SamplingParams.grammar_prefill)."""
+    cut = generation_prompt
+    if reasoning.start_tag and reasoning.start_tag in cut:
+        cut = cut[:cut.index(reasoning.start_tag)]
+    answer = Rule("response-format", Schema("response-format-schema", schema))
+    body = choice(seq(Lit("```json"), SPACE, answer, SPACE, Lit("```")), seq(SPACE, answer, SPACE))
+    root = seq(Lit(cut) if cut else EPS, SPACE, reasoning_block(reasoning) if extract else EPS, SPACE, body)
+    return GrammarBuilder().grammar(root, lazy=False)

@@ -19,6 +19,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from .grammar import GrammarError
 from .json_schema import INVALID_RULE_CHARS, SchemaConverter, _SchemaBuilder, format_literal
 
 # The probe's names (chat-diff-analyzer.cpp): unlikely strings, so that where they land in the
@@ -431,6 +432,8 @@ class GrammarBuilder:
             self.conv.add_rule("root", " | ".join(triggers))
         else:
             self.conv.add_rule("root", self.gbnf(root))
+        if self.conv.errors:   # a schema that cannot be converted (a tool's parameters, ...)
+            raise GrammarError("JSON schema conversion failed:\n" + "\n".join(self.conv.errors))
         return self.conv.format_grammar()
 
 

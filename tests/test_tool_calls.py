@@ -17,7 +17,7 @@ from openai import OpenAI
 
 from numllama.engine.chat_template import ChatTemplate
 from numllama.engine.grammar import Grammar, GrammarState, ReasoningGate
-from numllama.engine.reasoning import analyze_reasoning, read_answer
+from numllama.engine.reasoning import analyze_reasoning, read_answer, response_format_grammar
 from numllama.engine.tool_calls import (ToolFormat, ToolFormatUnsupported, analyze_tool_format, diff_split,
                                         parse_answer, tool_call_grammar)
 
@@ -76,6 +76,12 @@ def test_grammar_is_llama_servers(name, run):
     reasoning = analyze_reasoning(tmpl)
     fmt = analyze_tool_format(tmpl, reasoning)
     choice = req.get("tool_choice", "auto")
+    if "response_format" in req and reasoning is not None:
+        rf = req["response_format"]
+        schema = rf["json_schema"]["schema"] if rf["type"] == "json_schema" else {"type": "object"}
+        got = response_format_grammar(schema, want["generation_prompt"], reasoning, True)
+        assert canonical_grammar(got) == want["gbnf"]
+        return
     if "grammar" in req or "tools" not in req or fmt is None:
         return   # the request's own grammar, or no tool calls to constrain
     if choice == "none":

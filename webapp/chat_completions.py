@@ -12,7 +12,8 @@ from flask import Blueprint, Response, current_app
 from ..engine.chat_template import ChatTemplateError
 from ..engine.json_schema import chat_response_format_grammar
 from ..engine.slots import ErrorEvent, ProgressEvent, TokenEvent
-from ..engine.reasoning import generation_prompt, read_answer
+from ..engine.grammar import GrammarError
+from ..engine.reasoning import generation_prompt, read_answer, response_format_grammar
 from ..engine.tool_calls import tool_call_grammar
 
 from .completions import Completion, collect_finals, engine_error, task_events
@@ -141,16 +142,20 @@ class AnswerReader:
     parse_prompt: str          # the generation prompt (with a continued turn) read before the answer
     tool_format: object = None # engine.tool_calls.ToolFormat, when calls are parsed
     tools: tuple = ()
+    response_format: bool = False  # the content is a response_format's JSON
 
     def read(self, text: str, partial: bool):
-        return read_answer(text, partial, self.parse_prompt, self.reasoning, self.extract,
-                           self.tool_format, self.tools)
+        parsed = read_answer(text, partial, self.parse_prompt, self.reasoning, self.extract,
+                             self.tool_format, self.tools)
+        if self.response_format and parsed.ok:
+            parsed.content = _response_format_content(parsed.content)
+        return parsed
 
 
 REASONING_FORMATS = ("none", "auto", "deepseek")
 
 
-def _answer_reader(body: dict, out: dict, chat: RenderedChat) -> AnswerReader | None:
+def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> AnswerReader | None:
     """tools + tool_choice -> the grammar llama-server would use (set in `out`), and how the
     answer is read; None when it is plain content (a template without a reasoning block, and no
     tools, tool_choice "none", or a template that writes no tool calls: it still sees them)."""
@@ -161,13 +166,9 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat) -> AnswerReader | 
         choice = "auto"               # function) or null counts as "auto"
     if choice not in TOOL_CHOICES:
         raise APIError(f"Invalid tool_choice: {choice}")
-    fmt_name = body.get("reasoning_format", ctx.reasoning_format_default)
-    if fmt_name == "deepseek-legacy":
-        raise APIError("reasoning_format 'deepseek-legacy' is not supported by numllama yet")
-    if fmt_name not in REASONING_FORMATS:
-        raise APIError(f"Unknown reasoning format: {fmt_name}" if isinstance(fmt_name, str) else
-                       "'reasoning_format' must be a string")
-    reasoning, extract = ctx.reasoning_format, fmt_name != "none"
+    reasoning = ctx.reasoning_format
+    if out.pop("_response_format_reasoning", False):
+        return AnswerReader(reasoning, extract, chat.parse_prompt, response_format=True)
     calls = bool(tools) and choice != "none"
     if calls and "grammar" in body:
         raise APIError("Cannot use custom grammar constraints with tools.")
@@ -180,8 +181,11 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat) -> AnswerReader | 
     parallel = body.get("parallel_tool_calls", ctx.chat_template.caps.supports_parallel_tool_calls)
     if not isinstance(parallel, bool):
         raise APIError("'parallel_tool_calls' must be a boolean")
-    grammar = tool_call_grammar(fmt, tools, choice == "required", parallel, chat.generation_prompt,
-                                reasoning, extract)
+    try:
+        grammar = tool_call_grammar(fmt, tools, choice == "required", parallel, chat.generation_prompt,
+                                    reasoning, extract)
+    except GrammarError as e:
+        raise APIError(f"tools: {e}")
     if grammar.grammar is not None:
         out["grammar"] = grammar.grammar
         if grammar.lazy:
@@ -226,19 +230,38 @@ def _oai_call(call: dict, call_id: str) -> dict:
     return {"type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}, "id": call_id}
 
 
-def _chat_response_format(out: dict) -> None:
+def _chat_response_format(out: dict, chat: RenderedChat, extract: bool) -> None:
     """A response_format becomes the grammar llama-server's chat parser would build for it
-    (optional whitespace, an optional ```json fence), for templates without a reasoning block;
-    with one (a <think> section first) the schema's grammar alone is used (issue 21)."""
+    (optional whitespace, an optional ```json fence; a reasoning block first, for templates with
+    one); its JSON becomes the content."""
     ctx = current_app.config["NUMLLAMA"]
-    if out.get("response_format") is None or out.get("grammar") or "<think>" in ctx.chat_template.source:
+    if out.get("response_format") is None or out.get("grammar"):
         return
     schema = response_format_schema(out["response_format"])
     if schema is None:
         return
-    out["grammar"] = schema_grammar(schema, chat_response_format_grammar)
+    if ctx.reasoning_format is None:
+        out["grammar"] = schema_grammar(schema, chat_response_format_grammar)
+        out["_response_format"] = True
+    else:
+        out["grammar"] = schema_grammar(schema, lambda s: response_format_grammar(
+            s, chat.generation_prompt, ctx.reasoning_format, extract))
+        out["_grammar_prefill"] = chat.parse_prompt
+        out["_response_format_reasoning"] = True
     del out["response_format"]
-    out["_response_format"] = True
+
+
+def _reasoning_extract(body: dict) -> bool:
+    """Whether the reasoning block is split out: reasoning_format (or --reasoning-format) is
+    not "none"."""
+    ctx = current_app.config["NUMLLAMA"]
+    name = body.get("reasoning_format", ctx.reasoning_format_default)
+    if name == "deepseek-legacy":
+        raise APIError("reasoning_format 'deepseek-legacy' is not supported by numllama yet")
+    if name not in REASONING_FORMATS:
+        raise APIError(f"Unknown reasoning format: {name}" if isinstance(name, str) else
+                       "'reasoning_format' must be a string")
+    return name != "none"
 
 
 def _response_format_content(text: str) -> str:
@@ -271,8 +294,9 @@ def _completion_body(body: dict, chat: RenderedChat) -> dict:
            if k not in ("messages", "logprobs", "top_logprobs", "n", "grammar_lazy", "grammar_triggers")
            and not k.startswith("_")}   # (the route's own fields below start with "_")
     out["prompt"] = chat.prompt
-    _chat_response_format(out)
-    out["_reader"] = _answer_reader(body, out, chat) if "_response_format" not in out else None
+    extract = _reasoning_extract(body)
+    _chat_response_format(out, chat, extract)
+    out["_reader"] = _answer_reader(body, out, chat, extract) if "_response_format" not in out else None
     if body.get("logprobs"):
         out["n_probs"] = get_number(body, "top_logprobs", 20, int) if body.get("top_logprobs") is not None else 20
         out["n_probs"] = max(out["n_probs"], 1)
