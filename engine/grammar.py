@@ -453,15 +453,15 @@ class ReasoningGate:
     def __init__(self, start: tuple, end: tuple, prefill=()):
         self.start, self.end = tuple(start), tuple(end)
         self.inside = False
-        self.seen: list[int] = []      # tokens since the last state change
+        self.seen: list[int] = []      # the last tokens since the state changed, as many as the tag awaited
         for t in prefill:
             self.accept(t)
 
     def accept(self, token: int) -> tuple:
         """Returns the end tag's tokens when this token closed a block."""
-        self.seen.append(token)
         want = self.end if self.inside else self.start
-        if want and tuple(self.seen[-len(want):]) == want:
+        self.seen = (self.seen + [token])[-len(want):] if want else []   # only the tag's length matters
+        if want and tuple(self.seen) == want:
             self.inside = not self.inside
             self.seen = []
             return want if not self.inside else ()

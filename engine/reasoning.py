@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .tool_calls import (EPS, SPACE, GrammarBuilder, Lit, ParsedAnswer, Rule, Schema, choice, parse_answer,
-                         reasoning_block, seq, ARG_FIRST, ARG_SECOND, ASSISTANT_MSG, CALL_ID_001, FUN_FIRST, PROBE_TOOLS, USER_MSG,
-                         _WS, diff_split, segmentize)
+from .tool_calls import (ARG_FIRST, ARG_SECOND, ASSISTANT_MSG, CALL_ID_001, EPS, FUN_FIRST, PROBE_TOOLS, SPACE,
+                         USER_MSG, GrammarBuilder, Lit, ParsedAnswer, Rule, Schema, Until, _WS, _common_prefix_len,
+                         choice, diff_split, optional, parse_answer, partial_marker_len, segmentize, seq)
 
 THINKING = "REASON_PART I am thinking END_R"
 MARKER = r"(?:<[^>]*>|\[[^\]]*\])"
@@ -36,6 +36,28 @@ class ReasoningFormat:
     @property
     def end_tag(self) -> str:
         return self.end.strip(_WS)
+
+    def head(self, generation_prompt: str) -> str:
+        """The generation prompt up to this block's start tag (all of it when the tag is not
+        there): llama-server's parsers and grammars begin with it."""
+        i = generation_prompt.find(self.start_tag) if self.start_tag else -1
+        return generation_prompt[:i] if i >= 0 else generation_prompt
+
+    def block(self):
+        """The block as a grammar node (analyze_reasoning::build_parser): optional, the
+        whitespace around each marker optional character by character (optspace)."""
+        def optspace(tag: str) -> list:
+            lead, core, trail = _tag_parts(tag)
+            return [optional(Lit(c)) for c in lead] + ([Lit(core)] if core else []) + [optional(Lit(c)) for c in trail]
+        return optional(seq(*(optspace(self.start) if self.start else []), Until((self.end_tag,)),
+                            *optspace(self.end)))
+
+
+def _tag_parts(tag: str) -> tuple[str, str, str]:
+    """A marker as (leading whitespace, the tag, trailing whitespace)."""
+    core = tag.strip(_WS)
+    i = tag.index(core) if core else len(tag)
+    return tag[:i], core, tag[i + len(core):]
 
 
 def _render(template, messages, add_generation_prompt=False, enable_thinking=True, tools=None) -> str | None:
@@ -137,29 +159,20 @@ def generation_prompt(template, messages, **render) -> str:
     without, and keeps what follows their common prefix)."""
     without = template.render(messages, add_generation_prompt=False, **render)
     with_gp = template.render(messages, add_generation_prompt=True, **render)
-    n = 0
-    while n < min(len(without), len(with_gp)) and without[n] == with_gp[n]:
-        n += 1
-    return with_gp[n:]
+    return with_gp[_common_prefix_len(without, with_gp):]
 
 
 def parser_input(fmt: ReasoningFormat | None, gen_prompt: str, text: str) -> str:
     """The text llama-server's parser reads after its first literal: the generation prompt
     from the reasoning start on (a prompt that opens or closes a block counts), then the answer."""
-    full = gen_prompt + text
-    cut = gen_prompt.find(fmt.start_tag) if fmt is not None and fmt.start_tag else -1
-    return full[cut:] if cut >= 0 else full[len(gen_prompt):]
+    return (gen_prompt + text)[len(fmt.head(gen_prompt) if fmt is not None else gen_prompt):]
 
 
 def _optspace(tag: str) -> str:
     """common_chat_peg_builder::optspace as a regex: the tag, its surrounding whitespace optional
-    character by character."""
-    core = tag.strip(_WS)
-    if not core:
-        return "".join(re.escape(c) + "?" for c in tag)
-    i = tag.index(core)
-    return ("".join(re.escape(c) + "?" for c in tag[:i]) + re.escape(core)
-            + "".join(re.escape(c) + "?" for c in tag[i + len(core):]))
+    character by character (ReasoningFormat.block is the same as grammar)."""
+    lead, core, trail = _tag_parts(tag)
+    return "".join(re.escape(c) + "?" for c in lead) + re.escape(core) + "".join(re.escape(c) + "?" for c in trail)
 
 
 def split_reasoning(fmt: ReasoningFormat, text: str, partial: bool) -> tuple[str, int, bool]:
@@ -167,7 +180,7 @@ def split_reasoning(fmt: ReasoningFormat, text: str, partial: bool) -> tuple[str
     (reasoning, where the rest begins, whether the text can be read yet). A block not closed
     (still thinking, or cut by the token limit) reads as the reasoning so far, a partial end
     marker held back; while the answer is partial, a partial start marker is held back too."""
-    if fmt.start_tag and partial and text and len(text) < len(fmt.start_tag) and fmt.start_tag.startswith(text):
+    if fmt.start_tag and partial and text and partial_marker_len(text, fmt.start_tag) == len(text):
         return "", 0, False
     m = re.match(_optspace(fmt.start), text) if fmt.start else re.match("", text)
     if not m:
@@ -176,11 +189,7 @@ def split_reasoning(fmt: ReasoningFormat, text: str, partial: bool) -> tuple[str
     close = text.find(fmt.end_tag, body) if fmt.end_tag else -1
     if close < 0:
         reasoning = text[body:]
-        for n in range(min(len(fmt.end_tag) - 1, len(reasoning)), 0, -1):
-            if fmt.end_tag.startswith(reasoning[-n:]):
-                reasoning = reasoning[:-n]
-                break
-        return _drop_blank(reasoning), len(text), True
+        return _drop_blank(reasoning[:len(reasoning) - partial_marker_len(reasoning, fmt.end_tag)]), len(text), True
     # the end tag's own optional whitespace: the reasoning text (until the tag) keeps what
     # precedes it, as llama.cpp's until() does
     after = re.match(_optspace(fmt.end), text[close:])
@@ -225,10 +234,8 @@ def response_format_grammar(schema, generation_prompt: str, reasoning: Reasoning
     chat parser builds it (chat-auto-parser-generator.cpp): the generation prompt up to the
     block, spaces, the optional block (when extracted), spaces, then the JSON bare or in a
     ```json fence. The generation prompt is fed to it first (SamplingParams.grammar_prefill)."""
-    cut = generation_prompt
-    if reasoning.start_tag and reasoning.start_tag in cut:
-        cut = cut[:cut.index(reasoning.start_tag)]
+    head = reasoning.head(generation_prompt)
     answer = Rule("response-format", Schema("response-format-schema", schema))
     body = choice(seq(Lit("```json"), SPACE, answer, SPACE, Lit("```")), seq(SPACE, answer, SPACE))
-    root = seq(Lit(cut) if cut else EPS, SPACE, reasoning_block(reasoning) if extract else EPS, SPACE, body)
+    root = seq(Lit(head) if head else EPS, SPACE, reasoning.block() if extract else EPS, SPACE, body)
     return GrammarBuilder().grammar(root, lazy=False)

@@ -258,8 +258,7 @@ class Sampler:
         self.last_candidates: Candidates | None = None
         self.grammar = None
         if params.grammar is not None:
-            from .grammar import GrammarState
-            from .grammar import ReasoningGate
+            from .grammar import GrammarState, ReasoningGate
             gate = None
             if params.grammar_triggers and params.reasoning_tags:
                 start, end, prompt = params.reasoning_tags

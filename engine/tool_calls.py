@@ -193,6 +193,7 @@ def diff_split(left: str, right: str) -> DiffSplit:
 
 
 _WS = " \t\n\v\f\r"
+NOT_FOUND = 1 << 62
 
 
 def analyze_tool_format(template, reasoning=None) -> ToolFormat | None:
@@ -268,8 +269,8 @@ def _json_native_fields(haystack: str) -> dict:
         start -= len(wrapped.group(1))
         end += len(wrapped.group(2))
     end += 1
-    located = sorted((haystack.find(f) if f in haystack else len(haystack) + 1 << 32, f)
-                     for f in fields.values() if f)
+    # a field not found sorts last, as std::string::npos does
+    located = sorted((haystack.find(f) if f in haystack else NOT_FOUND, f) for f in fields.values() if f)
     section_end = haystack[end:].strip(_WS)
     if wrapped and section_end == "]":
         section_end = ""
@@ -594,25 +595,10 @@ def tool_call_grammar(fmt: ToolFormat, tools: list, required: bool, parallel: bo
     lazy = not required
     if lazy:
         return ToolGrammar(GrammarBuilder().grammar(calls, lazy=True), True, (fmt.trigger,))
-    cut = generation_prompt
-    if reasoning is not None and reasoning.start.strip(_WS) and reasoning.start.strip(_WS) in cut:
-        cut = cut[:cut.index(reasoning.start.strip(_WS))]
-    prefix = Lit(cut) if cut else EPS
-    block = reasoning_block(reasoning) if reasoning is not None and extract_reasoning else EPS
-    root = seq(prefix, SPACE, block, optional(Until((fmt.tool_start,))), calls)
+    head = reasoning.head(generation_prompt) if reasoning is not None else generation_prompt
+    block = reasoning.block() if reasoning is not None and extract_reasoning else EPS
+    root = seq(Lit(head) if head else EPS, SPACE, block, optional(Until((fmt.tool_start,))), calls)
     return ToolGrammar(GrammarBuilder().grammar(root, lazy=False))
-
-
-def reasoning_block(reasoning):
-    """analyze_reasoning::build_parser: an optional `start reasoning end`, the whitespace around
-    each marker optional character by character (optspace)."""
-    def optspace(tag: str) -> list:
-        core = tag.strip(_WS)
-        i = tag.index(core) if core else len(tag)
-        return ([optional(Lit(c)) for c in tag[:i]] + ([Lit(core)] if core else [])
-                + [optional(Lit(c)) for c in tag[i + len(core):]])
-    start = optspace(reasoning.start) if reasoning.start else []
-    return optional(seq(*start, Until((reasoning.end.strip(_WS),)), *optspace(reasoning.end)))
 
 
 # --- reading the calls back ----------------------------------------------------------------
@@ -636,11 +622,8 @@ def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool) -> Pars
     names = {t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)}
     start = text.find(fmt.tool_start)
     if start < 0:
-        if partial:   # the end may be the start of a marker: hold it back
-            for n in range(min(len(fmt.tool_start) - 1, len(text)), 0, -1):
-                if fmt.tool_start.startswith(text[-n:]):
-                    return ParsedAnswer(text[:-n], [])
-        return ParsedAnswer(text, [])
+        held = partial_marker_len(text, fmt.tool_start) if partial else 0   # a marker may be coming
+        return ParsedAnswer(text[:len(text) - held], [])
     calls: list[dict] = []
     pos = start
     opener, closer = (fmt.per_call_start, fmt.per_call_end) if fmt.per_call_start else (fmt.section_start, fmt.section_end)
@@ -659,6 +642,15 @@ def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool) -> Pars
                         or (calls and _skip_ws(text, pos) < len(text))):
         return ParsedAnswer(text, [], ok=False)
     return ParsedAnswer(text[:start], calls)
+
+
+def partial_marker_len(text: str, marker: str) -> int:
+    """How many of text's last characters begin `marker` without completing it (llama.cpp's
+    until() stops before them: the marker may be coming)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
 
 
 def _unfinished_call(fmt: ToolFormat, rest: str, names: set) -> bool:

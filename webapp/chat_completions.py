@@ -19,7 +19,7 @@ from ..engine.tool_calls import tool_call_grammar
 from .completions import Completion, collect_finals, engine_error, task_events
 from .errors import APIError, json_response
 from .http import request_json, sse
-from .params import get_bool, get_number, response_format_schema, schema_grammar
+from .params import TRIGGER_WORD, get_bool, get_number, response_format_schema, schema_grammar
 from .tokens import check_tokenizable
 
 bp = Blueprint("chat", __name__)
@@ -69,16 +69,17 @@ def _messages(body: dict) -> list[dict]:
 @dataclass(frozen=True)
 class RenderedChat:
     prompt: str
-    messages: list
+    tools: list              # the request's tools, checked (_tools)
     generation_prompt: str   # what the template adds for the answer (llama-server's parser reads it first)
     parse_prompt: str        # the same, with a continued assistant message (reasoning templates)
 
 
-def render_prompt(body: dict) -> RenderedChat:
-    """The prompt text for a chat request, and its messages (the last assistant message, if
-    any, is continued: llama-server's prefill). With a reasoning template the continued turn is
-    rebuilt as llama-server does: the header, the reasoning block (closed unless only reasoning
-    is given), then the content."""
+def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
+    """The prompt text for a chat request (the last assistant message, if any, is continued:
+    llama-server's prefill). With a reasoning template the continued turn is rebuilt as
+    llama-server does: the header, the reasoning block (closed unless only reasoning is given),
+    then the content. for_answer: the answer will be generated and read, so the generation
+    prompt is wanted (two more renders) where its reading needs it."""
     ctx = current_app.config["NUMLLAMA"]
     messages = _messages(body)
     add_gen = get_bool(body, "add_generation_prompt", True)
@@ -89,32 +90,32 @@ def render_prompt(body: dict) -> RenderedChat:
     if continue_final and body.get("add_generation_prompt") is True:
         raise APIError("Cannot have both add_generation_prompt and continue_final_message")
     prefill = messages[-1]["role"] == "assistant" or continue_final
-    tools = _tools(body) or None
+    tools = _tools(body)
     if prefill and messages[-1].get("tool_calls"):
         raise APIError("Cannot continue an assistant message that contains tool calls.")
     tmpl, reasoning = ctx.chat_template, ctx.reasoning_format
+    shown = tools or None   # as the template gets them: an empty list is no tools
     try:
         history = messages[:-1] if prefill else messages
         gp = ""
-        if reasoning is not None or ctx.tool_format is not None:
-            gp = generation_prompt(tmpl, history, extra=kwargs, tools=tools)
+        if (reasoning is not None and (prefill or for_answer)) or (
+                for_answer and tools and ctx.tool_format is not None):
+            gp = generation_prompt(tmpl, history, extra=kwargs, tools=shown)
         if prefill:
             last = messages[-1]
             if reasoning is not None and reasoning.start:
-                cut = gp[:gp.index(reasoning.start_tag)] if reasoning.start_tag in gp else gp
                 thought = last.get("reasoning_content") or ""
-                answer = cut + reasoning.start + thought
+                answer = reasoning.head(gp) + reasoning.start + thought
                 if last["content"] or not thought:
                     answer += reasoning.end + last["content"]
-                prompt = tmpl.render(history, add_generation_prompt=False, extra=kwargs, tools=tools) + answer
-                return RenderedChat(prompt, messages, gp, answer)
-            prompt = tmpl.render(history, add_generation_prompt=True, extra=kwargs, tools=tools) + last["content"]
-            return RenderedChat(prompt, messages, gp, gp + last["content"])
-        else:
-            prompt = tmpl.render(messages, add_generation_prompt=add_gen, extra=kwargs, tools=tools)
+                prompt = tmpl.render(history, add_generation_prompt=False, extra=kwargs, tools=shown) + answer
+                return RenderedChat(prompt, tools, gp, answer)
+            prompt = tmpl.render(history, add_generation_prompt=True, extra=kwargs, tools=shown) + last["content"]
+            return RenderedChat(prompt, tools, gp, gp + last["content"])
+        prompt = tmpl.render(messages, add_generation_prompt=add_gen, extra=kwargs, tools=shown)
     except ChatTemplateError as e:
         raise APIError(str(e))
-    return RenderedChat(prompt, messages, gp, gp)
+    return RenderedChat(prompt, tools, gp, gp)
 
 
 def _tools(body: dict) -> list:
@@ -160,7 +161,7 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> 
     answer is read; None when it is plain content (a template without a reasoning block, and no
     tools, tool_choice "none", or a template that writes no tool calls: it still sees them)."""
     ctx = current_app.config["NUMLLAMA"]
-    tools = _tools(body)
+    tools = chat.tools
     choice = body.get("tool_choice")
     if not isinstance(choice, str):   # llama-server reads a string only: an object (a named
         choice = "auto"               # function) or null counts as "auto"
@@ -190,7 +191,7 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> 
         out["grammar"] = grammar.grammar
         if grammar.lazy:
             out["grammar_lazy"] = True
-            out["grammar_triggers"] = [{"type": 1, "value": w} for w in grammar.triggers]
+            out["grammar_triggers"] = [{"type": TRIGGER_WORD, "value": w} for w in grammar.triggers]
             if reasoning is not None and reasoning.start_tag and reasoning.end_tag:
                 tok = ctx.engine.tokenizer
                 out["_reasoning_tags"] = [tok.encode(reasoning.start_tag, add_special=False),
@@ -495,13 +496,13 @@ def chat_completions():
 
 @bp.post("/apply-template")
 def apply_template():
-    return json_response({"prompt": render_prompt(request_json()).prompt})
+    return json_response({"prompt": render_prompt(request_json(), for_answer=False).prompt})
 
 
 @bp.post("/chat/completions/input_tokens")
 @bp.post("/v1/chat/completions/input_tokens")
 def input_tokens():
-    prompt = render_prompt(request_json()).prompt
+    prompt = render_prompt(request_json(), for_answer=False).prompt
     ctx = current_app.config["NUMLLAMA"]
     check_tokenizable([prompt], ctx)
     return json_response({"input_tokens": len(ctx.engine.tokenizer.encode(prompt, add_special=True))})

@@ -213,8 +213,9 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         samplers=samplers,
         grammar=grammar,
         grammar_triggers=parse_grammar_triggers(body) if grammar is not None else (),
-        # set by the chat route only (chat_completions._tool_calling): the generation prompt a
-        # tool-call grammar reads first, and the reasoning tags' tokens that put a lazy one to sleep
+        # set by the chat route only (chat_completions._answer_reader, _chat_response_format): the
+        # generation prompt its grammars read first, and the reasoning tags' tokens that put a
+        # lazy one to sleep
         grammar_prefill=body["_grammar_prefill"] if isinstance(body.get("_grammar_prefill"), str) else "",
         reasoning_tags=_token_lists(body.get("_reasoning_tags")),
     )
