@@ -477,7 +477,13 @@ class Scheduler:
                 self._save_to_ram(slot)
                 self._load_from_ram(slot, task.prompt_tokens)
                 self.prompt_cache.update()
-            slot.start(task, self.engine, self.checkpoints)
+            try:
+                slot.start(task, self.engine, self.checkpoints)
+            except Exception as e:  # a request that cannot start (its sampler refused) ends alone
+                self.log.warning("slot %d: start failed: %s: %s", slot.id, type(e).__name__, e)
+                task.events.put(ErrorEvent(f"{type(e).__name__}: {e}"))
+                self._release(slot)
+                continue
             if task.return_progress:
                 slot.report_progress()
             if self.cache_idle_slots:

@@ -250,6 +250,29 @@ def test_scheduler_contains_a_sampling_failure(stories):
     assert [f.tokens for f in (mixed[0], mixed[2])] == [f.tokens for f in clean]
 
 
+def test_a_request_that_cannot_start_ends_alone(stories):
+    """A sampler refused at a slot's start (here a grammar that rejects its prefill) fails that
+    request only: the worker goes on and the next request is served."""
+    from numllama.engine.grammar import Grammar
+    from numllama.engine.sampling import SamplingParams
+    from numllama.engine.slots import ErrorEvent, FinalEvent, Scheduler, Task
+    tok = stories.tokenizer
+    sched = Scheduler(stories, 1, 256)
+    bad = Task(prompt_tokens=tok.encode("Once"), n_predict=4,
+               params=SamplingParams(grammar=Grammar('root ::= "a"'), grammar_prefill="zzz"))
+    good = Task(prompt_tokens=tok.encode("Once"), n_predict=4, params=SamplingParams(temperature=0))
+    sched.submit_all([bad, good])
+    outcome = []
+    for t in (bad, good):
+        while True:
+            ev = t.events.get(timeout=60)
+            if isinstance(ev, (FinalEvent, ErrorEvent)):
+                outcome.append(ev)
+                break
+    assert isinstance(outcome[0], ErrorEvent) and "generation prompt" in outcome[0].message
+    assert isinstance(outcome[1], FinalEvent) and outcome[1].n_decoded == 4
+
+
 # ---------------------------------------------------------------------------------- 4. grammars
 def test_long_repetitions_match_in_constant_depth():
     from numllama.engine.grammar import Grammar
