@@ -285,6 +285,28 @@ def test_unported_tool_format_is_a_clear_400(stories_path, tmp_path):
         s.stop()
 
 
+def test_lazy_grammar_on_completion(server):
+    """/completion takes llama-server's grammar_lazy + word triggers: free text until the word,
+    then the grammar; bad trigger settings are 400s; the chat route's own prefill field is not
+    a request field."""
+    lazy = {"prompt": "Once upon a time", "n_predict": 40, "temperature": 0, "grammar": 'root ::= "the" [a-z ]{3,5} "."',
+            "grammar_lazy": True, "grammar_triggers": [{"type": 1, "value": "the"}]}
+    free = server.post("/completion", {k: v for k, v in lazy.items() if not k.startswith("gram")}).json()["content"]
+    got = server.post("/completion", lazy).json()
+    i = free.find("the")
+    assert i >= 0 and got["content"].startswith(free[:i]) and got["content"] != free
+    assert got["content"][i:].startswith("the") and got["content"].endswith(".")
+    assert got["generation_settings"]["grammar_lazy"] is True
+    for bad, text in [({"grammar_lazy": True, "grammar_triggers": []}, "no triggers"),
+                      ({"grammar_triggers": [{"type": 2, "value": "x"}]}, "word triggers only"),
+                      ({"grammar_lazy": "yes"}, "grammar_lazy")]:
+        r = server.post("/completion", {**lazy, **bad})
+        assert r.status_code == 400 and text in r.json()["error"]["message"]
+    r = server.post("/completion", {"prompt": "Once", "n_predict": 4, "grammar": 'root ::= "a"', "_grammar_prefill": "z"})
+    assert r.status_code == 200 and r.json()["content"] == "a"
+    assert server.get("/health").status_code == 200
+
+
 def test_unknown_reasoning_format_is_400(server):
     r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                                              "reasoning_format": "loud"})

@@ -194,9 +194,8 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> 
             out["grammar_triggers"] = [{"type": TRIGGER_WORD, "value": w} for w in grammar.triggers]
             if reasoning is not None and reasoning.start_tag and reasoning.end_tag:
                 tok = ctx.engine.tokenizer
-                out["_reasoning_tags"] = [tok.encode(reasoning.start_tag, add_special=False),
-                                          tok.encode(reasoning.end_tag, add_special=False),
-                                          tok.encode(chat.parse_prompt, add_special=False)]
+                out["_reasoning_tags"] = tuple(tuple(tok.encode(t, add_special=False)) for t in (
+                    reasoning.start_tag, reasoning.end_tag, chat.parse_prompt))
         else:   # llama-server feeds the generation prompt to the grammar first
             out["_grammar_prefill"] = chat.parse_prompt
     return AnswerReader(reasoning, extract, chat.parse_prompt, fmt, tuple(tools))
@@ -325,8 +324,9 @@ def _handle() -> Response:
     n = cbody.pop("_n")
     parsed = cbody.pop("_response_format", False)
     calling = cbody.pop("_reader")
+    prefill, tags = cbody.pop("_grammar_prefill", ""), cbody.pop("_reasoning_tags", ())
     cbody["prompt"] = [prompt] * n if n > 1 else prompt
-    c = Completion(cbody, oai=True)
+    c = Completion(cbody, oai=True, grammar_prefill=prefill, reasoning_tags=tags)
     verbose = get_bool(body, "verbose", False) or c.ctx.verbose
     if verbose:  # what the model actually read: the prompt tokens, special tokens rendered
         prompt = c.ctx.engine.tokenizer.decode(c.prompts[0], special=True)

@@ -34,7 +34,8 @@ def exceeds_context(n_prompt: int, n_ctx: int, at_least: bool = False):
 class Completion:
     """A parsed completion request: one task per prompt, and how to present the results."""
 
-    def __init__(self, body: dict, oai: bool):
+    def __init__(self, body: dict, oai: bool, grammar_prefill: str = "", reasoning_tags: tuple = ()):
+        """grammar_prefill, reasoning_tags: the chat route's own sampling inputs (params.sampling_params)."""
         ctx = current_app.config["NUMLLAMA"]
         tok = ctx.engine.tokenizer
         if "prompt" not in body or body.get("prompt") is None:
@@ -74,7 +75,7 @@ class Completion:
             if body.get(k) is not None and not isinstance(body[k], dict):
                 raise APIError(f"Field '{k}': must be an object")
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        self.params = sampling_params(body, ctx.defaults, tok, self.ignore_eos)
+        self.params = sampling_params(body, ctx.defaults, tok, self.ignore_eos, grammar_prefill, reasoning_tags)
         n_ctx = ctx.n_ctx_slot
         # a prompt that cannot fit is refused before it is tokenized (which costs memory and time)
         n_cmpl = get_number(body, "n_cmpl", 1, int) if body.get("n_cmpl") is not None else 1

@@ -171,7 +171,11 @@ def parse_stop(value) -> tuple[str, ...]:
     raise APIError("Field 'stop': must be a string or an array of strings")
 
 
-def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos: bool) -> SamplingParams:
+def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos: bool,
+                    grammar_prefill: str = "", reasoning_tags: tuple = ()) -> SamplingParams:
+    """The request's sampling fields. grammar_prefill and reasoning_tags come from the chat
+    route, never from a request body: the generation prompt its grammars read first, and the
+    reasoning tags' tokens that put a lazy one to sleep (chat_completions._answer_reader)."""
     def num(key, default, kind=float):
         return get_number(body, key, default, kind)
 
@@ -213,20 +217,9 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         samplers=samplers,
         grammar=grammar,
         grammar_triggers=parse_grammar_triggers(body) if grammar is not None else (),
-        # set by the chat route only (chat_completions._answer_reader, _chat_response_format): the
-        # generation prompt its grammars read first, and the reasoning tags' tokens that put a
-        # lazy one to sleep
-        grammar_prefill=body["_grammar_prefill"] if isinstance(body.get("_grammar_prefill"), str) else "",
-        reasoning_tags=_token_lists(body.get("_reasoning_tags")),
+        grammar_prefill=grammar_prefill,
+        reasoning_tags=reasoning_tags,
     )
-
-
-def _token_lists(v) -> tuple:
-    """Three lists of token ids (the reasoning tags and the generation prompt), or nothing."""
-    if isinstance(v, (list, tuple)) and len(v) == 3 and all(
-            isinstance(x, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in x) for x in v):
-        return tuple(tuple(x) for x in v)
-    return ()
 
 
 TRIGGER_WORD = 1   # common_grammar_trigger_type: TOKEN, WORD, PATTERN, PATTERN_FULL
