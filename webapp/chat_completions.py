@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app
 
 from ..engine.chat_template import ChatTemplateError
 from ..engine.json_schema import chat_response_format_grammar
-from ..engine.slots import ErrorEvent, ProgressEvent, TokenEvent
+from ..engine.slots import ErrorEvent, FinalEvent, ProgressEvent, Task, TokenEvent
 from ..engine.grammar import GrammarError
 from ..engine.reasoning import generation_prompt, read_answer, response_format_grammar
 from ..engine.tool_calls import tool_call_grammar
@@ -29,14 +29,33 @@ TOOL_CHOICES = ("auto", "none", "required")
 ID_CHARS = string.ascii_letters + string.digits
 
 
+# llama-server reads media parts only with a multimodal projector (--mmproj), which numllama
+# does not load: they are refused as it refuses them without one (a 500, with its words)
+MEDIA_PARTS = {"image_url": "image", "input_audio": "audio", "input_video": "video", "video_url": "video"}
+
+
+def _content_text(content: list, joiner: str) -> str:
+    """A message's content parts, which must be text, joined."""
+    parts: list[str] = []
+    for p in content:
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind in MEDIA_PARTS:
+            raise APIError(f"{MEDIA_PARTS[kind]} input is not supported - hint: if this is unexpected, "
+                           f"you may need to provide the mmproj", 500)
+        if kind != "text":
+            raise APIError("unsupported content[].type")
+        if not isinstance(p.get("text"), str):
+            raise APIError("Only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+        parts.append(p["text"])
+    return joiner.join(parts)
+
+
 def _messages(body: dict) -> list[dict]:
     if "messages" not in body or body["messages"] is None:
         raise APIError("'messages' is required")
     messages = body["messages"]
     if not isinstance(messages, list):
         raise APIError("Expected 'messages' to be an array")
-    if not messages:
-        raise APIError("'messages' must not be empty")
     out = []
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -51,13 +70,8 @@ def _messages(body: dict) -> list[dict]:
         if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
             raise APIError("'tool_calls' must be an array")
         if isinstance(content, list):
-            parts: list[str] = []
-            for p in content:
-                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                    raise APIError("Only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
-                parts.append(p["text"])
             # text parts join with a newline; a prefilled assistant turn joins them with a blank line
-            content = ("\n\n" if m["role"] == "assistant" and m is messages[-1] else "\n").join(parts)
+            content = _content_text(content, "\n\n" if m["role"] == "assistant" and m is messages[-1] else "\n")
         elif not isinstance(content, str):
             raise APIError("'content' must be a string or an array of text parts")
         out.append({**m, "content": content})
@@ -89,7 +103,8 @@ def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
     continue_final = get_bool(body, "continue_final_message", False)
     if continue_final and body.get("add_generation_prompt") is True:
         raise APIError("Cannot have both add_generation_prompt and continue_final_message")
-    prefill = messages[-1]["role"] == "assistant" or continue_final
+    # (no messages at all is allowed, as llama-server allows it: the template renders what it will)
+    prefill = bool(messages) and (messages[-1]["role"] == "assistant" or continue_final)
     tools = _tools(body)
     if prefill and messages[-1].get("tool_calls"):
         raise APIError("Cannot continue an assistant message that contains tool calls.")
@@ -206,20 +221,6 @@ def _tool_call_id() -> str:
     return "".join(secrets.choice(ID_CHARS) for _ in range(32))
 
 
-def _message(reader: AnswerReader | None, text: str, ids: list) -> tuple[dict, bool]:
-    """The assistant message of an answer, its reasoning and tool calls read out (ids: the ids
-    given so far, extended for new calls); and whether it has calls."""
-    if reader is None:
-        return {"role": "assistant", "content": text}, False
-    parsed = reader.read(text, partial=False)
-    msg = {"role": "assistant", "content": parsed.content}
-    if parsed.reasoning:
-        msg["reasoning_content"] = parsed.reasoning
-    if parsed.tool_calls:
-        msg["tool_calls"] = [_oai_call(c, _call_id(c, i, ids)) for i, c in enumerate(parsed.tool_calls)]
-    return msg, bool(parsed.tool_calls)
-
-
 def _call_id(call: dict, i: int, ids: list) -> str:
     while len(ids) <= i:
         ids.append(call["id"] or _tool_call_id())
@@ -308,78 +309,62 @@ def _completion_body(body: dict, chat: RenderedChat) -> dict:
     return out
 
 
-def _chunk(c: Completion, index: int, delta: dict, finish_reason, logprobs=None) -> dict:
-    choice = {"finish_reason": finish_reason, "index": index, "delta": delta}
-    if logprobs is not None:
-        choice["logprobs"] = logprobs
-    return {"choices": [choice], "created": c.created, "id": c.id, "model": c.model_name,
-            "system_fingerprint": c.ctx.build_fingerprint, "object": "chat.completion.chunk"}
+@dataclass(frozen=True)
+class ChatRun:
+    """A chat request ready to run: the completion to submit (one task per choice) and how each
+    choice's text is read into a message. The Anthropic and Responses routes run theirs here too."""
+    completion: Completion
+    reader: AnswerReader | None   # reasoning and tool calls read out; None: the text is the content
+    json_content: bool            # a response_format answer: the content is its JSON only
+    prompt: str                   # the prompt as `verbose` shows it
+    verbose: bool
+
+    def message_stream(self) -> "MessageStream":
+        return MessageStream(self.reader, self.json_content)
 
 
-def _handle() -> Response:
-    body = request_json()
+def start_chat(body: dict) -> ChatRun:
+    """Render and check a chat request; nothing runs until its completion is submitted."""
     chat = render_prompt(body)
-    prompt = chat.prompt
     cbody = _completion_body(body, chat)
     n = cbody.pop("_n")
-    parsed = cbody.pop("_response_format", False)
-    calling = cbody.pop("_reader")
+    json_content = cbody.pop("_response_format", False)
+    reader = cbody.pop("_reader")
     prefill, tags = cbody.pop("_grammar_prefill", ""), cbody.pop("_reasoning_tags", ())
-    cbody["prompt"] = [prompt] * n if n > 1 else prompt
+    cbody["prompt"] = [chat.prompt] * n if n > 1 else chat.prompt
     c = Completion(cbody, oai=True, grammar_prefill=prefill, reasoning_tags=tags)
     verbose = get_bool(body, "verbose", False) or c.ctx.verbose
-    if verbose:  # what the model actually read: the prompt tokens, special tokens rendered
-        prompt = c.ctx.engine.tokenizer.decode(c.prompts[0], special=True)
-    if c.stream:
-        return _stream(c, verbose, prompt, parsed, calling)
-    tasks = c.submit()
-    fins = collect_finals(c, tasks)
-    choices = []
-    for t, f in zip(tasks, fins):
-        message, has_calls = _message(calling, _response_format_content(f.content) if parsed else f.content, [])
-        finish = c.finish_reason(f)
-        choice = {"finish_reason": "tool_calls" if has_calls and finish == "stop" else finish, "index": t.index,
-                  "message": message}
-        if c.n_probs > 0:
-            choice["logprobs"] = {"content": c.probs_items(f.probs)}
-        choices.append(choice)
-    out = {"choices": choices, "created": c.created, "model": c.model_name,
-           "system_fingerprint": c.ctx.build_fingerprint, "object": "chat.completion",
-           "usage": c.usage(fins) if len(fins) == 1 else _multi_usage(fins),
-           "id": c.id, "timings": c.timings(fins[-1])}
-    if verbose:
-        out["__verbose"] = {"prompt": prompt}
-    return json_response(out)
+    # verbose shows what the model actually read: the prompt tokens, special tokens rendered
+    prompt = c.ctx.engine.tokenizer.decode(c.prompts[0], special=True) if verbose else chat.prompt
+    return ChatRun(c, reader, json_content, prompt, verbose)
 
 
-def _multi_usage(fins) -> dict:
-    """n completions of one prompt: the prompt counts once, every completion's tokens count."""
-    pt = fins[0].n_prompt
-    ct = sum(f.n_decoded for f in fins)
-    return {"completion_tokens": ct, "prompt_tokens": pt, "total_tokens": pt + ct,
-            "prompt_tokens_details": {"cached_tokens": fins[0].n_cached}}
+class MessageStream:
+    """One choice's answer read into an assistant message as llama-server reads it while it
+    streams: after each token the text so far is read again (partially), and what changed since
+    the last reading is returned as deltas (common_chat_msg_diff::compute_diffs): the reasoning's
+    new text, the content's; for the last call known, its new argument text; each new call
+    whole, with its id and name. Without a reader the text is the content, token by token."""
 
-
-class _CallStream:
-    """One streamed choice of a parsed answer (reasoning, tool calls), as llama-server streams
-    it: after each token the text so far is read again (partially), and what changed since the
-    last reading is sent (common_chat_msg_diff::compute_diffs): the reasoning's new text, the
-    content's; for the last call known, its new argument text; each new call whole, with its id
-    and name."""
-
-    def __init__(self, reader: AnswerReader):
+    def __init__(self, reader: AnswerReader | None, json_content: bool = False):
         self.reader = reader
+        self.json_content = json_content
         self.text = ""
         self.reasoning = ""
         self.content = ""
-        self.calls: list[dict] = []
+        self.calls: list[dict] = []   # {"name", "arguments", "id"}
         self.ids: list = []
 
     def deltas(self, text: str, final: bool) -> list[dict]:
         self.text += text
+        if self.reader is None:
+            return self._content_deltas(text)
         parsed = self.reader.read(self.text, partial=not final)
+        if final and not parsed.ok:   # out of format: the message is what was read (the raw text)
+            self.reasoning, self.content = parsed.reasoning, parsed.content
+            return []
         if not parsed.ok or not (parsed.content or parsed.tool_calls or parsed.reasoning):
-            return []    # nothing read yet (or an answer out of format): nothing to send
+            return []    # nothing read yet: nothing to send
         calls = [{**c, "id": _call_id(c, i, self.ids)} for i, c in enumerate(parsed.tool_calls)]
         out = []
         if parsed.reasoning != self.reasoning:
@@ -401,6 +386,23 @@ class _CallStream:
         self.reasoning, self.content, self.calls = parsed.reasoning, parsed.content, calls
         return out
 
+    def _content_deltas(self, text: str) -> list[dict]:
+        """Plain content: the token's text; a response_format answer: what its JSON grew by."""
+        content = _response_format_content(self.text) if self.json_content else self.content + text
+        if len(content) <= len(self.content):
+            return []   # never an empty content delta
+        d, self.content = content[len(self.content):], content
+        return [{"content": d}]
+
+    def message(self) -> dict:
+        """The assistant message read so far, in the chat API's shape."""
+        msg = {"role": "assistant", "content": self.content}
+        if self.reasoning:
+            msg["reasoning_content"] = self.reasoning
+        if self.calls:
+            msg["tool_calls"] = [_oai_call(c, c["id"]) for c in self.calls]
+        return msg
+
 
 def _string_diff(last: str, current: str) -> str:
     """What `current` adds to `last` (nothing when it went back: a stop word was cut)."""
@@ -417,20 +419,100 @@ def _call_delta(index: int, call_id: str, name: str, arguments: str) -> dict:
     return d
 
 
-def _stream(c: Completion, verbose: bool, prompt: str, parsed: bool = False,
-            calling: AnswerReader | None = None) -> Response:
-    """parsed: a response_format answer, whose deltas are those of its JSON content only.
-    calling: an answer read for reasoning or tool calls (_CallStream)."""
-    tasks = c.submit()
+@dataclass(frozen=True)
+class Answer:
+    """One finished choice: its task, final event and message."""
+    task: Task
+    final: FinalEvent
+    message: dict
+
+
+def run_to_end(run: ChatRun) -> list[Answer]:
+    """Run a chat request and wait for every choice."""
+    tasks = run.completion.submit()
+    answers = []
+    for t, f in zip(tasks, collect_finals(run.completion, tasks)):
+        ms = run.message_stream()
+        ms.deltas(f.content, final=True)
+        answers.append(Answer(t, f, ms.message()))
+    return answers
+
+
+def run_streaming(run: ChatRun):
+    """Run a chat request, streaming: (task, event, message stream, deltas) for every event of
+    every choice, one choice after the other (engine.slots' events; deltas: what a TokenEvent,
+    or the last reading at the FinalEvent, adds to the message). Call it while handling the
+    request (task_events takes the disconnect probe then); close the iterator when done."""
+    tasks = run.completion.submit()
+    task_evs = task_events(run.completion, tasks)
+
+    def events():
+        streams: dict = {}
+        with closing(task_evs):
+            for t, ev in task_evs:
+                ms = streams.setdefault(t.index, run.message_stream())
+                if isinstance(ev, TokenEvent):
+                    yield t, ev, ms, ms.deltas(ev.text, final=False)
+                elif isinstance(ev, FinalEvent):
+                    yield t, ev, ms, ms.deltas("", final=True)
+                else:
+                    yield t, ev, ms, []
+    return tasks, events()
+
+
+def finish_reason(c: Completion, fin: FinalEvent, message: dict) -> str:
+    finish = c.finish_reason(fin)
+    return "tool_calls" if message.get("tool_calls") and finish == "stop" else finish
+
+
+def _chunk(c: Completion, index: int, delta: dict, finish_reason, logprobs=None) -> dict:
+    choice = {"finish_reason": finish_reason, "index": index, "delta": delta}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
+    return {"choices": [choice], "created": c.created, "id": c.id, "model": c.model_name,
+            "system_fingerprint": c.ctx.build_fingerprint, "object": "chat.completion.chunk"}
+
+
+def _handle() -> Response:
+    run = start_chat(request_json())
+    c = run.completion
+    if c.stream:
+        return _stream(run)
+    answers = run_to_end(run)
+    choices = []
+    for a in answers:
+        choice = {"finish_reason": finish_reason(c, a.final, a.message), "index": a.task.index,
+                  "message": a.message}
+        if c.n_probs > 0:
+            choice["logprobs"] = {"content": c.probs_items(a.final.probs)}
+        choices.append(choice)
+    fins = [a.final for a in answers]
+    out = {"choices": choices, "created": c.created, "model": c.model_name,
+           "system_fingerprint": c.ctx.build_fingerprint, "object": "chat.completion",
+           "usage": c.usage(fins) if len(fins) == 1 else _multi_usage(fins),
+           "id": c.id, "timings": c.timings(fins[-1])}
+    if run.verbose:
+        out["__verbose"] = {"prompt": run.prompt}
+    return json_response(out)
+
+
+def _multi_usage(fins) -> dict:
+    """n completions of one prompt: the prompt counts once, every completion's tokens count."""
+    pt = fins[0].n_prompt
+    ct = sum(f.n_decoded for f in fins)
+    return {"completion_tokens": ct, "prompt_tokens": pt, "total_tokens": pt + ct,
+            "prompt_tokens_details": {"cached_tokens": fins[0].n_cached}}
+
+
+def _stream(run: ChatRun) -> Response:
+    c = run.completion
     ctx = c.ctx
-    task_evs = task_events(c, tasks)
-    raw: dict = {}    # per choice: the text so far, and how much of its content was sent
-    calls: dict = {}  # per choice: its _CallStream
+    tasks, choice_events = run_streaming(run)
 
     def events():
         fins, current = [], None
-        with closing(task_evs):
-            for t, ev in task_evs:
+        with closing(choice_events):
+            for t, ev, ms, deltas in choice_events:
                 if t is not current:   # each choice opens with the assistant's role
                     current = t
                     yield sse(_chunk(c, t.index, {"role": "assistant", "content": None}, None))
@@ -441,40 +523,21 @@ def _stream(c: Completion, verbose: bool, prompt: str, parsed: bool = False,
                     yield sse({"choices": [], "created": c.created, "id": c.id, "model": c.model_name,
                                "system_fingerprint": ctx.build_fingerprint,
                                "object": "chat.completion.chunk", "prompt_progress": ev.as_dict()})
-                elif isinstance(ev, TokenEvent) and calling is not None:
-                    cs = calls.setdefault(t.index, _CallStream(calling))
-                    lp = {"content": c.probs_items([ev.probs])} if ev.probs else None
-                    deltas = cs.deltas(ev.text, final=False)
-                    for k, delta in enumerate(deltas):   # the token's logprobs ride on its last delta
-                        yield sse(_chunk(c, t.index, delta, None, lp if k == len(deltas) - 1 else None))
                 elif isinstance(ev, TokenEvent):
-                    text = ev.text
-                    if parsed:
-                        so_far, n_sent = raw.get(t.index, ("", 0))
-                        content = _response_format_content(so_far + ev.text)
-                        text = content[n_sent:]
-                        raw[t.index] = (so_far + ev.text, max(n_sent, len(content)))
-                    if not text:
-                        continue  # never an empty content delta
                     lp = {"content": c.probs_items([ev.probs])} if ev.probs else None
-                    chunk = _chunk(c, t.index, {"content": text}, None, lp)
-                    if c.timings_per_token:
-                        chunk["timings"] = {"predicted_n": ev.n_decoded, "prompt_n": ev.n_prompt,
-                                            "prompt_per_second": 0.0, "predicted_per_second": 0.0}
-                    yield sse(chunk)
+                    for k, delta in enumerate(deltas):   # the token's logprobs ride on its last delta
+                        chunk = _chunk(c, t.index, delta, None, lp if k == len(deltas) - 1 else None)
+                        if c.timings_per_token:
+                            chunk["timings"] = token_timings(ev)
+                        yield sse(chunk)
                 else:   # the FinalEvent
                     fins.append(ev)
-                    finish = c.finish_reason(ev)
-                    if calling is not None:
-                        cs = calls.setdefault(t.index, _CallStream(calling))
-                        for delta in cs.deltas("", final=True):
-                            yield sse(_chunk(c, t.index, delta, None))
-                        if cs.calls and finish == "stop":
-                            finish = "tool_calls"
-                    chunk = _chunk(c, t.index, {}, finish)
+                    for delta in deltas:
+                        yield sse(_chunk(c, t.index, delta, None))
+                    chunk = _chunk(c, t.index, {}, finish_reason(c, ev, ms.message()))
                     chunk["timings"] = c.timings(ev)
-                    if verbose:
-                        chunk["__verbose"] = {"prompt": prompt}
+                    if run.verbose:
+                        chunk["__verbose"] = {"prompt": run.prompt}
                     yield sse(chunk)
         if len(fins) < len(tasks):   # the client hung up
             return
@@ -488,6 +551,12 @@ def _stream(c: Completion, verbose: bool, prompt: str, parsed: bool = False,
     return Response(events(), content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def token_timings(ev: TokenEvent) -> dict:
+    """The timings a streamed token carries with timings_per_token."""
+    return {"predicted_n": ev.n_decoded, "prompt_n": ev.n_prompt,
+            "prompt_per_second": 0.0, "predicted_per_second": 0.0}
+
+
 @bp.post("/chat/completions")
 @bp.post("/v1/chat/completions")
 def chat_completions():
@@ -499,10 +568,16 @@ def apply_template():
     return json_response({"prompt": render_prompt(request_json(), for_answer=False).prompt})
 
 
+def count_input_tokens(body: dict) -> int:
+    """The tokens of a chat request's prompt, as the input_tokens routes count them."""
+    prompt = render_prompt(body, for_answer=False).prompt
+    ctx = current_app.config["NUMLLAMA"]
+    check_tokenizable([prompt], ctx)
+    return len(ctx.engine.tokenizer.encode(prompt, add_special=True))
+
+
 @bp.post("/chat/completions/input_tokens")
 @bp.post("/v1/chat/completions/input_tokens")
 def input_tokens():
-    prompt = render_prompt(request_json(), for_answer=False).prompt
-    ctx = current_app.config["NUMLLAMA"]
-    check_tokenizable([prompt], ctx)
-    return json_response({"input_tokens": len(ctx.engine.tokenizer.encode(prompt, add_special=True))})
+    # llama-server labels the OpenAI-style counts alike, chat's too
+    return json_response({"input_tokens": count_input_tokens(request_json()), "object": "response.input_tokens"})
