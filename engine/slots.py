@@ -67,6 +67,7 @@ class TokenEvent:
     probs: dict | None        # {"id", "value", "top": [(id, value), ...]} when n_probs > 0
     n_decoded: int
     n_prompt: int
+    n_cached: int = 0         # of the prompt's tokens, how many came from the slot's cache
 
 
 @dataclass
@@ -664,7 +665,7 @@ class Scheduler:
         if complete:
             piece = s.text[s.n_sent:send_upto] if send_upto > s.n_sent else ""
             s.n_sent = max(s.n_sent, send_upto)
-            task.events.put(TokenEvent(token, piece, probs, len(s.generated), len(task.prompt_tokens)))
+            task.events.put(TokenEvent(token, piece, probs, len(s.generated), len(task.prompt_tokens), s.n_cached))
             s.unsent_bytes = b""
         if stop_type is None:
             s.next_token = token

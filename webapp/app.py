@@ -88,8 +88,10 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
     app.config["NUMLLAMA"] = context
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes   # larger bodies: 413 in the JSON shape
 
-    from . import chat_completions, completions, cors_proxy, info, metrics, tokens, tools, ui
-    for module in (info, completions, chat_completions, tokens, metrics, ui, tools, cors_proxy):
+    from . import (anthropic_messages, chat_completions, completions, cors_proxy, info, metrics,
+                   openai_responses, tokens, tools, ui)
+    for module in (info, completions, chat_completions, anthropic_messages, openai_responses, tokens,
+                   metrics, ui, tools, cors_proxy):
         app.register_blueprint(module.bp)
 
     @app.before_request

@@ -134,19 +134,27 @@ def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
 
 
 def _tools(body: dict) -> list:
-    """The request's tools: function definitions, each with a name."""
+    """The request's tools: function definitions, each with a name, as llama-server keeps them
+    (common_chat_tools_parse_oaicompat): name, description and parameters only, so that other
+    fields (OpenAI's "strict") never reach the template."""
     tools = body.get("tools")
     if tools is None:
         return []
     if not isinstance(tools, list):
         raise APIError("'tools' must be an array")
+    out = []
     for t in tools:
         fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        if not isinstance(fn, dict) or t.get("type") != "function" or not isinstance(fn.get("name"), str) \
+                or not fn["name"]:
             raise APIError('Each tool must be {"type": "function", "function": {"name": ..., "parameters": ...}}')
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise APIError(f"Tool '{fn['name']}': 'parameters' must be a JSON schema object")
-    return tools
+        if not isinstance(fn.get("description", ""), str):
+            raise APIError(f"Tool '{fn['name']}': 'description' must be a string")
+        out.append({"type": "function", "function": {"name": fn["name"], "description": fn.get("description", ""),
+                                                     "parameters": fn.get("parameters") or {}}})
+    return out
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,11 @@ def sse(obj) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
 
 
+def sse_event(name: str, data: dict) -> str:
+    """One named server-sent event (the framing of Anthropic's stream and the Responses API's)."""
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
 def disconnect_probe():
     """A function telling whether the client has gone (waitress's; never, elsewhere)."""
     probe = request.environ.get("waitress.client_disconnected")
