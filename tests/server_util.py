@@ -29,8 +29,10 @@ def free_port() -> int:
 class Server:
     def __init__(self, args: list[str], env: dict | None = None, model: str | None = None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "numllama.webapp.server", "--port", str(self.port)]
+        if env and "AIP_HTTP_PORT" in env:   # a Vertex AI container listens there, whatever --port says
+            self.port = int(env["AIP_HTTP_PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
         if "--host" not in args:
             cmd += ["--host", "127.0.0.1"]
         if model:

@@ -183,3 +183,45 @@ def test_bad_requests(route_server, route, body, code, text):
     if code != 200:
         assert text in r.json()["error"]["message"]
     assert requests.get(s.url + "/health", timeout=10).status_code == 200
+
+
+def test_vertex_request_formats():
+    from numllama.webapp.vertex_predict import request_format
+    assert [request_format(p) for p in ("/v1/chat/completions", "/apply-template", "/completion",
+                                        "/slots/<id_slot>", "/v1")] == [
+        "chatCompletions", "applyTemplate", "completion", "slots", "v1"]
+
+
+def test_vertex_predict_route(stories_path):
+    """As a Vertex AI container (AIP_MODE=PREDICTION): the port and health route from the
+    environment, each instance answered by the route it names, errors in place (compared with
+    llama-server by hand on SmolLM2: the same predictions but for which slot served which)."""
+    from server_util import Server, free_port
+    port = free_port()
+    s = Server(["-np", "2", "-c", "1024", "--api-key", "k"], model=stories_path,
+               env={"AIP_MODE": "PREDICTION", "AIP_HTTP_PORT": str(port), "AIP_HEALTH_ROUTE": "healthz",
+                    "AIP_PREDICT_ROUTE": "/v1/predict"})
+    try:
+        url = s.url   # AIP_HTTP_PORT's, not the --port the harness gave
+        assert s.port == port and "instead of" in s.output()
+        assert requests.get(url + "/healthz", timeout=10).json() == {"status": "ok"}
+        key = {"Authorization": "Bearer k"}
+        body = {"instances": [
+            {"@requestFormat": "chatCompletions", "max_tokens": 4, "temperature": 0,
+             "messages": [{"role": "user", "content": "hi"}]},
+            {"@requestFormat": "/completion", "n_predict": 4, "temperature": 0, "prompt": "Once", "stream": True},
+            {"@requestFormat": "nothing"}, 5]}
+        assert requests.post(url + "/v1/predict", json=body, timeout=60).status_code == 401
+        r = requests.post(url + "/v1/predict", json=body, headers=key, timeout=60)
+        assert r.status_code == 200
+        chat, completion, unknown, bad = r.json()["predictions"]
+        direct = requests.post(url + "/completion", json=body["instances"][1] | {"stream": False},
+                               headers=key, timeout=60).json()
+        assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] == 4
+        assert completion["content"] == direct["content"] and completion["tokens_predicted"] == 4
+        assert unknown["error"]["message"] == "no handler registered for @requestFormat: nothing"
+        assert bad["error"]["message"] == "each instance must be a JSON object"
+        r = requests.post(url + "/v1/predict", json={"instances": [{}] * 129}, headers=key, timeout=60)
+        assert r.status_code == 400 and "maximum size of 128" in r.json()["error"]["message"]
+    finally:
+        s.stop()

@@ -81,18 +81,23 @@ def allowed_origin(origin: str, policy: str) -> bool:
     return origin in allowed
 
 
-def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 << 20) -> Flask:
+def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 << 20, vertex=None) -> Flask:
     """Build the app. Until `app.config["NUMLLAMA"]` holds a ServerContext, every route answers
-    503 "Loading model" (so clients can poll /health while the model loads)."""
+    503 "Loading model" (so clients can poll /health while the model loads). vertex: the
+    vertex_predict.VertexSettings when serving as a Vertex AI container."""
     app = Flask(__name__)
     app.config["NUMLLAMA"] = context
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes   # larger bodies: 413 in the JSON shape
+    app.config["PUBLIC_PATHS"] = PUBLIC_PATHS
 
     from . import (anthropic_messages, chat_completions, completions, cors_proxy, info, metrics,
                    openai_responses, tokens, tools, ui)
     for module in (info, completions, chat_completions, anthropic_messages, openai_responses, tokens,
                    metrics, ui, tools, cors_proxy):
         app.register_blueprint(module.bp)
+    if vertex is not None:
+        from . import vertex_predict
+        vertex_predict.register(app, vertex)
 
     @app.before_request
     def gate():
@@ -106,7 +111,7 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
             if request.path == "/":
                 return None
             raise APIError("Loading model", 503)
-        if request.path in PUBLIC_PATHS:
+        if request.path in app.config["PUBLIC_PATHS"]:
             return None
         if (ctx.tools or ctx.ui_mcp_proxy) and host_name(request.host) not in LOOPBACK_HOSTS + ctx.allowed_hosts:
             # DNS rebinding: a page whose name now points at 127.0.0.1 must not reach the tools

@@ -160,7 +160,13 @@ def main(argv=None) -> int:
         return 1
 
     from .app import create_app
-    app = create_app(max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    from .vertex_predict import VertexSettings
+    vertex = VertexSettings.from_env()
+    if vertex is not None and vertex.port != args.port:
+        print(f"numllama-server: Vertex AI mode (AIP_MODE=PREDICTION): listening on AIP_HTTP_PORT "
+              f"{vertex.port} instead of {args.port}", file=sys.stderr)
+        args.port = vertex.port
+    app = create_app(max_body_bytes=int(args.max_body_mb * 1024 * 1024), vertex=vertex)
     def load():
         try:
             app.config["NUMLLAMA"] = build_context(args, path)
