@@ -27,7 +27,7 @@ class ServerContext:
     tags: list = field(default_factory=list)
     enable_slots: bool = True
     enable_metrics: bool = False
-    api_key: str | None = None
+    api_keys: tuple = ()           # --api-key (comma-separated) and --api-key-file: any one is accepted
     chat_template: object = None   # engine.chat_template.ChatTemplate
     tool_format: object = None     # engine.tool_calls.ToolFormat of the template (None: it writes no calls)
     tool_format_error: str = ""    # why the template's tool calls cannot be read, if so
@@ -117,10 +117,10 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
             # DNS rebinding: a page whose name now points at 127.0.0.1 must not reach the tools
             raise APIError(f"Host '{request.host[:100]}' is not allowed while tools or the MCP proxy are on "
                            f"(see --allowed-hosts)", 403, "permission_error")
-        if ctx.api_key:
+        if ctx.api_keys:
             auth = request.headers.get("Authorization", "")
             given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-Api-Key")
-            if not api_key_matches(given, ctx.api_key):
+            if not any(api_key_matches(given, key) for key in ctx.api_keys):
                 raise APIError("Invalid API Key", 401)
 
     @app.after_request

@@ -8,7 +8,6 @@ from flask import Blueprint, current_app, request
 
 from ..engine.slots import SlotBusy
 
-from ..engine.sampling import SamplingParams
 
 from .errors import APIError, json_response
 from .http import request_json, require_flag
@@ -24,7 +23,7 @@ def health():
 
 
 def _default_params(ctx, full: bool) -> dict:
-    p = SamplingParams(temperature=ctx.defaults.temperature, seed=ctx.defaults.seed)
+    p = ctx.defaults.sampling
     return generation_settings(p, ctx.defaults.n_predict, (), False, 0, False, False, False, full=full)
 
 

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ..engine.sampling import DEFAULT_SAMPLERS, RANDOM_SEED, SamplingParams, parse_samplers
+from ..engine.sampling import RANDOM_SEED, SamplingParams, parse_samplers
 
 from .errors import APIError
 
@@ -81,9 +81,9 @@ def get_bool(body: dict, key: str, default: bool) -> bool:
 
 @dataclass(frozen=True)
 class ServerDefaults:
-    """Per-request defaults set on the server's command line."""
-    temperature: float = 0.8
-    seed: int = RANDOM_SEED
+    """Per-request defaults set on the server's command line: every sampling field a request
+    leaves out (--temp, --top-k, --samplers, ...), and n_predict."""
+    sampling: SamplingParams = SamplingParams()
     n_predict: int = -1
 
 
@@ -179,10 +179,11 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
     def num(key, default, kind=float):
         return get_number(body, key, default, kind)
 
-    seed = num("seed", defaults.seed, int)
+    d = defaults.sampling
+    seed = num("seed", d.seed, int)
     if seed < 0:
         seed = RANDOM_SEED
-    samplers = DEFAULT_SAMPLERS
+    samplers = d.samplers
     if body.get("samplers") is not None:
         s = body["samplers"]
         if not isinstance(s, (list, str)):
@@ -197,20 +198,20 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
     if ignore_eos:
         bias += [(t, -math.inf) for t in sorted(tokenizer.eog_ids)]
     return SamplingParams(
-        temperature=max(0.0, num("temperature", defaults.temperature)),
-        dynatemp_range=num("dynatemp_range", 0.0),
-        dynatemp_exponent=num("dynatemp_exponent", 1.0),
-        top_k=max(0, num("top_k", 40, int)),
-        top_p=min(1.0, max(0.0, num("top_p", 0.95))),
-        min_p=min(1.0, max(0.0, num("min_p", 0.05))),
-        typical_p=num("typical_p", 1.0),
-        top_n_sigma=num("top_n_sigma", -1.0),
-        xtc_probability=min(1.0, max(0.0, num("xtc_probability", 0.0))),
-        xtc_threshold=min(1.0, max(0.0, num("xtc_threshold", 0.1))),
-        repeat_last_n=num("repeat_last_n", 64, int),
-        repeat_penalty=num("repeat_penalty", 1.0),
-        presence_penalty=num("presence_penalty", 0.0),
-        frequency_penalty=num("frequency_penalty", 0.0),
+        temperature=max(0.0, num("temperature", d.temperature)),
+        dynatemp_range=num("dynatemp_range", d.dynatemp_range),
+        dynatemp_exponent=num("dynatemp_exponent", d.dynatemp_exponent),
+        top_k=max(0, num("top_k", d.top_k, int)),
+        top_p=min(1.0, max(0.0, num("top_p", d.top_p))),
+        min_p=min(1.0, max(0.0, num("min_p", d.min_p))),
+        typical_p=num("typical_p", d.typical_p),
+        top_n_sigma=num("top_n_sigma", d.top_n_sigma),
+        xtc_probability=min(1.0, max(0.0, num("xtc_probability", d.xtc_probability))),
+        xtc_threshold=min(1.0, max(0.0, num("xtc_threshold", d.xtc_threshold))),
+        repeat_last_n=num("repeat_last_n", d.repeat_last_n, int),
+        repeat_penalty=num("repeat_penalty", d.repeat_penalty),
+        presence_penalty=num("presence_penalty", d.presence_penalty),
+        frequency_penalty=num("frequency_penalty", d.frequency_penalty),
         min_keep=num("min_keep", 0, int),
         seed=seed,
         logit_bias=tuple(bias),

@@ -17,8 +17,11 @@ RANDOM_SEED = 0xFFFFFFFF
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..engine.sampling import SamplingParams
     ap = argparse.ArgumentParser(prog="numllama-server", allow_abbrev=False,
-                                 description="llama-server compatible completion server (numllama)")
+                                 description="llama-server compatible completion server (numllama)",
+                                 epilog="Every other option llama-server lists is accepted too, and named at "
+                                        "start-up as having no effect in numllama.")
     a = ap.add_argument
     a("--host", default="127.0.0.1")
     a("--port", type=int, default=8080)
@@ -32,14 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     a("-b", "--batch-size", type=int, default=2048)
     a("-ub", "--ubatch-size", type=int, default=512)
     a("-np", "--parallel", type=int, default=-1, help="slots (-1: 4 with a unified KV cache)")
-    a("-n", "--n-predict", type=int, default=-1)
+    a("-n", "--n-predict", "--predict", type=int, default=-1)
     a("-t", "--threads", type=int, default=None)
     a("-s", "--seed", type=int, default=-1)
-    a("--temp", type=float, default=0.8)
+    a("--temp", "--temperature", type=float, default=0.8)
+    # the other sampling defaults: a request that does not set a field gets the server's
+    sd = SamplingParams()
+    a("--top-k", type=int, default=sd.top_k)
+    a("--top-p", type=float, default=sd.top_p)
+    a("--min-p", type=float, default=sd.min_p)
+    a("--typical", "--typical-p", dest="typical_p", type=float, default=sd.typical_p)
+    a("--top-nsigma", "--top-n-sigma", dest="top_n_sigma", type=float, default=sd.top_n_sigma)
+    a("--xtc-probability", type=float, default=sd.xtc_probability)
+    a("--xtc-threshold", type=float, default=sd.xtc_threshold)
+    a("--repeat-last-n", type=int, default=sd.repeat_last_n)
+    a("--repeat-penalty", type=float, default=sd.repeat_penalty)
+    a("--presence-penalty", type=float, default=sd.presence_penalty)
+    a("--frequency-penalty", type=float, default=sd.frequency_penalty)
+    a("--dynatemp-range", type=float, default=sd.dynatemp_range)
+    a("--dynatemp-exp", dest="dynatemp_exponent", type=float, default=sd.dynatemp_exponent)
+    a("--samplers", help="the sampler chain, names separated by ';' (as llama-server takes it)")
     a("--slots", dest="slots", action="store_true", default=True)
     a("--no-slots", dest="slots", action="store_false")
     a("--metrics", action="store_true")
     a("-kvu", "--kv-unified", action="store_true")
+    a("-no-kvu", "--no-kv-unified", dest="kv_unified", action="store_false")
     a("-cb", "--cont-batching", action="store_true", default=True)
     a("-nocb", "--no-cont-batching", dest="cont_batching", action="store_false")
     a("--jinja", dest="jinja", action="store_true", default=True)
@@ -47,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--context-shift", dest="context_shift", action="store_true", default=False,
       help="when a slot's context is full, drop old tokens instead of stopping")
     a("--no-context-shift", dest="context_shift", action="store_false")
-    a("--api-key")
+    a("--api-key", help="the key clients must send; several may be given, comma-separated")
+    a("--api-key-file", help="a file holding API keys, one per line")
     a("--unsafe-no-api-key", action="store_true", default=bool(os.environ.get("NUMLLAMA_UNSAFE_NO_API_KEY")),
       help="allow --tools and --ui-mcp-proxy without --api-key (any local process, and any web page "
            "whose request is not blocked by CORS, can then use them); also NUMLLAMA_UNSAFE_NO_API_KEY=1")
@@ -76,16 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reasoning-format", choices=("none", "auto", "deepseek"), default="deepseek",
       help="split a reasoning block (<think>...</think>) out of chat answers as reasoning_content "
            "(deepseek, auto), or leave it in the content (none)")
-    a("--backend-sampling", "--backend_sampling", action="store_true")
+    a("-bs", "--backend-sampling", "--backend_sampling", action="store_true")
     a("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0,
       help="run this many layers on a CUDA GPU (needs numba-cuda: pip install 'numllama[cuda]')")
     a("-dev", "--device", default=None, help="cuda or cpu ('cuda' alone offloads every layer)")
     a("-fa", "--flash-attn", default="auto")
-    a("-v", "--verbose", action="store_true")
-    a("--no-ui", action="store_true", help="do not serve the page at /")
+    a("-v", "--verbose", "--log-verbose", action="store_true")
+    a("--no-ui", "--no-webui", dest="no_ui", action="store_true", help="do not serve the page at /")
+    a("--ui", "--webui", dest="no_ui", action="store_false")
     a("--props", action="store_true", help="allow POST /props")
     a("--slot-save-path", help="folder for POST /slots/{id}?action=save|restore")
-    a("--cache-ram", type=float, default=8192,
+    a("-cram", "--cache-ram", type=float, default=8192,
       help="MiB of host RAM for saved prompt states (0: off, -1: no limit)")
     a("-sps", "--slot-prompt-similarity", type=float, default=0.1,
       help="reuse the idle slot whose cached tokens cover more than this share of the prompt (0: always the least recently used)")
@@ -99,8 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
            "send them elsewhere (each waiting request holds one of the server's threads)")
     a("--connection-limit", type=int, default=1000,
       help="open connections accepted at once (idle ones are closed after --idle-timeout seconds)")
-    a("--idle-timeout", type=int, default=30, help="seconds before an idle connection is closed")
+    a("--idle-timeout", "-to", "--timeout", dest="idle_timeout", type=int, default=30,
+      help="seconds before an idle connection is closed")
+    a("--threads-http", type=int, default=-1,
+      help="HTTP threads (at least one per slot and per queue place, plus spares, whatever this says)")
+    a("--usage", action="help", help=argparse.SUPPRESS)
+    a("--version", action="version", version=f"numllama {package_version()}")
+    from .llama_options import add_ignored_options
+    add_ignored_options(ap)   # the rest of llama-server's options: accepted, without effect
     return ap
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("numllama")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 MMAP_THRESHOLD = 4 << 20   # bytes: blocks this big get their own mapping (glibc mallopt)
@@ -124,6 +161,16 @@ def return_freed_memory() -> None:
         pass
 
 
+def api_keys(args) -> tuple:
+    """--api-key's keys (comma-separated) and --api-key-file's (one per line), as llama-server
+    reads them."""
+    keys = [k for k in (args.api_key or "").split(",") if k]
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            keys += [line.strip() for line in f if line.strip()]
+    return tuple(keys)
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -134,7 +181,11 @@ def main(argv=None) -> int:
         args.tools = select_tools(args.tools)
     except ValueError as e:
         ap.error(str(e))
-    if (args.tools or args.ui_mcp_proxy) and not args.api_key and not args.unsafe_no_api_key:
+    try:
+        args.api_keys = api_keys(args)
+    except OSError as e:
+        ap.error(f"--api-key-file: {e}")
+    if (args.tools or args.ui_mcp_proxy) and not args.api_keys and not args.unsafe_no_api_key:
         ap.error("--tools and --ui-mcp-proxy run commands and reach other services for whoever can "
                  "send this server a request: give an --api-key, or pass --unsafe-no-api-key on a "
                  "machine where every local user and every page you open is trusted")
@@ -144,6 +195,10 @@ def main(argv=None) -> int:
         args.cors_origins = "localhost" if args.tools or args.ui_mcp_proxy else "*"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
+    from .llama_options import ignored_given
+    for name in ignored_given(args):
+        print(f"numllama-server: {name} has no effect in numllama (accepted as llama-server accepts it)",
+              file=sys.stderr)
     return_freed_memory()
 
     from ..engine.model_files import ModelNotFound, default_model_path, resolve_hf
@@ -180,6 +235,21 @@ def main(argv=None) -> int:
     from .serving import serve
     serve(app, args)
     return 0
+
+
+SAMPLING_FLAGS = ("top_k", "top_p", "min_p", "typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold",
+                  "repeat_last_n", "repeat_penalty", "presence_penalty", "frequency_penalty", "dynatemp_range",
+                  "dynatemp_exponent")
+
+
+def sampling_defaults(args, seed: int):
+    """What a request gets for the sampling fields it leaves out."""
+    from ..engine.sampling import DEFAULT_SAMPLERS, SamplingParams, parse_samplers
+    samplers = DEFAULT_SAMPLERS
+    if args.samplers:
+        samplers = parse_samplers(args.samplers.split(";"))
+    return SamplingParams(temperature=args.temp, seed=seed, samplers=samplers,
+                          **{k: getattr(args, k) for k in SAMPLING_FLAGS})
 
 
 def build_context(args, path: str):
@@ -236,10 +306,10 @@ def build_context(args, path: str):
     seed = RANDOM_SEED if args.seed < 0 else args.seed
     return ServerContext(
         engine=engine, scheduler=scheduler,
-        defaults=ServerDefaults(temperature=args.temp, seed=seed, n_predict=args.n_predict),
+        defaults=ServerDefaults(sampling=sampling_defaults(args, seed), n_predict=args.n_predict),
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
-        enable_metrics=args.metrics, api_key=args.api_key, chat_template=chat_template, verbose=args.verbose,
+        enable_metrics=args.metrics, api_keys=args.api_keys, chat_template=chat_template, verbose=args.verbose,
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
         reasoning_format_default=args.reasoning_format,
         cors_origins=args.cors_origins, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,

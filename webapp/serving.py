@@ -66,7 +66,8 @@ def serve(app, args) -> None:
     listen = " ".join(f"[{h}]:{args.port}" if ":" in h else f"{h}:{args.port}"
                       for h in args.host.split(",") if h)
     waitress_serve(
-        app, listen=listen, _dispatcher=ReservedPathDispatcher(n_slots + max_queue + SPARE_THREADS),
+        app, listen=listen,
+        _dispatcher=ReservedPathDispatcher(max(n_slots + max_queue + SPARE_THREADS, args.threads_http)),
         connection_limit=args.connection_limit, channel_timeout=args.idle_timeout,
         cleanup_interval=max(1, min(30, args.idle_timeout // 2)),
         # lets a request thread see that its client went away

@@ -1,0 +1,69 @@
+"""Every option `llama-server --help` lists, so that a llama-server command line starts
+numllama-server unchanged.
+
+numllama implements the options that mean something for it (webapp/server.py defines those);
+every other one is accepted, with the values it takes, and named at start-up as having no
+effect here (GPU splits, CPU masks, NUMA, RPC, speculative decoding, multimodal projectors...).
+The list is llama-server's own help, kept verbatim in data/llama-server-options.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+
+OPTIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "llama-server-options.txt")
+IGNORED_PREFIX = "llama_ignored:"   # the dest of an accepted option without effect
+
+
+@dataclass(frozen=True)
+class LlamaOption:
+    names: tuple[str, ...]   # every spelling ("-t", "--threads")
+    n_values: int            # values it takes: 0 (a switch), 1 or 2
+
+
+def read_options(path: str = OPTIONS_FILE) -> list[LlamaOption]:
+    """The options of llama-server's help: "-t,    --threads N" -> (("-t", "--threads"), 1).
+    A value hint is one value however it is spelled ("<tensor name pattern>=<buffer type>,..."),
+    except two hints side by side ("START END")."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.startswith("-"):
+                continue
+            names, hint = [], ""
+            for piece in re.split(r",\s+", line.strip()):
+                word, _, rest = piece.partition(" ")
+                names.append(word)
+                hint = rest.strip() or hint
+            hint = re.sub(r"<[^>]*>", "X", hint)   # (a hint's own spaces, inside <...>, are not a second value)
+            out.append(LlamaOption(tuple(names), len(hint.split()) if hint else 0))
+    return out
+
+
+def add_ignored_options(ap: argparse.ArgumentParser, options: list[LlamaOption] | None = None) -> list[LlamaOption]:
+    """Add every llama-server option that `ap` lacks altogether as one without effect; return
+    the options `ap` knows only some spellings of (they need a decision, not silence)."""
+    known = set(ap._option_string_actions)
+    partial = []
+    for opt in options if options is not None else read_options():
+        have = [n for n in opt.names if n in known]
+        if have:
+            if len(have) < len(opt.names):
+                partial.append(opt)
+            continue
+        dest = IGNORED_PREFIX + "/".join(opt.names)
+        if opt.n_values == 0:
+            ap.add_argument(*opt.names, dest=dest, action="store_true", help=argparse.SUPPRESS)
+        else:
+            ap.add_argument(*opt.names, dest=dest, nargs=None if opt.n_values == 1 else opt.n_values,
+                            help=argparse.SUPPRESS)
+    return partial
+
+
+def ignored_given(args: argparse.Namespace) -> list[str]:
+    """The options without effect that this command line gave."""
+    return sorted(k[len(IGNORED_PREFIX):] for k, v in vars(args).items()
+                  if k.startswith(IGNORED_PREFIX) and v not in (None, False))
