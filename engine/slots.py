@@ -320,13 +320,15 @@ class Scheduler:
     def __init__(self, engine: Engine, n_slots: int, n_ctx_slot: int, n_batch: int = 512,
                  n_predict_default: int = -1, context_shift: bool = False, cache_ram_mib: float = 0,
                  cache_idle_slots: bool = True, kv_unified: bool = False, max_waiting: int | None = None,
-                 slot_prompt_similarity: float = 0.1, n_ubatch: int = 512, n_threads: int = 1):
+                 slot_prompt_similarity: float = 0.1, n_ubatch: int = 512, n_threads: int = 1,
+                 metrics: "SchedulerMetrics | None" = None):
         """max_waiting: tasks that may wait for a slot (None: no limit); submit refuses more.
         cache_ram_mib: budget of the host-RAM prompt cache (0: none, < 0: unlimited).
         cache_idle_slots: also keep idle slots' states there when a task starts (and, with a
         unified KV pool, clear them), as llama-server does.
         slot_prompt_similarity: llama-server's -sps; a slot whose cached tokens cover more than
-        this share of a prompt serves it (0: the least recently used slot always does)."""
+        this share of a prompt serves it (0: the least recently used slot always does).
+        metrics: the counters to go on from (a scheduler that replaces a closed one)."""
         self.similarity = np.float32(slot_prompt_similarity)
         self.engine = engine
         self.context_shift = context_shift
@@ -360,7 +362,8 @@ class Scheduler:
         self.waiting: list[Task] = []
         self.lock = threading.Condition()
         self._next_id = 0
-        self.metrics = SchedulerMetrics()
+        self.metrics = metrics if metrics is not None else SchedulerMetrics()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="numllama-batcher", daemon=True)
         self._thread.start()
 
@@ -393,6 +396,17 @@ class Scheduler:
         task.cancelled.set()
         with self.lock:
             self.lock.notify_all()
+
+    def close(self) -> None:
+        """Stop the worker once it is idle and let go of the KV cache and slots (the server's
+        sleep); a closed scheduler takes no more tasks."""
+        with self.lock:
+            self._closed = True
+            self.lock.notify_all()
+        self._thread.join()
+        self.cache = None
+        self.slots = []
+        self.prompt_cache = None
 
     @property
     def n_slots(self) -> int:
@@ -557,6 +571,8 @@ class Scheduler:
                             self._release(s)
                     if any(s.busy for s in self.slots):
                         break
+                    if self._closed and not self.waiting:
+                        return
                     self.lock.wait()
             try:
                 self._step()

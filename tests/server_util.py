@@ -60,9 +60,9 @@ class Server:
     def get(self, path, **kw):
         return requests.get(self.url + path, timeout=kw.pop("timeout", 60), **kw)
 
-    def stream(self, path, data):
+    def stream(self, path, data, headers=None):
         """Yield the parsed `data:` events of an SSE response (stops at [DONE])."""
-        r = requests.post(self.url + path, json=data, stream=True, timeout=300)
+        r = requests.post(self.url + path, json=data, stream=True, timeout=300, headers=headers)
         assert r.status_code == 200, r.text
         assert r.headers["Content-Type"].startswith("text/event-stream")
         for line in r.iter_lines(decode_unicode=True):

@@ -122,6 +122,26 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
             given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-Api-Key")
             if not any(api_key_matches(given, key) for key in ctx.api_keys):
                 raise APIError("Invalid API Key", 401)
+        sleeper = app.extensions.get("numllama_sleep")
+        if sleeper is not None:   # --sleep-idle-seconds: a request that needs the model wakes it
+            sleeper.enter(request.method, request.path)
+            request.environ["numllama.sleep_entered"] = True
+
+    @app.teardown_request
+    def leave(_exc):
+        sleeper = app.extensions.get("numllama_sleep")
+        if sleeper is not None and request.environ.pop("numllama.sleep_entered", False):
+            sleeper.leave(request.method, request.path)
+
+    def leave_after_stream(resp: Response) -> Response:
+        """A stream is still work when its view has returned: it leaves once its body closes."""
+        sleeper = app.extensions.get("numllama_sleep")
+        if sleeper is not None and resp.is_streamed and request.environ.pop("numllama.sleep_entered", False):
+            method, path = request.method, request.path
+            resp.call_on_close(lambda: sleeper.leave(method, path))
+        return resp
+
+    app.after_request(leave_after_stream)
 
     @app.after_request
     def headers(resp):

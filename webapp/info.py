@@ -12,6 +12,7 @@ from ..engine.slots import SlotBusy
 from .errors import APIError, json_response
 from .http import request_json, require_flag
 from .params import N_PROBS_MAX, generation_settings
+from .sleep import sleeper_of, steady
 
 bp = Blueprint("info", __name__)
 
@@ -29,7 +30,14 @@ def _default_params(ctx, full: bool) -> dict:
 
 @bp.get("/props")
 def props():
-    ctx = current_app.config["NUMLLAMA"]
+    with steady(current_app):
+        sleeper = sleeper_of(current_app)
+        if sleeper is not None and sleeper.sleeping:
+            return json_response(sleeper.props)
+        return _props(current_app.config["NUMLLAMA"])
+
+
+def _props(ctx):
     tok = ctx.engine.tokenizer
     return json_response({
         "default_generation_settings": {"params": _default_params(ctx, full=False), "n_ctx": ctx.n_ctx_slot},
@@ -97,7 +105,14 @@ def slots():
 @bp.get("/models")
 @bp.get("/v1/models")
 def models():
-    ctx = current_app.config["NUMLLAMA"]
+    with steady(current_app):
+        sleeper = sleeper_of(current_app)
+        if sleeper is not None and sleeper.sleeping:
+            return json_response(sleeper.models)
+        return _models(current_app.config["NUMLLAMA"])
+
+
+def _models(ctx):
     g = ctx.engine.gguf
     hp = g.hparams
     aliases = sorted(ctx.aliases) if ctx.aliases else [ctx.model_alias]

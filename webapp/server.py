@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="seconds before an idle connection is closed")
     a("--threads-http", type=int, default=-1,
       help="HTTP threads (at least one per slot and per queue place, plus spares, whatever this says)")
+    a("--sleep-idle-seconds", type=float, default=-1,
+      help="unload the model after this many seconds without work, load it again when a request needs it (-1: never)")
     a("--usage", action="help", help=argparse.SUPPRESS)
     a("--version", action="version", version=f"numllama {package_version()}")
     from .llama_options import add_ignored_options
@@ -222,9 +224,16 @@ def main(argv=None) -> int:
               f"{vertex.port} instead of {args.port}", file=sys.stderr)
         args.port = vertex.port
     app = create_app(max_body_bytes=int(args.max_body_mb * 1024 * 1024), vertex=vertex)
+    sleeper = None
+    if args.sleep_idle_seconds >= 0:
+        from .sleep import Sleeper
+        sleeper = Sleeper(app, args.sleep_idle_seconds, lambda metrics: build_context(args, path, metrics))
+
     def load():
         try:
             app.config["NUMLLAMA"] = build_context(args, path)
+            if sleeper is not None:
+                sleeper.start()
             print(f"numllama-server: model loaded, listening on http://{args.host}:{args.port}",
                   file=sys.stderr, flush=True)
         except Exception as e:  # a model that cannot load ends the server with a clear message
@@ -252,7 +261,9 @@ def sampling_defaults(args, seed: int):
                           **{k: getattr(args, k) for k in SAMPLING_FLAGS})
 
 
-def build_context(args, path: str):
+def build_context(args, path: str, metrics=None):
+    """Load the model and build everything the routes need. metrics: the counters to go on from
+    (when waking from sleep)."""
     from ..engine.engine import Engine, physical_cores
     from ..engine.slots import Scheduler
     from .app import ServerContext
@@ -280,7 +291,7 @@ def build_context(args, path: str):
                           n_predict_default=args.n_predict, context_shift=args.context_shift,
                           cache_ram_mib=args.cache_ram, cache_idle_slots=args.cache_idle_slots,
                           kv_unified=kv_unified, slot_prompt_similarity=args.slot_prompt_similarity,
-                          n_threads=args.threads or physical_cores())
+                          n_threads=args.threads or physical_cores(), metrics=metrics)
     from ..engine.chat_template import ChatTemplate
     template = args.chat_template
     if args.chat_template_file:
