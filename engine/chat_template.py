@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
+from jinja2 import Undefined
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -59,6 +60,18 @@ class ChatTemplateError(ValueError):
 
 def _raise(message):
     raise ChatTemplateError(message)
+
+
+class _LlamaUndefined(Undefined):
+    """An undefined variable as llama.cpp's Jinja treats it: concatenated with a string with
+    `+`, it is the empty string (templates such as firefunction-v2 rely on it; Jinja2 would
+    fail). Everything else behaves as Jinja2's own Undefined."""
+
+    def __add__(self, other):
+        return other if isinstance(other, str) else super().__add__(other)
+
+    def __radd__(self, other):
+        return other if isinstance(other, str) else super().__radd__(other)
 
 
 def _strftime_now(fmt):
@@ -114,7 +127,7 @@ class ChatTemplate:
         tokenizer adds these tokens itself, so the template's own are removed."""
         self.source = BUILTIN_TEMPLATES.get(source, source) if source else _CHATML
         self.name = source if source in BUILTIN_TEMPLATES else ("chatml" if not source else "jinja")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=_LlamaUndefined,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now

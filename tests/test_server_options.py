@@ -68,3 +68,45 @@ def test_a_llama_server_command_line_starts_the_server(stories_path, tmp_path):
         assert r.json()["generation_settings"]["top_k"] == 5
     finally:
         s.stop()
+
+
+def test_reasoning_and_template_kwargs_options(stories_path):
+    """--reasoning off and --chat-template-kwargs reach every render; a request's own kwargs
+    and reasoning_effort "none" go over them, as llama-server merges them."""
+    import os
+    from server_util import Server
+    tmpl = os.path.join(os.path.dirname(__file__), "data", "templates", "Qwen-Qwen3-0.6B.jinja")
+    s = Server(["-c", "256", "--chat-template-file", tmpl, "-rea", "off",
+                "--chat-template-kwargs", '{"custom": 1}'], model=stories_path)
+    try:
+        msgs = {"messages": [{"role": "user", "content": "hi"}]}
+        off = s.post("/apply-template", msgs).json()["prompt"]
+        assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        on = s.post("/apply-template", {**msgs, "chat_template_kwargs": {"enable_thinking": True}}).json()["prompt"]
+        assert on.endswith("<|im_start|>assistant\n")
+        none = s.post("/apply-template", {**msgs, "chat_template_kwargs": {"enable_thinking": True},
+                                          "reasoning_effort": "none"}).json()["prompt"]
+        assert none == off
+        r = s.post("/apply-template", {**msgs, "chat_template_kwargs": {"enable_thinking": "no"}})
+        assert r.status_code == 400 and "expected boolean, got string" in r.json()["error"]["message"]
+    finally:
+        s.stop()
+
+
+def test_no_jinja_takes_llama_servers_legacy_chat_path(server):
+    """(The `server` fixture runs llama.cpp's tinyllama2 preset, --no-jinja.) response_format is
+    the schema's own grammar and the answer is returned as generated; tools are refused."""
+    msgs = [{"role": "user", "content": "Write an example"}]
+    r = server.post("/chat/completions", {"messages": msgs, "max_tokens": 10, "temperature": 0,
+                                          "response_format": {"type": "json_object"}}).json()
+    assert r["choices"][0]["message"]["content"].startswith("{")   # no leading whitespace allowed
+    r = server.post("/chat/completions", {"messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "tools param requires --jinja flag"
+    r = server.post("/chat/completions", {"messages": msgs, "tool_choice": "required"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "tool_choice param requires --jinja flag"
+
+
+def test_undefined_variables_concatenate_as_llama_cpp_does():
+    from numllama.engine.chat_template import ChatTemplate
+    t = ChatTemplate("{{ 'a' + functions }}|{{ functions + 'b' }}|{{ functions | default('z') }}")
+    assert t.render([], add_generation_prompt=False) == "a|b|z"

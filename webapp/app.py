@@ -29,10 +29,12 @@ class ServerContext:
     enable_metrics: bool = False
     api_keys: tuple = ()           # --api-key (comma-separated) and --api-key-file: any one is accepted
     chat_template: object = None   # engine.chat_template.ChatTemplate
+    jinja: bool = True             # --jinja: llama-server's chat parser (off: its legacy chat path)
     tool_format: object = None     # engine.tool_calls.ToolFormat of the template (None: it writes no calls)
     tool_format_error: str = ""    # why the template's tool calls cannot be read, if so
     reasoning_format: object = None   # engine.reasoning.ReasoningFormat of the template, if it has one
     reasoning_format_default: str = "deepseek"   # --reasoning-format: split reasoning out, or "none"
+    template_kwargs: dict = field(default_factory=dict)   # --chat-template-kwargs, --reasoning: every render's
     verbose: bool = False
     cors_origins: str = "*"        # "*", "localhost", or a comma-separated list of origins
     ui: bool = True

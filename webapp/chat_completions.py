@@ -80,6 +80,24 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
+def _template_kwargs(body: dict, defaults: dict) -> dict:
+    """The server's template variables with the request's chat_template_kwargs over them, as
+    llama-server merges them; reasoning_effort "none" turns thinking off."""
+    given = body.get("chat_template_kwargs") or {}
+    if not isinstance(given, dict):
+        raise APIError("'chat_template_kwargs' must be an object")
+    kwargs = {**defaults, **given}
+    if isinstance(kwargs.get("enable_thinking"), str):
+        raise APIError('invalid type for "enable_thinking" (expected boolean, got string)')
+    effort = body.get("reasoning_effort")
+    if effort == "none":
+        kwargs["enable_thinking"] = False
+        kwargs.pop("reasoning_effort", None)
+    elif isinstance(effort, str) and effort:
+        kwargs["reasoning_effort"] = effort
+    return kwargs
+
+
 @dataclass(frozen=True)
 class RenderedChat:
     prompt: str
@@ -97,15 +115,18 @@ def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
     ctx = current_app.config["NUMLLAMA"]
     messages = _messages(body)
     add_gen = get_bool(body, "add_generation_prompt", True)
-    kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise APIError("'chat_template_kwargs' must be an object")
+    kwargs = _template_kwargs(body, ctx.template_kwargs)
     continue_final = get_bool(body, "continue_final_message", False)
     if continue_final and body.get("add_generation_prompt") is True:
         raise APIError("Cannot have both add_generation_prompt and continue_final_message")
     # (no messages at all is allowed, as llama-server allows it: the template renders what it will)
     prefill = bool(messages) and (messages[-1]["role"] == "assistant" or continue_final)
     tools = _tools(body)
+    if not ctx.jinja:   # (llama-server answers these 500; they are the request's to fix)
+        if tools:
+            raise APIError("tools param requires --jinja flag")
+        if isinstance(body.get("tool_choice"), str) and body["tool_choice"] != "auto":
+            raise APIError("tool_choice param requires --jinja flag")
     if prefill and messages[-1].get("tool_calls"):
         raise APIError("Cannot continue an assistant message that contains tool calls.")
     tmpl, reasoning = ctx.chat_template, ctx.reasoning_format
@@ -244,8 +265,8 @@ def _chat_response_format(out: dict, chat: RenderedChat, extract: bool) -> None:
     (optional whitespace, an optional ```json fence; a reasoning block first, for templates with
     one); its JSON becomes the content."""
     ctx = current_app.config["NUMLLAMA"]
-    if out.get("response_format") is None or out.get("grammar"):
-        return
+    if out.get("response_format") is None or out.get("grammar") or not ctx.jinja:
+        return   # (--no-jinja: llama-server's legacy path, the schema's own grammar and the raw answer)
     schema = response_format_schema(out["response_format"])
     if schema is None:
         return

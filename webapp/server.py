@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import ctypes.util
 import logging
 import os
@@ -94,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("-no-ag", "--no-agent", dest="agent", action="store_false")
     a("--chat-template", help="a built-in name (chatml, llama3, llama2, command-r, gemma, phi3, zephyr) or a Jinja template")
     a("--chat-template-file", help="a file holding a Jinja chat template")
+    a("-rea", "--reasoning", choices=("on", "off", "auto"), default="auto",
+      help="thinking in chat answers: the templates' enable_thinking (auto: the template's default)")
+    a("--reasoning-effort", default="default",
+      help="the reasoning_effort given to chat templates ('default': none given)")
+    a("--chat-template-kwargs", help="JSON object of variables for every chat template render "
+      "(a request's chat_template_kwargs add to them)")
     a("--reasoning-format", choices=("none", "auto", "deepseek"), default="deepseek",
       help="split a reasoning block (<think>...</think>) out of chat answers as reasoning_content "
            "(deepseek, auto), or leave it in the content (none)")
@@ -163,6 +170,24 @@ def return_freed_memory() -> None:
         pass
 
 
+def template_kwargs(args) -> dict:
+    """The variables every chat template render gets by default: --chat-template-kwargs, then
+    --reasoning (enable_thinking) and --reasoning-effort, as llama-server merges them."""
+    out = {}
+    if args.chat_template_kwargs:
+        try:
+            out = json.loads(args.chat_template_kwargs)
+        except ValueError as e:
+            raise ValueError(f"--chat-template-kwargs: not JSON: {e}") from None
+        if not isinstance(out, dict):
+            raise ValueError("--chat-template-kwargs: must be a JSON object")
+    if args.reasoning != "auto":
+        out["enable_thinking"] = args.reasoning == "on"
+    if args.reasoning_effort != "default":
+        out["reasoning_effort"] = args.reasoning_effort
+    return out
+
+
 def api_keys(args) -> tuple:
     """--api-key's keys (comma-separated) and --api-key-file's (one per line), as llama-server
     reads them."""
@@ -181,6 +206,10 @@ def main(argv=None) -> int:
         args.tools, args.ui_mcp_proxy = "all", True
     try:
         args.tools = select_tools(args.tools)
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        args.template_kwargs = template_kwargs(args)
     except ValueError as e:
         ap.error(str(e))
     try:
@@ -320,9 +349,9 @@ def build_context(args, path: str, metrics=None):
         defaults=ServerDefaults(sampling=sampling_defaults(args, seed), n_predict=args.n_predict),
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
-        enable_metrics=args.metrics, api_keys=args.api_keys, chat_template=chat_template, verbose=args.verbose,
+        enable_metrics=args.metrics, api_keys=args.api_keys, chat_template=chat_template, jinja=args.jinja, verbose=args.verbose,
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
-        reasoning_format_default=args.reasoning_format,
+        reasoning_format_default=args.reasoning_format, template_kwargs=args.template_kwargs,
         cors_origins=args.cors_origins, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
         ui=not args.no_ui, enable_props=args.props, device=device,
         allowed_hosts=tuple(h for h in hosts if h and h not in ("0.0.0.0", "::")),
