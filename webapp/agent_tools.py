@@ -14,6 +14,7 @@ Nothing here knows HTTP; webapp/tools.py serves them.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import platform
 import re
@@ -21,6 +22,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+log = logging.getLogger("numllama.tools")
 
 READ_MAX = 16 * 1024           # bytes of text read_file returns without a line range
 SEARCH_MAX_RESULTS = 100       # file_glob_search and grep_search results
@@ -153,10 +156,12 @@ class Tool:
     run: Callable            # run(params, emit) -> dict; emit(chunk) streams, None when not streaming
     write: bool = False      # the "write" permission: the UI asks before calling it
     streams: bool = False    # accepts "stream": true
+    kind: str = "server"     # "server": built in; "mcp": an MCP server's (webapp/mcp_servers.py)
+    uses_cwd: bool = True    # reads the working folder (X-Tool-Cwd)
 
     def to_json(self) -> dict:
-        return {"display_name": self.display_name, "tool": self.name, "type": "server",
-                "permissions": {"write": self.write}, "uses_cwd": True, "definition": self.definition}
+        return {"display_name": self.display_name, "tool": self.name, "type": self.kind,
+                "permissions": {"write": self.write}, "uses_cwd": self.uses_cwd, "definition": self.definition}
 
     def invoke(self, params: dict, emit: Callable[[str], bool] | None = None) -> dict:
         try:
@@ -495,3 +500,22 @@ def select_tools(spec: str) -> list[Tool]:
         if n != "all" and n not in known:
             raise ValueError(f'unknown tool "{n}". available tools: {", ".join(known)}')
     return [t for t in TOOLS if "all" in names or t.name in names]
+
+
+def mcp_tools(servers, taken: set) -> list[Tool]:
+    """An MCP server's tools as agent tools named "<server>_<tool>" (webapp/mcp_servers.py); a
+    name already taken (by a built-in tool or another server's) is skipped."""
+    out = []
+    for t in servers.tools:
+        name = f"{t.server}_{t.name}"
+        if name in taken:
+            log.warning("MCP tool %r of server %r collides with an existing tool, skipping", name, t.server)
+            continue
+        taken.add(name)
+        definition = {"type": "function", "function": {"name": name, "description": t.description,
+                                                       "parameters": t.input_schema}}
+
+        def run(params, emit, server=t.server, tool=t.name):
+            return servers.call(server, tool, params)
+        out.append(Tool(name, name, definition, run, kind="mcp", uses_cwd=False))
+    return out

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import ctypes.util
+import json
 import logging
 import os
+import signal
 import sys
 import threading
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ui-mcp-proxy", "--webui-mcp-proxy", dest="ui_mcp_proxy", action="store_true", default=False,
       help="experimental, for trusted machines only: the /cors-proxy endpoint the web UI uses for MCP")
     a("--no-ui-mcp-proxy", "--no-webui-mcp-proxy", dest="ui_mcp_proxy", action="store_false")
+    a("--mcp-servers-config", help="experimental, for trusted machines only: a JSON file of MCP servers "
+      '(Cursor\'s {"mcpServers": {...}} format) whose tools join /tools')
+    a("--mcp-servers-json", help="the same, given inline")
     a("-ag", "--agent", dest="agent", action="store_true", default=False,
       help="--ui-mcp-proxy and --tools all together")
     a("-no-ag", "--no-agent", dest="agent", action="store_false")
@@ -188,6 +192,17 @@ def template_kwargs(args) -> dict:
     return out
 
 
+def stop_mcp_on_exit(mcp) -> None:
+    """On SIGTERM or SIGINT, cancel MCP calls in flight and stop the MCP servers, then end as
+    the signal would have ended the process."""
+    def handler(signum, _frame):
+        mcp.shutdown()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
 def api_keys(args) -> tuple:
     """--api-key's keys (comma-separated) and --api-key-file's (one per line), as llama-server
     reads them."""
@@ -216,14 +231,20 @@ def main(argv=None) -> int:
         args.api_keys = api_keys(args)
     except OSError as e:
         ap.error(f"--api-key-file: {e}")
-    if (args.tools or args.ui_mcp_proxy) and not args.api_keys and not args.unsafe_no_api_key:
-        ap.error("--tools and --ui-mcp-proxy run commands and reach other services for whoever can "
-                 "send this server a request: give an --api-key, or pass --unsafe-no-api-key on a "
-                 "machine where every local user and every page you open is trusted")
+    from .mcp_servers import McpServers, load_configs
+    try:
+        mcp_configs = load_configs(args.mcp_servers_config, args.mcp_servers_json)
+    except ValueError as e:
+        ap.error(str(e))
+    agent = bool(args.tools or args.ui_mcp_proxy or mcp_configs)
+    if agent and not args.api_keys and not args.unsafe_no_api_key:
+        ap.error("--tools, --mcp-servers-* and --ui-mcp-proxy run commands and reach other services for "
+                 "whoever can send this server a request: give an --api-key, or pass --unsafe-no-api-key "
+                 "on a machine where every local user and every page you open is trusted")
     if args.cors_origins is None:
         # tools read and write files, the proxy reaches other services: only pages served from
         # this machine may call them
-        args.cors_origins = "localhost" if args.tools or args.ui_mcp_proxy else "*"
+        args.cors_origins = "localhost" if agent else "*"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     from .llama_options import ignored_given
@@ -258,8 +279,16 @@ def main(argv=None) -> int:
         from .sleep import Sleeper
         sleeper = Sleeper(app, args.sleep_idle_seconds, lambda metrics: build_context(args, path, metrics))
 
+    mcp = McpServers(mcp_configs) if mcp_configs else None
+    if mcp is not None:
+        stop_mcp_on_exit(mcp)
+
     def load():
         try:
+            if mcp is not None:   # their tools join the agent tools (/health waits for them)
+                from .agent_tools import mcp_tools
+                mcp.warm_up()
+                args.tools = args.tools + mcp_tools(mcp, {t.name for t in args.tools})
             app.config["NUMLLAMA"] = build_context(args, path)
             if sleeper is not None:
                 sleeper.start()
