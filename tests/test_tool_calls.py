@@ -261,11 +261,17 @@ def test_named_function_choice_reads_as_auto(tool_server):
     assert _answer(s, named) == {k: v for k, v in run["answer"].items() if k != "grammar"}
 
 
-def test_template_without_tool_calls_still_answers(server):
-    """stories260K's template writes no tool calls: the tools reach it, the answer is content."""
-    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-                                             "tools": WEATHER, "tool_choice": "required"})
-    assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
+def test_template_without_tool_calls_still_answers(stories_path):
+    """stories260K's template writes no tool calls: the tools reach it, the answer is content.
+    (With --jinja, the default: without it llama-server refuses tools.)"""
+    from server_util import Server
+    s = Server(["-c", "512"], model=stories_path)
+    try:
+        r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                            "tools": WEATHER, "tool_choice": "required"})
+        assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
+    finally:
+        s.stop()
 
 
 def test_unported_tool_format_is_a_clear_400(stories_path, tmp_path):
