@@ -57,7 +57,10 @@ def test_glob_search_skips_junk_and_lists_dirs(tree):
     assert [e["path"] for e in out["entries"]] == ["a.py", "src/b.py"]
     assert out["base"] == str(tree) and "Total matches: 2" in out["plain_text_response"]
     dirs = T["file_glob_search"].invoke({"path": str(tree), "type": "dir"})
-    assert "src/deep/\n" in dirs["plain_text_response"] and "node_modules" not in dirs["plain_text_response"]
+    # a junk folder is listed (it may be a working folder) but never walked into
+    assert "src/deep/\n" in dirs["plain_text_response"] and "node_modules/\n" in dirs["plain_text_response"]
+    everything = [e["path"] for e in T["file_glob_search"].invoke({"path": str(tree), "type": "all"})["entries"]]
+    assert "node_modules" in everything and "node_modules/junk.py" not in everything
     one = T["file_glob_search"].invoke({"path": str(tree), "limit": 1})
     assert "results limit reached" in one["plain_text_response"]
     assert "invalid type" in T["file_glob_search"].invoke({"path": str(tree), "type": "x"})["error"]
@@ -116,3 +119,18 @@ def test_shell_command(tree):
 def test_get_info(tree):
     info = T["get_info"].invoke({"cwd": str(tree)})
     assert info["cwd"] == str(tree) and info["os"].startswith(os.uname().sysname)
+
+
+@pytest.mark.parametrize("spec, said", [
+    ("fake:x", "unknown tool runtime: fake:x"),
+    ("ssh:-oProxyCommand=touch /tmp/pwned", "invalid ssh target: -oProxyCommand=touch /tmp/pwned"),
+    ("docker-container:--privileged", "invalid container id: --privileged"),
+    ("podman-container:a b", "invalid container id: a b"),
+    ("docker:ubuntu", "tool runtime must name a running container: docker:ubuntu"),
+    ("ssh:me@host", "is not supported by numllama"),
+    ("docker-container:abc123", "is not supported by numllama"),
+])
+def test_tool_runtimes_are_refused(spec, said):
+    """numllama runs tools here only: an isolate asked for is refused, never replaced by the host."""
+    from numllama.webapp.agent_tools import runtime_refusal
+    assert said in runtime_refusal(spec)

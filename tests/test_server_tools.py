@@ -119,6 +119,17 @@ def test_cors_proxy_forwards_only_named_headers(server):
     assert server.get("/health").status_code == 200
 
 
+def test_a_tool_runtime_is_refused_not_ignored(server, stories_path):
+    r = requests.post(server.url + "/tools", json={"tool": "exec_shell_command", "params": {"command": "echo hi"}},
+                      headers={**AUTH, "X-Tool-Runtime": "ssh:-oProxyCommand=x"}, timeout=10)
+    assert r.status_code == 500 and r.json()["error"]["message"] == "invalid ssh target: -oProxyCommand=x"
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "numllama.webapp.server", "-m", stories_path, "--tools", "all",
+                        "--api-key", KEY, "--tools-runtime", "docker:ubuntu"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--tools-runtime: numllama runs tools on this machine only" in p.stderr
+
+
 def test_features_off_by_default(stories_path):
     s = Server(TINYLLAMA2, model=stories_path)
     try:

@@ -30,9 +30,10 @@ SEARCH_MAX_RESULTS = 100       # file_glob_search and grep_search results
 LIST_TIME_BUDGET = 15.0        # seconds one directory listing may take
 SHELL_MAX_OUTPUT = 16 * 1024   # bytes of shell output kept
 SHELL_MAX_TIMEOUT = 60         # seconds
-# skipped when walking a tree that is not a git checkout (a git checkout uses .gitignore)
-JUNK_DIRS = {".git", "node_modules", "build", "dist", "__pycache__", ".venv", "venv", ".tox",
-             ".mypy_cache", ".pytest_cache", "target", ".cache", ".idea", ".vscode"}
+# listed but never walked into when walking a tree that is not a git checkout (a git checkout
+# uses .gitignore): they can be enormous; llama-server's list
+JUNK_DIRS = {".git", ".svn", ".hg", "node_modules", "__pycache__", ".venv", "venv", "dist", "build", "target",
+             ".cache", ".idea", ".vscode"}
 
 
 class ToolError(ValueError):
@@ -109,7 +110,7 @@ class Listing:
 def list_entries(base: str, max_depth: int, kind: str) -> Listing:
     """Files and/or folders under `base` (kind "file", "dir" or "all"), relative, sorted.
     Inside a git checkout the files are git's (so .gitignore applies); elsewhere a walk that
-    skips JUNK_DIRS. max_depth 0 means unlimited."""
+    lists JUNK_DIRS without walking into them. max_depth 0 means unlimited."""
     if not os.path.exists(base):
         return Listing(error="path does not exist")
     if not os.path.isdir(base):
@@ -129,12 +130,13 @@ def list_entries(base: str, max_depth: int, kind: str) -> Listing:
             pass
     deadline = time.monotonic() + LIST_TIME_BUDGET
     for root, dirs, files in os.walk(base, onerror=lambda e: setattr(out, "truncated", True)):
-        dirs[:] = sorted(d for d in dirs if d not in JUNK_DIRS)
+        dirs.sort()
         rel_root = os.path.relpath(root, base)
         depth = 0 if rel_root == "." else rel_root.count(os.sep) + 1
         prefix = "" if rel_root == "." else rel_root.replace(os.sep, "/") + "/"
         if kind in ("dir", "all"):
             out.entries += [(prefix + d, True) for d in dirs]
+        dirs[:] = [d for d in dirs if d not in JUNK_DIRS]
         if kind in ("file", "all"):
             out.entries += [(prefix + f, False) for f in sorted(files)]
         if max_depth and depth + 1 >= max_depth:
@@ -500,6 +502,31 @@ def select_tools(spec: str) -> list[Tool]:
         if n != "all" and n not in known:
             raise ValueError(f'unknown tool "{n}". available tools: {", ".join(known)}')
     return [t for t in TOOLS if "all" in names or t.name in names]
+
+
+CONTAINER_ENGINES = ("docker", "podman")
+SAFE_TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]*")   # an ssh target; "@" aside, a container id too
+
+
+def runtime_refusal(spec: str) -> str:
+    """Why a tool runtime (the X-Tool-Runtime header, llama-server's isolates: "ssh:host",
+    "docker-container:id", "podman-container:id") cannot be used: numllama runs tools on this
+    machine only, and a request that asks for an isolate must never fall back to the host. The
+    malformed ones get llama-server's own words (a value starting with "-" would have become an
+    option of ssh or docker)."""
+    for engine in CONTAINER_ENGINES:
+        if spec.startswith(engine + "-container:"):
+            ident = spec[len(engine) + len("-container:"):]
+            if not SAFE_TARGET.fullmatch(ident) or "@" in ident:
+                return f"invalid container id: {ident}"
+            return f"tool runtime {spec!r} is not supported by numllama (its tools run on this machine only)"
+        if spec.startswith(engine + ":"):
+            return f"tool runtime must name a running container: {spec}"
+    if spec.startswith("ssh:"):
+        if not SAFE_TARGET.fullmatch(spec[4:]):
+            return f"invalid ssh target: {spec[4:]}"
+        return f"tool runtime {spec!r} is not supported by numllama (its tools run on this machine only)"
+    return f"unknown tool runtime: {spec}"
 
 
 def mcp_tools(servers, taken: set) -> list[Tool]:

@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ui-mcp-proxy", "--webui-mcp-proxy", dest="ui_mcp_proxy", action="store_true", default=False,
       help="experimental, for trusted machines only: the /cors-proxy endpoint the web UI uses for MCP")
     a("--no-ui-mcp-proxy", "--no-webui-mcp-proxy", dest="ui_mcp_proxy", action="store_false")
+    a("--tools-runtime", help=argparse.SUPPRESS)   # (refused at start-up: see main)
     a("--mcp-servers-config", help="experimental, for trusted machines only: a JSON file of MCP servers "
       '(Cursor\'s {"mcpServers": {...}} format) whose tools join /tools')
     a("--mcp-servers-json", help="the same, given inline")
@@ -231,6 +232,9 @@ def main(argv=None) -> int:
         args.api_keys = api_keys(args)
     except OSError as e:
         ap.error(f"--api-key-file: {e}")
+    if args.tools_runtime:   # an isolation the user asked for must never silently not happen
+        ap.error("--tools-runtime: numllama runs tools on this machine only, it cannot run them in "
+                 "a container or over ssh; drop the option to run them here")
     from .mcp_servers import McpServers, load_configs
     try:
         mcp_configs = load_configs(args.mcp_servers_config, args.mcp_servers_json)

@@ -13,7 +13,7 @@ import threading
 
 from flask import Blueprint, Response, current_app, request
 
-from .agent_tools import ToolError
+from .agent_tools import ToolError, runtime_refusal
 from .errors import APIError, json_response
 from .http import request_json, require_agent_feature
 
@@ -46,6 +46,8 @@ def call_tool():
     params = {k: v for k, v in params.items() if k != "cwd"}
     if request.headers.get("X-Tool-Cwd"):
         params["cwd"] = request.headers["X-Tool-Cwd"]
+    if request.headers.get("X-Tool-Runtime"):   # (an isolate numllama cannot provide: refused, 500 as llama-server)
+        raise APIError(runtime_refusal(request.headers["X-Tool-Runtime"]), 500)
     tool = tools.get(body["tool"])
     if tool is None:
         raise APIError(f'unknown tool "{body["tool"]}"', 404, "invalid_request_error")
