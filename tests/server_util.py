@@ -27,7 +27,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, args: list[str], env: dict | None = None, model: str | None = None):
+    def __init__(self, args: list[str], env: dict | None = None, model: str | None = None,
+                 health_path: str = "/health"):
         self.port = free_port()
         cmd = [sys.executable, "-m", "numllama.webapp.server", "--port", str(self.port)]
         if env and "AIP_HTTP_PORT" in env:   # a Vertex AI container listens there, whatever --port says
@@ -46,7 +47,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server died: {self.output()}")
             try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                if requests.get(self.url + health_path, timeout=1).status_code == 200:
                     return
             except requests.RequestException:
                 pass

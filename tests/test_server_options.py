@@ -45,6 +45,19 @@ def test_options_llama_server_lacks_are_still_refused():
         build_parser().parse_args(["--mlock"])   # (gone from llama-server: --load-mode replaced it)
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--lora", "a.gguf"], "--lora: it would change the model's answers"),
+    (["--rope-freq-base", "10000"], "--rope-freq-base: it would change the model's answers"),
+    (["--ssl-key-file", "k.pem"], "--ssl-key-file: numllama serves plain HTTP"),
+])
+def test_options_that_would_change_answers_or_safety_stop_the_server(flags, said):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "numllama.webapp.server", "-m", "x.gguf", *flags],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and said in p.stderr
+
+
 def test_a_llama_server_command_line_starts_the_server(stories_path, tmp_path):
     """Options that steer nothing here are named; implemented ones work: sampling defaults,
     keys from a file, the UI switch under its other name."""
@@ -52,11 +65,11 @@ def test_a_llama_server_command_line_starts_the_server(stories_path, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("first\nsecond\n")
     s = Server(["-c", "256", "--top-k", "5", "--samplers", "top_k;temperature", "--temperature", "0.5",
-                "-C", "ff", "--control-vector-layer-range", "1", "2", "--no-warmup", "-lm", "mmap",
+                "-C", "ff", "--spec-draft-n-max", "4", "--no-warmup", "-lm", "mmap",
                 "--no-webui", "--api-key-file", str(keys), "-ctk", "q8_0", "--mmproj-auto"], model=stories_path)
     try:
         out = s.output()
-        for name in ("--control-vector-layer-range", "-C/--cpu-mask", "--warmup/--no-warmup",
+        for name in ("--spec-draft-n-max", "-C/--cpu-mask", "--warmup/--no-warmup",
                      "-lm/--load-mode", "-ctk/--cache-type-k", "--mmproj-auto/--no-mmproj/--no-mmproj-auto"):
             assert f"numllama-server: {name} has no effect in numllama" in out
         assert s.get("/props").status_code == 401
@@ -110,3 +123,21 @@ def test_undefined_variables_concatenate_as_llama_cpp_does():
     from numllama.engine.chat_template import ChatTemplate
     t = ChatTemplate("{{ 'a' + functions }}|{{ functions + 'b' }}|{{ functions | default('z') }}")
     assert t.render([], add_generation_prompt=False) == "a|b|z"
+
+
+def test_api_prefix_and_cors_options(stories_path):
+    from server_util import Server
+    s = Server(["-c", "256", "--api-prefix", "/api", "--cors-methods", "GET, POST", "--cors-headers",
+                "Content-Type", "--no-cors-credentials"], model=stories_path, health_path="/api/health")
+    try:
+        assert requests.get(s.url + "/health", timeout=10).status_code == 404
+        r = requests.post(s.url + "/api/completion", json={"prompt": "Once", "n_predict": 2},
+                          headers={"Origin": "http://example.com"}, timeout=30)
+        assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
+        assert r.headers["Access-Control-Allow-Origin"] == "*"   # no credentials: not the echoed origin
+        assert r.headers["Access-Control-Allow-Credentials"] == "false"
+        pre = requests.options(s.url + "/api/completion", headers={"Origin": "http://example.com"}, timeout=10)
+        assert (pre.headers["Access-Control-Allow-Methods"], pre.headers["Access-Control-Allow-Headers"]) == \
+            ("GET, POST", "Content-Type")
+    finally:
+        s.stop()

@@ -37,6 +37,9 @@ class ServerContext:
     template_kwargs: dict = field(default_factory=dict)   # --chat-template-kwargs, --reasoning: every render's
     verbose: bool = False
     cors_origins: str = "*"        # "*", "localhost", or a comma-separated list of origins
+    cors_methods: str = "GET, POST, DELETE, OPTIONS"   # what a preflight is told
+    cors_headers: str = "*"
+    cors_credentials: bool = True  # allowed: the origin is echoed (with "*", any origin)
     ui: bool = True
     slot_save_path: str | None = None
     device: str = "cpu"            # where the offloaded layers run
@@ -83,7 +86,25 @@ def allowed_origin(origin: str, policy: str) -> bool:
     return origin in allowed
 
 
-def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 << 20, vertex=None) -> Flask:
+class PrefixMount:
+    """--api-prefix: the routes answer under the prefix only (llama-server's mount point);
+    anything else is its 404."""
+
+    def __init__(self, wsgi_app, prefix: str):
+        self.wsgi_app = wsgi_app
+        self.prefix = prefix.rstrip("/")
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == self.prefix or path.startswith(self.prefix + "/"):
+            environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + self.prefix
+            environ["PATH_INFO"] = path[len(self.prefix):] or "/"
+            return self.wsgi_app(environ, start_response)
+        return error_response(APIError("File Not Found", 404))(environ, start_response)
+
+
+def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 << 20, vertex=None,
+               api_prefix: str = "") -> Flask:
     """Build the app. Until `app.config["NUMLLAMA"]` holds a ServerContext, every route answers
     503 "Loading model" (so clients can poll /health while the model loads). vertex: the
     vertex_predict.VertexSettings when serving as a Vertex AI container."""
@@ -100,14 +121,16 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
     if vertex is not None:
         from . import vertex_predict
         vertex_predict.register(app, vertex)
+    if api_prefix.rstrip("/"):
+        app.wsgi_app = PrefixMount(app.wsgi_app, api_prefix)
 
     @app.before_request
     def gate():
         ctx = app.config["NUMLLAMA"]
         if request.method == "OPTIONS":  # CORS preflight: answered for any path, no key needed
             resp = Response(status=200)
-            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-            resp.headers["Access-Control-Allow-Headers"] = "*"
+            resp.headers["Access-Control-Allow-Methods"] = ctx.cors_methods if ctx else ServerContext.cors_methods
+            resp.headers["Access-Control-Allow-Headers"] = ctx.cors_headers if ctx else ServerContext.cors_headers
             return resp
         if ctx is None:
             if request.path == "/":
@@ -150,9 +173,11 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
         resp.headers["Server"] = "llama.cpp"
         origin = request.headers.get("Origin")
         ctx = app.config["NUMLLAMA"]
-        if origin and allowed_origin(origin, ctx.cors_origins if ctx else "*"):
-            resp.headers["Access-Control-Allow-Origin"] = origin
-            resp.headers["Access-Control-Allow-Credentials"] = "true"
+        policy, credentials = (ctx.cors_origins, ctx.cors_credentials) if ctx else ("*", True)
+        if origin and allowed_origin(origin, policy):
+            # without credentials "*" is said as "*" (a browser then sends no cookies or keys)
+            resp.headers["Access-Control-Allow-Origin"] = "*" if policy == "*" and not credentials else origin
+            resp.headers["Access-Control-Allow-Credentials"] = "true" if credentials else "false"
         return resp
 
     @app.errorhandler(APIError)

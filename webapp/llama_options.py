@@ -3,7 +3,9 @@ numllama-server unchanged.
 
 numllama implements the options that mean something for it (webapp/server.py defines those);
 every other one is accepted, with the values it takes, and named at start-up as having no
-effect here (GPU splits, CPU masks, NUMA, RPC, speculative decoding, multimodal projectors...).
+effect here (GPU splits, CPU masks, NUMA, RPC, speculative decoding, multimodal projectors...),
+except those in REFUSED, which would change the answers or the safety the user asked for: with
+one of them the server does not start.
 The list is llama-server's own help, kept verbatim in data/llama-server-options.txt.
 """
 from __future__ import annotations
@@ -13,6 +15,20 @@ import os
 import re
 from dataclasses import dataclass
 
+# options that would change what the model computes, or how safely it is served: numllama
+# cannot honour them yet, and going on without them would give other answers, or less safety,
+# than the user asked for, so the server refuses to start instead (keyed by their last spelling)
+OUTPUTS_DIFFER = "it would change the model's answers, and numllama does not implement it yet"
+REFUSED = {
+    "--ssl-key-file": "numllama serves plain HTTP; put a TLS-terminating proxy (deploy/) in front of it",
+    "--ssl-cert-file": "numllama serves plain HTTP; put a TLS-terminating proxy (deploy/) in front of it",
+    "--lora": OUTPUTS_DIFFER, "--lora-scaled": OUTPUTS_DIFFER, "--control-vector": OUTPUTS_DIFFER,
+    "--control-vector-scaled": OUTPUTS_DIFFER, "--control-vector-layer-range": OUTPUTS_DIFFER,
+    "--override-kv": OUTPUTS_DIFFER, "--rope-scaling": OUTPUTS_DIFFER, "--rope-scale": OUTPUTS_DIFFER,
+    "--rope-freq-base": OUTPUTS_DIFFER, "--rope-freq-scale": OUTPUTS_DIFFER, "--yarn-orig-ctx": OUTPUTS_DIFFER,
+    "--yarn-ext-factor": OUTPUTS_DIFFER, "--yarn-attn-factor": OUTPUTS_DIFFER, "--yarn-beta-slow": OUTPUTS_DIFFER,
+    "--yarn-beta-fast": OUTPUTS_DIFFER,
+}
 OPTIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "llama-server-options.txt")
 IGNORED_PREFIX = "llama_ignored:"   # the dest of an accepted option without effect
 
@@ -63,7 +79,16 @@ def add_ignored_options(ap: argparse.ArgumentParser, options: list[LlamaOption] 
     return partial
 
 
-def ignored_given(args: argparse.Namespace) -> list[str]:
-    """The options without effect that this command line gave."""
+def _given(args: argparse.Namespace) -> list[str]:
     return sorted(k[len(IGNORED_PREFIX):] for k, v in vars(args).items()
                   if k.startswith(IGNORED_PREFIX) and v not in (None, False))
+
+
+def ignored_given(args: argparse.Namespace) -> list[str]:
+    """The options without effect that this command line gave."""
+    return [name for name in _given(args) if name.split("/")[-1] not in REFUSED]
+
+
+def refused_given(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The options of REFUSED that this command line gave, with the reason."""
+    return [(name, REFUSED[name.split("/")[-1]]) for name in _given(args) if name.split("/")[-1] in REFUSED]

@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cors-origins", default=None,
       help='"*" (default), "localhost", or a comma-separated list of origins; '
            'with --tools or --agent the default is "localhost"')
+    a("--cors-methods", default="GET, POST, DELETE, OPTIONS", help="what a CORS preflight is told the methods are")
+    a("--cors-headers", default="*", help="what a CORS preflight is told the allowed headers are")
+    a("--cors-credentials", dest="cors_credentials", action="store_true", default=True,
+      help="allow credentials (the Origin is echoed back; with --cors-origins '*' any origin's)")
+    a("--no-cors-credentials", dest="cors_credentials", action="store_false")
+    a("--api-prefix", default="", help="serve every route under this path (no trailing slash)")
     a("--tools", default="", help="experimental, for trusted machines only: built-in tools for AI agents, "
       '"all" or a list of read_file, file_glob_search, grep_search, exec_shell_command, write_file, '
       "edit_file, get_info (served at /tools)")
@@ -251,7 +257,9 @@ def main(argv=None) -> int:
         args.cors_origins = "localhost" if agent else "*"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
-    from .llama_options import ignored_given
+    from .llama_options import ignored_given, refused_given
+    for name, reason in refused_given(args):
+        ap.error(f"{name}: {reason}")
     for name in ignored_given(args):
         print(f"numllama-server: {name} has no effect in numllama (accepted as llama-server accepts it)",
               file=sys.stderr)
@@ -277,7 +285,7 @@ def main(argv=None) -> int:
         print(f"numllama-server: Vertex AI mode (AIP_MODE=PREDICTION): listening on AIP_HTTP_PORT "
               f"{vertex.port} instead of {args.port}", file=sys.stderr)
         args.port = vertex.port
-    app = create_app(max_body_bytes=int(args.max_body_mb * 1024 * 1024), vertex=vertex)
+    app = create_app(max_body_bytes=int(args.max_body_mb * 1024 * 1024), vertex=vertex, api_prefix=args.api_prefix)
     sleeper = None
     if args.sleep_idle_seconds >= 0:
         from .sleep import Sleeper
@@ -385,7 +393,8 @@ def build_context(args, path: str, metrics=None):
         enable_metrics=args.metrics, api_keys=args.api_keys, chat_template=chat_template, jinja=args.jinja, verbose=args.verbose,
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
         reasoning_format_default=args.reasoning_format, template_kwargs=args.template_kwargs,
-        cors_origins=args.cors_origins, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
+        cors_origins=args.cors_origins, cors_methods=args.cors_methods, cors_headers=args.cors_headers,
+        cors_credentials=args.cors_credentials, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
         ui=not args.no_ui, enable_props=args.props, device=device,
         allowed_hosts=tuple(h for h in hosts if h and h not in ("0.0.0.0", "::")),
         cors_proxy_allow_private=args.cors_proxy_allow_private,
