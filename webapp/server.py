@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="experimental, for trusted machines only: the /cors-proxy endpoint the web UI uses for MCP")
     a("--no-ui-mcp-proxy", "--no-webui-mcp-proxy", dest="ui_mcp_proxy", action="store_false")
     a("--tools-runtime", help=argparse.SUPPRESS)   # (refused at start-up: see main)
+    # router mode (webapp/router.py): without -m/-hf, any of these serves several models
+    a("--models-dir", help="router mode: a folder of GGUF files, one model each (or a folder per model)")
+    a("--models-preset", help="router mode: an INI file of models and their options")
+    a("--models-max", type=int, default=None, help="router mode: models running at once (default 4, 0: no limit)")
+    a("--models-autoload", dest="models_autoload", action="store_true", default=None,
+      help="router mode: start a model's server when a request names it (the default)")
+    a("--no-models-autoload", dest="models_autoload", action="store_false")
     a("--mcp-servers-config", help="experimental, for trusted machines only: a JSON file of MCP servers "
       '(Cursor\'s {"mcpServers": {...}} format) whose tools join /tools')
     a("--mcp-servers-json", help="the same, given inline")
@@ -199,11 +206,51 @@ def template_kwargs(args) -> dict:
     return out
 
 
-def stop_mcp_on_exit(mcp) -> None:
-    """On SIGTERM or SIGINT, cancel MCP calls in flight and stop the MCP servers, then end as
+ROUTER_ONLY = {"--models-dir": 1, "--models-preset": 1, "--models-max": 1, "--models-autoload": 0,
+               "--no-models-autoload": 0, "--host": 1, "--port": 1, "--api-key": 1, "--api-key-file": 1,
+               "-a": 1, "--alias": 1}
+
+
+def child_args(argv: list[str]) -> list[str]:
+    """The router's command line for its children: its options but those of the router itself
+    (address, keys, the model sources), as llama-server hands its own on."""
+    out, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ROUTER_ONLY:
+            skip = ROUTER_ONLY[name] if "=" not in arg else 0
+            continue
+        out.append(arg)
+    return out
+
+
+def serve_router(args, argv: list[str]) -> int:
+    from .router import Router, create_router_app
+    from .serving import serve
+    try:
+        router = Router(child_args(argv), args.models_dir, args.models_preset,
+                        4 if args.models_max is None else args.models_max,
+                        True if args.models_autoload is None else args.models_autoload)
+    except (OSError, ValueError) as e:
+        print(f"numllama-server: router: {e}", file=sys.stderr)
+        return 1
+    app = create_router_app(router, args.api_keys, "b1-numllama", int(args.max_body_mb * 1024 * 1024))
+    router.start_up()
+    on_exit(router.stop_all)   # no model's server outlives the router
+    print(f"numllama-server: router with {len(router.instances)} models, listening on "
+          f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    serve(app, args)
+    return 0
+
+
+def on_exit(cleanup) -> None:
+    """On SIGTERM or SIGINT, run `cleanup` (stop the processes this one started), then end as
     the signal would have ended the process."""
     def handler(signum, _frame):
-        mcp.shutdown()
+        cleanup()
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -265,6 +312,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
     return_freed_memory()
 
+    if not args.model and not args.hf_repo and (args.models_dir or args.models_preset or args.models_max is not None
+                                                or args.models_autoload is not None):
+        return serve_router(args, argv if argv is not None else sys.argv[1:])
     from ..engine.model_files import ModelNotFound, default_model_path, resolve_hf
     try:
         if args.model:
@@ -293,7 +343,7 @@ def main(argv=None) -> int:
 
     mcp = McpServers(mcp_configs) if mcp_configs else None
     if mcp is not None:
-        stop_mcp_on_exit(mcp)
+        on_exit(mcp.shutdown)   # (cancels MCP calls in flight, stops the MCP servers)
 
     def load():
         try:
