@@ -10,7 +10,8 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from .errors import APIError, error_response
+from .errors import APIError, error_response, json_response
+from .lifecycle import MODEL_FREE, InFlight
 from .params import ServerDefaults
 
 
@@ -52,7 +53,7 @@ class ServerContext:
     started: float = field(default_factory=time.time)
 
 
-PUBLIC_PATHS = ("/health", "/v1/health", "/")
+PUBLIC_PATHS = ("/health", "/v1/health", "/", "/live")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 log = logging.getLogger("numllama.http")
 
@@ -112,6 +113,7 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
     app.config["NUMLLAMA"] = context
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes   # larger bodies: 413 in the JSON shape
     app.config["PUBLIC_PATHS"] = PUBLIC_PATHS
+    inflight = app.extensions["numllama_inflight"] = InFlight()
 
     from . import (anthropic_messages, chat_completions, completions, cors_proxy, info, metrics,
                    openai_responses, tokens, tools, ui)
@@ -132,8 +134,13 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
             resp.headers["Access-Control-Allow-Methods"] = ctx.cors_methods if ctx else ServerContext.cors_methods
             resp.headers["Access-Control-Allow-Headers"] = ctx.cors_headers if ctx else ServerContext.cors_headers
             return resp
+        drain = app.extensions.get("numllama_drain")
+        if drain is not None:   # SIGTERM: everything but /live is refused from now on
+            drain.check(request.path)
         if ctx is None:
             if request.path == "/":
+                return None
+            if request.path == "/live":
                 return None
             raise APIError("Loading model", 503)
         if request.path in app.config["PUBLIC_PATHS"]:
@@ -147,26 +154,32 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
             given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-Api-Key")
             if not any(api_key_matches(given, key) for key in ctx.api_keys):
                 raise APIError("Invalid API Key", 401)
+        if (request.method, request.path) in MODEL_FREE:
+            return None
+        inflight.enter()
+        request.environ["numllama.in_flight"] = True
         sleeper = app.extensions.get("numllama_sleep")
         if sleeper is not None:   # --sleep-idle-seconds: a request that needs the model wakes it
-            sleeper.enter(request.method, request.path)
-            request.environ["numllama.sleep_entered"] = True
+            sleeper.wake_if_asleep()
 
     @app.teardown_request
     def leave(_exc):
-        sleeper = app.extensions.get("numllama_sleep")
-        if sleeper is not None and request.environ.pop("numllama.sleep_entered", False):
-            sleeper.leave(request.method, request.path)
+        if request.environ.pop("numllama.in_flight", False):
+            inflight.leave()
 
     def leave_after_stream(resp: Response) -> Response:
-        """A stream is still work when its view has returned: it leaves once its body closes."""
-        sleeper = app.extensions.get("numllama_sleep")
-        if sleeper is not None and resp.is_streamed and request.environ.pop("numllama.sleep_entered", False):
-            method, path = request.method, request.path
-            resp.call_on_close(lambda: sleeper.leave(method, path))
+        """A stream is still in flight when its view has returned: it leaves once its body closes."""
+        if resp.is_streamed and request.environ.pop("numllama.in_flight", False):
+            resp.call_on_close(inflight.leave)
         return resp
 
     app.after_request(leave_after_stream)
+
+    @app.get("/live")
+    def live():
+        """Liveness, distinct from /health's readiness: the process serves HTTP (while the model
+        loads, sleeps or the server drains too)."""
+        return json_response({"status": "alive"})
 
     @app.after_request
     def headers(resp):

@@ -123,6 +123,7 @@ class McpSession:
         self.next_id = 1
         self.initialized = False
         self.err_tail = b""
+        self.closed = False   # its stdout has ended
         self.proc = subprocess.Popen(
             [cfg.command, *cfg.args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             cwd=cfg.cwd or None, env={**os.environ, **cfg.env},
@@ -135,6 +136,7 @@ class McpSession:
             line = line.strip()
             if line:
                 self.replies.put(line)
+        self.closed = True
         self.replies.put(None)   # EOF: the server is gone
 
     def _drain(self) -> None:
@@ -142,7 +144,7 @@ class McpSession:
             self.err_tail = (self.err_tail + line)[-STDERR_TAIL:]
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self.closed and self.proc.poll() is None
 
     def close(self) -> None:
         """Stop the server and whatever it started (its process group)."""

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
            "send them elsewhere (each waiting request holds one of the server's threads)")
     a("--connection-limit", type=int, default=1000,
       help="open connections accepted at once (idle ones are closed after --idle-timeout seconds)")
+    a("--drain-timeout", type=float, default=30.0,
+      help="on SIGTERM, seconds the requests in flight get to finish (new ones get 503) before the exit")
     a("--idle-timeout", "-to", "--timeout", dest="idle_timeout", type=int, default=30,
       help="seconds before an idle connection is closed")
     a("--threads-http", type=int, default=-1,
@@ -246,14 +248,14 @@ def serve_router(args, argv: list[str]) -> int:
     return 0
 
 
-def on_exit(cleanup) -> None:
-    """On SIGTERM or SIGINT, run `cleanup` (stop the processes this one started), then end as
-    the signal would have ended the process."""
+def on_exit(cleanup, *signals) -> None:
+    """On these signals (default SIGTERM and SIGINT), run `cleanup` (stop the processes this
+    one started), then end as the signal would have ended the process."""
     def handler(signum, _frame):
         cleanup()
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in signals or (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
 
 
@@ -342,8 +344,15 @@ def main(argv=None) -> int:
         sleeper = Sleeper(app, args.sleep_idle_seconds, lambda metrics: build_context(args, path, metrics))
 
     mcp = McpServers(mcp_configs) if mcp_configs else None
-    if mcp is not None:
-        on_exit(mcp.shutdown)   # (cancels MCP calls in flight, stops the MCP servers)
+    cleanup = mcp.shutdown if mcp is not None else (lambda: None)   # (MCP calls cancelled, servers stopped)
+    on_exit(cleanup, signal.SIGINT)
+    # SIGTERM drains (webapp/lifecycle.py): new requests get 503, those in flight finish
+    from .lifecycle import Drain
+    from .serving import unsent_bytes
+    drain = app.extensions["numllama_drain"] = Drain(
+        app.extensions["numllama_inflight"], args.drain_timeout, cleanup,
+        unsent=lambda: unsent_bytes(app.extensions.get("numllama_channels", {})))
+    signal.signal(signal.SIGTERM, drain.start)
 
     def load():
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import resource
 
-from waitress import serve as waitress_serve
+from waitress.server import create_server
 from waitress.task import ThreadedTaskDispatcher
 
 RESERVED_PATHS = frozenset({"/health", "/v1/health", "/metrics"})
@@ -65,12 +65,23 @@ def serve(app, args) -> None:
     # --host may list several addresses ("127.0.0.1,::1"): one listening socket each
     listen = " ".join(f"[{h}]:{args.port}" if ":" in h else f"{h}:{args.port}"
                       for h in args.host.split(",") if h)
-    waitress_serve(
-        app, listen=listen,
+    # our own socket map, so that a drain can see what the connections have yet to send
+    channels = app.extensions["numllama_channels"] = {}
+    server = create_server(
+        app, map=channels, listen=listen,
         _dispatcher=ReservedPathDispatcher(max(n_slots + max_queue + SPARE_THREADS, args.threads_http)),
         connection_limit=args.connection_limit, channel_timeout=args.idle_timeout,
         cleanup_interval=max(1, min(30, args.idle_timeout // 2)),
         # lets a request thread see that its client went away
-        channel_request_lookahead=1, ident="llama.cpp", _quiet=not args.verbose,
+        channel_request_lookahead=1, ident="llama.cpp",
         # waitress's own (plain-text) 413 is only a safety net above the app's JSON one
         max_request_body_size=int(args.max_body_mb * 2 * 1024 * 1024) + (1 << 20))
+    if args.verbose:
+        server.print_listen("Serving on http://{}:{}")
+    server.run()
+
+
+def unsent_bytes(channels: dict) -> int:
+    """What waitress's connections hold to send still (an answer whose app side is done may
+    not have reached its client yet)."""
+    return sum(getattr(ch, "total_outbufs_len", 0) for ch in list(channels.values()))

@@ -20,9 +20,6 @@ from flask import Flask
 
 log = logging.getLogger("numllama.sleep")
 POLL_S = 0.1
-# what a sleeping server answers itself (llama-server's routes that bypass its sleep)
-READ_ONLY = {("GET", "/health"), ("GET", "/v1/health"), ("GET", "/props"), ("GET", "/models"),
-             ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/")}
 
 
 class Sleeper:
@@ -34,11 +31,10 @@ class Sleeper:
         self.app = app
         self.idle_s = idle_s
         self.load = load
+        self.inflight = app.extensions["numllama_inflight"]   # lifecycle.InFlight
         self.lock = threading.Condition()
         self.sleeping = False
         self.waking = False
-        self.active = 0            # requests between the gate and their teardown
-        self.last_active = time.monotonic()
         self.view = None           # the scheduler's SchedulerView when it fell asleep
         self.props = None          # /props and /models as they were then
         self.models = None
@@ -48,13 +44,10 @@ class Sleeper:
         threading.Thread(target=self._watch, name="numllama-sleep", daemon=True).start()
 
     # ------------------------------------------------------------ the request side
-    def enter(self, method: str, path: str) -> None:
-        """A request passed the gate: wake the server if it needs the model."""
-        if (method, path) in READ_ONLY:
-            return
+    def wake_if_asleep(self) -> None:
+        """A request that needs the model passed the gate (it is counted in flight already, so
+        the server does not fall asleep under it): wake the server if it sleeps."""
         with self.lock:
-            self.active += 1
-            self.last_active = time.monotonic()
             while self.waking:
                 self.lock.wait()
             if not self.sleeping:
@@ -67,26 +60,18 @@ class Sleeper:
                 self.waking = False
                 self.lock.notify_all()
 
-    def leave(self, method: str, path: str) -> None:
-        if (method, path) in READ_ONLY:
-            return
-        with self.lock:
-            self.active -= 1
-            self.last_active = time.monotonic()
-
     # ------------------------------------------------------------ sleeping and waking
     def _watch(self) -> None:
         while True:
             time.sleep(POLL_S)
             ctx = self.app.config["NUMLLAMA"]
             with self.lock:
-                if self.sleeping or self.waking or self.active or ctx is None:
+                if self.sleeping or self.waking or self.inflight.n or ctx is None:
                     continue
-                if time.monotonic() - self.last_active < self.idle_s:
+                if time.monotonic() - self.inflight.last_change < self.idle_s:
                     continue
                 view = ctx.scheduler.view()
-                if view.n_waiting or any(s.busy for s in view.slots):
-                    self.last_active = time.monotonic()   # a stream still running counts as work
+                if view.n_waiting or any(s.busy for s in view.slots):   # (a task whose client left)
                     continue
                 self._fall_asleep(ctx, view)
 
@@ -111,7 +96,6 @@ class Sleeper:
         with self.lock:
             self.sleeping = False
             self.view = self.props = self.models = None
-            self.last_active = time.monotonic()
         print("numllama-server: awake", flush=True)
 
 
