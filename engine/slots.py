@@ -28,6 +28,7 @@ from .prompt_cache import PromptCache, common_prefix
 from .model import Batch
 from .ops import FA_TILE_Q, kv_cells, split_kv_chunk
 from .sampling import Sampler, SamplingParams, logprob, token_probabilities
+from .slot_file import read_slot_file, write_slot_file
 from .tokenizer import utf8_complete_prefix
 
 
@@ -437,7 +438,7 @@ class Scheduler:
         return slot
 
     def save_slot(self, slot_id: int, path: str) -> tuple[int, int]:
-        """Write an idle slot's cached tokens and their K/V cells to `path` (NumPy .npz).
+        """Write an idle slot's cached tokens and their K/V cells to `path` (engine.slot_file).
         Returns (tokens saved, bytes written)."""
         with self.lock:   # the worker only starts a slot under this lock: it stays idle
             slot = self._idle_slot(slot_id)
@@ -445,15 +446,15 @@ class Scheduler:
             hp = self.engine.model.hp
             k, v = self.cache.cells(slot_id, n)
             with open(path, "wb") as f:
-                np.savez(f, tokens=np.array(slot.cache_tokens, np.int32), k=k, v=v,
-                         shape=np.array([hp.n_layer, hp.n_head_kv, hp.head_dim, hp.n_vocab], np.int64))
+                write_slot_file(f, slot.cache_tokens, k, v,
+                                np.array([hp.n_layer, hp.n_head_kv, hp.head_dim, hp.n_vocab], np.int64))
             return n, os.path.getsize(path)
 
     def restore_slot(self, slot_id: int, path: str) -> tuple[int, int]:
         """Load a state file into an idle slot: its prompt cache becomes the saved tokens."""
         hp = self.engine.model.hp
-        with np.load(path) as data:
-            tokens, k, v, shape = data["tokens"], data["k"], data["v"], data["shape"]
+        with open(path, "rb") as f:
+            tokens, k, v, shape = read_slot_file(f.read())
         if list(shape) != [hp.n_layer, hp.n_head_kv, hp.head_dim, hp.n_vocab]:
             raise ValueError("the state file was saved from a different model")
         n = len(tokens)
@@ -461,8 +462,10 @@ class Scheduler:
             slot = self._idle_slot(slot_id)
             if n > slot.n_ctx:
                 raise ValueError(f"the state holds {n} tokens, more than the slot's context ({slot.n_ctx})")
+            if k.ndim != 4 or k.shape[2] != n or v.shape != k.shape:
+                raise ValueError("the state file's tokens and K/V cells disagree")
             self.cache.put_cells(slot_id, k, v)
-            slot.cache_tokens = tokens.tolist()
+            slot.cache_tokens = list(tokens)
         return n, os.path.getsize(path)
 
     def erase_slot(self, slot_id: int) -> int:
