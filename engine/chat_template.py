@@ -17,11 +17,13 @@ token the template writes at the start (end) is removed when the tokenizer adds 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 from datetime import datetime
 
 from jinja2 import Undefined
+from jinja2.ext import Extension
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -60,6 +62,16 @@ class ChatTemplateError(ValueError):
 
 def _raise(message):
     raise ChatTemplateError(message)
+
+
+class _GenerationBlock(Extension):
+    """{% generation %}...{% endgeneration %}: Hugging Face's mark of the assistant's tokens (for
+    training masks); llama.cpp's Jinja renders what it holds, as is."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
 class _LlamaUndefined(Undefined):
@@ -109,6 +121,23 @@ def _probe_conversation(arguments, with_calls: bool = True, name: str = "tool1")
             {"role": "user", "content": "User message"}]
 
 
+CONTENT_MARKER = "STRING_MARKER"
+EFFORT_LEVELS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+REASONING_MARKER = "<REASONING_CONTENT_PLACEHOLDER>"
+
+
+def preserve_reasoning_variables(enabled: bool) -> dict:
+    """What llama.cpp sets for preserve_reasoning: the names templates use to keep or drop
+    earlier turns' reasoning (caps_apply_preserve_reasoning)."""
+    return {"preserve_thinking": enabled, "clear_thinking": not enabled,
+            "truncate_history_thinking": not enabled, "drop_thinking": not enabled}
+
+
+def reasoning_effort_variables(level: str) -> dict:
+    """llama.cpp's caps_apply_reasoning_effort: both names templates use for it."""
+    return {"reasoning_effort": level, "reasoning_strength": level}
+
+
 @dataclass(frozen=True)
 class TemplateCaps:
     """What a template does with what it is given, found by rendering probes (llama.cpp's
@@ -118,6 +147,13 @@ class TemplateCaps:
     supports_tool_calls: bool = True
     supports_object_arguments: bool = False
     supports_parallel_tool_calls: bool = False
+    supports_string_content: bool = True    # a message's content may be a string
+    supports_typed_content: bool = False    # ... or a list of typed parts it reads
+    supports_preserve_reasoning: bool = False   # earlier turns' reasoning_content is rendered
+    supports_reasoning_effort: bool = False     # reasoning_effort changes the prompt
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class ChatTemplate:
@@ -128,7 +164,7 @@ class ChatTemplate:
         self.source = BUILTIN_TEMPLATES.get(source, source) if source else _CHATML
         self.name = source if source in BUILTIN_TEMPLATES else ("chatml" if not source else "jinja")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=_LlamaUndefined,
-                                            extensions=["jinja2.ext.loopcontrols"])
+                                            extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
         env.filters["tojson"] = _tojson
@@ -142,9 +178,10 @@ class ChatTemplate:
         self.add_eos = add_eos
         self.caps = self._probe()
 
-    def _try(self, messages: list[dict], tools: list | None = None) -> str | None:
-        variables = {"messages": messages, "add_generation_prompt": False, "bos_token": self.bos_token,
-                     "eos_token": self.eos_token}
+    def _try(self, messages: list[dict], tools: list | None = None, extra: dict | None = None,
+             add_generation_prompt: bool = False) -> str | None:
+        variables = {**(extra or {}), "messages": messages, "add_generation_prompt": add_generation_prompt,
+                     "bos_token": self.bos_token, "eos_token": self.eos_token}
         if tools:
             variables["tools"] = tools
         try:
@@ -181,7 +218,38 @@ class ChatTemplate:
                                                                       _probe_tools("tool1")))
         if caps.get("supports_tool_calls", True):
             caps["supports_parallel_tool_calls"] = self._second_call_used(caps.get("supports_object_arguments", False))
+        caps.update(self._content_caps())
+        caps.update(self._reasoning_caps())
         return TemplateCaps(**caps)
+
+    def _content_caps(self) -> dict:
+        """String and typed content: is a string read, are parts read (the marker reaches the
+        output from inside a part, not as the printed list)?"""
+        text = self._try([{"role": "user", "content": CONTENT_MARKER}])
+        parts = self._try([{"role": "user", "content": [{"type": "text", "text": CONTENT_MARKER}]}])
+        typed = parts is not None and CONTENT_MARKER in parts and "'text'" not in parts and '"text"' not in parts
+        return {"supports_typed_content": typed,
+                "supports_string_content": text is not None and (CONTENT_MARKER in text or not typed)}
+
+    def _reasoning_caps(self) -> dict:
+        """llama.cpp's reasoning probes: does an earlier turn's reasoning reach the prompt (with
+        thinking on and the preserve variables set), does reasoning_effort change it?"""
+        conv = [{"role": "user", "content": "User message"},
+                {"role": "assistant", "content": "Assistant message", "reasoning_content": REASONING_MARKER},
+                {"role": "user", "content": "User message"},
+                {"role": "assistant", "content": "Assistant message", "reasoning_content": "Reasoning content"},
+                {"role": "user", "content": "User message"}]
+        kept = self._try(conv, extra={"enable_thinking": True, **preserve_reasoning_variables(True)},
+                         add_generation_prompt=True)
+        user = [{"role": "user", "content": "User message"}]
+
+        # templates test for particular levels ("max", "none", "low"...): the effort is read if
+        # some level renders otherwise than no effort given
+        plain = self._try(user, extra={"enable_thinking": True}, add_generation_prompt=True)
+        efforts = [self._try(user, extra={"enable_thinking": True, **reasoning_effort_variables(level)},
+                             add_generation_prompt=True) for level in EFFORT_LEVELS]
+        return {"supports_preserve_reasoning": kept is not None and REASONING_MARKER in kept,
+                "supports_reasoning_effort": any(e is not None and e != plain for e in efforts)}
 
     def _second_call_used(self, object_arguments: bool) -> bool:
         """llama.cpp's parallel-call probe: a turn with two calls; does the second reach the

@@ -102,6 +102,9 @@ def test_reasoning_and_template_kwargs_options(stories_path):
         assert none == off
         r = s.post("/apply-template", {**msgs, "chat_template_kwargs": {"enable_thinking": "no"}})
         assert r.status_code == 400 and "expected boolean, got string" in r.json()["error"]["message"]
+        import json
+        golden = json.load(open(os.path.join(os.path.dirname(__file__), "data", "template-caps.json")))["caps"]
+        assert s.get("/props").json()["chat_template_caps"] == golden["Qwen-Qwen3-0.6B"]
     finally:
         s.stop()
 

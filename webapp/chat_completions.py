@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app
 
-from ..engine.chat_template import ChatTemplateError
+from ..engine.chat_template import (ChatTemplateError, preserve_reasoning_variables,
+                                    reasoning_effort_variables)
 from ..engine.json_schema import chat_response_format_grammar
 from ..engine.slots import ErrorEvent, FinalEvent, ProgressEvent, Task, TokenEvent
 from ..engine.grammar import GrammarError
@@ -95,6 +96,12 @@ def _template_kwargs(body: dict, defaults: dict) -> dict:
         kwargs.pop("reasoning_effort", None)
     elif isinstance(effort, str) and effort:
         kwargs["reasoning_effort"] = effort
+    # as llama.cpp renders them: an effort under both names templates use, and preserve_reasoning
+    # as the variables that keep (or drop) earlier turns' reasoning
+    if isinstance(kwargs.get("reasoning_effort"), str) and kwargs["reasoning_effort"]:
+        kwargs.update(reasoning_effort_variables(kwargs["reasoning_effort"]))
+    if isinstance(kwargs.get("preserve_reasoning"), bool):
+        kwargs.update(preserve_reasoning_variables(kwargs["preserve_reasoning"]))
     return kwargs
 
 

@@ -53,7 +53,7 @@ def _props(ctx):
         "ui": ctx.ui,
         "ui_settings": {},
         "chat_template": ctx.chat_template.source if ctx.chat_template else "",
-        "chat_template_caps": {},
+        "chat_template_caps": ctx.chat_template.caps.as_dict() if ctx.chat_template else {},
         "bos_token": tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
         "eos_token": tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "",
         "build_info": ctx.build_fingerprint,
