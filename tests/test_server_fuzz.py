@@ -11,13 +11,16 @@ FIELDS = ["prompt", "n_predict", "temperature", "top_k", "top_p", "min_p", "seed
           "n_probs", "stream", "cache_prompt", "id_slot", "samplers", "grammar", "json_schema",
           "response_format", "messages", "max_tokens", "n", "n_cmpl", "tokens", "content", "add_special",
           "with_pieces", "response_fields", "ignore_eos", "post_sampling_probs", "t_max_predict_ms",
-          "n_keep", "repeat_penalty", "logprobs", "top_logprobs", "continue_final_message", "chat_template_kwargs"]
+          "n_keep", "repeat_penalty", "logprobs", "top_logprobs", "continue_final_message", "chat_template_kwargs",
+          "system", "input", "instructions", "max_output_tokens", "stop_sequences", "tools", "tool_choice",
+          "thinking", "reasoning", "reasoning_effort"]
 # 501: a feature the server was not started with (llama-server's answer); 503: busy, try again
 DELIBERATE = (501, 503)
 ROUTES = ["/completion", "/completions", "/v1/completions", "/v1/chat/completions", "/chat/completions",
           "/tokenize", "/detokenize", "/apply-template", "/chat/completions/input_tokens",
           "/v1/chat/completions/input_tokens", "/props", "/slots/0?action=save", "/slots/0?action=restore",
-          "/slots/0?action=erase", "/slots/9?action=erase", "/tools", "/cors-proxy"]
+          "/slots/0?action=erase", "/slots/9?action=erase", "/tools", "/cors-proxy",
+          "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/responses/input_tokens"]
 
 
 def random_value(rng: random.Random, depth: int = 0):
@@ -49,7 +52,7 @@ def test_random_bodies_never_5xx(server):
         body = {k: random_value(rng) for k in rng.sample(FIELDS, rng.randint(1, 6))}
         if rng.random() < 0.5:  # a valid base, so the odd fields reach deeper code
             base = {"prompt": "Once upon", "messages": [{"role": "user", "content": "Hi"}],
-                    "content": "Hi", "tokens": [1, 2, 3]}
+                    "content": "Hi", "tokens": [1, 2, 3], "input": "Hi"}
             body = {**base, **{k: v for k, v in body.items() if k not in base}}
         body.setdefault("n_predict", 2)
         body["max_tokens"] = 2 if not isinstance(body.get("max_tokens"), int) else body["max_tokens"]
