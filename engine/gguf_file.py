@@ -49,6 +49,8 @@ class VocabData:
     add_eos: bool
     add_space_prefix: bool
     chat_template: str | None
+    fim: dict = field(default_factory=dict)   # fill-in-the-middle tokens: "pre", "suf", "mid", "pad",
+                                    # "rep", "sep" -> id (those the file has, or llama.cpp finds by text)
     lowercase: bool = False         # WordPiece: lowercase the text first
     strip_accents: bool = False     # WordPiece: drop accents (decompose, drop the marks)
 
@@ -333,6 +335,42 @@ def _rope_freq_factors(tensors: dict, name: str = "rope_freqs.weight") -> tuple:
 TOKENIZER_DEFAULT_IDS = {"llama": (1, 2, 0), "gpt2": (11, 11, -1), "gemma4": (-1, -1, -1), "bert": (101, -1, 100)}
 
 
+# llama.cpp's llama_vocab::impl::load: each FIM token's metadata keys, then the texts it looks for
+FIM_TOKENS = {
+    "pre": (("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id"),
+            ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
+             "<|code_prefix|>", "<|prefix|>")),
+    "suf": (("tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.suffix_token_id"),
+            ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
+             "<|code_suffix|>", "<|suffix|>")),
+    "mid": (("tokenizer.ggml.fim_mid_token_id", "tokenizer.ggml.middle_token_id"),
+            ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
+             "<|code_middle|>", "<|middle|>")),
+    "pad": (("tokenizer.ggml.fim_pad_token_id",), ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]")),
+    "rep": (("tokenizer.ggml.fim_rep_token_id",), ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>",
+                                                  "<reponame>")),
+    "sep": (("tokenizer.ggml.fim_sep_token_id",), ("<|file_sep|>",)),
+}
+CONTROL_TYPE = 3
+
+
+def _fim_tokens(fields: dict, tokens: list[str], types: np.ndarray, token_id) -> dict:
+    """The file's FIM token ids, or those llama.cpp finds by their text; a found one becomes a
+    control token, as llama.cpp makes it. (A vocabulary with two texts of one kind: llama.cpp
+    takes whichever its hash map yields first, here the first of the list.)"""
+    index = {t: i for i, t in enumerate(tokens)}
+    out = {}
+    for name, (keys, texts) in FIM_TOKENS.items():
+        found = next((token_id(k, None) for k in keys if fields.get(k) is not None), -1)
+        if found < 0:
+            found = next((index[t] for t in texts if t in index), -1)
+            if found >= 0:
+                types[found] = CONTROL_TYPE
+        if found >= 0:
+            out[name] = found
+    return out
+
+
 def _read_vocab(fields: dict) -> VocabData:
     model = fields.get("tokenizer.ggml.model")
     if model not in TOKENIZER_DEFAULT_IDS:
@@ -353,6 +391,7 @@ def _read_vocab(fields: dict) -> VocabData:
         v = fields.get(key, default)
         return -1 if v is None or int(v) >= len(tokens) else int(v)
 
+    fim = _fim_tokens(fields, tokens, types, token_id)
     eos = token_id("tokenizer.ggml.eos_token_id", default_eos)
     eot = token_id("tokenizer.ggml.eot_token_id", -1)
     if eot < 0:  # llama.cpp recognises end-of-turn markers by their text when the id is absent
@@ -377,6 +416,7 @@ def _read_vocab(fields: dict) -> VocabData:
         add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
         add_space_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", spm)),
         chat_template=fields.get("tokenizer.chat_template"),
+        fim=fim,
         # BertNormalizer options, on unless the file says (llama.cpp: strip_accents follows lowercase)
         lowercase=bool(fields.get("tokenizer.ggml.normalizer.lowercase", True)),
         strip_accents=bool(fields.get("tokenizer.ggml.normalizer.strip_accents",

@@ -162,6 +162,8 @@ class Tokenizer:
             i = self.token_to_id.get(name)
             if i is not None and types[i] == CONTROL:
                 eog.add(i)
+        # llama.cpp ends generation at the FIM padding, repository and file-separator tokens too
+        eog |= {vocab.fim[k] for k in ("pad", "rep", "sep") if k in vocab.fim}
         self.eog_ids = frozenset(i for i in eog if i >= 0)
         # special tokens cut out before tokenizing, longest first so "<|im_start|>" wins over "<|"
         self._specials = sorted(

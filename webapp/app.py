@@ -31,6 +31,7 @@ class ServerContext:
     api_keys: tuple = ()           # --api-key (comma-separated) and --api-key-file: any one is accepted
     chat_template: object = None   # engine.chat_template.ChatTemplate
     jinja: bool = True             # --jinja: llama-server's chat parser (off: its legacy chat path)
+    spm_infill: bool = False       # --spm-infill: /infill puts the suffix before the prefix
     tool_format: object = None     # engine.tool_calls.ToolFormat of the template (None: it writes no calls)
     tool_format_error: str = ""    # why the template's tool calls cannot be read, if so
     reasoning_format: object = None   # engine.reasoning.ReasoningFormat of the template, if it has one
@@ -115,9 +116,9 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
     app.config["PUBLIC_PATHS"] = PUBLIC_PATHS
     inflight = app.extensions["numllama_inflight"] = InFlight()
 
-    from . import (anthropic_messages, chat_completions, completions, cors_proxy, info, metrics,
+    from . import (anthropic_messages, chat_completions, completions, cors_proxy, infill, info, metrics,
                    openai_responses, tokens, tools, ui)
-    for module in (info, completions, chat_completions, anthropic_messages, openai_responses, tokens,
+    for module in (info, completions, chat_completions, anthropic_messages, openai_responses, infill, tokens,
                    metrics, ui, tools, cors_proxy):
         app.register_blueprint(module.bp)
     if vertex is not None:

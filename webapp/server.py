@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="the reasoning_effort given to chat templates ('default': none given)")
     a("--chat-template-kwargs", help="JSON object of variables for every chat template render "
       "(a request's chat_template_kwargs add to them)")
+    a("--spm-infill", action="store_true", help="/infill: the Suffix/Prefix/Middle order (some models "
+      "expect it) instead of Prefix/Suffix/Middle")
     a("--reasoning-format", choices=("none", "auto", "deepseek"), default="deepseek",
       help="split a reasoning block (<think>...</think>) out of chat answers as reasoning_content "
            "(deepseek, auto), or leave it in the content (none)")
@@ -449,7 +451,7 @@ def build_context(args, path: str, metrics=None):
         defaults=ServerDefaults(sampling=sampling_defaults(args, seed), n_predict=args.n_predict),
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
-        enable_metrics=args.metrics, api_keys=args.api_keys, chat_template=chat_template, jinja=args.jinja, verbose=args.verbose,
+        enable_metrics=args.metrics, api_keys=args.api_keys, chat_template=chat_template, jinja=args.jinja, spm_infill=args.spm_infill, verbose=args.verbose,
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
         reasoning_format_default=args.reasoning_format, template_kwargs=args.template_kwargs,
         cors_origins=args.cors_origins, cors_methods=args.cors_methods, cors_headers=args.cors_headers,
