@@ -352,6 +352,12 @@ FIM_TOKENS = {
     "sep": (("tokenizer.ggml.fim_sep_token_id",), ("<|file_sep|>",)),
 }
 CONTROL_TYPE = 3
+# the texts llama.cpp takes for end-of-generation tokens, whatever their type (it makes them
+# control tokens): llama_vocab::impl::load, "special_eog_ids"
+EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+             "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+             "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+             "<｜end▁of▁sentence｜>", "[e~[")
 
 
 def _fim_tokens(fields: dict, tokens: list[str], types: np.ndarray, token_id) -> dict:
@@ -392,6 +398,10 @@ def _read_vocab(fields: dict) -> VocabData:
         return -1 if v is None or int(v) >= len(tokens) else int(v)
 
     fim = _fim_tokens(fields, tokens, types, token_id)
+    index = {t: i for i, t in enumerate(tokens)}   # (a text given twice: its last id, as llama.cpp's map)
+    for text in EOG_TEXTS:   # (llama.cpp: a "control-looking token" becomes one)
+        if text in index:
+            types[index[text]] = CONTROL_TYPE
     eos = token_id("tokenizer.ggml.eos_token_id", default_eos)
     eot = token_id("tokenizer.ggml.eot_token_id", -1)
     if eot < 0:  # llama.cpp recognises end-of-turn markers by their text when the id is absent

@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import regex
 
-from .gguf_file import VocabData
+from .gguf_file import EOG_TEXTS, VocabData
 
 # token types stored in tokenizer.ggml.token_type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -155,13 +155,9 @@ class Tokenizer:
         self.byte_encode = vocab.model == "gpt2"
         self.token_to_id = {t: i for i, t in enumerate(vocab.tokens)}
         types = vocab.token_types
-        # end-of-generation tokens: EOS, EOT, and control tokens that end a turn
+        # end-of-generation tokens: EOS, EOT, and the tokens llama.cpp knows by their text
         eog = {vocab.eos_id, vocab.eot_id}
-        for name in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                     "<|eom_id|>", "<EOT>"):
-            i = self.token_to_id.get(name)
-            if i is not None and types[i] == CONTROL:
-                eog.add(i)
+        eog |= {self.token_to_id[name] for name in EOG_TEXTS if name in self.token_to_id}
         # llama.cpp ends generation at the FIM padding, repository and file-separator tokens too
         eog |= {vocab.fim[k] for k in ("pad", "rep", "sep") if k in vocab.fim}
         self.eog_ids = frozenset(i for i in eog if i >= 0)

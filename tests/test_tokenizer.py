@@ -81,3 +81,24 @@ def test_llama_cpp_vocab_cases(name):
     misses = [(text, want, got) for text, want in read_vocab_cases(path)
               if (got := tok.encode(text, add_special=False, parse_special=False)) != want]
     assert not misses, f"{len(misses)} cases differ, the first: {misses[0]}"
+
+
+@pytest.mark.parametrize("name, eog", [
+    ("qwen2", {"<|endoftext|>", "<|im_end|>", "</s>"}),
+    ("gemma-4", {"<eos>", "<turn|>", "<|tool_response>", "</s>"}),
+    ("phi-3", {"<|endoftext|>", "<|end|>", "</s>"}),
+])
+def test_end_of_generation_tokens_as_llama_cpp_finds_them(name, eog):
+    """llama.cpp ends generation at tokens it knows by their text, whatever type the file gives
+    them (and makes them control tokens): llama_vocab::impl::load's special_eog_ids."""
+    import os
+    from llama_tree import VOCAB_TESTS, tree_root
+    from numllama.engine.gguf_file import load_vocab
+    from numllama.engine.tokenizer import Tokenizer
+    path = os.path.join(tree_root(), VOCAB_TESTS + name + ".gguf")
+    if not os.path.exists(path):
+        pytest.fail(f"{path} not found: run `python tests/llama_tree.py` first (tox does)")
+    vocab = load_vocab(path)
+    tok = Tokenizer(vocab)
+    assert {vocab.tokens[i] for i in tok.eog_ids} == eog
+    assert all(vocab.token_types[i] == 3 for i in tok.eog_ids)
