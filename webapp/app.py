@@ -136,8 +136,8 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
             resp.headers["Access-Control-Allow-Headers"] = ctx.cors_headers if ctx else ServerContext.cors_headers
             return resp
         drain = app.extensions.get("numllama_drain")
-        if drain is not None:   # SIGTERM: everything but /live is refused from now on
-            drain.check(request.path)
+        if drain is not None and not request.environ.get("numllama.internal"):
+            drain.check(request.path)   # SIGTERM: everything but /live is refused from now on
         if ctx is None:
             if request.path == "/":
                 return None

@@ -91,7 +91,9 @@ def register(app: Flask, settings: VertexSettings) -> None:
             log.warning("ignoring an instance's stream field: the predict route does not stream")
             payload["stream"] = False
         with app.test_client() as client:   # the route runs as if it had been called directly
-            resp = client.post(path, data=json.dumps(payload), headers=headers, content_type="application/json")
+            # (marked internal: a drain that begins now refuses new calls, not this accepted one's parts)
+            resp = client.post(path, data=json.dumps(payload), headers=headers, content_type="application/json",
+                               environ_overrides={"numllama.internal": True})
             body = resp.get_data(as_text=True)
         try:
             return json.loads(body) if body else None
