@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="numllama-server", allow_abbrev=False,
                                  description="llama-server compatible completion server (numllama)",
                                  epilog="Every other option llama-server lists is accepted too, and named at "
-                                        "start-up as having no effect in numllama.")
+                                        "start-up as having no effect in numllama; but those that would change "
+                                        "the answers or the safety asked for (--lora, control vectors, RoPE "
+                                        "overrides, --ssl-*, --tools-runtime) stop it, saying why.")
     a = ap.add_argument
     a("--host", default="127.0.0.1")
     a("--port", type=int, default=8080)
