@@ -66,13 +66,14 @@ def test_sessions_spread_and_keep_their_replica(cluster):
         served[f"session-{i}"] = _complete(url, f"session-{i}", "Once upon a time")["model"]
     assert set(served.values()) == {"r1", "r2", "r3"}   # spread over the three
     # a conversation's turns: one replica, whose prompt cache holds the turns before
-    prompt, cached = "Once upon a time", []
+    prompt, cached, held = "Once upon a time", [], []
     for turn in range(5):
         answer = _complete(url, "session-7", prompt, n=8)
         assert answer["model"] == served["session-7"]
-        cached.append(answer["timings"]["cache_n"])
+        cached.append(answer["timings"]["cache_n"])      # prompt tokens reused
+        held.append(answer["tokens_cached"])             # the slot's tokens after the answer
         prompt += answer["content"] + " And then"
-    assert cached[0] >= 0 and all(c > 0 for c in cached[1:]) and cached == sorted(cached)
+    assert all(c > 0 for c in cached[1:]) and cached == sorted(cached) and held == sorted(held)
 
 
 def test_no_header_hashes_the_prompt(cluster):
