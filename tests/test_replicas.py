@@ -53,8 +53,14 @@ def cluster(stories_path, tmp_path_factory):
 
 
 def _complete(url, session, prompt, n=4, **extra):
-    r = requests.post(url + "/completion", json={"prompt": prompt, "n_predict": n, "temperature": 0, **extra},
-                      headers={"X-Session-Id": session}, timeout=60)
+    """A client as the issue has it: it retries a 503 (HAProxy's own, in the moment between a
+    replica's death and the balancer's next look; a replica's, with Retry-After) a few times."""
+    for attempt in range(5):
+        r = requests.post(url + "/completion", json={"prompt": prompt, "n_predict": n, "temperature": 0, **extra},
+                          headers={"X-Session-Id": session}, timeout=60)
+        if r.status_code != 503:
+            break
+        time.sleep(1)
     assert r.status_code == 200, r.text
     return r.json()
 
