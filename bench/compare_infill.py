@@ -16,7 +16,7 @@ import sys
 
 import requests
 
-from compare_tokens import add_server_args, running   # beside this file
+from compare_tokens import add_server_args, running, write_golden   # beside this file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -78,9 +78,7 @@ def main() -> int:
             if x != y and args.verbose:
                 print(f"{name} {json.dumps(b)[:100]}\n  llama-server: {json.dumps(x)[:600]}\n  numllama:     {json.dumps(y)[:600]}")
     if args.record:
-        with open(args.record, "w") as f:
-            json.dump({"producer": "bench/compare_infill.py --record, llama-server built for AVX2 from the "
-                                   "llama-cpp-python 0.3.36 sdist", "flags": FLAGS, "cases": record}, f, indent=1)
+        write_golden(args.record, "compare_infill.py", flags=FLAGS, cases=record)
     print(f"identical: {same}/{total}")
     return 0 if same == total else 1
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 
 import requests
 
-from compare_tokens import add_server_args, running   # beside this file
+from compare_tokens import add_server_args, running, write_golden   # beside this file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(REPO, "tests", "data", "stories260K.gguf")
@@ -59,9 +58,7 @@ def main() -> int:
         else:
             print(name, {"llama-server": theirs, "numllama": ours})
     if args.record:
-        with open(args.record, "w") as f:
-            json.dump({"producer": "bench/compare_template_caps.py --record, llama-server built for AVX2 from the "
-                                   "llama-cpp-python 0.3.36 sdist", "caps": record}, f, indent=1, sort_keys=True)
+        write_golden(args.record, "compare_template_caps.py", caps=record)
     print(f"identical: {same}/{len(files)}")
     return 0 if same == len(files) else 1
 

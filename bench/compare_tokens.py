@@ -71,6 +71,14 @@ def running(binary: str, model: str, flags: tuple = ("-c", "2048", "-np", "1", "
         proc.wait()
 
 
+def write_golden(path: str, script: str, **content) -> None:
+    """A golden file of llama-server's answers, for the tests to replay: what `script` recorded,
+    and which llama-server produced it."""
+    with open(path, "w") as f:
+        json.dump({"producer": f"bench/{script} --record, llama-server built for AVX2 from the "
+                               "llama-cpp-python 0.3.36 sdist", **content}, f, indent=1)
+
+
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     """The two servers compared: an AVX2 llama-server and numllama-server."""
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER_BIN"))

@@ -17,7 +17,7 @@ import sys
 
 import requests
 
-from compare_tokens import add_server_args, running   # beside this file
+from compare_tokens import add_server_args, running, write_golden   # beside this file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = os.path.join(HERE, "..", "tests", "data", "templates")
@@ -186,10 +186,7 @@ def main() -> int:
                 print(f"{template} {json.dumps(body)[:120]}\n  llama-server: {json.dumps(a)[:800]}\n"
                       f"  numllama:     {json.dumps(b)[:800]}")
     if args.record:
-        with open(args.record, "w") as f:
-            json.dump({"model": os.path.basename(args.model),
-                       "producer": "bench/compare_tool_calls.py --record, llama-server built for AVX2 from the "
-                                   "llama-cpp-python 0.3.36 sdist", "templates": record}, f, indent=1)
+        write_golden(args.record, "compare_tool_calls.py", model=os.path.basename(args.model), templates=record)
     print(f"identical: {same}/{total}")
     return 0 if same == total else 1
 
