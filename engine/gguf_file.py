@@ -360,11 +360,10 @@ EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<
              "<｜end▁of▁sentence｜>", "[e~[")
 
 
-def _fim_tokens(fields: dict, tokens: list[str], types: np.ndarray, token_id) -> dict:
-    """The file's FIM token ids, or those llama.cpp finds by their text; a found one becomes a
-    control token, as llama.cpp makes it. (A vocabulary with two texts of one kind: llama.cpp
-    takes whichever its hash map yields first, here the first of the list.)"""
-    index = {t: i for i, t in enumerate(tokens)}
+def _fim_tokens(fields: dict, index: dict, types: np.ndarray, token_id) -> dict:
+    """The file's FIM token ids, or those llama.cpp finds by their text (index: text -> id);
+    a found one becomes a control token, as llama.cpp makes it. (A vocabulary with two texts of
+    one kind: llama.cpp takes whichever its hash map yields first, here the first of the list.)"""
     out = {}
     for name, (keys, texts) in FIM_TOKENS.items():
         found = next((token_id(k, None) for k in keys if fields.get(k) is not None), -1)
@@ -397,8 +396,8 @@ def _read_vocab(fields: dict) -> VocabData:
         v = fields.get(key, default)
         return -1 if v is None or int(v) >= len(tokens) else int(v)
 
-    fim = _fim_tokens(fields, tokens, types, token_id)
     index = {t: i for i, t in enumerate(tokens)}   # (a text given twice: its last id, as llama.cpp's map)
+    fim = _fim_tokens(fields, index, types, token_id)
     for text in EOG_TEXTS:   # (llama.cpp: a "control-looking token" becomes one)
         if text in index:
             types[index[text]] = CONTROL_TYPE

@@ -61,7 +61,7 @@ def test_fim_tokens_end_generation_as_in_llama_cpp():
     from numllama.engine.gguf_file import _fim_tokens
     tokens = ["<unk>", "<s>", "</s>", "<reponame>", "<|fim_prefix|>", "<fim_middle>", "a"]
     types = np.array([2, 3, 3, 1, 1, 1, 1], np.int32)
-    fim = _fim_tokens({}, tokens, types, lambda k, d: d)
+    fim = _fim_tokens({}, {t: i for i, t in enumerate(tokens)}, types, lambda k, d: d)
     assert fim == {"pre": 4, "mid": 5, "rep": 3}
     assert list(types[3:6]) == [3, 3, 3]   # found by their text: control tokens now
     vocab = VocabData(model="llama", pre="default", tokens=tokens, scores=np.zeros(len(tokens), np.float32),

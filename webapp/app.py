@@ -72,6 +72,17 @@ def api_key_matches(given: str | None, key: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), key.encode())
 
 
+def check_api_key(keys: tuple) -> None:
+    """The request's key (`Authorization: Bearer KEY` or `X-Api-Key`) must be one of `keys`
+    (none set: no key needed); otherwise llama-server's 401."""
+    if not keys:
+        return
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-Api-Key")
+    if not any(api_key_matches(given, key) for key in keys):
+        raise APIError("Invalid API Key", 401)
+
+
 def allowed_origin(origin: str, policy: str) -> bool:
     """llama-server's --cors-origins: "*" reflects any origin, "localhost" only loopback ones
     (any scheme and port), otherwise an explicit comma-separated list."""
@@ -139,9 +150,7 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
         if drain is not None and not request.environ.get("numllama.internal"):
             drain.check(request.path)   # SIGTERM: everything but /live is refused from now on
         if ctx is None:
-            if request.path == "/":
-                return None
-            if request.path == "/live":
+            if request.path in ("/", "/live"):
                 return None
             raise APIError("Loading model", 503)
         if request.path in app.config["PUBLIC_PATHS"]:
@@ -150,11 +159,7 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
             # DNS rebinding: a page whose name now points at 127.0.0.1 must not reach the tools
             raise APIError(f"Host '{request.host[:100]}' is not allowed while tools or the MCP proxy are on "
                            f"(see --allowed-hosts)", 403, "permission_error")
-        if ctx.api_keys:
-            auth = request.headers.get("Authorization", "")
-            given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-Api-Key")
-            if not any(api_key_matches(given, key) for key in ctx.api_keys):
-                raise APIError("Invalid API Key", 401)
+        check_api_key(ctx.api_keys)
         if (request.method, request.path) in MODEL_FREE:
             return None
         inflight.enter()

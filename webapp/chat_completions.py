@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import secrets
-import string
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -19,7 +17,7 @@ from ..engine.tool_calls import tool_call_grammar
 
 from .completions import Completion, collect_finals, engine_error, task_events
 from .errors import APIError, json_response
-from .http import request_json, sse
+from .http import random_id, request_json, sse
 from .params import TRIGGER_WORD, get_bool, get_number, response_format_schema, schema_grammar
 from .tokens import check_tokenizable
 
@@ -27,7 +25,6 @@ bp = Blueprint("chat", __name__)
 
 UNSUPPORTED = ("functions",)   # OpenAI's legacy function calling; `tools` replaced it
 TOOL_CHOICES = ("auto", "none", "required")
-ID_CHARS = string.ascii_letters + string.digits
 
 
 # llama-server reads media parts only with a multimodal projector (--mmproj), which numllama
@@ -252,14 +249,9 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> 
     return AnswerReader(reasoning, extract, chat.parse_prompt, fmt, tuple(tools))
 
 
-def _tool_call_id() -> str:
-    """llama-server's random_string(): 32 letters and digits."""
-    return "".join(secrets.choice(ID_CHARS) for _ in range(32))
-
-
 def _call_id(call: dict, i: int, ids: list) -> str:
     while len(ids) <= i:
-        ids.append(call["id"] or _tool_call_id())
+        ids.append(call["id"] or random_id())
     return ids[i]
 
 

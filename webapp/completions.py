@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import queue
-import random
-import string
 import time
 from contextlib import closing
 
@@ -13,7 +11,7 @@ from ..engine.slots import ErrorEvent, FinalEvent, ProgressEvent, QueueFull, Tas
 from ..engine.tokenizer import utf8_complete_prefix
 
 from .errors import APIError, json_response
-from .http import disconnect_probe, request_json, sse
+from .http import disconnect_probe, random_id, request_json, sse
 from .params import (N_PROBS_MAX, effective_n_predict, generation_settings, get_bool, get_number,
                      parse_prompts, parse_stop, sampling_params)
 
@@ -98,7 +96,7 @@ class Completion:
         self.settings = generation_settings(self.params, self.n_predict, self.stop, self.stream,
                                             self.n_probs, self.ignore_eos, self.post_sampling,
                                             self.backend_sampling)
-        self.id = "chatcmpl-" + "".join(random.choices(string.ascii_letters + string.digits, k=32))
+        self.id = random_id("chatcmpl-")
         self.created = int(time.time())
 
     def submit(self) -> list[Task]:

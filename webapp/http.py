@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
+import string
 
 from flask import request
 
@@ -83,6 +85,15 @@ def request_json() -> dict:
 def sse(obj) -> str:
     """One server-sent event carrying a JSON object."""
     return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+RANDOM_ID_CHARS = string.ascii_letters + string.digits
+
+
+def random_id(prefix: str = "") -> str:
+    """llama-server's random_string(), after a prefix: 32 letters and digits (completion, tool
+    call, response and item ids)."""
+    return prefix + "".join(secrets.choice(RANDOM_ID_CHARS) for _ in range(32))
 
 
 def sse_event(name: str, data: dict) -> str:

@@ -8,11 +8,10 @@ from flask import Blueprint, current_app, request
 
 from ..engine.slots import SlotBusy
 
-
 from .errors import APIError, json_response
 from .http import request_json, require_flag
 from .params import N_PROBS_MAX, generation_settings
-from .sleep import sleeper_of, steady
+from .sleep import read_only
 
 bp = Blueprint("info", __name__)
 
@@ -30,11 +29,7 @@ def _default_params(ctx, full: bool) -> dict:
 
 @bp.get("/props")
 def props():
-    with steady(current_app):
-        sleeper = sleeper_of(current_app)
-        if sleeper is not None and sleeper.sleeping:
-            return json_response(sleeper.props)
-        return _props(current_app.config["NUMLLAMA"])
+    return read_only(current_app, lambda sleeper: json_response(sleeper.props), _props)
 
 
 def _props(ctx):
@@ -105,11 +100,7 @@ def slots():
 @bp.get("/models")
 @bp.get("/v1/models")
 def models():
-    with steady(current_app):
-        sleeper = sleeper_of(current_app)
-        if sleeper is not None and sleeper.sleeping:
-            return json_response(sleeper.models)
-        return _models(current_app.config["NUMLLAMA"])
+    return read_only(current_app, lambda sleeper: json_response(sleeper.models), _models)
 
 
 def _models(ctx):

@@ -13,7 +13,7 @@ import time
 from flask import Blueprint, Response, current_app
 
 from .http import require_flag
-from .sleep import sleeper_of, steady
+from .sleep import read_only
 
 bp = Blueprint("metrics", __name__)
 PROCESS_START = int(time.time())
@@ -67,11 +67,9 @@ def _rates(prev: dict, m: dict) -> tuple[float, float]:
 def metrics():
     ctx = current_app.config["NUMLLAMA"]
     require_flag(ctx.enable_metrics, "metrics endpoint", "--metrics")
-    with steady(current_app):
-        sleeper = sleeper_of(current_app)
-        # asleep: the counters as they stood (the throughput window goes on: a scrape during
-        # sleep reports what ran before it, the next one nothing)
-        view = sleeper.view if sleeper is not None and sleeper.sleeping else ctx.scheduler.view()
+    # asleep: the counters as they stood (the throughput window goes on: a scrape during sleep
+    # reports what ran before it, the next one nothing)
+    view = read_only(current_app, lambda sleeper: sleeper.view, lambda ctx: ctx.scheduler.view())
     m = dataclasses.asdict(view.metrics)
     window = current_app.extensions.setdefault("numllama_scrape_window", ScrapeWindow())
     prompt_rate, predicted_rate = window.rates(m)

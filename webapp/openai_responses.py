@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import secrets
-import string
 import time
 from contextlib import closing
 
@@ -22,16 +20,11 @@ from ..engine.slots import ErrorEvent, FinalEvent, ProgressEvent, TokenEvent
 from .chat_completions import count_input_tokens, run_streaming, run_to_end, start_chat, token_timings
 from .completions import engine_error
 from .errors import APIError, json_response
-from .http import request_json, sse, sse_event as event
+from .http import random_id, request_json, sse, sse_event as event
 
 bp = Blueprint("responses", __name__)
 log = logging.getLogger("numllama.http")
-ID_CHARS = string.ascii_letters + string.digits
 INPUT_ROLES = ("user", "system", "developer")
-
-
-def _random_id(prefix: str) -> str:
-    return prefix + "".join(secrets.choice(ID_CHARS) for _ in range(32))
 
 
 def _is(item: dict, key: str, kind: type) -> bool:
@@ -217,13 +210,13 @@ def responses():
     a = run_to_end(run)[0]
     output = []
     if a.message.get("reasoning_content"):
-        output.append({**_reasoning_item(_random_id("rs_"), a.message["reasoning_content"]), "status": "completed"})
+        output.append({**_reasoning_item(random_id("rs_"), a.message["reasoning_content"]), "status": "completed"})
     if a.message["content"]:
-        output.append({"content": [_text_part(a.message["content"])], "id": _random_id("msg_"),
+        output.append({"content": [_text_part(a.message["content"])], "id": random_id("msg_"),
                        "role": "assistant", "status": "completed", "type": "message"})
     output += [_call_item(call, "completed") for call in a.message.get("tool_calls", [])]
     t = int(time.time())
-    return json_response({"completed_at": t, "created_at": t, "id": _random_id("resp_"), "model": c.model_name,
+    return json_response({"completed_at": t, "created_at": t, "id": random_id("resp_"), "model": c.model_name,
                           "object": "response", "output": output, "status": "completed", "usage": _usage(a.final)})
 
 
@@ -231,9 +224,9 @@ class _StreamState:
     """The ids and opened items of one streamed response."""
 
     def __init__(self):
-        self.resp_id = _random_id("resp_")
-        self.reasoning_id = _random_id("rs_")
-        self.message_id = _random_id("msg_")
+        self.resp_id = random_id("resp_")
+        self.reasoning_id = random_id("rs_")
+        self.message_id = random_id("msg_")
         self.created = False
         self.thinking = False
         self.text = False

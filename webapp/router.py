@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import requests
 from flask import Flask, Response, request
 
-from .app import api_key_matches
+from .app import check_api_key
 from .errors import APIError, error_response, json_response
 
 log = logging.getLogger("numllama.router")
@@ -188,7 +188,7 @@ class Router:
                 proc.kill()
 
     def ensure_ready(self, name: str) -> Instance:
-        inst = self.load(name) if self.instances[name].status not in ("loaded",) else self.instances[name]
+        inst = self.load(name)   # (a model loading or loaded is left as it is)
         inst.ready.wait(READY_TIMEOUT_S)
         if inst.status != "loaded":
             raise APIError(f"model '{name}' failed to load (exit code {inst.exit_code})", 500)
@@ -219,7 +219,6 @@ class Router:
         if request.query_string:
             url += "?" + request.query_string.decode("latin-1")
         upstream = requests.request(request.method, url, data=body, headers=headers, stream=True, timeout=None)
-        inst.last_used = time.monotonic()
 
         def chunks():
             try:
@@ -251,11 +250,7 @@ def create_router_app(router: Router, api_keys: tuple, build_info: str, max_body
     def gate():
         if request.path in ("/health", "/v1/health") or request.method == "OPTIONS":
             return None
-        if api_keys:
-            auth = request.headers.get("Authorization", "")
-            given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-Api-Key")
-            if not any(api_key_matches(given, k) for k in api_keys):
-                raise APIError("Invalid API Key", 401)
+        check_api_key(api_keys)
 
     @app.errorhandler(APIError)
     def api_error(e: APIError):

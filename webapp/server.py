@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     on_exit(cleanup, signal.SIGINT)
     # SIGTERM drains (webapp/lifecycle.py): new requests get 503, those in flight finish
     from .lifecycle import Drain
-    from .serving import unsent_bytes
+    from .serving import serve, unsent_bytes
     drain = app.extensions["numllama_drain"] = Drain(
         app.extensions["numllama_inflight"], args.drain_timeout, cleanup,
         unsent=lambda: unsent_bytes(app.extensions.get("numllama_channels", {})))
@@ -374,7 +374,6 @@ def main(argv=None) -> int:
             os._exit(1)
 
     threading.Thread(target=load, name="numllama-loader", daemon=True).start()
-    from .serving import serve
     serve(app, args)
     return 0
 

@@ -103,8 +103,12 @@ def sleeper_of(app: Flask) -> Sleeper | None:
     return app.extensions.get("numllama_sleep")
 
 
-def steady(app: Flask):
-    """Hold while a read-only route answers, so that the server neither falls asleep nor wakes
-    meanwhile (the lock is re-entrant: falling asleep renders /props under it)."""
+def read_only(app: Flask, asleep, awake):
+    """A read-only route's answer: asleep(sleeper) from the copies a sleeping server keeps, else
+    awake(ctx). The server neither falls asleep nor wakes meanwhile (the sleeper's lock is held;
+    it is re-entrant: falling asleep renders /props under it)."""
     sleeper = sleeper_of(app)
-    return sleeper.lock if sleeper is not None else contextlib.nullcontext()
+    with sleeper.lock if sleeper is not None else contextlib.nullcontext():
+        if sleeper is not None and sleeper.sleeping:
+            return asleep(sleeper)
+        return awake(app.config["NUMLLAMA"])
