@@ -144,3 +144,23 @@ def test_api_prefix_and_cors_options(stories_path):
             ("GET, POST", "Content-Type")
     finally:
         s.stop()
+
+
+def test_api_keys_from_the_option_and_the_file(tmp_path):
+    from numllama.webapp.server import api_keys
+    keys = tmp_path / "keys"
+    keys.write_text("c\n\n d \n")
+    args = build_parser().parse_args(["--api-key", "a,b", "--api-key-file", str(keys)])
+    assert api_keys(args) == ("a", "b", "c", "d")
+
+
+def test_template_variables_a_request_sets():
+    """reasoning_effort reaches templates under both names llama.cpp gives it, preserve_reasoning
+    as the variables that keep earlier turns' reasoning, and "none" turns thinking off."""
+    from numllama.webapp.chat_completions import _template_kwargs
+    got = _template_kwargs({"reasoning_effort": "low", "chat_template_kwargs": {"preserve_reasoning": True}},
+                           {"enable_thinking": True})
+    assert (got["reasoning_effort"], got["reasoning_strength"], got["preserve_thinking"], got["clear_thinking"],
+            got["enable_thinking"]) == ("low", "low", True, False, True)
+    off = _template_kwargs({"reasoning_effort": "none"}, {"reasoning_effort": "high"})
+    assert off["enable_thinking"] is False and "reasoning_effort" not in off
