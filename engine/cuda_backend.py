@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .quants import KernelOrder, PackedWeight, blocks, float_rows, prepare, repacked_order
+from .quants import KernelOrder, PackedWeight, blocks, float_rows, prepare, repacked_order, tinyblas_rows
 from .quants.kquants import unpack_k
 
 
@@ -108,9 +108,9 @@ class CudaLayers:
         n_tokens = x.shape[0]
         if order is None:
             order = KernelOrder.of(n_tokens)
-        rows = cuda.to_device(order.tinyblas)
         outs = []
         for w in weights:
+            rows = cuda.to_device(tinyblas_rows(order, w))
             dw = self.weights[id(w)]
             act = prepare(x, w.act_format, w.group)          # host: the CPU's quantization
             out = cuda.device_array((n_tokens, w.n_rows), np.float32)

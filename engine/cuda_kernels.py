@@ -17,6 +17,8 @@ import math
 import numpy as np
 from numba import config, cuda
 
+from .quants.kernels import TAIL_FUSED, TINYBLAS_ROWS
+
 SIMULATED = bool(config.ENABLE_CUDASIM)
 
 if SIMULATED:
@@ -206,7 +208,7 @@ def matmul_float(x, w, tinyblas_rows, tail_in_double, out):
         return
     n_cols = x.shape[1]
     lanes = cuda.local.array(32, np.float32)
-    if n_cols % 8 == 0 and tinyblas_rows[t]:
+    if n_cols % 8 == 0 and w.shape[0] % TINYBLAS_ROWS == 0 and tinyblas_rows[t]:
         for i in range(8):
             lanes[i] = 0
         for l in range(0, n_cols, 8):
@@ -227,8 +229,11 @@ def matmul_float(x, w, tinyblas_rows, tail_in_double, out):
             wide += np.float64(w[r, k] * x[t, k])
         out[t, r] = np.float32(wide)
     else:
-        for k in range(n_simd, n_cols):   # product rounded, then added, as on the CPU
+        n_rounded = n_cols - n_cols % TAIL_FUSED
+        for k in range(n_simd, n_rounded):   # products rounded, then added, as on the CPU
             total = total + mul(w[r, k], x[t, k])
+        for k in range(n_rounded, n_cols):   # the last K % 4 fused (quants.kernels.TAIL_FUSED)
+            total = fma(w[r, k], x[t, k], total)
         out[t, r] = total
 
 

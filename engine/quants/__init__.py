@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import blocks
-from .kernels import (ROW_TILE, tile_rows, matmul_float_tiles, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
+from .kernels import (ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
                       quantize_q8_blocks)
 from .kquants import matmul_k16, matmul_q4_k, pack_k, quantize_q8_k_rows
@@ -234,6 +234,11 @@ def prepare(x: np.ndarray, act_format: str, group: int) -> Activations:
     return Activations(q=q, d=d, s=s)
 
 
+def tinyblas_rows(order: KernelOrder, w: PackedWeight) -> np.ndarray:
+    """[T] bool: the tokens whose product with float weights w goes through tinyBLAS."""
+    return order.tinyblas & (w.n_rows % TINYBLAS_ROWS == 0)
+
+
 def matmul(act: Activations, w: PackedWeight, order: KernelOrder | None = None) -> np.ndarray:
     """[T, K] activations times the weight's transpose -> [T, n_rows] f32, each token summed
     in the order llama.cpp would use for it (None: KernelOrder.of's defaults)."""
@@ -242,7 +247,7 @@ def matmul(act: Activations, w: PackedWeight, order: KernelOrder | None = None) 
     if w.w is not None:
         n_tokens = act.x.shape[0]
         out = np.empty((n_tokens, w.w.shape[0] * ROW_TILE), np.float32)
-        matmul_float_tiles(act.x, w.w, order.tinyblas, w.act_format == "f16", out)
+        matmul_float_tiles(act.x, w.w, tinyblas_rows(order, w), w.act_format == "f16", out)
         return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
     if w.act_format == "q8_k_rows":
         out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)

@@ -32,6 +32,15 @@ from ..float_ops import f16_to_f32, fma, round_f16
 from .simd import q4_0_blocks, q4_0_lanes, q4_1_lanes, q8_lanes
 
 
+# llamafile's tinyBLAS takes a float matrix only when its row count is a multiple of this (and
+# its row length of 8, and from 2 tokens on); others go through ggml_vec_dot (tinyBLAS::matmul)
+TINYBLAS_ROWS = 4
+
+# ggml_vec_dot_f32's scalar tail (K % 32 elements), as GCC vectorizes it for AVX2: products in
+# vectors of 8, then 4, rounded and added one by one; the last K % TAIL_FUSED one at a time, fused
+TAIL_FUSED = 4
+
+
 @njit(cache=True, nogil=True, inline="always")
 def hsum8(a):
     """ggml's hsum_float_8 / tinyBLAS hsum of one 8-lane vector: ((0+4)+(2+6)) + ((1+5)+(3+7))."""
@@ -82,9 +91,10 @@ def _dot_tinyblas(x, w, t, r, n_cols, lanes):
 @njit(cache=True, nogil=True, inline="always")
 def _dot_vecdot(x, w, t, r, n_cols, lanes, tail_in_double):
     """ggml_vec_dot_f32 / _f16 order: 4 accumulators of 8 lanes over blocks of 32 (FMA),
-    reduce4x8, then the tail element by element: an f32 product added in f32 (not fused: an
-    AVX2 llama.cpp build rounds the product first, checked on stories260K's ffn_down, K=172),
-    or added in double for the f16 variant."""
+    reduce4x8, then the tail element by element, added in f32 in order; or, for the f16
+    variant, added in double. The f32 tail is as GCC compiled it for AVX2 (libggml-cpu's
+    disassembly): its products are rounded first (vmulps, 8 then 4 at a time) except the last
+    K % 4, which are fused (vfmadd231ss) -- see TAIL_FUSED."""
     n_simd = n_cols - n_cols % 32
     lanes[:] = 0
     for l in range(0, n_simd, 32):
@@ -96,22 +106,25 @@ def _dot_vecdot(x, w, t, r, n_cols, lanes, tail_in_double):
         for k in range(n_simd, n_cols):
             wide += np.float64(w[r, k] * x[t, k])
         return np.float32(wide)
-    for k in range(n_simd, n_cols):
+    n_rounded = n_cols - n_cols % TAIL_FUSED
+    for k in range(n_simd, n_rounded):
         total = total + w[r, k] * x[t, k]
+    for k in range(n_rounded, n_cols):
+        total = fma(w[r, k], x[t, k], total)
     return total
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_float(x, w, tinyblas_rows, tail_in_double, out):
     """out[t, r] = sum_k w[r, k] * x[t, k] in the order llama.cpp uses for that token:
-    tinyBLAS for tokens of a multi-token prompt pass (when K % 8 == 0), ggml_vec_dot
+    tinyBLAS for tokens of a multi-token prompt pass (when K % 8 == 0 and N % 4 == 0), ggml_vec_dot
     otherwise (single-token decode). The choice is per token, never per batch, so a sequence's
     result does not depend on what else is in the batch.
 
     x: [T, K] f32; w: [N, K] f32; tinyblas_rows: [T] bool; out: [T, N] f32
     """
     n_tokens, n_cols = x.shape
-    tinyblas_ok = n_cols % 8 == 0
+    tinyblas_ok = n_cols % 8 == 0 and w.shape[0] % TINYBLAS_ROWS == 0
     for r in prange(w.shape[0]):
         lanes = np.empty(32, np.float32)
         for t in range(n_tokens):
@@ -138,7 +151,9 @@ def tile_rows(a: np.ndarray) -> np.ndarray:
 def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
     """matmul_float (its twin, summed row by row) with ROW_TILE rows per SIMD pass: the weights
     are stored transposed per tile, so for each k the loop over rows reads contiguous floats
-    and every row's lanes get exactly the FMAs, in the same order, as in matmul_float.
+    and every row's lanes get exactly the FMAs, in the same order, as in matmul_float. (The
+    tiles hide the real row count: the caller clears tinyblas_rows when it is not a multiple of
+    TINYBLAS_ROWS.)
 
     x: [T, K] f32; wt: [n_tiles, K, R] f32 (rows zero-padded to the tile); tinyblas_rows: [T]
     bool; out: [T, n_tiles * R] f32
@@ -183,11 +198,16 @@ def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
                         wide[r] += np.float64(wk[r] * xk)
                 for r in range(n_r):
                     total[r] = np.float32(wide[r])
-            else:
-                for k in range(n_simd, n_cols):   # product rounded, then added (_dot_vecdot)
+            else:   # products rounded, then added; the last K % 4 fused (_dot_vecdot)
+                n_rounded = n_cols - n_cols % TAIL_FUSED
+                for k in range(n_simd, n_rounded):
                     wk, xk = w[k], xt[k]
                     for r in range(n_r):
                         total[r] = total[r] + wk[r] * xk
+                for k in range(n_rounded, n_cols):
+                    wk, xk = w[k], xt[k]
+                    for r in range(n_r):
+                        total[r] = fma(wk[r], xk, total[r])
             o[:] = total
 
 
