@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .hparams import HParams
+from .hparams import HParams, pooling_name
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 # RoPE style per architecture (llama.cpp's llama_model_rope_type): NeoX rotates dimension i
@@ -284,6 +284,7 @@ def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
         yarn_beta_fast=float(fields.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
         yarn_beta_slow=float(fields.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
         rope_neox=arch in NEOX_ROPE_ARCHS,
+        pooling=pooling_name(fields.get(f"{arch}.pooling_type")),
         **_family_traits(fields, arch, n_embd, n_head, head_dim, int(get("block_count"))),
     )
 

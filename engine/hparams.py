@@ -6,6 +6,17 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# the GGUF key {arch}.pooling_type, as llama.cpp's enum llama_pooling_type numbers them
+POOLING_TYPES = ("none", "mean", "cls", "last", "rank")
+
+
+def pooling_name(value) -> str:
+    """A file's {arch}.pooling_type as a name ("" when the file does not say)."""
+    if value is None or not 0 <= int(value) < len(POOLING_TYPES):
+        return ""
+    return POOLING_TYPES[int(value)]
+
+
 @dataclass(frozen=True)
 class HParams:
     arch: str             # "llama", "qwen2", "qwen3", "gemma3", "phi3"
@@ -51,6 +62,9 @@ class HParams:
     swa_layers: tuple = ()    # [n_layer] bool, empty when no layer slides
     rope_freq_base_swa: float = 10000.0
     rope_freq_scale_swa: float = 1.0
+    # embeddings: how the file says a sequence's rows are pooled into one vector
+    # ("none", "mean", "cls", "last", "rank"; "" when it does not say: engine.pooling)
+    pooling: str = ""
 
     def is_swa(self, il: int) -> bool:
         return bool(self.swa_layers) and self.swa_layers[il]

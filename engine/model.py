@@ -27,6 +27,7 @@ from .gguf_file import GGUFModel, ModelLoadError
 from .hparams import HParams
 from .kv_cache import KVCache
 from .ops import FA_TILE_Q, attention, geglu, gelu_f16_table, rms_norm, rope, softcap, swiglu
+from .pooling import softmax_rows
 from .quants import KernelOrder, PackedWeight, linear, pack_tensor, pack_weight, repacked_order
 from .quants.blocks import BLOCK_SIZES, dequantize
 
@@ -193,6 +194,9 @@ class LlamaModel:
         self.output_norm = vector("output_norm.weight")
         # models with tied embeddings reuse token_embd as the output projection
         self.output = weight("output.weight" if "output.weight" in t else "token_embd.weight")
+        # a reranker's classifier head (qwen3 rerankers carry one): [n_cls_out, n_embd], bias [n_cls_out]
+        self.cls_out = weight("cls.output.weight") if "cls.output.weight" in t else None
+        self.cls_out_b = vector("cls.output.bias") if "cls.output.bias" in t else None
         gguf.drop_resident_pages()
 
     gpu = None   # CudaLayers when some layers run on a GPU (use_gpu)
@@ -206,9 +210,11 @@ class LlamaModel:
     def new_cache(self, n_seq: int, n_ctx: int) -> KVCache:
         return KVCache(self.hp, n_seq, n_ctx)
 
-    def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
+    def forward(self, batch: Batch, cache: KVCache, hidden: bool = False) -> np.ndarray:
         """Evaluate the batch, writing its keys and values into `cache`.
-        Returns logits [n_wanted, n_vocab] for the tokens with want_logits, in batch order."""
+        Returns logits [n_wanted, n_vocab] for the tokens with want_logits, in batch order; with
+        `hidden`, their rows after the final norm instead, [n_wanted, n_embd] (what embeddings
+        are pooled from: engine.pooling)."""
         hp = self.hp
         n_tokens = len(batch.tokens)
         x = self.token_embd(batch.tokens)                          # [T, n_embd]
@@ -248,9 +254,10 @@ class LlamaModel:
                           hp.n_head, hp.n_head_kv, hp.head_dim, score_scale, hp.layer_window(il), tiled, kv_chunk,
                           attn_out)
             (o,) = ops.linear(attn_out, layer.wo, order=order)     # [T, n_embd]
-            if il == last:
+            if il == last and not batch.want_logits.all():
                 # only the rows whose logits are wanted go on (llama.cpp's inp_out_ids); these
                 # few rows are multiplied one by one there, hence vec_dot order from here on
+                # (when every row is wanted, the matmuls stay the batch's own)
                 x = np.ascontiguousarray(x[batch.want_logits])     # [n_wanted, n_embd]
                 o = np.ascontiguousarray(o[batch.want_logits])
                 order = KernelOrder.vec_dot(len(x))
@@ -270,10 +277,28 @@ class LlamaModel:
                 down = ops.rms_norm(down, layer.ffn_post_norm, hp.rms_eps)
             x += down                                              # residual
         normed = rms_norm_rows(x, self.output_norm, hp.rms_eps)   # [n_wanted, n_embd]
+        if hidden:
+            return normed
         (logits,) = linear(normed, self.output, order=order)      # [n_wanted, n_vocab]
         if hp.logit_softcap:
             softcap(logits, hp.logit_softcap)
         return logits
+
+
+    def classify(self, pooled: np.ndarray) -> np.ndarray:
+        """Rank pooling's head for a causal model (build_pooling, LLAMA_POOLING_TYPE_RANK): the
+        pooled rows through cls.output (+ its bias) where the file has one, and a softmax over
+        the classes for qwen3 rerankers. Without a head the rows are the scores.
+        pooled [n_seqs, n_embd] -> [n_seqs, n_cls_out]"""
+        if self.cls_out is None:
+            return pooled
+        n = len(pooled)
+        # one product over every sequence of the batch: tinyBLAS from two columns on
+        (out,) = linear(np.ascontiguousarray(pooled), self.cls_out,
+                        order=KernelOrder.of(n, tinyblas=np.full(n, n >= 2)))
+        if self.cls_out_b is not None:
+            out += self.cls_out_b
+        return softmax_rows(out) if self.hp.arch == "qwen3" else out
 
 
 def split(outputs: list, sizes: tuple) -> list:

@@ -27,6 +27,7 @@ from .engine import Engine
 from .prompt_cache import PromptCache, common_prefix
 from .model import Batch
 from .ops import FA_TILE_Q, kv_cells, split_kv_chunk
+from .pooling import first_or_last_rows, mean_pool, normalize
 from .sampling import Sampler, SamplingParams, logprob, token_probabilities
 from .slot_file import read_slot_file, write_slot_file
 from .tokenizer import utf8_complete_prefix
@@ -56,9 +57,27 @@ class Task:
     return_progress: bool = False        # report prompt processing batch by batch
     n_keep: int = 0                      # context shift: tokens kept at the start (-1: all)
     n_discard: int = 0                   # context shift: tokens dropped (0: half of the rest)
+    # what the prompt is evaluated for: "completion" (tokens are generated), "embedding" (its
+    # pooled hidden states come back, normalized by embd_normalize: engine.pooling) or "rerank"
+    # (its relevance score: the rank pooling's first value)
+    kind: str = "completion"
+    embd_normalize: int = 2
     events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = 0
+
+    def outcome(self, timeout: float | None = None):
+        """Read this task's events up to its last one (a FinalEvent, an EmbeddingEvent or an
+        ErrorEvent) and return that; queue.Empty if none comes within `timeout` seconds."""
+        while True:
+            ev = self.events.get(timeout=timeout)
+            if isinstance(ev, (FinalEvent, EmbeddingEvent, ErrorEvent)):
+                return ev
+
+    @property
+    def needs_hidden(self) -> bool:
+        """Evaluated for its hidden states (an embedding or a rerank), not for logits."""
+        return self.kind != "completion"
 
 
 @dataclass
@@ -115,6 +134,19 @@ class FinalEvent:
 
 
 @dataclass
+class EmbeddingEvent:
+    """An embedding or rerank task's result: one vector per token (pooling "none") or one in
+    all, and how many prompt tokens were evaluated."""
+    vectors: list             # [n_embd] f32 each ([n_cls_out] for a reranker's head)
+    n_prompt: int
+
+    @property
+    def score(self) -> float:
+        """A rerank task's relevance score (llama-server's send_rerank: the first value)."""
+        return float(self.vectors[0][0])
+
+
+@dataclass
 class ErrorEvent:
     """The request failed inside the engine (a failed batch step, a failed draw) and has ended;
     the others go on. How to tell the client (an HTTP status) is the webapp's business."""
@@ -167,7 +199,8 @@ class Slot:
         self.task = task
         self.params = task.params
         prompt = task.prompt_tokens
-        n_past = common_prefix(self.cache_tokens, prompt) if task.cache_prompt else 0
+        # an embedding is evaluated from its first token (llama-server's stateless tasks)
+        n_past = common_prefix(self.cache_tokens, prompt) if task.cache_prompt and not task.needs_hidden else 0
         if checkpoints is not None:   # a sliding-window model: what llama-server can reuse
             n_past = checkpoints.reusable(self, n_past, len(prompt))
         n_past = min(n_past, len(prompt) - 1)  # at least one token is evaluated, for its logits
@@ -177,10 +210,10 @@ class Slot:
         # how llama.cpp would see this prompt: one pass of >= 2 tokens, or a single token
         # (kernel order follows it; see Batch.prompt_pass), whatever chunks we cut it into
         self.prompt_pass = len(self.to_eval) >= 2
-        self.sampler = Sampler(task.params, engine.tokenizer.n_vocab, prompt,
-                               token_text=engine.tokenizer.token_text, eog_ids=engine.tokenizer.eog_ids,
-                               token_piece=engine.tokenizer.token_bytes)
-        if task.ignore_eos:
+        self.sampler = None if task.needs_hidden else Sampler(
+            task.params, engine.tokenizer.n_vocab, prompt, token_text=engine.tokenizer.token_text,
+            eog_ids=engine.tokenizer.eog_ids, token_piece=engine.tokenizer.token_bytes)
+        if task.ignore_eos and self.sampler is not None:
             self.sampler.bias[list(engine.tokenizer.eog_ids)] = -np.inf
         self.generated = []
         self.pending_bytes = b""
@@ -322,14 +355,15 @@ class Scheduler:
                  n_predict_default: int = -1, context_shift: bool = False, cache_ram_mib: float = 0,
                  cache_idle_slots: bool = True, kv_unified: bool = False, max_waiting: int | None = None,
                  slot_prompt_similarity: float = 0.1, n_ubatch: int = 512, n_threads: int = 1,
-                 metrics: "SchedulerMetrics | None" = None):
+                 metrics: "SchedulerMetrics | None" = None, pooling: str = "none"):
         """max_waiting: tasks that may wait for a slot (None: no limit); submit refuses more.
         cache_ram_mib: budget of the host-RAM prompt cache (0: none, < 0: unlimited).
         cache_idle_slots: also keep idle slots' states there when a task starts (and, with a
         unified KV pool, clear them), as llama-server does.
         slot_prompt_similarity: llama-server's -sps; a slot whose cached tokens cover more than
         this share of a prompt serves it (0: the least recently used slot always does).
-        metrics: the counters to go on from (a scheduler that replaces a closed one)."""
+        metrics: the counters to go on from (a scheduler that replaces a closed one).
+        pooling: how embedding and rerank tasks pool their hidden states (engine.pooling)."""
         self.similarity = np.float32(slot_prompt_similarity)
         self.engine = engine
         self.context_shift = context_shift
@@ -357,6 +391,7 @@ class Scheduler:
         swa_cells = kv_cells(min(self.kv_size, hp.n_swa * (n_slots if kv_unified else 1) + n_ubatch))
         self.checkpoints = Checkpoints(hp.n_swa, swa_cells, n_ubatch, self.n_batch) if hp.n_swa > 0 else None
         self.max_waiting = max_waiting
+        self.pooling = pooling
         self.n_predict_default = n_predict_default
         self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
         self.cache = engine.model.new_cache(n_slots, n_ctx_slot)
@@ -375,6 +410,10 @@ class Scheduler:
     def submit_all(self, tasks: list[Task]) -> list[Task]:
         """Queue tasks together, or none of them (QueueFull) when the tasks that would have to
         wait for a slot exceed max_waiting."""
+        for task in tasks:
+            if task.needs_hidden and not self.can_split_hidden and len(task.prompt_tokens) > self.n_batch:
+                raise ValueError(f"input ({len(task.prompt_tokens)} tokens) is too large to process. increase "
+                                 f"the physical batch size (current batch size: {self.n_batch})")
         with self.lock:
             if self.max_waiting is not None:
                 n_idle = sum(not s.busy for s in self.slots)
@@ -388,6 +427,13 @@ class Scheduler:
                 self.waiting.append(task)
             self.lock.notify_all()
         return tasks
+
+    @property
+    def can_split_hidden(self) -> bool:
+        """Whether an embedding's prompt may span batches: only when one token's row is pooled
+        (the last one, for last pooling and a causal model's rank pooling); otherwise it is
+        evaluated in one batch, as llama-server's can_split decides."""
+        return self.pooling in ("last", "rank")
 
     def capacity(self) -> int | None:
         """Tasks the scheduler can hold at once (running and waiting); None: no limit."""
@@ -593,8 +639,13 @@ class Scheduler:
         tokens, positions, seq_ids, want, prompt_pass, owners = [], [], [], [], [], []
         budget = self.n_batch
         active = [s for s in self.slots if s.busy]
+        # what the batch is for (a Task.kind): the first slot in it decides, and only tasks of the
+        # same kind join it (llama-server's can_batch_with); embeddings and reranks are evaluated
+        # for their hidden states, completions for logits
+        kind = None
         for s in active:  # generating slots first: one token each
             if s.next_token is not None and not s.to_eval:
+                kind = s.task.kind
                 tokens.append(s.next_token)
                 positions.append(len(s.cache_tokens))
                 seq_ids.append(s.id)
@@ -603,27 +654,35 @@ class Scheduler:
                 owners.append((s, [s.next_token], True))
                 budget -= 1
         for s in active:  # then prompt chunks, as far as the batch allows
-            if s.to_eval and budget > 0:
-                chunk = s.to_eval[:self._chunk_length(len(s.to_eval), budget)]
-                if self.checkpoints is not None:
-                    self.checkpoints.record(s, len(s.to_eval) - len(chunk))
-                last = len(chunk) == len(s.to_eval)
-                start = len(s.cache_tokens)
-                tokens += chunk
-                positions += range(start, start + len(chunk))
-                seq_ids += [s.id] * len(chunk)
-                want += [False] * (len(chunk) - 1) + [last]
-                prompt_pass += [s.prompt_pass] * len(chunk)
-                owners.append((s, chunk, last))
-                budget -= len(chunk)
+            if not s.to_eval or budget <= 0 or kind not in (None, s.task.kind):
+                continue
+            if s.task.needs_hidden and not self.can_split_hidden and len(s.to_eval) > budget:
+                continue   # pooled over its whole prompt: it waits for a batch with room for all of it
+            kind = s.task.kind
+            hidden = s.task.needs_hidden
+            chunk = s.to_eval[:self._chunk_length(len(s.to_eval), budget)]
+            if self.checkpoints is not None:
+                self.checkpoints.record(s, len(s.to_eval) - len(chunk))
+            last = len(chunk) == len(s.to_eval)
+            start = len(s.cache_tokens)
+            tokens += chunk
+            positions += range(start, start + len(chunk))
+            seq_ids += [s.id] * len(chunk)
+            # an embedding's every token is an output (its row may be pooled)
+            want += [hidden] * (len(chunk) - 1) + [last or hidden]
+            prompt_pass += [s.prompt_pass] * len(chunk)
+            owners.append((s, chunk, last))
+            budget -= len(chunk)
         if not tokens:
             return
+        hidden = kind != "completion"
         batch = Batch(np.array(tokens, np.int32), np.array(positions, np.int32),
                       np.array(seq_ids, np.int32), np.array(want, bool), np.array(prompt_pass, bool),
                       attn_tiled=tiled_attention_rows(len(tokens), self.n_ubatch),
                       attn_kv_chunk=np.array([split_kv_chunk(positions[0], self.kv_size, self.n_threads)
                                               if len(tokens) == 1 else 0] * len(tokens), np.int32))
-        logits = self.engine.model.forward(batch, self.cache)
+        out = self.engine.model.forward(batch, self.cache, hidden=hidden)   # [n_wanted, n_vocab or n_embd]
+        pooled = self._pool(batch, out) if hidden else None
         m = self.metrics
         m.n_decode_total += 1
         m.n_busy_slots_total += len(active)
@@ -637,17 +696,49 @@ class Scheduler:
                     s.report_progress()
             elif s.task.return_progress and s.next_token is None:
                 s.report_progress()
-            if has_logits:
+            if has_logits and hidden:
+                self._send_embedding(s, batch, out, pooled)
+            elif has_logits:
                 if s.t_prompt_done is None:
                     s.t_prompt_done = time.perf_counter()
                 try:
-                    self._sample(s, logits[row])
+                    self._sample(s, out[row])
                 except Exception as e:  # this request's failure ends this request, no other
                     self.log.warning("slot %d: sampling failed: %s: %s", s.id, type(e).__name__, e)
                     s.task.events.put(ErrorEvent(f"sampling failed: {type(e).__name__}: {e}"))
                     s.next_token = None
                     self._release(s)
                 row += 1
+
+    def _pool(self, batch: Batch, hidden: np.ndarray) -> dict:
+        """Every sequence of an embedding batch pooled (none: nothing to pool), as llama.cpp
+        pools a ubatch: all its sequences in one product. hidden: [T, n_embd] (every row is an
+        output). Returns {seq_id: [n_embd] f32, or [n_cls_out] through a reranker's head}."""
+        if self.pooling == "none":
+            return {}
+        seqs = list(dict.fromkeys(batch.seq_ids.tolist()))
+        if self.pooling == "mean":
+            rows = mean_pool(hidden, batch.seq_ids, seqs)                       # [n_seqs, n_embd]
+        else:   # cls: the first token's row; last and (causal) rank: the last token's
+            picked = first_or_last_rows(batch.positions, batch.seq_ids, seqs, last=self.pooling != "cls")
+            rows = hidden[picked]
+        if self.pooling == "rank":
+            rows = self.engine.model.classify(rows)                              # [n_seqs, n_cls_out]
+        return dict(zip(seqs, rows))
+
+    def _send_embedding(self, s: Slot, batch: Batch, hidden: np.ndarray, pooled: dict) -> None:
+        """An embedding or rerank task whose prompt is evaluated: its result, and the slot is free
+        (llama-server's send_embedding and send_rerank). Pooled vectors of an embedding are
+        normalized; a rerank's score and pooling none's rows are left as they are."""
+        task = s.task
+        if self.pooling == "none":
+            vectors = list(hidden[batch.seq_ids == s.id])
+        elif task.kind == "embedding":
+            vectors = [normalize(pooled[s.id], task.embd_normalize)]
+        else:
+            vectors = [pooled[s.id]]
+        task.events.put(EmbeddingEvent(vectors, len(task.prompt_tokens)))
+        self._release(s)
 
     def _chunk_length(self, n_left: int, budget: int) -> int:
         """How many of a prompt's n_left tokens go into this batch: as many as the budget allows,

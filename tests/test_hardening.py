@@ -213,7 +213,7 @@ def test_scheduler_contains_a_sampling_failure(stories):
     the same batch go on with bit-identical tokens (greedy and seeded)."""
     from numllama.engine.grammar import Grammar
     from numllama.engine.sampling import SamplingParams
-    from numllama.engine.slots import ErrorEvent, FinalEvent, Scheduler, Task
+    from numllama.engine.slots import ErrorEvent, Scheduler, Task
 
     class BreaksAfterFive(Grammar):
         calls = 0
@@ -235,14 +235,7 @@ def test_scheduler_contains_a_sampling_failure(stories):
             tasks.insert(1, Task(prompt_tokens=prompts[0], n_predict=40,
                                  params=SamplingParams(grammar=BreaksAfterFive("root ::= [a-z ]*"))))
         sched.submit_all(tasks)
-        finals = []
-        for t in tasks:
-            while True:
-                ev = t.events.get(timeout=60)
-                if isinstance(ev, (FinalEvent, ErrorEvent)):
-                    finals.append(ev)
-                    break
-        return finals
+        return [t.outcome(timeout=60) for t in tasks]
 
     clean = run(False)
     mixed = run(True)
@@ -262,13 +255,7 @@ def test_a_request_that_cannot_start_ends_alone(stories):
                params=SamplingParams(grammar=Grammar('root ::= "a"'), grammar_prefill="zzz"))
     good = Task(prompt_tokens=tok.encode("Once"), n_predict=4, params=SamplingParams(temperature=0))
     sched.submit_all([bad, good])
-    outcome = []
-    for t in (bad, good):
-        while True:
-            ev = t.events.get(timeout=60)
-            if isinstance(ev, (FinalEvent, ErrorEvent)):
-                outcome.append(ev)
-                break
+    outcome = [t.outcome(timeout=60) for t in (bad, good)]
     assert isinstance(outcome[0], ErrorEvent) and "generation prompt" in outcome[0].message
     assert isinstance(outcome[1], FinalEvent) and outcome[1].n_decoded == 4
 
