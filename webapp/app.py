@@ -32,6 +32,8 @@ class ServerContext:
     chat_template: object = None   # engine.chat_template.ChatTemplate
     jinja: bool = True             # --jinja: llama-server's chat parser (off: its legacy chat path)
     spm_infill: bool = False       # --spm-infill: /infill puts the suffix before the prefix
+    embedding: bool = False        # --embeddings (--reranking): the embedding and rerank routes answer
+    embd_normalize: int = 2        # --embd-normalize: how pooled embeddings are normalized (engine.pooling)
     tool_format: object = None     # engine.tool_calls.ToolFormat of the template (None: it writes no calls)
     tool_format_error: str = ""    # why the template's tool calls cannot be read, if so
     reasoning_format: object = None   # engine.reasoning.ReasoningFormat of the template, if it has one
@@ -127,10 +129,10 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
     app.config["PUBLIC_PATHS"] = PUBLIC_PATHS
     inflight = app.extensions["numllama_inflight"] = InFlight()
 
-    from . import (anthropic_messages, chat_completions, completions, cors_proxy, infill, info, metrics,
-                   openai_responses, tokens, tools, ui)
-    for module in (info, completions, chat_completions, anthropic_messages, openai_responses, infill, tokens,
-                   metrics, ui, tools, cors_proxy):
+    from . import (anthropic_messages, chat_completions, completions, cors_proxy, embeddings, infill, info,
+                   metrics, openai_responses, tokens, tools, ui)
+    for module in (info, completions, chat_completions, anthropic_messages, openai_responses, infill, embeddings,
+                   tokens, metrics, ui, tools, cors_proxy):
         app.register_blueprint(module.bp)
     if vertex is not None:
         from . import vertex_predict

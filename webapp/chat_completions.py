@@ -459,7 +459,7 @@ def run_to_end(run: ChatRun) -> list[Answer]:
     """Run a chat request and wait for every choice."""
     tasks = run.completion.submit()
     answers = []
-    for t, f in zip(tasks, collect_finals(run.completion, tasks)):
+    for t, f in zip(tasks, collect_finals(run.completion.ctx, tasks)):
         ms = run.message_stream()
         ms.deltas(f.content, final=True)
         answers.append(Answer(t, f, ms.message()))
@@ -472,7 +472,7 @@ def run_streaming(run: ChatRun):
     or the last reading at the FinalEvent, adds to the message). Call it while handling the
     request (task_events takes the disconnect probe then); close the iterator when done."""
     tasks = run.completion.submit()
-    task_evs = task_events(run.completion, tasks)
+    task_evs = task_events(run.completion.ctx, tasks)
 
     def events():
         streams: dict = {}

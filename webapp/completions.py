@@ -7,7 +7,7 @@ from contextlib import closing
 
 from flask import Blueprint, Response, current_app
 
-from ..engine.slots import ErrorEvent, FinalEvent, ProgressEvent, QueueFull, Task, TokenEvent
+from ..engine.slots import EmbeddingEvent, ErrorEvent, FinalEvent, ProgressEvent, QueueFull, Task, TokenEvent
 from ..engine.tokenizer import utf8_complete_prefix
 
 from .errors import APIError, json_response
@@ -222,9 +222,9 @@ def wait_event(task: Task, ctx, watch: DisconnectWatch):
             pass
 
 
-def task_events(c: Completion, tasks: list[Task]):
-    """(task, event) for every event of the tasks, one task after the other, each up to its
-    FinalEvent. It ends early, after yielding it, at an ErrorEvent, and silently when the client
+def task_events(ctx, tasks: list[Task]):
+    """(task, event) for every event of the tasks (ctx: the ServerContext whose scheduler runs
+    them), one task after the other, each up to its FinalEvent (EmbeddingEvent). It ends early, after yielding it, at an ErrorEvent, and silently when the client
     goes away. However it ends (closed by a hung-up stream too), every task is cancelled, so no
     slot keeps working for nobody. Every route that waits for results reads them through here.
     Call it while handling the request: a stream's body is read after the request context ends,
@@ -235,17 +235,17 @@ def task_events(c: Completion, tasks: list[Task]):
         try:
             for t in tasks:
                 while True:
-                    ev = wait_event(t, c.ctx, watch)
+                    ev = wait_event(t, ctx, watch)
                     if ev is None:
                         return
                     yield t, ev
                     if isinstance(ev, ErrorEvent):
                         return
-                    if isinstance(ev, FinalEvent):
+                    if isinstance(ev, (FinalEvent, EmbeddingEvent)):
                         break
         finally:
             for t in tasks:
-                c.ctx.scheduler.cancel(t)
+                ctx.scheduler.cancel(t)
 
     return events()
 
@@ -255,14 +255,15 @@ def engine_error(ev: ErrorEvent) -> APIError:
     return APIError(ev.message, 500, "server_error")
 
 
-def collect_finals(c: Completion, tasks: list[Task]) -> list[FinalEvent]:
-    """Wait for every task's final result; a vanished client or a failed task cancels them all."""
-    fins: list[FinalEvent] = []
-    with closing(task_events(c, tasks)) as events:
+def collect_finals(ctx, tasks: list[Task]) -> list:
+    """Wait for every task's final result (a FinalEvent, or an EmbeddingEvent); a vanished
+    client or a failed task cancels them all."""
+    fins: list = []
+    with closing(task_events(ctx, tasks)) as events:
         for _, ev in events:
             if isinstance(ev, ErrorEvent):
                 raise engine_error(ev)
-            if isinstance(ev, FinalEvent):
+            if isinstance(ev, (FinalEvent, EmbeddingEvent)):
                 fins.append(ev)
     if len(fins) < len(tasks):
         raise APIError("client disconnected", 400)
@@ -271,7 +272,7 @@ def collect_finals(c: Completion, tasks: list[Task]) -> list[FinalEvent]:
 
 def run_blocking(c: Completion) -> Response:
     tasks = c.submit()
-    fins = collect_finals(c, tasks)
+    fins = collect_finals(c.ctx, tasks)
     if c.oai:
         return json_response(c.oai_object(tasks, fins))
     objs = [c.select_fields(c.final_object(t, f, streamed=False)) for t, f in zip(tasks, fins)]
@@ -280,7 +281,7 @@ def run_blocking(c: Completion) -> Response:
 
 def run_stream(c: Completion) -> Response:
     tasks = c.submit()
-    task_evs = task_events(c, tasks)
+    task_evs = task_events(c.ctx, tasks)
 
     def events():
         finished = 0

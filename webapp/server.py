@@ -19,6 +19,7 @@ RANDOM_SEED = 0xFFFFFFFF
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..engine.hparams import POOLING_TYPES
     from ..engine.sampling import SamplingParams
     ap = argparse.ArgumentParser(prog="numllama-server", allow_abbrev=False,
                                  description="llama-server compatible completion server (numllama)",
@@ -121,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="the reasoning_effort given to chat templates ('default': none given)")
     a("--chat-template-kwargs", help="JSON object of variables for every chat template render "
       "(a request's chat_template_kwargs add to them)")
+    a("--embedding", "--embeddings", dest="embedding", action="store_true",
+      help="serve /embedding, /embeddings and /v1/embeddings (completions still work)")
+    a("--rerank", "--reranking", dest="reranking", action="store_true",
+      help="serve /rerank (and /v1/rerank, /reranking): --embeddings with --pooling rank")
+    a("--pooling", choices=POOLING_TYPES, default=None,
+      help="how a sequence's hidden states become one embedding (default: the model file's, else none)")
+    a("--embd-normalize", type=int, default=2,
+      help="normalization of pooled embeddings: -1 none, 0 max-absolute (int16 range), 2 euclidean, >2 p-norm")
     a("--spm-infill", action="store_true", help="/infill: the Suffix/Prefix/Middle order (some models "
       "expect it) instead of Prefix/Suffix/Middle")
     a("--reasoning-format", choices=("none", "auto", "deepseek"), default="deepseek",
@@ -419,11 +428,16 @@ def build_context(args, path: str, metrics=None):
     if n_slots <= 0:  # llama-server's "auto": 4 slots sharing one context
         n_slots, kv_unified = 4, True
     n_ctx_slot = n_ctx if kv_unified else max(1, n_ctx // n_slots)
-    scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=args.batch_size, n_ubatch=args.ubatch_size, max_waiting=max(0, args.max_queue),
+    embedding = args.embedding or args.reranking
+    pooling = "rank" if args.reranking else args.pooling or engine.gguf.hparams.pooling or "none"
+    n_batch = args.batch_size
+    if embedding:   # llama-server: an embedding is pooled within one ubatch, so a batch is one
+        n_batch = min(n_batch, args.ubatch_size)
+    scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=n_batch, n_ubatch=args.ubatch_size, max_waiting=max(0, args.max_queue),
                           n_predict_default=args.n_predict, context_shift=args.context_shift,
                           cache_ram_mib=args.cache_ram, cache_idle_slots=args.cache_idle_slots,
                           kv_unified=kv_unified, slot_prompt_similarity=args.slot_prompt_similarity,
-                          n_threads=args.threads or physical_cores(), metrics=metrics)
+                          n_threads=args.threads or physical_cores(), metrics=metrics, pooling=pooling)
     from ..engine.chat_template import ChatTemplate
     template = args.chat_template
     if args.chat_template_file:
@@ -453,6 +467,7 @@ def build_context(args, path: str, metrics=None):
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
         enable_metrics=args.metrics, api_keys=args.api_keys, chat_template=chat_template, jinja=args.jinja, spm_infill=args.spm_infill, verbose=args.verbose,
+        embedding=embedding, embd_normalize=args.embd_normalize,
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
         reasoning_format_default=args.reasoning_format, template_kwargs=args.template_kwargs,
         cors_origins=args.cors_origins, cors_methods=args.cors_methods, cors_headers=args.cors_headers,
