@@ -9,14 +9,13 @@ llama-server means to refuse but goes on with (its handler sets the error and do
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import requests
 
-from compare_tokens import add_server_args, running, write_golden   # beside this file
+from compare_tokens import recording_args, running, write_golden   # beside this file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -59,11 +58,7 @@ def answer(url: str, body: dict) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_args(ap)
-    ap.add_argument("--record", metavar="JSON")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    args = ap.parse_args()
+    args = recording_args(__doc__)
     model = write_fim_model(SRC, os.path.join("/tmp", "stories260K-fim.gguf"))
     record, same, total = {}, 0, 0
     for name, cases in CASES.items():

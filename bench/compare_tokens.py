@@ -79,6 +79,16 @@ def write_golden(path: str, script: str, **content) -> None:
                                "llama-cpp-python 0.3.36 sdist", **content}, f, indent=1)
 
 
+def recording_args(doc: str) -> argparse.Namespace:
+    """The command line of a comparison that can record llama-server's answers: the two servers,
+    --record JSON (a golden file for the tests) and -v (print every difference)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_args(ap)
+    ap.add_argument("--record", metavar="JSON")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap.parse_args()
+
+
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     """The two servers compared: an AVX2 llama-server and numllama-server."""
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER_BIN"))

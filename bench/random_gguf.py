@@ -46,7 +46,7 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
           qtype: str = "Q4_0", seed: int = 0, n_ctx: int = 4096, rope_base: float = 10000.0,
           llama3_rope: bool = False, arch: str = "llama", head_dim: int | None = None,
           n_rot: int | None = None, sliding_window: int = 0, swa_pattern: int = 0, longrope_ctx: int = 0,
-          yarn: tuple = ()) -> str:
+          yarn: tuple = (), classifier: tuple = ()) -> str:
     """A random-weight model; matrices in `qtype`, norms in F32, embeddings in Q8_0. Each family
     gets the tensors and keys that make it what it is (docs/11-model-families.md):
     llama3_rope: Llama 3's rope_freqs.weight; qwen2: q/k/v biases; qwen3: per-head q/k norms
@@ -54,7 +54,9 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
     post-FFN norms, tied output, and `sliding_window` with every `swa_pattern`-th layer global;
     phi3: one fused attn_qkv and one ffn_up holding gate and up, RoPE on the first n_rot dims;
     longrope_ctx: LongRoPE's short and long factor tensors, with that original context length
-    and an attn_factor (phi3 128k files); yarn = (factor, original context): YaRN scaling keys."""
+    and an attn_factor (phi3 128k files); yarn = (factor, original context): YaRN scaling keys;
+    classifier = labels: a reranker as convert_hf_to_gguf.py writes Qwen3 rerankers, with a
+    cls.output head (one row per label), rank pooling and a rerank prompt template."""
     from numllama.engine.gguf_file import load_gguf
     vocab = load_gguf(vocab_from).vocab
     rng = np.random.default_rng(seed)
@@ -137,6 +139,12 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
             matrix(p + "ffn_gate.weight", n_ff, n_embd, qtype)
             matrix(p + "ffn_up.weight", n_ff, n_embd, qtype)
         matrix(p + "ffn_down.weight", n_embd, n_ff, qtype)
+    if classifier:
+        w.add_array(f"{arch}.classifier.output_labels", list(classifier))
+        w.add_uint32(f"{arch}.pooling_type", 4)   # rank
+        w.add_string("tokenizer.chat_template.rerank", "Query: {query}\nDocument: {document}\nRelevant:")
+        w.add_tensor("cls.output.weight", (rng.standard_normal((len(classifier), n_embd)) / np.sqrt(n_embd))
+                     .astype(np.float32))
     w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
     if arch != "gemma3":   # gemma3 ties its output projection to token_embd
         matrix("output.weight", n_vocab, n_embd, "Q8_0")

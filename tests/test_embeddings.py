@@ -1,0 +1,177 @@
+"""Embeddings and reranking: llama-server's recorded answers replayed bit for bit
+(tests/data/embeddings.json, written by bench/compare_embeddings.py --record), the pooling and
+normalization arithmetic against plain references, and embedding tasks sharing the scheduler
+with completions without changing them."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "bench"))
+from compare_embeddings import answer, write_reranker  # noqa: E402
+
+GOLDEN = json.load(open(os.path.join(HERE, "data", "embeddings.json")))
+
+
+@pytest.fixture(scope="module", params=list(GOLDEN["cases"]))
+def embedding_server(request, stories_path, tmp_path_factory):
+    from server_util import Server
+    case = GOLDEN["cases"][request.param]
+    model = stories_path if case["model"] == "stories" else \
+        write_reranker(str(tmp_path_factory.mktemp("rerank") / "reranker.gguf"))
+    s = Server(list(GOLDEN["flags"]) + list(case["flags"]), model=model)
+    yield case, s
+    s.stop()
+
+
+def test_embedding_routes_match_llama_server(embedding_server):
+    """Status and body of every recorded request, every float identical."""
+    case, s = embedding_server
+    for r in case["requests"]:
+        assert answer(s.url, r["path"], r["request"]) == r["answer"], json.dumps(r["request"])[:200]
+
+
+# ------------------------------------------------------------------ the arithmetic, in plain Python
+def vec_dot_f32(x, y) -> np.float32:
+    """ggml_vec_dot_f32 as the AVX2 build runs it, one element at a time: 4 x 8 lanes of FMAs
+    over blocks of 32, the reduce tree, then the tail: products rounded and added, except the
+    last n % 4, fused."""
+    from numllama.engine.float_ops import fma
+    f32 = np.float32
+    n = len(x)
+    n_simd = n - n % 32
+    lanes = [f32(0)] * 32
+    for k in range(n_simd):
+        lanes[k % 32] = fma(x[k], y[k], lanes[k % 32])
+    a = lanes[:]
+    for i in range(8):
+        a[i], a[8 + i] = f32(a[i] + a[16 + i]), f32(a[8 + i] + a[24 + i])
+    for i in range(8):
+        a[i] = f32(a[i] + a[8 + i])
+    total = f32(f32(f32(a[0] + a[4]) + f32(a[1] + a[5])) + f32(f32(a[2] + a[6]) + f32(a[3] + a[7]))) \
+        if n_simd else f32(0)
+    for k in range(n_simd, n):
+        if k < n - n % 4:
+            total = f32(total + f32(x[k] * y[k]))
+        else:
+            total = fma(x[k], y[k], total)
+    return total
+
+
+def tinyblas_dot(x, y) -> np.float32:
+    """llamafile's tinyBLAS for one element: lane k % 8 takes element k by FMA, then hsum8."""
+    from numllama.engine.float_ops import fma
+    f32 = np.float32
+    lanes = [f32(0)] * 8
+    for k in range(len(x)):
+        lanes[k % 8] = fma(x[k], y[k], lanes[k % 8])
+    a = lanes
+    return f32(f32(f32(a[0] + a[4]) + f32(a[2] + a[6])) + f32(f32(a[1] + a[5]) + f32(a[3] + a[7])))
+
+
+@pytest.mark.parametrize("lengths", [(3,), (7,), (13,), (41,), (70,), (5, 11), (9, 7), (40, 24, 8)])
+def test_mean_pool_is_llama_cpps_matmul(lengths):
+    """The mean of each sequence's rows, summed over the whole batch in ggml's order: one
+    sequence through ggml_vec_dot_f32, several through tinyBLAS when the batch is a multiple of 8
+    tokens (and vec_dot otherwise)."""
+    from numllama.engine.pooling import mean_pool
+    rng = np.random.default_rng(sum(lengths))
+    seq_ids = np.concatenate([np.full(n, s, np.int32) for s, n in enumerate(lengths)])
+    hidden = rng.standard_normal((len(seq_ids), 24)).astype(np.float32)
+    got = mean_pool(hidden, seq_ids, list(range(len(lengths))))
+    tinyblas = len(lengths) >= 2 and len(seq_ids) % 8 == 0
+    for s, n in enumerate(lengths):
+        w = np.where(seq_ids == s, np.float32(1) / np.float32(n), np.float32(0)).astype(np.float32)
+        for d in range(hidden.shape[1]):
+            want = (tinyblas_dot if tinyblas else vec_dot_f32)(hidden[:, d], w)
+            assert got[s, d] == want, (lengths, s, d)
+
+
+def test_normalize_as_common_embd_normalize():
+    from numllama.engine.pooling import normalize
+    v = np.array([3.0, -4.0, 0.5], np.float32)
+    np.testing.assert_array_equal(normalize(v, -1), v)
+    np.testing.assert_array_equal(normalize(v, 0), v * np.float32(1.0 / (4.0 / 32760.0)))   # int16 range
+    euclid = math.sqrt(9.0 + 16.0 + 0.25)
+    np.testing.assert_array_equal(normalize(v, 2), v * np.float32(1.0 / euclid))
+    p3 = (27.0 + 64.0 + 0.125) ** (1 / 3)
+    np.testing.assert_array_equal(normalize(v, 3), v * np.float32(1.0 / p3))
+    np.testing.assert_array_equal(normalize(np.zeros(3, np.float32), 2), np.zeros(3, np.float32))
+
+
+def test_softmax_rows_sums_in_double():
+    from numllama.engine.pooling import softmax_rows
+    x = np.array([[2.0, -1.0], [0.0, 0.0]], np.float32)
+    e = np.float32(math.exp(-3.0))
+    np.testing.assert_array_equal(softmax_rows(x)[0], np.array([1, e], np.float32) * np.float32(1 / (1 + float(e))))
+    np.testing.assert_array_equal(softmax_rows(x)[1], [0.5, 0.5])
+
+
+# ------------------------------------------------------------------ the scheduler
+def test_embeddings_beside_completions_change_nothing(stories):
+    """Embedding tasks are batched only with each other; a completion running meanwhile gets the
+    same tokens as alone, and the embeddings are those they get without it. (Not those each
+    gets on its own: llama.cpp's mean pooling sums over the whole batch, in an order that
+    depends on how many sequences share it, and numllama's follows it.)"""
+    from numllama.engine.sampling import SamplingParams
+    from numllama.engine.slots import Scheduler, Task
+    tok = stories.tokenizer
+    prompt = tok.encode("Once upon a time")
+    texts = [tok.encode(t) for t in ("Lily liked cats.", "The sun was hot and bright today.")]
+
+    def run(tasks):
+        sched = Scheduler(stories, 3, 256, pooling="mean")
+        try:
+            sched.submit_all(tasks)
+            return [t.outcome(timeout=60) for t in tasks]
+        finally:
+            sched.close()
+
+    greedy = SamplingParams(temperature=0)
+    alone_text = run([Task(prompt, n_predict=24, params=greedy)])[0].tokens
+    alone_embd = [ev.vectors[0] for ev in run([Task(p, kind="embedding") for p in texts])]
+    mixed = run([Task(prompt, n_predict=24, params=greedy)] + [Task(p, kind="embedding") for p in texts])
+    assert mixed[0].tokens == alone_text
+    for ev, want in zip(mixed[1:], alone_embd):
+        np.testing.assert_array_equal(ev.vectors[0], want)
+        assert abs(float(np.linalg.norm(ev.vectors[0].astype(np.float64))) - 1) < 1e-6   # euclidean by default
+
+
+def test_too_long_for_one_batch_is_refused(stories):
+    from numllama.engine.slots import Scheduler, Task
+    sched = Scheduler(stories, 1, 256, n_batch=8, pooling="mean")
+    try:
+        with pytest.raises(ValueError, match="too large to process"):
+            sched.submit(Task(list(range(1, 10)), kind="embedding"))
+    finally:
+        sched.close()
+
+
+def test_embedding_errors_over_http(stories_path):
+    from server_util import Server
+    plain = Server(["-c", "256"], model=stories_path)
+    try:
+        r = plain.post("/v1/embeddings", {"input": "hi"})
+        assert r.status_code == 501 and "Start it with `--embeddings`" in r.json()["error"]["message"]
+        r = plain.post("/rerank", {"query": "a", "documents": ["b"]})
+        assert r.status_code == 501
+    finally:
+        plain.stop()
+    s = Server(["-c", "256", "-b", "16", "-ub", "16", "--embedding", "--pooling", "mean"], model=stories_path)
+    try:
+        r = s.post("/embeddings", {"input": "Once upon a time there was a girl who liked to play outside"})
+        assert r.status_code == 500 and "too large to process" in r.json()["error"]["message"]
+        r = s.post("/embeddings", {"input": []})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "\"input\" must not be empty"
+        r = s.post("/embeddings", {"input": [[]]})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "Input content cannot be empty"
+        r = s.post("/v1/embeddings", {"input": "Lily"})   # and the server goes on serving
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64
+    finally:
+        s.stop()
