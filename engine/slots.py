@@ -131,6 +131,8 @@ class FinalEvent:
     probs: list               # per generated token, as TokenEvent.probs
     id_slot: int
     seed: int
+    n_draft: int = 0          # speculative decoding: tokens a draft model proposed ...
+    n_draft_accepted: int = 0  # ... and those the target model sampled too
 
 
 @dataclass
@@ -185,6 +187,8 @@ class Slot:
     t_prompt_done: float | None = None
     has_new_line: bool = False
     truncated: bool = False              # a context shift dropped tokens
+    n_draft: int = 0                     # speculative decoding: draft tokens proposed, accepted
+    n_draft_accepted: int = 0
 
     @property
     def busy(self) -> bool:
@@ -228,6 +232,7 @@ class Slot:
         self.last_task_id = task.id
         self.has_new_line = False
         self.truncated = False
+        self.n_draft = self.n_draft_accepted = 0
 
     def view(self) -> "SlotView":
         busy = self.busy
@@ -355,7 +360,7 @@ class Scheduler:
                  n_predict_default: int = -1, context_shift: bool = False, cache_ram_mib: float = 0,
                  cache_idle_slots: bool = True, kv_unified: bool = False, max_waiting: int | None = None,
                  slot_prompt_similarity: float = 0.1, n_ubatch: int = 512, n_threads: int = 1,
-                 metrics: "SchedulerMetrics | None" = None, pooling: str = "none"):
+                 metrics: "SchedulerMetrics | None" = None, pooling: str = "none", drafter=None):
         """max_waiting: tasks that may wait for a slot (None: no limit); submit refuses more.
         cache_ram_mib: budget of the host-RAM prompt cache (0: none, < 0: unlimited).
         cache_idle_slots: also keep idle slots' states there when a task starts (and, with a
@@ -363,7 +368,8 @@ class Scheduler:
         slot_prompt_similarity: llama-server's -sps; a slot whose cached tokens cover more than
         this share of a prompt serves it (0: the least recently used slot always does).
         metrics: the counters to go on from (a scheduler that replaces a closed one).
-        pooling: how embedding and rerank tasks pool their hidden states (engine.pooling)."""
+        pooling: how embedding and rerank tasks pool their hidden states (engine.pooling).
+        drafter: a speculative.Drafter whose guesses the generating slots verify (None: none)."""
         self.similarity = np.float32(slot_prompt_similarity)
         self.engine = engine
         self.context_shift = context_shift
@@ -392,6 +398,7 @@ class Scheduler:
         self.checkpoints = Checkpoints(hp.n_swa, swa_cells, n_ubatch, self.n_batch) if hp.n_swa > 0 else None
         self.max_waiting = max_waiting
         self.pooling = pooling
+        self.drafter = drafter
         self.n_predict_default = n_predict_default
         self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
         self.cache = engine.model.new_cache(n_slots, n_ctx_slot)
@@ -643,16 +650,19 @@ class Scheduler:
         # same kind join it (llama-server's can_batch_with); embeddings and reranks are evaluated
         # for their hidden states, completions for logits
         kind = None
-        for s in active:  # generating slots first: one token each
+        drafts: dict[int, list[int]] = {}   # slot id -> the draft tokens it verifies in this batch
+        for s in active:  # generating slots first: one token each, and its draft's guesses
             if s.next_token is not None and not s.to_eval:
                 kind = s.task.kind
-                tokens.append(s.next_token)
-                positions.append(len(s.cache_tokens))
-                seq_ids.append(s.id)
-                want.append(True)
-                prompt_pass.append(False)
+                drafts[s.id] = draft = self._draft(s)
+                run = [s.next_token, *draft]
+                tokens += run
+                positions += range(len(s.cache_tokens), len(s.cache_tokens) + len(run))
+                seq_ids += [s.id] * len(run)
+                want += [True] * len(run)
+                prompt_pass += [False] * len(run)   # verified rows: a lone decode step's order
                 owners.append((s, [s.next_token], True))
-                budget -= 1
+                budget -= 1   # (draft tokens do not take from the prompts' share: their chunks stay the same)
         for s in active:  # then prompt chunks, as far as the batch allows
             if not s.to_eval or budget <= 0 or kind not in (None, s.task.kind):
                 continue
@@ -676,11 +686,10 @@ class Scheduler:
         if not tokens:
             return
         hidden = kind != "completion"
+        tiled, kv_chunk = self._attention_paths(positions, drafts)
         batch = Batch(np.array(tokens, np.int32), np.array(positions, np.int32),
                       np.array(seq_ids, np.int32), np.array(want, bool), np.array(prompt_pass, bool),
-                      attn_tiled=tiled_attention_rows(len(tokens), self.n_ubatch),
-                      attn_kv_chunk=np.array([split_kv_chunk(positions[0], self.kv_size, self.n_threads)
-                                              if len(tokens) == 1 else 0] * len(tokens), np.int32))
+                      attn_tiled=tiled, attn_kv_chunk=kv_chunk)
         out = self.engine.model.forward(batch, self.cache, hidden=hidden)   # [n_wanted, n_vocab or n_embd]
         pooled = self._pool(batch, out) if hidden else None
         m = self.metrics
@@ -701,14 +710,59 @@ class Scheduler:
             elif has_logits:
                 if s.t_prompt_done is None:
                     s.t_prompt_done = time.perf_counter()
+                draft = drafts.get(s.id, [])
                 try:
-                    self._sample(s, out[row])
+                    self._verify(s, out[row:row + 1 + len(draft)], draft)
                 except Exception as e:  # this request's failure ends this request, no other
                     self.log.warning("slot %d: sampling failed: %s: %s", s.id, type(e).__name__, e)
                     s.task.events.put(ErrorEvent(f"sampling failed: {type(e).__name__}: {e}"))
                     s.next_token = None
                     self._release(s)
-                row += 1
+                row += 1 + len(draft)
+
+    def _draft(self, s: Slot) -> list[int]:
+        """The draft model's guesses to follow a generating slot's next token: as many as its
+        context and n_predict leave room for (llama-server's bounds), none without a drafter."""
+        if self.drafter is None or s.task.kind != "completion":
+            return []
+        n_max = s.n_ctx - len(s.cache_tokens) - 2
+        if s.task.n_predict is not None and s.task.n_predict >= 0:
+            n_max = min(n_max, max(s.task.n_predict, 1) - len(s.generated) - 1)
+        return self.drafter.draft(s.id, s.cache_tokens + [s.next_token], n_max) if n_max > 0 else []
+
+    def _attention_paths(self, positions: list[int], drafts: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Which tokens take ggml's tiled attention (their ubatch has >= FA_TILE_Q tokens) and,
+        for a lone decode token, how ggml splits its cells among threads. Draft tokens are
+        verified as if each were its slot's lone decode step: they take the path of the batch
+        without them, so their rows are those decoding without a draft computes."""
+        n = len(positions)
+        is_draft = np.zeros(n, bool)
+        at = 0
+        for draft in drafts.values():   # (each run: the slot's decode token, then its draft)
+            is_draft[at + 1:at + 1 + len(draft)] = True
+            at += 1 + len(draft)
+        n_plain = n - int(is_draft.sum())
+        tiled = np.empty(n, bool)
+        tiled[~is_draft] = tiled_attention_rows(n_plain, self.n_ubatch)
+        for t in np.nonzero(is_draft)[0]:
+            tiled[t] = tiled[t - 1]
+        kv_chunk = np.zeros(n, np.int32)
+        if n_plain == 1:   # one slot decoding alone: ggml splits its cells among threads
+            kv_chunk[:] = [split_kv_chunk(p, self.kv_size, self.n_threads) for p in positions]
+        return tiled, kv_chunk
+
+    def _verify(self, s: Slot, rows: np.ndarray, draft: list[int]) -> None:
+        """Sample the slot's tokens from its verified rows (rows[i]: the logits after its next
+        token and draft[:i]), in order, while each sample equals the draft's guess: a guess
+        the target also drew is kept (its K/V are in the cache already), and the first sample
+        that differs becomes the next token to evaluate. Without a draft: one plain sample."""
+        s.n_draft += len(draft)
+        for i, logits in enumerate(rows):
+            self._sample(s, logits)
+            if s.task is None or i == len(draft) or s.next_token != draft[i]:
+                return
+            s.cache_tokens.append(draft[i])
+            s.n_draft_accepted += 1
 
     def _pool(self, batch: Batch, hidden: np.ndarray) -> dict:
         """Every sequence of an embedding batch pooled (none: nothing to pool), as llama.cpp
@@ -854,7 +908,8 @@ class Scheduler:
             n_prompt=n_prompt, n_prompt_processed=n_prompt - s.n_cached,
             n_cached=s.n_cached, n_decoded=n_decoded, tokens_cached=len(s.cache_tokens),
             prompt_ms=(s.t_prompt_done - s.t_start) * 1000, predicted_ms=(now - s.t_prompt_done) * 1000,
-            probs=probs_out, id_slot=s.id, seed=s.sampler.seed))
+            probs=probs_out, id_slot=s.id, seed=s.sampler.seed,
+            n_draft=s.n_draft, n_draft_accepted=s.n_draft_accepted))
         s.next_token = None
         self._release(s)
 
