@@ -34,6 +34,7 @@ class ServerContext:
     spm_infill: bool = False       # --spm-infill: /infill puts the suffix before the prefix
     embedding: bool = False        # --embeddings (--reranking): the embedding and rerank routes answer
     embd_normalize: int = 2        # --embd-normalize: how pooled embeddings are normalized (engine.pooling)
+    speculative: str = "none"      # "draft-simple" with --model-draft (engine.speculative)
     tool_format: object = None     # engine.tool_calls.ToolFormat of the template (None: it writes no calls)
     tool_format_error: str = ""    # why the template's tool calls cannot be read, if so
     reasoning_format: object = None   # engine.reasoning.ReasoningFormat of the template, if it has one

@@ -95,7 +95,7 @@ class Completion:
         self.model_name = ctx.model_alias
         self.settings = generation_settings(self.params, self.n_predict, self.stop, self.stream,
                                             self.n_probs, self.ignore_eos, self.post_sampling,
-                                            self.backend_sampling)
+                                            self.backend_sampling, speculative=ctx.speculative)
         self.id = random_id("chatcmpl-")
         self.created = int(time.time())
 
@@ -133,12 +133,15 @@ class Completion:
         logits, so the generation rate is over n - 1 decode steps (0 for a single token)."""
         pm, dm = fin.prompt_ms, fin.predicted_ms
         steps = fin.n_decoded - 1
-        return {"cache_n": fin.n_cached, "prompt_n": fin.n_prompt_processed, "prompt_ms": pm,
-                "prompt_per_token_ms": pm / max(fin.n_prompt_processed, 1),
-                "prompt_per_second": fin.n_prompt_processed / (pm / 1000) if pm > 0 else 0.0,
-                "predicted_n": fin.n_decoded, "predicted_ms": dm,
-                "predicted_per_token_ms": dm / steps if steps > 0 else 0.0,
-                "predicted_per_second": steps / (dm / 1000) if steps > 0 and dm > 0 else 0.0}
+        out = {"cache_n": fin.n_cached, "prompt_n": fin.n_prompt_processed, "prompt_ms": pm,
+               "prompt_per_token_ms": pm / max(fin.n_prompt_processed, 1),
+               "prompt_per_second": fin.n_prompt_processed / (pm / 1000) if pm > 0 else 0.0,
+               "predicted_n": fin.n_decoded, "predicted_ms": dm,
+               "predicted_per_token_ms": dm / steps if steps > 0 else 0.0,
+               "predicted_per_second": steps / (dm / 1000) if steps > 0 and dm > 0 else 0.0}
+        if fin.n_draft > 0:   # speculative decoding: what the draft model proposed, and what was kept
+            out.update(draft_n=fin.n_draft, draft_n_accepted=fin.n_draft_accepted)
+        return out
 
     def final_object(self, task: Task, fin: FinalEvent, streamed: bool) -> dict:
         tok = self.ctx.engine.tokenizer

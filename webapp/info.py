@@ -24,7 +24,8 @@ def health():
 
 def _default_params(ctx, full: bool) -> dict:
     p = ctx.defaults.sampling
-    return generation_settings(p, ctx.defaults.n_predict, (), False, 0, False, False, False, full=full)
+    return generation_settings(p, ctx.defaults.n_predict, (), False, 0, False, False, False, full=full,
+                               speculative=ctx.speculative)
 
 
 @bp.get("/props")
@@ -85,7 +86,8 @@ def slots():
                 "n_prompt_tokens": len(s.last_prompt),
                 "n_prompt_tokens_processed": len(s.last_prompt) - s.n_cached,
                 "n_prompt_tokens_cache": s.n_cached,
-                "params": generation_settings(s.params, -1, (), False, 0, False, False, False, full=False),
+                "params": generation_settings(s.params, -1, (), False, 0, False, False, False, full=False,
+                                              speculative=ctx.speculative),
                 "next_token": [{"has_next_token": s.busy,
                                 "has_new_line": s.has_new_line,
                                 "n_remain": -1,

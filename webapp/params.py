@@ -348,8 +348,9 @@ def parse_prompts(prompt, tokenizer, max_tokens: int | None = None, on_too_long=
 
 def generation_settings(p: SamplingParams, n_predict: int, stop, stream: bool, n_probs: int,
                         ignore_eos: bool, post_sampling_probs: bool, backend_sampling: bool,
-                        full: bool = True) -> dict:
-    """What llama-server echoes as `generation_settings` (full) or `params` (short)."""
+                        full: bool = True, speculative: str = "none") -> dict:
+    """What llama-server echoes as `generation_settings` (full) or `params` (short).
+    speculative: the server's speculative decoding ("draft-simple" with a draft model)."""
     def f32(x):
         import numpy as np
         return float(np.float32(x))
@@ -381,7 +382,7 @@ def generation_settings(p: SamplingParams, n_predict: int, stop, stream: bool, n
                   "preserved_tokens": []})
     d.update({"chat_format": "Content-only", "reasoning_format": "deepseek",
               "reasoning_in_content": False, "generation_prompt": "",
-              "samplers": list(p.samplers), "speculative.types": "none",
+              "samplers": list(p.samplers), "speculative.types": speculative,
               "timings_per_token": False, "post_sampling_probs": post_sampling_probs,
               "backend_sampling": backend_sampling, "lora": []})
     return d

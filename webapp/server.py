@@ -130,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
       help="how a sequence's hidden states become one embedding (default: the model file's, else none)")
     a("--embd-normalize", type=int, default=2,
       help="normalization of pooled embeddings: -1 none, 0 max-absolute (int16 range), 2 euclidean, >2 p-norm")
+    a("-md", "--model-draft", "--spec-draft-model", dest="model_draft",
+      help="speculative decoding: a small model of the same vocabulary drafts tokens the model verifies "
+           "in one pass (the text is the one decoding without it gives)")
+    a("--spec-type", default=None,
+      help="with --model-draft, draft-simple (the default here; llama-server then drafts only when "
+           "told) or none; numllama has no other kind")
+    a("--spec-draft-n-max", "--draft-max", "--draft", "--draft-n", dest="draft_max", type=int, default=3,
+      help="draft tokens per step, at most")
+    a("--spec-draft-n-min", "--draft-min", "--draft-n-min", dest="draft_min", type=int, default=0,
+      help="fewer draft tokens than this are not used")
+    a("--spec-draft-p-min", "--draft-p-min", dest="draft_p_min", type=float, default=0.0,
+      help="drafting stops at a token the draft model gives less than this probability (among its top 10)")
     a("--spm-infill", action="store_true", help="/infill: the Suffix/Prefix/Middle order (some models "
       "expect it) instead of Prefix/Suffix/Middle")
     a("--reasoning-format", choices=("none", "auto", "deepseek"), default="deepseek",
@@ -433,11 +445,22 @@ def build_context(args, path: str, metrics=None):
     n_batch = args.batch_size
     if embedding:   # llama-server: an embedding is pooled within one ubatch, so a batch is one
         n_batch = min(n_batch, args.ubatch_size)
+    drafter = None
+    if args.model_draft and args.spec_type not in (None, "", "draft-simple"):
+        if args.spec_type != "none":
+            raise ValueError(f"--spec-type {args.spec_type}: numllama drafts with a draft model only (draft-simple)")
+    elif args.model_draft:   # speculative decoding
+        from ..engine.speculative import DraftParams, Drafter, check_compatible
+        draft = Engine.load(args.model_draft, n_threads=args.threads, warm_up=True)
+        check_compatible(engine, draft)
+        drafter = Drafter(draft, n_slots, n_ctx_slot, DraftParams(max(0, args.draft_max), args.draft_min,
+                                                                   args.draft_p_min))
     scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=n_batch, n_ubatch=args.ubatch_size, max_waiting=max(0, args.max_queue),
                           n_predict_default=args.n_predict, context_shift=args.context_shift,
                           cache_ram_mib=args.cache_ram, cache_idle_slots=args.cache_idle_slots,
                           kv_unified=kv_unified, slot_prompt_similarity=args.slot_prompt_similarity,
-                          n_threads=args.threads or physical_cores(), metrics=metrics, pooling=pooling)
+                          n_threads=args.threads or physical_cores(), metrics=metrics, pooling=pooling,
+                          drafter=drafter)
     from ..engine.chat_template import ChatTemplate
     template = args.chat_template
     if args.chat_template_file:
@@ -468,6 +491,7 @@ def build_context(args, path: str, metrics=None):
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
         enable_metrics=args.metrics, api_keys=args.api_keys, chat_template=chat_template, jinja=args.jinja, spm_infill=args.spm_infill, verbose=args.verbose,
         embedding=embedding, embd_normalize=args.embd_normalize,
+        speculative="draft-simple" if drafter else "none",
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
         reasoning_format_default=args.reasoning_format, template_kwargs=args.template_kwargs,
         cors_origins=args.cors_origins, cors_methods=args.cors_methods, cors_headers=args.cors_headers,
