@@ -52,35 +52,42 @@ def test_expf_array_is_libm():
     np.testing.assert_array_equal(expf_array(x), [expf(v) for v in x])
 
 
-def test_float_kernel_orders_equal_numpy_twins():
+@pytest.mark.parametrize("n_rows,n_cols", [(8, 64), (8, 172), (8, 175), (5, 64)])
+def test_float_kernel_orders_equal_numpy_twins(n_rows, n_cols):
+    """172: tinyBLAS declines (K % 8), vec_dot with a tail; 175: its last K % 4 products fused;
+    5 rows: tinyBLAS declines (rows % 4) and token 0 goes through vec_dot too."""
     rng = np.random.default_rng(2)
-    for n_cols in (64, 172):  # 172: tinyBLAS declines (K % 8), vec_dot with a tail
-        w = rng.standard_normal((5, n_cols)).astype(np.float32)
-        x = rng.standard_normal((2, n_cols)).astype(np.float32)
-        out = np.empty((2, 5), np.float32)
-        matmul_float(x, w, np.array([True, False]), False, out)
-        for r in range(5):
-            # token 0: tinyBLAS (8 lanes, hsum8) when K % 8 == 0
-            if n_cols % 8 == 0:
-                lanes = np.zeros(8, np.float32)
-                for l in range(0, n_cols, 8):
-                    for i in range(8):
-                        lanes[i] = fma_twin(w[r, l + i], x[0, l + i], lanes[i])
-                assert out[0, r] == hsum8_twin(lanes)
-            # token 1: ggml_vec_dot_f32 (4x8 lanes, reduce, then the tail: each product rounded
-            # to f32, then added; llama.cpp does not fuse these)
-            acc = np.zeros(32, np.float32)
-            n_simd = n_cols - n_cols % 32
-            for l in range(0, n_simd, 32):
-                for i in range(32):
-                    acc[i] = fma_twin(w[r, l + i], x[1, l + i], acc[i])
-            v = (acc[0:8] + acc[16:24]).astype(np.float32)
-            v = (v + (acc[8:16] + acc[24:32]).astype(np.float32)).astype(np.float32)
-            total = np.float32(np.float32(np.float32(v[0] + v[4]) + np.float32(v[1] + v[5])) +
-                               np.float32(np.float32(v[2] + v[6]) + np.float32(v[3] + v[7])))
-            for k in range(n_simd, n_cols):
+    w = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
+    x = np.stack([rng.standard_normal(n_cols).astype(np.float32)] * 2)   # both tokens alike
+    out = np.empty((2, n_rows), np.float32)
+    matmul_float(x, w, np.array([True, False]), False, out)
+    for r in range(n_rows):
+        # token 0: tinyBLAS (8 lanes, hsum8) when K % 8 == 0 and the rows a multiple of 4
+        if n_cols % 8 == 0 and n_rows % 4 == 0:
+            lanes = np.zeros(8, np.float32)
+            for l in range(0, n_cols, 8):
+                for i in range(8):
+                    lanes[i] = fma_twin(w[r, l + i], x[0, l + i], lanes[i])
+            assert out[0, r] == hsum8_twin(lanes)
+        else:
+            assert out[0, r] == out[1, r]   # declined: the same vec_dot as token 1
+        # token 1: ggml_vec_dot_f32 (4x8 lanes, reduce, then the tail: each product rounded
+        # to f32, then added, except the last K % 4, which GCC's AVX2 code fuses)
+        acc = np.zeros(32, np.float32)
+        n_simd = n_cols - n_cols % 32
+        for l in range(0, n_simd, 32):
+            for i in range(32):
+                acc[i] = fma_twin(w[r, l + i], x[1, l + i], acc[i])
+        v = (acc[0:8] + acc[16:24]).astype(np.float32)
+        v = (v + (acc[8:16] + acc[24:32]).astype(np.float32)).astype(np.float32)
+        total = np.float32(np.float32(np.float32(v[0] + v[4]) + np.float32(v[1] + v[5])) +
+                           np.float32(np.float32(v[2] + v[6]) + np.float32(v[3] + v[7])))
+        for k in range(n_simd, n_cols):
+            if k < n_cols - n_cols % 4:
                 total = np.float32(total + np.float32(w[r, k] * x[1, k]))
-            assert out[1, r] == total
+            else:
+                total = fma_twin(w[r, k], x[1, k], total)
+        assert out[1, r] == total
 
 
 @pytest.mark.parametrize("type_name", ["F32", "F16", "BF16"])
