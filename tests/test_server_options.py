@@ -65,11 +65,11 @@ def test_a_llama_server_command_line_starts_the_server(stories_path, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("first\nsecond\n")
     s = Server(["-c", "256", "--top-k", "5", "--samplers", "top_k;temperature", "--temperature", "0.5",
-                "-C", "ff", "--spec-draft-n-max", "4", "--no-warmup", "-lm", "mmap",
+                "-C", "ff", "--spec-ngram-mod-n-max", "4", "--no-warmup", "-lm", "mmap",
                 "--no-webui", "--api-key-file", str(keys), "-ctk", "q8_0", "--mmproj-auto"], model=stories_path)
     try:
         out = s.output()
-        for name in ("--spec-draft-n-max", "-C/--cpu-mask", "--warmup/--no-warmup",
+        for name in ("--spec-ngram-mod-n-max", "-C/--cpu-mask", "--warmup/--no-warmup",
                      "-lm/--load-mode", "-ctk/--cache-type-k", "--mmproj-auto/--no-mmproj/--no-mmproj-auto"):
             assert f"numllama-server: {name} has no effect in numllama" in out
         assert s.get("/props").status_code == 401
