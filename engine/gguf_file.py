@@ -183,8 +183,9 @@ def _parse(buf) -> tuple[dict, dict]:
     return fields, tensors
 
 
-def load_gguf(path: str) -> GGUFModel:
-    """Open `path` and check that numllama can run it, raising ModelLoadError otherwise."""
+def read_gguf_tensors(path: str) -> tuple[dict, dict, mmap.mmap]:
+    """Any GGUF file's metadata and tensors (name -> GGUFTensor over the memory map), checked
+    for truncation and tensor types, and the map itself (a model, or a LoRA adapter)."""
     if not os.path.isfile(path):
         raise ModelLoadError(f"model file not found: {path}")
     file_size = os.path.getsize(path)
@@ -205,15 +206,21 @@ def load_gguf(path: str) -> GGUFModel:
                                  f"the file has {file_size}")
         data = np.frombuffer(mapped, dtype, n_bytes // np.dtype(dtype).itemsize, offset).reshape(shape)
         tensors[name] = GGUFTensor(name, ttype, dims, n_elements, n_bytes, offset, data)
-
-    arch = fields.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ModelLoadError(f"unsupported model architecture {arch!r} in {path} "
-                             f"(numllama runs: {', '.join(SUPPORTED_ARCHS)})")
     for t in tensors.values():
         if t.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
             raise ModelLoadError(f"unsupported tensor type {t.tensor_type.name} for {t.name} in "
                                  f"{path} (numllama reads: {', '.join(SUPPORTED_TENSOR_TYPES)})")
+    return fields, tensors, mapped
+
+
+def load_gguf(path: str) -> GGUFModel:
+    """Open `path` and check that numllama can run it, raising ModelLoadError otherwise."""
+    fields, tensors, mapped = read_gguf_tensors(path)
+    file_size = os.path.getsize(path)
+    arch = fields.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelLoadError(f"unsupported model architecture {arch!r} in {path} "
+                             f"(numllama runs: {', '.join(SUPPORTED_ARCHS)})")
 
     hparams = _read_hparams(fields, arch, tensors)
     vocab = _read_vocab(fields)

@@ -15,6 +15,9 @@ Read `LlamaModel.forward` top to bottom: it is the math of one transformer step.
         x = x + f                           (f = rms_norm(f) * ffn_post_norm first: gemma3)
     logits = rms_norm(x) * output_norm  Wout   (cap * tanh(logits / cap) where a cap is set)
 
+Every product W x above also adds scale * B (A x) for each active LoRA adapter that adapts W
+(engine/lora.py; `loras` of forward).
+
 Which of these a file takes is in its HParams (see docs/11-model-families.md).
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from .gguf_file import GGUFModel, ModelLoadError
 from .hparams import HParams
 from .kv_cache import KVCache
+from .lora import add_lora
 from .ops import FA_TILE_Q, attention, geglu, gelu_f16_table, rms_norm, rope, softcap, swiglu
 from .pooling import softmax_rows
 from .quants import KernelOrder, PackedWeight, linear, pack_tensor, pack_weight, repacked_order
@@ -175,6 +179,9 @@ class LlamaModel:
                 ffn_post_norm=vector(p + "post_ffw_norm.weight") if hp.post_norms else None,
             )
             # which file tensors each packed matrix holds, for a GPU copy (cuda_backend)
+            for names in (qkv_names, gate_up_names, (p + "attn_output.weight", p + "ffn_down.weight")):
+                for name in names:
+                    self.source_rows[name] = int(t[name].shape[1])
             self.sources[id(packed.wo)] = (p + "attn_output.weight",)
             self.sources[id(packed.w_down)] = (p + "ffn_down.weight",)
             for group, names in ((qkv, qkv_names), (gate_up, gate_up_names)):
@@ -187,6 +194,7 @@ class LlamaModel:
 
         hp = self.hp
         self.sources: dict[int, tuple] = {}   # id(PackedWeight) -> the GGUF tensor names it stacks
+        self.source_rows: dict[str, int] = {}  # those names -> their rows (what a LoRA adapter may adapt)
         self.qkv_sizes = (hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, hp.n_head_kv * hp.head_dim)
         self.gelu_table = gelu_f16_table() if hp.ffn_act == "gelu_tanh" else None   # [65536] u16
         self.token_embd = TokenEmbedding(need("token_embd.weight"))
@@ -194,6 +202,9 @@ class LlamaModel:
         self.output_norm = vector("output_norm.weight")
         # models with tied embeddings reuse token_embd as the output projection
         self.output = weight("output.weight" if "output.weight" in t else "token_embd.weight")
+        if "output.weight" in t:   # (a tied output is token_embd, which adapters do not adapt here)
+            self.sources[id(self.output)] = ("output.weight",)
+            self.source_rows["output.weight"] = int(t["output.weight"].shape[1])
         # a reranker's classifier head (qwen3 rerankers carry one): [n_cls_out, n_embd], bias [n_cls_out]
         self.cls_out = weight("cls.output.weight") if "cls.output.weight" in t else None
         self.cls_out_b = vector("cls.output.bias") if "cls.output.bias" in t else None
@@ -210,11 +221,11 @@ class LlamaModel:
     def new_cache(self, n_seq: int, n_ctx: int) -> KVCache:
         return KVCache(self.hp, n_seq, n_ctx)
 
-    def forward(self, batch: Batch, cache: KVCache, hidden: bool = False) -> np.ndarray:
+    def forward(self, batch: Batch, cache: KVCache, hidden: bool = False, loras: tuple = ()) -> np.ndarray:
         """Evaluate the batch, writing its keys and values into `cache`.
         Returns logits [n_wanted, n_vocab] for the tokens with want_logits, in batch order; with
         `hidden`, their rows after the final norm instead, [n_wanted, n_embd] (what embeddings
-        are pooled from: engine.pooling)."""
+        are pooled from: engine.pooling). loras: ((lora.LoraAdapter, scale), ...) to apply."""
         hp = self.hp
         n_tokens = len(batch.tokens)
         x = self.token_embd(batch.tokens)                          # [T, n_embd]
@@ -233,7 +244,7 @@ class LlamaModel:
             ops = self.gpu if self.gpu is not None and il < self.gpu.n_layers else CPU_OPS
             # attention block
             h = ops.rms_norm(x, layer.attn_norm, hp.rms_eps)       # [T, n_embd]
-            q, k, v = split(ops.linear(h, *layer.qkv, order=order), self.qkv_sizes)  # [T, n_head*hd], [T, n_kv*hd] x2
+            q, k, v = split(self.linear(ops, h, layer.qkv, order, loras), self.qkv_sizes)  # [T, n_head*hd], [T, n_kv*hd] x2
             if layer.qkv_bias is not None:                         # qwen2
                 bq, bk, bv = layer.qkv_bias
                 q += bq
@@ -253,7 +264,7 @@ class LlamaModel:
             ops.attention(q, cache.k[il], cache.v[il], batch.seq_ids, batch.positions,
                           hp.n_head, hp.n_head_kv, hp.head_dim, score_scale, hp.layer_window(il), tiled, kv_chunk,
                           attn_out)
-            (o,) = ops.linear(attn_out, layer.wo, order=order)     # [T, n_embd]
+            (o,) = self.linear(ops, attn_out, (layer.wo,), order, loras)   # [T, n_embd]
             if il == last and not batch.want_logits.all():
                 # only the rows whose logits are wanted go on (llama.cpp's inp_out_ids); these
                 # few rows are multiplied one by one there, hence vec_dot order from here on
@@ -266,24 +277,31 @@ class LlamaModel:
             x += o                                                 # residual
             # feed-forward block (gated: SwiGLU or GeGLU)
             h = ops.rms_norm(x, layer.ffn_norm, hp.rms_eps)
-            gate, up = split(ops.linear(h, *layer.gate_up, order=order), (hp.n_ff, hp.n_ff))  # [T, n_ff] x2
+            gate, up = split(self.linear(ops, h, layer.gate_up, order, loras), (hp.n_ff, hp.n_ff))  # [T, n_ff] x2
             act = np.empty_like(gate)
             if hp.ffn_act == "gelu_tanh":
                 geglu(gate, up, self.gelu_table, act)
             else:
                 swiglu(gate, up, act)
-            (down,) = ops.linear(act, layer.w_down, order=order)   # [T, n_embd]
+            (down,) = self.linear(ops, act, (layer.w_down,), order, loras)   # [T, n_embd]
             if hp.post_norms:                                      # gemma3
                 down = ops.rms_norm(down, layer.ffn_post_norm, hp.rms_eps)
             x += down                                              # residual
         normed = rms_norm_rows(x, self.output_norm, hp.rms_eps)   # [n_wanted, n_embd]
         if hidden:
             return normed
-        (logits,) = linear(normed, self.output, order=order)      # [n_wanted, n_vocab]
+        (logits,) = self.linear(CPU_OPS, normed, (self.output,), order, loras)   # [n_wanted, n_vocab]
         if hp.logit_softcap:
             softcap(logits, hp.logit_softcap)
         return logits
 
+
+    def linear(self, ops, x: np.ndarray, weights: tuple, order, loras: tuple) -> list[np.ndarray]:
+        """x times each weight (ops.linear), plus each active LoRA adapter's delta (engine.lora)."""
+        outs = ops.linear(x, *weights, order=order)
+        if loras:
+            add_lora(outs, weights, self.sources, self.source_rows, x, loras, order)
+        return outs
 
     def classify(self, pooled: np.ndarray) -> np.ndarray:
         """Rank pooling's head for a causal model (build_pooling, LLAMA_POOLING_TYPE_RANK): the

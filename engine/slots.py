@@ -62,6 +62,8 @@ class Task:
     # (its relevance score: the rank pooling's first value)
     kind: str = "completion"
     embd_normalize: int = 2
+    # the LoRA adapters applied: ((index into the scheduler's adapters, scale), ...), scales != 0
+    lora: tuple = ()
     events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = 0
@@ -165,6 +167,7 @@ class Slot:
     # where llama-server would have checkpointed this slot's sliding-window cache: (n_tokens,
     # pos_min, pos_max) each (sliding-window models only; see Checkpoints)
     checkpoints: list[tuple] = field(default_factory=list)
+    lora: tuple = ()                     # the LoRA adapters (Task.lora) cache_tokens were computed with
     last_used: float = 0.0
     last_task_id: int | None = None
     last_prompt: list[int] = field(default_factory=list)
@@ -203,6 +206,8 @@ class Slot:
         self.task = task
         self.params = task.params
         prompt = task.prompt_tokens
+        if task.lora != self.lora:   # K/V computed with other adapters are no use to this task
+            self.cache_tokens, self.checkpoints, self.lora = [], [], task.lora
         # an embedding is evaluated from its first token (llama-server's stateless tasks)
         n_past = common_prefix(self.cache_tokens, prompt) if task.cache_prompt and not task.needs_hidden else 0
         if checkpoints is not None:   # a sliding-window model: what llama-server can reuse
@@ -360,7 +365,8 @@ class Scheduler:
                  n_predict_default: int = -1, context_shift: bool = False, cache_ram_mib: float = 0,
                  cache_idle_slots: bool = True, kv_unified: bool = False, max_waiting: int | None = None,
                  slot_prompt_similarity: float = 0.1, n_ubatch: int = 512, n_threads: int = 1,
-                 metrics: "SchedulerMetrics | None" = None, pooling: str = "none", drafter=None):
+                 metrics: "SchedulerMetrics | None" = None, pooling: str = "none", drafter=None,
+                 loras: tuple = ()):
         """max_waiting: tasks that may wait for a slot (None: no limit); submit refuses more.
         cache_ram_mib: budget of the host-RAM prompt cache (0: none, < 0: unlimited).
         cache_idle_slots: also keep idle slots' states there when a task starts (and, with a
@@ -369,7 +375,8 @@ class Scheduler:
         this share of a prompt serves it (0: the least recently used slot always does).
         metrics: the counters to go on from (a scheduler that replaces a closed one).
         pooling: how embedding and rerank tasks pool their hidden states (engine.pooling).
-        drafter: a speculative.Drafter whose guesses the generating slots verify (None: none)."""
+        drafter: a speculative.Drafter whose guesses the generating slots verify (None: none).
+        loras: the lora.LoraAdapters loaded, which tasks apply by index (Task.lora)."""
         self.similarity = np.float32(slot_prompt_similarity)
         self.engine = engine
         self.context_shift = context_shift
@@ -399,6 +406,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.pooling = pooling
         self.drafter = drafter
+        self.loras = tuple(loras)
         self.n_predict_default = n_predict_default
         self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
         self.cache = engine.model.new_cache(n_slots, n_ctx_slot)
@@ -646,14 +654,16 @@ class Scheduler:
         tokens, positions, seq_ids, want, prompt_pass, owners = [], [], [], [], [], []
         budget = self.n_batch
         active = [s for s in self.slots if s.busy]
-        # what the batch is for (a Task.kind): the first slot in it decides, and only tasks of the
-        # same kind join it (llama-server's can_batch_with); embeddings and reranks are evaluated
-        # for their hidden states, completions for logits
+        # what the batch is for (a Task.kind, with its LoRA adapters): the first slot in it decides,
+        # and only tasks of the same kind and adapters join it (llama-server's can_batch_with);
+        # embeddings and reranks are evaluated for their hidden states, completions for logits
         kind = None
         drafts: dict[int, list[int]] = {}   # slot id -> the draft tokens it verifies in this batch
         for s in active:  # generating slots first: one token each, and its draft's guesses
             if s.next_token is not None and not s.to_eval:
-                kind = s.task.kind
+                if kind not in (None, (s.task.kind, s.task.lora)):
+                    continue
+                kind = (s.task.kind, s.task.lora)
                 drafts[s.id] = draft = self._draft(s)
                 run = [s.next_token, *draft]
                 tokens += run
@@ -664,11 +674,11 @@ class Scheduler:
                 owners.append((s, [s.next_token], True))
                 budget -= 1   # (draft tokens do not take from the prompts' share: their chunks stay the same)
         for s in active:  # then prompt chunks, as far as the batch allows
-            if not s.to_eval or budget <= 0 or kind not in (None, s.task.kind):
+            if not s.to_eval or budget <= 0 or kind not in (None, (s.task.kind, s.task.lora)):
                 continue
             if s.task.needs_hidden and not self.can_split_hidden and len(s.to_eval) > budget:
                 continue   # pooled over its whole prompt: it waits for a batch with room for all of it
-            kind = s.task.kind
+            kind = (s.task.kind, s.task.lora)
             hidden = s.task.needs_hidden
             chunk = s.to_eval[:self._chunk_length(len(s.to_eval), budget)]
             if self.checkpoints is not None:
@@ -685,12 +695,13 @@ class Scheduler:
             budget -= len(chunk)
         if not tokens:
             return
-        hidden = kind != "completion"
+        hidden = kind[0] != "completion"
+        loras = tuple((self.loras[i], scale) for i, scale in kind[1])
         tiled, kv_chunk = self._attention_paths(positions, drafts)
         batch = Batch(np.array(tokens, np.int32), np.array(positions, np.int32),
                       np.array(seq_ids, np.int32), np.array(want, bool), np.array(prompt_pass, bool),
                       attn_tiled=tiled, attn_kv_chunk=kv_chunk)
-        out = self.engine.model.forward(batch, self.cache, hidden=hidden)   # [n_wanted, n_vocab or n_embd]
+        out = self.engine.model.forward(batch, self.cache, hidden=hidden, loras=loras)   # [n_wanted, n_vocab or n_embd]
         pooled = self._pool(batch, out) if hidden else None
         m = self.metrics
         m.n_decode_total += 1
