@@ -35,6 +35,8 @@ class ServerContext:
     embedding: bool = False        # --embeddings (--reranking): the embedding and rerank routes answer
     embd_normalize: int = 2        # --embd-normalize: how pooled embeddings are normalized (engine.pooling)
     speculative: str = "none"      # "draft-simple" with --model-draft (engine.speculative)
+    loras: list = field(default_factory=list)        # engine.lora.LoraAdapter, by id
+    lora_scales: list = field(default_factory=list)  # their current scales (POST /lora-adapters)
     tool_format: object = None     # engine.tool_calls.ToolFormat of the template (None: it writes no calls)
     tool_format_error: str = ""    # why the template's tool calls cannot be read, if so
     reasoning_format: object = None   # engine.reasoning.ReasoningFormat of the template, if it has one
@@ -131,9 +133,9 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
     inflight = app.extensions["numllama_inflight"] = InFlight()
 
     from . import (anthropic_messages, chat_completions, completions, cors_proxy, embeddings, infill, info,
-                   metrics, openai_responses, tokens, tools, ui)
+                   lora_adapters, metrics, openai_responses, tokens, tools, ui)
     for module in (info, completions, chat_completions, anthropic_messages, openai_responses, infill, embeddings,
-                   tokens, metrics, ui, tools, cors_proxy):
+                   lora_adapters, tokens, metrics, ui, tools, cors_proxy):
         app.register_blueprint(module.bp)
     if vertex is not None:
         from . import vertex_predict

@@ -12,6 +12,7 @@ from ..engine.tokenizer import utf8_complete_prefix
 
 from .errors import APIError, json_response
 from .http import disconnect_probe, random_id, request_json, sse
+from .lora_adapters import task_lora
 from .params import (N_PROBS_MAX, effective_n_predict, generation_settings, get_bool, get_number,
                      parse_prompts, parse_stop, sampling_params)
 
@@ -74,6 +75,7 @@ class Completion:
                 raise APIError(f"Field '{k}': must be an object")
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.params = sampling_params(body, ctx.defaults, tok, self.ignore_eos, grammar_prefill, reasoning_tags)
+        self.lora, lora_echo = task_lora(ctx, body)
         n_ctx = ctx.n_ctx_slot
         # a prompt that cannot fit is refused before it is tokenized (which costs memory and time)
         n_cmpl = get_number(body, "n_cmpl", 1, int) if body.get("n_cmpl") is not None else 1
@@ -95,7 +97,7 @@ class Completion:
         self.model_name = ctx.model_alias
         self.settings = generation_settings(self.params, self.n_predict, self.stop, self.stream,
                                             self.n_probs, self.ignore_eos, self.post_sampling,
-                                            self.backend_sampling, speculative=ctx.speculative)
+                                            self.backend_sampling, speculative=ctx.speculative, lora=lora_echo)
         self.id = random_id("chatcmpl-")
         self.created = int(time.time())
 
@@ -104,7 +106,7 @@ class Completion:
                       n_probs=self.n_probs, post_sampling_probs=self.post_sampling, ignore_eos=self.ignore_eos,
                       cache_prompt=self.cache_prompt, id_slot=self.id_slot, t_max_predict_ms=self.t_max,
                       index=i, return_progress=self.return_progress, n_keep=self.n_keep,
-                      n_discard=self.n_discard)
+                      n_discard=self.n_discard, lora=self.lora)
                  for i, p in enumerate(self.prompts)]
         try:
             return self.ctx.scheduler.submit_all(tasks)

@@ -85,7 +85,9 @@ def _check_fits(ctx, prompts: list[list[int]]) -> None:
 def _run(ctx, prompts: list[list[int]], kind: str, embd_normalize: int = 2) -> list:
     """Submit one task per prompt and wait for their EmbeddingEvents, in input order."""
     _check_fits(ctx, prompts)
-    tasks = [Task(prompt_tokens=p, kind=kind, embd_normalize=embd_normalize, index=i) for i, p in enumerate(prompts)]
+    lora = tuple((i, s) for i, s in enumerate(ctx.lora_scales) if s != 0.0)   # the server's (llama-server's too)
+    tasks = [Task(prompt_tokens=p, kind=kind, embd_normalize=embd_normalize, index=i, lora=lora)
+             for i, p in enumerate(prompts)]
     try:
         ctx.scheduler.submit_all(tasks)
     except QueueFull as e:

@@ -22,7 +22,7 @@ OUTPUTS_DIFFER = "it would change the model's answers, and numllama does not imp
 REFUSED = {
     "--ssl-key-file": "numllama serves plain HTTP; put a TLS-terminating proxy (deploy/) in front of it",
     "--ssl-cert-file": "numllama serves plain HTTP; put a TLS-terminating proxy (deploy/) in front of it",
-    "--lora": OUTPUTS_DIFFER, "--lora-scaled": OUTPUTS_DIFFER, "--control-vector": OUTPUTS_DIFFER,
+    "--control-vector": OUTPUTS_DIFFER,
     "--control-vector-scaled": OUTPUTS_DIFFER, "--control-vector-layer-range": OUTPUTS_DIFFER,
     "--override-kv": OUTPUTS_DIFFER, "--rope-scaling": OUTPUTS_DIFFER, "--rope-scale": OUTPUTS_DIFFER,
     "--rope-freq-base": OUTPUTS_DIFFER, "--rope-freq-scale": OUTPUTS_DIFFER, "--yarn-orig-ctx": OUTPUTS_DIFFER,

@@ -348,9 +348,10 @@ def parse_prompts(prompt, tokenizer, max_tokens: int | None = None, on_too_long=
 
 def generation_settings(p: SamplingParams, n_predict: int, stop, stream: bool, n_probs: int,
                         ignore_eos: bool, post_sampling_probs: bool, backend_sampling: bool,
-                        full: bool = True, speculative: str = "none") -> dict:
+                        full: bool = True, speculative: str = "none", lora: list = ()) -> dict:
     """What llama-server echoes as `generation_settings` (full) or `params` (short).
-    speculative: the server's speculative decoding ("draft-simple" with a draft model)."""
+    speculative: the server's speculative decoding ("draft-simple" with a draft model); lora: the
+    request's "lora" field as llama-server echoes it."""
     def f32(x):
         import numpy as np
         return float(np.float32(x))
@@ -384,5 +385,5 @@ def generation_settings(p: SamplingParams, n_predict: int, stop, stream: bool, n
               "reasoning_in_content": False, "generation_prompt": "",
               "samplers": list(p.samplers), "speculative.types": speculative,
               "timings_per_token": False, "post_sampling_probs": post_sampling_probs,
-              "backend_sampling": backend_sampling, "lora": []})
+              "backend_sampling": backend_sampling, "lora": list(lora)})
     return d

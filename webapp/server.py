@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="llama-server compatible completion server (numllama)",
                                  epilog="Every other option llama-server lists is accepted too, and named at "
                                         "start-up as having no effect in numllama; but those that would change "
-                                        "the answers or the safety asked for (--lora, control vectors, RoPE "
+                                        "the answers or the safety asked for (control vectors, RoPE "
                                         "overrides, --ssl-*, --tools-runtime) stop it, saying why.")
     a = ap.add_argument
     a("--host", default="127.0.0.1")
@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="how a sequence's hidden states become one embedding (default: the model file's, else none)")
     a("--embd-normalize", type=int, default=2,
       help="normalization of pooled embeddings: -1 none, 0 max-absolute (int16 range), 2 euclidean, >2 p-norm")
+    a("--lora", action="append", default=[], metavar="FNAME",
+      help="a LoRA adapter, applied with scale 1 (comma-separated: several; FNAME:SCALE: another scale)")
+    a("--lora-scaled", action="append", default=[], metavar="FNAME:SCALE",
+      help="a LoRA adapter and its scale (comma-separated: several)")
+    a("--lora-init-without-apply", action="store_true",
+      help="load the adapters with scale 0 (POST /lora-adapters sets them)")
     a("-md", "--model-draft", "--spec-draft-model", dest="model_draft",
       help="speculative decoding: a small model of the same vocabulary drafts tokens the model verifies "
            "in one pass (the text is the one decoding without it gives)")
@@ -414,6 +420,33 @@ def sampling_defaults(args, seed: int):
                           **{k: getattr(args, k) for k in SAMPLING_FLAGS})
 
 
+def lora_files(args) -> list[tuple[str, float]]:
+    """(path, scale) of every adapter given: --lora FNAME[,FNAME] (scale 1, or FNAME:SCALE) and
+    --lora-scaled FNAME:SCALE[,...], in the order given."""
+    out = []
+    for value, scaled in [(v, False) for v in args.lora] + [(v, True) for v in args.lora_scaled]:
+        for item in (x for x in value.split(",") if x):
+            name, _, scale = item.rpartition(":")
+            if scaled or (name and not os.path.exists(item)):
+                try:
+                    out.append((name, float(scale)))
+                    continue
+                except ValueError:
+                    if scaled:
+                        raise ValueError(f"--lora-scaled takes FNAME:SCALE, not {item!r}") from None
+            out.append((item, 1.0))
+    return out
+
+
+def load_loras(args, engine) -> tuple[list, list]:
+    """The adapters and their starting scales (0 with --lora-init-without-apply)."""
+    import numpy as np
+    from ..engine.lora import LoraAdapter
+    files = lora_files(args)
+    adapters = [LoraAdapter(p, engine.model) for p, _ in files]
+    return adapters, [0.0 if args.lora_init_without_apply else float(np.float32(s)) for _, s in files]
+
+
 def build_context(args, path: str, metrics=None):
     """Load the model and build everything the routes need. metrics: the counters to go on from
     (when waking from sleep)."""
@@ -445,6 +478,7 @@ def build_context(args, path: str, metrics=None):
     n_batch = args.batch_size
     if embedding:   # llama-server: an embedding is pooled within one ubatch, so a batch is one
         n_batch = min(n_batch, args.ubatch_size)
+    loras, lora_scales = load_loras(args, engine)
     drafter = None
     if args.model_draft and args.spec_type not in (None, "", "draft-simple"):
         if args.spec_type != "none":
@@ -457,10 +491,11 @@ def build_context(args, path: str, metrics=None):
                                                                    args.draft_p_min))
     scheduler = Scheduler(engine, n_slots, n_ctx_slot, n_batch=n_batch, n_ubatch=args.ubatch_size, max_waiting=max(0, args.max_queue),
                           n_predict_default=args.n_predict, context_shift=args.context_shift,
-                          cache_ram_mib=args.cache_ram, cache_idle_slots=args.cache_idle_slots,
+                          # (its saved states do not say which adapters made them: off with adapters)
+                          cache_ram_mib=0 if loras else args.cache_ram, cache_idle_slots=args.cache_idle_slots,
                           kv_unified=kv_unified, slot_prompt_similarity=args.slot_prompt_similarity,
                           n_threads=args.threads or physical_cores(), metrics=metrics, pooling=pooling,
-                          drafter=drafter)
+                          drafter=drafter, loras=loras)
     from ..engine.chat_template import ChatTemplate
     template = args.chat_template
     if args.chat_template_file:
@@ -491,7 +526,7 @@ def build_context(args, path: str, metrics=None):
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
         enable_metrics=args.metrics, api_keys=args.api_keys, chat_template=chat_template, jinja=args.jinja, spm_infill=args.spm_infill, verbose=args.verbose,
         embedding=embedding, embd_normalize=args.embd_normalize,
-        speculative="draft-simple" if drafter else "none",
+        speculative="draft-simple" if drafter else "none", loras=loras, lora_scales=lora_scales,
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
         reasoning_format_default=args.reasoning_format, template_kwargs=args.template_kwargs,
         cors_origins=args.cors_origins, cors_methods=args.cors_methods, cors_headers=args.cors_headers,
