@@ -155,6 +155,34 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
     return path
 
 
+def write_lora(path: str, base: str, targets: tuple = ("attn_q", "attn_v", "attn_output", "ffn_down"),
+               rank: int = 4, alpha: float = 8.0, seed: int = 0, qtype: str = "F32", output: bool = True) -> str:
+    """A LoRA adapter for the model file `base`, as convert_lora_to_gguf.py writes one: for each
+    layer's target matrix W [n_out, n_in] (and output.weight), NAME.lora_a [rank, n_in] and
+    NAME.lora_b [n_out, rank] with random values (B is not zero, as a trained adapter's is not)."""
+    from numllama.engine.gguf_file import read_gguf_tensors
+    fields, tensors, _ = read_gguf_tensors(base)
+    arch = fields["general.architecture"]
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(path, arch)
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", alpha)
+    t = GGMLQuantizationType[qtype]
+    names = [f"blk.{i}.{n}.weight" for i in range(int(fields[f"{arch}.block_count"])) for n in targets]
+    for name in names + (["output.weight"] if output and "output.weight" in tensors else []):
+        n_in, n_out = (int(d) for d in tensors[name].shape[:2])
+        a = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        b = (0.5 * rng.standard_normal((n_out, rank)) / np.sqrt(rank)).astype(np.float32)
+        for suffix, m in ((".lora_a", a), (".lora_b", b)):
+            w.add_tensor(name + suffix, m.astype(np.float16) if qtype == "F16" else gq.quantize(m, t), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
