@@ -203,3 +203,12 @@ def expf_array(x):
     for i in range(x.shape[0]):
         out[i] = np.exp(x[i])
     return out
+
+
+@njit(cache=True, nogil=True)
+def tanhf_array(x):
+    """tanh of every element of an f32 array with libm's tanhf (ggml_vec_tanh_f32's).  x: [n] f32"""
+    out = np.empty(x.shape[0], np.float32)
+    for i in range(x.shape[0]):
+        out[i] = np.tanh(x[i])
+    return out

@@ -1,4 +1,5 @@
-"""The forward pass's other kernels: RMSNorm, RoPE, attention over the KV cache, SwiGLU.
+"""The forward pass's other kernels: RMSNorm (LayerNorm for encoders), RoPE, attention over the
+KV cache, SwiGLU (GELU).
 
 Each follows the arithmetic of ggml's CPU ops (where it rounds to f16, where it sums in
 double), because that is what makes our logits equal llama.cpp's and not just close.
@@ -9,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from .float_ops import expf_ggml, f16_bits_of, f16_to_f32, f32_bits, fma, round_f16
-from .quants.kernels import reduce4x8_across
+from .quants.kernels import hsum8, reduce4x8_across
 
 
 @njit(cache=True, nogil=True)
@@ -28,6 +29,38 @@ def rms_norm(x, weight, eps, out):
         scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
         for i in range(dim):
             out[t, i] = (x[t, i] * scale) * weight[i]
+
+
+@njit(cache=True, nogil=True)
+def layer_norm(x, weight, bias, eps, out):
+    """out[t] = (x[t] - mean) / sqrt(var + eps) * weight + bias: ggml_norm, then ggml_mul and
+    ggml_add (llama.cpp's LLM_NORM). The mean is summed in double one by one (ggml_vec_sum_f32);
+    the variance from f32 squares of (x - mean), 8 at a time in AVX2's horizontal order (hsum8)
+    added into a double, then the tail one by one (ggml_vec_cvar_f32).
+
+    x: [T, D] f32; weight, bias: [D] f32; out: [T, D] f32
+    """
+    n_tokens, dim = x.shape
+    n_simd = dim - dim % 8
+    sq = np.empty(8, np.float32)
+    for t in range(n_tokens):
+        total = 0.0  # float64
+        for i in range(dim):
+            total += np.float64(x[t, i])
+        mean = np.float32(total) / np.float32(dim)
+        squares = 0.0  # float64
+        for i in range(0, n_simd, 8):
+            for j in range(8):
+                d = x[t, i + j] - mean
+                sq[j] = d * d
+            squares += np.float64(hsum8(sq))
+        for i in range(n_simd, dim):
+            d = x[t, i] - mean
+            squares += np.float64(d * d)
+        variance = np.float32(squares / dim)
+        scale = np.float32(1.0) / np.sqrt(variance + np.float32(eps))
+        for i in range(dim):
+            out[t, i] = ((x[t, i] - mean) * scale) * weight[i] + bias[i]
 
 
 @njit(cache=True, nogil=True)
@@ -438,20 +471,34 @@ def gelu_f16_table():
     return table
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _gelu_looked_up(g, table):
+    """GELU with GGML_GELU_FP16: looked up in `table` (gelu_f16_table) at g rounded to f16,
+    except past +-GELU_TABLE_LIMIT, where it is 0 or g."""
+    if g <= -GELU_TABLE_LIMIT:
+        return np.float32(0.0)
+    if g >= GELU_TABLE_LIMIT:
+        return g
+    return f16_to_f32(table[f16_bits_of(g)])
+
+
 @njit(cache=True, nogil=True)
 def geglu(gate, up, table, out):
-    """out = gelu(gate) * up, as ggml_vec_geglu_f32 with GGML_GELU_FP16: gelu is looked up in
-    `table` (gelu_f16_table) at gate rounded to f16, except past +-GELU_TABLE_LIMIT.
+    """out = gelu(gate) * up, as ggml_vec_geglu_f32 (gelu: _gelu_looked_up).
     gate, up, out: [T, n_ff] f32"""
     for t in range(gate.shape[0]):
         for i in range(gate.shape[1]):
-            g = gate[t, i]
-            if g <= -GELU_TABLE_LIMIT:
-                out[t, i] = np.float32(0.0)
-            elif g >= GELU_TABLE_LIMIT:
-                out[t, i] = g * up[t, i]
-            else:
-                out[t, i] = f16_to_f32(table[f16_bits_of(g)]) * up[t, i]
+            g = gate[t, i]   # (below the table: exactly +0, not 0 * up, which may be -0)
+            out[t, i] = np.float32(0.0) if g <= -GELU_TABLE_LIMIT else _gelu_looked_up(g, table) * up[t, i]
+
+
+@njit(cache=True, nogil=True)
+def gelu(x, table, out):
+    """out = gelu(x), as ggml_vec_gelu_f32 (an encoder's FFN; gelu: _gelu_looked_up).
+    x, out: [T, n_ff] f32"""
+    for t in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            out[t, i] = _gelu_looked_up(x[t, i], table)
 
 
 @njit(cache=True, nogil=True)

@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from .float_ops import expf_array
 from .quants.kernels import matmul_float
 
 # common_embd_normalize's embd_normalize values: -1 none, 0 max-absolute (int16 range), 2 euclidean,
@@ -81,12 +82,11 @@ def normalize(v: np.ndarray, embd_norm: int) -> np.ndarray:
 
 def softmax_rows(x: np.ndarray) -> np.ndarray:
     """ggml_soft_max over each row of a few classes (a reranker head's [n_seqs, n_cls_out]): f32
-    exponentials summed in double, then scaled by the f32 reciprocal (fewer than 8 classes take
-    ggml's scalar path, expf, which rounds as exp in double rounded once to f32)."""
+    exponentials (fewer than 8 classes take ggml's scalar path, libm's expf) summed in double,
+    then scaled by the f32 reciprocal."""
     out = np.empty_like(x, dtype=np.float32)
     for r, row in enumerate(np.asarray(x, np.float32)):
-        peak = row.max()
-        e = np.array([np.float32(math.exp(float(np.float32(v - peak)))) for v in row], np.float32)
+        e = expf_array(row - row.max())
         out[r] = e * np.float32(1.0 / _sum_in_order(e.astype(np.float64)))
     return out
 
