@@ -17,10 +17,12 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .hparams import HParams, pooling_name
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "bert")
 # RoPE style per architecture (llama.cpp's llama_model_rope_type): NeoX rotates dimension i
 # with i + n_rot/2, the "normal" style rotates adjacent pairs
 NEOX_ROPE_ARCHS = frozenset({"qwen2", "qwen3", "gemma3", "phi3"})
+# encoders (engine/encoder.py): bidirectional, LayerNorm after each block, absolute positions
+ENCODER_ARCHS = frozenset({"bert"})
 GEMMA3_SWA_PATTERN = 6     # gemma3's default: every 6th layer attends globally, the rest slide
 GEMMA3_27B_LAYERS = 62     # the one gemma3 size whose q scale is 1/sqrt(n_embd / n_head)
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -51,6 +53,8 @@ class VocabData:
     chat_template: str | None
     fim: dict = field(default_factory=dict)   # fill-in-the-middle tokens: "pre", "suf", "mid", "pad",
                                     # "rep", "sep" -> id (those the file has, or llama.cpp finds by text)
+    sep_id: int = -1                # WordPiece: the separator ([SEP]) that ends a tokenized text
+    add_sep: bool = False           # put it between a rerank's query and document (llama.cpp's add_sep)
     lowercase: bool = False         # WordPiece: lowercase the text first
     strip_accents: bool = False     # WordPiece: drop accents (decompose, drop the marks)
 
@@ -65,6 +69,12 @@ class GGUFModel:
     file_size: int
     n_params: int
     _mmap: object = field(default=None, repr=False)   # the file's mmap.mmap
+
+    def tensor(self, name: str) -> "GGUFTensor":
+        """The tensor `name`, or a ModelLoadError saying the file lacks it."""
+        if name not in self.tensors:
+            raise ModelLoadError(f"{self.path} lacks tensor {name}")
+        return self.tensors[name]
 
     def drop_resident_pages(self) -> None:
         """Tell the kernel we are done with the pages read so far (packing copied the weights):
@@ -281,7 +291,8 @@ def _read_hparams(fields: dict, arch: str, tensors: dict) -> HParams:
         n_rot=int(fields.get(f"{arch}.rope.dimension_count", head_dim)),
         rope_freq_base=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_freq_scale=scale,
-        rms_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rms_eps=float(get("attention.layer_norm_epsilon" if arch in ENCODER_ARCHS else "attention.layer_norm_rms_epsilon")),
+        causal=bool(fields.get(f"{arch}.attention.causal", arch not in ENCODER_ARCHS)),
         rope_freq_factors=_rope_freq_factors(tensors),
         rope_factors_short=_rope_freq_factors(tensors, "rope_factors_short.weight"),
         rope_factors_long=_rope_freq_factors(tensors, "rope_factors_long.weight"),
@@ -337,6 +348,8 @@ def _rope_freq_factors(tensors: dict, name: str = "rope_freqs.weight") -> tuple:
         raise ModelLoadError(f"{name} is {t.tensor_type.name}; llama.cpp and numllama read it as F32")
     return tuple(float(f) for f in np.asarray(t.data, np.float32).ravel())
 
+
+WPM_SEP_ID = 102   # llama.cpp's default [SEP] of WordPiece vocabularies
 
 # tokenizer models numllama reads, with llama.cpp's default (BOS, EOS, UNK) ids for files that do
 # not name them (llama_vocab::impl::load)
@@ -429,11 +442,13 @@ def _read_vocab(fields: dict) -> VocabData:
         unk_id=token_id("tokenizer.ggml.unknown_token_id", default_unk),
         eot_id=eot,
         # (Gemma 4 files say false, and llama.cpp overrides it: PR 21500)
-        add_bos=model == "gemma4" or bool(fields.get("tokenizer.ggml.add_bos_token", spm)),
+        add_bos=model == "gemma4" or bool(fields.get("tokenizer.ggml.add_bos_token", spm or model == "bert")),
         add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
         add_space_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", spm)),
         chat_template=fields.get("tokenizer.chat_template"),
         fim=fim,
+        sep_id=token_id("tokenizer.ggml.seperator_token_id", WPM_SEP_ID if model == "bert" else -1),
+        add_sep=bool(fields.get("tokenizer.ggml.add_sep_token", model == "bert")),
         # BertNormalizer options, on unless the file says (llama.cpp: strip_accents follows lowercase)
         lowercase=bool(fields.get("tokenizer.ggml.normalizer.lowercase", True)),
         strip_accents=bool(fields.get("tokenizer.ggml.normalizer.strip_accents",

@@ -19,7 +19,7 @@ def pooling_name(value) -> str:
 
 @dataclass(frozen=True)
 class HParams:
-    arch: str             # "llama", "qwen2", "qwen3", "gemma3", "phi3"
+    arch: str             # "llama", "qwen2", "qwen3", "gemma3", "phi3"; "bert" (an encoder: engine/encoder.py)
     n_vocab: int          # rows of token_embd
     n_ctx_train: int      # context length the model was trained with
     n_embd: int           # width of the residual stream
@@ -31,7 +31,7 @@ class HParams:
     n_rot: int            # how many dimensions of each head RoPE rotates
     rope_freq_base: float
     rope_freq_scale: float
-    rms_eps: float
+    rms_eps: float        # the norms' epsilon (LayerNorm's, for an encoder)
     # Llama 3's RoPE scaling: one divisor per rotated pair (the rope_freqs.weight tensor,
     # [n_rot / 2]); empty when the file has none, which is the same as all ones
     rope_freq_factors: tuple = ()
@@ -62,6 +62,7 @@ class HParams:
     swa_layers: tuple = ()    # [n_layer] bool, empty when no layer slides
     rope_freq_base_swa: float = 10000.0
     rope_freq_scale_swa: float = 1.0
+    causal: bool = True       # a token attends to earlier positions only (False: to its whole sequence, bert)
     # embeddings: how the file says a sequence's rows are pooled into one vector
     # ("none", "mean", "cls", "last", "rank"; "" when it does not say: engine.pooling)
     pooling: str = ""

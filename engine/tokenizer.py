@@ -195,7 +195,8 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Tokenize like llama.cpp's `llama_tokenize(text, add_special, parse_special)`."""
         out: list[int] = []
-        if add_special and self.vocab.add_bos and self.bos_id >= 0:
+        # (WordPiece: llama.cpp adds [CLS] and [SEP] whatever the file's add_bos says)
+        if add_special and (self.vocab.add_bos or self.wpm) and self.bos_id >= 0:
             out.append(self.bos_id)
         is_prev_special = True  # SPM prefixes a space at the start and after each special token
         for frag in self._split_specials(text, parse_special):
@@ -216,6 +217,8 @@ class Tokenizer:
             is_prev_special = False
         if add_special and self.vocab.add_eos and self.eos_id >= 0:
             out.append(self.eos_id)
+        if add_special and self.wpm and self.vocab.sep_id >= 0:
+            out.append(self.vocab.sep_id)
         return out
 
     def _split_specials(self, text: str, parse_special: bool) -> list:
