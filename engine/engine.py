@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gguf_file import GGUFModel, ModelLoadError, load_gguf  # noqa: F401 (re-exported)
+from .encoder import EncoderModel
+from .gguf_file import ENCODER_ARCHS, GGUFModel, ModelLoadError, load_gguf  # noqa: F401 (ModelLoadError: re-exported)
 from .model import Batch, LlamaModel
 from .ops import kv_cells, split_kv_chunk
 from .sampling import Sampler, SamplingParams
@@ -30,7 +31,7 @@ def physical_cores() -> int:
 @dataclass
 class Engine:
     gguf: GGUFModel
-    model: LlamaModel
+    model: LlamaModel | EncoderModel
     tokenizer: Tokenizer
 
     @classmethod
@@ -47,7 +48,8 @@ class Engine:
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=gguf.hparams.n_layer + 2, desc="loading model", unit="step", leave=False)
-        engine = cls(gguf, LlamaModel(gguf, on_layer=bar.update if bar else None), Tokenizer(gguf.vocab))
+        network = EncoderModel if gguf.hparams.arch in ENCODER_ARCHS else LlamaModel   # (bert: engine/encoder.py)
+        engine = cls(gguf, network(gguf, on_layer=bar.update if bar else None), Tokenizer(gguf.vocab))
         if warm_up:
             if bar:
                 bar.set_description("compiling kernels (cached after the first start)")

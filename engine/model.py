@@ -108,11 +108,7 @@ class LlamaModel:
         self.gguf = gguf
         self.hp: HParams = gguf.hparams
         t = gguf.tensors
-
-        def need(name):
-            if name not in t:
-                raise ModelLoadError(f"{gguf.path} lacks tensor {name}")
-            return t[name]
+        need = gguf.tensor
 
         def weight(name):
             tensor = need(name)

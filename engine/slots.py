@@ -446,9 +446,10 @@ class Scheduler:
     @property
     def can_split_hidden(self) -> bool:
         """Whether an embedding's prompt may span batches: only when one token's row is pooled
-        (the last one, for last pooling and a causal model's rank pooling); otherwise it is
-        evaluated in one batch, as llama-server's can_split decides."""
-        return self.pooling in ("last", "rank")
+        (the last one, for last pooling and a causal model's rank pooling) and the model is
+        causal (an encoder sees the whole prompt at once); otherwise it is evaluated in one
+        batch, as llama-server's can_split decides."""
+        return self.pooling in ("last", "rank") and self.engine.model.hp.causal
 
     def capacity(self) -> int | None:
         """Tasks the scheduler can hold at once (running and waiting); None: no limit."""
@@ -784,8 +785,9 @@ class Scheduler:
         seqs = list(dict.fromkeys(batch.seq_ids.tolist()))
         if self.pooling == "mean":
             rows = mean_pool(hidden, batch.seq_ids, seqs)                       # [n_seqs, n_embd]
-        else:   # cls: the first token's row; last and (causal) rank: the last token's
-            picked = first_or_last_rows(batch.positions, batch.seq_ids, seqs, last=self.pooling != "cls")
+        else:   # cls (and an encoder's rank): the first token's row; last (a decoder's rank): the last's
+            last = self.pooling == "last" or (self.pooling == "rank" and self.engine.model.hp.causal)
+            picked = first_or_last_rows(batch.positions, batch.seq_ids, seqs, last=last)
             rows = hidden[picked]
         if self.pooling == "rank":
             rows = self.engine.model.classify(rows)                              # [n_seqs, n_cls_out]

@@ -22,6 +22,11 @@ POLL_S = 0.02  # how often a waiting request checks whether its client went away
 RETRY_AFTER_S = 1   # told to clients refused because every slot and the queue are full
 
 
+def model_generates(ctx) -> bool:
+    """Whether the model makes next-token logits (an encoder, bert, makes embeddings only)."""
+    return ctx.engine.model.hp.causal
+
+
 def exceeds_context(n_prompt: int, n_ctx: int, at_least: bool = False):
     """llama-server's 400 for a prompt longer than a slot's context (at_least: a lower bound on
     the prompt's tokens, known without tokenizing it)."""
@@ -39,6 +44,8 @@ class Completion:
         tok = ctx.engine.tokenizer
         if "prompt" not in body or body.get("prompt") is None:
             raise APIError("key 'prompt' not found" if "prompt" not in body else "\"prompt\" must not be null")
+        if not model_generates(ctx):
+            raise APIError("the current context does not support logits computation. skipping", 500)
         self.ctx = ctx
         self.oai = oai
         self.stream = get_bool(body, "stream", False)

@@ -154,17 +154,20 @@ def v1_embeddings():
 
 def rerank_prompt(ctx, query: str, document: str) -> list[int]:
     """llama-server's format_prompt_rerank: the file's rerank template ({query}, {document}) when it
-    has one, else [BOS] query [EOS] document [EOS] as the vocabulary adds them."""
+    has one, else [BOS] query [EOS] [SEP] document [EOS] as the vocabulary adds them (EOS: SEP
+    when it has none; BERT's: [CLS] query [SEP] document)."""
     tok = ctx.engine.tokenizer
     template = ctx.engine.gguf.metadata.get("tokenizer.chat_template.rerank")
     if isinstance(template, str):
         text = template.replace("{query}", query).replace("{document}", document)
         return tok.encode(text, add_special=False, parse_special=True)
     vocab = tok.vocab
-    eos = [tok.eos_id] if vocab.add_eos and tok.eos_id >= 0 else []
+    eos_id = tok.eos_id if tok.eos_id >= 0 else vocab.sep_id
+    eos = [eos_id] if vocab.add_eos and eos_id >= 0 else []
     bos = [tok.bos_id] if vocab.add_bos and tok.bos_id >= 0 else []
+    sep = [vocab.sep_id] if vocab.add_sep and vocab.sep_id >= 0 else []
     plain = lambda text: tok.encode(text, add_special=False, parse_special=False)  # noqa: E731
-    return [*bos, *plain(query), *eos, *plain(document), *eos]
+    return [*bos, *plain(query), *eos, *sep, *plain(document), *eos]
 
 
 def _documents(body: dict) -> list[str]:
