@@ -1,7 +1,9 @@
 """The embedding and rerank routes against numllama-server and llama-server on the same files:
-stories260K with each pooling type (mean, cls, last, none), and a random-weight Qwen3 reranker
-with a classifier head (bench/random_gguf.py, classifier=("yes", "no")). Every answer is
-compared whole: status, shape, and every float bit for bit (the "model" field, a path, aside).
+stories260K with each pooling type (mean, cls, last, none), a random-weight Qwen3 reranker with a
+classifier head (bench/random_gguf.py, classifier=("yes", "no")), and random-weight BERT encoders
+with bge's vocabulary (random_gguf.write_bert: an embedder with cls pooling, and a reranker with
+bert's cls/tanh/cls.output head). Every answer is compared whole: status, shape, and every float
+bit for bit (the "model" field, a path, aside).
 
 The four inputs of one request fill one batch of fewer than 64 tokens. From 64 on, ggml's flash
 attention goes tiled, 64 cache cells at a time, and llama-server's sequences share one cache
@@ -32,6 +34,10 @@ import requests
 
 from compare_tokens import recording_args, running, write_golden   # beside this file
 from random_gguf import write as write_random_gguf
+from random_gguf import write_bert
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from llama_tree import tree_root  # noqa: E402  (llama.cpp's vocabulary files: tests/llama_tree.py fetches them)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STORIES = os.path.join(HERE, "..", "tests", "data", "stories260K.gguf")
@@ -71,6 +77,18 @@ CASES = {   # name: (model, server flags, requests)
     ]),
     # no head and no template: [BOS] query [EOS] document [EOS] as the vocabulary adds them, and
     # the last token's first hidden value as the score; one document per request (see above)
+    # an encoder: every token sees its whole input; [CLS] text [SEP]; the file's cls pooling
+    "bert": ("bert", ("--embeddings",), [
+        ("/embeddings", {"input": [TEXTS[0], TEXTS[1], "word " * 70]}),   # (70 words: tiled attention)
+        ("/v1/embeddings", {"input": TEXTS[2]}),
+        ("/embeddings", {"input": TEXTS[0], "embd_normalize": -1}),
+        ("/completion", {"prompt": "a"}),                               # an encoder makes no logits
+    ]),
+    "bert-mean": ("bert", ("--embeddings", "--pooling", "mean"), [("/embeddings", {"input": TEXTS[:3]})]),
+    "bert-rerank": ("bert-reranker", ("--reranking",), [
+        ("/rerank", {"query": "What is a panda?", "documents": ["hi", "The giant panda is a bear.", "a bear"]}),
+        ("/rerank", {"query": "x", "texts": ["a b c", "d e f"]}),
+    ]),
     "rerank-plain": ("stories", ("--reranking",), [
         ("/rerank", {"query": "Lily", "documents": ["Lily went to the park."]}),
         ("/rerank", {"query": "Lily", "documents": ["The sun was hot."]})]),
@@ -80,6 +98,17 @@ CASES = {   # name: (model, server flags, requests)
 def write_reranker(path: str) -> str:
     """A small Qwen3 reranker with random weights: rank pooling, a two-label head, a rerank template."""
     return write_random_gguf(path, STORIES, 64, 2, 4, 2, 128, "Q8_0", arch="qwen3", classifier=("yes", "no"))
+
+
+BERT_VOCAB = "models/ggml-vocab-bert-bge.gguf"
+
+
+def write_bert_embedder(path: str) -> str:
+    return write_bert(path, os.path.join(tree_root(), BERT_VOCAB))
+
+
+def write_bert_reranker(path: str) -> str:
+    return write_bert(path, os.path.join(tree_root(), BERT_VOCAB), classifier=("LABEL_0",), seed=3)
 
 
 def answer(url: str, path: str, body: dict) -> dict:
@@ -92,7 +121,9 @@ def answer(url: str, path: str, body: dict) -> dict:
 
 def main() -> int:
     args = recording_args(__doc__)
-    models = {"stories": STORIES, "reranker": write_reranker("/tmp/numllama-reranker.gguf")}
+    models = {"stories": STORIES, "reranker": write_reranker("/tmp/numllama-reranker.gguf"),
+              "bert": write_bert_embedder("/tmp/numllama-bert.gguf"),
+              "bert-reranker": write_bert_reranker("/tmp/numllama-bert-reranker.gguf")}
     record, same, total = {}, 0, 0
     for name, (model, flags, cases) in CASES.items():
         with running(args.llama_server, models[model], FLAGS + flags) as url:

@@ -155,6 +155,77 @@ def write(path: str, vocab_from: str, n_embd: int, n_layer: int, n_head: int, n_
     return path
 
 
+def write_bert(path: str, vocab_from: str, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_ff: int = 128,
+               qtype: str = "F16", pooling: int = 2, seed: int = 0, n_ctx: int = 512, classifier: tuple = ()) -> str:
+    """A random-weight BERT encoder (bge's layout: token, type and position embeddings, post-
+    LayerNorm blocks with biases, GELU) with the WordPiece vocabulary of `vocab_from` (llama.cpp's
+    models/ggml-vocab-bert-bge.gguf). pooling: the file's pooling_type (2: cls, as bge's);
+    classifier = labels: a reranker's head (cls, cls.output) and rank pooling."""
+    from numllama.engine.gguf_file import read_gguf_tensors
+    fields, _, _ = read_gguf_tensors(vocab_from)
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(path, "bert")
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_head_count(n_head)
+    w.add_feed_forward_length(n_ff)
+    w.add_float32("bert.attention.layer_norm_epsilon", 1e-12)
+    w.add_bool("bert.attention.causal", False)
+    w.add_uint32("bert.pooling_type", 4 if classifier else pooling)
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
+        w.add_string(key, fields[key])
+    w.add_token_list(list(fields["tokenizer.ggml.tokens"]))
+    w.add_token_types([int(x) for x in fields["tokenizer.ggml.token_type"]])
+    w.add_uint32("tokenizer.ggml.token_type_count", 2)
+    for key in ("unknown_token_id", "seperator_token_id", "padding_token_id", "cls_token_id", "mask_token_id"):
+        w.add_uint32("tokenizer.ggml." + key, int(fields["tokenizer.ggml." + key]))
+    n_vocab = len(fields["tokenizer.ggml.tokens"])
+
+    def matrix(name: str, rows: int, cols: int, kind: str = qtype, scale: float = 1.0):
+        x = (scale * rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+        if kind == "F32":
+            w.add_tensor(name, x)
+        elif kind == "F16":
+            w.add_tensor(name, x.astype(np.float16))
+        else:
+            t = GGMLQuantizationType[kind]
+            w.add_tensor(name, gq.quantize(x, t), raw_dtype=t)
+
+    def vec(name: str, n: int, around: float = 0.0, spread: float = 0.1):
+        w.add_tensor(name, (around + spread * rng.standard_normal(n)).astype(np.float32))
+
+    matrix("token_embd.weight", n_vocab, n_embd, "F16", scale=8.0)
+    matrix("token_types.weight", 2, n_embd, "F32", scale=8.0)
+    matrix("position_embd.weight", n_ctx, n_embd, "F16", scale=8.0)
+    vec("token_embd_norm.weight", n_embd, 1.0)
+    vec("token_embd_norm.bias", n_embd)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        for x in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            matrix(p + x + ".weight", n_embd, n_embd)
+            vec(p + x + ".bias", n_embd)
+        vec(p + "attn_output_norm.weight", n_embd, 1.0)
+        vec(p + "attn_output_norm.bias", n_embd)
+        matrix(p + "ffn_up.weight", n_ff, n_embd)
+        vec(p + "ffn_up.bias", n_ff)
+        matrix(p + "ffn_down.weight", n_embd, n_ff)
+        vec(p + "ffn_down.bias", n_embd)
+        vec(p + "layer_output_norm.weight", n_embd, 1.0)
+        vec(p + "layer_output_norm.bias", n_embd)
+    if classifier:
+        w.add_array("bert.classifier.output_labels", list(classifier))
+        matrix("cls.weight", n_embd, n_embd, "F32")
+        vec("cls.bias", n_embd)
+        matrix("cls.output.weight", len(classifier), n_embd, "F32")
+        vec("cls.output.bias", len(classifier))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def write_lora(path: str, base: str, targets: tuple = ("attn_q", "attn_v", "attn_output", "ffn_down"),
                rank: int = 4, alpha: float = 8.0, seed: int = 0, qtype: str = "F32", output: bool = True) -> str:
     """A LoRA adapter for the model file `base`, as convert_lora_to_gguf.py writes one: for each

@@ -14,7 +14,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "bench"))
-from compare_embeddings import answer, write_reranker  # noqa: E402
+from compare_embeddings import BERT_VOCAB, answer, write_bert_embedder, write_bert_reranker, write_reranker  # noqa: E402
 
 GOLDEN = json.load(open(os.path.join(HERE, "data", "embeddings.json")))
 
@@ -23,8 +23,15 @@ GOLDEN = json.load(open(os.path.join(HERE, "data", "embeddings.json")))
 def embedding_server(request, stories_path, tmp_path_factory):
     from server_util import Server
     case = GOLDEN["cases"][request.param]
-    model = stories_path if case["model"] == "stories" else \
-        write_reranker(str(tmp_path_factory.mktemp("rerank") / "reranker.gguf"))
+    if case["model"].startswith("bert"):
+        from llama_tree import tree_root
+        if not os.path.exists(os.path.join(tree_root(), BERT_VOCAB)):
+            pytest.fail(f"{BERT_VOCAB} not found: run `python tests/llama_tree.py` first (tox does)")
+    folder = tmp_path_factory.mktemp("models")
+    model = {"stories": lambda: stories_path,
+             "reranker": lambda: write_reranker(str(folder / "reranker.gguf")),
+             "bert": lambda: write_bert_embedder(str(folder / "bert.gguf")),
+             "bert-reranker": lambda: write_bert_reranker(str(folder / "bert-reranker.gguf"))}[case["model"]]()
     s = Server(list(GOLDEN["flags"]) + list(case["flags"]), model=model)
     yield case, s
     s.stop()
@@ -175,3 +182,44 @@ def test_embedding_errors_over_http(stories_path):
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64
     finally:
         s.stop()
+
+
+# ------------------------------------------------------------------ the encoder's kernels
+@pytest.mark.parametrize("dim", [16, 21, 384])
+def test_layer_norm_equals_its_twin(dim):
+    """ops.layer_norm against ggml_norm written out in plain Python: the mean summed in double
+    one by one, the squares of (x - mean) in f32, 8 at a time in hsum8's order into a double,
+    the tail one by one; then * weight + bias."""
+    from numllama.engine.ops import layer_norm
+    f32 = np.float32
+    rng = np.random.default_rng(dim)
+    x = rng.standard_normal((3, dim)).astype(f32) * f32(3)
+    w, b = rng.standard_normal(dim).astype(f32), rng.standard_normal(dim).astype(f32)
+    out = np.empty_like(x)
+    layer_norm(x, w, b, 1e-12, out)
+    for t in range(3):
+        total = 0.0
+        for v in x[t]:
+            total += float(v)
+        mean = f32(total) / f32(dim)
+        d = (x[t] - mean).astype(f32)
+        sq = (d * d).astype(f32)
+        squares, n8 = 0.0, dim - dim % 8
+        for i in range(0, n8, 8):
+            a = sq[i:i + 8]
+            squares += float(f32(f32(f32(a[0] + a[4]) + f32(a[2] + a[6])) + f32(f32(a[1] + a[5]) + f32(a[3] + a[7]))))
+        for i in range(n8, dim):
+            squares += float(sq[i])
+        scale = f32(1) / np.sqrt(f32(f32(squares / dim) + f32(1e-12)))
+        np.testing.assert_array_equal(out[t], ((d * scale) * w + b).astype(f32))
+
+
+def test_gelu_is_gegelu_without_the_gate():
+    from numllama.engine.ops import geglu, gelu, gelu_f16_table
+    table = gelu_f16_table()
+    x = np.linspace(-12, 12, 1001, dtype=np.float32)[None, :]
+    a, b = np.empty_like(x), np.empty_like(x)
+    gelu(x, table, a)
+    geglu(x, np.ones_like(x), table, b)
+    np.testing.assert_array_equal(a, b)
+    assert a[0, 0] == 0 and a[0, -1] == x[0, -1]     # past +-10: 0, and x itself
