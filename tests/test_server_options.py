@@ -46,7 +46,7 @@ def test_options_llama_server_lacks_are_still_refused():
 
 
 @pytest.mark.parametrize("flags, said", [
-    (["--lora", "a.gguf"], "--lora: it would change the model's answers"),
+    (["--control-vector", "a.gguf"], "--control-vector: it would change the model's answers"),
     (["--rope-freq-base", "10000"], "--rope-freq-base: it would change the model's answers"),
     (["--ssl-key-file", "k.pem"], "--ssl-key-file: numllama serves plain HTTP"),
 ])
