@@ -59,7 +59,10 @@ class ServerContext:
     started: float = field(default_factory=time.time)
 
 
-PUBLIC_PATHS = ("/health", "/v1/health", "/", "/live")
+# answered without an API key: health probes, and the web pages and their scripts (webapp/ui.py:
+# they hold no data; what they ask for carries the key the user types)
+PUBLIC_PATHS = ("/health", "/v1/health", "/", "/live", "/sampling", "/operator")
+PUBLIC_PREFIXES = ("/static/",)
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 log = logging.getLogger("numllama.http")
 
@@ -154,11 +157,12 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
         drain = app.extensions.get("numllama_drain")
         if drain is not None and not request.environ.get("numllama.internal"):
             drain.check(request.path)   # SIGTERM: everything but /live is refused from now on
+        public = request.path in app.config["PUBLIC_PATHS"] or request.path.startswith(PUBLIC_PREFIXES)
         if ctx is None:
-            if request.path in ("/", "/live"):
+            if public and request.path not in ("/health", "/v1/health"):
                 return None
             raise APIError("Loading model", 503)
-        if request.path in app.config["PUBLIC_PATHS"]:
+        if public:
             return None
         if (ctx.tools or ctx.ui_mcp_proxy) and host_name(request.host) not in LOOPBACK_HOSTS + ctx.allowed_hosts:
             # DNS rebinding: a page whose name now points at 127.0.0.1 must not reach the tools

@@ -1,46 +1,61 @@
-"""GET /: a one-page completion playground (llama-server serves its web UI here). --no-ui
-turns it off. The page is public, like llama-server's static assets: it holds no data, and the
-requests it makes carry the API key the user types."""
+"""The web pages (llama-server serves its web UI at /): static files under webapp/static/, no
+build step, no library fetched from the network.
+
+    /            chat: conversations kept in the browser, streamed replies, stop, regenerate,
+                 edit-and-resend, settings, the chat template's output (chat.js)
+    /sampling    each generated token shaded by its probability, its alternatives before and
+                 after the sampler chain (sampling.js)
+    /operator    slots, queue, tokens per second and the /metrics counters, live (operator.js)
+
+--no-ui turns them off. The pages are public, like llama-server's static assets: they hold no
+data, and the requests they make carry the API key the user types, which stays in the browser.
+Their Content-Security-Policy lets them run only their own scripts and talk only to this server,
+so text from the model can never run as code even if it reached the page as HTML (the Markdown
+renderer escapes it first anyway).
+"""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+import os
+
+from flask import Blueprint, current_app, send_from_directory
 
 from .errors import APIError
 
 bp = Blueprint("ui", __name__)
-
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>numllama</title>
-<style>body{font:15px system-ui;max-width:46em;margin:2em auto}textarea{width:100%;height:8em}
-#out{white-space:pre-wrap;border:1px solid #ccc;padding:.5em;min-height:4em}</style></head>
-<body><h1>numllama</h1>
-<p>A llama-server compatible completion server. API: <code>/completion</code>,
-<code>/v1/completions</code>, <code>/v1/chat/completions</code>, <code>/tokenize</code>, <code>/props</code>.</p>
-<textarea id="prompt">Once upon a time</textarea><br>
-<label>tokens <input id="n" type="number" value="64" min="1"></label>
-<label>API key <input id="key" type="password"></label>
-<button id="go">Complete</button>
-<div id="out"></div>
-<script>
-document.getElementById('go').onclick = async () => {
-  const out = document.getElementById('out'); out.textContent = '';
-  const headers = {'Content-Type': 'application/json'};
-  const key = document.getElementById('key').value; if (key) headers['Authorization'] = 'Bearer ' + key;
-  const r = await fetch('/completion', {method: 'POST', headers, body: JSON.stringify({
-    prompt: document.getElementById('prompt').value, n_predict: +document.getElementById('n').value, stream: true})});
-  if (!r.ok) { out.textContent = (await r.json()).error.message; return; }
-  const reader = r.body.getReader(); const dec = new TextDecoder(); let buf = '';
-  for (;;) { const {value, done} = await reader.read(); if (done) break;
-    buf += dec.decode(value, {stream: true}); const parts = buf.split('\\n\\n'); buf = parts.pop();
-    for (const p of parts) if (p.startsWith('data: ')) out.textContent += JSON.parse(p.slice(6)).content; }
-};
-</script></body></html>
-"""
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+PAGES = {"/": "index.html", "/sampling": "sampling.html", "/operator": "operator.html"}
+ASSETS = frozenset(name for name in os.listdir(STATIC) if name.endswith((".js", ".css")))
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-@bp.get("/")
-def index():
+def _require_ui() -> None:
     ctx = current_app.config["NUMLLAMA"]
     if ctx is not None and not ctx.ui:
         raise APIError("File Not Found", 404)
-    return Response(PAGE, content_type="text/html; charset=utf-8")
+
+
+def _serve(name: str):
+    _require_ui()
+    resp = send_from_directory(STATIC, name, max_age=0)
+    resp.headers["Content-Security-Policy"] = CSP
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    return resp
+
+
+def _page_view(name: str):
+    def view():
+        return _serve(name)
+    view.__name__ = "page_" + name.split(".")[0]
+    return view
+
+
+for _path, _name in PAGES.items():
+    bp.add_url_rule(_path, view_func=_page_view(_name))
+
+
+@bp.get("/static/<name>")
+def asset(name: str):
+    if name not in ASSETS:   # only the files shipped: no path ever reaches the file system
+        raise APIError("File Not Found", 404)
+    return _serve(name)
