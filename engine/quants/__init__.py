@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import blocks
-from .kernels import (ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
+from .kernels import (FLOAT_ROW_TILE, ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
                       quantize_q8_blocks)
 from .kquants import matmul_k16, matmul_q4_k, pack_k, quantize_q8_k_rows
@@ -119,7 +119,7 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
     if fmt in ("f32", "f16", "bf16"):   # widened to f32, transposed in row tiles: [tiles, K, R]
         rows = float_rows(type_name, data, n_rows, n_cols)
         return PackedWeight(type_name, n_rows, n_cols, fmt, 0,
-                            w=tile_rows(rows.reshape(n_rows, 1, n_cols))[:, 0])
+                            w=tile_rows(rows.reshape(n_rows, 1, n_cols), FLOAT_ROW_TILE)[:, 0])
     if n_rows > PACK_CHUNK_ROWS:
         return _pack_in_chunks(type_name, data, n_rows, n_cols, simd)
     if type_name in ("Q4_0", "Q4_1"):
@@ -246,7 +246,7 @@ def matmul(act: Activations, w: PackedWeight, order: KernelOrder | None = None) 
         order = KernelOrder.of(act.n_tokens)
     if w.w is not None:
         n_tokens = act.x.shape[0]
-        out = np.empty((n_tokens, w.w.shape[0] * ROW_TILE), np.float32)
+        out = np.empty((n_tokens, w.w.shape[0] * w.w.shape[2]), np.float32)
         matmul_float_tiles(act.x, w.w, tinyblas_rows(order, w), w.act_format == "f16", out)
         return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
     if w.act_format == "q8_k_rows":
