@@ -13,7 +13,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 
 @intrinsic
@@ -212,3 +212,18 @@ def tanhf_array(x):
     for i in range(x.shape[0]):
         out[i] = np.tanh(x[i])
     return out
+
+
+def widen(w):
+    """A stored weight as f32: f32 as it is, f16 bits (uint16) through f16_to_f32. Numba
+    compiles a kernel calling it once per weight dtype (see the overload below)."""
+    return np.float32(w) if not isinstance(w, (np.uint16, int)) else np.float32(np.uint16(w).view(np.float16))
+
+
+@overload(widen, inline="always")
+def _widen_overload(w):
+    if isinstance(w, types.Float):
+        return lambda w: w
+    if isinstance(w, types.Integer):
+        return lambda w: f16_to_f32(w)
+    return None

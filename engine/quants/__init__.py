@@ -84,7 +84,8 @@ class PackedWeight:
     n_cols: int
     act_format: str               # how activations are prepared (see ACT_FORMAT)
     group: int                    # weights per scale group (int8 formats), 0 for float
-    w: np.ndarray | None = None   # [n_tiles, n_cols, ROW_TILE] f32 (float formats), rows transposed
+    w: np.ndarray | None = None   # [n_tiles, n_cols, FLOAT_ROW_TILE] f32, or f16 bits (uint16) for F16,
+                                  # rows transposed (float formats)
     # int8 formats, all in tiles of ROW_TILE rows (kernels.tile_rows). K-quants: see
     # kquants.pack_k. 32-blocks: q [n_tiles, n_blocks, 32, ROW_TILE] int8 with ROW_TILE
     # rows interleaved (Q4_0/Q4_1: [n_tiles, n_blocks, 16, ROW_TILE] uint8, the packed nibble
@@ -116,8 +117,11 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
     """Turn a GGUF tensor's bytes into the kernels' layout. `simd` picks the layout of the
     AVX2 kernels for 32-weight blocks (default: where this CPU has AVX2) or of the portable ones."""
     fmt = ACT_FORMAT[type_name]
-    if fmt in ("f32", "f16", "bf16"):   # widened to f32, transposed in row tiles: [tiles, K, R]
-        rows = float_rows(type_name, data, n_rows, n_cols)
+    if fmt in ("f32", "f16", "bf16"):   # transposed in row tiles: [tiles, K, R]
+        # F16 stays f16 (its bits, uint16: the kernel widens each weight as it reads it, and a
+        # decode step reads half the bytes); F32 as it is, BF16 widened to f32
+        rows = np.asarray(data).view(np.uint16).reshape(n_rows, n_cols) if type_name == "F16" \
+            else float_rows(type_name, data, n_rows, n_cols)
         return PackedWeight(type_name, n_rows, n_cols, fmt, 0,
                             w=tile_rows(rows.reshape(n_rows, 1, n_cols), FLOAT_ROW_TILE)[:, 0])
     if n_rows > PACK_CHUNK_ROWS:

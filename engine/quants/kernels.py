@@ -1,6 +1,6 @@
 """Numba kernels for `out = x @ W.T` straight from quantized weights.
 
-* `matmul_float_tiles`: float weights (F32, or F16/BF16 widened at load) times float
+* `matmul_float_tiles`: float weights (F32, F16 kept as f16, BF16 widened at load) times float
   activations, in the summation order of llamafile's tinyBLAS (prompt tokens) or ggml_vec_dot
   (decode). `matmul_float` is its plain twin, one row at a time, which the tests compare it with.
 * `matmul_q32_lanes`: 32-weight blocks (Q5_0, Q5_1, Q8_0) times Q8_0/Q8_1 activations, in
@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..float_ops import f16_to_f32, fma, round_f16
+from ..float_ops import f16_to_f32, fma, round_f16, widen
 from .simd import q4_0_blocks, q4_0_lanes, q4_1_lanes, q8_lanes
 
 
@@ -162,7 +162,8 @@ def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
     tiles hide the real row count: the caller clears tinyblas_rows when it is not a multiple of
     TINYBLAS_ROWS.)
 
-    x: [T, K] f32; wt: [n_tiles, K, R] f32 (rows zero-padded to the tile); tinyblas_rows: [T]
+    x: [T, K] f32; wt: [n_tiles, K, R] f32, or f16 bits (uint16: F16 weights stay half their
+    size in memory, and a decode step reads half the bytes), rows zero-padded to the tile; tinyblas_rows: [T]
     bool; out: [T, n_tiles * R] f32
     """
     n_tokens, n_cols = x.shape
@@ -182,7 +183,7 @@ def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
                 for k in range(n_cols):
                     lane, wk, xk = lanes[k % 8], w[k], xt[k]
                     for r in range(n_r):
-                        lane[r] = fma(wk[r], xk, lane[r])
+                        lane[r] = fma(widen(wk[r]), xk, lane[r])
                 for r in range(n_r):
                     o[r] = hsum8(lanes[:, r])
                 continue
@@ -191,7 +192,7 @@ def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
             for k in range(n_simd):
                 lane, wk, xk = lanes[k % 32], w[k], xt[k]
                 for r in range(n_r):
-                    lane[r] = fma(wk[r], xk, lane[r])
+                    lane[r] = fma(widen(wk[r]), xk, lane[r])
             if n_simd:
                 reduce4x8_across(lanes, n_r, total)
             else:
@@ -202,7 +203,7 @@ def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
                 for k in range(n_simd, n_cols):
                     wk, xk = w[k], xt[k]
                     for r in range(n_r):
-                        wide[r] += np.float64(wk[r] * xk)
+                        wide[r] += np.float64(widen(wk[r]) * xk)
                 for r in range(n_r):
                     total[r] = np.float32(wide[r])
             else:   # products rounded, then added; the last K % 4 fused (_dot_vecdot)
@@ -210,11 +211,11 @@ def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
                 for k in range(n_simd, n_rounded):
                     wk, xk = w[k], xt[k]
                     for r in range(n_r):
-                        total[r] = total[r] + wk[r] * xk
+                        total[r] = total[r] + widen(wk[r]) * xk
                 for k in range(n_rounded, n_cols):
                     wk, xk = w[k], xt[k]
                     for r in range(n_r):
-                        total[r] = fma(wk[r], xk, total[r])
+                        total[r] = fma(widen(wk[r]), xk, total[r])
             o[:] = total
 
 
