@@ -77,6 +77,12 @@ class Task:
                 return ev
 
     @property
+    def batch_key(self) -> tuple:
+        """Tasks batch together only when these are equal: what they are evaluated for, and with
+        which LoRA adapters."""
+        return self.kind, self.lora
+
+    @property
     def needs_hidden(self) -> bool:
         """Evaluated for its hidden states (an embedding or a rerank), not for logits."""
         return self.kind != "completion"
@@ -655,16 +661,16 @@ class Scheduler:
         tokens, positions, seq_ids, want, prompt_pass, owners = [], [], [], [], [], []
         budget = self.n_batch
         active = [s for s in self.slots if s.busy]
-        # what the batch is for (a Task.kind, with its LoRA adapters): the first slot in it decides,
-        # and only tasks of the same kind and adapters join it (llama-server's can_batch_with);
+        # what the batch is for (Task.batch_key: its kind and LoRA adapters): the first slot in it
+        # decides, and only tasks with the same key join it (llama-server's can_batch_with);
         # embeddings and reranks are evaluated for their hidden states, completions for logits
-        kind = None
+        key = None
         drafts: dict[int, list[int]] = {}   # slot id -> the draft tokens it verifies in this batch
         for s in active:  # generating slots first: one token each, and its draft's guesses
             if s.next_token is not None and not s.to_eval:
-                if kind not in (None, (s.task.kind, s.task.lora)):
+                if key not in (None, s.task.batch_key):
                     continue
-                kind = (s.task.kind, s.task.lora)
+                key = s.task.batch_key
                 drafts[s.id] = draft = self._draft(s)
                 run = [s.next_token, *draft]
                 tokens += run
@@ -675,11 +681,11 @@ class Scheduler:
                 owners.append((s, [s.next_token], True))
                 budget -= 1   # (draft tokens do not take from the prompts' share: their chunks stay the same)
         for s in active:  # then prompt chunks, as far as the batch allows
-            if not s.to_eval or budget <= 0 or kind not in (None, (s.task.kind, s.task.lora)):
+            if not s.to_eval or budget <= 0 or key not in (None, s.task.batch_key):
                 continue
             if s.task.needs_hidden and not self.can_split_hidden and len(s.to_eval) > budget:
                 continue   # pooled over its whole prompt: it waits for a batch with room for all of it
-            kind = (s.task.kind, s.task.lora)
+            key = s.task.batch_key
             hidden = s.task.needs_hidden
             chunk = s.to_eval[:self._chunk_length(len(s.to_eval), budget)]
             if self.checkpoints is not None:
@@ -696,8 +702,9 @@ class Scheduler:
             budget -= len(chunk)
         if not tokens:
             return
-        hidden = kind[0] != "completion"
-        loras = tuple((self.loras[i], scale) for i, scale in kind[1])
+        kind, lora = key
+        hidden = kind != "completion"
+        loras = tuple((self.loras[i], scale) for i, scale in lora)
         tiled, kv_chunk = self._attention_paths(positions, drafts)
         batch = Batch(np.array(tokens, np.int32), np.array(positions, np.int32),
                       np.array(seq_ids, np.int32), np.array(want, bool), np.array(prompt_pass, bool),
