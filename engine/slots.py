@@ -412,6 +412,8 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.pooling = pooling
         self.drafter = drafter
+        self._steps = 0                                   # batches run, and when each batch key
+        self._last_served: dict[tuple, int] = {}          # was last served (_next_key)
         self.loras = tuple(loras)
         self.n_predict_default = n_predict_default
         self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
@@ -661,16 +663,15 @@ class Scheduler:
         tokens, positions, seq_ids, want, prompt_pass, owners = [], [], [], [], [], []
         budget = self.n_batch
         active = [s for s in self.slots if s.busy]
-        # what the batch is for (Task.batch_key: its kind and LoRA adapters): the first slot in it
-        # decides, and only tasks with the same key join it (llama-server's can_batch_with);
-        # embeddings and reranks are evaluated for their hidden states, completions for logits
-        key = None
+        # what the batch is for (Task.batch_key: its kind and LoRA adapters): only tasks with
+        # the same key share a batch (llama-server's can_batch_with); embeddings and reranks are
+        # evaluated for their hidden states, completions for logits
+        key = self._next_key(active)
         drafts: dict[int, list[int]] = {}   # slot id -> the draft tokens it verifies in this batch
         for s in active:  # generating slots first: one token each, and its draft's guesses
             if s.next_token is not None and not s.to_eval:
-                if key not in (None, s.task.batch_key):
+                if s.task.batch_key != key:
                     continue
-                key = s.task.batch_key
                 drafts[s.id] = draft = self._draft(s)
                 run = [s.next_token, *draft]
                 tokens += run
@@ -681,11 +682,10 @@ class Scheduler:
                 owners.append((s, [s.next_token], True))
                 budget -= 1   # (draft tokens do not take from the prompts' share: their chunks stay the same)
         for s in active:  # then prompt chunks, as far as the batch allows
-            if not s.to_eval or budget <= 0 or key not in (None, s.task.batch_key):
+            if not s.to_eval or budget <= 0 or s.task.batch_key != key:
                 continue
             if s.task.needs_hidden and not self.can_split_hidden and len(s.to_eval) > budget:
                 continue   # pooled over its whole prompt: it waits for a batch with room for all of it
-            key = s.task.batch_key
             hidden = s.task.needs_hidden
             chunk = s.to_eval[:self._chunk_length(len(s.to_eval), budget)]
             if self.checkpoints is not None:
@@ -702,6 +702,8 @@ class Scheduler:
             budget -= len(chunk)
         if not tokens:
             return
+        self._steps += 1
+        self._last_served[key] = self._steps
         kind, lora = key
         hidden = kind != "completion"
         loras = tuple((self.loras[i], scale) for i, scale in lora)
@@ -738,6 +740,14 @@ class Scheduler:
                     s.next_token = None
                     self._release(s)
                 row += 1 + len(draft)
+
+    def _next_key(self, active: list[Slot]) -> tuple:
+        """The batch key this step serves. With one kind of task running (the usual case) it is
+        theirs, as in llama-server, where the first slot's key decides; with several, the one
+        served longest ago, so that no kind waits for another to finish (llama-server would let a
+        long generation hold every embedding back until its end)."""
+        keys = list(dict.fromkeys(s.task.batch_key for s in active))
+        return min(keys, key=lambda k: self._last_served.get(k, 0)) if keys else None
 
     def _draft(self, s: Slot) -> list[int]:
         """The draft model's guesses to follow a generating slot's next token: as many as its

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -148,6 +149,25 @@ def test_embeddings_beside_completions_change_nothing(stories):
     for ev, want in zip(mixed[1:], alone_embd):
         np.testing.assert_array_equal(ev.vectors[0], want)
         assert abs(float(np.linalg.norm(ev.vectors[0].astype(np.float64))) - 1) < 1e-6   # euclidean by default
+
+
+def test_an_embedding_does_not_wait_for_a_long_generation(stories):
+    """Tasks of different kinds take turns (llama-server would hold the embedding back until the
+    generation ends): the embedding comes back while the generation still runs."""
+    from numllama.engine.sampling import SamplingParams
+    from numllama.engine.slots import FinalEvent, Scheduler, Task
+    sched = Scheduler(stories, 2, 1024, pooling="mean")
+    try:
+        long = sched.submit(Task(stories.tokenizer.encode("Once"), n_predict=900, ignore_eos=True,
+                                 params=SamplingParams(temperature=0)))
+        while long.events.qsize() < 3:   # generating
+            time.sleep(0.01)
+        emb = sched.submit(Task(stories.tokenizer.encode("Lily liked cats."), kind="embedding"))
+        emb.outcome(timeout=60)
+        assert not any(isinstance(ev, FinalEvent) for ev in list(long.events.queue))
+        assert len(long.outcome(timeout=120).tokens) == 900
+    finally:
+        sched.close()
 
 
 def test_too_long_for_one_batch_is_refused(stories):
