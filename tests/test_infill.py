@@ -68,3 +68,34 @@ def test_fim_tokens_end_generation_as_in_llama_cpp():
                       token_types=types, merges=[], bos_id=1, eos_id=2, unk_id=0, eot_id=-1, add_bos=True,
                       add_eos=False, add_space_prefix=True, chat_template=None, fim=fim)
     assert Tokenizer(vocab).eog_ids == {2, 3}
+
+
+def test_extra_chunks_are_cut_from_their_end_without_tokenizing_the_rest(stories_path, tmp_path):
+    """Only the last tokens of the extra chunks fit what the context leaves: the prompt equals
+    format_prompt_infill's (every chunk tokenized, then cut), and chunks further back than the
+    room are never tokenized."""
+    from numllama.engine.engine import Engine
+    from numllama.webapp.infill import infill_prompt
+    engine = Engine.load(write_fim_model(stories_path, str(tmp_path / "fim.gguf")))
+    tok = engine.tokenizer
+    fim = tok.vocab.fim
+    chunks = [{"filename": f"f{i}.c", "text": f"int f{i}(void) {{ return {i}; }}\n" * (i + 1)} for i in range(6)]
+
+    def reference(n_ctx, n_batch, n_predict):   # llama-server's order: all of it, then the tail
+        plain = lambda t: tok.encode(t, add_special=False, parse_special=False)  # noqa: E731
+        extra = [fim["rep"], *plain("myproject\n")]
+        for c in chunks:
+            extra += [fim["sep"], *plain(c["filename"] + "\n"), *plain(c["text"])]
+        extra += [fim["sep"], *plain("filename\n")]
+        n_extra = min(max(0, n_ctx - n_batch - 2 * n_predict), len(extra))
+        return extra[len(extra) - n_extra:]
+
+    for n_ctx in (160, 200, 260, 400, 2000):
+        got = infill_prompt(tok, "a", "b", chunks, [], 128, 8, n_ctx, False)
+        want = reference(n_ctx, 128, 8)
+        assert got[:len(want)] == want and got[len(want)] == tok.bos_id, n_ctx
+    seen = []
+    original = tok.encode
+    tok.encode = lambda text, **kw: (seen.append(text), original(text, **kw))[1]
+    infill_prompt(tok, "a", "b", chunks, [], 128, 8, 160, False)
+    assert chunks[0]["text"] not in seen and chunks[-1]["text"] in seen

@@ -61,22 +61,27 @@ def infill_prompt(tok, prefix, suffix, extra: list[dict], prompt: list[int], n_b
 
     def plain(text: str) -> list[int]:
         return tok.encode(text, add_special=False, parse_special=False)
-    extra_tokens: list[int] = []
-    if "rep" in fim:
-        extra_tokens += [fim["rep"], *plain("myproject\n")]
-    for chunk in extra:
-        if "sep" in fim:
-            extra_tokens += [fim["sep"], *plain(chunk.get("filename", "tmp") + "\n")]
-        else:
-            extra_tokens += plain(CHUNK_SEPARATOR)
-        extra_tokens += plain(chunk["text"])
+    # the extra chunks fill what the context leaves, from their end: only their last n_room
+    # tokens are kept, so chunks further back than that are never tokenized
+    n_room = max(0, n_ctx - n_batch - 2 * n_predict)
+    pieces: list[list[int]] = []       # from the last piece back
     if "sep" in fim:
-        extra_tokens += [fim["sep"], *plain("filename\n")]
+        pieces.append([fim["sep"], *plain("filename\n")])
+    for chunk in reversed(extra):
+        if sum(map(len, pieces)) >= n_room:
+            break
+        pieces.append(plain(chunk["text"]))
+        pieces.append([fim["sep"], *plain(chunk.get("filename", "tmp") + "\n")] if "sep" in fim
+                      else plain(CHUNK_SEPARATOR))
+    else:
+        if "rep" in fim:
+            pieces.append([fim["rep"], *plain("myproject\n")])
+    extra_tokens = [t for piece in reversed(pieces) for t in piece]
     pre, suf = _tokens(tok, prefix), _tokens(tok, suffix)
     # the prefix and suffix fit a batch, 3:1; the extra chunks fill the rest of the context
     n_prefix = min(len(pre), 3 * (n_batch // 4))
     n_suffix = min(len(suf), max(0, n_batch // 4 - (2 + len(prompt))))
-    n_extra = min(max(0, n_ctx - n_batch - 2 * n_predict), len(extra_tokens))
+    n_extra = min(n_room, len(extra_tokens))
     pre = [fim["pre"], *pre[len(pre) - n_prefix:], *prompt]
     suf = [fim["suf"], *suf[:n_suffix]]
     first, second = (suf, pre) if spm_infill else (pre, suf)
