@@ -20,8 +20,6 @@ same kernel, so the bits agree.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .float_ops import expf_array
@@ -73,11 +71,13 @@ def normalize(v: np.ndarray, embd_norm: int) -> np.ndarray:
     elif embd_norm == NORM_EUCLIDEAN:
         squares = (v * v).astype(np.float64)           # each product rounded to f32, as in C
         total = float(np.sqrt(_sum_in_order(squares)))
-    else:
-        powers = np.array([math.pow(abs(x), embd_norm) for x in v.tolist()])   # C's pow, in double
-        total = math.pow(_sum_in_order(powers), 1.0 / embd_norm)
-    scale = np.float32(1.0 / total) if total > 0.0 else np.float32(0.0)
-    return v * scale
+    else:   # p-norm with C's pow in double, which overflows to inf (or 0) where Python's raises
+        with np.errstate(all="ignore"):
+            powers = np.power(np.abs(v).astype(np.float64), np.float64(embd_norm))
+            total = float(np.power(np.float64(_sum_in_order(powers)), np.float64(1.0) / np.float64(embd_norm)))
+    with np.errstate(all="ignore"):   # (1/inf is 0, as in C)
+        scale = np.float32(1.0 / total) if total > 0.0 else np.float32(0.0)
+        return v * scale
 
 
 def softmax_rows(x: np.ndarray) -> np.ndarray:

@@ -727,7 +727,12 @@ class Scheduler:
             elif s.task.return_progress and s.next_token is None:
                 s.report_progress()
             if has_logits and hidden:
-                self._send_embedding(s, batch, out, pooled)
+                try:
+                    self._send_embedding(s, batch, out, pooled)
+                except Exception as e:  # this request's failure ends this request, no other
+                    self.log.warning("slot %d: embedding failed: %s: %s", s.id, type(e).__name__, e)
+                    s.task.events.put(ErrorEvent(f"embedding failed: {type(e).__name__}: {e}"))
+                    self._release(s)
             elif has_logits:
                 if s.t_prompt_done is None:
                     s.t_prompt_done = time.perf_counter()

@@ -113,6 +113,30 @@ def test_normalize_as_common_embd_normalize():
     np.testing.assert_array_equal(normalize(np.zeros(3, np.float32), 2), np.zeros(3, np.float32))
 
 
+def test_normalize_never_raises_where_c_gives_inf():
+    """A p-norm whose powers overflow (or a negative p at a zero) is C's inf, and the vector
+    scales to zeros as in llama-server; Python's math.pow would raise instead."""
+    from numllama.engine.pooling import normalize
+    v = np.array([3.0, -4.0, 0.0], np.float32)
+    for p in (1000, -5, 2 ** 40):
+        np.testing.assert_array_equal(np.abs(normalize(v, p)), np.zeros(3, np.float32))
+
+
+def test_a_failing_embedding_ends_alone(stories):
+    """An embedding whose result cannot be made ends with an error; the others of its batch
+    get theirs."""
+    from numllama.engine.slots import EmbeddingEvent, ErrorEvent, Scheduler, Task
+    sched = Scheduler(stories, 2, 256, pooling="mean")
+    try:
+        bad = Task(stories.tokenizer.encode("Lily"), kind="embedding", embd_normalize="x")   # not a number
+        good = Task(stories.tokenizer.encode("The sun"), kind="embedding")
+        sched.submit_all([bad, good])
+        assert isinstance(bad.outcome(timeout=60), ErrorEvent)
+        assert isinstance(good.outcome(timeout=60), EmbeddingEvent)
+    finally:
+        sched.close()
+
+
 def test_softmax_rows_sums_in_double():
     from numllama.engine.pooling import softmax_rows
     x = np.array([[2.0, -1.0], [0.0, 0.0]], np.float32)
