@@ -109,6 +109,11 @@ def test_server_lora_options(stories_path, adapters, tmp_path):
         assert [e["scale"] for e in s.get("/lora-adapters").json()] == [1.0, 0.25]
         r = s.post("/lora-adapters", {"id": 0})
         assert r.status_code == 400 and r.json()["error"]["message"] == "Request body must be an array"
+        # a scale beyond f32 would make every output inf or NaN (and the answer not JSON): 400
+        for bad in (s.post("/lora-adapters", [{"id": 0, "scale": 1e300}]),
+                    s.post("/completion", {"prompt": "a", "n_predict": 2, "lora": [{"id": 1, "scale": -1e39}]})):
+            assert bad.status_code == 400 and "out of range" in bad.json()["error"]["message"]
+        assert [e["scale"] for e in s.get("/lora-adapters").json()] == [1.0, 0.25]   # unchanged
     finally:
         s.stop()
     with pytest.raises(RuntimeError, match="expect general.type to be 'adapter'"):

@@ -24,7 +24,11 @@ def _scales_by_id(entries) -> dict[int, float]:
         if isinstance(i, bool) or not isinstance(i, int) or isinstance(scale, bool) or \
                 not isinstance(scale, (int, float)):
             raise APIError(LORA_FIELD_ERROR)
-        out[i] = float(np.float32(scale))   # (llama-server keeps scales as f32)
+        with np.errstate(over="ignore"):
+            scale = np.float32(scale)   # (llama-server keeps scales as f32)
+        if not np.isfinite(scale):   # (beyond f32: every output would be inf or NaN)
+            raise APIError(f"LoRA scale {e.get('scale')!r} is out of range (at most {float(np.finfo(np.float32).max):.4g})")
+        out[i] = float(scale)
     return out
 
 
