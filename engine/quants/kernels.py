@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..float_ops import f16_to_f32, fma, round_f16, widen
-from .simd import q4_0_blocks, q4_0_lanes, q4_1_lanes, q8_lanes
+from .simd import float_lanes, q4_0_blocks, q4_0_lanes, q4_1_lanes, q8_lanes
 
 
 # llamafile's tinyBLAS takes a float matrix only when its row count is a multiple of this (and
@@ -156,11 +156,14 @@ def tile_rows(a: np.ndarray, rows: int = ROW_TILE) -> np.ndarray:
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
-    """matmul_float (its twin, summed row by row) with ROW_TILE rows per SIMD pass: the weights
-    are stored transposed per tile, so for each k the loop over rows reads contiguous floats
-    and every row's lanes get exactly the FMAs, in the same order, as in matmul_float. (The
-    tiles hide the real row count: the caller clears tinyblas_rows when it is not a multiple of
-    TINYBLAS_ROWS.)
+    """matmul_float (its twin, summed row by row) with FLOAT_ROW_TILE rows per SIMD pass: the
+    weights are stored transposed per tile, so for each k the loop over rows reads contiguous
+    floats and every row's lanes get exactly the FMAs, in the same order, as in matmul_float.
+    A prompt token's 8 tinyBLAS lanes are made by simd.float_lanes, which keeps them in
+    registers (1.4-1.6x the loop that stores them at every k). (The tiles hide the real row
+    count: the caller clears tinyblas_rows when it is not a multiple of TINYBLAS_ROWS.)
+
+    (x C-contiguous; R a multiple of simd.FLOAT_ROWS.)
 
     x: [T, K] f32; wt: [n_tiles, K, R] f32, or f16 bits (uint16: F16 weights stay half their
     size in memory, and a decode step reads half the bytes), rows zero-padded to the tile; tinyblas_rows: [T]
@@ -173,19 +176,16 @@ def matmul_float_tiles(x, wt, tinyblas_rows, tail_in_double, out):
     for tile in prange(n_tiles):
         w = wt[tile]                                  # [K, R]
         lanes = np.empty((32, n_r), np.float32)
+        k_lanes = np.empty((8, n_r), np.float32)
         total = np.empty(n_r, np.float32)
         wide = np.empty(n_r, np.float64)
         for t in range(n_tokens):
             xt = x[t]
             o = out[t, tile * n_r:(tile + 1) * n_r]
-            if tinyblas_ok and tinyblas_rows[t]:      # 8 lanes: k mod 8, then hsum8
-                lanes[:8, :] = 0
-                for k in range(n_cols):
-                    lane, wk, xk = lanes[k % 8], w[k], xt[k]
-                    for r in range(n_r):
-                        lane[r] = fma(widen(wk[r]), xk, lane[r])
+            if tinyblas_ok and tinyblas_rows[t]:      # 8 lanes: k mod 8 (simd.float_lanes), then hsum8
+                float_lanes(wt, tile, x, t, k_lanes)
                 for r in range(n_r):
-                    o[r] = hsum8(lanes[:, r])
+                    o[r] = hsum8(k_lanes[:, r])
                 continue
             # ggml_vec_dot: 32 lanes over the blocks of 32, reduce4x8, then the tail
             lanes[:, :] = 0

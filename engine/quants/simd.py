@@ -340,3 +340,78 @@ def _make_k_lane_sums(group: int):
 
 k_lane_sums_32 = _make_k_lane_sums(32)
 k_lane_sums_16 = _make_k_lane_sums(16)
+
+
+FLOAT_ROWS = 8   # rows per 256-bit vector of f32
+FLOAT_K_CHUNK = 64   # weights of a row taken at a time by float_lanes (a multiple of 8)
+
+
+@intrinsic
+def float_lanes(typingctx, wt, tile, x, t, lanes):
+    """tinyBLAS's 8 k-lanes of every row of one row tile, for one token, with the accumulators
+    in registers: lanes[l, r] = sum over k = l mod 8, in k order, of fma(w[r, k], x[t, k], .)
+    (kernels._dot_tinyblas, before its hsum8), 8 rows per vector. The portable loop in
+    kernels.matmul_float_tiles stores and reloads its lanes at every k; this keeps 8 vectors of
+    lanes in registers across the whole row, which is the same arithmetic in the same order.
+
+    wt: [n_tiles, K, R] f32, or f16 bits (uint16, widened by vcvtph2ps); K % 8 == 0, R % 8 == 0
+    x: [T, K] f32; lanes: [8, R] f32 (written)
+    """
+    def codegen(context, builder, signature, args):
+        wt_v, tile_v, x_v, t_v, lanes_v = args
+        wt_s, _, x_s, _, lanes_s = signature.args
+        arr = context.make_array(wt_s)(context, builder, wt_v)
+        _, n_cols, n_rows = cgutils.unpack_tuple(builder, arr.shape, 3)
+        half = isinstance(wt_s.dtype, types.Integer)
+        elem = ir.IntType(16) if half else _f32
+        w_base = builder.bitcast(arr.data, elem.as_pointer())
+        x_base = context.make_array(x_s)(context, builder, x_v).data
+        out = context.make_array(lanes_s)(context, builder, lanes_v).data
+        tile = builder.sext(tile_v, _i64) if tile_v.type.width < 64 else tile_v
+        t = builder.sext(t_v, _i64) if t_v.type.width < 64 else t_v
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8f32, [_V8f32] * 3), "llvm.fma.v8f32")
+        wvec = ir.VectorType(elem, FLOAT_ROWS)
+        c = _c
+        acc = [cgutils.alloca_once(builder, _V8f32) for _ in range(8)]
+        tile_base = builder.mul(builder.mul(tile, n_cols), n_rows)             # wt[tile, 0, 0]
+        x_row = builder.mul(t, n_cols)                                          # x[t, 0]
+        n_groups = builder.udiv(n_rows, c(FLOAT_ROWS))
+
+        def lanes_at(lane, r0):
+            return builder.bitcast(builder.gep(out, [builder.add(builder.mul(c(lane), n_rows), r0)]),
+                                   _V8f32.as_pointer())
+        with cgutils.for_range(builder, n_groups) as group:      # every lane starts at zero
+            for lane in range(8):
+                builder.store(ir.Constant(_V8f32, [0.0] * FLOAT_ROWS), lanes_at(lane, builder.mul(group.index, c(FLOAT_ROWS))))
+        # K in chunks of FLOAT_K_CHUNK: a chunk of the tile stays in L1 while every group of
+        # rows takes its FMAs from it (the tile is read down its columns); a lane's sum still
+        # runs over k in order, chunk after chunk
+        n_chunks = builder.udiv(builder.add(n_cols, c(FLOAT_K_CHUNK - 1)), c(FLOAT_K_CHUNK))
+        with cgutils.for_range(builder, n_chunks) as chunk:
+            k_start = builder.mul(chunk.index, c(FLOAT_K_CHUNK))
+            k_blocks = builder.udiv(builder.sub(builder.select(
+                builder.icmp_unsigned("<", builder.add(k_start, c(FLOAT_K_CHUNK)), n_cols),
+                builder.add(k_start, c(FLOAT_K_CHUNK)), n_cols), k_start), c(8))
+            with cgutils.for_range(builder, n_groups) as group:
+                r0 = builder.mul(group.index, c(FLOAT_ROWS))
+                for lane in range(8):
+                    builder.store(builder.load(lanes_at(lane, r0), align=4), acc[lane])
+                with cgutils.for_range(builder, k_blocks) as kb:
+                    k0 = builder.add(k_start, builder.mul(kb.index, c(8)))
+                    for lane in range(8):
+                        k = builder.add(k0, c(lane))
+                        at = builder.add(tile_base, builder.add(builder.mul(k, n_rows), r0))
+                        w = builder.load(builder.bitcast(builder.gep(w_base, [at]), wvec.as_pointer()),
+                                         align=2 if half else 4)
+                        if half:
+                            w = builder.fpext(builder.bitcast(w, ir.VectorType(ir.HalfType(), FLOAT_ROWS)), _V8f32)
+                        xk = builder.load(builder.gep(x_base, [builder.add(x_row, k)]))
+                        builder.store(builder.call(fma, [w, _splat(builder, xk, _V8f32), builder.load(acc[lane])]),
+                                      acc[lane])
+                for lane in range(8):
+                    builder.store(builder.load(acc[lane]), lanes_at(lane, r0), align=4)
+        return context.get_dummy_value()
+
+    if not _c_layout(wt, x, lanes) or wt.ndim != 3 or not isinstance(wt.dtype, (types.Float, types.Integer)):
+        return None
+    return types.void(wt, tile, x, t, lanes), codegen
