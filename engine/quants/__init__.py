@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..float_ops import round_f16_array
 from . import blocks
 from .kernels import (FLOAT_ROW_TILE, ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
@@ -192,7 +193,11 @@ def pack_tensor(tensor) -> PackedWeight:
 
 
 def round_f16(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float16).astype(np.float32)
+    """a rounded to f16 values (the activations of F16 weights, as ggml converts them)."""
+    x = np.ascontiguousarray(a, dtype=np.float32)
+    out = np.empty_like(x)
+    round_f16_array(x.reshape(-1), out.reshape(-1))
+    return out
 
 
 def round_bf16(a: np.ndarray) -> np.ndarray:
