@@ -284,7 +284,10 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
                         out, qh, acc, partial, all_scores, all_ms, all_vs, lanes, wide)
 
 
-@njit(cache=True, nogil=True, inline="always")
+# (_attend, _attend_range and _attend_tiled are compiled as functions of their own, not inlined
+# into `attention` at Numba's level: inlined, the one parallel function took 15 s of a 20 s cold
+# start to compile; called, the whole cold start is 11 s, and decode and prefill are as fast)
+@njit(cache=True, nogil=True)
 def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, kv_chunk, out,
             qh, acc, part, all_scores, all_ms, all_vs, lanes, wide):
     """One token's attention for one head (see `attention`), in the scratch arrays given: over
@@ -320,7 +323,7 @@ def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scal
         o[d] = acc[d] * inv
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _attend_range(qh, k_cache, v_cache, seq, kv_head, head_dim, scale, first, n_end, acc,
                   all_scores, all_ms, all_vs, lanes, wide):
     """ggml's one_chunk over cells first .. n_end - 1: fills acc with the f16 accumulator of
@@ -370,7 +373,7 @@ def _attend_range(qh, k_cache, v_cache, seq, kv_head, head_dim, scale, first, n_
     return m, total
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, out,
                   acc, scratch):
     """One token's attention for one head as ggml_compute_forward_flash_attn_ext_tiled does it:
