@@ -222,8 +222,17 @@ def test_embedding_errors_over_http(stories_path):
         assert r.status_code == 400 and r.json()["error"]["message"] == "\"input\" must not be empty"
         r = s.post("/embeddings", {"input": [[]]})
         assert r.status_code == 400 and r.json()["error"]["message"] == "Input content cannot be empty"
+        r = s.post("/embeddings", {"input": ["a"] * 200})   # more than its slots and queue hold
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("too many inputs in one request: 200")
         r = s.post("/v1/embeddings", {"input": "Lily"})   # and the server goes on serving
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64
+    finally:
+        s.stop()
+    s = Server(["-c", "256", "--reranking", "--max-queue", "2"], model=stories_path)
+    try:
+        r = s.post("/rerank", {"query": "a", "documents": ["b"] * 7})   # 4 slots + 2 waiting
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("too many documents in one request: 7")
+        assert s.post("/rerank", {"query": "a", "documents": ["b"] * 6}).status_code == 200
     finally:
         s.stop()
 

@@ -22,6 +22,15 @@ POLL_S = 0.02  # how often a waiting request checks whether its client went away
 RETRY_AFTER_S = 1   # told to clients refused because every slot and the queue are full
 
 
+def submit_tasks(ctx, tasks: list[Task]) -> list[Task]:
+    """Queue the tasks together; every slot and the queue full is a 503 with Retry-After (a load
+    balancer may retry elsewhere)."""
+    try:
+        return ctx.scheduler.submit_all(tasks)
+    except QueueFull as e:
+        raise APIError(f"server is busy: {e}", 503, headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+
 def model_generates(ctx) -> bool:
     """Whether the model makes next-token logits (an encoder, bert, makes embeddings only)."""
     return ctx.engine.model.hp.causal
@@ -115,10 +124,7 @@ class Completion:
                       index=i, return_progress=self.return_progress, n_keep=self.n_keep,
                       n_discard=self.n_discard, lora=self.lora)
                  for i, p in enumerate(self.prompts)]
-        try:
-            return self.ctx.scheduler.submit_all(tasks)
-        except QueueFull as e:   # a load balancer may retry elsewhere
-            raise APIError(f"server is busy: {e}", 503, headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        return submit_tasks(self.ctx, tasks)
 
     # ------------------------------------------------------------------ presentation
     def probs_items(self, probs_list) -> list[dict]:

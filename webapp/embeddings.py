@@ -17,11 +17,12 @@ import base64
 import numpy as np
 from flask import Blueprint, current_app
 
-from ..engine.slots import QueueFull, Task
-from .completions import RETRY_AFTER_S, collect_finals, exceeds_context
+from ..engine.slots import Task
+from .completions import collect_finals, exceeds_context, submit_tasks
 from .errors import APIError, json_response
 from .http import request_json, require_flag
-from .params import get_number, tokenize_prompt_element
+from .lora_adapters import task_lora
+from .params import check_task_count, get_number, tokenize_prompt_element
 
 bp = Blueprint("embeddings", __name__)
 
@@ -51,9 +52,7 @@ def _tokenize_inputs(ctx, value) -> list[list[int]]:
         isinstance(e, int) and not isinstance(e, bool) for e in value) else [value]
     if not items:
         raise APIError("\"input\" must not be empty")
-    if limit is not None and len(items) > limit:
-        raise APIError(f"too many inputs in one request: {len(items)} (this server takes at most {limit}: "
-                       f"its slots and its queue)")
+    check_task_count(len(items), limit, "inputs")
     prompts = []
     for item in items:
         if isinstance(item, dict) and "content" in item:
@@ -85,14 +84,10 @@ def _check_fits(ctx, prompts: list[list[int]]) -> None:
 def _run(ctx, prompts: list[list[int]], kind: str, embd_normalize: int = 2) -> list:
     """Submit one task per prompt and wait for their EmbeddingEvents, in input order."""
     _check_fits(ctx, prompts)
-    lora = tuple((i, s) for i, s in enumerate(ctx.lora_scales) if s != 0.0)   # the server's (llama-server's too)
+    lora, _ = task_lora(ctx, {})   # the server's scales (llama-server's embeddings take no "lora")
     tasks = [Task(prompt_tokens=p, kind=kind, embd_normalize=embd_normalize, index=i, lora=lora)
              for i, p in enumerate(prompts)]
-    try:
-        ctx.scheduler.submit_all(tasks)
-    except QueueFull as e:
-        raise APIError(f"server is busy: {e}", 503, headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    return collect_finals(ctx, tasks)
+    return collect_finals(ctx, submit_tasks(ctx, tasks))
 
 
 def _floats(v: np.ndarray) -> list[float]:
@@ -203,9 +198,7 @@ def rerank():
         raise APIError("\"query\" must be a string")
     documents = _documents(body)
     top_n = get_number(body, "top_n", len(documents), int) if body.get("top_n") is not None else len(documents)
-    limit = ctx.scheduler.capacity()
-    if limit is not None and len(documents) > limit:
-        raise APIError(f"too many documents in one request: {len(documents)} (this server takes at most {limit})")
+    check_task_count(len(documents), ctx.scheduler.capacity(), "documents")
     results = _run(ctx, [rerank_prompt(ctx, query, d) for d in documents], "rerank")
     label = "score" if tei else "relevance_score"
     return_text = tei and bool(body.get("return_text", False))

@@ -332,6 +332,14 @@ def tokenize_prompt_element(el, tokenizer, max_tokens: int | None = None, on_too
                    "a prompt string, or a list of mixed strings & tokens.")
 
 
+def check_task_count(n: int, limit: int | None, what: str = "prompts") -> None:
+    """A request may bring as many tasks as the scheduler holds at once (its slots and its queue:
+    Scheduler.capacity, None for no limit), no more: a 400 before anything is tokenized."""
+    if limit is not None and n > limit:
+        raise APIError(f"too many {what} in one request: {n} (this server takes at most {limit}: "
+                       f"its slots and its queue)")
+
+
 def parse_prompts(prompt, tokenizer, max_tokens: int | None = None, on_too_long=None,
                   max_prompts: int | None = None) -> tuple[list[list[int]], bool]:
     """(token lists, is_batch): a top-level list without bare ids is several prompts."""
@@ -339,9 +347,7 @@ def parse_prompts(prompt, tokenizer, max_tokens: int | None = None, on_too_long=
         if not prompt:
             raise APIError("\"prompt\" must not be empty")
         if not any(isinstance(e, int) and not isinstance(e, bool) for e in prompt):
-            if max_prompts is not None and len(prompt) > max_prompts:
-                raise APIError(f"too many prompts in one request: {len(prompt)} (this server takes at most "
-                               f"{max_prompts}: its slots and its queue)")
+            check_task_count(len(prompt), max_prompts)
             return [tokenize_prompt_element(e, tokenizer, max_tokens, on_too_long) for e in prompt], True
     return [tokenize_prompt_element(prompt, tokenizer, max_tokens, on_too_long)], False
 
