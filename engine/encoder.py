@@ -171,8 +171,7 @@ class EncoderModel:
         """Rank pooling's head for an encoder (build_pooling, LLAMA_POOLING_TYPE_RANK): the [CLS]
         row through cls (+ bias) and tanh, then cls.output (+ bias), where the file has them.
         pooled [n_seqs, n_embd] -> [n_seqs, n_cls_out]"""
-        n = len(pooled)
-        order = KernelOrder.of(n, tinyblas=np.full(n, n >= 2))
+        order = KernelOrder.columns(len(pooled))   # one product over every sequence of the batch
         cur = np.ascontiguousarray(pooled)
         if self.cls is not None:
             (cur,) = linear(cur, self.cls, order=order)

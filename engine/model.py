@@ -306,10 +306,8 @@ class LlamaModel:
         pooled [n_seqs, n_embd] -> [n_seqs, n_cls_out]"""
         if self.cls_out is None:
             return pooled
-        n = len(pooled)
-        # one product over every sequence of the batch: tinyBLAS from two columns on
-        (out,) = linear(np.ascontiguousarray(pooled), self.cls_out,
-                        order=KernelOrder.of(n, tinyblas=np.full(n, n >= 2)))
+        # one product over every sequence of the batch
+        (out,) = linear(np.ascontiguousarray(pooled), self.cls_out, order=KernelOrder.columns(len(pooled)))
         if self.cls_out_b is not None:
             out += self.cls_out_b
         return softmax_rows(out) if self.hp.arch == "qwen3" else out

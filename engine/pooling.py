@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .float_ops import expf_array
+from .quants import KernelOrder
 from .quants.kernels import matmul_float
 
 # common_embd_normalize's embd_normalize values: -1 none, 0 max-absolute (int16 range), 2 euclidean,
@@ -43,9 +44,7 @@ def mean_pool(hidden: np.ndarray, seq_ids: np.ndarray, seqs: list[int]) -> np.nd
         weights[s, rows] = np.float32(1.0) / np.float32(np.count_nonzero(rows))
     hidden_t = np.ascontiguousarray(hidden.T)                      # [n_embd, T]
     out = np.empty((len(seqs), hidden.shape[1]), np.float32)
-    # llamafile_sgemm takes products of >= 2 columns; one sequence goes through ggml_vec_dot_f32
-    tinyblas = np.full(len(seqs), len(seqs) >= 2)
-    matmul_float(weights, hidden_t, tinyblas, False, out)
+    matmul_float(weights, hidden_t, KernelOrder.columns(len(seqs)).tinyblas, False, out)
     return out
 
 

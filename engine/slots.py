@@ -667,6 +667,10 @@ class Scheduler:
         # the same key share a batch (llama-server's can_batch_with); embeddings and reranks are
         # evaluated for their hidden states, completions for logits
         key = self._next_key(active)
+        if key is None:
+            return
+        kind, lora = key
+        hidden = kind != "completion"
         drafts: dict[int, list[int]] = {}   # slot id -> the draft tokens it verifies in this batch
         for s in active:  # generating slots first: one token each, and its draft's guesses
             if s.next_token is not None and not s.to_eval:
@@ -684,9 +688,8 @@ class Scheduler:
         for s in active:  # then prompt chunks, as far as the batch allows
             if not s.to_eval or budget <= 0 or s.task.batch_key != key:
                 continue
-            if s.task.needs_hidden and not self.can_split_hidden and len(s.to_eval) > budget:
+            if hidden and not self.can_split_hidden and len(s.to_eval) > budget:
                 continue   # pooled over its whole prompt: it waits for a batch with room for all of it
-            hidden = s.task.needs_hidden
             chunk = s.to_eval[:self._chunk_length(len(s.to_eval), budget)]
             if self.checkpoints is not None:
                 self.checkpoints.record(s, len(s.to_eval) - len(chunk))
@@ -704,8 +707,6 @@ class Scheduler:
             return
         self._steps += 1
         self._last_served[key] = self._steps
-        kind, lora = key
-        hidden = kind != "completion"
         loras = tuple((self.loras[i], scale) for i, scale in lora)
         tiled, kv_chunk = self._attention_paths(positions, drafts)
         batch = Batch(np.array(tokens, np.int32), np.array(positions, np.int32),
@@ -757,7 +758,7 @@ class Scheduler:
     def _draft(self, s: Slot) -> list[int]:
         """The draft model's guesses to follow a generating slot's next token: as many as its
         context and n_predict leave room for (llama-server's bounds), none without a drafter."""
-        if self.drafter is None or s.task.kind != "completion":
+        if self.drafter is None:   # (only completions generate: no other kind asks)
             return []
         n_max = s.n_ctx - len(s.cache_tokens) - 2
         if s.task.n_predict is not None and s.task.n_predict >= 0:

@@ -64,6 +64,12 @@ class KernelOrder:
         return KernelOrder(none, none, none)
 
     @staticmethod
+    def columns(n: int) -> "KernelOrder":
+        """One product over n columns taken together (a head over a batch's pooled rows, a mean
+        over its sequences): llamafile's tinyBLAS from two columns on, ggml_vec_dot for one."""
+        return KernelOrder.of(n, tinyblas=np.full(n, n >= 2))
+
+    @staticmethod
     def for_batch(prompt_pass: np.ndarray, seq_ids: np.ndarray) -> "KernelOrder":
         """What llama.cpp would do with each token: prompt_pass [T] marks tokens of prompts
         evaluated >= 2 tokens at a time; the K-quant choices go by the size of each sequence's
