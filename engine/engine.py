@@ -63,7 +63,9 @@ class Engine:
         cache = self.model.new_cache(1, 4)
         self.model.forward(Batch.single([self.tokenizer.bos_id if self.tokenizer.bos_id >= 0 else 0] * 2, 0), cache)
         self.model.forward(Batch.single([0], 2), cache)
-        Sampler(SamplingParams(seed=0), self.tokenizer.n_vocab).sample(np.zeros(self.tokenizer.n_vocab, np.float32))
+        for mirostat in (0, 1, 2):   # (mirostat's f32 arithmetic is compiled too)
+            Sampler(SamplingParams(seed=0, mirostat=mirostat),
+                    self.tokenizer.n_vocab).sample(np.arange(self.tokenizer.n_vocab, dtype=np.float32))
 
     def generate_tokens(self, prompt_ids: list[int], n_predict: int, params: SamplingParams,
                         ignore_eos: bool = False):

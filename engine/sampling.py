@@ -5,6 +5,10 @@ The chain (llama-server's default order):
     logit_bias -> penalties -> dry -> top_n_sigma -> top_k -> typ_p -> top_p -> min_p -> xtc
                -> temperature -> dist (a seeded draw)
 
+DRY (engine/dry.py) penalizes the token that would extend a repetition. Two other final draws
+replace `dist`: adaptive-p, when the "adaptive_p" sampler is named, and mirostat (v1 or v2),
+which with temperature replaces the whole chain (llama.cpp's common_sampler_init).
+
 Each step narrows or reshapes a list of candidates (token id, logit), kept sorted by logit once
 a step has sorted them. The arithmetic (f32 softmax sums, `logf(min_p)`, the double-precision
 running sum of the draw) follows llama-sampler.cpp so that a seed gives llama.cpp's tokens.
@@ -20,19 +24,25 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from .dry import dry_penalties
 from .float_ops import expf_array
 from .mt19937 import MT19937
 
 DEFAULT_SAMPLERS = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p",
                     "xtc", "temperature")
+# llama.cpp's sampler names (common_sampler_types_from_names): each canonical name, its kebab-case
+# and its no-dash spelling, and three more aliases; matched in lower case
+_SAMPLER_NAMES = ("dry", "top_k", "top_p", "top_n_sigma", "typ_p", "min_p", "temperature", "xtc",
+                  "infill", "penalties", "adaptive_p")
 _SAMPLER_ALIASES = {
-    "penalties": "penalties", "dry": "dry", "top_n_sigma": "top_n_sigma", "top-n-sigma": "top_n_sigma",
-    "top_k": "top_k", "top-k": "top_k", "typ_p": "typ_p", "typical_p": "typ_p", "typ-p": "typ_p",
-    "typical-p": "typ_p", "typical": "typ_p", "top_p": "top_p", "top-p": "top_p", "nucleus": "top_p",
-    "min_p": "min_p", "min-p": "min_p", "xtc": "xtc", "temperature": "temperature", "temp": "temperature",
+    **{n.replace("_", "-"): n for n in _SAMPLER_NAMES}, **{n.replace("_", ""): n for n in _SAMPLER_NAMES},
+    "nucleus": "top_p", "temp": "temperature", "typ": "typ_p", **{n: n for n in _SAMPLER_NAMES},
 }
 _SAMPLER_LETTERS = {"e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "typ_p",
-                    "p": "top_p", "m": "min_p", "x": "xtc", "t": "temperature"}
+                    "p": "top_p", "m": "min_p", "x": "xtc", "t": "temperature", "i": "infill",
+                    "a": "adaptive_p"}
+DEFAULT_DRY_BREAKERS = ("\n", ":", "\"", "*")
+MIROSTAT_M = 100   # the tokens mirostat (v1) estimates the distribution's exponent from
 
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: pick a random seed
 
@@ -42,7 +52,7 @@ def parse_samplers(value) -> tuple[str, ...]:
     if isinstance(value, str):
         names = [_SAMPLER_LETTERS[c] for c in value if c in _SAMPLER_LETTERS]
     else:
-        names = [_SAMPLER_ALIASES[v] for v in value if isinstance(v, str) and v in _SAMPLER_ALIASES]
+        names = [_SAMPLER_ALIASES[v.lower()] for v in value if isinstance(v, str) and v.lower() in _SAMPLER_ALIASES]
     return tuple(names)
 
 
@@ -64,10 +74,22 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     min_keep: int = 0
     seed: int = RANDOM_SEED
+    dry_multiplier: float = 0.0       # DRY (engine/dry.py): 0 turns it off
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64
+    dry_sequence_breakers: tuple = DEFAULT_DRY_BREAKERS
+    dry_breaker_tokens: object = None  # the breakers in this vocabulary: engine.dry.breaker_sequences
+    mirostat: int = 0                 # 1 or 2: temperature then mirostat replace the whole chain
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    adaptive_target: float = -1.0     # adaptive-p (the "adaptive_p" sampler): < 0 is a plain draw
+    adaptive_decay: float = 0.9
     logit_bias: tuple = ()            # ((token_id, bias), ...); bias -inf bans the token
     samplers: tuple = DEFAULT_SAMPLERS
     grammar: object = None            # engine.grammar.Grammar constraining the output
     grammar_triggers: tuple = ()      # words: the grammar waits for one of them (lazy)
+    preserved_tokens: frozenset = frozenset()   # control tokens written into the output as text
     grammar_prefill: str = ""         # text the grammar reads before the first token
     reasoning_tags: tuple = ()        # (start ids, end ids, prompt ids): a lazy grammar sleeps in <think>
 
@@ -235,6 +257,113 @@ def _temperature(c: Candidates, prm: SamplingParams) -> None:
         c.logits = c.logits / np.float32(temp)
 
 
+def _plain_temperature(c: Candidates, temp: float) -> None:
+    """llama_sampler_temp (what mirostat follows): logits / temp, or only the best at temp <= 0."""
+    _temperature(c, SamplingParams(temperature=temp))
+
+
+def _dry_active(prm: SamplingParams) -> bool:
+    return prm.dry_multiplier != 0.0 and prm.dry_base >= 1.0 and prm.dry_penalty_last_n != 0
+
+
+def _c_int(x) -> int:
+    """C's (int) of a float on x86: truncation, and INT_MIN for NaN and whatever does not fit."""
+    if not math.isfinite(x) or not -2.0**31 <= x < 2.0**31:
+        return -2**31
+    return int(x)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _mirostat_k(p, m, mu, n_vocab):
+    """Mirostat's k, in f32 with libm's logf and powf as llama.cpp computes it (a zero
+    probability gives inf or NaN, as in C, not an exception)."""
+    one, two = np.float32(1.0), np.float32(2.0)
+    sum_ti_bi = np.float32(0.0)
+    sum_ti_sq = np.float32(0.0)
+    i = 0
+    while i < m - 1 and i < p.shape[0] - 1:
+        t_i = np.log(np.float32(i + 2) / np.float32(i + 1))
+        b_i = np.log(p[i] / p[i + 1])
+        sum_ti_bi += t_i * b_i
+        sum_ti_sq += t_i * t_i
+        i += 1
+    s_hat = sum_ti_bi / sum_ti_sq
+    epsilon_hat = s_hat - one
+    return ((epsilon_hat * two ** mu) / (one - n_vocab ** -epsilon_hat)) ** (one / s_hat)
+
+
+@njit(cache=True, nogil=True)
+def _surprise(p):
+    """-log2f(p)."""
+    return -np.log2(np.float32(p))
+
+
+@njit(cache=True, nogil=True)
+def _n_within_surprise(p, mu):
+    """How many of the (sorted) candidates come before the first whose surprise exceeds mu."""
+    for i in range(p.shape[0]):
+        if -np.log2(p[i]) > mu:
+            return i
+    return p.shape[0]
+
+
+def discrete_draw(p: np.ndarray, rng: MT19937) -> int:
+    """llama_sample_dist: libstdc++'s std::discrete_distribution over p [n] f32. The weights are
+    normalized by their double sum, summed again into a cumulative table whose last entry is set
+    to 1, and the first entry >= one uniform double wins. Fewer than two weights: the first,
+    with no draw."""
+    if len(p) < 2:
+        return 0
+    w = p.astype(np.float64)
+    cumulative = np.cumsum(w / np.cumsum(w)[-1])   # (np.cumsum adds in order, as std::accumulate)
+    cumulative[-1] = 1.0
+    return min(int(np.searchsorted(cumulative, rng.uniform(), side="left")), len(p) - 1)
+
+
+ADAPTIVE_WIDTH = np.float32(0.3)      # adaptive-p's transform: how far from the target a
+ADAPTIVE_PEAK = np.float32(5.0)       # probability may be and still count as near it,
+ADAPTIVE_SHARPNESS = np.float32(10.0)  # the logit it gets there, and how fast that falls off
+
+
+class _AdaptiveP:
+    """llama.cpp's adaptive-p: draw tokens whose probability is near a target, the target
+    corrected by an exponential moving average of the probabilities drawn so far."""
+
+    def __init__(self, target: np.float32, decay: np.float32):
+        one = np.float32(1.0)
+        self.target, self.decay = target, decay
+        self.weighted_sum = np.float32(target / (one - decay))   # sum(p_i * decay^i)
+        self.total_weight = np.float32(one / (one - decay))      # sum(decay^i)
+        self.pending: tuple[int, np.float32] | None = None       # (token, its original p)
+
+    def draw(self, c: Candidates, rng: MT19937) -> int:
+        c.softmax()
+        if self.target < 0:
+            return int(c.ids[discrete_draw(c.p, rng)])
+        original = c.p.copy()
+        target = np.float32(min(max(self.target, 0.0), 1.0))
+        if self.total_weight == 0:
+            adapted = target
+        else:
+            adapted = np.float32(np.float32(2.0) * target - np.float32(self.weighted_sum / self.total_weight))
+        adapted = np.float32(min(max(adapted, 0.0), 1.0))
+        inv_width = np.float32(1.0) / ADAPTIVE_WIDTH
+        dist = np.abs((c.p - adapted) * inv_width)
+        transformed = ADAPTIVE_PEAK - ADAPTIVE_SHARPNESS * dist * dist / (np.float32(1.0) + dist)
+        c.logits = np.where(np.isneginf(c.logits), c.logits, transformed).astype(np.float32)
+        c.sorted = False
+        c.softmax()
+        i = discrete_draw(c.p, rng)
+        self.pending = (int(c.ids[i]), original[i])
+        return int(c.ids[i])
+
+    def accept(self, token: int) -> None:
+        if self.pending is not None and self.pending[0] == token:
+            self.weighted_sum = np.float32(self.pending[1] + np.float32(self.decay * self.weighted_sum))
+            self.total_weight = np.float32(np.float32(1.0) + np.float32(self.decay * self.total_weight))
+        self.pending = None
+
+
 class Sampler:
     """One request's sampler: its parameters, its RNG, and the tokens seen so far."""
 
@@ -247,7 +376,7 @@ class Sampler:
         if seed in (RANDOM_SEED, -1):
             seed = random.SystemRandom().getrandbits(32)
         self.seed = seed & 0xFFFFFFFF
-        self.rng = MT19937(self.seed)
+        self.rng = MT19937(self.seed)   # the final draw's: dist, mirostat or adaptive-p (one per chain)
         self.xtc_rng = random.Random(self.seed)
         self.n_vocab = n_vocab
         self.history: list[int] = list(history)
@@ -256,6 +385,9 @@ class Sampler:
             if 0 <= tid < n_vocab:
                 self.bias[tid] += np.float32(b)
         self.last_candidates: Candidates | None = None
+        self.mu = np.float32(2.0) * np.float32(params.mirostat_tau)   # mirostat's running surprise bound
+        decay = np.float32(min(max(params.adaptive_decay, 0.0), 0.99))
+        self.adaptive = _AdaptiveP(np.float32(params.adaptive_target), decay)
         self.grammar = None
         if params.grammar is not None:
             from .grammar import GrammarState, ReasoningGate
@@ -268,6 +400,7 @@ class Sampler:
 
     def accept(self, token: int) -> None:
         self.history.append(int(token))
+        self.adaptive.accept(int(token))
         if self.grammar is not None:
             self.grammar.accept(int(token))
 
@@ -302,13 +435,15 @@ class Sampler:
         sampler before it is a no-op with these parameters. (Penalties change the order; top_n_sigma
         looks at the mean and spread of every logit, which masking changes.)"""
         prm = self.params
-        if prm.top_k <= 0 or "top_k" not in prm.samplers:
+        if prm.top_k <= 0 or "top_k" not in prm.samplers or prm.mirostat:
             return False
         for name in prm.samplers[:prm.samplers.index("top_k")]:
             if name == "penalties" and (prm.repeat_penalty != 1.0 or prm.frequency_penalty != 0.0
                                         or prm.presence_penalty != 0.0):
                 return False
             if name == "top_n_sigma" and prm.top_n_sigma > 0:
+                return False
+            if name == "dry" and _dry_active(prm):
                 return False
             if name not in ("penalties", "dry", "top_n_sigma"):   # dry: a no-op at multiplier 0
                 return False
@@ -317,9 +452,16 @@ class Sampler:
     def _sample(self, biased: np.ndarray) -> int:
         prm = self.params
         c = Candidates(np.arange(self.n_vocab, dtype=np.int32), biased)
+        if prm.mirostat:   # common_sampler: logit bias, temperature, mirostat; nothing else
+            _plain_temperature(c, prm.temperature)
+            token = self._mirostat(c) if prm.mirostat == 1 else self._mirostat_v2(c)
+            self.last_candidates = c
+            return token
         for name in prm.samplers:
             if name == "penalties":
                 _penalties(c, prm, self.history)
+            elif name == "dry":
+                self._dry(c)
             elif name == "top_n_sigma":
                 _top_n_sigma(c, prm.top_n_sigma)
             elif name == "top_k":
@@ -334,11 +476,51 @@ class Sampler:
                 _xtc(c, prm, self.xtc_rng)
             elif name == "temperature":
                 _temperature(c, prm)
-            # "dry" (DRY repetition penalty) is not implemented: it is a no-op at its
-            # default multiplier of 0, the only value numllama accepts (see webapp params)
-        token = self._dist(c)
+            # "adaptive_p" is not a step: named anywhere, it replaces the final draw
+        # ("infill" is refused before a request gets here: webapp/params.py)
+        if "adaptive_p" in prm.samplers:
+            token = self.adaptive.draw(c, self.rng)
+        else:
+            token = self._dist(c)
         self.last_candidates = c
         return token
+
+    def _dry(self, c: Candidates) -> None:
+        prm = self.params
+        penalties = dry_penalties(self.history, prm.dry_multiplier, prm.dry_base, prm.dry_allowed_length,
+                                  prm.dry_penalty_last_n, prm.dry_breaker_tokens or {})
+        if not penalties:
+            return
+        where = np.nonzero(np.isin(c.ids, np.fromiter(penalties, np.int32)))[0]
+        for i in where:
+            c.logits[i] = c.logits[i] - penalties[int(c.ids[i])]
+        c.sorted = False
+
+    def _mirostat(self, c: Candidates) -> int:
+        """llama_sampler_mirostat_apply: estimate the exponent s of the distribution's Zipf law
+        from the top MIROSTAT_M tokens, keep the k tokens whose expected surprise is mu, draw, and
+        move mu toward tau by the surprise observed."""
+        c.sort()
+        c.softmax()
+        k = _mirostat_k(c.p, MIROSTAT_M, self.mu, np.float32(self.n_vocab))
+        c.keep(min(max(_c_int(k), 1), len(c.ids)))
+        c.softmax()
+        return self._mirostat_draw(c)
+
+    def _mirostat_v2(self, c: Candidates) -> int:
+        """llama_sampler_mirostat_v2_apply: keep the tokens whose surprise (-log2 p) is at most mu."""
+        c.sort()
+        c.softmax()
+        c.keep(max(_n_within_surprise(c.p, self.mu), 1))
+        c.softmax()
+        return self._mirostat_draw(c)
+
+    def _mirostat_draw(self, c: Candidates) -> int:
+        prm = self.params
+        i = discrete_draw(c.p, self.rng)
+        error = _surprise(c.p[i]) - np.float32(prm.mirostat_tau)
+        self.mu = np.float32(self.mu - np.float32(np.float32(prm.mirostat_eta) * error))
+        return int(c.ids[i])
 
     def _dist(self, c: Candidates) -> int:
         """llama_sampler_dist_apply: p_i = exp(l_i - max) in f32, a double running sum, and the

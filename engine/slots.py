@@ -372,7 +372,7 @@ class Scheduler:
                  cache_idle_slots: bool = True, kv_unified: bool = False, max_waiting: int | None = None,
                  slot_prompt_similarity: float = 0.1, n_ubatch: int = 512, n_threads: int = 1,
                  metrics: "SchedulerMetrics | None" = None, pooling: str = "none", drafter=None,
-                 loras: tuple = ()):
+                 loras: tuple = (), special: bool = False):
         """max_waiting: tasks that may wait for a slot (None: no limit); submit refuses more.
         cache_ram_mib: budget of the host-RAM prompt cache (0: none, < 0: unlimited).
         cache_idle_slots: also keep idle slots' states there when a task starts (and, with a
@@ -382,7 +382,8 @@ class Scheduler:
         metrics: the counters to go on from (a scheduler that replaces a closed one).
         pooling: how embedding and rerank tasks pool their hidden states (engine.pooling).
         drafter: a speculative.Drafter whose guesses the generating slots verify (None: none).
-        loras: the lora.LoraAdapters loaded, which tasks apply by index (Task.lora)."""
+        loras: the lora.LoraAdapters loaded, which tasks apply by index (Task.lora).
+        special: control tokens are written into the output as their text (llama-server's -sp)."""
         self.similarity = np.float32(slot_prompt_similarity)
         self.engine = engine
         self.context_shift = context_shift
@@ -415,6 +416,7 @@ class Scheduler:
         self._steps = 0                                   # batches run, and when each batch key
         self._last_served: dict[tuple, int] = {}          # was last served (_next_key)
         self.loras = tuple(loras)
+        self.special = special
         self.n_predict_default = n_predict_default
         self.slots = [Slot(i, n_ctx_slot) for i in range(n_slots)]
         self.cache = engine.model.new_cache(n_slots, n_ctx_slot)
@@ -872,10 +874,15 @@ class Scheduler:
         else:
             self._finish(s, stop_type, stopping_word, truncated or s.truncated)
 
+    def token_text(self, task: Task, token: int) -> bytes:
+        """What a generated token adds to the output: control tokens add nothing, unless the
+        server shows them (-sp) or the request preserves them (llama-server's accept_special_token)."""
+        return self.engine.tokenizer.token_bytes(token, self.special or token in task.params.preserved_tokens)
+
     def _append_text(self, s: Slot, token: int) -> None:
         """Add a token's bytes to the text, holding back a character's first bytes until the
         rest of it has come."""
-        s.pending_bytes += self.engine.tokenizer.token_bytes(token, special=False)
+        s.pending_bytes += self.token_text(s.task, token)
         n = utf8_complete_prefix(s.pending_bytes)
         s.unsent_bytes += s.pending_bytes[:n]
         s.text += s.pending_bytes[:n].decode("utf-8", "replace")
@@ -915,7 +922,7 @@ class Scheduler:
 
     def _finish(self, s: Slot, stop_type: str, stopping_word: str, truncated: bool) -> None:
         """Count the request in the metrics, send its FinalEvent and free the slot."""
-        task, tok = s.task, self.engine.tokenizer
+        task = s.task
         now = time.perf_counter()
         # the whole text, with the first bytes of a character that never came (llama-server's
         # generated_text, whose JSON turns them into U+FFFD); a stream never sends these
@@ -926,7 +933,7 @@ class Scheduler:
             for p, t in zip(s.probs, s.generated):
                 if len(acc.decode("utf-8", "ignore")) >= len(content):
                     break
-                acc += tok.token_bytes(t, special=False)
+                acc += self.token_text(task, t)
                 kept.append(p)
             probs_out = kept
         probs_out = [p for p in probs_out if p is not None]

@@ -83,6 +83,15 @@ PRE_TOKENIZERS = {
 # pre-tokenizers whose words that are whole tokens are taken as they are, not merged (llama.cpp's
 # ignore_merges)
 IGNORE_MERGES = frozenset({"llama3", "llama-v3", "llama-bpe"})
+# byte-level BPE pre-tokenizers whose detokenized text keeps its spaces (llama-vocab.cpp sets
+# clean_spaces = false for these)
+NO_CLEAN_SPACES = frozenset({
+    "deepseek-llm", "deepseek-coder", "deepseek-v3", "spark2_5", "youtu", "sarvam-moe",
+    "command-r", "qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "qwen35", "poro-chat", "viking",
+    "tekken", "smollm", "chameleon", "gpt-4o", "llama4", "kanana2", "talkie",
+    "granite-embed-multi-97m", "tiny_aya", "cohere2moe", "superbpe", "trillion", "granite-docling",
+    "bailingmoe", "bailingmoe2", "llada-moe", "seed-coder", "hunyuan", "hunyuan-dense", "hy_v4",
+    "joyai-llm", "kimi-k2", "ufakzeka", "grok-2", "afmoe", "laguna", "minimax-m2"})
 
 
 @lru_cache(maxsize=1)
@@ -183,7 +192,11 @@ class Tokenizer:
             self._pre_regexes = [regex.compile(r) for r in PRE_TOKENIZERS[pre]]
             self._ignore_merges = pre in IGNORE_MERGES
         self._pieces = [self._piece_bytes(i) for i in range(self.n_vocab)]
+        # byte-level BPE files clean up spaces when detokenizing ("a ," -> "a,"), but for the
+        # pre-tokenizers llama.cpp exempts (llama_vocab::impl::load: clean_spaces)
+        self.clean_spaces = vocab.model in ("gpt2", "gemma4") and (vocab.pre or "default") not in NO_CLEAN_SPACES
         self.max_piece_bytes = max(1, max(len(p) for p in self._pieces))
+        self._words: list[bytes] | None = None
 
     def min_tokens(self, text: str) -> int:
         """A lower bound on len(encode(text)), known without tokenizing: the pieces of the tokens
@@ -374,6 +387,23 @@ class Tokenizer:
         """Concatenate the pieces; invalid UTF-8 (half a character) is replaced."""
         return b"".join(self.token_bytes(int(t), special) for t in ids).decode("utf-8", "replace")
 
+    def detokenize(self, ids, special: bool = True) -> bytes:
+        """llama_vocab::detokenize(tokens, special): the pieces, the first without the space SPM
+        put in front of the text, then the clean-up of spaces before punctuation and
+        contractions that the file asks for (clean_spaces). Bytes, as llama.cpp returns them.
+        (The server's /detokenize joins the pieces alone, as llama-server's does.)"""
+        text = b"".join(self.token_bytes(int(t), special) for t in ids)
+        if self.spm and self.vocab.add_space_prefix and ids and self.token_bytes(int(ids[0]), special)[:1] == b" ":
+            text = text[1:]
+        return _clean_spaces(text) if self.clean_spaces else text
+
+    def single_token_words(self) -> list[bytes]:
+        """Every token detokenized alone (DRY looks for its sequence breakers in them); computed
+        once."""
+        if self._words is None:
+            self._words = [self.detokenize([i]) for i in range(self.n_vocab)]
+        return self._words
+
     def token_text(self, tid: int) -> str | None:
         """What a token spells as text, for grammars: control tokens spell their own text, as
         llama.cpp's grammar sees them (end-of-generation tokens are judged apart); None for
@@ -392,6 +422,36 @@ _WHITESPACE = frozenset([*range(0x09, 0x0E), *range(0x2000, 0x200B), 0x20, 0x85,
                          0x202F, 0x205F, 0x3000])
 _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
                (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _clean_spaces(text: bytes) -> bytes:
+    """The three passes of llama_vocab::impl::detokenize's clean_spaces: drop the space before
+    "?!.,", around a lone apostrophe, and before "'s", "'m", "'re", "'ve"."""
+    out = bytearray(text[:1])
+    for i in range(1, len(text)):   # " ?", " !", " .", " ,"
+        if text[i - 1] == 0x20 and text[i] in b"?!.,":
+            out.pop()
+        out.append(text[i])
+    text, out = bytes(out), bytearray(out[:1])
+    i = 1
+    while i < len(text):   # " ' " -> "'"
+        x = text[i]
+        if x == 0x27 and i + 1 < len(text) and text[i - 1] == 0x20 and text[i + 1] == 0x20:
+            out.pop()
+            out.append(x)
+            i += 2   # (llama.cpp writes a NUL over the next space and skips it)
+            continue
+        out.append(x)
+        i += 1
+    text, out = bytes(out), bytearray(out[:1])
+    for i in range(1, len(text)):   # " 's", " 'm", " 're", " 've"
+        if text[i - 1] == 0x20 and text[i] == 0x27 and i + 1 < len(text):
+            x1 = text[i + 1]
+            x2 = text[i + 2] if i + 2 < len(text) else None
+            if x1 in b"sm" or (x2 is not None and (x1, x2) in ((0x72, 0x65), (0x76, 0x65))):
+                out.pop()
+        out.append(text[i])
+    return bytes(out)
 
 
 def wpm_words(text: str, lowercase: bool, strip_accents: bool) -> list[str]:

@@ -102,3 +102,16 @@ def test_end_of_generation_tokens_as_llama_cpp_finds_them(name, eog):
     tok = Tokenizer(vocab)
     assert {vocab.tokens[i] for i in tok.eog_ids} == eog
     assert all(vocab.token_types[i] == 3 for i in tok.eog_ids)
+
+
+def test_detokenize_as_llama_vocab_detokenize(stories_path):
+    """llama_vocab::detokenize: SPM drops the space it put before the text; byte-level BPE files
+    clean up spaces (llama.cpp's three passes) unless their pre-tokenizer is exempt."""
+    from numllama.engine.gguf_file import load_gguf
+    from numllama.engine.tokenizer import Tokenizer, _clean_spaces
+    tok = Tokenizer(load_gguf(stories_path).vocab)
+    ids = tok.encode("Once upon a time", add_special=False)
+    assert tok.decode(ids).startswith(" ") and tok.detokenize(ids) == b"Once upon a time"
+    assert not tok.clean_spaces
+    assert _clean_spaces(b"Hi , you ! It ' s what 's he 'll 're 've 'd n't .") == \
+        b"Hi, you! It's what's he 'll're've 'd n't."

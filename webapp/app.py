@@ -43,6 +43,7 @@ class ServerContext:
     reasoning_format_default: str = "deepseek"   # --reasoning-format: split reasoning out, or "none"
     template_kwargs: dict = field(default_factory=dict)   # --chat-template-kwargs, --reasoning: every render's
     verbose: bool = False
+    special: bool = False          # -sp: control tokens are written as their text (output, probabilities)
     cors_origins: str = "*"        # "*", "localhost", or a comma-separated list of origins
     cors_methods: str = "GET, POST, DELETE, OPTIONS"   # what a preflight is told
     cors_headers: str = "*"

@@ -204,6 +204,20 @@ class AnswerReader:
 REASONING_FORMATS = ("none", "auto", "deepseek")
 
 
+def preserved_texts(reasoning, tool_format) -> list[str]:
+    """The template's markers that a chat answer keeps even where they are control tokens
+    (llama.cpp's autoparser::collect_preserved_tokens): reasoning tags and tool-call markers."""
+    marks = [reasoning.start_tag, reasoning.end_tag] if reasoning is not None else []
+    if tool_format is not None:
+        marks += [tool_format.section_start, tool_format.section_end, tool_format.per_call_start,
+                  tool_format.per_call_end]
+    out = []
+    for m in (m.strip() for m in marks):
+        if m and m not in out:
+            out.append(m)
+    return out
+
+
 def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> AnswerReader | None:
     """tools + tool_choice -> the grammar llama-server would use (set in `out`), and how the
     answer is read; None when it is plain content (a template without a reasoning block, and no
@@ -325,6 +339,8 @@ def _completion_body(body: dict, chat: RenderedChat) -> dict:
     out["prompt"] = chat.prompt
     extract = _reasoning_extract(body)
     _chat_response_format(out, chat, extract)
+    ctx = current_app.config["NUMLLAMA"]
+    out["preserved_tokens"] = preserved_texts(ctx.reasoning_format, ctx.tool_format)
     out["_reader"] = _answer_reader(body, out, chat, extract) if "_response_format" not in out else None
     if body.get("logprobs"):
         out["n_probs"] = get_number(body, "top_logprobs", 20, int) if body.get("top_logprobs") is not None else 20

@@ -132,7 +132,7 @@ class Completion:
         key, top_key = ("prob", "top_probs") if self.post_sampling else ("logprob", "top_logprobs")
 
         def item(tid, value, raw=None):
-            raw = tok.token_bytes(tid) if raw is None else raw
+            raw = tok.token_bytes(tid, self.ctx.special) if raw is None else raw
             # llama-server cuts a character's first bytes off the end (validate_utf8), and its
             # JSON turns other invalid UTF-8 (a byte token on its own) into U+FFFD
             text = raw[:utf8_complete_prefix(raw)].decode("utf-8", "replace")

@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from ..engine.dry import breaker_sequences
 from ..engine.sampling import RANDOM_SEED, SamplingParams, parse_samplers
 
 from .errors import APIError
@@ -18,10 +19,12 @@ FLOAT_FIELD_MAX = 1e6
 N_PROBS_MAX = 100   # top tokens reported per generated token (a larger n_probs is capped, see /props)
 MAX_TOKEN_ID_DIGITS = 10   # a logit_bias key with more digits is no token id of any vocabulary
 MAX_BIAS_TEXT_CHARS = 1000  # a logit_bias text key is a word or a phrase, tokenized per request
+MAX_PRESERVED_TOKENS = 256   # texts tokenized per request; a chat template has a handful
+MAX_DRY_BREAKERS = 32   # each one is looked for in the whole vocabulary, per request
 # fields whose value must lie within bounds (a 400 otherwise), as llama-server
 HARD_LIMITS = {"n_predict": (-1, INT_MAX), "n_keep": (-1, INT_MAX), "n_indent": (0, INT_MAX),
                "n_discard": (0, INT_MAX), "repeat_last_n": (-1, INT_MAX),
-               "dry_allowed_length": (0, INT_MAX), "dry_penalty_last_n": (-1, INT_MAX),
+               "dry_allowed_length": (0, INT_MAX), "dry_penalty_last_n": (0, INT_MAX),
                "min_keep": (0, INT_MAX), "t_max_predict_ms": (-1, INT_MAX),
                "n_probs": (0, INT_MAX), "id_slot": (-1, INT_MAX), "adaptive_decay": (0.0, 0.99)}
 INT_FIELDS = ("n_predict", "top_k", "n_probs", "seed", "repeat_last_n", "min_keep", "n_keep",
@@ -189,11 +192,10 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         if not isinstance(s, (list, str)):
             raise APIError("Field 'samplers': must be an array of names or a string")
         samplers = parse_samplers(s)
-    if num("dry_multiplier", 0.0) != 0.0:
-        raise APIError("DRY sampling (dry_multiplier) is not supported by numllama yet")
-    if num("mirostat", 0, int) != 0:
-        raise APIError("mirostat sampling is not supported by numllama yet")
+    if "infill" in samplers:
+        raise APIError("the infill sampler is not supported by numllama yet")
     grammar = parse_grammar(body)
+    dry = parse_dry(body, d, samplers, num("mirostat", d.mirostat, int), tokenizer)
     bias = parse_logit_bias(body.get("logit_bias"), tokenizer)
     if ignore_eos:
         bias += [(t, -math.inf) for t in sorted(tokenizer.eog_ids)]
@@ -213,14 +215,70 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         presence_penalty=num("presence_penalty", d.presence_penalty),
         frequency_penalty=num("frequency_penalty", d.frequency_penalty),
         min_keep=num("min_keep", 0, int),
+        **dry,
+        mirostat=min(2, max(0, num("mirostat", d.mirostat, int))),
+        mirostat_tau=num("mirostat_tau", d.mirostat_tau),
+        mirostat_eta=num("mirostat_eta", d.mirostat_eta),
+        adaptive_target=min(1.0, num("adaptive_target", d.adaptive_target)),
+        adaptive_decay=num("adaptive_decay", d.adaptive_decay),
         seed=seed,
         logit_bias=tuple(bias),
         samplers=samplers,
         grammar=grammar,
         grammar_triggers=parse_grammar_triggers(body) if grammar is not None else (),
+        preserved_tokens=parse_preserved_tokens(body, tokenizer),
         grammar_prefill=grammar_prefill,
         reasoning_tags=reasoning_tags,
     )
+
+
+def parse_preserved_tokens(body: dict, tokenizer) -> frozenset:
+    """`preserved_tokens`: texts of control tokens to keep in the output (llama-server: each text
+    that is one token, special tokens parsed)."""
+    texts = body.get("preserved_tokens")
+    if texts is None:
+        return frozenset()
+    if isinstance(texts, str):   # (nlohmann::json iterates a lone value as itself)
+        texts = [texts]
+    elif isinstance(texts, dict):
+        texts = list(texts.values())
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise APIError("Field 'preserved_tokens': must be an array of strings")
+    if len(texts) > MAX_PRESERVED_TOKENS:
+        raise APIError(f"Field 'preserved_tokens': at most {MAX_PRESERVED_TOKENS} texts")
+    out = set()
+    for t in texts:
+        if len(t.encode("utf-8")) > tokenizer.max_piece_bytes:
+            continue   # longer than any token: it cannot be one
+        ids = tokenizer.encode(t, add_special=False, parse_special=True)
+        if len(ids) == 1:
+            out.add(ids[0])
+    return frozenset(out)
+
+
+def parse_dry(body: dict, d: SamplingParams, samplers: tuple, mirostat: int, tokenizer) -> dict:
+    """The DRY fields, and the breakers found in the vocabulary when DRY will run."""
+    out = {"dry_multiplier": get_number(body, "dry_multiplier", d.dry_multiplier),
+           "dry_base": get_number(body, "dry_base", d.dry_base),
+           "dry_allowed_length": get_number(body, "dry_allowed_length", d.dry_allowed_length, int),
+           "dry_penalty_last_n": get_number(body, "dry_penalty_last_n", d.dry_penalty_last_n, int),
+           "dry_sequence_breakers": d.dry_sequence_breakers}
+    if out["dry_base"] < 1.0:   # llama-server: "any values < 1.0 will be replaced with the default"
+        out["dry_base"] = d.dry_base
+    breakers = body.get("dry_sequence_breakers")
+    if breakers is not None:
+        if not isinstance(breakers, list) or not all(isinstance(b, str) for b in breakers):
+            raise APIError("Field 'dry_sequence_breakers': must be an array of strings")
+        if not breakers:
+            raise APIError("Error: dry_sequence_breakers must be a non-empty array of strings")
+        if len(breakers) > MAX_DRY_BREAKERS:
+            raise APIError(f"Field 'dry_sequence_breakers': at most {MAX_DRY_BREAKERS} breakers")
+        out["dry_sequence_breakers"] = tuple(breakers)
+    runs = (out["dry_multiplier"] != 0.0 and out["dry_penalty_last_n"] != 0 and mirostat == 0
+            and "dry" in samplers)
+    if runs:
+        out["dry_breaker_tokens"] = breaker_sequences(tokenizer, out["dry_sequence_breakers"])
+    return out
 
 
 TRIGGER_WORD = 1   # common_grammar_trigger_type: TOKEN, WORD, PATTERN, PATTERN_FULL
@@ -368,13 +426,14 @@ def generation_settings(p: SamplingParams, n_predict: int, stop, stream: bool, n
         "xtc_probability": f32(p.xtc_probability), "xtc_threshold": f32(p.xtc_threshold),
         "typical_p": f32(p.typical_p), "repeat_last_n": p.repeat_last_n,
         "repeat_penalty": f32(p.repeat_penalty), "presence_penalty": f32(p.presence_penalty),
-        "frequency_penalty": f32(p.frequency_penalty), "dry_multiplier": 0.0, "dry_base": 1.75,
-        "dry_allowed_length": 2, "dry_penalty_last_n": 64,
+        "frequency_penalty": f32(p.frequency_penalty), "dry_multiplier": f32(p.dry_multiplier),
+        "dry_base": f32(p.dry_base), "dry_allowed_length": p.dry_allowed_length,
+        "dry_penalty_last_n": p.dry_penalty_last_n,
     }
     if full:
-        d["dry_sequence_breakers"] = ["\n", ":", "\"", "*"]
-    d.update({"mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": f32(0.1),
-              "adaptive_target": -1.0, "adaptive_decay": f32(0.9)})
+        d["dry_sequence_breakers"] = list(p.dry_sequence_breakers)
+    d.update({"mirostat": p.mirostat, "mirostat_tau": f32(p.mirostat_tau), "mirostat_eta": f32(p.mirostat_eta),
+              "adaptive_target": f32(p.adaptive_target), "adaptive_decay": f32(p.adaptive_decay)})
     if full:
         d["stop"] = list(stop)
     d.update({"max_tokens": n_predict, "n_predict": n_predict, "n_keep": 0, "n_discard": 0,
@@ -386,7 +445,7 @@ def generation_settings(p: SamplingParams, n_predict: int, stop, stream: bool, n
         d.update({"grammar": p.grammar.text if p.grammar is not None else "",
                   "grammar_lazy": bool(p.grammar_triggers),
                   "grammar_triggers": [{"type": TRIGGER_WORD, "value": w} for w in p.grammar_triggers],
-                  "preserved_tokens": []})
+                  "preserved_tokens": sorted(p.preserved_tokens)})
     d.update({"chat_format": "Content-only", "reasoning_format": "deepseek",
               "reasoning_in_content": False, "generation_prompt": "",
               "samplers": list(p.samplers), "speculative.types": speculative,

@@ -59,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--frequency-penalty", type=float, default=sd.frequency_penalty)
     a("--dynatemp-range", type=float, default=sd.dynatemp_range)
     a("--dynatemp-exp", dest="dynatemp_exponent", type=float, default=sd.dynatemp_exponent)
+    a("--dry-multiplier", type=float, default=sd.dry_multiplier)
+    a("--dry-base", type=float, default=sd.dry_base, help="(a value below 1 keeps the default, as in llama-server)")
+    a("--dry-allowed-length", type=int, default=sd.dry_allowed_length)
+    a("--dry-penalty-last-n", type=int, default=sd.dry_penalty_last_n)
+    a("--dry-sequence-breaker", dest="dry_sequence_breaker", action="append", default=[],
+      help="a DRY sequence breaker; the first one given replaces the defaults, 'none' clears them")
+    a("--mirostat", type=int, default=sd.mirostat, choices=(0, 1, 2))
+    a("--mirostat-lr", dest="mirostat_eta", type=float, default=sd.mirostat_eta)
+    a("--mirostat-ent", dest="mirostat_tau", type=float, default=sd.mirostat_tau)
+    a("--adaptive-target", type=float, default=sd.adaptive_target)
+    a("--adaptive-decay", type=float, default=sd.adaptive_decay)
+    a("-sp", "--special", action="store_true", help="write control tokens into the output as their text")
     a("--samplers", help="the sampler chain, names separated by ';' (as llama-server takes it)")
     a("--slots", dest="slots", action="store_true", default=True)
     a("--no-slots", dest="slots", action="store_false")
@@ -312,6 +324,7 @@ def main(argv=None) -> int:
         ap.error(str(e))
     try:
         args.template_kwargs = template_kwargs(args)
+        sampling_defaults(args, 0)   # (only to refuse a bad sampling option before loading)
     except ValueError as e:
         ap.error(str(e))
     try:
@@ -407,17 +420,28 @@ def main(argv=None) -> int:
 
 SAMPLING_FLAGS = ("top_k", "top_p", "min_p", "typical_p", "top_n_sigma", "xtc_probability", "xtc_threshold",
                   "repeat_last_n", "repeat_penalty", "presence_penalty", "frequency_penalty", "dynatemp_range",
-                  "dynatemp_exponent")
+                  "dynatemp_exponent", "dry_multiplier", "dry_allowed_length", "dry_penalty_last_n",
+                  "mirostat", "mirostat_tau", "mirostat_eta", "adaptive_target", "adaptive_decay")
 
 
 def sampling_defaults(args, seed: int):
-    """What a request gets for the sampling fields it leaves out."""
-    from ..engine.sampling import DEFAULT_SAMPLERS, SamplingParams, parse_samplers
+    """What a request gets for the sampling fields it leaves out (common/arg.cpp's readings)."""
+    from ..engine.sampling import DEFAULT_DRY_BREAKERS, DEFAULT_SAMPLERS, SamplingParams, parse_samplers
     samplers = DEFAULT_SAMPLERS
     if args.samplers:
         samplers = parse_samplers(args.samplers.split(";"))
+    if "infill" in samplers:
+        raise ValueError("the infill sampler is not implemented in numllama yet")
+    if args.dry_penalty_last_n < 0:
+        raise ValueError(f"invalid dry-penalty-last-n = {args.dry_penalty_last_n}")
+    breakers = DEFAULT_DRY_BREAKERS
+    if args.dry_sequence_breaker:   # the first one replaces the defaults; "none" empties the list
+        breakers = ()
+        for b in args.dry_sequence_breaker:
+            breakers = () if b == "none" else breakers + (b,)
     return SamplingParams(temperature=args.temp, seed=seed, samplers=samplers,
-                          **{k: getattr(args, k) for k in SAMPLING_FLAGS})
+                          dry_base=args.dry_base if args.dry_base >= 1.0 else SamplingParams.dry_base,
+                          dry_sequence_breakers=breakers, **{k: getattr(args, k) for k in SAMPLING_FLAGS})
 
 
 def lora_files(args) -> list[tuple[str, float]]:
@@ -495,6 +519,7 @@ def build_context(args, path: str, metrics=None):
                           cache_ram_mib=0 if loras else args.cache_ram, cache_idle_slots=args.cache_idle_slots,
                           kv_unified=kv_unified, slot_prompt_similarity=args.slot_prompt_similarity,
                           n_threads=args.threads or physical_cores(), metrics=metrics, pooling=pooling,
+                          special=args.special,
                           drafter=drafter, loras=loras)
     from ..engine.chat_template import ChatTemplate
     template = args.chat_template
@@ -531,7 +556,7 @@ def build_context(args, path: str, metrics=None):
         reasoning_format_default=args.reasoning_format, template_kwargs=args.template_kwargs,
         cors_origins=args.cors_origins, cors_methods=args.cors_methods, cors_headers=args.cors_headers,
         cors_credentials=args.cors_credentials, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
-        ui=not args.no_ui, enable_props=args.props, device=device,
+        ui=not args.no_ui, enable_props=args.props, device=device, special=args.special,
         allowed_hosts=tuple(h for h in hosts if h and h not in ("0.0.0.0", "::")),
         cors_proxy_allow_private=args.cors_proxy_allow_private,
         slot_save_path=os.path.abspath(args.slot_save_path) if args.slot_save_path else None)
