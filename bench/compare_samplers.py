@@ -1,6 +1,7 @@
 """The samplers beyond the default chain, numllama-server against llama-server on one model:
 mirostat (v1 and v2), DRY (with its sequence breakers), adaptive-p, sampler names and letters,
-the same set as server options, and the refusals of bad values. Compares, per request, the
+the same set as server options, preserved tokens, lazy grammars' triggers, and the refusals of
+bad values. Compares, per request, the
 status, the text, the token ids, the probabilities asked for (before or after the chain) and
 what `generation_settings` echoes of these samplers.
 
@@ -22,7 +23,7 @@ REPEATING = "The cat sat on the mat. The dog sat on the log. The cat sat on the 
 PROMPTS = ["Once upon a time", REPEATING]
 # a ChatML turn: SmolLM2 answers it and ends with <|im_end|>, a control token
 CHAT = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
-ECHOED = ("preserved_tokens", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers",
+ECHOED = ("grammar_lazy", "grammar_triggers", "preserved_tokens", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers",
           "mirostat", "mirostat_tau", "mirostat_eta", "adaptive_target", "adaptive_decay", "samplers")
 
 
@@ -78,8 +79,32 @@ def request_bodies() -> list[dict]:
     return out
 
 
+def lazy_grammar_bodies() -> list[dict]:
+    """Lazy grammars: free text until a trigger (a word, a token, a pattern, a whole-output
+    pattern), then the grammar, read from the trigger (or its first capturing group) on."""
+    def lazy(grammar: str, *triggers, **extra) -> dict:
+        return {"grammar": grammar, "grammar_lazy": True, "grammar_triggers": list(triggers), **extra}
+    caps = 'root ::= [^A-Z]* [A-Z] [A-Z ]{2,12} "!"'
+    out = []
+    for sampling in ({"temperature": 0}, {"seed": 42}):
+        out += [lazy('root ::= "little" [a-z ]{1,16} "!"', {"type": 1, "value": "little girl"}, **sampling),
+                lazy(caps, {"type": 2, "value": "(?:girl|box|cat) (\\w+)"}, **sampling),
+                lazy('root ::= "there" [a-z ]{1,20} "!"', {"type": 3, "value": ".*(there)"}, **sampling),
+                lazy(caps, {"type": 2, "value": "gi(rl)$"}, **sampling),
+                lazy(caps, {"type": 2, "value": "[.]|(,)"}, **sampling),
+                lazy(caps, {"type": 2, "value": ".{3}(was)"}, {"type": 1, "value": "little girl"}, **sampling),
+                lazy(caps, {"type": 0, "value": "\n", "token": 13}, **sampling),
+                lazy(caps, {"type": 1, "value": "was"}, preserved_tokens=["was", " the"], **sampling),
+                lazy(caps, {"type": 3, "value": ""}, **sampling)]
+    out += [lazy(caps, {"type": 2, "value": "(["}), lazy(caps, {"type": 0, "value": "x"}),
+            lazy(caps, {"type": 1, "value": "the"}), lazy(caps), lazy(caps, "the"),
+            {"grammar": "%llguidance {}\nstart: \"a\""}]
+    return out
+
+
 CONFIGS = {   # server options -> the requests run there
     "defaults": ([], request_bodies()),
+    "lazy grammars": ([], lazy_grammar_bodies()),
     "server options": (["--mirostat", "2", "--mirostat-ent", "4", "--mirostat-lr", "0.2"],
                        [{"seed": 1}, {"seed": 2, "mirostat": 0}]),
     "server DRY": (["--dry-multiplier", "0.9", "--dry-allowed-length", "3", "--dry-sequence-breaker", ".",

@@ -376,14 +376,16 @@ class Grammar:
 class GrammarState:
     """One request's progress through a grammar, and which tokens may come next.
 
-    A lazy grammar (triggers: words) constrains nothing until one of its words appears in the
-    output; it then starts from the word, fed the text of the tokens from the word on
-    (llama_grammar_accept_impl: the token holding the word's start is fed from there)."""
+    A lazy grammar (triggers: engine.grammar_triggers) constrains nothing until a trigger fires;
+    it then reads the output from the trigger on (llama_grammar_accept_impl: the token where a
+    matched text starts is read from there)."""
 
     def __init__(self, grammar: Grammar, token_text, eog_ids, triggers=(), token_piece=None, prefill: str = "",
                  gate: "ReasoningGate | None" = None):
-        """prefill: text the grammar reads first (llama-server feeds its tool-call grammars the
-        generation prompt). gate: a lazy grammar sees no token inside a reasoning block."""
+        """triggers: Trigger objects (a plain string is a WORD trigger). prefill: text the grammar
+        reads first (llama-server feeds its tool-call grammars the generation prompt). gate: a
+        lazy grammar sees no token inside a reasoning block."""
+        from .grammar_triggers import TRIGGER_WORD, Trigger, TriggerWatch
         self.grammar = grammar
         self.stacks = grammar.start
         if prefill:
@@ -393,11 +395,9 @@ class GrammarState:
         self.gate = gate
         self.token_text = token_text     # id -> str, or None for bytes that are not whole characters
         self.eog_ids = eog_ids
-        self.triggers = tuple(t.encode("utf-8") for t in triggers)
-        self.token_piece = token_piece   # id -> bytes (the text the trigger words are looked for in)
+        self.token_piece = token_piece   # id -> bytes (the text the triggers are looked for in)
         self.awaiting = bool(triggers)
-        self.buffer = b""
-        self.spans: list[tuple[int, int]] = []   # each buffered token's [start, end) in buffer
+        self.watch = TriggerWatch([Trigger(TRIGGER_WORD, t) if isinstance(t, str) else t for t in triggers])
 
     def allows(self, token: int) -> bool:
         if self.awaiting or (self.gate is not None and self.gate.inside):
@@ -425,24 +425,14 @@ class GrammarState:
 
     def _accept(self, token: int) -> None:
         if self.awaiting:
-            self._await(token)
+            fired = self.watch.fire(token, self.token_piece(token))
+            if fired is not None:
+                self.awaiting = False
+                for _, text in fired:
+                    # a match starting inside a multi-byte character cannot be; ignore stray bytes
+                    self.stacks = self.grammar.advance(self.stacks, text.decode("utf-8", "ignore"))
         elif token not in self.eog_ids:
             self.stacks = self.grammar.advance(self.stacks, self.token_text(token))
-
-    def _await(self, token: int) -> None:
-        piece = self.token_piece(token)
-        self.spans.append((len(self.buffer), len(self.buffer) + len(piece)))
-        self.buffer += piece
-        starts = [i for i in (self.buffer.find(t) for t in self.triggers) if i >= 0]
-        if not starts:
-            return
-        start = starts[0]   # llama.cpp tries the triggers in order and takes the first found
-        self.awaiting = False
-        for a, b in self.spans:
-            if b > start:
-                # a word starting inside a multi-byte character cannot be; ignore stray bytes
-                self.stacks = self.grammar.advance(self.stacks, self.buffer[max(a, start):b].decode("utf-8", "ignore"))
-        self.buffer, self.spans = b"", []
 
 
 class ReasoningGate:

@@ -71,3 +71,29 @@ def test_json_output_is_valid_json(server):
 def test_bad_grammars_are_400(server, body):
     r = server.post("/completion", {"prompt": "x", "n_predict": 2, **body})
     assert r.status_code == 400 and "error" in r.json()
+
+
+def test_trigger_patterns_mean_what_std_regex_means():
+    """llama.cpp searches triggers with std::regex (ECMAScript) over the output's bytes: '.' stops
+    at '\\r' too, '$' is only the end, "[^]" is any character; the grammar starts at the first
+    capturing group that matched text."""
+    from numllama.engine.grammar_triggers import (TRIGGER_PATTERN, TRIGGER_PATTERN_FULL, TRIGGER_TOKEN,
+                                                  TRIGGER_WORD, Trigger, TriggerWatch, ecmascript_regex)
+    assert ecmascript_regex(r"a.b$[.$]\.[^]") == r"a[^\n\r]b\Z[.$]\.[\s\S]"
+
+    def fire(trigger, pieces):
+        w = TriggerWatch([trigger])
+        for i, p in enumerate(pieces):
+            got = w.fire(i, p)
+            if got is not None:
+                return i, got
+        return None
+    assert fire(Trigger(TRIGGER_PATTERN, "a.b"), [b"a\r", b"b a", b"xb"]) == (2, [(1, b"a"), (2, b"xb")])
+    assert fire(Trigger(TRIGGER_PATTERN, "end$"), [b"end\n"]) is None            # Python's $ would match
+    assert fire(Trigger(TRIGGER_PATTERN, "(?:to) (\\w+)"), [b"go to", b" bed"]) == (1, [(1, b"bed")])
+    assert fire(Trigger(TRIGGER_PATTERN_FULL, "x.*"), [b"ax", b"x"]) is None    # the whole output must match
+    assert fire(Trigger(TRIGGER_PATTERN_FULL, "a.*"), [b"ab", b"c"]) == (0, [(0, b"ab")])
+    assert fire(Trigger(TRIGGER_WORD, "a.c"), [b"abc", b"a.c"]) == (1, [(1, b"a.c")])   # a word is literal
+    assert fire(Trigger(TRIGGER_TOKEN, "<t>", 7), [b"<t>"]) is None                     # its id, not its text
+    w = TriggerWatch([Trigger(TRIGGER_TOKEN, "<t>", 7)])
+    assert w.fire(7, b"<t>") == [(7, b"<t>")]

@@ -292,25 +292,39 @@ def test_unported_tool_format_is_a_clear_400(stories_path, tmp_path):
 
 
 def test_lazy_grammar_on_completion(server):
-    """/completion takes llama-server's grammar_lazy + word triggers: free text until the word,
+    """/completion takes llama-server's grammar_lazy + triggers: free text until the trigger,
     then the grammar; bad trigger settings are 400s; the chat route's own prefill field is not
-    a request field."""
-    lazy = {"prompt": "Once upon a time", "n_predict": 40, "temperature": 0, "grammar": 'root ::= "the" [a-z ]{3,5} "."',
-            "grammar_lazy": True, "grammar_triggers": [{"type": 1, "value": "the"}]}
+    a request field. (bench/compare_samplers.py compares every trigger type with llama-server.)"""
+    lazy = {"prompt": "Once upon a time", "n_predict": 40, "temperature": 0,
+            "grammar": 'root ::= "little girl" [a-z ]{3,5} "."',
+            "grammar_lazy": True, "grammar_triggers": [{"type": 1, "value": "little girl"}]}
     free = server.post("/completion", {k: v for k, v in lazy.items() if not k.startswith("gram")}).json()["content"]
     got = server.post("/completion", lazy).json()
-    i = free.find("the")
+    i = free.find("little girl")
     assert i >= 0 and got["content"].startswith(free[:i]) and got["content"] != free
-    assert got["content"][i:].startswith("the") and got["content"].endswith(".")
+    assert got["content"][i:].startswith("little girl") and got["content"].endswith(".")
     assert got["generation_settings"]["grammar_lazy"] is True
     for bad, text in [({"grammar_lazy": True, "grammar_triggers": []}, "no triggers"),
-                      ({"grammar_triggers": [{"type": 2, "value": "x"}]}, "word triggers only"),
+                      ({"grammar_triggers": [{"type": 7, "value": "x"}]}, "each trigger is"),
+                      ({"grammar_triggers": [{"type": 2, "value": "(["}]}, "bad trigger pattern"),
+                      ({"grammar_triggers": [{"type": 1, "value": "the"}]}, "preserved token: the"),
                       ({"grammar_lazy": "yes"}, "grammar_lazy")]:
         r = server.post("/completion", {**lazy, **bad})
         assert r.status_code == 400 and text in r.json()["error"]["message"]
     r = server.post("/completion", {"prompt": "Once", "n_predict": 4, "grammar": 'root ::= "a"', "_grammar_prefill": "z"})
     assert r.status_code == 200 and r.json()["content"] == "a"
     assert server.get("/health").status_code == 200
+
+
+def test_a_backtracking_trigger_pattern_ends_its_request_alone(server):
+    """A trigger pattern is the request's regex, searched at every token: one that backtracks
+    without end fails that request (the search has a time limit), and the server goes on."""
+    evil = {"prompt": "Once upon a time", "n_predict": 30, "temperature": 0, "grammar": 'root ::= "a"',
+            "grammar_lazy": True, "grammar_triggers": [{"type": 2, "value": r"(.*)(.*)(.*)(.*)\1\2\3\4\d"}]}
+    r = server.post("/completion", evil, timeout=60)
+    assert r.status_code >= 400 and "trigger pattern" in r.json()["error"]["message"]
+    ok = server.post("/completion", {"prompt": "Once", "n_predict": 4, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["content"]
 
 
 def test_unknown_reasoning_format_is_400(server):

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 
 from ..engine.dry import breaker_sequences
+from ..engine.grammar_triggers import (TRIGGER_PATTERN, TRIGGER_PATTERN_FULL, TRIGGER_TOKEN, TRIGGER_WORD, Trigger,
+                                       TriggerError, compile_pattern, trigger_pattern)
 from ..engine.sampling import RANDOM_SEED, SamplingParams, parse_samplers
 
 from .errors import APIError
@@ -196,6 +198,7 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         raise APIError("the infill sampler is not supported by numllama yet")
     grammar = parse_grammar(body)
     dry = parse_dry(body, d, samplers, num("mirostat", d.mirostat, int), tokenizer)
+    preserved = parse_preserved_tokens(body, tokenizer)
     bias = parse_logit_bias(body.get("logit_bias"), tokenizer)
     if ignore_eos:
         bias += [(t, -math.inf) for t in sorted(tokenizer.eog_ids)]
@@ -225,8 +228,8 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         logit_bias=tuple(bias),
         samplers=samplers,
         grammar=grammar,
-        grammar_triggers=parse_grammar_triggers(body) if grammar is not None else (),
-        preserved_tokens=parse_preserved_tokens(body, tokenizer),
+        grammar_triggers=parse_grammar_triggers(body, tokenizer, preserved) if grammar is not None else (),
+        preserved_tokens=preserved,
         grammar_prefill=grammar_prefill,
         reasoning_tags=reasoning_tags,
     )
@@ -281,12 +284,16 @@ def parse_dry(body: dict, d: SamplingParams, samplers: tuple, mirostat: int, tok
     return out
 
 
-TRIGGER_WORD = 1   # common_grammar_trigger_type: TOKEN, WORD, PATTERN, PATTERN_FULL
+LLGUIDANCE_PREFIX = "%llguidance"   # a Lark grammar for llguidance, which numllama does not have
+MAX_TRIGGERS = 32            # triggers of one lazy grammar; each is searched at every token
+MAX_TRIGGER_PATTERN_CHARS = 1000
 
 
-def parse_grammar_triggers(body: dict) -> tuple:
-    """`grammar_lazy` with `grammar_triggers` ([{"type": 1, "value": word}]): the grammar waits
-    for one of the words (llama-server's tool-call grammars; also open to /completion)."""
+def parse_grammar_triggers(body: dict, tokenizer, preserved: frozenset) -> tuple:
+    """`grammar_lazy` with `grammar_triggers` ([{"type": 0-3, "value": ..., "token": id}]): the
+    grammar waits for one of them (llama-server's tool-call grammars; also open to /completion).
+    As llama-server reads them: a word that is a single token becomes a TOKEN trigger, and must
+    then be one of `preserved_tokens`."""
     lazy = body.get("grammar_lazy", False)
     if not isinstance(lazy, bool):
         raise APIError("Field 'grammar_lazy': must be a boolean")
@@ -295,13 +302,39 @@ def parse_grammar_triggers(body: dict) -> tuple:
     triggers = body.get("grammar_triggers")
     if not isinstance(triggers, list) or not triggers:
         raise APIError("Error: no triggers set for lazy grammar!")
-    words = []
+    if len(triggers) > MAX_TRIGGERS:
+        raise APIError(f"Field 'grammar_triggers': at most {MAX_TRIGGERS} triggers")
+    out = []
     for t in triggers:
-        if not isinstance(t, dict) or t.get("type") != TRIGGER_WORD or not isinstance(t.get("value"), str) \
-                or not t["value"]:
-            raise APIError('Field \'grammar_triggers\': numllama takes word triggers only: {"type": 1, "value": "..."}')
-        words.append(t["value"])
-    return tuple(words)
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str) or isinstance(t.get("type"), bool) \
+                or t.get("type") not in (TRIGGER_TOKEN, TRIGGER_WORD, TRIGGER_PATTERN, TRIGGER_PATTERN_FULL):
+            raise APIError("Field 'grammar_triggers': each trigger is {\"type\": 0 (token), 1 (word), 2 (pattern) "
+                           "or 3 (full pattern), \"value\": \"...\"} (a token trigger also has \"token\": id)")
+        kind, value = t["type"], t["value"]
+        if len(value) > MAX_TRIGGER_PATTERN_CHARS:
+            raise APIError(f"Field 'grammar_triggers': a trigger holds at most {MAX_TRIGGER_PATTERN_CHARS} characters")
+        if kind == TRIGGER_TOKEN:
+            token = t.get("token")
+            if isinstance(token, bool) or not isinstance(token, int):
+                raise APIError("Field 'grammar_triggers': a token trigger needs \"token\": a token id")
+            out.append(Trigger(kind, value, token))
+        elif kind == TRIGGER_WORD:
+            ids = tokenizer.encode(value, add_special=False, parse_special=True) \
+                if len(value.encode("utf-8")) <= tokenizer.max_piece_bytes else []
+            if len(ids) == 1:
+                if ids[0] not in preserved:
+                    raise APIError(f"Field 'grammar_triggers': Grammar trigger word should be marked as "
+                                   f"preserved token: {value}")
+                out.append(Trigger(TRIGGER_TOKEN, value, ids[0]))
+            else:
+                out.append(Trigger(kind, value))
+        else:
+            try:
+                compile_pattern(trigger_pattern(Trigger(kind, value)))
+            except TriggerError as e:
+                raise APIError(f"Failed to initialize samplers: {e}") from None
+            out.append(Trigger(kind, value))
+    return tuple(out)
 
 
 def response_format_schema(rf):
@@ -346,6 +379,8 @@ def parse_grammar(body: dict):
         elif body.get("response_format") is not None:
             schema = response_format_schema(body["response_format"])
             text = schema_grammar(schema) if schema is not None else None
+        if text and text.startswith(LLGUIDANCE_PREFIX):   # as a llama-server built without LLAMA_LLGUIDANCE
+            raise APIError("Failed to initialize samplers: failed to parse grammar: llguidance is not enabled")
         return Grammar(text) if text else None
     except GrammarError as e:
         raise APIError(str(e))
@@ -444,7 +479,8 @@ def generation_settings(p: SamplingParams, n_predict: int, stop, stream: bool, n
     if full:
         d.update({"grammar": p.grammar.text if p.grammar is not None else "",
                   "grammar_lazy": bool(p.grammar_triggers),
-                  "grammar_triggers": [{"type": TRIGGER_WORD, "value": w} for w in p.grammar_triggers],
+                  "grammar_triggers": [{"type": t.type, "value": t.value, **({"token": t.token} if t.type == TRIGGER_TOKEN
+                                                                              else {})} for t in p.grammar_triggers],
                   "preserved_tokens": sorted(p.preserved_tokens)})
     d.update({"chat_format": "Content-only", "reasoning_format": "deepseek",
               "reasoning_in_content": False, "generation_prompt": "",
