@@ -32,6 +32,36 @@ THINK = {"tools": None, "grammar": 'root ::= "<think>\\n" [a-z ]+ "\\n</think>\\
 PREFILL = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\nLet me"}]
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}
+FORECAST = {"type": "function", "function": {"name": "get_forecast", "description": "Get the forecast", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                     "units": {"type": ["string", "null"]}}, "required": ["city", "days"]}}}
+XML_PREFILL = [{"role": "user", "content": "forecast for Paris, 3 days"},
+               {"role": "assistant", "content": "<tool_call>\n<function=get_forecast>\n<parameter=city>\nParis\n"
+                                                "</parameter>\n<parameter=days>\n3\n</parameter>\n<parameter=units>\n"}]
+XML_CALLS = [   # Qwen3-Coder's XML calls: auto, required, cut short at several points, JSON-typed values
+    ("weather in Paris?", {}),
+    (HERMES_CALL[0], {"logit_bias": HERMES_CALL[1]}),
+    (HERMES_CALL[0], {"logit_bias": HERMES_CALL[1], "max_tokens": 30}),
+    (HERMES_CALL[0], {"logit_bias": HERMES_CALL[1], "max_tokens": 24}),
+    (HERMES_CALL[0], {"logit_bias": HERMES_CALL[1], "max_tokens": 16}),
+    ("weather in Paris?", {"tool_choice": "required", "logit_bias": HERMES_CALL[1]}),
+    ("forecast for Paris, 3 days", {"tool_choice": "required", "logit_bias": HERMES_CALL[1],
+                                    "tools": [WEATHER, FORECAST], "max_tokens": 90}),
+    ("forecast for Paris, 3 days", {"tool_choice": "required", "logit_bias": HERMES_CALL[1],
+                                    "tools": [FORECAST], "parallel_tool_calls": False, "max_tokens": 90}),
+    ("weather in Paris?", {"tool_choice": "none"}),
+    ("hi", {"tools": None}),
+    # a call begun for the model (a continued assistant turn), to see values of every kind read
+    ("forecast for Paris, 3 days", {"tools": [WEATHER, FORECAST], "messages": XML_PREFILL}),
+    ("forecast for Paris, 3 days", {"tools": [WEATHER, FORECAST], "messages": XML_PREFILL,
+                                    "tool_choice": "required"}),
+    ("forecast for Paris, 3 days", {"tools": [WEATHER, FORECAST], "messages": XML_PREFILL, "max_tokens": 8}),
+    # without tools the same parser reads the answer: a continued turn, response_format
+    ("hi", {"tools": None, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! I"}]}),
+    ("Describe a person as JSON", {"tools": None, "response_format": {"type": "json_schema", "json_schema": {
+        "schema": PERSON}}}),
+    ("Describe a person as JSON", {"tools": None, "response_format": {"type": "json_object"}, "max_tokens": 30}),
+]
 # (template, user message, extra fields); the logit bias makes a small model open a call
 CASES = {
     "Qwen-Qwen2.5-7B-Instruct": [
@@ -74,6 +104,14 @@ CASES = {
         ("Describe a person as JSON", {"tools": None, "response_format": {"type": "json_object"},
                                        "chat_template_kwargs": {"enable_thinking": False}}),
     ],
+    "Qwen3-Coder": XML_CALLS,
+    "Qwen3.5-4B": XML_CALLS + [   # with a <think> block, which "<tool_call>" may end
+        ("hi", THINK),
+        ("hi", {**THINK, "max_tokens": 6}),
+        ("hi", {**THINK, "reasoning_format": "none"}),
+        ("hi", {"tools": None, "chat_template_kwargs": {"enable_thinking": False}}),
+        ("weather in Paris?", {"logit_bias": HERMES_CALL[1], "chat_template_kwargs": {"enable_thinking": False}}),
+    ],
     "HuggingFaceTB-SmolLM3-3B": [   # a reasoning block, no tool calls
         ("hi", {"tools": None}),
         ("hi", THINK),
@@ -95,8 +133,8 @@ def requests_for(template: str) -> list[dict]:
 
 
 def canonical_grammar(text: str) -> str:
-    """The rules reachable from root, numbered `until-N` rules renamed in the order they are
-    reached (llama.cpp numbers them by parser id, which says nothing of the language)."""
+    """The rules reachable from root, numbered `until-N` and `ac-N` rules renamed in the order
+    they are reached (llama.cpp numbers them by parser id, which says nothing of the language)."""
     token = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|[a-zA-Z0-9-]+|.', re.S)
     rules = dict(line.split(" ::= ", 1) for line in text.strip().splitlines())
     order, queue = [], ["root"]
@@ -108,11 +146,12 @@ def canonical_grammar(text: str) -> str:
         queue += [t for t in token.findall(rules[name]) if t in rules and t not in order]
     rename = {}
     for name in order:
-        if re.fullmatch(r"until-\d+", name):
-            rename[name] = f"until-{len(rename) + 1}"
+        m = re.fullmatch(r"(until|ac)-\d+", name)
+        if m:
+            rename[name] = f"{m.group(1)}-{sum(k.startswith(m.group(1) + '-') for k in rename) + 1}"
 
     def ren(tok: str) -> str:
-        m = re.fullmatch(r"(until-\d+)(-\d+)?", tok)
+        m = re.fullmatch(r"((?:until|ac)-\d+)(-\d+)?", tok)
         return rename[m.group(1)] + (m.group(2) or "") if m and m.group(1) in rename else tok
     return "\n".join(sorted(f"{ren(n)} ::= " + "".join(ren(t) for t in token.findall(rules[n])) for n in order))
 

@@ -437,22 +437,28 @@ class GrammarState:
 
 class ReasoningGate:
     """Whether the model is inside a reasoning block, told by token sequences (llama.cpp's
-    reasoning-budget sampler with no budget: IDLE, then COUNTING from a start tag's tokens to an
-    end tag's, then DONE, re-armed by a new start tag)."""
+    reasoning-budget sampler with no budget: IDLE, then COUNTING from a start tag's tokens to one
+    of the end tags' (the longest that ends there), then DONE, re-armed by a new start tag)."""
 
-    def __init__(self, start: tuple, end: tuple, prefill=()):
-        self.start, self.end = tuple(start), tuple(end)
+    def __init__(self, start: tuple, ends: tuple, prefill=()):
+        """ends: the end tags' token sequences (one tuple of ids each)."""
+        self.start = tuple(start)
+        self.ends = tuple(dict.fromkeys(tuple(e) for e in ends if e))
         self.inside = False
-        self.seen: list[int] = []      # the last tokens since the state changed, as many as the tag awaited
+        self.seen: list[int] = []      # the last tokens since the state changed, as many as a tag awaited
         for t in prefill:
             self.accept(t)
 
     def accept(self, token: int) -> tuple:
         """Returns the end tag's tokens when this token closed a block."""
-        want = self.end if self.inside else self.start
-        self.seen = (self.seen + [token])[-len(want):] if want else []   # only the tag's length matters
-        if want and tuple(self.seen) == want:
-            self.inside = not self.inside
+        wants = self.ends if self.inside else ((self.start,) if self.start else ())
+        if not wants:
             self.seen = []
-            return want if not self.inside else ()
-        return ()
+            return ()
+        self.seen = (self.seen + [token])[-max(len(w) for w in wants):]   # only the tags' length matters
+        hits = [w for w in wants if len(self.seen) >= len(w) and tuple(self.seen[-len(w):]) == w]
+        if not hits:
+            return ()
+        self.inside = not self.inside
+        self.seen = []
+        return max(hits, key=len) if not self.inside else ()

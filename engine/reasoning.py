@@ -28,6 +28,10 @@ class ReasoningFormat:
     start: str
     end: str
     tools_only: bool = False   # the template shows reasoning only on turns with tool calls
+    # a parser written for the template (engine/xml_tool_calls.py) may also end the block before
+    # other markers, left for what follows, and take any whitespace after the start tag
+    ends_before: tuple = ()
+    loose_space: bool = False
 
     @property
     def start_tag(self) -> str:
@@ -36,6 +40,15 @@ class ReasoningFormat:
     @property
     def end_tag(self) -> str:
         return self.end.strip(_WS)
+
+    @property
+    def gate_end_tags(self) -> tuple:
+        """The tags that end the block for llama-server's reasoning-budget sampler (which keeps
+        a lazy grammar asleep inside it): the end tag, and for a parser written for the template,
+        its own list ("\n</think>", "</think>", then the markers that also end the block)."""
+        if self.loose_space:
+            return ("\n" + self.end_tag, self.end_tag) + self.ends_before
+        return (self.end_tag,)
 
     def head(self, generation_prompt: str) -> str:
         """The generation prompt up to this block's start tag (all of it when the tag is not
@@ -49,6 +62,9 @@ class ReasoningFormat:
         def optspace(tag: str) -> list:
             lead, core, trail = _tag_parts(tag)
             return [optional(Lit(c)) for c in lead] + ([Lit(core)] if core else []) + [optional(Lit(c)) for c in trail]
+        if self.loose_space:   # "<think>" space until(end, others) ("</think>" | peek(others))
+            return optional(seq(Lit(self.start_tag), SPACE, Until((self.end_tag,) + self.ends_before),
+                                choice(Lit(self.end_tag), EPS) if self.ends_before else Lit(self.end_tag)))
         return optional(seq(*(optspace(self.start) if self.start else []), Until((self.end_tag,)),
                             *optspace(self.end)))
 
@@ -182,14 +198,27 @@ def split_reasoning(fmt: ReasoningFormat, text: str, partial: bool) -> tuple[str
     marker held back; while the answer is partial, a partial start marker is held back too."""
     if fmt.start_tag and partial and text and partial_marker_len(text, fmt.start_tag) == len(text):
         return "", 0, False
-    m = re.match(_optspace(fmt.start), text) if fmt.start else re.match("", text)
+    if fmt.loose_space:
+        m = re.match(re.escape(fmt.start_tag) + "[ \t\n\v\f\r]*", text)   # (isspace)
+    else:
+        m = re.match(_optspace(fmt.start), text) if fmt.start else re.match("", text)
     if not m:
         return "", 0, True
     body = m.end()
     close = text.find(fmt.end_tag, body) if fmt.end_tag else -1
+    for other in fmt.ends_before:   # ends the block, and stays for what follows
+        i = text.find(other, body)
+        if i >= 0 and (close < 0 or i < close):
+            return _drop_blank(text[body:i]), i, True
+    if fmt.loose_space and close >= 0:   # (then the spaces before the content)
+        after = close + len(fmt.end_tag)
+        while after < len(text) and text[after] in _WS:
+            after += 1
+        return _drop_blank(text[body:close]), after, True
     if close < 0:
         reasoning = text[body:]
-        return _drop_blank(reasoning[:len(reasoning) - partial_marker_len(reasoning, fmt.end_tag)]), len(text), True
+        held = max(partial_marker_len(reasoning, t) for t in (fmt.end_tag,) + fmt.ends_before)
+        return _drop_blank(reasoning[:len(reasoning) - held]), len(text), True
     # the end tag's own optional whitespace: the reasoning text (until the tag) keeps what
     # precedes it, as llama.cpp's until() does
     after = re.match(_optspace(fmt.end), text[close:])
@@ -202,17 +231,24 @@ def _drop_blank(reasoning: str) -> str:
 
 
 def read_answer(text: str, partial: bool, gen_prompt: str = "", reasoning: ReasoningFormat | None = None,
-                extract: bool = True, tool_format=None, tools=()) -> ParsedAnswer:
+                extract: bool = True, tool_format=None, tools=(), required: bool = False,
+                parser_head: str = "") -> ParsedAnswer:
     """A chat answer as llama-server's parser reads it, for a template with a reasoning block
     or tool calls (plain templates: the text is the content). After the generation prompt's
     first words come spaces (skipped), the reasoning block (split out when `extract`, the
     request's reasoning_format not being "none"), then content and calls. A final answer out of
     format (a call never finished, trailing text) or that reads as nothing at all is the raw
     text as content, and not ok (llama-server keeps its raw text when the parsed message is
-    empty, and its stream then sends nothing more)."""
-    if reasoning is None and tool_format is None:
+    empty, and its stream then sends nothing more). parser_head: the first words of a parser
+    written for the template (engine/xml_tool_calls.py), when it has one."""
+    if reasoning is None and tool_format is None and not parser_head:
         return ParsedAnswer(text, [])
-    rest = parser_input(reasoning, gen_prompt, text).lstrip(_WS)
+    if parser_head and reasoning is None and gen_prompt.startswith(parser_head):
+        # a parser written for the template starts with its own words: the rest of the
+        # generation prompt (a continued assistant turn) is read as part of the answer
+        rest = (gen_prompt + text)[len(parser_head):].lstrip(_WS)
+    else:
+        rest = parser_input(reasoning, gen_prompt, text).lstrip(_WS)
     thought = ""
     if reasoning is not None and extract:
         thought, pos, readable = split_reasoning(reasoning, rest, partial)
@@ -222,8 +258,10 @@ def read_answer(text: str, partial: bool, gen_prompt: str = "", reasoning: Reaso
     if tool_format is None:
         parsed = ParsedAnswer(rest, [], reasoning=thought)
     else:
-        parsed = parse_answer(tool_format, list(tools), rest, partial)
+        parsed = parse_answer(tool_format, list(tools), rest, partial, required)
         parsed.reasoning = thought
+    if parsed.error:
+        return parsed
     if not partial and (not parsed.ok or not (parsed.content or parsed.reasoning or parsed.tool_calls)):
         return ParsedAnswer(text, [], ok=False)
     return parsed

@@ -91,7 +91,7 @@ class SamplingParams:
     grammar_triggers: tuple = ()      # words: the grammar waits for one of them (lazy)
     preserved_tokens: frozenset = frozenset()   # control tokens written into the output as text
     grammar_prefill: str = ""         # text the grammar reads before the first token
-    reasoning_tags: tuple = ()        # (start ids, end ids, prompt ids): a lazy grammar sleeps in <think>
+    reasoning_tags: tuple = ()        # (start ids, (end ids, ...), prompt ids): a lazy grammar sleeps in <think>
 
 
 @dataclass
@@ -393,8 +393,8 @@ class Sampler:
             from .grammar import GrammarState, ReasoningGate
             gate = None
             if params.grammar_triggers and params.reasoning_tags:
-                start, end, prompt = params.reasoning_tags
-                gate = ReasoningGate(start, end, prompt)
+                start, ends, prompt = params.reasoning_tags
+                gate = ReasoningGate(start, ends, prompt)
             self.grammar = GrammarState(params.grammar, token_text, frozenset(eog_ids), params.grammar_triggers,
                                         token_piece, "" if params.grammar_triggers else params.grammar_prefill, gate)
 

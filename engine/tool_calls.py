@@ -323,6 +323,12 @@ class Until:
 
 
 @dataclass(frozen=True)
+class Including:
+    """Any text up to and including the first occurrence of a delimiter (llama.cpp's ac parser)."""
+    delimiters: tuple
+
+
+@dataclass(frozen=True)
 class Schema:
     """A JSON value of this schema (a function's arguments); its rules are named after `name`."""
     name: str
@@ -410,11 +416,18 @@ class GrammarBuilder:
             g = self.gbnf(node.item)
             if isinstance(_effective(node.item), (Seq, Choice)):
                 g = f"({g})"
-            suffix = {(0, 1): "?", (0, -1): "*", (1, -1): "+"}.get((node.lo, node.hi))
-            return g + suffix if suffix else g + "{%d,%s}" % (node.lo, "" if node.hi < 0 else node.hi)
+            suffix = {(0, 1): "?", (0, -1): "*", (1, -1): "+", (1, 1): ""}.get((node.lo, node.hi))
+            if suffix is not None:
+                return g + suffix
+            if node.lo == node.hi:
+                return g + "{%d}" % node.lo
+            return g + "{%d,%s}" % (node.lo, "" if node.hi < 0 else node.hi)
         if isinstance(node, Until):
             self.n_until += 1
             return excluding_grammar(self.conv, f"until-{self.n_until}", node.delimiters)
+        if isinstance(node, Including):
+            self.n_until += 1
+            return including_grammar(self.conv, f"ac-{self.n_until}", node.delimiters)
         if isinstance(node, Schema):
             return self.conv.visit(_SchemaBuilder(node.schema).build(), node.name)
         if isinstance(node, Rule):
@@ -439,8 +452,30 @@ class GrammarBuilder:
 
 
 def excluding_grammar(conv: SchemaConverter, prefix: str, strings) -> str:
-    """gbnf_excluding_grammar: any text in which none of `strings` occurs, as the states of an
-    Aho-Corasick automaton (peg-parser.cpp, trie.cpp). Returns the start rule's name."""
+    """gbnf_excluding_grammar: any text in which none of `strings` occurs. Every state accepts,
+    and a character that would complete a string has no way on. Returns the start rule's name."""
+    def rule(completing, buckets, specific, name):
+        rhs = "|"
+        for d in sorted(buckets):
+            rhs += f" {_char_class(buckets[d], False)} {name(d)} |"
+        return rhs + f" {_char_class(specific, True)} {name(0)}"
+    return _automaton_grammar(conv, prefix, strings, rule)
+
+
+def including_grammar(conv: SchemaConverter, prefix: str, strings) -> str:
+    """gbnf_including_grammar: any text up to and including the first occurrence of one of
+    `strings`: a character that completes one ends the match, no state accepts otherwise."""
+    def rule(completing, buckets, specific, name):
+        alts = [_char_class(completing, False)] if completing else []
+        alts += [f"{_char_class(buckets[d], False)} {name(d)}" for d in sorted(buckets)]
+        return " | ".join(alts + [f"{_char_class(specific, True)} {name(0)}"])
+    return _automaton_grammar(conv, prefix, strings, rule)
+
+
+def _automaton_grammar(conv: SchemaConverter, prefix: str, strings, build_rule) -> str:
+    """gbnf_ac_grammar: the states of an Aho-Corasick automaton over `strings` (peg-parser.cpp,
+    trie.cpp) as rules, each written by build_rule(completing chars, {next state: chars},
+    chars with a transition of their own, state name). Returns the start rule's name."""
     children: list[dict] = [{}]
     terminal: list[bool] = [False]
     for s in strings:
@@ -483,19 +518,16 @@ def excluding_grammar(conv: SchemaConverter, prefix: str, strings) -> str:
         if match[q]:
             continue
         buckets: dict[int, list[str]] = {}
-        specific = []
+        completing, specific = [], []
         for ch in alphabet:
             d = nxt(q, ch)
             if match[d]:
+                completing.append(ch)
                 specific.append(ch)
             elif d:
                 buckets.setdefault(d, []).append(ch)
                 specific.append(ch)
-        rhs = "|"
-        for d in sorted(buckets):
-            rhs += f" {_char_class(buckets[d], False)} {name(d)} |"
-        rhs += f" {_char_class(specific, True)} {name(0)}"
-        conv.add_rule(name(q), rhs)
+        conv.add_rule(name(q), build_rule(completing, buckets, specific, name))
     if match[0]:
         conv.add_rule(prefix, "|")
     return name(0)
@@ -584,6 +616,9 @@ def tool_call_grammar(fmt: ToolFormat, tools: list, required: bool, parallel: bo
     assistant header, up to a reasoning marker), and the whole generation prompt is fed to the
     grammar before sampling (SamplingParams.grammar_prefill). reasoning (a ReasoningFormat),
     when extracted: an optional reasoning block comes first."""
+    from .xml_tool_calls import XmlToolFormat, xml_tool_call_grammar
+    if isinstance(fmt, XmlToolFormat):   # a format with a parser of its own
+        return xml_tool_call_grammar(fmt, tools, required, parallel, extract_reasoning)
     tools = [t for t in tools if isinstance(t, dict) and "function" in t]
     if not required and not fmt.trigger:
         return ToolGrammar(None)
@@ -609,9 +644,10 @@ class ParsedAnswer:
     tool_calls: list          # [{"name", "arguments" (the JSON text as written), "id"}]
     ok: bool = True           # False: a final answer that is not in the format (read as content)
     reasoning: str = ""       # the reasoning block's text (engine/reasoning.py read_answer)
+    error: str = ""           # the answer cannot be read at all: llama-server's parser throws (a 500)
 
 
-def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool) -> ParsedAnswer:
+def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool, required: bool = False) -> ParsedAnswer:
     """Content, then the calls, as llama-server's PEG parser reads a JSON_NATIVE answer: the
     content runs up to the first call marker; each call is a JSON object whose name is one of
     the request's tools; its arguments are kept as the model wrote them. A call cut short
@@ -619,6 +655,9 @@ def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool) -> Pars
     generation prompt, its spaces and any reasoning block (engine/reasoning.py read_answer). A
     final answer that does not parse (a marker followed by no call, text after the calls) is
     all content, and not ok: llama-server's parser throws, and it falls back to the raw text."""
+    from .xml_tool_calls import XmlToolFormat, parse_xml_answer
+    if isinstance(fmt, XmlToolFormat):
+        return parse_xml_answer(fmt, tools, text, partial, required)
     names = {t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)}
     start = text.find(fmt.tool_start)
     if start < 0:

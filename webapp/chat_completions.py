@@ -13,6 +13,8 @@ from ..engine.json_schema import chat_response_format_grammar
 from ..engine.slots import ErrorEvent, FinalEvent, ProgressEvent, Task, TokenEvent
 from ..engine.grammar import GrammarError
 from ..engine.reasoning import generation_prompt, read_answer, response_format_grammar
+from ..engine.xml_tool_calls import XmlToolFormat
+from ..engine.xml_tool_calls import response_format_grammar as xml_response_format_grammar
 from ..engine.tool_calls import tool_call_grammar
 
 from .completions import Completion, collect_finals, engine_error, task_events
@@ -138,8 +140,9 @@ def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
     try:
         history = messages[:-1] if prefill else messages
         gp = ""
+        own_parser = bool(getattr(ctx.tool_format, "parser_head", ""))   # (xml_tool_calls: read from its head)
         if (reasoning is not None and (prefill or for_answer)) or (
-                for_answer and tools and ctx.tool_format is not None):
+                for_answer and tools and ctx.tool_format is not None) or (own_parser and (prefill or for_answer)):
             gp = generation_prompt(tmpl, history, extra=kwargs, tools=shown)
         if prefill:
             last = messages[-1]
@@ -192,10 +195,12 @@ class AnswerReader:
     tool_format: object = None # engine.tool_calls.ToolFormat, when calls are parsed
     tools: tuple = ()
     response_format: bool = False  # the content is a response_format's JSON
+    required: bool = False     # tool_choice "required"
+    parser_head: str = ""      # the first words of a parser written for the template (xml_tool_calls)
 
     def read(self, text: str, partial: bool):
         parsed = read_answer(text, partial, self.parse_prompt, self.reasoning, self.extract,
-                             self.tool_format, self.tools)
+                             self.tool_format, self.tools, self.required, self.parser_head)
         if self.response_format and parsed.ok:
             parsed.content = _response_format_content(parsed.content)
         return parsed
@@ -230,8 +235,9 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> 
     if choice not in TOOL_CHOICES:
         raise APIError(f"Invalid tool_choice: {choice}")
     reasoning = ctx.reasoning_format
+    head = getattr(ctx.tool_format, "parser_head", "")   # a parser written for the template
     if out.pop("_response_format_reasoning", False):
-        return AnswerReader(reasoning, extract, chat.parse_prompt, response_format=True)
+        return AnswerReader(reasoning, extract, chat.parse_prompt, response_format=True, parser_head=head)
     calls = bool(tools) and choice != "none"
     if calls and "grammar" in body:
         raise APIError("Cannot use custom grammar constraints with tools.")
@@ -240,7 +246,9 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> 
                        f"{ctx.tool_format_error}")
     fmt = ctx.tool_format if calls else None
     if fmt is None:
-        return AnswerReader(reasoning, extract, chat.parse_prompt) if reasoning is not None else None
+        if reasoning is None and not head:
+            return None
+        return AnswerReader(reasoning, extract, chat.parse_prompt, parser_head=head)
     parallel = body.get("parallel_tool_calls", ctx.chat_template.caps.supports_parallel_tool_calls)
     if not isinstance(parallel, bool):
         raise APIError("'parallel_tool_calls' must be a boolean")
@@ -256,11 +264,14 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> 
             out["grammar_triggers"] = [{"type": TRIGGER_WORD, "value": w} for w in grammar.triggers]
             if reasoning is not None and reasoning.start_tag and reasoning.end_tag:
                 tok = ctx.engine.tokenizer
-                out["_reasoning_tags"] = tuple(tuple(tok.encode(t, add_special=False)) for t in (
-                    reasoning.start_tag, reasoning.end_tag, chat.parse_prompt))
+                def ids(text):
+                    return tuple(tok.encode(text, add_special=False))
+                out["_reasoning_tags"] = (ids(reasoning.start_tag), tuple(ids(t) for t in reasoning.gate_end_tags),
+                                          ids(chat.parse_prompt))
         else:   # llama-server feeds the generation prompt to the grammar first
             out["_grammar_prefill"] = chat.parse_prompt
-    return AnswerReader(reasoning, extract, chat.parse_prompt, fmt, tuple(tools))
+    return AnswerReader(reasoning, extract, chat.parse_prompt, fmt, tuple(tools), required=choice == "required",
+                        parser_head=head)
 
 
 def _call_id(call: dict, i: int, ids: list) -> str:
@@ -283,7 +294,11 @@ def _chat_response_format(out: dict, chat: RenderedChat, extract: bool) -> None:
     schema = response_format_schema(out["response_format"])
     if schema is None:
         return
-    if ctx.reasoning_format is None:
+    if isinstance(ctx.tool_format, XmlToolFormat):   # a parser written for the template
+        out["grammar"] = schema_grammar(schema, lambda s: xml_response_format_grammar(ctx.tool_format, s, extract))
+        out["_grammar_prefill"] = chat.parse_prompt
+        out["_response_format_reasoning"] = True
+    elif ctx.reasoning_format is None:
         out["grammar"] = schema_grammar(schema, chat_response_format_grammar)
         out["_response_format"] = True
     else:
@@ -404,6 +419,8 @@ class MessageStream:
         if self.reader is None:
             return self._content_deltas(text)
         parsed = self.reader.read(self.text, partial=not final)
+        if parsed.error:   # llama-server's parser throws: the request fails
+            raise APIError(parsed.error, 500)
         if final and not parsed.ok:   # out of format: the message is what was read (the raw text)
             self.reasoning, self.content = parsed.reasoning, parsed.content
             return []

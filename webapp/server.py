@@ -533,14 +533,9 @@ def build_context(args, path: str, metrics=None):
                                  bos_token=tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
                                  eos_token=tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "",
                                  add_bos=engine.gguf.vocab.add_bos, add_eos=engine.gguf.vocab.add_eos)
-    from ..engine.reasoning import analyze_reasoning
-    from ..engine.tool_calls import ToolFormatUnsupported, analyze_tool_format
-    tool_format, tool_format_error = None, ""
-    reasoning = analyze_reasoning(chat_template)
-    try:
-        tool_format = analyze_tool_format(chat_template, reasoning)
-    except ToolFormatUnsupported as e:
-        tool_format_error = str(e)
+    from ..engine.chat_format import analyze_template
+    chat_format = analyze_template(chat_template)
+    tool_format, reasoning, tool_format_error = chat_format.tool_format, chat_format.reasoning, chat_format.tool_format_error
     aliases = [a for a in (args.alias or "").split(",") if a]
     hosts = [h.strip().strip("[]") for h in (args.allowed_hosts + "," + args.host).split(",")]
     seed = RANDOM_SEED if args.seed < 0 else args.seed
