@@ -56,6 +56,27 @@ BUILTIN_TEMPLATES = {
 }
 
 
+# StepFun 3.5 Flash's template, known by this sentence: llama.cpp trims the whitespace around
+# every message's text before rendering it (leftover whitespace drives the model into
+# reasoning loops, llama.cpp issue #24181)
+TRIMMED_MESSAGES_MARK = "You have access to the following functions in JSONSchema format"
+_ISSPACE = " \t\n\v\f\r"
+
+
+def _trimmed(message):
+    """workaround::trim_all_content: content, reasoning_content and text parts, trimmed."""
+    if not isinstance(message, dict):
+        return message
+    out = dict(message)
+    for key in ("content", "reasoning_content"):
+        if isinstance(out.get(key), str):
+            out[key] = out[key].strip(_ISSPACE)
+    if isinstance(out.get("content"), list):
+        out["content"] = [{**p, "text": p["text"].strip(_ISSPACE)} if isinstance(p, dict) and p.get("type") == "text"
+                          and isinstance(p.get("text"), str) else p for p in out["content"]]
+    return out
+
+
 class ChatTemplateError(ValueError):
     """The template failed to render (its own raise_exception, or a template bug)."""
 
@@ -289,6 +310,8 @@ class ChatTemplate:
                tools: list | None = None) -> str:
         """extra: more template variables (a request's chat_template_kwargs); they cannot
         replace the four this method sets. tools: the request's tools, if any."""
+        if TRIMMED_MESSAGES_MARK in self.source:
+            messages = [_trimmed(m) for m in messages]
         now = datetime.now()
         variables = {"date_string": now.strftime("%d %b %Y"), "datetime": now.strftime("%b %d %Y"),
                      "enable_thinking": True, **(extra or {}),

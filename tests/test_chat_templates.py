@@ -72,3 +72,17 @@ def test_template_caps_match_llama_server(name):
         assert ours != GOLDEN_CAPS[name]   # (a known difference: if it goes, drop the name)
     else:
         assert ours == GOLDEN_CAPS[name]
+
+
+def test_stepfun_messages_are_trimmed_as_llama_cpp_trims_them():
+    """llama.cpp trims every message's text before rendering StepFun 3.5 Flash's template (its
+    workaround for issue #24181); /apply-template on llama-server gives the same prompt."""
+    import os
+    from numllama.engine.chat_template import ChatTemplate
+    here = os.path.dirname(os.path.abspath(__file__))
+    t = ChatTemplate(open(os.path.join(here, "data", "templates", "StepFun3.5-Flash.jinja")).read())
+    got = t.render([{"role": "system", "content": " sys \n"}, {"role": "user", "content": "  hi there \n"},
+                    {"role": "assistant", "content": "\n ok ", "reasoning_content": " hmm "},
+                    {"role": "user", "content": [{"type": "text", "text": " a "}]}])
+    assert got.endswith("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi there<|im_end|>\n<|im_start|>"
+                        "assistant\nok<|im_end|>\n<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n<think>\n")
