@@ -206,8 +206,8 @@ def test_answers_match_llama_server(tool_server):
 def test_streamed_calls_add_up_to_the_answer(tool_server):
     name, s = tool_server
     for run in GOLDEN["templates"][name]:
-        if not run["answer"]["message"]["tool_calls"]:
-            continue
+        if not run["answer"].get("message", {}).get("tool_calls"):
+            continue   # (no calls, or a request llama-server failed: replayed in test_answers_match_llama_server)
         client = OpenAI(api_key="dummy", base_url=s.url + "/v1")
         body = {k: v for k, v in run["request"].items() if k not in ("messages", "logprobs", "top_logprobs")}
         content, calls, finish = "", {}, None
@@ -230,7 +230,7 @@ def test_streamed_calls_add_up_to_the_answer(tool_server):
 
 def test_openai_client_gets_tool_calls(tool_server):
     name, s = tool_server
-    run = next((r for r in GOLDEN["templates"][name] if r["answer"]["message"]["tool_calls"]), None)
+    run = next((r for r in GOLDEN["templates"][name] if r["answer"].get("message", {}).get("tool_calls")), None)
     if run is None:
         return
     client = OpenAI(api_key="dummy", base_url=s.url + "/v1")
