@@ -62,6 +62,10 @@ XML_CALLS = [   # Qwen3-Coder's XML calls: auto, required, cut short at several 
         "schema": PERSON}}}),
     ("Describe a person as JSON", {"tools": None, "response_format": {"type": "json_object"}, "max_tokens": 30}),
 ]
+MISTRAL_CALL = ("Call get_current_weather for Paris", [["[TOOL_CALLS]", 6]])
+MISTRAL_PREFILL = [{"role": "user", "content": "forecast for Paris, 3 days"},
+                   {"role": "assistant", "content": '[TOOL_CALLS]get_forecast[ARGS]{"city": "Paris", "days": 3'}]
+MISTRAL_THINK = {"tools": None, "grammar": 'root ::= "[THINK]" [a-z ]+ "[/THINK]" [A-Za-z ]+'}
 # (template, user message, extra fields); the logit bias makes a small model open a call
 CASES = {
     "Qwen-Qwen2.5-7B-Instruct": [
@@ -111,6 +115,25 @@ CASES = {
         ("hi", {**THINK, "reasoning_format": "none"}),
         ("hi", {"tools": None, "chat_template_kwargs": {"enable_thinking": False}}),
         ("weather in Paris?", {"logit_bias": HERMES_CALL[1], "chat_template_kwargs": {"enable_thinking": False}}),
+    ],
+    "mistralai-Ministral-3-14B-Reasoning-2512": [   # [THINK] blocks, [TOOL_CALLS]name[ARGS]{...}
+        ("weather in Paris?", {}),
+        (MISTRAL_CALL[0], {"logit_bias": MISTRAL_CALL[1]}),
+        (MISTRAL_CALL[0], {"logit_bias": MISTRAL_CALL[1], "max_tokens": 12}),
+        ("weather in Paris?", {"tool_choice": "required", "logit_bias": MISTRAL_CALL[1]}),
+        ("weather in Paris?", {"tool_choice": "required", "tools": [WEATHER, FORECAST], "max_tokens": 80}),
+        ("forecast for Paris, 3 days", {"tools": [WEATHER, FORECAST], "messages": MISTRAL_PREFILL}),
+        ("forecast for Paris, 3 days", {"tools": [WEATHER, FORECAST], "messages": MISTRAL_PREFILL,
+                                        "parallel_tool_calls": False, "max_tokens": 20}),
+        ("weather in Paris?", {"tool_choice": "none"}),
+        ("hi", {"tools": None}),
+        ("hi", MISTRAL_THINK),
+        ("hi", {**MISTRAL_THINK, "max_tokens": 5}),
+        ("hi", {**MISTRAL_THINK, "reasoning_format": "none"}),
+        ("hi", {"tools": None, "messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "Hello", "reasoning_content": "greet"}]}),
+        ("Describe a person as JSON", {"tools": None, "response_format": {"type": "json_schema", "json_schema": {
+            "schema": PERSON}}}),
     ],
     "HuggingFaceTB-SmolLM3-3B": [   # a reasoning block, no tool calls
         ("hi", {"tools": None}),

@@ -184,6 +184,8 @@ class ChatTemplate:
         tokenizer adds these tokens itself, so the template's own are removed."""
         self.source = BUILTIN_TEMPLATES.get(source, source) if source else _CHATML
         self.name = source if source in BUILTIN_TEMPLATES else ("chatml" if not source else "jinja")
+        from .mistral_tool_calls import detect
+        self._mistral = detect(self.source) is not None
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=_LlamaUndefined,
                                             extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
         env.globals["raise_exception"] = _raise
@@ -312,6 +314,9 @@ class ChatTemplate:
         replace the four this method sets. tools: the request's tools, if any."""
         if TRIMMED_MESSAGES_MARK in self.source:
             messages = [_trimmed(m) for m in messages]
+        if self._mistral:   # llama.cpp's parser for Ministral 3 renders reasoning as content blocks
+            from .mistral_tool_calls import adjust_messages
+            messages = adjust_messages(messages)
         now = datetime.now()
         variables = {"date_string": now.strftime("%d %b %Y"), "datetime": now.strftime("%b %d %Y"),
                      "enable_thinking": True, **(extra or {}),

@@ -32,6 +32,7 @@ class ReasoningFormat:
     # other markers, left for what follows, and take any whitespace after the start tag
     ends_before: tuple = ()
     loose_space: bool = False
+    exact_tags: bool = False   # (engine/mistral_tool_calls.py) "[THINK]" reasoning "[/THINK]", then spaces
 
     @property
     def start_tag(self) -> str:
@@ -62,6 +63,8 @@ class ReasoningFormat:
         def optspace(tag: str) -> list:
             lead, core, trail = _tag_parts(tag)
             return [optional(Lit(c)) for c in lead] + ([Lit(core)] if core else []) + [optional(Lit(c)) for c in trail]
+        if self.exact_tags:
+            return optional(seq(Lit(self.start_tag), Until((self.end_tag,)), Lit(self.end_tag)))
         if self.loose_space:   # "<think>" space until(end, others) ("</think>" | peek(others))
             return optional(seq(Lit(self.start_tag), SPACE, Until((self.end_tag,) + self.ends_before),
                                 choice(Lit(self.end_tag), EPS) if self.ends_before else Lit(self.end_tag)))
@@ -198,7 +201,9 @@ def split_reasoning(fmt: ReasoningFormat, text: str, partial: bool) -> tuple[str
     marker held back; while the answer is partial, a partial start marker is held back too."""
     if fmt.start_tag and partial and text and partial_marker_len(text, fmt.start_tag) == len(text):
         return "", 0, False
-    if fmt.loose_space:
+    if fmt.exact_tags:
+        m = re.match(re.escape(fmt.start_tag), text)
+    elif fmt.loose_space:
         m = re.match(re.escape(fmt.start_tag) + "[ \t\n\v\f\r]*", text)   # (isspace)
     else:
         m = re.match(_optspace(fmt.start), text) if fmt.start else re.match("", text)
@@ -210,7 +215,7 @@ def split_reasoning(fmt: ReasoningFormat, text: str, partial: bool) -> tuple[str
         i = text.find(other, body)
         if i >= 0 and (close < 0 or i < close):
             return _drop_blank(text[body:i]), i, True
-    if fmt.loose_space and close >= 0:   # (then the spaces before the content)
+    if (fmt.loose_space or fmt.exact_tags) and close >= 0:   # (then the spaces before the content)
         after = close + len(fmt.end_tag)
         while after < len(text) and text[after] in _WS:
             after += 1
@@ -248,13 +253,20 @@ def read_answer(text: str, partial: bool, gen_prompt: str = "", reasoning: Reaso
         # generation prompt (a continued assistant turn) is read as part of the answer
         rest = (gen_prompt + text)[len(parser_head):].lstrip(_WS)
     else:
-        rest = parser_input(reasoning, gen_prompt, text).lstrip(_WS)
+        rest = parser_input(reasoning, gen_prompt, text)
+    # a parser written for the template looks for its reasoning block right where the answer
+    # starts, and skips spaces after it (`reasoning << content`); the analysed ones skip first
+    own_block = reasoning is not None and (reasoning.exact_tags or reasoning.loose_space)
+    if not own_block:
+        rest = rest.lstrip(_WS)
     thought = ""
     if reasoning is not None and extract:
         thought, pos, readable = split_reasoning(reasoning, rest, partial)
         if not readable:
             return ParsedAnswer("", [], ok=False)
         rest = rest[pos:]
+    if own_block:
+        rest = rest.lstrip(_WS)
     if tool_format is None:
         parsed = ParsedAnswer(rest, [], reasoning=thought)
     else:

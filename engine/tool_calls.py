@@ -599,7 +599,8 @@ def _calls_section(fmt: ToolFormat, start: str, end: str, tools: list, parallel:
 @dataclass(frozen=True)
 class ToolGrammar:
     """What constrains a tool-calling answer: the GBNF, whether it waits for a trigger word
-    (lazy) and which; None grammar: the answer is free."""
+    (lazy) and which (a parser may name them for a grammar that is not lazy, where they do
+    nothing); None grammar: the answer is free."""
     grammar: str | None
     lazy: bool = False
     triggers: tuple = ()
@@ -616,9 +617,12 @@ def tool_call_grammar(fmt: ToolFormat, tools: list, required: bool, parallel: bo
     assistant header, up to a reasoning marker), and the whole generation prompt is fed to the
     grammar before sampling (SamplingParams.grammar_prefill). reasoning (a ReasoningFormat),
     when extracted: an optional reasoning block comes first."""
+    from . import mistral_tool_calls
     from .xml_tool_calls import XmlToolFormat, xml_tool_call_grammar
     if isinstance(fmt, XmlToolFormat):   # a format with a parser of its own
         return xml_tool_call_grammar(fmt, tools, required, parallel, extract_reasoning)
+    if isinstance(fmt, mistral_tool_calls.MistralToolFormat):
+        return mistral_tool_calls.tool_call_grammar(fmt, tools, required, parallel, extract_reasoning)
     tools = [t for t in tools if isinstance(t, dict) and "function" in t]
     if not required and not fmt.trigger:
         return ToolGrammar(None)
@@ -655,9 +659,12 @@ def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool, require
     generation prompt, its spaces and any reasoning block (engine/reasoning.py read_answer). A
     final answer that does not parse (a marker followed by no call, text after the calls) is
     all content, and not ok: llama-server's parser throws, and it falls back to the raw text."""
+    from . import mistral_tool_calls
     from .xml_tool_calls import XmlToolFormat, parse_xml_answer
     if isinstance(fmt, XmlToolFormat):
         return parse_xml_answer(fmt, tools, text, partial, required)
+    if isinstance(fmt, mistral_tool_calls.MistralToolFormat):
+        return mistral_tool_calls.parse_answer(fmt, tools, text, partial, required)
     names = {t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)}
     start = text.find(fmt.tool_start)
     if start < 0:

@@ -19,6 +19,8 @@ from numllama.engine.chat_format import analyze_template
 from numllama.engine.chat_template import ChatTemplate
 from numllama.engine.grammar import Grammar, GrammarState, ReasoningGate
 from numllama.engine.reasoning import analyze_reasoning, read_answer, response_format_grammar
+from numllama.engine.mistral_tool_calls import MistralToolFormat
+from numllama.engine.mistral_tool_calls import response_format_grammar as mistral_response_format_grammar
 from numllama.engine.xml_tool_calls import XmlToolFormat
 from numllama.engine.xml_tool_calls import response_format_grammar as xml_response_format_grammar
 from numllama.engine.tool_calls import (ToolFormat, ToolFormatUnsupported, analyze_tool_format, diff_split,
@@ -87,6 +89,8 @@ def test_grammar_is_llama_servers(name, run):
         schema = rf["json_schema"]["schema"] if rf["type"] == "json_schema" else {"type": "object"}
         if isinstance(fmt, XmlToolFormat):
             got = xml_response_format_grammar(fmt, schema, True)
+        elif isinstance(fmt, MistralToolFormat):
+            got = mistral_response_format_grammar(fmt, schema, True)
         else:
             got = response_format_grammar(schema, want["generation_prompt"], reasoning, True)
         assert canonical_grammar(got) == want["gbnf"]
@@ -373,3 +377,20 @@ def test_qwen3_coder_xml_calls_read_as_llama_cpp_reads_them():
         == ("Hi ", [])
     assert parse_xml_answer(fmt, [tool], wrong, False, required=True).error == PARSE_ERROR
     assert parse_xml_answer(fmt, [tool], wrong, True, required=True).error == ""   # (streaming: nothing yet)
+
+
+def test_ministral_calls_read_as_llama_cpp_reads_them():
+    """Ministral 3's parser (engine/mistral_tool_calls.py): `[TOOL_CALLS]name[ARGS]{...}`, the
+    arguments as written; JSON the end cuts short is read so far, JSON that goes wrong before the
+    end drops the call; a marker the end may be cutting is not content yet. The messages reach
+    the template as content blocks (reasoning as a "thinking" block)."""
+    from numllama.engine.mistral_tool_calls import adjust_messages, detect, parse_answer
+    fmt = detect(open(os.path.join(TEMPLATES, "mistralai-Ministral-3-14B-Reasoning-2512.jinja")).read())
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    got = parse_answer(fmt, [tool], 'Hi [TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]f[ARGS]{"b": [2', True)
+    assert got.content == "Hi " and [c["arguments"] for c in got.tool_calls] == ['{"a": 1}', '{"b": [2']
+    assert parse_answer(fmt, [tool], '[TOOL_CALLS]f[ARGS]{"a" 1} more', False).tool_calls == []
+    assert parse_answer(fmt, [tool], "Hello [TOOL_C", False).content == "Hello "
+    assert parse_answer(fmt, [tool], "[TOOL_CALLS]g[ARGS]{}", False, required=True).error
+    assert adjust_messages([{"role": "assistant", "content": "yo", "reasoning_content": "hm"}]) == \
+        [{"role": "assistant", "content": [{"type": "thinking", "thinking": "hm"}, {"type": "text", "text": "yo"}]}]

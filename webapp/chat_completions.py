@@ -13,6 +13,8 @@ from ..engine.json_schema import chat_response_format_grammar
 from ..engine.slots import ErrorEvent, FinalEvent, ProgressEvent, Task, TokenEvent
 from ..engine.grammar import GrammarError
 from ..engine.reasoning import generation_prompt, read_answer, response_format_grammar
+from ..engine.mistral_tool_calls import MistralToolFormat
+from ..engine.mistral_tool_calls import response_format_grammar as mistral_response_format_grammar
 from ..engine.xml_tool_calls import XmlToolFormat
 from ..engine.xml_tool_calls import response_format_grammar as xml_response_format_grammar
 from ..engine.tool_calls import tool_call_grammar
@@ -294,8 +296,9 @@ def _chat_response_format(out: dict, chat: RenderedChat, extract: bool) -> None:
     schema = response_format_schema(out["response_format"])
     if schema is None:
         return
-    if isinstance(ctx.tool_format, XmlToolFormat):   # a parser written for the template
-        out["grammar"] = schema_grammar(schema, lambda s: xml_response_format_grammar(ctx.tool_format, s, extract))
+    if isinstance(ctx.tool_format, (XmlToolFormat, MistralToolFormat)):   # a parser written for the template
+        own = xml_response_format_grammar if isinstance(ctx.tool_format, XmlToolFormat) else mistral_response_format_grammar
+        out["grammar"] = schema_grammar(schema, lambda s: own(ctx.tool_format, s, extract))
         out["_grammar_prefill"] = chat.parse_prompt
         out["_response_format_reasoning"] = True
     elif ctx.reasoning_format is None:
