@@ -1,9 +1,9 @@
 """Which parser reads a chat template's answers, as llama.cpp chooses (common/chat.cpp).
 
 A template it has a parser written for (here: Ministral 3's, engine/mistral_tool_calls.py, and
-Qwen3-Coder's XML tool calls, engine/xml_tool_calls.py) gets that parser; any other is analysed by rendering it with and without
-probe messages: its reasoning block (engine/reasoning.py) and its JSON tool calls (engine/
-tool_calls.py).
+Qwen3-Coder's XML tool calls, engine/xml_tool_calls.py) gets that parser; any other is
+analysed by rendering it with and without probe messages: its reasoning block
+(engine/reasoning.py) and its JSON tool calls (engine/tool_calls.py).
 """
 from __future__ import annotations
 

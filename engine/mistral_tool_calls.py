@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 
 from .reasoning import ReasoningFormat
-from .tool_calls import (EPS, SPACE, Atomic, GrammarBuilder, Lit, ParsedAnswer, Rep, Rule, Schema, ToolGrammar, Until,
-                         _tool_parameters, choice, partial_marker_len, seq)
+from .tool_calls import (EPS, PARSE_ERROR, SPACE, Atomic, GrammarBuilder, Lit, ParsedAnswer, Rep, Rule, Schema,
+                         ToolGrammar, Until, _tool_parameters, choice, partial_marker_len, seq)
 
 THINK_START, THINK_END = "[THINK]", "[/THINK]"
 CALLS, ARGS = "[TOOL_CALLS]", "[ARGS]"
@@ -30,7 +30,6 @@ class MistralToolFormat:
     section_end: str = ""
     per_call_start: str = CALLS
     per_call_end: str = ARGS
-    parser_head: str = ""    # the parser starts with nothing of the generation prompt
 
 
 def detect(source: str) -> MistralToolFormat | None:
@@ -73,8 +72,8 @@ def tool_call_grammar(fmt: MistralToolFormat, tools: list, required: bool, paral
     functions = []
     for t in tools:
         name = t["function"]["name"]
-        functions.append(Rule(f"tool-{name}", seq(Atomic(seq(Lit(name), Lit(ARGS))),
-                                                   Atomic(Schema(f"tool-{name}-schema", _tool_parameters(t["function"]))))))
+        args = Schema(f"tool-{name}-schema", _tool_parameters(t["function"]))
+        functions.append(Rule(f"tool-{name}", seq(Atomic(seq(Lit(name), Lit(ARGS))), Atomic(args))))
     calls = Rule("tool-call", Rep(seq(Lit(CALLS), choice(*functions)), 1 if required else 0, -1 if parallel else 1),
                  trigger=True)
     if not required:
@@ -102,9 +101,6 @@ def _cut_short(text: str, e: json.JSONDecodeError) -> bool:
         return True
     return (not tail.strip(" \t\n\r") or any(word.startswith(tail) for word in ("true", "false", "null"))
             or bool(_NUMBER_PART.fullmatch(tail)))
-
-
-PARSE_ERROR = "The model produced output that does not match the expected peg-native format"
 
 
 def parse_answer(fmt: MistralToolFormat, tools: list, text: str, partial: bool, required: bool = False) -> ParsedAnswer:

@@ -642,6 +642,10 @@ def tool_call_grammar(fmt: ToolFormat, tools: list, required: bool, parallel: bo
 
 # --- reading the calls back ----------------------------------------------------------------
 
+# what llama-server answers (a 500) when a parser written for a template cannot read an answer
+PARSE_ERROR = "The model produced output that does not match the expected peg-native format"
+
+
 @dataclass
 class ParsedAnswer:
     content: str

@@ -27,8 +27,9 @@ import re
 from dataclasses import dataclass
 
 from .reasoning import ReasoningFormat
-from .tool_calls import (EPS, SPACE, Atomic, GrammarBuilder, Including, Lit, ParsedAnswer, Rep, Rule, Schema, ToolGrammar,
-                         Until, _skip_ws, _tool_parameters, choice, optional, partial_marker_len, seq)
+from .tool_calls import (EPS, PARSE_ERROR, SPACE, Atomic, GrammarBuilder, Including, Lit, ParsedAnswer, Rep, Rule,
+                         Schema, ToolGrammar, Until, _skip_ws, _tool_parameters, choice, optional, partial_marker_len,
+                         seq)
 
 GEN_PREFIX = "<|im_start|>assistant\n"   # the parser's first literal, whatever the template adds after it
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -107,8 +108,8 @@ def _value_types(schema) -> set:
         return out
     if "enum" in schema or "const" in schema:
         values = schema.get("enum", [schema.get("const")])
-        return {{str: "string", bool: "boolean", int: "integer", float: "number", dict: "object", list: "array",
-                 type(None): "null"}[type(v)] for v in values if type(v) in (str, bool, int, float, dict, list, type(None))}
+        return {_json_type(v) for v in (values if isinstance(values, list) else [])
+                if isinstance(v, (str, bool, int, float, dict, list, type(None)))}
     if "properties" in schema:
         return {"object"}
     if "items" in schema:
@@ -182,9 +183,6 @@ def xml_tool_call_grammar(fmt: XmlToolFormat, tools: list, required: bool, paral
 
 
 # --- reading the answer -----------------------------------------------------------------------
-
-PARSE_ERROR = "The model produced output that does not match the expected peg-native format"
-
 
 def parse_xml_answer(fmt: XmlToolFormat, tools: list, text: str, partial: bool, required: bool = False) -> ParsedAnswer:
     """What llama.cpp's parser reads (text: after the generation prompt and the reasoning

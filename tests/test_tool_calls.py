@@ -353,7 +353,8 @@ def test_qwen3_coder_xml_calls_read_as_llama_cpp_reads_them():
     it reads as a number; a call cut short counts once named; a call gone wrong is dropped, and
     with calls required and none readable the request fails (llama-server's 500). Recorded
     answers of both templates replay in test_answers_match_llama_server."""
-    from numllama.engine.xml_tool_calls import PARSE_ERROR, detect, parse_xml_answer
+    from numllama.engine.tool_calls import PARSE_ERROR
+    from numllama.engine.xml_tool_calls import detect, parse_xml_answer
     fmt = detect(open(os.path.join(TEMPLATES, "Qwen3-Coder.jinja")).read())
     assert fmt is not None and not fmt.thinking
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
