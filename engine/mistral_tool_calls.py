@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from .reasoning import ReasoningFormat
+from .xml_tool_calls import check_parameters
 from .tool_calls import (EPS, PARSE_ERROR, SPACE, Atomic, GrammarBuilder, Lit, ParsedAnswer, Rep, Rule, Schema,
                          ToolGrammar, Until, _tool_parameters, choice, partial_marker_len, seq)
 
@@ -72,6 +73,7 @@ def tool_call_grammar(fmt: MistralToolFormat, tools: list, required: bool, paral
     functions = []
     for t in tools:
         name = t["function"]["name"]
+        check_parameters(_tool_parameters(t["function"]))
         args = Schema(f"tool-{name}-schema", _tool_parameters(t["function"]))
         functions.append(Rule(f"tool-{name}", seq(Atomic(seq(Lit(name), Lit(ARGS))), Atomic(args))))
     calls = Rule("tool-call", Rep(seq(Lit(CALLS), choice(*functions)), 1 if required else 0, -1 if parallel else 1),

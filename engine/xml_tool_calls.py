@@ -26,6 +26,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from .grammar import GrammarError
 from .reasoning import ReasoningFormat
 from .tool_calls import (EPS, PARSE_ERROR, SPACE, Atomic, GrammarBuilder, Including, Lit, ParsedAnswer, Rep, Rule,
                          Schema, ToolGrammar, Until, _skip_ws, _tool_parameters, choice, optional, partial_marker_len,
@@ -117,10 +118,30 @@ def _value_types(schema) -> set:
     return every
 
 
+def check_parameters(params: dict) -> None:
+    """What common_chat_schema_from_json refuses in a function's parameters (llama-server answers
+    500 there; the request's mistake, a 400 here): properties that are not an object, a
+    property's schema that is not one, a local $ref that leads nowhere."""
+    props = params.get("properties", {})
+    if not isinstance(props, dict):
+        raise GrammarError("JSON schema error at #: properties must be an object")
+    for pname, pschema in props.items():
+        if not isinstance(pschema, dict):
+            raise GrammarError(f"JSON schema error at #/properties/{pname}: schema must be an object")
+        ref = pschema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            node = params
+            for part in (p for p in ref[1:].split("/") if p):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                raise GrammarError(f"JSON schema error at #/properties/{pname}: cannot resolve $ref {ref}")
+
+
 def _function(tool: dict, arg_string: Rule) -> Rule:
     fn = tool["function"]
     name = fn["name"]
     params = _tool_parameters(fn)
+    check_parameters(params)
     props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
     required_names = params.get("required") if isinstance(params.get("required"), list) else []
     close = Atomic(Lit(ARG_CLOSE))
@@ -239,7 +260,8 @@ def _read_call(text: str, pos: int, schemas: dict, calls: list, first: bool):
         return (len(text), False) if any((n + ">\n").startswith(name) for n in schemas) else None
     if name not in schemas:
         return None
-    props = schemas[name].get("properties") or {}
+    props = schemas[name].get("properties")
+    props = props if isinstance(props, dict) else {}
     call = {"name": name, "arguments": "{", "id": ""}
     calls.append(call)
     pos = end_name + 2

@@ -9,6 +9,7 @@ tool_calls with the length of their random ids), the finish reason and the strea
 from __future__ import annotations
 
 import json
+import re
 import os
 import sys
 
@@ -395,3 +396,16 @@ def test_ministral_calls_read_as_llama_cpp_reads_them():
     assert parse_answer(fmt, [tool], "[TOOL_CALLS]g[ARGS]{}", False, required=True).error
     assert adjust_messages([{"role": "assistant", "content": "yo", "reasoning_content": "hm"}]) == \
         [{"role": "assistant", "content": [{"type": "thinking", "thinking": "hm"}, {"type": "text", "text": "yo"}]}]
+
+
+def test_malformed_tool_schemas_are_the_requests_mistake():
+    """What llama.cpp's schema reader refuses (it answers 500) is a GrammarError here, which the
+    chat route answers with a 400 naming the place in the schema."""
+    from numllama.engine.grammar import GrammarError
+    from numllama.engine.xml_tool_calls import XmlToolFormat, xml_tool_call_grammar
+    for params, where in [({"type": "object", "properties": [1]}, "#: properties must be an object"),
+                          ({"type": "object", "properties": {"p": 5}}, "#/properties/p: schema must be an object"),
+                          ({"type": "object", "properties": {"p": {"$ref": "#/nowhere"}}}, "cannot resolve $ref")]:
+        with pytest.raises(GrammarError, match=re.escape(where)):
+            xml_tool_call_grammar(XmlToolFormat(thinking=False), [{"type": "function", "function": {
+                "name": "f", "parameters": params}}], required=True, parallel=False)
