@@ -146,3 +146,14 @@ def test_mirostat_ignores_the_chain_and_adapts_mu():
     assert tokens_a == [b.sample(logits) for _ in range(20)]
     assert len(set(tokens_a)) > 1            # top_k=1 did not apply
     assert a.mu != np.float32(10.0)          # mu moved from 2 * tau
+
+
+def test_dry_breakers_are_found_whenever_dry_runs(stories_path):
+    """mirostat -1 is clamped to 0 (no mirostat), so DRY runs, with its breakers found."""
+    from numllama.engine.gguf_file import load_gguf
+    from numllama.engine.tokenizer import Tokenizer
+    from numllama.webapp.params import ServerDefaults, sampling_params
+    tok = Tokenizer(load_gguf(stories_path).vocab)
+    p = sampling_params({"dry_multiplier": 0.8, "mirostat": -1}, ServerDefaults(), tok, False)
+    assert p.mirostat == 0 and p.dry_breaker_tokens
+    assert sampling_params({"dry_multiplier": 0.8, "mirostat": 5}, ServerDefaults(), tok, False).dry_breaker_tokens is None

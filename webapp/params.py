@@ -197,7 +197,8 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
     if "infill" in samplers:
         raise APIError("the infill sampler is not supported by numllama yet")
     grammar = parse_grammar(body)
-    dry = parse_dry(body, d, samplers, num("mirostat", d.mirostat, int), tokenizer)
+    mirostat = min(2, max(0, num("mirostat", d.mirostat, int)))   # (llama-server clamps it)
+    dry = parse_dry(body, d, samplers, mirostat, tokenizer)
     preserved = parse_preserved_tokens(body, tokenizer)
     bias = parse_logit_bias(body.get("logit_bias"), tokenizer)
     if ignore_eos:
@@ -219,7 +220,7 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         frequency_penalty=num("frequency_penalty", d.frequency_penalty),
         min_keep=num("min_keep", 0, int),
         **dry,
-        mirostat=min(2, max(0, num("mirostat", d.mirostat, int))),
+        mirostat=mirostat,
         mirostat_tau=num("mirostat_tau", d.mirostat_tau),
         mirostat_eta=num("mirostat_eta", d.mirostat_eta),
         adaptive_target=min(1.0, num("adaptive_target", d.adaptive_target)),
