@@ -12,13 +12,12 @@ model wrote it; a `response_format` answer is JSON in a ```json fence.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from .reasoning import ReasoningFormat
-from .xml_tool_calls import check_parameters
 from .tool_calls import (EPS, PARSE_ERROR, SPACE, Atomic, GrammarBuilder, Lit, ParsedAnswer, Rep, Rule, Schema,
-                         ToolGrammar, Until, _tool_parameters, choice, partial_marker_len, seq)
+                         ToolGrammar, Until, _tool_parameters, check_parameters, choice, json_value_prefix,
+                         partial_marker_len, seq)
 
 THINK_START, THINK_END = "[THINK]", "[/THINK]"
 CALLS, ARGS = "[TOOL_CALLS]", "[ARGS]"
@@ -26,11 +25,7 @@ CALLS, ARGS = "[TOOL_CALLS]", "[ARGS]"
 
 @dataclass(frozen=True)
 class MistralToolFormat:
-    # (the markers llama-server keeps in the output as text: webapp preserved_texts)
-    section_start: str = ""
-    section_end: str = ""
-    per_call_start: str = CALLS
-    per_call_end: str = ARGS
+    markers: tuple = (CALLS, ARGS)   # kept as text in the output (ministral3.cpp's preserved tokens)
 
 
 def detect(source: str) -> MistralToolFormat | None:
@@ -92,17 +87,13 @@ def response_format_grammar(fmt: MistralToolFormat, schema, extract_reasoning: b
     return GrammarBuilder().grammar(root, lazy=False)
 
 
-_NUMBER_PART = re.compile(r"-?[0-9]*\.?[0-9]*([eE][-+]?[0-9]*)?")
-
-
 def _cut_short(text: str, e: json.JSONDecodeError) -> bool:
     """Whether the JSON failed only because the text ends (a prefix of valid JSON), not because
     it goes wrong before the end."""
     tail = text[e.pos:]
     if e.msg.startswith("Unterminated string"):
         return True
-    return (not tail.strip(" \t\n\r") or any(word.startswith(tail) for word in ("true", "false", "null"))
-            or bool(_NUMBER_PART.fullmatch(tail)))
+    return not tail.strip(" \t\n\r") or json_value_prefix(tail, ("boolean", "null", "number"))
 
 
 def parse_answer(fmt: MistralToolFormat, tools: list, text: str, partial: bool, required: bool = False) -> ParsedAnswer:

@@ -71,6 +71,12 @@ class ToolFormat:
     supports_parallel: bool = False   # the template renders a second call (its caps)
 
     @property
+    def markers(self) -> tuple:
+        """The markers a chat answer keeps as text even where they are control tokens
+        (collect_preserved_tokens)."""
+        return self.section_start, self.section_end, self.per_call_start, self.per_call_end
+
+    @property
     def trigger(self) -> str:
         """The text that starts the calls: a lazy grammar waits for it."""
         return self.section_start or self.per_call_start
@@ -701,6 +707,37 @@ def partial_marker_len(text: str, marker: str) -> int:
         if marker.startswith(text[-n:]):
             return n
     return 0
+
+
+_JSON_NUMBER_PREFIX = re.compile(r"-?(0|[1-9][0-9]*)?(\.[0-9]*)?([eE][-+]?[0-9]*)?")
+
+
+def json_value_prefix(text: str, types) -> bool:
+    """Whether `text`, cut short by the end of an answer, may still become a JSON value of one
+    of these types ("boolean", "null", "number" or "integer", "object", "array")."""
+    return (("boolean" in types and ("true".startswith(text) or "false".startswith(text)))
+            or ("null" in types and "null".startswith(text))
+            or (bool({"number", "integer"} & set(types)) and bool(_JSON_NUMBER_PREFIX.fullmatch(text)))
+            or ("object" in types and text.startswith("{")) or ("array" in types and text.startswith("[")))
+
+
+def check_parameters(params: dict) -> None:
+    """What common_chat_schema_from_json refuses in a function's parameters (llama-server answers
+    500 there; the request's mistake, a 400 here): properties that are not an object, a
+    property's schema that is not one, a local $ref that leads nowhere."""
+    props = params.get("properties", {})
+    if not isinstance(props, dict):
+        raise GrammarError("JSON schema error at #: properties must be an object")
+    for pname, pschema in props.items():
+        if not isinstance(pschema, dict):
+            raise GrammarError(f"JSON schema error at #/properties/{pname}: schema must be an object")
+        ref = pschema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            node = params
+            for part in (p for p in ref[1:].split("/") if p):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                raise GrammarError(f"JSON schema error at #/properties/{pname}: cannot resolve $ref {ref}")
 
 
 def _unfinished_call(fmt: ToolFormat, rest: str, names: set) -> bool:

@@ -23,14 +23,12 @@ grammar also wakes on "<function=NAME>".
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
-from .grammar import GrammarError
 from .reasoning import ReasoningFormat
 from .tool_calls import (EPS, PARSE_ERROR, SPACE, Atomic, GrammarBuilder, Including, Lit, ParsedAnswer, Rep, Rule,
-                         Schema, ToolGrammar, Until, _skip_ws, _tool_parameters, choice, optional, partial_marker_len,
-                         seq)
+                         Schema, ToolGrammar, Until, _skip_ws, _tool_parameters, check_parameters, choice,
+                         json_value_prefix, optional, partial_marker_len, seq)
 
 GEN_PREFIX = "<|im_start|>assistant\n"   # the parser's first literal, whatever the template adds after it
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -42,11 +40,7 @@ MAX_PERMUTE = 4   # COMMON_CHAT_MAX_PERMUTE: more required parameters than this 
 class XmlToolFormat:
     """The template's XML tool calls; thinking: it has <think> blocks (all but Qwen3-Coder)."""
     thinking: bool
-    # (the markers llama-server keeps in the output as text: webapp preserved_texts)
-    section_start: str = ""
-    section_end: str = ""
-    per_call_start: str = CALL_OPEN
-    per_call_end: str = CALL_CLOSE
+    markers: tuple = (CALL_OPEN, CALL_CLOSE)   # kept as text in the output (qwen3-coder.cpp's preserved tokens)
 
     @property
     def parser_head(self) -> str:
@@ -116,25 +110,6 @@ def _value_types(schema) -> set:
     if "items" in schema:
         return {"array"}
     return every
-
-
-def check_parameters(params: dict) -> None:
-    """What common_chat_schema_from_json refuses in a function's parameters (llama-server answers
-    500 there; the request's mistake, a 400 here): properties that are not an object, a
-    property's schema that is not one, a local $ref that leads nowhere."""
-    props = params.get("properties", {})
-    if not isinstance(props, dict):
-        raise GrammarError("JSON schema error at #: properties must be an object")
-    for pname, pschema in props.items():
-        if not isinstance(pschema, dict):
-            raise GrammarError(f"JSON schema error at #/properties/{pname}: schema must be an object")
-        ref = pschema.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#"):
-            node = params
-            for part in (p for p in ref[1:].split("/") if p):
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
-                raise GrammarError(f"JSON schema error at #/properties/{pname}: cannot resolve $ref {ref}")
 
 
 def _function(tool: dict, arg_string: Rule) -> Rule:
@@ -324,17 +299,6 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-_NUMBER_START = re.compile(r"-?(0|[1-9][0-9]*)?(\.[0-9]*)?([eE][-+]?[0-9]*)?")
-
-
-def _may_become_json(raw: str, types: set) -> bool:
-    """Whether a value cut short may still read as JSON of one of these (non-string) types."""
-    return (("boolean" in types and ("true".startswith(raw) or "false".startswith(raw)))
-            or ("null" in types and "null".startswith(raw))
-            or (bool(types & {"number", "integer"}) and bool(_NUMBER_START.fullmatch(raw)))
-            or ("object" in types and raw.startswith("{")) or ("array" in types and raw.startswith("[")))
-
-
 def _partial_value(raw: str, schema) -> str:
     """A value the end of the text cut short: a string so far, opening quote and all (it closes
     with its parameter); another type as written so far; a value that may be either and still
@@ -342,7 +306,7 @@ def _partial_value(raw: str, schema) -> str:
     types = _value_types(schema)
     if "string" not in types:
         return raw
-    if len(types) > 1 and _may_become_json(raw, types - {"string"}):
+    if len(types) > 1 and json_value_prefix(raw, types - {"string"}):
         return ""
     return json.dumps(raw, ensure_ascii=False)[:-1]
 

@@ -216,8 +216,7 @@ def preserved_texts(reasoning, tool_format) -> list[str]:
     (llama.cpp's autoparser::collect_preserved_tokens): reasoning tags and tool-call markers."""
     marks = [reasoning.start_tag, reasoning.end_tag] if reasoning is not None else []
     if tool_format is not None:
-        marks += [tool_format.section_start, tool_format.section_end, tool_format.per_call_start,
-                  tool_format.per_call_end]
+        marks += list(tool_format.markers)
     out = []
     for m in (m.strip() for m in marks):
         if m and m not in out:
