@@ -409,3 +409,20 @@ def test_malformed_tool_schemas_are_the_requests_mistake():
         with pytest.raises(GrammarError, match=re.escape(where)):
             xml_tool_call_grammar(XmlToolFormat(thinking=False), [{"type": "function", "function": {
                 "name": "f", "parameters": params}}], required=True, parallel=False)
+
+
+def test_malformed_tool_schemas_get_a_400_over_http(tool_server):
+    """The chat route answers a malformed schema with a 400 naming the place (both parsers
+    written for templates check it), and goes on serving."""
+    name, s = tool_server
+    if name not in ("Qwen3-Coder", "mistralai-Ministral-3-14B-Reasoning-2512"):
+        return
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"p": 5}}}}]
+    for choice in ("auto", "required"):
+        r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": bad,
+                                            "tool_choice": choice, "max_tokens": 2})
+        assert r.status_code == 400
+        assert "JSON schema error at #/properties/p: schema must be an object" in r.json()["error"]["message"]
+    assert s.get("/health").status_code == 200
+    ok = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok.status_code == 200
