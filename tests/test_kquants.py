@@ -119,20 +119,24 @@ def test_q8_k_activations_are_ggmls():
         np.testing.assert_array_equal(act.s[0, s], q.astype(np.int32).reshape(16, 16).sum(1))
 
 
-def test_avx2_and_portable_kernels_agree(tmp_path):
-    """Every quantized type, every path: the AVX2 kernels (simd.py) in this process, the
-    portable ones in a child with NUMLLAMA_PORTABLE=1, bit for bit."""
+@pytest.mark.parametrize("other", ["NUMLLAMA_PORTABLE", "NUMLLAMA_NO_VNNI"])
+def test_avx2_and_portable_kernels_agree(tmp_path, other):
+    """Every quantized type, every path: the AVX2 kernels (simd.py, with VNNI where the CPU has
+    it) in this process, and in a child the portable ones (NUMLLAMA_PORTABLE=1) or the AVX2
+    ones without VNNI (NUMLLAMA_NO_VNNI=1), bit for bit."""
     import os
     import subprocess
     import sys
-    from numllama.engine.quants.simd import have_avx2
+    from numllama.engine.quants.simd import VNNI_ROWS, have_avx2
     from kquant_cases import CASES, outputs
     if not have_avx2():
         pytest.skip("no AVX2 here: the portable kernels are the only ones")
+    if other == "NUMLLAMA_NO_VNNI" and not VNNI_ROWS:
+        pytest.skip("no VNNI on this CPU: its AVX2 kernels are compared with the portable ones")
     here = os.path.dirname(os.path.abspath(__file__))
     out = tmp_path / "portable.npz"
     r = subprocess.run([sys.executable, os.path.join(here, "portable_check.py"), str(out)], cwd=here,
-                       env={**os.environ, "NUMLLAMA_PORTABLE": "1", "PYTHONPATH": os.path.dirname(here)},
+                       env={**os.environ, other: "1", "PYTHONPATH": os.path.dirname(here)},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     portable = np.load(out)

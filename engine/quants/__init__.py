@@ -19,11 +19,11 @@ import numpy as np
 
 from ..float_ops import round_f16_array
 from . import blocks
-from .kernels import (FLOAT_ROW_TILE, ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
+from .kernels import (FLOAT_ROW_TILE, ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_int8_dot, matmul_q4_dot, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
                       quantize_q8_blocks)
 from .kquants import matmul_k16, matmul_q4_k, pack_k, quantize_q8_k_rows
-from .simd import AVX2   # 32-weight blocks through simd.py, else the portable kernels
+from .simd import AVX2, INT8_BIAS, VNNI_ROWS   # 32-weight blocks through simd.py, else the portable kernels
 
 ACT_FORMAT = {
     "F32": "f32", "F16": "f16", "BF16": "bf16",
@@ -146,6 +146,8 @@ def pack_weight(type_name: str, data: np.ndarray, n_rows: int, n_cols: int,
     tiles = tile_rows(q.reshape(n_rows, n_groups, 32))    # [tiles, NB, 32, R]
     if AVX2 if simd is None else simd:   # -> [tiles, NB, 8, R, 4]: weights 4i..4i+3 per row
         tiles = np.ascontiguousarray(tiles.reshape(tiles.shape[0], n_groups, 8, 4, ROW_TILE).transpose(0, 1, 2, 4, 3))
+        if VNNI_ROWS:   # plus 128, unsigned: vpdpbusd's unsigned operand (simd.int8_dot)
+            tiles = (tiles.view(np.uint8) ^ np.uint8(INT8_BIAS))
     return PackedWeight(type_name, n_rows, n_cols, fmt, group, q=tiles,
                         scale=tile_rows(scale), minimum=tile_rows(minimum))
 
@@ -186,7 +188,9 @@ def _pack_q4(type_name: str, data, n_rows: int, n_cols: int, simd: bool) -> Pack
         m = np.zeros_like(d)
         qs = raw[:, :, 2:18]
     tiles = tile_rows(qs)   # [tiles, NB, 16 bytes, R]
-    if simd:   # -> [tiles, NB, 8 slots, R, 2]: slot 2i + q, pair j = byte 4i + 2q + j (simd.py)
+    if simd and VNNI_ROWS:   # -> [tiles, NB, 4 slots, R, 4]: slot i = bytes 4i..4i+3 (simd._make_dot)
+        tiles = np.ascontiguousarray(tiles.reshape(tiles.shape[0], n_blocks, 4, 4, ROW_TILE).transpose(0, 1, 2, 4, 3))
+    elif simd:   # -> [tiles, NB, 8 slots, R, 2]: slot 2i + q, pair j = byte 4i + 2q + j (simd.py)
         tiles = np.ascontiguousarray(tiles.reshape(tiles.shape[0], n_blocks, 8, 2, ROW_TILE).transpose(0, 1, 2, 4, 3))
     return PackedWeight(type_name, n_rows, n_cols, ACT_FORMAT[type_name], 32, q=tiles,
                         scale=tile_rows(d), minimum=tile_rows(m))
@@ -276,11 +280,15 @@ def matmul(act: Activations, w: PackedWeight, order: KernelOrder | None = None) 
         return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
     out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
     whole_blocks = repacked_order(w.type_name, w.n_rows)
-    if w.type_name in ("Q4_0", "Q4_1") and w.q.ndim == 5:   # the byte-pair layout of simd.py
+    if w.type_name in ("Q4_0", "Q4_1") and w.q.ndim == 5 and w.q.shape[2] == 4:   # groups of 4 for VNNI
+        matmul_q4_dot(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.type_name == "Q4_1", whole_blocks, out)
+    elif w.type_name in ("Q4_0", "Q4_1") and w.q.ndim == 5:   # the byte-pair layout of simd.py
         matmul_q4_simd(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.type_name == "Q4_1", whole_blocks, out)
     elif w.type_name in ("Q4_0", "Q4_1"):
         matmul_q4_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, 8 if w.type_name == "Q4_0" else 0,
                         w.type_name == "Q4_1", whole_blocks, out)
+    elif w.q.ndim == 5 and w.q.dtype == np.uint8:   # 4-byte groups, plus 128, for simd.int8_dot
+        matmul_int8_dot(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
     elif w.q.ndim == 5:   # 4-byte groups for simd.q8_lanes
         matmul_q32_simd(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
     else:

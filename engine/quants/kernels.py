@@ -29,7 +29,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..float_ops import f16_to_f32, fma, round_f16, widen
-from .simd import float_lanes, q4_0_blocks, q4_0_lanes, q4_1_lanes, q8_lanes
+from .simd import (INT8_BIAS, PROMPT_TOKEN_TILE, float_lanes, int8_dot, int8_dot_tokens, q4_0_block_dot,
+                   q4_0_block_dot_tokens, q4_0_blocks, q4_0_dot, q4_0_dot_tokens, q4_0_lanes, q4_1_dot,
+                   q4_1_dot_tokens, q4_1_lanes, q8_lanes)
 
 
 # llamafile's tinyBLAS takes a float matrix only when its row count is a multiple of this (and
@@ -341,6 +343,34 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, whole_blocks, out)
                 out[t, tile * n_r + r] = lanes[0, r] if whole_blocks else hsum8(lanes[:, r]) + summs[r]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _lanes_to_rows(lanes, xs, t, minimum, has_min, summs, o):
+    """One token's output rows from its 8 lanes [8, R]: hsum8 of the lanes + summs, the minimum
+    term fma(m_w, s_x) over the blocks (Q4_1, Q5_1), as ggml adds them. minimum: [NB, R] f32"""
+    summs[:] = 0
+    if has_min:
+        for b in range(minimum.shape[0]):
+            xsb = xs[t, b]
+            mb = minimum[b]
+            for r in range(o.shape[0]):
+                summs[r] = fma(mb[r], xsb, summs[r])
+    for r in range(o.shape[0]):
+        o[r] = hsum8(lanes[:, r]) + summs[r]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _widened(wm, has_min):
+    """A tile's f16 block minimums [NB, R] widened to f32 once, not once per token (zeros
+    where the type has none: they are not read)."""
+    minimum = np.zeros(wm.shape, np.float32)
+    if has_min:
+        for b in range(wm.shape[0]):
+            mb, wmb = minimum[b], wm[b]
+            for r in range(wm.shape[1]):
+                mb[r] = f16_to_f32(wmb[r])
+    return minimum
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q4_simd(xq, xd, xs, wq4, wd, wm, has_min, whole_blocks, out):
     """matmul_q4_lanes with its block loop in AVX2 (simd.q4_0_lanes / q4_1_lanes: vpmaddubsw
@@ -352,14 +382,8 @@ def matmul_q4_simd(xq, xd, xs, wq4, wd, wm, has_min, whole_blocks, out):
     for tile in prange(n_tiles):
         lanes = np.empty((8, n_r), np.float32)
         summs = np.empty(n_r, np.float32)
-        minimum = np.empty((n_blocks, n_r), np.float32)
-        if has_min:
-            for b in range(n_blocks):
-                mb, wmb = minimum[b], wm[tile, b]
-                for r in range(n_r):
-                    mb[r] = f16_to_f32(wmb[r])
+        minimum = _widened(wm[tile], has_min)
         for t in range(n_tokens):
-            summs[:] = 0
             o = out[t, tile * n_r:(tile + 1) * n_r]
             if whole_blocks:
                 q4_0_blocks(wq4, wd, tile, xq, xd, t, lanes)
@@ -367,15 +391,91 @@ def matmul_q4_simd(xq, xd, xs, wq4, wd, wm, has_min, whole_blocks, out):
                 continue
             if has_min:
                 q4_1_lanes(wq4, wd, tile, xq, xd, t, lanes)
-                for b in range(n_blocks):
-                    xsb = xs[t, b]
-                    mb = minimum[b]
-                    for r in range(n_r):
-                        summs[r] = fma(mb[r], xsb, summs[r])
             else:
                 q4_0_lanes(wq4, wd, tile, xq, xd, t, lanes)
-            for r in range(n_r):
-                o[r] = hsum8(lanes[:, r]) + summs[r]
+            _lanes_to_rows(lanes, xs, t, minimum, has_min, summs, o)
+
+
+@njit(cache=True, nogil=True)
+def offset_sums(xq, offset, nibbles, whole_blocks):
+    """Where simd's dot kernels start each integer sum for weights stored with an offset, once
+    per matmul rather than once per row: minus offset * the sum of each lane's 4 activations,
+    [T, NB, 8], or of all 32 (whole_blocks), [T, NB, 1]. A lane's 4 activations: elements
+    4i..4i+3 (int8 weights), or for nibbles bytes 4i..4i+3 (lane i < 4, low nibbles) and
+    16+4i..16+4i+3 (lane i + 4, high nibbles).
+
+    xq: [T, NB, 32] int8 -> int32"""
+    n_tokens, n_blocks, _ = xq.shape
+    out = np.zeros((n_tokens, n_blocks, 1 if whole_blocks else 8), np.int32)
+    for t in range(n_tokens):
+        for b in range(n_blocks):
+            for k in range(32):
+                lane = 0 if whole_blocks else ((k % 16) // 4 + 4 * (k // 16) if nibbles else k // 4)
+                out[t, b, lane] -= offset * np.int32(xq[t, b, k])
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q4_dot(xq, xd, xs, wq4, wd, wm, has_min, whole_blocks, out):
+    """matmul_q4_simd on CPUs with VNNI (simd's dot kernels: vpdpbusd on 16 or 8 rows at a
+    time), with PROMPT_TOKEN_TILE prompt tokens sharing each load of a block's weights; bit for
+    bit the sums of matmul_q4_lanes. Arguments as matmul_q4_simd, except the nibble bytes, in
+    groups of 4 (pack_weight(..., simd=True) where simd.VNNI_ROWS):
+    wq4: [n_tiles, NB, 4, R, 4] uint8, slot i holding bytes 4i..4i+3 of each row's block."""
+    n_tokens = xq.shape[0]
+    n_tiles, n_blocks, _, n_r, _ = wq4.shape
+    corr = offset_sums(xq, 0 if has_min else 8, True, whole_blocks)
+    for tile in prange(n_tiles):
+        lanes = np.empty((PROMPT_TOKEN_TILE, 8, n_r), np.float32)
+        summs = np.empty(n_r, np.float32)
+        minimum = _widened(wm[tile], has_min)
+        for t0 in range(0, n_tokens, PROMPT_TOKEN_TILE):
+            n = min(PROMPT_TOKEN_TILE, n_tokens - t0)
+            if n == PROMPT_TOKEN_TILE:
+                if whole_blocks:
+                    q4_0_block_dot_tokens(wq4, wd, tile, xq, xd, corr, t0, lanes)
+                elif has_min:
+                    q4_1_dot_tokens(wq4, wd, tile, xq, xd, corr, t0, lanes)
+                else:
+                    q4_0_dot_tokens(wq4, wd, tile, xq, xd, corr, t0, lanes)
+            else:   # the last few tokens (or a decode step) one at a time
+                for j in range(n):
+                    if whole_blocks:
+                        q4_0_block_dot(wq4, wd, tile, xq, xd, corr, t0 + j, lanes[j:j + 1])
+                    elif has_min:
+                        q4_1_dot(wq4, wd, tile, xq, xd, corr, t0 + j, lanes[j:j + 1])
+                    else:
+                        q4_0_dot(wq4, wd, tile, xq, xd, corr, t0 + j, lanes[j:j + 1])
+            for j in range(n):
+                o = out[t0 + j, tile * n_r:(tile + 1) * n_r]
+                if whole_blocks:
+                    o[:] = lanes[j, 0]
+                else:
+                    _lanes_to_rows(lanes[j], xs, t0 + j, minimum, has_min, summs, o)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_int8_dot(xq, xd, xs, wq, wd, wm, has_min, out):
+    """matmul_q32_simd on CPUs with VNNI (simd.int8_dot: vpdpbusd), with PROMPT_TOKEN_TILE
+    prompt tokens sharing each load of a block's weights; bit for bit the sums of
+    matmul_q32_lanes. Arguments as matmul_q32_simd, except the weights, plus 128 as unsigned
+    bytes (pack_weight(..., simd=True) where simd.VNNI_ROWS):
+    wq: [n_tiles, NB, 8, R, 4] uint8, slot i holding weights 4i..4i+3 (+ 128) of each row."""
+    n_tokens = xq.shape[0]
+    n_tiles, n_blocks, _, n_r, _ = wq.shape
+    corr = offset_sums(xq, INT8_BIAS, False, False)
+    for tile in prange(n_tiles):
+        lanes = np.empty((PROMPT_TOKEN_TILE, 8, n_r), np.float32)
+        summs = np.empty(n_r, np.float32)
+        for t0 in range(0, n_tokens, PROMPT_TOKEN_TILE):
+            n = min(PROMPT_TOKEN_TILE, n_tokens - t0)
+            if n == PROMPT_TOKEN_TILE:
+                int8_dot_tokens(wq, wd, tile, xq, xd, corr, t0, lanes)
+            else:
+                for j in range(n):
+                    int8_dot(wq, wd, tile, xq, xd, corr, t0 + j, lanes[j:j + 1])
+            for j in range(n):
+                _lanes_to_rows(lanes[j], xs, t0 + j, wm[tile], has_min, summs, out[t0 + j, tile * n_r:(tile + 1) * n_r])
 
 
 @njit(cache=True, nogil=True, parallel=True)

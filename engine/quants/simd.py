@@ -56,6 +56,22 @@ def have_avx2() -> bool:
 AVX2 = have_avx2()   # decided once per process, for every kernel choice
 
 
+def vnni_width() -> int:
+    """Rows per vector of the VNNI kernels (q4_dot): 16 where this CPU has AVX-512 VNNI (zmm),
+    8 with AVX-VNNI alone (ymm), 0 without VNNI or with NUMLLAMA_NO_VNNI=1 (which the tests use
+    to compare the VNNI kernels with the vpmaddubsw ones on the same machine)."""
+    if not AVX2 or os.environ.get("NUMLLAMA_NO_VNNI") == "1":
+        return 0
+    import llvmlite.binding as llvm
+    features = set(llvm.get_host_cpu_features().flatten().split(","))
+    if {"+avx512vnni", "+avx512bw", "+avx512vl", "+avx512f"} <= features:
+        return 16
+    return 8 if "+avxvnni" in features else 0
+
+
+VNNI_ROWS = vnni_width()
+
+
 def _splat(builder, scalar, vtype):
     vec = builder.insert_element(ir.Constant(vtype, ir.Undefined), scalar, ir.Constant(_i32, 0))
     return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_i32, vtype.count), [0] * vtype.count))
@@ -216,6 +232,148 @@ def _make_q4_lanes(offset: int, whole_blocks: bool = False):
 q4_0_lanes = _make_q4_lanes(8)
 q4_1_lanes = _make_q4_lanes(0)
 q4_0_blocks = _make_q4_lanes(8, whole_blocks=True)
+
+
+# VNNI (vpdpbusd: 4 unsigned bytes times 4 signed bytes, summed into a 32-bit lane, in one
+# instruction) and a tile of prompt tokens per pass over the weights: the 32-weight block
+# kernels on CPUs that have it. Layouts read (pack_weight when VNNI_ROWS), per tile and block:
+# * Q4 (`_pack_q4`): [4 slots][ROW_TILE rows][4 bytes], slot i holding bytes 4i..4i+3 of the
+#   GGUF block, so one load is VNNI_ROWS rows x 4 bytes: their low nibbles are weights
+#   4i..4i+3, ggml's lane i, their high nibbles weights 16+4i..16+4i+3, lane i + 4.
+# * int8 (Q8_0, Q5_0, Q5_1): [8 slots][ROW_TILE rows][4 bytes], slot i weights 4i..4i+3 (lane
+#   i), stored plus 128 as unsigned bytes (vpdpbusd's unsigned side).
+# Weights stored with an offset (a Q4_0 nibble is weight + 8, a biased byte weight + 128) give
+# sum (w + off) x = sum w x + off * sum x: each integer sum starts from minus the second term,
+# precomputed per token (kernels.offset_sums). The integer of a lane (or of a whole block)
+# is exact whichever instruction adds it, so the float sums, and the result, are those of
+# q4_lanes and q8_lanes bit for bit.
+PROMPT_TOKEN_TILE = 8   # prompt tokens that share each load of weights (1B Q4_0 prefill, 2
+# threads: 1 token 42 tok/s (vpmaddubsw), 4 tokens 143 GMAC/s on its FFN, 8 tokens 158, 16 129)
+INT8_BIAS = 128   # added to int8 weights to make them vpdpbusd's unsigned operand
+
+
+def _make_dot(kind: str, offset: int, whole_blocks: bool, n_tok: int):
+    """The dot intrinsic for `kind` "q4" (Q4_0: offset 8, Q4_1: 0) or "int8" (offset
+    INT8_BIAS), ggml's 8 lanes or (whole_blocks, Q4_0) the repacked kernels' one sum per
+    block, for n_tok tokens at a time."""
+    rows = VNNI_ROWS or 8
+    v_i8, v_i32 = ir.VectorType(_i8, 4 * rows), ir.VectorType(_i32, rows)
+    v_f32, v_f16 = ir.VectorType(_f32, rows), ir.VectorType(ir.HalfType(), rows)
+    n_slots = 4 if kind == "q4" else 8
+
+    @intrinsic
+    def dot(typingctx, wq, wd, tile, xq, xd, corr, t0, lanes):
+        """lanes[j, i, r] = ggml's lane i of row r of `tile` for token t0 + j (j < n_tok),
+        summed over all blocks (whole_blocks: the block sums in lanes[j, 0]).
+
+        wq: [n_tiles, NB, n_slots, R, 4] uint8 (see above); wd: [n_tiles, NB, R] the blocks'
+        scales, f16 bits (uint16, Q4) or f32 (int8 types); xq: [T, NB, 32] int8; xd: [T, NB] f32
+        corr: [T, NB, C] int32, minus offset times the sum of each lane's 4 activations (C = 8)
+        or of the block's 32 (C = 1, whole_blocks): where each integer sum starts;
+        lanes: [n_tok, 8, R] f32 (written)
+        """
+        def codegen(context, builder, signature, args):
+            wq_v, wd_v, tile_v, xq_v, xd_v, corr_v, t0_v, lanes_v = args
+            wq_s, wd_s, _, xq_s, xd_s, corr_s, _, lanes_s = signature.args
+            arr = context.make_array(wq_s)(context, builder, wq_v)
+            _, n_blocks, _, n_rows, _ = cgutils.unpack_tuple(builder, arr.shape, 5)
+            i8p = _i8.as_pointer()
+            wq_p = builder.bitcast(arr.data, i8p)
+            wd_p = builder.bitcast(context.make_array(wd_s)(context, builder, wd_v).data, i8p)
+            xq_p = builder.bitcast(context.make_array(xq_s)(context, builder, xq_v).data, i8p)
+            xd_p = context.make_array(xd_s)(context, builder, xd_v).data                 # f32*
+            corr_p = context.make_array(corr_s)(context, builder, corr_v).data           # i32*
+            out_p = context.make_array(lanes_s)(context, builder, lanes_v).data          # f32*
+            ext = lambda v: builder.sext(v, _i64) if v.type.width < 64 else v   # noqa: E731
+            tile, t0 = ext(tile_v), ext(t0_v)
+            n_corr = 1 if whole_blocks else 8
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_f32, [v_f32] * 3),
+                                                 f"llvm.fma.v{rows}f32")
+            if VNNI_ROWS:
+                dpbusd = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(v_i32, [v_i32] * 3), f"llvm.x86.avx512.vpdpbusd.{32 * rows}")
+
+                def dot4(acc, w, x):   # acc + sum of 4 (unsigned w) x (signed x) per lane
+                    return builder.call(dpbusd, [acc, builder.bitcast(w, v_i32), builder.bitcast(x, v_i32)])
+            else:   # the same integers from vpmaddubsw (pairs: 2 * 255 * 128 can saturate 16
+                # bits, so only for nibbles, 2 * 15 * 128) and vpmaddwd
+                assert kind == "q4"
+                maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16i16, [_V32i8, _V32i8]),
+                                                         "llvm.x86.avx2.pmadd.ub.sw")
+                madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8i32, [_V16i16, _V16i16]),
+                                                      "llvm.x86.avx2.pmadd.wd")
+                ones = ir.Constant(_V16i16, [1] * 16)
+
+                def dot4(acc, w, x):
+                    return builder.add(acc, builder.call(madd, [builder.call(maddubs, [w, x]), ones]))
+            low_mask = ir.Constant(v_i8, [0x0F] * (4 * rows))
+            four = ir.Constant(v_i8, [4] * (4 * rows))
+            zero_i, zero_f = ir.Constant(v_i32, [0] * rows), ir.Constant(v_f32, [0.0] * rows)
+            n_lanes = 1 if whole_blocks else 8
+            acc = [[cgutils.alloca_once(builder, v_f32) for _ in range(n_lanes)] for _ in range(n_tok)]
+            with cgutils.for_range(builder, builder.udiv(n_rows, _c(rows))) as group:
+                r0 = builder.mul(group.index, _c(rows))
+                for per_token in acc:
+                    for a in per_token:
+                        builder.store(zero_f, a)
+                with cgutils.for_range(builder, n_blocks) as block:
+                    tb_w = builder.add(builder.mul(tile, n_blocks), block.index)          # wq[tile, b]
+                    w_at = builder.add(builder.mul(tb_w, builder.mul(n_rows, _c(4 * n_slots))), builder.mul(r0, _c(4)))
+                    lanes_w = [None] * 8   # this block's weights for `rows` rows, per lane, loaded once
+                    for i in range(n_slots):
+                        v = _load(builder, wq_p, builder.add(w_at, builder.mul(_c(i), builder.mul(n_rows, _c(4)))), v_i8)
+                        if kind == "q4":
+                            lanes_w[i], lanes_w[i + 4] = builder.and_(v, low_mask), builder.lshr(v, four)
+                        else:
+                            lanes_w[i] = v
+                    wd_row = builder.add(builder.mul(tb_w, n_rows), r0)
+                    if kind == "q4":   # f16 scales, widened by vcvtph2ps
+                        d_w = builder.fpext(_load(builder, wd_p, builder.mul(wd_row, _c(2)), v_f16), v_f32)
+                    else:
+                        d_w = _load(builder, wd_p, builder.mul(wd_row, _c(4)), v_f32)
+                    for j in range(n_tok):
+                        tb = builder.add(builder.mul(builder.add(t0, _c(j)), n_blocks), block.index)
+                        xb = builder.mul(tb, _c(32))
+                        d = builder.fmul(d_w, _splat(builder, builder.load(builder.gep(xd_p, [tb])), v_f32))
+
+                        def x4(lane):   # the 4 activations of a lane, in every row's slot
+                            at = 4 * lane if kind == "int8" or lane < 4 else 16 + 4 * (lane - 4)
+                            ptr = builder.bitcast(builder.gep(xq_p, [builder.add(xb, _c(at))]), _i32.as_pointer())
+                            return builder.bitcast(_splat(builder, builder.load(ptr, align=1), v_i32), v_i8)
+
+                        def start(lane):   # an integer sum starts at minus the offset's term
+                            if not offset:
+                                return zero_i
+                            c = builder.load(builder.gep(corr_p, [builder.add(builder.mul(tb, _c(n_corr)), _c(lane))]))
+                            return _splat(builder, c, v_i32)
+                        if whole_blocks:
+                            s = start(0)
+                            for lane in range(8):
+                                s = dot4(s, lanes_w[lane], x4(lane))
+                            f = builder.sitofp(s, v_f32)
+                            builder.store(builder.call(fma, [f, d, builder.load(acc[j][0])]), acc[j][0])
+                            continue
+                        for lane in range(8):
+                            f = builder.sitofp(dot4(start(lane), lanes_w[lane], x4(lane)), v_f32)
+                            builder.store(builder.call(fma, [d, f, builder.load(acc[j][lane])]), acc[j][lane])
+                for j in range(n_tok):
+                    for lane in range(n_lanes):
+                        dst = builder.gep(out_p, [builder.add(builder.mul(_c(8 * j + lane), n_rows), r0)])
+                        builder.store(builder.load(acc[j][lane]), builder.bitcast(dst, v_f32.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        if not _c_layout(wq, wd, xq, xd, corr, lanes):
+            return None
+        return types.void(wq, wd, tile, xq, xd, corr, t0, lanes), codegen
+
+    return dot
+
+
+q4_0_dot, q4_0_dot_tokens = _make_dot("q4", 8, False, 1), _make_dot("q4", 8, False, PROMPT_TOKEN_TILE)
+q4_1_dot, q4_1_dot_tokens = _make_dot("q4", 0, False, 1), _make_dot("q4", 0, False, PROMPT_TOKEN_TILE)
+q4_0_block_dot = _make_dot("q4", 8, True, 1)
+q4_0_block_dot_tokens = _make_dot("q4", 8, True, PROMPT_TOKEN_TILE)
+int8_dot, int8_dot_tokens = _make_dot("int8", INT8_BIAS, False, 1), _make_dot("int8", INT8_BIAS, False, PROMPT_TOKEN_TILE)
 
 
 _V8i32, _V8f32 = ir.VectorType(_i32, 8), ir.VectorType(_f32, 8)
