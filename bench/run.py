@@ -133,7 +133,10 @@ def prompt_of(model: str, n: int) -> list[int]:
     from numllama.engine.gguf_file import load_gguf
     from numllama.engine.tokenizer import Tokenizer
     tok = Tokenizer(load_gguf(model).vocab)
-    ids = tok.encode("Once upon a time, in a small village by the sea, there lived a curious girl. " * 40)
+    text = "Once upon a time, in a small village by the sea, there lived a curious girl. "
+    ids = tok.encode(text * 40)
+    while len(ids) < n:   # long prompts (bench/matrix.py's depth)
+        ids = tok.encode(text * (len(ids) // 10 + 40))
     return ids[:n]
 
 
