@@ -22,7 +22,7 @@ from . import blocks
 from .kernels import (FLOAT_ROW_TILE, ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_int8_dot, matmul_q4_dot, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
                       quantize_q8_blocks)
-from .kquants import matmul_k16, matmul_q4_k, pack_k, quantize_q8_k_rows
+from .kquants import matmul_k16, matmul_q4_k, offset_starts, pack_k, quantize_q8_k_rows
 from .simd import AVX2, INT8_BIAS, VNNI_ROWS   # 32-weight blocks through simd.py, else the portable kernels
 
 ACT_FORMAT = {
@@ -276,7 +276,7 @@ def matmul(act: Activations, w: PackedWeight, order: KernelOrder | None = None) 
                         w.type_name == "Q5_K", out)
         else:   # Q2_K, Q3_K, Q6_K
             matmul_k16(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, w.minimum,
-                       32 if w.type_name == "Q6_K" else 0, order.tiled, out)
+                       32 if w.type_name == "Q6_K" else 0, offset_starts(act.q, w.type_name), order.tiled, out)
         return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
     out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
     whole_blocks = repacked_order(w.type_name, w.n_rows)

@@ -26,9 +26,10 @@ llama.cpp takes, and these kernels copy each of them:
    repacked): per super-block one integer s1 (and s2 = sum of mins * ysums where there are
    mins), res = d_w * float(s1) (minus dmin_w * float(s2) in one FMA), acc = fma(res, d_y, acc).
 
-The blocks are unpacked once at load (pack_k): one int8 per weight, integer sub-block scales,
-and the super-block scales widened to f32, in tiles of 32 rows; the integer loops run in
-simd.k_lane_sums on AVX2. Checked against an AVX2 build of llama-server with
+The blocks are unpacked once at load (pack_k): one int8 per weight (Q4_K on AVX2: its nibble
+bytes, regrouped), integer sub-block scales, and the super-block scales widened to f32, in tiles
+of 32 rows; the integer loops run in simd.k_dot on AVX2 (vpdpbusd where the CPU has VNNI), 4
+prompt tokens per load of the weights. Checked against an AVX2 build of llama-server with
 bench/compare_tokens.py, and against NumPy twins of these orders in tests/test_kquants.py.
 """
 from __future__ import annotations
@@ -39,8 +40,9 @@ from numba import njit, prange
 from ..float_ops import fma
 from .blocks import QK_K
 from .kernels import ROW_TILE, hsum8, tile_rows
-from .simd import AVX2   # the integer loops in simd.py (vpmaddubsw), else the portable ones below
-from .simd import k_lane_sums_16, k_lane_sums_32
+from .simd import AVX2   # the integer loops in simd.py (vpdpbusd or vpmaddubsw), else the portable ones below
+from .simd import (K_TOKEN_TILE, k_groups_16, k_groups_16_tokens, k_groups_32, k_groups_32_tokens, k_lanes_16,
+                   k_lanes_32)
 
 
 @njit(cache=True, nogil=True)
@@ -109,25 +111,46 @@ def unpack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
 
 def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
     """unpack_k's arrays in tiles of ROW_TILE rows, as the kernels read them:
-    q [n_tiles, n_super, 256, ROW_TILE] int8 (on AVX2 [n_tiles, n_super, 8, 8, ROW_TILE, 4], see
-    simd.k_lane_sums), sub [n_tiles, n_super, 16 or 32, ROW_TILE], d and dmin [n_tiles, n_super, ROW_TILE]."""
+    q [n_tiles, n_super, 256, ROW_TILE] int8 (on AVX2 simd.k_dot's layouts: Q4_K's nibble bytes
+    [n_tiles, n_super, 4, 8, ROW_TILE, 4] uint8, the others [n_tiles, n_super, 8, 8, ROW_TILE, 4]
+    int8, Q3_K's plus 4 so that every stored weight is unsigned), sub [n_tiles, n_super, 16 or
+    32, ROW_TILE], d and dmin [n_tiles, n_super, ROW_TILE]."""
     q, sub, d, dmin = unpack_k(type_name, raw, n_rows, n_cols)
     n_super = n_cols // QK_K
+    if AVX2 and type_name == "Q4_K":   # weight 64c + 4l + k low, 64c + 32 + 4l + k high, in byte (c, l, k)
+        halves = q.reshape(n_rows, n_super, 4, 2, 32).astype(np.uint8)
+        q = tile_rows(halves[:, :, :, 0] | (halves[:, :, :, 1] << 4))            # [tiles, n_super, 4, 32, R]
+        q = np.ascontiguousarray(q.reshape(q.shape[0], n_super, 4, 8, 4, ROW_TILE).transpose(0, 1, 2, 3, 5, 4))
+        return q, tile_rows(sub), tile_rows(d), tile_rows(dmin)
+    if AVX2 and type_name == "Q3_K":
+        q = q + np.int8(Q3_K_OFFSET)
     q = tile_rows(q)                                                  # [tiles, n_super, 256, ROW_TILE]
-    if AVX2:   # -> [tiles, n_super, 8 sub-blocks, 8 lanes, ROW_TILE, 4 weights] for simd.k_lane_sums
+    if AVX2:   # -> [tiles, n_super, 8 groups, 8 lanes, ROW_TILE, 4 weights] for simd.k_dot
         q = np.ascontiguousarray(q.reshape(q.shape[0], n_super, 8, 8, 4, ROW_TILE).transpose(0, 1, 2, 3, 5, 4))
     return q, tile_rows(sub), tile_rows(d), tile_rows(dmin)
 
 
+Q3_K_OFFSET = 4   # Q3_K's weights (-4..3) are stored plus this on AVX2: unsigned for vpdpbusd
+
+
+def offset_starts(xq: np.ndarray, type_name: str) -> np.ndarray:
+    """What simd.k_dot starts each 4-weight sum from for a type stored with an offset (Q3_K on
+    AVX2): minus the offset times each 4 activations' sum, [T, K / 4] int32; an empty array
+    (read as "no offset") for every other type."""
+    if not (AVX2 and type_name == "Q3_K"):
+        return np.zeros(0, np.int32)
+    return -Q3_K_OFFSET * xq.reshape(xq.shape[0], -1, 4).astype(np.int32).sum(axis=2, dtype=np.int32)
+
+
 @njit(cache=True, nogil=True, inline="always")
-def _group_dots(q, y, group_dot):
-    """group_dot[g, r] = sum of q[e, r] * y[e] over sub-block g (32 weights), for ROW_TILE rows.
-    q: [256, ROW_TILE] int8; y: [256] int8; group_dot: [8, ROW_TILE] int32"""
+def _group_dots(q, y, group, group_dot):
+    """group_dot[i, r] = sum of q[e, r] * y[e] over sub-block i (`group` weights), for ROW_TILE
+    rows. q: [256, ROW_TILE] int8; y: [256] int8; group_dot: [256 / group, ROW_TILE] int32"""
     group_dot[:, :] = 0
     for e in range(QK_K):
         ye = np.int32(y[e])
         qe = q[e]
-        gd = group_dot[e // 32]
+        gd = group_dot[e // group]
         for r in range(ROW_TILE):
             gd[r] += np.int32(np.int32(qe[r]) * ye)
 
@@ -154,200 +177,212 @@ def _lane_sums(q, sub, group, y, quad, lane_sum):
                 ls[r] += np.int32(sc[r] * quad[r])
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _group_dots_simd(q, y, group_dot):
-    """_group_dots for the SIMD layout, q: [8, 8, ROW_TILE, 4] int8."""
-    group_dot[:, :] = 0
-    for g in range(8):
-        gd = group_dot[g]
-        for i in range(8):
-            for k in range(4):
-                ye = np.int32(y[32 * g + 4 * i + k])
-                for r in range(ROW_TILE):
-                    gd[r] += np.int32(np.int32(q[g, i, r, k]) * ye)
-
-
-if AVX2:
-    @njit(cache=True, nogil=True, inline="always")
-    def lane_sums(wq, wsub, tile, s, xq, t, group, quad, lane_sum):
-        """Lane sums of super-block s of a tile for token t (see _lane_sums), in AVX2."""
-        if group == 32:
-            k_lane_sums_32(wq, wsub, tile, s, xq, t, lane_sum)
-        else:
-            k_lane_sums_16(wq, wsub, tile, s, xq, t, lane_sum)
+def _make_int_sums(group: int):
+    """int_sums for sub-blocks of `group` weights (32: Q4_K/Q5_K, 16: Q2_K/Q3_K/Q6_K)."""
+    k_groups_tokens = k_groups_32_tokens if group == 32 else k_groups_16_tokens
+    k_groups = k_groups_32 if group == 32 else k_groups_16
+    k_lanes = k_lanes_32 if group == 32 else k_lanes_16
 
     @njit(cache=True, nogil=True, inline="always")
-    def group_dots(wq, tile, s, xq, t, group_dot):
-        _group_dots_simd(wq[tile, s], xq[t, s * QK_K:(s + 1) * QK_K], group_dot)
-else:
-    @njit(cache=True, nogil=True, inline="always")
-    def lane_sums(wq, wsub, tile, s, xq, t, group, quad, lane_sum):
-        """Lane sums of super-block s of a tile for token t (see _lane_sums)."""
-        _lane_sums(wq[tile, s], wsub[tile, s], group, xq[t, s * QK_K:(s + 1) * QK_K], quad, lane_sum)
+    def int_sums(wq, wsub, tile, s, xq, corr, t0, n, sums_only, tiled, lane_sum, group_dot, quad):
+        """The integers of super-block s of a tile for tokens t0..t0+n: for a token whose path
+        needs only the sub-blocks' sums (sums_only: repacked; or tiled[t]), group_dot[j, i, r]
+        = the dot product of sub-block i of row r with the token's; for the others ggml's lanes,
+        lane_sum[j] (see _lane_sums). In simd.k_dot on AVX2, K_TOKEN_TILE tokens at a time."""
+        if AVX2:
+            if n == K_TOKEN_TILE and (sums_only or tiled[t0:t0 + n].all()):
+                k_groups_tokens(wq, wsub, tile, s, xq, corr, t0, group_dot)
+                return
+            for j in range(n):
+                if sums_only or tiled[t0 + j]:
+                    k_groups(wq, wsub, tile, s, xq, corr, t0 + j, group_dot[j:j + 1])
+                else:
+                    k_lanes(wq, wsub, tile, s, xq, corr, t0 + j, lane_sum[j:j + 1])
+            return
+        for j in range(n):
+            y = xq[t0 + j, s * QK_K:(s + 1) * QK_K]
+            if sums_only or tiled[t0 + j]:
+                _group_dots(wq[tile, s], y, group, group_dot[j])
+            else:
+                _lane_sums(wq[tile, s], wsub[tile, s], group, y, quad, lane_sum[j])
 
-    @njit(cache=True, nogil=True, inline="always")
-    def group_dots(wq, tile, s, xq, t, group_dot):
-        _group_dots(wq[tile, s], xq[t, s * QK_K:(s + 1) * QK_K], group_dot)
+    return int_sums
+
+
+int_sums_32, int_sums_16 = _make_int_sums(32), _make_int_sums(16)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5, out):
     """out[t, r] = row r of a Q4_K (or, with q5, Q5_K) matrix (pack_k) times Q8_K activations
-    (quantize_q8_k_rows), in llama.cpp's order (module docstring).
-    wq: [n_tiles, n_super, 256, ROW_TILE] int8; wsub: [n_tiles, n_super, 16, ROW_TILE] int32;
+    (quantize_q8_k_rows), in llama.cpp's order (module docstring). Tokens go K_TOKEN_TILE at a
+    time, each with its own accumulators, so that they share each load of the weights.
+    wq: pack_k's; wsub: [n_tiles, n_super, 16, ROW_TILE] int32;
     wd, wdmin: [n_tiles, n_super, ROW_TILE] f32; out: [T, n_tiles * ROW_TILE]"""
     n_tokens = xq.shape[0]
     n_tiles, n_super = wq.shape[0], wq.shape[1]
+    no_offset = np.zeros(0, np.int32)
     for tile in prange(n_tiles):
-        lanes = np.empty((8, ROW_TILE), np.float32)
-        mins = np.empty((4, ROW_TILE), np.float32)
-        acc = np.empty(ROW_TILE, np.float32)
-        acc_min = np.empty(ROW_TILE, np.float32)
-        lane_sum = np.empty((8, ROW_TILE), np.int32)
+        lanes = np.empty((K_TOKEN_TILE, 8, ROW_TILE), np.float32)
+        mins = np.empty((K_TOKEN_TILE, 4, ROW_TILE), np.float32)
+        acc = np.empty((K_TOKEN_TILE, ROW_TILE), np.float32)
+        acc_min = np.empty((K_TOKEN_TILE, ROW_TILE), np.float32)
+        lane_sum = np.empty((K_TOKEN_TILE, 8, ROW_TILE), np.int32)
+        group_dot = np.empty((K_TOKEN_TILE, 8, ROW_TILE), np.int32)
         quad = np.empty(ROW_TILE, np.int32)
         s1 = np.empty(ROW_TILE, np.int32)
         s2 = np.empty(ROW_TILE, np.int32)
-        group_dot = np.empty((8, ROW_TILE), np.int32)
-        for t in range(n_tokens):
-            acc[:] = 0
-            acc_min[:] = 0
-            lanes[:, :] = 0
-            mins[:, :] = 0
+        for t0 in range(0, n_tokens, K_TOKEN_TILE):
+            n = min(K_TOKEN_TILE, n_tokens - t0)
+            acc[:, :] = 0
+            acc_min[:, :] = 0
+            lanes[:, :, :] = 0
+            mins[:, :, :] = 0
             for s in range(n_super):
+                int_sums_32(wq, wsub, tile, s, xq, no_offset, t0, n, repacked, tiled, lane_sum, group_dot, quad)
                 sub = wsub[tile, s]
-                yd = xd[t, s]
                 d_w, dmin_w = wd[tile, s], wdmin[tile, s]
-                if repacked and grouped[t]:
-                    group_dots(wq, tile, s, xq, t, group_dot)
-                else:
-                    lane_sums(wq, wsub, tile, s, xq, t, 32, quad, lane_sum)
-                if repacked and grouped[t]:   # ggml_gemm_q4_K_8x8_q8_K: one FMA per 64 weights
-                    for c in range(4):
+                for j in range(n):
+                    t = t0 + j
+                    yd = xd[t, s]
+                    if repacked and grouped[t]:   # ggml_gemm_q4_K_8x8_q8_K: one FMA per 64 weights
+                        for c in range(4):
+                            s1[:] = 0
+                            s2[:] = 0
+                            for g in (2 * c, 2 * c + 1):
+                                sg, mg, gd = sub[g], sub[8 + g], group_dot[j, g]
+                                ysum = np.int32(bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
+                                for r in range(ROW_TILE):
+                                    s1[r] += np.int32(sg[r] * gd[r])
+                                    s2[r] += np.int32(mg[r] * ysum)
+                            for r in range(ROW_TILE):
+                                acc[j, r] = fma(np.float32(s1[r]), d_w[r] * yd, acc[j, r])
+                                acc_min[j, r] = fma(np.float32(s2[r]), dmin_w[r] * yd, acc_min[j, r])
+                    elif repacked or tiled[t]:   # one integer per super-block: s1 = sum of scale x sub-block dot
                         s1[:] = 0
                         s2[:] = 0
-                        for g in (2 * c, 2 * c + 1):
-                            sg, mg = sub[g], sub[8 + g]
-                            ysum = np.int32(bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
-                            for r in range(ROW_TILE):
-                                s1[r] += np.int32(sg[r] * group_dot[g, r])
-                                s2[r] += np.int32(mg[r] * ysum)
-                        for r in range(ROW_TILE):
-                            acc[r] = fma(np.float32(s1[r]), d_w[r] * yd, acc[r])
-                            acc_min[r] = fma(np.float32(s2[r]), dmin_w[r] * yd, acc_min[r])
-                elif repacked or tiled[t]:
-                    s1[:] = 0
-                    s2[:] = 0
-                    for l in range(8):
-                        ls = lane_sum[l]
-                        for r in range(ROW_TILE):
-                            s1[r] += ls[r]
-                    for g in range(8):
-                        ysum = np.int32(bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
-                        mg = sub[8 + g]
-                        for r in range(ROW_TILE):
-                            s2[r] += np.int32(mg[r] * ysum)
-                    if repacked:   # ggml_gemv_q4_K_8x8_q8_K
-                        for r in range(ROW_TILE):
-                            acc[r] = fma(np.float32(s1[r]), d_w[r] * yd, acc[r])
-                            acc_min[r] = fma(np.float32(s2[r]), dmin_w[r] * yd, acc_min[r])
-                    else:          # tiled: res = d_w * s1 - dmin_w * s2 (one rounding), acc += res * d_y
-                        for r in range(ROW_TILE):
-                            res = fma(-dmin_w[r], np.float32(s2[r]), d_w[r] * np.float32(s1[r]))
-                            acc[r] = fma(res, yd, acc[r])
-                else:              # ggml_vec_dot_q4_K_q8_K / _q5_K_q8_K
-                    for l in range(8):
-                        lane, ls = lanes[l], lane_sum[l]
-                        for r in range(ROW_TILE):
-                            lane[r] = fma(yd * d_w[r], np.float32(ls[r]), lane[r])
-                    if q5:         # Q5_K: one scalar sum of the mins, summs += dmin * M
-                        s2[:] = 0
                         for g in range(8):
+                            sg, mg, gd = sub[g], sub[8 + g], group_dot[j, g]
                             ysum = np.int32(bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
-                            mg = sub[8 + g]
                             for r in range(ROW_TILE):
+                                s1[r] += np.int32(sg[r] * gd[r])
                                 s2[r] += np.int32(mg[r] * ysum)
-                        for r in range(ROW_TILE):
-                            acc_min[r] = fma(-yd * dmin_w[r], np.float32(s2[r]), acc_min[r])
-                        continue
-                    for m in range(4):
-                        y_a = np.int32(bsums[t, s, 4 * m] + bsums[t, s, 4 * m + 1])
-                        y_b = np.int32(bsums[t, s, 4 * m + 2] + bsums[t, s, 4 * m + 3])
-                        m_a, m_b, mm = sub[8 + 2 * m], sub[8 + 2 * m + 1], mins[m]
-                        for r in range(ROW_TILE):
-                            pair = np.int32(m_a[r] * y_a + m_b[r] * y_b)
-                            mm[r] = fma(-yd * dmin_w[r], np.float32(pair), mm[r])
-            o = out[t, tile * ROW_TILE:(tile + 1) * ROW_TILE]
-            for r in range(ROW_TILE):
-                if repacked:
-                    o[r] = acc[r] - acc_min[r]
-                elif tiled[t]:
-                    o[r] = acc[r]
-                else:
-                    o[r] = hsum8(lanes[:, r]) + (acc_min[r] if q5 else (mins[0, r] + mins[2, r]) + (mins[1, r] + mins[3, r]))
+                        if repacked:   # ggml_gemv_q4_K_8x8_q8_K
+                            for r in range(ROW_TILE):
+                                acc[j, r] = fma(np.float32(s1[r]), d_w[r] * yd, acc[j, r])
+                                acc_min[j, r] = fma(np.float32(s2[r]), dmin_w[r] * yd, acc_min[j, r])
+                        else:          # tiled: res = d_w * s1 - dmin_w * s2 (one rounding), acc += res * d_y
+                            for r in range(ROW_TILE):
+                                res = fma(-dmin_w[r], np.float32(s2[r]), d_w[r] * np.float32(s1[r]))
+                                acc[j, r] = fma(res, yd, acc[j, r])
+                    else:              # ggml_vec_dot_q4_K_q8_K / _q5_K_q8_K
+                        for l in range(8):
+                            lane, ls = lanes[j, l], lane_sum[j, l]
+                            for r in range(ROW_TILE):
+                                lane[r] = fma(yd * d_w[r], np.float32(ls[r]), lane[r])
+                        if q5:         # Q5_K: one scalar sum of the mins, summs += dmin * M
+                            s2[:] = 0
+                            for g in range(8):
+                                ysum = np.int32(bsums[t, s, 2 * g] + bsums[t, s, 2 * g + 1])
+                                mg = sub[8 + g]
+                                for r in range(ROW_TILE):
+                                    s2[r] += np.int32(mg[r] * ysum)
+                            for r in range(ROW_TILE):
+                                acc_min[j, r] = fma(-yd * dmin_w[r], np.float32(s2[r]), acc_min[j, r])
+                            continue
+                        for m in range(4):
+                            y_a = np.int32(bsums[t, s, 4 * m] + bsums[t, s, 4 * m + 1])
+                            y_b = np.int32(bsums[t, s, 4 * m + 2] + bsums[t, s, 4 * m + 3])
+                            m_a, m_b, mm = sub[8 + 2 * m], sub[8 + 2 * m + 1], mins[j, m]
+                            for r in range(ROW_TILE):
+                                pair = np.int32(m_a[r] * y_a + m_b[r] * y_b)
+                                mm[r] = fma(-yd * dmin_w[r], np.float32(pair), mm[r])
+            for j in range(n):
+                t = t0 + j
+                o = out[t, tile * ROW_TILE:(tile + 1) * ROW_TILE]
+                for r in range(ROW_TILE):
+                    if repacked:
+                        o[r] = acc[j, r] - acc_min[j, r]
+                    elif tiled[t]:
+                        o[r] = acc[j, r]
+                    else:
+                        o[r] = hsum8(lanes[j, :, r]) + (acc_min[j, r] if q5 else
+                                                        (mins[j, 0, r] + mins[j, 2, r]) + (mins[j, 1, r] + mins[j, 3, r]))
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def matmul_k16(xq, xd, bsums, wq, wsub, wd, wdmin, offset, tiled, out):
+def matmul_k16(xq, xd, bsums, wq, wsub, wd, wdmin, offset, corr, tiled, out):
     """out[t, r] = row r of a K-quant matrix with one scale per 16 weights and no minimum
-    (pack_k: Q6_K, offset 32, its quants stored unsigned; Q3_K, offset 0, signed) or with
-    16 mins too (Q2_K: wsub holds 16 scales then 16 mins) times Q8_K activations, in the order
-    of ggml_vec_dot_q{6,3,2}_K_q8_K on AVX2, or of the tiled kernel for long prompt passes.
-    wq: [n_tiles, n_super, 256, ROW_TILE] int8; wsub: [n_tiles, n_super, 16, ROW_TILE] int32;
+    (pack_k: Q6_K, offset 32, its quants stored unsigned; Q3_K, offset 0, signed, or plus 4 on
+    AVX2 with corr = offset_starts) or with 16 mins too (Q2_K: wsub holds 16 scales then 16
+    mins) times Q8_K activations, in the order of ggml_vec_dot_q{6,3,2}_K_q8_K on AVX2, or of
+    the tiled kernel for long prompt passes. Tokens go K_TOKEN_TILE at a time.
+    wq: pack_k's; wsub: [n_tiles, n_super, 16, ROW_TILE] int32;
     wd: [n_tiles, n_super, ROW_TILE] f32; out: [T, n_tiles * ROW_TILE]"""
     n_tokens = xq.shape[0]
     n_tiles, n_super = wq.shape[0], wq.shape[1]
+    has_min = wsub.shape[2] == 32
     for tile in prange(n_tiles):
-        lanes = np.empty((8, ROW_TILE), np.float32)
-        acc = np.empty(ROW_TILE, np.float32)
-        lane_sum = np.empty((8, ROW_TILE), np.int32)
+        lanes = np.empty((K_TOKEN_TILE, 8, ROW_TILE), np.float32)
+        acc = np.empty((K_TOKEN_TILE, ROW_TILE), np.float32)
+        lane_sum = np.empty((K_TOKEN_TILE, 8, ROW_TILE), np.int32)
+        group_dot = np.empty((K_TOKEN_TILE, 16, ROW_TILE), np.int32)
         min_lane = np.empty((8, ROW_TILE), np.int32)
         quad = np.empty(ROW_TILE, np.int32)
         s1 = np.empty(ROW_TILE, np.int32)
         s2 = np.empty(ROW_TILE, np.int32)
-        for t in range(n_tokens):
-            lanes[:, :] = 0
-            acc[:] = 0
+        for t0 in range(0, n_tokens, K_TOKEN_TILE):
+            n = min(K_TOKEN_TILE, n_tokens - t0)
+            lanes[:, :, :] = 0
+            acc[:, :] = 0
             for s in range(n_super):
+                int_sums_16(wq, wsub, tile, s, xq, corr, t0, n, False, tiled, lane_sum, group_dot, quad)
                 sc = wsub[tile, s]
-                lane_sums(wq, wsub, tile, s, xq, t, 16, quad, lane_sum)
-                for l in range(8 if offset else 0):   # Q6_K's weights are u6 - 32: take 32 * scale * y out
-                    b0, b1 = np.int32(bsums[t, s, 2 * l]), np.int32(bsums[t, s, 2 * l + 1])
-                    c0, c1, ls = sc[2 * l], sc[2 * l + 1], lane_sum[l]
-                    for r in range(ROW_TILE):
-                        ls[r] -= np.int32(offset * (b0 * c0[r] + b1 * c1[r]))
-                yd = xd[t, s]
                 d_w, dmin_w = wd[tile, s], wdmin[tile, s]
-                has_min = wsub.shape[2] == 32
-                if has_min:   # Q2_K: the 16 mins times the 16 bsums, as 8 lanes of pairs
-                    for l in range(8):
-                        b0, b1 = np.int32(bsums[t, s, 2 * l]), np.int32(bsums[t, s, 2 * l + 1])
-                        m0, m1 = sc[16 + 2 * l], sc[16 + 2 * l + 1]
-                        for r in range(ROW_TILE):
-                            min_lane[l, r] = np.int32(m0[r] * b0 + m1[r] * b1)
-                if tiled[t]:   # tiled: one integer per super-block, res = d_w * s1 (- dmin_w * s2), acc += res * d_y
-                    s1[:] = 0
-                    s2[:] = 0
-                    for l in range(8):
-                        ls, ml = lane_sum[l], min_lane[l]
-                        for r in range(ROW_TILE):
-                            s1[r] += ls[r]
-                            if has_min:
-                                s2[r] += ml[r]
-                    for r in range(ROW_TILE):
-                        res = d_w[r] * np.float32(s1[r])
+                for j in range(n):
+                    t = t0 + j
+                    yd = xd[t, s]
+                    if has_min:   # Q2_K: the 16 mins times the 16 bsums, as 8 lanes of pairs
+                        for l in range(8):
+                            b0, b1 = np.int32(bsums[t, s, 2 * l]), np.int32(bsums[t, s, 2 * l + 1])
+                            m0, m1 = sc[16 + 2 * l], sc[16 + 2 * l + 1]
+                            for r in range(ROW_TILE):
+                                min_lane[l, r] = np.int32(m0[r] * b0 + m1[r] * b1)
+                    if tiled[t]:   # tiled: one integer per super-block, res = d_w * s1 (- dmin_w * s2), acc += res * d_y
+                        s1[:] = 0
+                        s2[:] = 0
+                        for i in range(16):   # Q6_K's weights are u6 - 32: take 32 * scale * bsum out
+                            gd, ci = group_dot[j, i], sc[i]
+                            out_i = np.int32(offset * bsums[t, s, i])
+                            for r in range(ROW_TILE):
+                                s1[r] += np.int32(ci[r] * (gd[r] - out_i))
                         if has_min:
-                            res = fma(-dmin_w[r], np.float32(s2[r]), res)
-                        acc[r] = fma(res, yd, acc[r])
-                    continue
-                if has_min:   # ggml_vec_dot_q2_K_q8_K: the mins go into the lanes first
-                    for l in range(8):
-                        lane, ml = lanes[l], min_lane[l]
+                            for l in range(8):
+                                ml = min_lane[l]
+                                for r in range(ROW_TILE):
+                                    s2[r] += ml[r]
                         for r in range(ROW_TILE):
-                            lane[r] = fma(-yd * dmin_w[r], np.float32(ml[r]), lane[r])
-                for l in range(8):
-                    lane, ls = lanes[l], lane_sum[l]
-                    for r in range(ROW_TILE):
-                        lane[r] = fma(yd * d_w[r], np.float32(ls[r]), lane[r])
-            o = out[t, tile * ROW_TILE:(tile + 1) * ROW_TILE]
-            for r in range(ROW_TILE):
-                o[r] = acc[r] if tiled[t] else hsum8(lanes[:, r])
+                            res = d_w[r] * np.float32(s1[r])
+                            if has_min:
+                                res = fma(-dmin_w[r], np.float32(s2[r]), res)
+                            acc[j, r] = fma(res, yd, acc[j, r])
+                        continue
+                    for l in range(8 if offset else 0):   # Q6_K's weights are u6 - 32: take 32 * scale * y out
+                        b0, b1 = np.int32(bsums[t, s, 2 * l]), np.int32(bsums[t, s, 2 * l + 1])
+                        c0, c1, ls = sc[2 * l], sc[2 * l + 1], lane_sum[j, l]
+                        for r in range(ROW_TILE):
+                            ls[r] -= np.int32(offset * (b0 * c0[r] + b1 * c1[r]))
+                    if has_min:   # ggml_vec_dot_q2_K_q8_K: the mins go into the lanes first
+                        for l in range(8):
+                            lane, ml = lanes[j, l], min_lane[l]
+                            for r in range(ROW_TILE):
+                                lane[r] = fma(-yd * dmin_w[r], np.float32(ml[r]), lane[r])
+                    for l in range(8):
+                        lane, ls = lanes[j, l], lane_sum[j, l]
+                        for r in range(ROW_TILE):
+                            lane[r] = fma(yd * d_w[r], np.float32(ls[r]), lane[r])
+            for j in range(n):
+                t = t0 + j
+                o = out[t, tile * ROW_TILE:(tile + 1) * ROW_TILE]
+                for r in range(ROW_TILE):
+                    o[r] = acc[j, r] if tiled[t] else hsum8(lanes[j, :, r])

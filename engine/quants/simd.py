@@ -247,6 +247,29 @@ q4_0_blocks = _make_q4_lanes(8, whole_blocks=True)
 # precomputed per token (kernels.offset_sums). The integer of a lane (or of a whole block)
 # is exact whichever instruction adds it, so the float sums, and the result, are those of
 # q4_lanes and q8_lanes bit for bit.
+def _dot4(builder, rows: int):
+    """dot4(acc, w, x) = acc + sum of 4 (unsigned bytes of w) x (signed bytes of x) in each of
+    `rows` 32-bit lanes: vpdpbusd with VNNI, else vpmaddubsw (pairs into 16 bits, exact while
+    2 * w * 128 fits: w below 128) then vpmaddwd with ones (AVX2, rows = 8)."""
+    v_i32 = ir.VectorType(_i32, rows)
+    if VNNI_ROWS:
+        dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_i32, [v_i32] * 3),
+                                                f"llvm.x86.avx512.vpdpbusd.{32 * rows}")
+
+        def dot4(acc, w, x):
+            return builder.call(dpbusd, [acc, builder.bitcast(w, v_i32), builder.bitcast(x, v_i32)])
+        return dot4
+    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16i16, [_V32i8, _V32i8]),
+                                             "llvm.x86.avx2.pmadd.ub.sw")
+    madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8i32, [_V16i16, _V16i16]),
+                                          "llvm.x86.avx2.pmadd.wd")
+    ones = ir.Constant(_V16i16, [1] * 16)
+
+    def dot4(acc, w, x):
+        return builder.add(acc, builder.call(madd, [builder.call(maddubs, [w, x]), ones]))
+    return dot4
+
+
 PROMPT_TOKEN_TILE = 8   # prompt tokens that share each load of weights (1B Q4_0 prefill, 2
 # threads: 1 token 42 tok/s (vpmaddubsw), 4 tokens 143 GMAC/s on its FFN, 8 tokens 158, 16 129)
 INT8_BIAS = 128   # added to int8 weights to make them vpdpbusd's unsigned operand
@@ -289,23 +312,8 @@ def _make_dot(kind: str, offset: int, whole_blocks: bool, n_tok: int):
             n_corr = 1 if whole_blocks else 8
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_f32, [v_f32] * 3),
                                                  f"llvm.fma.v{rows}f32")
-            if VNNI_ROWS:
-                dpbusd = cgutils.get_or_insert_function(
-                    builder.module, ir.FunctionType(v_i32, [v_i32] * 3), f"llvm.x86.avx512.vpdpbusd.{32 * rows}")
-
-                def dot4(acc, w, x):   # acc + sum of 4 (unsigned w) x (signed x) per lane
-                    return builder.call(dpbusd, [acc, builder.bitcast(w, v_i32), builder.bitcast(x, v_i32)])
-            else:   # the same integers from vpmaddubsw (pairs: 2 * 255 * 128 can saturate 16
-                # bits, so only for nibbles, 2 * 15 * 128) and vpmaddwd
-                assert kind == "q4"
-                maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16i16, [_V32i8, _V32i8]),
-                                                         "llvm.x86.avx2.pmadd.ub.sw")
-                madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8i32, [_V16i16, _V16i16]),
-                                                      "llvm.x86.avx2.pmadd.wd")
-                ones = ir.Constant(_V16i16, [1] * 16)
-
-                def dot4(acc, w, x):
-                    return builder.add(acc, builder.call(madd, [builder.call(maddubs, [w, x]), ones]))
+            assert VNNI_ROWS or kind == "q4"   # vpmaddubsw would saturate on bytes plus 128
+            dot4 = _dot4(builder, rows)
             low_mask = ir.Constant(v_i8, [0x0F] * (4 * rows))
             four = ir.Constant(v_i8, [4] * (4 * rows))
             zero_i, zero_f = ir.Constant(v_i32, [0] * rows), ir.Constant(v_f32, [0.0] * rows)
@@ -426,78 +434,128 @@ def q8_lanes(typingctx, wq, wd, tile, xq, xd, t, lanes):
     return types.void(wq, wd, tile, xq, xd, t, lanes), codegen
 
 
-def _make_k_lane_sums(group: int):
-    """The integer part of the K-quants (kquants.py) for one super-block: for 8 rows at a time,
-    lane i of sub-block g is sum_{k<4} w[32g+4i+k] * y[32g+4i+k] (vpmaddubsw with the sign
-    trick, then vpmaddwd), times the row's integer scale of that sub-block (vpmulld), summed
-    over the 8 sub-blocks. Exact integers, as kquants._lane_sums computes them."""
+# The K-quants' integers with vpdpbusd (VNNI; vpmaddubsw + vpmaddwd without it, exact since
+# every K-quant weight is stored unsigned and below 64: 2 * 63 * 128 fits 16 bits) and a tile
+# of prompt tokens per load of the weights. Layouts read (kquants.pack_k on AVX2), per tile and
+# super-block: int8 [8 groups of 32][8 lanes][ROW_TILE rows][4 weights] (Q2_K, Q3_K plus 4,
+# Q5_K, Q6_K plus 32), or, for Q4_K, its nibble bytes [4 chunks][8 lanes][ROW_TILE rows][4
+# bytes]: byte 4l + k of chunk c holds weight 64c + 4l + k (group 2c) in its low nibble and
+# 64c + 32 + 4l + k (group 2c + 1) in its high one, as in the GGUF block.
+K_TOKEN_TILE = 4   # prompt tokens per call of k_dot
+
+
+def _make_k_dot(group: int, lanes_out: bool, n_tok: int):
+    """k_dot for one super-block s of a tile and n_tok tokens from t0. The quad of (group g,
+    lane l) is the exact sum of weights 32g+4l..32g+4l+3 times the activations (with an offset,
+    from a start of corr: minus the stored weights' offset times the activations' sum). The
+    layout follows wq's type: uint8, Q4_K's nibbles; int8, one weight a byte; and the offset
+    corr's: 2 dimensions, read; 1, none (so a caller compiles only the kind it uses). lanes_out: ggml's
+    lanes, out[j, l, r] = sum over g of scale(g, l) * quad(g, l), the scale wsub[idx] with idx
+    = g (group 32) or 2g + (l >= 4) (group 16); else sub-block sums, out[j, idx, r] = the sum of
+    the quads with that idx (8 or 16 of them)."""
+    rows = VNNI_ROWS or 8
+    v_i8, v_i32 = ir.VectorType(_i8, 4 * rows), ir.VectorType(_i32, rows)
 
     @intrinsic
-    def k_lane_sums(typingctx, wq, wsub, tile, s, xq, t, lane_sum):
-        """wq: [n_tiles, n_super, 8, 8, R, 4] int8 (sub-block g, lane i, row, 4 weights);
-        wsub: [n_tiles, n_super, NS, R] int32 (scales: one per 32 weights, or per 16 when
-        group == 16); xq: [T, K] int8; lane_sum: [8, R] int32 (written)"""
+    def k_dot(typingctx, wq, wsub, tile, s, xq, corr, t0, out):
+        """wq: see above (uint8 or int8, 6 dimensions); wsub: [n_tiles, n_super, NS, R] int32;
+        xq: [T, K] int8; corr: [T, K / 4] int32, or [0] (no offset); out: [n_tok, 8 or 16, R] int32"""
+        nibbles = isinstance(wq, types.Array) and wq.dtype == types.uint8
+        offset = isinstance(corr, types.Array) and corr.ndim == 2
+
         def codegen(context, builder, signature, args):
-            wq_a, wsub_a, tile_v, s_v, xq_a, t_v, out_a = args
-            wq_s, wsub_s, _, _, xq_s, _, out_s = signature.args
-            arr = context.make_array(wq_s)(context, builder, wq_a)
+            wq_v, wsub_v, tile_v, s_v, xq_v, corr_v, t0_v, out_v = args
+            wq_s, wsub_s, _, _, xq_s, corr_s, _, out_s = signature.args
+            arr = context.make_array(wq_s)(context, builder, wq_v)
             _, n_super, _, _, n_rows, _ = cgutils.unpack_tuple(builder, arr.shape, 6)
-            sub_arr = context.make_array(wsub_s)(context, builder, wsub_a)
+            sub_arr = context.make_array(wsub_s)(context, builder, wsub_v)
             n_scales = cgutils.unpack_tuple(builder, sub_arr.shape, 4)[2]
-            x_arr = context.make_array(xq_s)(context, builder, xq_a)
+            x_arr = context.make_array(xq_s)(context, builder, xq_v)
             n_cols = cgutils.unpack_tuple(builder, x_arr.shape, 2)[1]
-            i8p = _i8.as_pointer()
-            wq_p = builder.bitcast(arr.data, i8p)
-            sub_p = sub_arr.data                                                        # i32*
-            xq_p = builder.bitcast(x_arr.data, i8p)
-            out_p = context.make_array(out_s)(context, builder, out_a).data             # i32*
+            out_arr = context.make_array(out_s)(context, builder, out_v)
+            n_out = cgutils.unpack_tuple(builder, out_arr.shape, 3)[1]
+            wq_p = builder.bitcast(arr.data, _i8.as_pointer())
+            sub_p, out_p = sub_arr.data, out_arr.data                                  # i32*
+            xq_p = builder.bitcast(x_arr.data, _i8.as_pointer())
+            corr_p = context.make_array(corr_s)(context, builder, corr_v).data         # i32*
             ext = lambda v: builder.sext(v, _i64) if v.type.width < 64 else v   # noqa: E731
-            tile_v, s_v, t_v = ext(tile_v), ext(s_v), ext(t_v)
-            mod = builder.module
-            maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(_V16i16, [_V32i8, _V32i8]),
-                                                     "llvm.x86.avx2.pmadd.ub.sw")
-            madd = cgutils.get_or_insert_function(mod, ir.FunctionType(_V8i32, [_V16i16, _V16i16]),
-                                                  "llvm.x86.avx2.pmadd.wd")
-            zero = ir.Constant(_V32i8, [0] * 32)
-            ones = ir.Constant(_V16i16, [1] * 16)
-            ts = builder.add(builder.mul(tile_v, n_super), s_v)
-            w_base = builder.mul(ts, builder.mul(n_rows, _c(256)))                     # bytes
-            x_base = builder.add(builder.mul(t_v, n_cols), builder.mul(s_v, _c(256)))
-            acc = [cgutils.alloca_once(builder, _V8i32) for _ in range(8)]
-            with cgutils.for_range(builder, builder.udiv(n_rows, _c(QUAD_ROWS))) as rows:
-                rg = builder.mul(rows.index, _c(QUAD_ROWS))
-                for a in acc:
-                    builder.store(ir.Constant(_V8i32, [0] * 8), a)
+            tile, s_i, t0 = ext(tile_v), ext(s_v), ext(t0_v)
+            dot4 = _dot4(builder, rows)
+            zero = ir.Constant(v_i32, [0] * rows)
+            low_mask = ir.Constant(v_i8, [0x0F] * (4 * rows))
+            four = ir.Constant(v_i8, [4] * (4 * rows))
+            ts = builder.add(builder.mul(tile, n_super), s_i)
+            w_base = builder.mul(ts, builder.mul(n_rows, _c(128 if nibbles else 256)))   # bytes
+            n_acc = 8 if lanes_out else 0
+            acc = [[cgutils.alloca_once(builder, v_i32) for _ in range(n_acc)] for _ in range(n_tok)]
+            with cgutils.for_range(builder, builder.udiv(n_rows, _c(rows))) as rg_loop:
+                r0 = builder.mul(rg_loop.index, _c(rows))
+                for per_token in acc:
+                    for a in per_token:
+                        builder.store(zero, a)
+
+                def weights(g):   # the 8 lanes of group g for `rows` rows, as unsigned bytes
+                    out = []
+                    for lane in range(8):
+                        slot = (g // 2 if nibbles else g) * 8 + lane
+                        at = builder.add(w_base, builder.add(builder.mul(_c(slot), builder.mul(n_rows, _c(4))),
+                                                             builder.mul(r0, _c(4))))
+                        v = _load(builder, wq_p, at, v_i8)
+                        if nibbles:
+                            v = builder.and_(v, low_mask) if g % 2 == 0 else builder.lshr(v, four)
+                        out.append(v)
+                    return out
+
+                def scale(idx):
+                    at = builder.add(builder.mul(builder.add(builder.mul(ts, n_scales), _c(idx)), n_rows), r0)
+                    return builder.load(builder.bitcast(builder.gep(sub_p, [at]), v_i32.as_pointer()), align=4)
+
                 for g in range(8):
-                    for i in range(8):
-                        at = builder.add(w_base, builder.add(builder.mul(_c(8 * g + i), builder.mul(n_rows, _c(4))),
-                                                             builder.mul(rg, _c(4))))
-                        w = _load(builder, wq_p, at, _V32i8)                              # 8 rows x 4 weights
-                        x4 = builder.load(builder.bitcast(builder.gep(xq_p, [builder.add(x_base, _c(32 * g + 4 * i))]),
-                                                          _i32.as_pointer()), align=1)
-                        y = builder.bitcast(_splat(builder, x4, _V8i32), _V32i8)
-                        negative = builder.icmp_signed("<", w, zero)
-                        w_abs = builder.select(negative, builder.sub(zero, w), w)
-                        y_signed = builder.select(negative, builder.sub(zero, y), y)
-                        quads = builder.call(madd, [builder.call(maddubs, [w_abs, y_signed]), ones])
-                        idx = g if group == 32 else 2 * g + (i >= 4)
-                        sc_at = builder.add(builder.mul(builder.add(builder.mul(ts, n_scales), _c(idx)), n_rows), rg)
-                        sc = builder.load(builder.bitcast(builder.gep(sub_p, [sc_at]), _V8i32.as_pointer()), align=4)
-                        builder.store(builder.add(builder.load(acc[i]), builder.mul(quads, sc)), acc[i])
-                for i in range(8):
-                    dst = builder.gep(out_p, [builder.add(builder.mul(_c(i), n_rows), rg)])
-                    builder.store(builder.load(acc[i]), builder.bitcast(dst, _V8i32.as_pointer()), align=4)
+                    w = weights(g)
+                    idx_of = [g if group == 32 else 2 * g + (lane >= 4) for lane in range(8)]
+                    scales = {idx: scale(idx) for idx in set(idx_of)} if lanes_out else {}
+                    for j in range(n_tok):
+                        x_at = builder.add(builder.mul(builder.add(t0, _c(j)), n_cols), builder.mul(s_i, _c(256)))
+
+                        def x4(lane):
+                            ptr = builder.gep(xq_p, [builder.add(x_at, _c(32 * g + 4 * lane))])
+                            word = builder.load(builder.bitcast(ptr, _i32.as_pointer()), align=1)
+                            return builder.bitcast(_splat(builder, word, v_i32), v_i8)
+
+                        def start(lanes):   # where the sum of these lanes' quads starts
+                            if not offset:
+                                return zero
+                            total = ir.Constant(_i32, 0)
+                            for lane in lanes:
+                                at = builder.add(builder.udiv(x_at, _c(4)), _c(8 * g + lane))
+                                total = builder.add(total, builder.load(builder.gep(corr_p, [at])))
+                            return _splat(builder, total, v_i32)
+                        if lanes_out:
+                            for lane in range(8):
+                                quad = dot4(start([lane]), w[lane], x4(lane))
+                                a = acc[j][lane]
+                                builder.store(builder.add(builder.load(a), builder.mul(quad, scales[idx_of[lane]])), a)
+                            continue
+                        for idx in sorted(set(idx_of)):
+                            members = [lane for lane in range(8) if idx_of[lane] == idx]
+                            total = start(members)
+                            for lane in members:
+                                total = dot4(total, w[lane], x4(lane))
+                            dst = builder.gep(out_p, [builder.add(builder.mul(builder.add(builder.mul(_c(j), n_out), _c(idx)),
+                                                                              n_rows), r0)])
+                            builder.store(total, builder.bitcast(dst, v_i32.as_pointer()), align=4)
+                for j in range(n_tok):
+                    for lane in range(n_acc):
+                        dst = builder.gep(out_p, [builder.add(builder.mul(builder.add(builder.mul(_c(j), n_out), _c(lane)),
+                                                                          n_rows), r0)])
+                        builder.store(builder.load(acc[j][lane]), builder.bitcast(dst, v_i32.as_pointer()), align=4)
             return context.get_dummy_value()
 
-        if not _c_layout(wq, wsub, xq, lane_sum):
+        if not _c_layout(wq, wsub, xq, corr, out):
             return None
-        return types.void(wq, wsub, tile, s, xq, t, lane_sum), codegen
+        return types.void(wq, wsub, tile, s, xq, corr, t0, out), codegen
 
-    return k_lane_sums
-
-
-k_lane_sums_32 = _make_k_lane_sums(32)
-k_lane_sums_16 = _make_k_lane_sums(16)
+    return k_dot
 
 
 FLOAT_ROWS = 8   # rows per 256-bit vector of f32
@@ -573,3 +631,8 @@ def float_lanes(typingctx, wt, tile, x, t, lanes):
     if not _c_layout(wt, x, lanes) or wt.ndim != 3 or not isinstance(wt.dtype, (types.Float, types.Integer)):
         return None
     return types.void(wt, tile, x, t, lanes), codegen
+
+
+k_lanes_32, k_lanes_16 = _make_k_dot(32, True, 1), _make_k_dot(16, True, 1)
+k_groups_32, k_groups_16 = _make_k_dot(32, False, 1), _make_k_dot(16, False, 1)
+k_groups_32_tokens, k_groups_16_tokens = _make_k_dot(32, False, K_TOKEN_TILE), _make_k_dot(16, False, K_TOKEN_TILE)
