@@ -114,20 +114,21 @@ def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
     q [n_tiles, n_super, 256, ROW_TILE] int8 (on AVX2 simd.k_dot's layouts: Q4_K's nibble bytes
     [n_tiles, n_super, 4, 8, ROW_TILE, 4] uint8, the others [n_tiles, n_super, 8, 8, ROW_TILE, 4]
     int8, Q3_K's plus 4 so that every stored weight is unsigned), sub [n_tiles, n_super, 16 or
-    32, ROW_TILE], d and dmin [n_tiles, n_super, ROW_TILE]."""
+    32, ROW_TILE] int8 (every K-quant scale and min fits: a decode step reads 16 bytes of them per
+    256 weights, not 64), d and dmin [n_tiles, n_super, ROW_TILE]."""
     q, sub, d, dmin = unpack_k(type_name, raw, n_rows, n_cols)
     n_super = n_cols // QK_K
     if AVX2 and type_name == "Q4_K":   # weight 64c + 4l + k low, 64c + 32 + 4l + k high, in byte (c, l, k)
         halves = q.reshape(n_rows, n_super, 4, 2, 32).astype(np.uint8)
         q = tile_rows(halves[:, :, :, 0] | (halves[:, :, :, 1] << 4))            # [tiles, n_super, 4, 32, R]
         q = np.ascontiguousarray(q.reshape(q.shape[0], n_super, 4, 8, 4, ROW_TILE).transpose(0, 1, 2, 3, 5, 4))
-        return q, tile_rows(sub), tile_rows(d), tile_rows(dmin)
+        return q, tile_rows(sub.astype(np.int8)), tile_rows(d), tile_rows(dmin)
     if AVX2 and type_name == "Q3_K":
         q = q + np.int8(Q3_K_OFFSET)
     q = tile_rows(q)                                                  # [tiles, n_super, 256, ROW_TILE]
     if AVX2:   # -> [tiles, n_super, 8 groups, 8 lanes, ROW_TILE, 4 weights] for simd.k_dot
         q = np.ascontiguousarray(q.reshape(q.shape[0], n_super, 8, 8, 4, ROW_TILE).transpose(0, 1, 2, 3, 5, 4))
-    return q, tile_rows(sub), tile_rows(d), tile_rows(dmin)
+    return q, tile_rows(sub.astype(np.int8)), tile_rows(d), tile_rows(dmin)
 
 
 Q3_K_OFFSET = 4   # Q3_K's weights (-4..3) are stored plus this on AVX2: unsigned for vpdpbusd
@@ -160,7 +161,7 @@ def _lane_sums(q, sub, group, y, quad, lane_sum):
     """For ROW_TILE rows at once: lane_sum[l, r] = sum over the weights e of ggml's AVX2 lane l
     (elements 4l..4l+3 of every group of 32) of scale(e, r) * q[e, r] * y[e], the scale being
     sub[e // group, r]. Exact integers. Every loop runs across rows (contiguous).
-    q: [256, ROW_TILE] int8; sub: [16, ROW_TILE] int32; y: [256] int8; quad: [ROW_TILE] int32 scratch;
+    q: [256, ROW_TILE] int8; sub: [16, ROW_TILE] int8; y: [256] int8; quad: [ROW_TILE] int32 scratch;
     lane_sum: [8, ROW_TILE] int32"""
     lane_sum[:, :] = 0
     for g in range(QK_K // 32):
@@ -174,7 +175,7 @@ def _lane_sums(q, sub, group, y, quad, lane_sum):
                 quad[r] = np.int32(np.int32(q0[r]) * y0 + np.int32(q1[r]) * y1
                                    + np.int32(q2[r]) * y2 + np.int32(q3[r]) * y3)
             for r in range(ROW_TILE):
-                ls[r] += np.int32(sc[r] * quad[r])
+                ls[r] += np.int32(np.int32(sc[r]) * quad[r])
 
 
 def _make_int_sums(group: int):
@@ -217,7 +218,7 @@ def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5
     """out[t, r] = row r of a Q4_K (or, with q5, Q5_K) matrix (pack_k) times Q8_K activations
     (quantize_q8_k_rows), in llama.cpp's order (module docstring). Tokens go K_TOKEN_TILE at a
     time, each with its own accumulators, so that they share each load of the weights.
-    wq: pack_k's; wsub: [n_tiles, n_super, 16, ROW_TILE] int32;
+    wq: pack_k's; wsub: [n_tiles, n_super, 16, ROW_TILE] int8;
     wd, wdmin: [n_tiles, n_super, ROW_TILE] f32; out: [T, n_tiles * ROW_TILE]"""
     n_tokens = xq.shape[0]
     n_tiles, n_super = wq.shape[0], wq.shape[1]
@@ -317,7 +318,7 @@ def matmul_k16(xq, xd, bsums, wq, wsub, wd, wdmin, offset, corr, tiled, out):
     AVX2 with corr = offset_starts) or with 16 mins too (Q2_K: wsub holds 16 scales then 16
     mins) times Q8_K activations, in the order of ggml_vec_dot_q{6,3,2}_K_q8_K on AVX2, or of
     the tiled kernel for long prompt passes. Tokens go K_TOKEN_TILE at a time.
-    wq: pack_k's; wsub: [n_tiles, n_super, 16, ROW_TILE] int32;
+    wq: pack_k's; wsub: [n_tiles, n_super, 16 or 32, ROW_TILE] int8;
     wd: [n_tiles, n_super, ROW_TILE] f32; out: [T, n_tiles * ROW_TILE]"""
     n_tokens = xq.shape[0]
     n_tiles, n_super = wq.shape[0], wq.shape[1]

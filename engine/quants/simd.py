@@ -458,7 +458,7 @@ def _make_k_dot(group: int, lanes_out: bool, n_tok: int):
 
     @intrinsic
     def k_dot(typingctx, wq, wsub, tile, s, xq, corr, t0, out):
-        """wq: see above (uint8 or int8, 6 dimensions); wsub: [n_tiles, n_super, NS, R] int32;
+        """wq: see above (uint8 or int8, 6 dimensions); wsub: [n_tiles, n_super, NS, R] int8;
         xq: [T, K] int8; corr: [T, K / 4] int32, or [0] (no offset); out: [n_tok, 8 or 16, R] int32"""
         nibbles = isinstance(wq, types.Array) and wq.dtype == types.uint8
         offset = isinstance(corr, types.Array) and corr.ndim == 2
@@ -475,7 +475,7 @@ def _make_k_dot(group: int, lanes_out: bool, n_tok: int):
             out_arr = context.make_array(out_s)(context, builder, out_v)
             n_out = cgutils.unpack_tuple(builder, out_arr.shape, 3)[1]
             wq_p = builder.bitcast(arr.data, _i8.as_pointer())
-            sub_p, out_p = sub_arr.data, out_arr.data                                  # i32*
+            sub_p, out_p = sub_arr.data, out_arr.data                           # i8*, i32*
             xq_p = builder.bitcast(x_arr.data, _i8.as_pointer())
             corr_p = context.make_array(corr_s)(context, builder, corr_v).data         # i32*
             ext = lambda v: builder.sext(v, _i64) if v.type.width < 64 else v   # noqa: E731
@@ -508,7 +508,8 @@ def _make_k_dot(group: int, lanes_out: bool, n_tok: int):
 
                 def scale(idx):
                     at = builder.add(builder.mul(builder.add(builder.mul(ts, n_scales), _c(idx)), n_rows), r0)
-                    return builder.load(builder.bitcast(builder.gep(sub_p, [at]), v_i32.as_pointer()), align=4)
+                    v = builder.load(builder.bitcast(builder.gep(sub_p, [at]), ir.VectorType(_i8, rows).as_pointer()), align=1)
+                    return builder.sext(v, v_i32)
 
                 for g in range(8):
                     w = weights(g)
