@@ -22,7 +22,7 @@ from . import blocks
 from .kernels import (FLOAT_ROW_TILE, ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_int8_dot, matmul_q4_dot, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
                       quantize_q8_blocks)
-from .kquants import matmul_k16, matmul_q4_k, offset_starts, pack_k, quantize_q8_k_rows
+from .kquants import matmul_k16, matmul_q4_k, matmul_q4_k_repacked, offset_starts, pack_k, quantize_q8_k_rows
 from .simd import AVX2, INT8_BIAS, VNNI_ROWS   # 32-weight blocks through simd.py, else the portable kernels
 
 ACT_FORMAT = {
@@ -270,7 +270,9 @@ def matmul(act: Activations, w: PackedWeight, order: KernelOrder | None = None) 
         return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
     if w.act_format == "q8_k_rows":
         out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
-        if w.type_name in ("Q4_K", "Q5_K"):
+        if w.type_name == "Q4_K" and w.q.dtype == np.uint8 and repacked_order(w.type_name, w.n_rows):
+            matmul_q4_k_repacked(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, w.minimum, order.grouped, out)
+        elif w.type_name in ("Q4_K", "Q5_K"):
             matmul_q4_k(act.q, act.d, act.s, w.q, w.sub_scales, w.scale, w.minimum,
                         repacked_order(w.type_name, w.n_rows), order.tiled, order.grouped,
                         w.type_name == "Q5_K", out)

@@ -42,7 +42,7 @@ from .blocks import QK_K
 from .kernels import ROW_TILE, hsum8, tile_rows
 from .simd import AVX2   # the integer loops in simd.py (vpdpbusd or vpmaddubsw), else the portable ones below
 from .simd import (K_TOKEN_TILE, k_groups_16, k_groups_16_tokens, k_groups_32, k_groups_32_tokens, k_lanes_16,
-                   k_lanes_32)
+                   k_lanes_32, q4_k_gemm, q4_k_gemm_tokens, q4_k_gemv, q4_k_gemv_tokens)
 
 
 @njit(cache=True, nogil=True)
@@ -309,6 +309,32 @@ def matmul_q4_k(xq, xd, bsums, wq, wsub, wd, wdmin, repacked, tiled, grouped, q5
                     else:
                         o[r] = hsum8(lanes[j, :, r]) + (acc_min[j, r] if q5 else
                                                         (mins[j, 0, r] + mins[j, 2, r]) + (mins[j, 1, r] + mins[j, 3, r]))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q4_k_repacked(xq, xd, bsums, wq, wsub, wd, wdmin, grouped, out):
+    """matmul_q4_k for a repacked Q4_K matrix on AVX2 (pack_k's nibble layout), each call of
+    simd.q4_k_gemv / q4_k_gemm doing whole rows for K_TOKEN_TILE tokens (or one): the same
+    arithmetic in the same order (tests compare the two paths), without Numba loops between
+    the super-blocks. grouped: [T] bool, the tokens ggml_gemm_q4_K_8x8_q8_K takes."""
+    n_tokens = xq.shape[0]
+    n_tiles = wq.shape[0]
+    for tile in prange(n_tiles):
+        rows = np.empty((K_TOKEN_TILE, ROW_TILE), np.float32)
+        for t0 in range(0, n_tokens, K_TOKEN_TILE):
+            n = min(K_TOKEN_TILE, n_tokens - t0)
+            if n == K_TOKEN_TILE and grouped[t0:t0 + n].all():
+                q4_k_gemm_tokens(wq, wsub, wd, wdmin, tile, xq, xd, bsums, t0, rows)
+            elif n == K_TOKEN_TILE and not grouped[t0:t0 + n].any():
+                q4_k_gemv_tokens(wq, wsub, wd, wdmin, tile, xq, xd, bsums, t0, rows)
+            else:
+                for j in range(n):
+                    if grouped[t0 + j]:
+                        q4_k_gemm(wq, wsub, wd, wdmin, tile, xq, xd, bsums, t0 + j, rows[j:j + 1])
+                    else:
+                        q4_k_gemv(wq, wsub, wd, wdmin, tile, xq, xd, bsums, t0 + j, rows[j:j + 1])
+            for j in range(n):
+                out[t0 + j, tile * ROW_TILE:(tile + 1) * ROW_TILE] = rows[j]
 
 
 @njit(cache=True, nogil=True, parallel=True)

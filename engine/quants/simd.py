@@ -637,3 +637,112 @@ def float_lanes(typingctx, wt, tile, x, t, lanes):
 k_lanes_32, k_lanes_16 = _make_k_dot(32, True, 1), _make_k_dot(16, True, 1)
 k_groups_32, k_groups_16 = _make_k_dot(32, False, 1), _make_k_dot(16, False, 1)
 k_groups_32_tokens, k_groups_16_tokens = _make_k_dot(32, False, K_TOKEN_TILE), _make_k_dot(16, False, K_TOKEN_TILE)
+
+
+def _make_q4_k_repacked(grouped: bool, n_tok: int):
+    """The whole of llama.cpp's repacked Q4_K product (ggml_gemv_q4_K_8x8_q8_K, or with grouped
+    ggml_gemm_q4_K_8x8_q8_K's one FMA per 64 weights) for n_tok tokens from t0, in one call:
+    per super-block the sub-block sums come from vpdpbusd (k_dot's), and the scaling and the
+    float accumulators stay in registers, where matmul_q4_k would loop over them in Numba.
+    The same integers and the same float operations in the same order (kquants docstring, 2)."""
+    rows = VNNI_ROWS or 8
+    v_i8, v_i32 = ir.VectorType(_i8, 4 * rows), ir.VectorType(_i32, rows)
+    v_f32 = ir.VectorType(_f32, rows)
+
+    @intrinsic
+    def q4_k_repacked(typingctx, wq, wsub, wd, wdmin, tile, xq, xd, bsums, t0, out):
+        """wq: [n_tiles, n_super, 4, 8, R, 4] uint8 (Q4_K's nibbles, pack_k); wsub: [n_tiles,
+        n_super, 16, R] int8 (8 scales, 8 mins); wd, wdmin: [n_tiles, n_super, R] f32;
+        xq: [T, K] int8; xd: [T, n_super] f32; bsums: [T, n_super, 16] int32;
+        out: [n_tok, R] f32 (written: acc - acc_min of each row)"""
+        def codegen(context, builder, signature, args):
+            arrays = [context.make_array(ty)(context, builder, v) if isinstance(ty, types.Array) else None
+                      for ty, v in zip(signature.args, args)]
+            wq_a, sub_a, wd_a, wdmin_a, _, xq_a, xd_a, bs_a, _, out_a = arrays
+            _, n_super, _, _, n_rows, _ = cgutils.unpack_tuple(builder, wq_a.shape, 6)
+            n_cols = cgutils.unpack_tuple(builder, xq_a.shape, 2)[1]
+            ext = lambda v: builder.sext(v, _i64) if v.type.width < 64 else v   # noqa: E731
+            tile, t0 = ext(args[4]), ext(args[8])
+            wq_p = builder.bitcast(wq_a.data, _i8.as_pointer())
+            sub_p, xq_p = sub_a.data, builder.bitcast(xq_a.data, _i8.as_pointer())
+            wd_p, wdmin_p, xd_p, bs_p, out_p = wd_a.data, wdmin_a.data, xd_a.data, bs_a.data, out_a.data
+            dot4 = _dot4(builder, rows)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_f32, [v_f32] * 3),
+                                                 f"llvm.fma.v{rows}f32")
+            zero_i, zero_f = ir.Constant(v_i32, [0] * rows), ir.Constant(v_f32, [0.0] * rows)
+            low_mask, four = ir.Constant(v_i8, [0x0F] * (4 * rows)), ir.Constant(v_i8, [4] * (4 * rows))
+            acc = [cgutils.alloca_once(builder, v_f32) for _ in range(n_tok)]
+            acc_min = [cgutils.alloca_once(builder, v_f32) for _ in range(n_tok)]
+
+            def vec(ptr, at, vtype):
+                return builder.load(builder.bitcast(builder.gep(ptr, [at]), vtype.as_pointer()), align=1)
+
+            with cgutils.for_range(builder, builder.udiv(n_rows, _c(rows))) as rg_loop:
+                r0 = builder.mul(rg_loop.index, _c(rows))
+                for a in acc + acc_min:
+                    builder.store(zero_f, a)
+                with cgutils.for_range(builder, n_super) as s_loop:
+                    s = s_loop.index
+                    ts = builder.add(builder.mul(tile, n_super), s)
+                    row_at = builder.add(builder.mul(ts, n_rows), r0)
+                    d_w, dmin_w = vec(wd_p, row_at, v_f32), vec(wdmin_p, row_at, v_f32)
+
+                    def sub(i):   # scale (i < 8) or min (8 + g) of each row, widened
+                        at = builder.add(builder.mul(builder.add(builder.mul(ts, _c(16)), _c(i)), n_rows), r0)
+                        return builder.sext(vec(sub_p, at, ir.VectorType(_i8, rows)), v_i32)
+                    ts_tok = [builder.add(builder.mul(builder.add(t0, _c(j)), n_super), s) for j in range(n_tok)]
+                    y_d = [_splat(builder, builder.load(builder.gep(xd_p, [ts_tok[j]])), v_f32) for j in range(n_tok)]
+                    dy = [builder.fmul(d_w, y_d[j]) for j in range(n_tok)]          # d_w * d_y
+                    dminy = [builder.fmul(dmin_w, y_d[j]) for j in range(n_tok)]    # dmin_w * d_y
+
+                    def ysum(j, g):   # the activations' sum over sub-block g: two bsums of 16
+                        at = builder.mul(ts_tok[j], _c(16))
+                        pair = [builder.load(builder.gep(bs_p, [builder.add(at, _c(2 * g + k))])) for k in (0, 1)]
+                        return _splat(builder, builder.add(pair[0], pair[1]), v_i32)
+                    s1 = [zero_i] * n_tok
+                    s2 = [zero_i] * n_tok
+                    for c in range(4):   # chunk c: sub-blocks 2c (low nibbles) and 2c + 1 (high)
+                        halves = ([], [])
+                        for lane in range(8):
+                            at = builder.add(builder.mul(builder.add(builder.mul(ts, _c(32)), _c(8 * c + lane)),
+                                                         builder.mul(n_rows, _c(4))), builder.mul(r0, _c(4)))
+                            v = _load(builder, wq_p, at, v_i8)
+                            halves[0].append(builder.and_(v, low_mask))
+                            halves[1].append(builder.lshr(v, four))
+                        scales = [sub(2 * c), sub(2 * c + 1)]
+                        mins = [sub(8 + 2 * c), sub(8 + 2 * c + 1)]
+                        for j in range(n_tok):
+                            x_at = builder.add(builder.mul(builder.add(t0, _c(j)), n_cols), builder.mul(s, _c(256)))
+                            for h, g in enumerate((2 * c, 2 * c + 1)):
+                                gd = zero_i
+                                for lane in range(8):
+                                    word = builder.load(builder.bitcast(builder.gep(xq_p, [builder.add(x_at, _c(32 * g + 4 * lane))]),
+                                                                        _i32.as_pointer()), align=1)
+                                    gd = dot4(gd, halves[h][lane], builder.bitcast(_splat(builder, word, v_i32), v_i8))
+                                s1[j] = builder.add(s1[j], builder.mul(scales[h], gd))
+                                s2[j] = builder.add(s2[j], builder.mul(mins[h], ysum(j, g)))
+                            if grouped:   # one FMA per 64 weights
+                                builder.store(builder.call(fma, [builder.sitofp(s1[j], v_f32), dy[j], builder.load(acc[j])]), acc[j])
+                                builder.store(builder.call(fma, [builder.sitofp(s2[j], v_f32), dminy[j],
+                                                                 builder.load(acc_min[j])]), acc_min[j])
+                                s1[j], s2[j] = zero_i, zero_i
+                    if not grouped:   # one FMA per super-block
+                        for j in range(n_tok):
+                            builder.store(builder.call(fma, [builder.sitofp(s1[j], v_f32), dy[j], builder.load(acc[j])]), acc[j])
+                            builder.store(builder.call(fma, [builder.sitofp(s2[j], v_f32), dminy[j],
+                                                             builder.load(acc_min[j])]), acc_min[j])
+                for j in range(n_tok):
+                    dst = builder.gep(out_p, [builder.add(builder.mul(_c(j), n_rows), r0)])
+                    builder.store(builder.fsub(builder.load(acc[j]), builder.load(acc_min[j])),
+                                  builder.bitcast(dst, v_f32.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        if not _c_layout(wq, wsub, wd, wdmin, xq, xd, bsums, out):
+            return None
+        return types.void(wq, wsub, wd, wdmin, tile, xq, xd, bsums, t0, out), codegen
+
+    return q4_k_repacked
+
+
+q4_k_gemv, q4_k_gemv_tokens = _make_q4_k_repacked(False, 1), _make_q4_k_repacked(False, K_TOKEN_TILE)
+q4_k_gemm, q4_k_gemm_tokens = _make_q4_k_repacked(True, 1), _make_q4_k_repacked(True, K_TOKEN_TILE)
