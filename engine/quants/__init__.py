@@ -19,7 +19,7 @@ import numpy as np
 
 from ..float_ops import round_f16_array
 from . import blocks
-from .kernels import (FLOAT_ROW_TILE, ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_int8_dot, matmul_q4_dot, matmul_q4_lanes, matmul_q4_simd, matmul_q32_lanes,
+from .kernels import (FLOAT_ROW_TILE, ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_int8_dot, matmul_q4_dot, matmul_q4_lanes, offset_sums, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
                       quantize_q8_blocks)
 from .kquants import matmul_k16, matmul_q4_k, matmul_q4_k_repacked, offset_starts, pack_k, quantize_q8_k_rows
@@ -283,7 +283,12 @@ def matmul(act: Activations, w: PackedWeight, order: KernelOrder | None = None) 
     out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
     whole_blocks = repacked_order(w.type_name, w.n_rows)
     if w.type_name in ("Q4_0", "Q4_1") and w.q.ndim == 5 and w.q.shape[2] == 4:   # groups of 4 for VNNI
-        matmul_q4_dot(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.type_name == "Q4_1", whole_blocks, out)
+        if w.type_name == "Q4_1":
+            corr = np.zeros(0, np.int32)
+        else:   # Q4_0's nibbles are weight + 8: minus 8 x each lane's (or block's) activations
+            corr = offset_sums(act.q, 8, True, whole_blocks)
+            corr = np.ascontiguousarray(corr[:, :, 0]) if whole_blocks else corr
+        matmul_q4_dot(act.q, act.d, act.s, w.q, w.scale, w.minimum, corr, out)
     elif w.type_name in ("Q4_0", "Q4_1") and w.q.ndim == 5:   # the byte-pair layout of simd.py
         matmul_q4_simd(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.type_name == "Q4_1", whole_blocks, out)
     elif w.type_name in ("Q4_0", "Q4_1"):

@@ -29,9 +29,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..float_ops import f16_to_f32, fma, round_f16, widen
-from .simd import (INT8_BIAS, PROMPT_TOKEN_TILE, float_lanes, int8_dot, int8_dot_tokens, q4_0_block_dot,
-                   q4_0_block_dot_tokens, q4_0_blocks, q4_0_dot, q4_0_dot_tokens, q4_0_lanes, q4_1_dot,
-                   q4_1_dot_tokens, q4_1_lanes, q8_lanes)
+from .simd import (INT8_BIAS, PROMPT_TOKEN_TILE, float_lanes, int8_dot, int8_dot_tokens, q4_0_blocks, q4_0_lanes,
+                   q4_1_lanes, q4_dot, q4_dot_tokens, q8_lanes)
 
 
 # llamafile's tinyBLAS takes a float matrix only when its row count is a multiple of this (and
@@ -412,19 +411,21 @@ def offset_sums(xq, offset, nibbles, whole_blocks):
             for k in range(32):
                 lane = 0 if whole_blocks else ((k % 16) // 4 + 4 * (k // 16) if nibbles else k // 4)
                 out[t, b, lane] -= offset * np.int32(xq[t, b, k])
-    return out
+    return out   # (whole_blocks: matmul_q4_dot takes it as [T, NB], out[:, :, 0])
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def matmul_q4_dot(xq, xd, xs, wq4, wd, wm, has_min, whole_blocks, out):
-    """matmul_q4_simd on CPUs with VNNI (simd's dot kernels: vpdpbusd on 16 or 8 rows at a
-    time), with PROMPT_TOKEN_TILE prompt tokens sharing each load of a block's weights; bit for
-    bit the sums of matmul_q4_lanes. Arguments as matmul_q4_simd, except the nibble bytes, in
-    groups of 4 (pack_weight(..., simd=True) where simd.VNNI_ROWS):
-    wq4: [n_tiles, NB, 4, R, 4] uint8, slot i holding bytes 4i..4i+3 of each row's block."""
+def matmul_q4_dot(xq, xd, xs, wq4, wd, wm, corr, out):
+    """matmul_q4_simd on CPUs with VNNI (simd.q4_dot: vpdpbusd on 16 or 8 rows at a time), with
+    PROMPT_TOKEN_TILE prompt tokens sharing each load of a block's weights; bit for bit the
+    sums of matmul_q4_lanes. Arguments as matmul_q4_simd, except the nibble bytes, in groups of
+    4 (pack_weight(..., simd=True) where simd.VNNI_ROWS): wq4: [n_tiles, NB, 4, R, 4] uint8,
+    slot i holding bytes 4i..4i+3 of each row's block; and, in place of has_min and
+    whole_blocks, corr (offset_sums): [0] for Q4_1, [T, NB] for Q4_0 in the repacked order
+    (one sum per block), [T, NB, 8] for Q4_0's lanes."""
     n_tokens = xq.shape[0]
     n_tiles, n_blocks, _, n_r, _ = wq4.shape
-    corr = offset_sums(xq, 0 if has_min else 8, True, whole_blocks)
+    has_min, whole_blocks = corr.ndim == 1, corr.ndim == 2
     for tile in prange(n_tiles):
         lanes = np.empty((PROMPT_TOKEN_TILE, 8, n_r), np.float32)
         summs = np.empty(n_r, np.float32)
@@ -432,20 +433,10 @@ def matmul_q4_dot(xq, xd, xs, wq4, wd, wm, has_min, whole_blocks, out):
         for t0 in range(0, n_tokens, PROMPT_TOKEN_TILE):
             n = min(PROMPT_TOKEN_TILE, n_tokens - t0)
             if n == PROMPT_TOKEN_TILE:
-                if whole_blocks:
-                    q4_0_block_dot_tokens(wq4, wd, tile, xq, xd, corr, t0, lanes)
-                elif has_min:
-                    q4_1_dot_tokens(wq4, wd, tile, xq, xd, corr, t0, lanes)
-                else:
-                    q4_0_dot_tokens(wq4, wd, tile, xq, xd, corr, t0, lanes)
+                q4_dot_tokens(wq4, wd, tile, xq, xd, corr, t0, lanes)
             else:   # the last few tokens (or a decode step) one at a time
                 for j in range(n):
-                    if whole_blocks:
-                        q4_0_block_dot(wq4, wd, tile, xq, xd, corr, t0 + j, lanes[j:j + 1])
-                    elif has_min:
-                        q4_1_dot(wq4, wd, tile, xq, xd, corr, t0 + j, lanes[j:j + 1])
-                    else:
-                        q4_0_dot(wq4, wd, tile, xq, xd, corr, t0 + j, lanes[j:j + 1])
+                    q4_dot(wq4, wd, tile, xq, xd, corr, t0 + j, lanes[j:j + 1])
             for j in range(n):
                 o = out[t0 + j, tile * n_r:(tile + 1) * n_r]
                 if whole_blocks:
@@ -463,7 +454,7 @@ def matmul_int8_dot(xq, xd, xs, wq, wd, wm, has_min, out):
     wq: [n_tiles, NB, 8, R, 4] uint8, slot i holding weights 4i..4i+3 (+ 128) of each row."""
     n_tokens = xq.shape[0]
     n_tiles, n_blocks, _, n_r, _ = wq.shape
-    corr = offset_sums(xq, INT8_BIAS, False, False)
+    corr = offset_sums(xq, INT8_BIAS, False, False)   # [T, NB, 8]
     for tile in prange(n_tiles):
         lanes = np.empty((PROMPT_TOKEN_TILE, 8, n_r), np.float32)
         summs = np.empty(n_r, np.float32)

@@ -275,10 +275,11 @@ PROMPT_TOKEN_TILE = 8   # prompt tokens that share each load of weights (1B Q4_0
 INT8_BIAS = 128   # added to int8 weights to make them vpdpbusd's unsigned operand
 
 
-def _make_dot(kind: str, offset: int, whole_blocks: bool, n_tok: int):
-    """The dot intrinsic for `kind` "q4" (Q4_0: offset 8, Q4_1: 0) or "int8" (offset
-    INT8_BIAS), ggml's 8 lanes or (whole_blocks, Q4_0) the repacked kernels' one sum per
-    block, for n_tok tokens at a time."""
+def _make_dot(kind: str, n_tok: int):
+    """The dot intrinsic for `kind` "q4" or "int8", for n_tok tokens at a time. What it sums
+    follows the type of corr, so that a caller compiles only the variant it uses: for "q4",
+    1 dimension (empty) Q4_1's lanes (no offset), 2 Q4_0's whole blocks (the repacked kernels'
+    one sum per block), 3 Q4_0's lanes; for "int8" always 3, the lanes of weights plus 128."""
     rows = VNNI_ROWS or 8
     v_i8, v_i32 = ir.VectorType(_i8, 4 * rows), ir.VectorType(_i32, rows)
     v_f32, v_f16 = ir.VectorType(_f32, rows), ir.VectorType(ir.HalfType(), rows)
@@ -291,10 +292,15 @@ def _make_dot(kind: str, offset: int, whole_blocks: bool, n_tok: int):
 
         wq: [n_tiles, NB, n_slots, R, 4] uint8 (see above); wd: [n_tiles, NB, R] the blocks'
         scales, f16 bits (uint16, Q4) or f32 (int8 types); xq: [T, NB, 32] int8; xd: [T, NB] f32
-        corr: [T, NB, C] int32, minus offset times the sum of each lane's 4 activations (C = 8)
-        or of the block's 32 (C = 1, whole_blocks): where each integer sum starts;
+        corr: [T, NB, 8] int32, minus offset times the sum of each lane's 4 activations, or
+        [T, NB], of the block's 32 (whole_blocks): where each integer sum starts; or [0];
         lanes: [n_tok, 8, R] f32 (written)
         """
+        if not isinstance(corr, types.Array):
+            return None
+        offset = corr.ndim > 1
+        whole_blocks = kind == "q4" and corr.ndim == 2
+
         def codegen(context, builder, signature, args):
             wq_v, wd_v, tile_v, xq_v, xd_v, corr_v, t0_v, lanes_v = args
             wq_s, wd_s, _, xq_s, xd_s, corr_s, _, lanes_s = signature.args
@@ -377,11 +383,8 @@ def _make_dot(kind: str, offset: int, whole_blocks: bool, n_tok: int):
     return dot
 
 
-q4_0_dot, q4_0_dot_tokens = _make_dot("q4", 8, False, 1), _make_dot("q4", 8, False, PROMPT_TOKEN_TILE)
-q4_1_dot, q4_1_dot_tokens = _make_dot("q4", 0, False, 1), _make_dot("q4", 0, False, PROMPT_TOKEN_TILE)
-q4_0_block_dot = _make_dot("q4", 8, True, 1)
-q4_0_block_dot_tokens = _make_dot("q4", 8, True, PROMPT_TOKEN_TILE)
-int8_dot, int8_dot_tokens = _make_dot("int8", INT8_BIAS, False, 1), _make_dot("int8", INT8_BIAS, False, PROMPT_TOKEN_TILE)
+q4_dot, q4_dot_tokens = _make_dot("q4", 1), _make_dot("q4", PROMPT_TOKEN_TILE)
+int8_dot, int8_dot_tokens = _make_dot("int8", 1), _make_dot("int8", PROMPT_TOKEN_TILE)
 
 
 _V8i32, _V8f32 = ir.VectorType(_i32, 8), ir.VectorType(_f32, 8)
