@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from .engine import Engine
@@ -637,6 +638,10 @@ class Scheduler:
         self.log.debug("slot %d: %d tokens restored from the prompt cache", slot.id, n)
 
     def _run(self) -> None:
+        # Numba's thread count belongs to the thread that sets it: the batcher's kernels run with
+        # the server's -t (Engine.load set it in the thread that loaded the model, not here)
+        numba.set_num_threads(min(self.n_threads, numba.config.NUMBA_NUM_THREADS))
+        self.compute_threads = numba.get_num_threads()
         while True:
             with self.lock:
                 while True:

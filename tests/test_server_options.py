@@ -164,3 +164,21 @@ def test_template_variables_a_request_sets():
             got["enable_thinking"]) == ("low", "low", True, False, True)
     off = _template_kwargs({"reasoning_effort": "none"}, {"reasoning_effort": "high"})
     assert off["enable_thinking"] is False and "reasoning_effort" not in off
+
+
+def test_the_batcher_runs_its_kernels_with_the_servers_thread_count(stories):
+    """-t / --threads: Numba's thread count belongs to the thread that sets it, so the batcher
+    thread, which runs every kernel, sets it itself (it once stayed at all cores whatever -t said)."""
+    import numba
+    from numllama.engine.sampling import SamplingParams
+    from numllama.engine.slots import FinalEvent, Scheduler, Task
+    for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        sched = Scheduler(stories, 1, 256, n_threads=n)
+        try:
+            task = Task(prompt_tokens=stories.tokenizer.encode("Once"), n_predict=2,
+                        params=SamplingParams(temperature=0))
+            sched.submit_all([task])
+            assert isinstance(task.outcome(timeout=60), FinalEvent)
+            assert sched.compute_threads == n
+        finally:
+            sched.close()
