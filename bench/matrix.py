@@ -92,24 +92,35 @@ def measure_server(cmd: list[str], model: str, threads: int, args) -> dict:
             rows[f"{n} streams"] = sum(o["timings"]["predicted_n"] for o in outs) / (time.perf_counter() - t0)
     finally:
         server.stop()
-    if args.depth:
-        long_prompt = prompt_of(model, args.depth)
-        server = Server(cmd + flags + ["-np", "1", "-c", str(args.depth + args.n_predict + 64)])
+    depth = decode_depth(model, args)
+    if depth:
+        long_prompt = prompt_of(model, depth)
+        server = Server(cmd + flags + ["-np", "1", "-c", str(depth + args.n_predict + 64)])
         try:
             completion(server, long_prompt, 1, cache_prompt=True)   # the prompt into the slot's cache
-            rows[f"decode @ {args.depth}"] = completion(server, long_prompt, args.n_predict,
+            rows[f"decode @ {depth}"] = completion(server, long_prompt, args.n_predict,
                                                         cache_prompt=True)["timings"]["predicted_per_second"]
         finally:
             server.stop()
     return rows
 
 
+def decode_depth(model: str, args) -> int:
+    """--depth, or less where the model was trained on a shorter context (llama-server refuses
+    a prompt beyond it); the row is named for the depth measured."""
+    from numllama.engine.gguf_file import load_gguf
+    if not args.depth:
+        return 0
+    return min(args.depth, load_gguf(model).hparams.n_ctx_train - args.n_predict - 64)
+
+
 def llama_bench(bin_dir: str, model: str, threads: int, args) -> dict:
     """llama-bench's pp and tg (and tg at depth) for the same model and threads, tokens/s."""
     out = {}
     runs = [("prefill", ["-p", str(args.prompt), "-n", "0"]), ("decode", ["-p", "0", "-n", str(args.n_predict)])]
-    if args.depth:
-        runs.append((f"decode @ {args.depth}", ["-p", "0", "-n", str(args.n_predict), "-d", str(args.depth)]))
+    depth = decode_depth(model, args)
+    if depth:
+        runs.append((f"decode @ {depth}", ["-p", "0", "-n", str(args.n_predict), "-d", str(depth)]))
     for key, extra in runs:
         r = subprocess.run([os.path.join(bin_dir, "llama-bench"), "-m", model, "-t", str(threads), "-r",
                             str(args.repeat), "-o", "json"] + extra, capture_output=True, text=True, check=True)
