@@ -30,9 +30,10 @@ from .gguf_file import GGUFModel, ModelLoadError
 from .hparams import HParams
 from .kv_cache import KVCache
 from .lora import add_lora
-from .ops import FA_TILE_Q, attention, geglu, gelu_f16_table, rms_norm, rope, softcap, swiglu
+from .ops import (FA_TILE_Q, attention, geglu, geglu_parallel, gelu_f16_table, rms_norm, rms_norm_parallel, rope,
+                  softcap, swiglu, swiglu_parallel)
 from .pooling import softmax_rows
-from .quants import KernelOrder, PackedWeight, linear, pack_tensor, pack_weight, repacked_order
+from .quants import PARALLEL_ROWS, KernelOrder, PackedWeight, linear, pack_tensor, pack_weight, repacked_order
 from .quants.blocks import BLOCK_SIZES, dequantize
 
 
@@ -275,10 +276,11 @@ class LlamaModel:
             h = ops.rms_norm(x, layer.ffn_norm, hp.rms_eps)
             gate, up = split(self.linear(ops, h, layer.gate_up, order, loras), (hp.n_ff, hp.n_ff))  # [T, n_ff] x2
             act = np.empty_like(gate)
+            many = len(gate) >= PARALLEL_ROWS   # a prompt pass: rows split among threads
             if hp.ffn_act == "gelu_tanh":
-                geglu(gate, up, self.gelu_table, act)
+                (geglu_parallel if many else geglu)(gate, up, self.gelu_table, act)
             else:
-                swiglu(gate, up, act)
+                (swiglu_parallel if many else swiglu)(gate, up, act)
             (down,) = self.linear(ops, act, (layer.w_down,), order, loras)   # [T, n_embd]
             if hp.post_norms:                                      # gemma3
                 down = ops.rms_norm(down, layer.ffn_post_norm, hp.rms_eps)
@@ -327,7 +329,7 @@ def split(outputs: list, sizes: tuple) -> list:
 
 def rms_norm_rows(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     out = np.empty_like(x)
-    rms_norm(x, weight, eps, out)
+    (rms_norm_parallel if len(x) >= PARALLEL_ROWS else rms_norm)(x, weight, eps, out)
     return out
 
 

@@ -26,7 +26,7 @@ what else is in the batch.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from ..float_ops import f16_to_f32, fma, round_f16, widen
 from .simd import (INT8_BIAS, PROMPT_TOKEN_TILE, float_lanes, int8_dot, int8_dot_tokens, q4_0_blocks, q4_0_lanes,
@@ -134,6 +134,11 @@ def matmul_float(x, w, tinyblas_rows, tail_in_double, out):
             else:
                 out[t, r] = _dot_vecdot(x, w, t, r, n_cols, lanes, tail_in_double)
 
+
+# Row-wise ops over a prompt pass (activation quantization, norms, the FFN's activation): each
+# row is computed alone, so splitting the rows among threads changes no result; below this many
+# rows (a decode step) a parallel region costs more than it saves
+PARALLEL_ROWS = 16
 
 ROW_TILE = 32  # rows interleaved per tile: the inner loops run across rows, one SIMD lane each
 # float weights take longer tiles: their inner loop is one FMA per row, so a longer run pays
@@ -517,3 +522,18 @@ def quantize_q8_blocks(x, xq, xd, xs):
                 total += v
             xd[t, g] = round_f16(d)
             xs[t, g] = round_f16(d * np.float32(total))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def row_parts(n_rows):
+    """How many runs of rows a row-wise op splits n_rows into: one per thread."""
+    return max(1, min(n_rows, get_num_threads()))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def quantize_q8_blocks_parallel(x, xq, xd, xs):
+    """quantize_q8_blocks with its rows split among threads (each row is quantized alone)."""
+    n, parts = x.shape[0], row_parts(x.shape[0])
+    for p in prange(parts):
+        a, b = p * n // parts, (p + 1) * n // parts
+        quantize_q8_blocks(x[a:b], xq[a:b], xd[a:b], xs[a:b])
