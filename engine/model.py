@@ -33,7 +33,8 @@ from .lora import add_lora
 from .ops import (FA_TILE_Q, attention, geglu, geglu_parallel, gelu_f16_table, rms_norm, rms_norm_parallel, rope,
                   softcap, swiglu, swiglu_parallel)
 from .pooling import softmax_rows
-from .quants import PARALLEL_ROWS, KernelOrder, PackedWeight, linear, pack_tensor, pack_weight, repacked_order
+from .quants import (PARALLEL_ROWS, KernelOrder, PackedWeight, linear, pack_tensor, pack_weight, repacked_order,
+                     row_parts)
 from .quants.blocks import BLOCK_SIZES, dequantize
 
 
@@ -276,11 +277,15 @@ class LlamaModel:
             h = ops.rms_norm(x, layer.ffn_norm, hp.rms_eps)
             gate, up = split(self.linear(ops, h, layer.gate_up, order, loras), (hp.n_ff, hp.n_ff))  # [T, n_ff] x2
             act = np.empty_like(gate)
-            many = len(gate) >= PARALLEL_ROWS   # a prompt pass: rows split among threads
-            if hp.ffn_act == "gelu_tanh":
-                (geglu_parallel if many else geglu)(gate, up, self.gelu_table, act)
+            if len(gate) >= PARALLEL_ROWS:   # a prompt pass: rows split among threads
+                if hp.ffn_act == "gelu_tanh":
+                    geglu_parallel(gate, up, self.gelu_table, act, row_parts(len(gate)))
+                else:
+                    swiglu_parallel(gate, up, act, row_parts(len(gate)))
+            elif hp.ffn_act == "gelu_tanh":
+                geglu(gate, up, self.gelu_table, act)
             else:
-                (swiglu_parallel if many else swiglu)(gate, up, act)
+                swiglu(gate, up, act)
             (down,) = self.linear(ops, act, (layer.w_down,), order, loras)   # [T, n_embd]
             if hp.post_norms:                                      # gemma3
                 down = ops.rms_norm(down, layer.ffn_post_norm, hp.rms_eps)
@@ -329,7 +334,10 @@ def split(outputs: list, sizes: tuple) -> list:
 
 def rms_norm_rows(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     out = np.empty_like(x)
-    (rms_norm_parallel if len(x) >= PARALLEL_ROWS else rms_norm)(x, weight, eps, out)
+    if len(x) >= PARALLEL_ROWS:   # a prompt pass: rows split among threads
+        rms_norm_parallel(x, weight, eps, out, row_parts(len(x)))
+    else:
+        rms_norm(x, weight, eps, out)
     return out
 
 

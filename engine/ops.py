@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from .float_ops import expf_ggml, f16_bits_of, f16_to_f32, f32_bits, fma, round_f16
-from .quants.kernels import hsum8, reduce4x8_across, row_parts
+from .quants.kernels import hsum8, reduce4x8_across
 
 
 @njit(cache=True, nogil=True)
@@ -515,27 +515,27 @@ def softcap(x, cap):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def rms_norm_parallel(x, weight, eps, out):
-    """rms_norm with its rows split among threads."""
-    n, parts = x.shape[0], row_parts(x.shape[0])
+def rms_norm_parallel(x, weight, eps, out, parts):
+    """rms_norm with its rows split into `parts` runs among threads (quants.row_parts)."""
+    n = x.shape[0]
     for p in prange(parts):
         a, b = p * n // parts, (p + 1) * n // parts
         rms_norm(x[a:b], weight, eps, out[a:b])
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def swiglu_parallel(gate, up, out):
-    """swiglu with its rows split among threads."""
-    n, parts = gate.shape[0], row_parts(gate.shape[0])
+def swiglu_parallel(gate, up, out, parts):
+    """swiglu with its rows split into `parts` runs among threads (quants.row_parts)."""
+    n = gate.shape[0]
     for p in prange(parts):
         a, b = p * n // parts, (p + 1) * n // parts
         swiglu(gate[a:b], up[a:b], out[a:b])
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def geglu_parallel(gate, up, table, out):
-    """geglu with its rows split among threads."""
-    n, parts = gate.shape[0], row_parts(gate.shape[0])
+def geglu_parallel(gate, up, table, out, parts):
+    """geglu with its rows split into `parts` runs among threads (quants.row_parts)."""
+    n = gate.shape[0]
     for p in prange(parts):
         a, b = p * n // parts, (p + 1) * n // parts
         geglu(gate[a:b], up[a:b], table, out[a:b])

@@ -180,3 +180,23 @@ def test_conversation_with_cached_prompts_equals_llama_server(name, gemma3_path)
                 (turn["tokens"], turn["probs"], turn["prompt_n"], turn["cache_n"]), turn["request"]["prompt"]
     finally:
         s.stop()
+
+
+def test_the_kernels_of_a_prompt_pass_and_a_decode_step_can_all_be_cached(smollm_path, tmp_path):
+    """Numba will not cache a kernel that uses dynamic globals (numba.get_num_threads inside a
+    parallel kernel is one) and compiles it again at every start, which a warm start would pay:
+    run SmolLM2 (Q4_1 and Q8_0 matrices) through a prompt pass of 40 tokens and a decode step
+    with an empty cache, every warning an error."""
+    import os
+    import subprocess
+    import sys
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "from numllama.engine.engine import Engine\n"
+            "from numllama.engine.model import Batch\n"
+            f"e = Engine.load({smollm_path!r}, warm_up=True)\n"
+            "c = e.model.new_cache(1, 256)\n"
+            "e.model.forward(Batch.single(list(range(1, 41)), 0), c)\n"
+            "e.model.forward(Batch.single([5], 40), c)\n")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -21,7 +21,7 @@ from ..float_ops import round_f16_array
 from . import blocks
 from .kernels import (FLOAT_ROW_TILE, PARALLEL_ROWS, ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_int8_dot, matmul_q4_dot, matmul_q4_lanes, offset_sums, matmul_q4_simd, matmul_q32_lanes,
                       matmul_q32_simd,
-                      quantize_q8_blocks, quantize_q8_blocks_parallel)
+                      quantize_q8_blocks, quantize_q8_blocks_parallel, row_parts)
 from .kquants import (matmul_k16, matmul_q4_k, matmul_q4_k_repacked, offset_starts, pack_k, quantize_q8_k_rows,
                       quantize_q8_k_rows_parallel)
 from .simd import AVX2, INT8_BIAS, VNNI_ROWS   # 32-weight blocks through simd.py, else the portable kernels
@@ -247,11 +247,17 @@ def prepare(x: np.ndarray, act_format: str, group: int) -> Activations:
     if act_format == "q8_k_rows":   # s holds the sums of each 16 quants (bsums)
         q = np.empty((n_tokens, n_cols), np.int8)
         bsums = np.empty((n_tokens, n_groups, 16), np.int32)
-        (quantize_q8_k_rows_parallel if n_tokens >= PARALLEL_ROWS else quantize_q8_k_rows)(x, q, d, bsums)
+        if n_tokens >= PARALLEL_ROWS:
+            quantize_q8_k_rows_parallel(x, q, d, bsums, row_parts(n_tokens))
+        else:
+            quantize_q8_k_rows(x, q, d, bsums)
         return Activations(q=q, d=d, s=bsums)
     q = np.empty((n_tokens, n_groups, 32), np.int8)
     # d and s come back rounded to f16, as ggml stores them
-    (quantize_q8_blocks_parallel if n_tokens >= PARALLEL_ROWS else quantize_q8_blocks)(x, q, d, s)
+    if n_tokens >= PARALLEL_ROWS:
+        quantize_q8_blocks_parallel(x, q, d, s, row_parts(n_tokens))
+    else:
+        quantize_q8_blocks(x, q, d, s)
     return Activations(q=q, d=d, s=s)
 
 

@@ -524,16 +524,18 @@ def quantize_q8_blocks(x, xq, xd, xs):
             xs[t, g] = round_f16(d * np.float32(total))
 
 
-@njit(cache=True, nogil=True, inline="always")
-def row_parts(n_rows):
-    """How many runs of rows a row-wise op splits n_rows into: one per thread."""
+def row_parts(n_rows: int) -> int:
+    """How many runs of rows a row-wise op splits n_rows into: one per thread of the calling
+    thread's count. (Asked here, in Python: numba.get_num_threads inside a kernel is a dynamic
+    global, and Numba would not cache the kernel.)"""
     return max(1, min(n_rows, get_num_threads()))
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def quantize_q8_blocks_parallel(x, xq, xd, xs):
-    """quantize_q8_blocks with its rows split among threads (each row is quantized alone)."""
-    n, parts = x.shape[0], row_parts(x.shape[0])
+def quantize_q8_blocks_parallel(x, xq, xd, xs, parts):
+    """quantize_q8_blocks with its rows split into `parts` runs among threads (each row is
+    quantized alone)."""
+    n = x.shape[0]
     for p in prange(parts):
         a, b = p * n // parts, (p + 1) * n // parts
         quantize_q8_blocks(x[a:b], xq[a:b], xd[a:b], xs[a:b])

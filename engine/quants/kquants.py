@@ -39,7 +39,7 @@ from numba import njit, prange
 
 from ..float_ops import fma
 from .blocks import QK_K
-from .kernels import ROW_TILE, hsum8, row_parts, tile_rows
+from .kernels import ROW_TILE, hsum8, tile_rows
 from .simd import AVX2   # the integer loops in simd.py (vpdpbusd or vpmaddubsw), else the portable ones below
 from .simd import (K_TOKEN_TILE, k_groups_16, k_groups_16_tokens, k_groups_32, k_groups_32_tokens, k_lanes_16,
                    k_lanes_32, q4_k_gemm, q4_k_gemm_tokens, q4_k_gemv, q4_k_gemv_tokens)
@@ -79,9 +79,10 @@ def quantize_q8_k_rows(x, xq, xd, bsums):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def quantize_q8_k_rows_parallel(x, xq, xd, bsums):
-    """quantize_q8_k_rows with its rows split among threads (each row is quantized alone)."""
-    n, parts = x.shape[0], row_parts(x.shape[0])
+def quantize_q8_k_rows_parallel(x, xq, xd, bsums, parts):
+    """quantize_q8_k_rows with its rows split into `parts` runs among threads (each row is
+    quantized alone)."""
+    n = x.shape[0]
     for p in prange(parts):
         a, b = p * n // parts, (p + 1) * n // parts
         quantize_q8_k_rows(x[a:b], xq[a:b], xd[a:b], bsums[a:b])
