@@ -19,7 +19,7 @@ import numpy as np
 
 from ..float_ops import round_f16_array
 from . import blocks
-from .kernels import (FLOAT_ROW_TILE, PARALLEL_ROWS, ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_int8_dot, matmul_q4_dot, matmul_q4_lanes, offset_sums, matmul_q4_simd, matmul_q32_lanes,
+from .kernels import (FLOAT_ROW_TILE, PARALLEL_ROWS, ROW_TILE, TINYBLAS_ROWS, tile_rows, matmul_float_tiles, matmul_int8_dot, matmul_q4_dot, matmul_q4_lanes, offset_sums, matmul_q32_lanes,
                       matmul_q32_simd,
                       quantize_q8_blocks, quantize_q8_blocks_parallel, row_parts)
 from .kquants import (matmul_k16, matmul_q4_k, matmul_q4_k_repacked, offset_starts, pack_k, quantize_q8_k_rows,
@@ -97,8 +97,9 @@ class PackedWeight:
     # int8 formats, all in tiles of ROW_TILE rows (kernels.tile_rows). K-quants: see
     # kquants.pack_k. 32-blocks: q [n_tiles, n_blocks, 32, ROW_TILE] int8 with ROW_TILE
     # rows interleaved (Q4_0/Q4_1: [n_tiles, n_blocks, 16, ROW_TILE] uint8, the packed nibble
-    # bytes, or [n_tiles, n_blocks, 8, ROW_TILE, 2] byte pairs for the AVX2 kernel, with f16
-    # scale/minimum bits), scale/minimum [n_tiles, n_blocks, ROW_TILE] (rows padded to the tile).
+    # bytes, or [n_tiles, n_blocks, 4, ROW_TILE, 4] groups of 4 for the AVX2 kernel, with f16
+    # scale/minimum bits; on AVX2 the int8 types [n_tiles, n_blocks, 8, ROW_TILE, 4], uint8 plus
+    # 128 with VNNI), scale/minimum [n_tiles, n_blocks, ROW_TILE] (rows padded to the tile).
     q: np.ndarray | None = None
     scale: np.ndarray | None = None
     minimum: np.ndarray | None = None  # zeros for symmetric types
@@ -189,10 +190,8 @@ def _pack_q4(type_name: str, data, n_rows: int, n_cols: int, simd: bool) -> Pack
         m = np.zeros_like(d)
         qs = raw[:, :, 2:18]
     tiles = tile_rows(qs)   # [tiles, NB, 16 bytes, R]
-    if simd and VNNI_ROWS:   # -> [tiles, NB, 4 slots, R, 4]: slot i = bytes 4i..4i+3 (simd._make_dot)
+    if simd:   # -> [tiles, NB, 4 slots, R, 4]: slot i = bytes 4i..4i+3 (simd._make_dot)
         tiles = np.ascontiguousarray(tiles.reshape(tiles.shape[0], n_blocks, 4, 4, ROW_TILE).transpose(0, 1, 2, 4, 3))
-    elif simd:   # -> [tiles, NB, 8 slots, R, 2]: slot 2i + q, pair j = byte 4i + 2q + j (simd.py)
-        tiles = np.ascontiguousarray(tiles.reshape(tiles.shape[0], n_blocks, 8, 2, ROW_TILE).transpose(0, 1, 2, 4, 3))
     return PackedWeight(type_name, n_rows, n_cols, ACT_FORMAT[type_name], 32, q=tiles,
                         scale=tile_rows(d), minimum=tile_rows(m))
 
@@ -290,15 +289,13 @@ def matmul(act: Activations, w: PackedWeight, order: KernelOrder | None = None) 
         return out[:, :w.n_rows] if out.shape[1] != w.n_rows else out
     out = np.empty((act.q.shape[0], w.q.shape[0] * ROW_TILE), np.float32)
     whole_blocks = repacked_order(w.type_name, w.n_rows)
-    if w.type_name in ("Q4_0", "Q4_1") and w.q.ndim == 5 and w.q.shape[2] == 4:   # groups of 4 for VNNI
+    if w.type_name in ("Q4_0", "Q4_1") and w.q.ndim == 5:   # groups of 4 bytes for simd.q4_dot
         if w.type_name == "Q4_1":
             corr = np.zeros(0, np.int32)
         else:   # Q4_0's nibbles are weight + 8: minus 8 x each lane's (or block's) activations
             corr = offset_sums(act.q, 8, True, whole_blocks)
             corr = np.ascontiguousarray(corr[:, :, 0]) if whole_blocks else corr
         matmul_q4_dot(act.q, act.d, act.s, w.q, w.scale, w.minimum, corr, out)
-    elif w.type_name in ("Q4_0", "Q4_1") and w.q.ndim == 5:   # the byte-pair layout of simd.py
-        matmul_q4_simd(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.type_name == "Q4_1", whole_blocks, out)
     elif w.type_name in ("Q4_0", "Q4_1"):
         matmul_q4_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, 8 if w.type_name == "Q4_0" else 0,
                         w.type_name == "Q4_1", whole_blocks, out)

@@ -29,8 +29,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ..float_ops import f16_to_f32, fma, round_f16, widen
-from .simd import (INT8_BIAS, PROMPT_TOKEN_TILE, float_lanes, int8_dot, int8_dot_tokens, q4_0_blocks, q4_0_lanes,
-                   q4_1_lanes, q4_dot, q4_dot_tokens, q8_lanes)
+from .simd import INT8_BIAS, PROMPT_TOKEN_TILE, float_lanes, int8_dot, int8_dot_tokens, q4_dot, q4_dot_tokens, q8_lanes
 
 
 # llamafile's tinyBLAS takes a float matrix only when its row count is a multiple of this (and
@@ -278,7 +277,7 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, whole_blocks, out)
     (high nibble), so lane i < 4 sums the low nibbles of bytes 4i..4i+3 and lane i + 4 their
     high nibbles, the same elements and order as ggml. Weight value = nibble - offset
     (8 for Q4_0, 0 for Q4_1 whose minimum enters through summs). The portable kernel (used
-    where AVX2 is missing) and the twin of `matmul_q4_simd`.
+    where AVX2 is missing) and the twin of `matmul_q4_dot`.
 
     whole_blocks: llama.cpp's repacked Q4_0 order instead (it repacks Q4_0 matrices whose row
     count is a multiple of 8, on AVX2): one integer sum per block, then one accumulator,
@@ -375,31 +374,6 @@ def _widened(wm, has_min):
     return minimum
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def matmul_q4_simd(xq, xd, xs, wq4, wd, wm, has_min, whole_blocks, out):
-    """matmul_q4_lanes with its block loop in AVX2 (simd.q4_0_lanes / q4_1_lanes: vpmaddubsw
-    on 16 rows at a time); the same arithmetic, bit for bit. Arguments as matmul_q4_lanes,
-    except the nibble bytes, which come in byte pairs (pack_weight(..., simd=True)):
-    wq4: [n_tiles, NB, 8, R, 2] uint8, slot 2i + q holding bytes 4i + 2q and 4i + 2q + 1."""
-    n_tokens = xq.shape[0]
-    n_tiles, n_blocks, _, n_r, _ = wq4.shape
-    for tile in prange(n_tiles):
-        lanes = np.empty((8, n_r), np.float32)
-        summs = np.empty(n_r, np.float32)
-        minimum = _widened(wm[tile], has_min)
-        for t in range(n_tokens):
-            o = out[t, tile * n_r:(tile + 1) * n_r]
-            if whole_blocks:
-                q4_0_blocks(wq4, wd, tile, xq, xd, t, lanes)
-                o[:] = lanes[0]
-                continue
-            if has_min:
-                q4_1_lanes(wq4, wd, tile, xq, xd, t, lanes)
-            else:
-                q4_0_lanes(wq4, wd, tile, xq, xd, t, lanes)
-            _lanes_to_rows(lanes, xs, t, minimum, has_min, summs, o)
-
-
 @njit(cache=True, nogil=True)
 def offset_sums(xq, offset, nibbles, whole_blocks):
     """Where simd's dot kernels start each integer sum for weights stored with an offset, once
@@ -421,13 +395,14 @@ def offset_sums(xq, offset, nibbles, whole_blocks):
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q4_dot(xq, xd, xs, wq4, wd, wm, corr, out):
-    """matmul_q4_simd on CPUs with VNNI (simd.q4_dot: vpdpbusd on 16 or 8 rows at a time), with
-    PROMPT_TOKEN_TILE prompt tokens sharing each load of a block's weights; bit for bit the
-    sums of matmul_q4_lanes. Arguments as matmul_q4_simd, except the nibble bytes, in groups of
-    4 (pack_weight(..., simd=True) where simd.VNNI_ROWS): wq4: [n_tiles, NB, 4, R, 4] uint8,
-    slot i holding bytes 4i..4i+3 of each row's block; and, in place of has_min and
-    whole_blocks, corr (offset_sums): [0] for Q4_1, [T, NB] for Q4_0 in the repacked order
-    (one sum per block), [T, NB, 8] for Q4_0's lanes."""
+    """matmul_q4_lanes on AVX2 (simd.q4_dot: vpdpbusd on 16 or 8 rows at a time where the CPU
+    has VNNI, else vpmaddubsw + vpmaddwd on 8), with PROMPT_TOKEN_TILE prompt tokens sharing
+    each load and unpack of a block's weights; bit for bit the sums of matmul_q4_lanes.
+    Arguments as matmul_q4_lanes, except the nibble bytes, in groups of 4 (pack_weight(...,
+    simd=True)): wq4: [n_tiles, NB, 4, R, 4] uint8, slot i holding bytes 4i..4i+3 of each
+    row's block; and, in place of offset, has_min and whole_blocks, corr (offset_sums): [0]
+    for Q4_1, [T, NB] for Q4_0 in the repacked order (one sum per block), [T, NB, 8] for Q4_0's
+    lanes."""
     n_tokens = xq.shape[0]
     n_tiles, n_blocks, _, n_r, _ = wq4.shape
     has_min, whole_blocks = corr.ndim == 1, corr.ndim == 2

@@ -13,15 +13,15 @@ element: lane i of a block is the exact integer sum of 4 nibble x int8 products 
 `lane = fma(d_w * d_x, float(sum), lane)`. Only the number of rows computed per instruction
 changes, so results are bit-identical (tests compare the two).
 
-Q4 layout read (`_pack_q4`): per tile of ROW_TILE rows and per block, 16 x ROW_TILE bytes as
-[8 slots][ROW_TILE rows][2 bytes]. Slot 2i + q holds, for every row, nibble bytes 4i + 2q and
-4i + 2q + 1 of the GGUF block (byte k: weight k in the low nibble, weight k + 16 in the high
-one). A 32-byte load then gives 16 rows x one byte pair, and `vpmaddubsw` against the matching
-pair of activations, repeated 16 times, gives 16 rows' partial sums at once.
-
-The int8 types (Q8_0, Q5_0, Q5_1, unpacked to int8 at load) use `q8_lanes` the same way, with
-4-byte groups: [8 slots][ROW_TILE rows][4 bytes], slot i holding weights 4i..4i+3, so one load
-is 8 rows x one lane's 4 weights, and vpmaddubsw + vpmaddwd give 8 rows' lane sums.
+The layouts read (weights in tiles of ROW_TILE rows, rows innermost):
+* Q4_0/Q4_1 (`_pack_q4`), read by `_make_dot`: per block, [4 slots][ROW_TILE rows][4 bytes],
+  slot i holding nibble bytes 4i..4i+3 of the GGUF block (byte k: weight k in the low nibble,
+  weight k + 16 in the high one). One load is 8 or 16 rows x 4 bytes; their low nibbles are
+  ggml's lane i, their high nibbles lane i + 4 (see the comment above `_make_dot`).
+* The int8 types (Q8_0, Q5_0, Q5_1, unpacked to int8 at load): [8 slots][ROW_TILE rows][4
+  bytes], slot i holding weights 4i..4i+3 (plus 128 where the CPU has VNNI, for `_make_dot`;
+  as they are for `q8_lanes`, vpmaddubsw with ggml's sign trick, elsewhere).
+* The K-quants: see the comment above `_make_k_dot`.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-PAIR_ROWS = 16   # rows per 256-bit vector of byte pairs
 
 _i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _f32 = ir.FloatType()
@@ -151,87 +150,6 @@ def _c(v):
 
 def _c_layout(*arrays) -> bool:
     return all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
-
-
-def _make_q4_lanes(offset: int, whole_blocks: bool = False):
-    """The intrinsic for Q4_0 (weight = nibble - 8: offset 8) or Q4_1 (offset 0). With
-    whole_blocks, the order of llama.cpp's repacked Q4_0 kernels (ggml_gemv/gemm_q4_0_8x8_q8_0,
-    which it uses for Q4_0 matrices of 8k rows on AVX2): each block's 32 products are summed as
-    one integer (|sum| <= 32 * 8 * 127 fits 16 bits), and lanes[0] = fma(float(sum), d, lanes[0])."""
-
-    @intrinsic
-    def q4_lanes(typingctx, wq, wd, tile, xq, xd, t, lanes):
-        """lanes[i, r] (i < 8, r < ROW_TILE) = ggml's 8 AVX2 accumulators of row r of `tile`
-        for token t, summed over all blocks of the row (see the module docstring).
-
-        wq: [n_tiles, NB, 8, R, 2] uint8; wd: [n_tiles, NB, R] uint16 (f16 scales)
-        xq: [T, NB, 32] int8; xd: [T, NB] f32; lanes: [8, R] f32 (written)
-        """
-        def codegen(context, builder, signature, args):
-            k = _Tile(context, builder, signature, args)
-            maddubs = k.intrinsic("llvm.x86.avx2.pmadd.ub.sw", _V16i16, [_V32i8, _V32i8])
-            fma = k.intrinsic("llvm.fma.v16f32", _V16f32, [_V16f32] * 3)
-            low_mask = ir.Constant(_V32i8, [0x0F] * 32)
-            four = ir.Constant(_V32i8, [4] * 32)
-
-            def block(g, b, acc):
-                xb, xd_b = k.x_block(b)
-                # d = d_w * d_x for 16 rows: the f16 scales widened by vcvtph2ps
-                wd_at = builder.mul(k.scale_index(g, b, PAIR_ROWS), _c(2))
-                d = builder.fmul(builder.fpext(_load(builder, k.wd, wd_at, _V16f16), _V16f32),
-                                 _splat(builder, xd_b, _V16f32))
-                wb = k.weight_block(b, 16)
-                block_sum = None
-                for i in range(4):
-                    s_lo = s_hi = None
-                    for q in range(2):
-                        slot = builder.add(wb, builder.add(builder.mul(_c(2 * i + q), builder.mul(k.n_rows, _c(2))),
-                                                           builder.mul(g, _c(2 * PAIR_ROWS))))
-                        pairs = _load(builder, k.wq, slot, _V32i8)          # 16 rows x 2 bytes
-                        lo = builder.and_(pairs, low_mask)                   # weights 4i+2q, 4i+2q+1
-                        hi = builder.lshr(pairs, four)                       # weights 16 + the same
-                        at = 4 * i + 2 * q
-                        x_lo = builder.bitcast(_splat(builder, k.x_bytes(builder.add(xb, _c(at)), _i16), _V16i16), _V32i8)
-                        x_hi = builder.bitcast(_splat(builder, k.x_bytes(builder.add(xb, _c(16 + at)), _i16), _V16i16), _V32i8)
-                        p_lo = builder.call(maddubs, [lo, x_lo])
-                        p_hi = builder.call(maddubs, [hi, x_hi])
-                        s_lo = p_lo if s_lo is None else builder.add(s_lo, p_lo)
-                        s_hi = p_hi if s_hi is None else builder.add(s_hi, p_hi)
-                    if offset:   # sum (n - off) x = sum n x - off * sum x, exactly, in 16 bits
-                        for which, base in ((0, 4 * i), (1, 16 + 4 * i)):
-                            total = ir.Constant(_i16, 0)
-                            for m in range(4):
-                                xv = builder.load(builder.gep(k.xq, [builder.add(xb, _c(base + m))]))
-                                total = builder.add(total, builder.sext(xv, _i16))
-                            corr = _splat(builder, builder.mul(total, ir.Constant(_i16, offset)), _V16i16)
-                            if which == 0:
-                                s_lo = builder.sub(s_lo, corr)
-                            else:
-                                s_hi = builder.sub(s_hi, corr)
-                    if whole_blocks:
-                        both = builder.add(s_lo, s_hi)
-                        block_sum = both if block_sum is None else builder.add(block_sum, both)
-                        continue
-                    for lane, s in ((i, s_lo), (i + 4, s_hi)):
-                        f = builder.sitofp(builder.sext(s, _V16i32), _V16f32)
-                        builder.store(builder.call(fma, [d, f, builder.load(acc[lane])]), acc[lane])
-                if whole_blocks:
-                    f = builder.sitofp(builder.sext(block_sum, _V16i32), _V16f32)
-                    builder.store(builder.call(fma, [f, d, builder.load(acc[0])]), acc[0])
-
-            k.loop(PAIR_ROWS, _V16f32, block)
-            return context.get_dummy_value()
-
-        if not _c_layout(wq, wd, xq, xd, lanes):
-            return None
-        return types.void(wq, wd, tile, xq, xd, t, lanes), codegen
-
-    return q4_lanes
-
-
-q4_0_lanes = _make_q4_lanes(8)
-q4_1_lanes = _make_q4_lanes(0)
-q4_0_blocks = _make_q4_lanes(8, whole_blocks=True)
 
 
 # VNNI (vpdpbusd: 4 unsigned bytes times 4 signed bytes, summed into a 32-bit lane, in one
