@@ -9,6 +9,7 @@ import numpy as np
 from .encoder import EncoderModel
 from .gguf_file import ENCODER_ARCHS, GGUFModel, ModelLoadError, load_gguf  # noqa: F401 (ModelLoadError: re-exported)
 from .model import Batch, LlamaModel
+from .quants import PARALLEL_ROWS
 from .ops import kv_cells, split_kv_chunk
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer, utf8_complete_prefix
@@ -37,7 +38,7 @@ class Engine:
     @classmethod
     def load(cls, path: str, n_threads: int | None = None, warm_up: bool = False,
              progress: bool = False) -> "Engine":
-        """Open the model. With warm_up, also run a two-token prompt and a decode step so every
+        """Open the model. With warm_up, also run a short prompt and a decode step so every
         kernel is compiled (or loaded from Numba's cache) before the first real request.
         With progress, show a bar (tqdm) while layers are packed and kernels compiled."""
         if n_threads:
@@ -60,9 +61,12 @@ class Engine:
         return engine
 
     def warm_up(self) -> None:
-        cache = self.model.new_cache(1, 4)
-        self.model.forward(Batch.single([self.tokenizer.bos_id if self.tokenizer.bos_id >= 0 else 0] * 2, 0), cache)
-        self.model.forward(Batch.single([0], 2), cache)
+        """Compile every kernel a request can reach: a prompt pass long enough for the row-wise
+        ops' parallel variants (quants.PARALLEL_ROWS tokens), a decode step, the samplers."""
+        n_prompt = max(2, PARALLEL_ROWS)
+        cache = self.model.new_cache(1, n_prompt + 2)
+        self.model.forward(Batch.single([self.tokenizer.bos_id if self.tokenizer.bos_id >= 0 else 0] * n_prompt, 0), cache)
+        self.model.forward(Batch.single([0], n_prompt), cache)
         for mirostat in (0, 1, 2):   # (mirostat's f32 arithmetic is compiled too)
             Sampler(SamplingParams(seed=0, mirostat=mirostat),
                     self.tokenizer.n_vocab).sample(np.arange(self.tokenizer.n_vocab, dtype=np.float32))

@@ -186,7 +186,9 @@ def test_the_kernels_of_a_prompt_pass_and_a_decode_step_can_all_be_cached(smollm
     """Numba will not cache a kernel that uses dynamic globals (numba.get_num_threads inside a
     parallel kernel is one) and compiles it again at every start, which a warm start would pay:
     run SmolLM2 (Q4_1 and Q8_0 matrices) through a prompt pass of 40 tokens and a decode step
-    with an empty cache, every warning an error."""
+    with an empty cache, every warning an error. And the warm-up (what /health waits for) has
+    compiled the row-wise ops' parallel variants, which only a prompt of PARALLEL_ROWS tokens
+    reaches, before any request."""
     import os
     import subprocess
     import sys
@@ -194,6 +196,10 @@ def test_the_kernels_of_a_prompt_pass_and_a_decode_step_can_all_be_cached(smollm
             "from numllama.engine.engine import Engine\n"
             "from numllama.engine.model import Batch\n"
             f"e = Engine.load({smollm_path!r}, warm_up=True)\n"
+            "from numllama.engine.ops import rms_norm_parallel, swiglu_parallel\n"
+            "from numllama.engine.quants.kernels import quantize_q8_blocks_parallel\n"
+            "for k in (rms_norm_parallel, swiglu_parallel, quantize_q8_blocks_parallel):\n"
+            "    assert k.signatures, k\n"
             "c = e.model.new_cache(1, 256)\n"
             "e.model.forward(Batch.single(list(range(1, 41)), 0), c)\n"
             "e.model.forward(Batch.single([5], 40), c)\n")
