@@ -21,6 +21,7 @@ bench/.cache/models.
 
 --bin-dir holds llama-server, llama-bench and llama-quantize (build them with the best flags
 the machine runs; say which in the report). Results: a table per model, and --json.
+--competing measures a busy machine: one busy process beside the servers all along.
 """
 from __future__ import annotations
 
@@ -128,23 +129,7 @@ def llama_bench(bin_dir: str, model: str, threads: int, args) -> dict:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin-dir", required=True, help="llama.cpp's bin folder: llama-server, llama-bench, llama-quantize")
-    ap.add_argument("--models", default=",".join(MODEL_NAMES), help="comma-separated, of: " + ", ".join(MODEL_NAMES))
-    ap.add_argument("--threads", default=f"1,2,{os.cpu_count()}", help="comma-separated thread counts")
-    ap.add_argument("--streams", default="4,16", help="comma-separated concurrent streams")
-    ap.add_argument("--prompt", type=int, default=512, help="prefill prompt tokens")
-    ap.add_argument("--n-predict", type=int, default=64, help="tokens per decode measurement")
-    ap.add_argument("--depth", type=int, default=4096, help="decode depth (0: skip)")
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--no-llama-bench", action="store_true")
-    ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args()
-    args.streams = [int(s) for s in args.streams.split(",")]
-    sys.path.insert(0, REPO)
-    threads = sorted({int(t) for t in args.threads.split(",")})
-    results = {}
+def run_matrix(args, threads: list[int], results: dict) -> None:
     for name in args.models.split(","):
         model = model_path(name, args.bin_dir)
         for t in threads:
@@ -162,6 +147,33 @@ def main() -> int:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin-dir", required=True, help="llama.cpp's bin folder: llama-server, llama-bench, llama-quantize")
+    ap.add_argument("--models", default=",".join(MODEL_NAMES), help="comma-separated, of: " + ", ".join(MODEL_NAMES))
+    ap.add_argument("--threads", default=f"1,2,{os.cpu_count()}", help="comma-separated thread counts")
+    ap.add_argument("--streams", default="4,16", help="comma-separated concurrent streams")
+    ap.add_argument("--prompt", type=int, default=512, help="prefill prompt tokens")
+    ap.add_argument("--n-predict", type=int, default=64, help="tokens per decode measurement")
+    ap.add_argument("--depth", type=int, default=4096, help="decode depth (0: skip)")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-llama-bench", action="store_true")
+    ap.add_argument("--competing", action="store_true",
+                    help="keep one busy process (a Python loop) running beside the servers throughout")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    args.streams = [int(s) for s in args.streams.split(",")]
+    sys.path.insert(0, REPO)
+    threads = sorted({int(t) for t in args.threads.split(",")})
+    results = {}
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.competing else None
+    try:
+        run_matrix(args, threads, results)
+    finally:
+        if hog:
+            hog.kill()
     return 0
 
 
