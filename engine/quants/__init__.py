@@ -300,7 +300,8 @@ def matmul(act: Activations, w: PackedWeight, order: KernelOrder | None = None) 
         matmul_q4_lanes(act.q, act.d, act.s, w.q, w.scale, w.minimum, 8 if w.type_name == "Q4_0" else 0,
                         w.type_name == "Q4_1", whole_blocks, out)
     elif w.q.ndim == 5 and w.q.dtype == np.uint8:   # 4-byte groups, plus 128, for simd.int8_dot
-        matmul_int8_dot(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
+        corr = offset_sums(act.q, INT8_BIAS, False, False)   # minus 128 x each lane's activations
+        matmul_int8_dot(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", corr, out)
     elif w.q.ndim == 5:   # 4-byte groups for simd.q8_lanes
         matmul_q32_simd(act.q, act.d, act.s, w.q, w.scale, w.minimum, w.act_format == "q8_1", out)
     else:

@@ -29,7 +29,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ..float_ops import f16_to_f32, fma, round_f16, widen
-from .simd import INT8_BIAS, PROMPT_TOKEN_TILE, float_lanes, int8_dot, int8_dot_tokens, q4_dot, q4_dot_tokens, q8_lanes
+from .simd import PROMPT_TOKEN_TILE, float_lanes, int8_dot, int8_dot_tokens, q4_dot, q4_dot_tokens, q8_lanes
 
 
 # llamafile's tinyBLAS takes a float matrix only when its row count is a multiple of this (and
@@ -349,7 +349,8 @@ def matmul_q4_lanes(xq, xd, xs, wq4, wd, wm, offset, has_min, whole_blocks, out)
 @njit(cache=True, nogil=True, inline="always")
 def _lanes_to_rows(lanes, xs, t, minimum, has_min, summs, o):
     """One token's output rows from its 8 lanes [8, R]: hsum8 of the lanes + summs, the minimum
-    term fma(m_w, s_x) over the blocks (Q4_1, Q5_1), as ggml adds them. minimum: [NB, R] f32"""
+    term fma(m_w, s_x) over the blocks (Q4_1, Q5_1), as ggml adds them. minimum: [NB, R] f32
+    (read only with has_min)"""
     summs[:] = 0
     if has_min:
         for b in range(minimum.shape[0]):
@@ -363,9 +364,10 @@ def _lanes_to_rows(lanes, xs, t, minimum, has_min, summs, o):
 
 @njit(cache=True, nogil=True, inline="always")
 def _widened(wm, has_min):
-    """A tile's f16 block minimums [NB, R] widened to f32 once, not once per token (zeros
-    where the type has none: they are not read)."""
-    minimum = np.zeros(wm.shape, np.float32)
+    """A tile's f16 block minimums [NB, R] widened to f32 once, not once per token; [0, R]
+    where the type has none (nothing is read from it, and a decode step is not worth a
+    zero-filled copy of every tile)."""
+    minimum = np.empty((wm.shape[0] if has_min else 0, wm.shape[1]), np.float32)
     if has_min:
         for b in range(wm.shape[0]):
             mb, wmb = minimum[b], wm[b]
@@ -426,15 +428,15 @@ def matmul_q4_dot(xq, xd, xs, wq4, wd, wm, corr, out):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def matmul_int8_dot(xq, xd, xs, wq, wd, wm, has_min, out):
+def matmul_int8_dot(xq, xd, xs, wq, wd, wm, has_min, corr, out):
     """matmul_q32_simd on CPUs with VNNI (simd.int8_dot: vpdpbusd), with PROMPT_TOKEN_TILE
     prompt tokens sharing each load of a block's weights; bit for bit the sums of
     matmul_q32_lanes. Arguments as matmul_q32_simd, except the weights, plus 128 as unsigned
     bytes (pack_weight(..., simd=True) where simd.VNNI_ROWS):
-    wq: [n_tiles, NB, 8, R, 4] uint8, slot i holding weights 4i..4i+3 (+ 128) of each row."""
+    wq: [n_tiles, NB, 8, R, 4] uint8, slot i holding weights 4i..4i+3 (+ 128) of each row;
+    corr: [T, NB, 8] int32, minus 128 x each lane's activations (offset_sums)."""
     n_tokens = xq.shape[0]
     n_tiles, n_blocks, _, n_r, _ = wq.shape
-    corr = offset_sums(xq, INT8_BIAS, False, False)   # [T, NB, 8]
     for tile in prange(n_tiles):
         lanes = np.empty((PROMPT_TOKEN_TILE, 8, n_r), np.float32)
         summs = np.empty(n_r, np.float32)

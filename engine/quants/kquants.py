@@ -132,12 +132,12 @@ def pack_k(type_name: str, raw: np.ndarray, n_rows: int, n_cols: int):
         halves = q.reshape(n_rows, n_super, 4, 2, 32).astype(np.uint8)
         q = tile_rows(halves[:, :, :, 0] | (halves[:, :, :, 1] << 4))            # [tiles, n_super, 4, 32, R]
         q = np.ascontiguousarray(q.reshape(q.shape[0], n_super, 4, 8, 4, ROW_TILE).transpose(0, 1, 2, 3, 5, 4))
-        return q, tile_rows(sub.astype(np.int8)), tile_rows(d), tile_rows(dmin)
-    if AVX2 and type_name == "Q3_K":
-        q = q + np.int8(Q3_K_OFFSET)
-    q = tile_rows(q)                                                  # [tiles, n_super, 256, ROW_TILE]
-    if AVX2:   # -> [tiles, n_super, 8 groups, 8 lanes, ROW_TILE, 4 weights] for simd.k_dot
-        q = np.ascontiguousarray(q.reshape(q.shape[0], n_super, 8, 8, 4, ROW_TILE).transpose(0, 1, 2, 3, 5, 4))
+    else:
+        if AVX2 and type_name == "Q3_K":
+            q = q + np.int8(Q3_K_OFFSET)
+        q = tile_rows(q)                                              # [tiles, n_super, 256, ROW_TILE]
+        if AVX2:   # -> [tiles, n_super, 8 groups, 8 lanes, ROW_TILE, 4 weights] for simd.k_dot
+            q = np.ascontiguousarray(q.reshape(q.shape[0], n_super, 8, 8, 4, ROW_TILE).transpose(0, 1, 2, 3, 5, 4))
     return q, tile_rows(sub.astype(np.int8)), tile_rows(d), tile_rows(dmin)
 
 

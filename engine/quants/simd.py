@@ -188,6 +188,12 @@ def _dot4(builder, rows: int):
     return dot4
 
 
+def _nibbles(builder, v):
+    """(low, high) nibbles of each byte of the vector v, as bytes 0..15."""
+    return (builder.and_(v, ir.Constant(v.type, [0x0F] * v.type.count)),
+            builder.lshr(v, ir.Constant(v.type, [4] * v.type.count)))
+
+
 PROMPT_TOKEN_TILE = 8   # prompt tokens that share each load of weights (1B Q4_0 prefill, 2
 # threads: 1 token 42 tok/s (vpmaddubsw), 4 tokens 143 GMAC/s on its FFN, 8 tokens 158, 16 129)
 INT8_BIAS = 128   # added to int8 weights to make them vpdpbusd's unsigned operand
@@ -238,8 +244,6 @@ def _make_dot(kind: str, n_tok: int):
                                                  f"llvm.fma.v{rows}f32")
             assert VNNI_ROWS or kind == "q4"   # vpmaddubsw would saturate on bytes plus 128
             dot4 = _dot4(builder, rows)
-            low_mask = ir.Constant(v_i8, [0x0F] * (4 * rows))
-            four = ir.Constant(v_i8, [4] * (4 * rows))
             zero_i, zero_f = ir.Constant(v_i32, [0] * rows), ir.Constant(v_f32, [0.0] * rows)
             n_lanes = 1 if whole_blocks else 8
             acc = [[cgutils.alloca_once(builder, v_f32) for _ in range(n_lanes)] for _ in range(n_tok)]
@@ -255,7 +259,7 @@ def _make_dot(kind: str, n_tok: int):
                     for i in range(n_slots):
                         v = _load(builder, wq_p, builder.add(w_at, builder.mul(_c(i), builder.mul(n_rows, _c(4)))), v_i8)
                         if kind == "q4":
-                            lanes_w[i], lanes_w[i + 4] = builder.and_(v, low_mask), builder.lshr(v, four)
+                            lanes_w[i], lanes_w[i + 4] = _nibbles(builder, v)
                         else:
                             lanes_w[i] = v
                     wd_row = builder.add(builder.mul(tb_w, n_rows), r0)
@@ -403,8 +407,6 @@ def _make_k_dot(group: int, lanes_out: bool, n_tok: int):
             tile, s_i, t0 = ext(tile_v), ext(s_v), ext(t0_v)
             dot4 = _dot4(builder, rows)
             zero = ir.Constant(v_i32, [0] * rows)
-            low_mask = ir.Constant(v_i8, [0x0F] * (4 * rows))
-            four = ir.Constant(v_i8, [4] * (4 * rows))
             ts = builder.add(builder.mul(tile, n_super), s_i)
             w_base = builder.mul(ts, builder.mul(n_rows, _c(128 if nibbles else 256)))   # bytes
             n_acc = 8 if lanes_out else 0
@@ -423,7 +425,7 @@ def _make_k_dot(group: int, lanes_out: bool, n_tok: int):
                                                              builder.mul(r0, _c(4))))
                         v = _load(builder, wq_p, at, v_i8)
                         if nibbles:
-                            v = builder.and_(v, low_mask) if g % 2 == 0 else builder.lshr(v, four)
+                            v = _nibbles(builder, v)[g % 2]
                         out.append(v)
                     return out
 
@@ -591,7 +593,6 @@ def _make_q4_k_repacked(grouped: bool, n_tok: int):
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v_f32, [v_f32] * 3),
                                                  f"llvm.fma.v{rows}f32")
             zero_i, zero_f = ir.Constant(v_i32, [0] * rows), ir.Constant(v_f32, [0.0] * rows)
-            low_mask, four = ir.Constant(v_i8, [0x0F] * (4 * rows)), ir.Constant(v_i8, [4] * (4 * rows))
             acc = [cgutils.alloca_once(builder, v_f32) for _ in range(n_tok)]
             acc_min = [cgutils.alloca_once(builder, v_f32) for _ in range(n_tok)]
 
@@ -628,8 +629,9 @@ def _make_q4_k_repacked(grouped: bool, n_tok: int):
                             at = builder.add(builder.mul(builder.add(builder.mul(ts, _c(32)), _c(8 * c + lane)),
                                                          builder.mul(n_rows, _c(4))), builder.mul(r0, _c(4)))
                             v = _load(builder, wq_p, at, v_i8)
-                            halves[0].append(builder.and_(v, low_mask))
-                            halves[1].append(builder.lshr(v, four))
+                            low, high = _nibbles(builder, v)
+                            halves[0].append(low)
+                            halves[1].append(high)
                         scales = [sub(2 * c), sub(2 * c + 1)]
                         mins = [sub(8 + 2 * c), sub(8 + 2 * c + 1)]
                         for j in range(n_tok):
