@@ -43,6 +43,13 @@ class CharSet:
         inside = any(lo <= c <= hi for lo, hi in self.ranges)
         return inside != self.negated
 
+    def may_match(self, low: int, high: int) -> bool:
+        """For a character known only to lie in [low, high] (its first UTF-8 bytes), as llama.cpp
+        judges it: a set matches if one of its ranges meets that span; a negated set only if none
+        does."""
+        meets = any(lo <= high and low <= hi for lo, hi in self.ranges)
+        return meets != self.negated
+
 
 @dataclass(frozen=True)
 class RuleRef:
@@ -372,6 +379,25 @@ class Grammar:
     def accepts_end(self, stacks: frozenset) -> bool:
         return any(() in self._closure(st) for st in stacks)
 
+    def accepts_partial(self, stacks: frozenset, partial: tuple) -> bool:
+        """Whether a character begun by a token's last bytes may still match somewhere:
+        llama_grammar_match_partial_char over the code points those bytes could become."""
+        value, n_remain = partial
+        if n_remain == 1 and value < 2:   # (a 7-bit character in two bytes: overlong)
+            return False
+        low = value << (n_remain * 6)
+        high = low | ((1 << (n_remain * 6)) - 1)
+        if low == 0:
+            low = {2: 1 << 11, 3: 1 << 16}.get(n_remain, low)
+        for st in stacks:
+            for cst in self._closure(st):
+                if cst:
+                    rule, alt, i = cst[-1]
+                    el = self.rules[rule][alt][i]
+                    if isinstance(el, CharSet) and el.may_match(low, high):
+                        return True
+        return False
+
 
 class GrammarState:
     """One request's progress through a grammar, and which tokens may come next.
@@ -397,6 +423,7 @@ class GrammarState:
         self.eog_ids = eog_ids
         self.token_piece = token_piece   # id -> bytes (the text the triggers are looked for in)
         self.awaiting = bool(triggers)
+        self.partial = (0, 0)   # a character begun by the last token: (its value so far, bytes to come)
         self.watch = TriggerWatch([Trigger(TRIGGER_WORD, t) if isinstance(t, str) else t for t in triggers])
 
     def allows(self, token: int) -> bool:
@@ -404,10 +431,21 @@ class GrammarState:
             return True
         if token in self.eog_ids:
             return self.grammar.accepts_end(self.stacks)
-        text = self.token_text(token)
-        if not text:
+        if self.partial == (0, 0):   # (the common case: a token of whole characters)
+            text = self.token_text(token)
+            if text is not None or self.token_piece is None:
+                return bool(text) and bool(self.grammar.advance(self.stacks, text))
+        piece = self.token_piece(token)
+        if not piece:
             return False
-        return bool(self.grammar.advance(self.stacks, text))
+        decoded = decode_utf8(piece, self.partial)
+        if decoded is None:
+            return False
+        text, partial = decoded
+        stacks = self.grammar.advance(self.stacks, text) if text else self.stacks
+        if not stacks:
+            return False
+        return partial[1] == 0 or self.grammar.accepts_partial(stacks, partial)
 
     def accept(self, token: int) -> None:
         """common_sampler_accept: with a gate, a token inside a reasoning block is not the
@@ -429,10 +467,55 @@ class GrammarState:
             if fired is not None:
                 self.awaiting = False
                 for _, text in fired:
-                    # a match starting inside a multi-byte character cannot be; ignore stray bytes
-                    self.stacks = self.grammar.advance(self.stacks, text.decode("utf-8", "ignore"))
+                    self._advance(text)
         elif token not in self.eog_ids:
-            self.stacks = self.grammar.advance(self.stacks, self.token_text(token))
+            text = self.token_text(token) if self.partial == (0, 0) else None
+            if text is not None or self.token_piece is None:
+                self.stacks = self.grammar.advance(self.stacks, text or "")
+            else:
+                self._advance(self.token_piece(token))
+
+    def _advance(self, piece: bytes) -> None:
+        """The grammar reads a token's whole characters; the first bytes of one it ends inside
+        wait for the next token (llama_grammar_accept_token's partial_utf8)."""
+        decoded = decode_utf8(piece, self.partial)
+        if decoded is None:   # (a match starting inside a character: no way on)
+            self.stacks, self.partial = frozenset(), (0, 0)
+            return
+        text, self.partial = decoded
+        if text:
+            self.stacks = self.grammar.advance(self.stacks, text)
+
+
+_UTF8_LENGTH = (1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 2, 2, 3, 4)   # by a lead byte's high nibble
+
+
+def decode_utf8(piece: bytes, partial: tuple) -> tuple[str, tuple] | None:
+    """llama-grammar.cpp's decode_utf8: the whole characters of `piece`, continuing a character
+    begun by earlier bytes (partial: its value so far and how many bytes it still needs), and
+    the one it ends inside; None for bytes that are not UTF-8."""
+    value, n_remain = partial
+    pos, out = 0, []
+    while pos < len(piece) and n_remain > 0:
+        b = piece[pos]
+        if b >> 6 != 2:
+            return None
+        value, pos, n_remain = (value << 6) + (b & 0x3F), pos + 1, n_remain - 1
+    if partial[1] > 0 and n_remain == 0:
+        out.append(value)
+    while pos < len(piece):
+        first = piece[pos]
+        n_remain = _UTF8_LENGTH[first >> 4] - 1
+        if n_remain < 0:
+            return None
+        value, pos = first & ((1 << (7 - n_remain)) - 1), pos + 1
+        while pos < len(piece) and n_remain > 0:
+            value, pos, n_remain = (value << 6) + (piece[pos] & 0x3F), pos + 1, n_remain - 1
+        if n_remain == 0:
+            out.append(value)
+    if any(c > 0x10FFFF for c in out):   # (no such character: nothing matches it)
+        return None
+    return "".join(map(chr, out)), ((value, n_remain) if n_remain > 0 else (0, 0))
 
 
 class ReasoningGate:

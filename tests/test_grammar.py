@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from numllama.engine.grammar import Grammar, GrammarError
+from numllama.engine.grammar import Grammar, GrammarError, GrammarState, decode_utf8
 from numllama.engine.json_schema import json_schema_to_grammar
 
 
@@ -97,3 +97,28 @@ def test_trigger_patterns_mean_what_std_regex_means():
     assert fire(Trigger(TRIGGER_TOKEN, "<t>", 7), [b"<t>"]) is None                     # its id, not its text
     w = TriggerWatch([Trigger(TRIGGER_TOKEN, "<t>", 7)])
     assert w.fire(7, b"<t>") == [(7, b"<t>")]
+
+
+def test_a_token_may_end_inside_a_character():
+    """llama.cpp's grammar takes a token whose last bytes begin a character if some character
+    they may become is allowed there (llama_grammar_match_partial_char), and reads it whole
+    with the next token: "｜" is three bytes, EF BD 9C."""
+    bar = "｜".encode()
+    pieces = {0: bar[:2], 1: bar[2:], 2: b"<", 3: b"a"}
+
+    def state(rule):
+        return GrammarState(Grammar(rule), lambda t: _text(pieces[t]), frozenset(), token_piece=lambda t: pieces[t])
+    anything_but_lt = state("root ::= [^<]*")
+    assert anything_but_lt.allows(0) and not anything_but_lt.allows(2)
+    anything_but_lt.accept(0)
+    assert anything_but_lt.allows(1) and not anything_but_lt.allows(3)   # the character must be finished
+    assert not state("root ::= [^\\uFF00-\\uFFFF]*").allows(0)   # every character it may become is excluded
+    assert not state('root ::= "a"').allows(0)
+    assert decode_utf8(bar[:2], (0, 0)) == ("", (0xFF5C >> 6, 1))
+
+
+def _text(piece: bytes) -> str | None:
+    try:
+        return piece.decode()
+    except UnicodeDecodeError:
+        return None
