@@ -191,6 +191,9 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
         env.filters["tojson"] = _tojson
+        # llama.cpp's Jinja marks nothing safe: `"a"|safe + text` is plain concatenation (jinja2's
+        # Markup would HTML-escape the text, as Functionary v3.1's tool list showed)
+        env.filters["safe"] = str
         try:
             self._template = env.from_string(self.source)
         except TemplateError as e:

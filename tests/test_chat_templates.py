@@ -86,3 +86,9 @@ def test_stepfun_messages_are_trimmed_as_llama_cpp_trims_them():
                     {"role": "user", "content": [{"type": "text", "text": " a "}]}])
     assert got.endswith("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi there<|im_end|>\n<|im_start|>"
                         "assistant\nok<|im_end|>\n<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n<think>\n")
+
+
+def test_safe_marks_nothing():
+    """llama.cpp's Jinja has no markup strings: `"a"|safe + text` is plain concatenation."""
+    assert ChatTemplate('{{ "x: "|safe + messages[0].content }}').render(
+        [{"role": "user", "content": '{"a": "<b>"}'}], add_generation_prompt=False) == 'x: {"a": "<b>"}'
