@@ -865,11 +865,17 @@ class Scheduler:
             stop_type = "eos"
         elif complete:
             stop_type, stopping_word, send_upto = self._match_stop(s)
+        shown_upto = send_upto   # (what llama-server's text_to_send holds, the last token's too)
         if stop_type is None:
             stop_type, truncated = self._limit(s)
         if stop_type not in (None, "word"):   # it ends here: no stop string can complete now
             send_upto = len(s.text)
         if complete:
+            if probs is not None:
+                shown = s.text[s.n_sent:shown_upto] if shown_upto > s.n_sent else ""
+                if shown != s.unsent_bytes.decode("utf-8", "replace"):
+                    # text held back for a stop string, or sent late: a token shows what it sent
+                    probs["sent"] = shown.encode("utf-8")
             piece = s.text[s.n_sent:send_upto] if send_upto > s.n_sent else ""
             s.n_sent = max(s.n_sent, send_upto)
             task.events.put(TokenEvent(token, piece, probs, len(s.generated), len(task.prompt_tokens), s.n_cached))

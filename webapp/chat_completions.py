@@ -358,6 +358,10 @@ def _completion_body(body: dict, chat: RenderedChat) -> dict:
     _chat_response_format(out, chat, extract)
     ctx = current_app.config["NUMLLAMA"]
     out["preserved_tokens"] = preserved_texts(ctx.reasoning_format, ctx.tool_format)
+    if ctx.template_stops:   # (after the request's own, as llama-server appends them)
+        stop = out.get("stop")
+        out["stop"] = ([stop] if isinstance(stop, str) else list(stop) if isinstance(stop, list) else []) + \
+            list(ctx.template_stops)
     out["_reader"] = _answer_reader(body, out, chat, extract) if "_response_format" not in out else None
     if body.get("logprobs"):
         out["n_probs"] = get_number(body, "top_logprobs", 20, int) if body.get("top_logprobs") is not None else 20
@@ -578,7 +582,10 @@ def _stream(run: ChatRun) -> Response:
             for t, ev, ms, deltas in choice_events:
                 if t is not current:   # each choice opens with the assistant's role
                     current = t
-                    yield sse(_chunk(c, t.index, {"role": "assistant", "content": None}, None))
+                    # (which llama-server sends with its first token's update: a first token
+                    # that ends inside a character sends none, and the role is never sent)
+                    if not (isinstance(ev, TokenEvent) and ev.n_decoded > 1):
+                        yield sse(_chunk(c, t.index, {"role": "assistant", "content": None}, None))
                 if isinstance(ev, ErrorEvent):
                     yield sse(engine_error(ev).body())
                     return
