@@ -66,6 +66,33 @@ MISTRAL_CALL = ("Call get_current_weather for Paris", [["[TOOL_CALLS]", 6]])
 MISTRAL_PREFILL = [{"role": "user", "content": "forecast for Paris, 3 days"},
                    {"role": "assistant", "content": '[TOOL_CALLS]get_forecast[ARGS]{"city": "Paris", "days": 3'}]
 MISTRAL_THINK = {"tools": None, "grammar": 'root ::= "[THINK]" [a-z ]+ "[/THINK]" [A-Za-z ]+'}
+
+
+def tagged_calls(trigger: str, forecast: dict = FORECAST) -> list:
+    """The tagged formats' requests (engine/tagged_tool_calls.py): auto with the calls' first
+    marker favoured, required (one tool, two, no parallel calls), cut short, none, no tools."""
+    bias = [[trigger, 6]]
+    return [
+        ("weather in Paris?", {}),
+        ("Call get_current_weather for Paris", {"logit_bias": bias}),
+        ("weather in Paris?", {"tool_choice": "required"}),
+        ("weather in Paris?", {"tool_choice": "required", "max_tokens": 14}),
+        ("weather in Paris?", {"tool_choice": "required", "max_tokens": 22}),
+        ("forecast for Paris, 3 days", {"tool_choice": "required", "tools": [WEATHER, forecast], "max_tokens": 90}),
+        ("forecast for Paris, 3 days", {"tool_choice": "required", "tools": [forecast], "parallel_tool_calls": False,
+                                        "max_tokens": 90}),
+        ("weather in Paris?", {"tool_choice": "none"}),
+        ("hi", {"tools": None}),
+    ]
+
+
+# llama-server 0.3.36 cannot render Seed-OSS's template with a parameter of several types (its
+# Jinja has no `in` between an array and a tuple: a 400); numllama can, and is compared without
+FORECAST_ONE_TYPE = {"type": "function", "function": {**FORECAST["function"], "parameters": {
+    **FORECAST["function"]["parameters"], "properties": {**FORECAST["function"]["parameters"]["properties"],
+                                                         "units": {"type": "string"}}}}}
+
+
 # (template, user message, extra fields); the logit bias makes a small model open a call
 CASES = {
     "Qwen-Qwen2.5-7B-Instruct": [
@@ -135,6 +162,18 @@ CASES = {
         ("Describe a person as JSON", {"tools": None, "response_format": {"type": "json_schema", "json_schema": {
             "schema": PERSON}}}),
     ],
+    # calls written with the template's tags (chat-diff-analyzer.cpp's TAG_WITH_TAGGED / _JSON)
+    "GLM-4.7-Flash": tagged_calls("<tool_call>"),
+    "GLM-4.6": tagged_calls("<tool_call>"),
+    "ByteDance-Seed-OSS": tagged_calls("<seed:tool_call>", FORECAST_ONE_TYPE),
+    "MiniMax-M2": tagged_calls("<minimax:tool_call>"),
+    "tencent-Hy3": tagged_calls("<tool_calls:opensource>"),
+    "poolside-Laguna-XS.2": tagged_calls("<tool_call>"),
+    "Spark2.5": tagged_calls("<tool_call>"),
+    "deepseek-ai-DeepSeek-V3.1": tagged_calls("<｜tool▁calls▁begin｜>"),
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": tagged_calls("<｜tool▁calls▁begin｜>"),
+    "Mistral-Small-3.2-24B-Instruct-2506": tagged_calls("[TOOL_CALLS]"),
+    "meetkai-functionary-medium-v3.1": tagged_calls("<function="),
     "HuggingFaceTB-SmolLM3-3B": [   # a reasoning block, no tool calls
         ("hi", {"tools": None}),
         ("hi", THINK),

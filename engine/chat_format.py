@@ -1,13 +1,14 @@
 """Which parser reads a chat template's answers, as llama.cpp chooses (common/chat.cpp).
 
 A template it has a parser written for (here: Ministral 3's, engine/mistral_tool_calls.py, and
-Qwen3-Coder's XML tool calls, engine/xml_tool_calls.py) gets that parser; any other is
-analysed by rendering it with and without probe messages: its reasoning block
-(engine/reasoning.py) and its JSON tool calls (engine/tool_calls.py).
+Qwen3-Coder's XML tool calls, engine/xml_tool_calls.py) gets that parser; one whose parser
+numllama has not written is refused (UNWRITTEN_PARSERS); any other is analysed by rendering it
+with and without probe messages: its reasoning block (engine/reasoning.py) and its tool calls,
+JSON (engine/tool_calls.py) or tagged (engine/tagged_tool_calls.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import mistral_tool_calls, xml_tool_calls
 from .reasoning import ReasoningFormat, analyze_reasoning
@@ -16,20 +17,60 @@ from .tool_calls import ToolFormatUnsupported, analyze_tool_format
 
 @dataclass(frozen=True)
 class ChatFormat:
-    tool_format: object = None                 # ToolFormat or XmlToolFormat; None: the template writes no calls
+    tool_format: object = None                 # ToolFormat, TaggedToolFormat, ...; None: the template writes no calls
     reasoning: ReasoningFormat | None = None   # its reasoning block, if it has one
     tool_format_error: str = ""                # why its tool calls cannot be read, if so
+    stops: tuple = ()                          # stop strings every chat request gets (additional_stops)
+
+
+# The templates llama.cpp reads with parsers written for them that numllama has not (yet): their
+# tests in common_chat_try_specialized_template, in its order. Analysing them as the others would
+# read their calls differently from llama-server, so they are refused instead.
+def _has(*words):
+    return lambda src: all(w in src for w in words)
+
+
+UNWRITTEN_PARSERS = (
+    ("GPT-OSS", _has("<|channel|>")),
+    ("Muse Glimmer", _has("<atem:function_calls>", "<|eom|>")),
+    ("Functionary v3.2", _has(">>>all", ">>>${recipient}")),
+    ("Kimi K2", _has("<|tool_calls_section_begin|>", "<|tool_call_begin|>")),
+    ("Kimi K3", _has("<|open|>", "<|close|>", "<|end_of_msg|>")),
+    ("Ling 3", _has("<role>ASSISTANT</role>", "<arg_key>")),
+    ("Cohere2 MoE", _has("<|START_TEXT|>", "<|START_ACTION|>")),
+    ("LFM2", lambda src: "<|tool_list_start|>" in src and "<|tool_list_end|>" in src),
+    ("LFM2.5", lambda src: "List of tools: [" in src and "<|tool_list_start|>" not in src),
+    ("GigaChat 3", lambda src: "<|role_sep|>" in src and "<|message_sep|>" in src and "<|function_call|>" not in src),
+    ("MiniMax-M3", _has("]<]minimax[>[", "<tool_call>", "<invoke name=")),
+    ("DeepSeek V3.2/V4", lambda src: "dsml_token" in src and "DSML" in src
+     and ("function_calls" in src or "tool_calls" in src)),
+    ("Gemma 4", _has("'<|tool_call>call:'")),
+    ("MiniCPM5", _has("Tool usage guidelines:", '<function name="', '<param name="')),
+)
 
 
 def analyze_template(template) -> ChatFormat:
     mistral = mistral_tool_calls.detect(template.source)   # (in llama.cpp's order of tests)
     if mistral is not None:
         return ChatFormat(mistral, mistral_tool_calls.reasoning_format(mistral))
+    unwritten = next((name for name, test in UNWRITTEN_PARSERS if test(template.source)), None)
+    if unwritten is not None:
+        return ChatFormat(None, analyze_reasoning(template),
+                          f"{unwritten}'s tool calls (a parser llama.cpp writes for that template)")
     xml = xml_tool_calls.detect(template.source)
     if xml is not None:
         return ChatFormat(xml, xml_tool_calls.reasoning_format(xml))
     reasoning = analyze_reasoning(template)
     try:
-        return ChatFormat(analyze_tool_format(template, reasoning), reasoning)
+        fmt = ChatFormat(analyze_tool_format(template, reasoning), reasoning)
     except ToolFormatUnsupported as e:
-        return ChatFormat(None, reasoning, str(e))
+        fmt = ChatFormat(None, reasoning, str(e))
+    if LAGUNA in template.source and reasoning is not None:
+        # chat-diff-analyzer.cpp's workaround: the model writes "<think>" without the rendered
+        # newlines, and may spell out its end-of-turn token as text, which stops it too
+        fmt = replace(fmt, reasoning=replace(reasoning, start=reasoning.start_tag, end=reasoning.end_tag),
+                      stops=("</assistant>",))
+    return fmt
+
+
+LAGUNA = "laguna_glm_thinking"   # (Poolside's Laguna templates)

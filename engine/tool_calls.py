@@ -9,9 +9,10 @@ and the JSON field names. This module does the same for the JSON formats ("JSON_
 ...}`, Mistral's `[TOOL_CALLS][{...}]`), then builds the grammar llama.cpp's PEG builder would
 (common/chat-peg-parser.cpp standard_json_tools, peg-parser.cpp build_grammar), rule for rule.
 
-Formats it does not know (tagged arguments, function name as key, templates with a reasoning
-block, the hand-written parsers of common/chat.cpp) raise ToolFormatUnsupported: the request
-gets a clear 400 rather than calls parsed differently from llama-server.
+Calls written with the template's own tags (the function's name not a JSON value) are read by
+engine/tagged_tool_calls.py. A JSON form it does not know (the function's name as the key)
+raises ToolFormatUnsupported: the request gets a clear 400 rather than calls parsed differently
+from llama-server.
 """
 from __future__ import annotations
 
@@ -206,7 +207,8 @@ def analyze_tool_format(template, reasoning=None) -> ToolFormat | None:
     """The tool-call format of a engine.chat_template.ChatTemplate; None when the template
     does not render tool calls at all (then llama-server parses the answer as plain content).
     reasoning: the template's engine.reasoning.ReasoningFormat, whose markers are not part of
-    the calls. Raises ToolFormatUnsupported for formats outside JSON_NATIVE."""
+    the calls (a TaggedToolFormat for the tagged forms). Raises ToolFormatUnsupported for JSON
+    calls keyed by the function's name."""
     caps = template.caps
     if not caps.supports_tool_calls:
         return None
@@ -225,8 +227,10 @@ def analyze_tool_format(template, reasoning=None) -> ToolFormat | None:
     haystack = diff_split(plain, one_call).right
     if not haystack:
         return None
-    if not re.search(r'[{:]\s*"' + FUN_FIRST + '"', haystack):
-        raise ToolFormatUnsupported("tool calls whose function name is not a JSON string value")
+    if not re.search(r'[{:]\s*"' + FUN_FIRST + '"', haystack):   # the name is not a JSON value: tags
+        from .tagged_tool_calls import analyze_tagged_format
+        json_args = bool(re.search(r'[{:]\s*"' + ARG_FIRST + '"', haystack))
+        return analyze_tagged_format(template, haystack, json_args, reasoning)
     for marker in (reasoning.start, reasoning.end) if reasoning is not None else ():
         if marker and marker in haystack:   # the first of each goes (analyze_tool_call_format)
             haystack = haystack.replace(marker, "", 1)
@@ -623,10 +627,13 @@ def tool_call_grammar(fmt: ToolFormat, tools: list, required: bool, parallel: bo
     assistant header, up to a reasoning marker), and the whole generation prompt is fed to the
     grammar before sampling (SamplingParams.grammar_prefill). reasoning (a ReasoningFormat),
     when extracted: an optional reasoning block comes first."""
-    from . import mistral_tool_calls
+    from . import mistral_tool_calls, tagged_tool_calls
     from .xml_tool_calls import XmlToolFormat, xml_tool_call_grammar
     if isinstance(fmt, XmlToolFormat):   # a format with a parser of its own
         return xml_tool_call_grammar(fmt, tools, required, parallel, extract_reasoning)
+    if isinstance(fmt, tagged_tool_calls.TaggedToolFormat):
+        return tagged_tool_calls.tool_call_grammar(fmt, tools, required, parallel, generation_prompt, reasoning,
+                                                   extract_reasoning)
     if isinstance(fmt, mistral_tool_calls.MistralToolFormat):
         return mistral_tool_calls.tool_call_grammar(fmt, tools, required, parallel, extract_reasoning)
     tools = [t for t in tools if isinstance(t, dict) and "function" in t]
@@ -669,10 +676,12 @@ def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool, require
     generation prompt, its spaces and any reasoning block (engine/reasoning.py read_answer). A
     final answer that does not parse (a marker followed by no call, text after the calls) is
     all content, and not ok: llama-server's parser throws, and it falls back to the raw text."""
-    from . import mistral_tool_calls
+    from . import mistral_tool_calls, tagged_tool_calls
     from .xml_tool_calls import XmlToolFormat, parse_xml_answer
     if isinstance(fmt, XmlToolFormat):
         return parse_xml_answer(fmt, tools, text, partial, required)
+    if isinstance(fmt, tagged_tool_calls.TaggedToolFormat):
+        return tagged_tool_calls.parse_answer(fmt, tools, text, partial, required)
     if isinstance(fmt, mistral_tool_calls.MistralToolFormat):
         return mistral_tool_calls.parse_answer(fmt, tools, text, partial, required)
     names = {t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)}

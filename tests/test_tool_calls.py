@@ -68,10 +68,16 @@ def test_formats_read_off_the_templates():
     smol3 = analyze_reasoning(template("HuggingFaceTB-SmolLM3-3B"))
     assert (smol3.start, smol3.end) == ("<think>", "</think>")
     assert analyze_reasoning(template("Qwen-Qwen2.5-7B-Instruct")) is None
+    # the name in a tag, the arguments JSON: read as llama.cpp's analysis reads it (checked
+    # with its autoparser on the same template), no section or call markers, no close
     tagged = ChatTemplate("{% for m in messages %}{% for c in m.tool_calls or [] %}<call name=\"{{ c.function.name }}\">"
                           "{{ c.function.arguments | tojson }}</call>{% endfor %}{{ m.content }}{% endfor %}")
-    with pytest.raises(ToolFormatUnsupported):   # arguments in a tag, not JSON: not yet
-        analyze_tool_format(tagged)
+    fmt = analyze_tool_format(tagged)
+    assert (fmt.json_args, fmt.name_prefix, fmt.name_suffix, fmt.trigger, fmt.close) == (True, '<call name="', '">', "", "")
+    keyed = ChatTemplate("{% for m in messages %}{% for c in m.tool_calls or [] %}{\"{{ c.function.name }}\": "
+                         "{{ c.function.arguments | tojson }}}{% endfor %}{{ m.content }}{% endfor %}")
+    with pytest.raises(ToolFormatUnsupported):   # the function's name as the key: not yet
+        analyze_tool_format(keyed)
 
 
 @pytest.mark.parametrize("name,run", list(cases()))
@@ -291,9 +297,9 @@ def test_template_without_tool_calls_still_answers(stories_path):
 
 def test_unported_tool_format_is_a_clear_400(stories_path, tmp_path):
     from server_util import Server
-    path = tmp_path / "tagged.jinja"
-    path.write_text("{% for m in messages %}{% for c in m.tool_calls or [] %}<call name=\"{{ c.function.name }}\">"
-                    "{{ c.function.arguments | tojson }}</call>{% endfor %}{{ m.content }}{% endfor %}")
+    path = tmp_path / "keyed.jinja"   # calls keyed by the function's name (Apertus' form)
+    path.write_text("{% for m in messages %}{% for c in m.tool_calls or [] %}{\"{{ c.function.name }}\": "
+                    "{{ c.function.arguments | tojson }}}{% endfor %}{{ m.content }}{% endfor %}")
     s = Server(["-c", "512", "--chat-template-file", str(path)], model=stories_path)
     try:
         r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,

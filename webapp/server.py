@@ -548,6 +548,7 @@ def build_context(args, path: str, metrics=None):
         embedding=embedding, embd_normalize=args.embd_normalize,
         speculative="draft-simple" if drafter else "none", loras=loras, lora_scales=lora_scales,
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
+        template_stops=chat_format.stops,
         reasoning_format_default=args.reasoning_format, template_kwargs=args.template_kwargs,
         cors_origins=args.cors_origins, cors_methods=args.cors_methods, cors_headers=args.cors_headers,
         cors_credentials=args.cors_credentials, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
