@@ -130,6 +130,7 @@ CASES = {
         ("hi", {**THINK, "reasoning_format": "none"}),
         ("hi", {"tools": None, "chat_template_kwargs": {"enable_thinking": False}}),
         ("hi", {"tools": None, "messages": PREFILL}),
+
         ("Describe a person as JSON", {"tools": None, "response_format": {
             "type": "json_schema", "json_schema": {"schema": PERSON}}}),
         ("Describe a person as JSON", {"tools": None, "response_format": {"type": "json_object"},
@@ -142,6 +143,12 @@ CASES = {
         ("hi", {**THINK, "reasoning_format": "none"}),
         ("hi", {"tools": None, "chat_template_kwargs": {"enable_thinking": False}}),
         ("weather in Paris?", {"logit_bias": HERMES_CALL[1], "chat_template_kwargs": {"enable_thinking": False}}),
+        # a reasoning budget (the generation prompt opens the block): closed for the model after
+        # so many tokens, with a message, at once; with tools, the lazy grammar waits for the end
+        ("hi", {"tools": None, "reasoning_budget_tokens": 5, "max_tokens": 25}),
+        ("hi", {"tools": None, "reasoning_budget_tokens": 3, "reasoning_budget_message": " Enough.", "max_tokens": 25}),
+        ("hi", {"tools": None, "thinking_budget_tokens": 0, "max_tokens": 25}),
+        ("weather in Paris?", {"reasoning_budget_tokens": 4, "max_tokens": 40}),
     ],
     "mistralai-Ministral-3-14B-Reasoning-2512": [   # [THINK] blocks, [TOOL_CALLS]name[ARGS]{...}
         ("weather in Paris?", {}),

@@ -407,10 +407,11 @@ class GrammarState:
     matched text starts is read from there)."""
 
     def __init__(self, grammar: Grammar, token_text, eog_ids, triggers=(), token_piece=None, prefill: str = "",
-                 gate: "ReasoningGate | None" = None):
+                 gate=None):
         """triggers: Trigger objects (a plain string is a WORD trigger). prefill: text the grammar
         reads first (llama-server feeds its tool-call grammars the generation prompt). gate: a
-        lazy grammar sees no token inside a reasoning block."""
+        lazy grammar sees no token inside a reasoning block (an engine.reasoning_budget
+        ReasoningBudget, which this state feeds every token)."""
         from .grammar_triggers import TRIGGER_WORD, Trigger, TriggerWatch
         self.grammar = grammar
         self.stacks = grammar.start
@@ -516,32 +517,3 @@ def decode_utf8(piece: bytes, partial: tuple) -> tuple[str, tuple] | None:
     if any(c > 0x10FFFF for c in out):   # (no such character: nothing matches it)
         return None
     return "".join(map(chr, out)), ((value, n_remain) if n_remain > 0 else (0, 0))
-
-
-class ReasoningGate:
-    """Whether the model is inside a reasoning block, told by token sequences (llama.cpp's
-    reasoning-budget sampler with no budget: IDLE, then COUNTING from a start tag's tokens to one
-    of the end tags' (the longest that ends there), then DONE, re-armed by a new start tag)."""
-
-    def __init__(self, start: tuple, ends: tuple, prefill=()):
-        """ends: the end tags' token sequences (one tuple of ids each)."""
-        self.start = tuple(start)
-        self.ends = tuple(dict.fromkeys(tuple(e) for e in ends if e))
-        self.inside = False
-        self.seen: list[int] = []      # the last tokens since the state changed, as many as a tag awaited
-        for t in prefill:
-            self.accept(t)
-
-    def accept(self, token: int) -> tuple:
-        """Returns the end tag's tokens when this token closed a block."""
-        wants = self.ends if self.inside else ((self.start,) if self.start else ())
-        if not wants:
-            self.seen = []
-            return ()
-        self.seen = (self.seen + [token])[-max(len(w) for w in wants):]   # only the tags' length matters
-        hits = [w for w in wants if len(self.seen) >= len(w) and tuple(self.seen[-len(w):]) == w]
-        if not hits:
-            return ()
-        self.inside = not self.inside
-        self.seen = []
-        return max(hits, key=len) if not self.inside else ()

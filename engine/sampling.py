@@ -92,6 +92,8 @@ class SamplingParams:
     preserved_tokens: frozenset = frozenset()   # control tokens written into the output as text
     grammar_prefill: str = ""         # text the grammar reads before the first token
     reasoning_tags: tuple = ()        # (start ids, (end ids, ...), prompt ids): a lazy grammar sleeps in <think>
+    reasoning_budget: int = -1        # tokens a reasoning block may take (-1: no limit)
+    reasoning_forced: tuple = ()      # the ids that close a block whose budget is spent
 
 
 @dataclass
@@ -389,29 +391,48 @@ class Sampler:
         decay = np.float32(min(max(params.adaptive_decay, 0.0), 0.99))
         self.adaptive = _AdaptiveP(np.float32(params.adaptive_target), decay)
         self.grammar = None
+        # llama.cpp's reasoning-budget sampler: where a reasoning block is, for a lazy grammar
+        # (which sleeps inside it, and then feeds it every token) or for a budget
+        self.budget = None
+        lazy = params.grammar is not None and bool(params.grammar_triggers)
+        start, ends, prompt = params.reasoning_tags or ((), (), ())
+        if start and ends and (lazy or params.reasoning_budget >= 0):
+            from .reasoning_budget import ReasoningBudget, utf8_is_complete
+            whole = (lambda t: utf8_is_complete(token_piece(t, False))) if token_piece is not None else None
+            self.budget = ReasoningBudget(start, ends, prompt, params.reasoning_budget, params.reasoning_forced, whole)
         if params.grammar is not None:
-            from .grammar import GrammarState, ReasoningGate
-            gate = None
-            if params.grammar_triggers and params.reasoning_tags:
-                start, ends, prompt = params.reasoning_tags
-                gate = ReasoningGate(start, ends, prompt)
+            from .grammar import GrammarState
             self.grammar = GrammarState(params.grammar, token_text, frozenset(eog_ids), params.grammar_triggers,
-                                        token_piece, "" if params.grammar_triggers else params.grammar_prefill, gate)
+                                        token_piece, "" if lazy else params.grammar_prefill,
+                                        self.budget if lazy else None)
+        self._budget_fed_by_grammar = lazy
 
     def accept(self, token: int) -> None:
         self.history.append(int(token))
         self.adaptive.accept(int(token))
         if self.grammar is not None:
             self.grammar.accept(int(token))
+        if self.budget is not None and not self._budget_fed_by_grammar:
+            self.budget.accept(int(token))
 
     def sample(self, logits: np.ndarray) -> int:
         """Run the chain on logits [n_vocab] and draw. With a grammar, as llama.cpp does: draw
         freely first; if that token breaks the grammar, mask the tokens the grammar forbids and
         run the chain (and the draw) again."""
-        token = self._sample(np.asarray(logits, np.float32) + self.bias)
+        token = self._sample(self._forced(np.asarray(logits, np.float32)) + self.bias)
         if self.grammar is None or self.grammar.allows(token):
             return token
-        return self._sample(self._grammar_masked(np.asarray(logits, np.float32) + self.bias))
+        return self._sample(self._grammar_masked(self._forced(np.asarray(logits, np.float32)) + self.bias))
+
+    def _forced(self, logits: np.ndarray) -> np.ndarray:
+        """A reasoning block whose budget is spent is being closed: its next token is the only
+        one left (the reasoning-budget sampler comes first in llama.cpp's chain)."""
+        forced = self.budget.forced_token() if self.budget is not None else None
+        if forced is None:
+            return logits
+        out = np.full_like(logits, -np.inf)
+        out[forced] = logits[forced]
+        return out
 
     def _grammar_masked(self, biased: np.ndarray) -> np.ndarray:
         """-inf for every token the grammar forbids now (llama.cpp masks the whole vocabulary).

@@ -18,7 +18,8 @@ from openai import OpenAI
 
 from numllama.engine.chat_format import analyze_template
 from numllama.engine.chat_template import ChatTemplate
-from numllama.engine.grammar import Grammar, GrammarState, ReasoningGate
+from numllama.engine.grammar import Grammar, GrammarState
+from numllama.engine.reasoning_budget import ReasoningBudget
 from numllama.engine.reasoning import analyze_reasoning, read_answer, response_format_grammar
 from numllama.engine.mistral_tool_calls import MistralToolFormat
 from numllama.engine.mistral_tool_calls import response_format_grammar as mistral_response_format_grammar
@@ -131,7 +132,7 @@ def test_lazy_grammar_waits_for_its_word_then_replays_from_it():
 def test_lazy_grammar_sleeps_inside_a_reasoning_block():
     """llama.cpp's reasoning-budget sampler: a trigger word inside <think> does not wake it."""
     pieces = {0: b"<think>", 1: b"<tool>", 2: b"</think>", 3: b"{", 4: b"}", 5: b"!"}
-    gate = ReasoningGate((0,), ((2,),))
+    gate = ReasoningBudget((0,), ((2,),))
     state = GrammarState(Grammar('root ::= "<tool>" "{" "}"'), lambda t: pieces[t].decode(), frozenset(),
                          triggers=("<tool>",), token_piece=pieces.get, gate=gate)
     for t in (0, 1, 2):
@@ -432,3 +433,38 @@ def test_malformed_tool_schemas_get_a_400_over_http(tool_server):
     assert s.get("/health").status_code == 200
     ok = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_reasoning_budget_closes_the_block_for_the_model():
+    """llama.cpp's reasoning-budget sampler: after `budget` tokens inside the block, the
+    message and the end tag are forced token by token; a token that ends inside a character
+    is let finish first; a new start tag opens a new budget."""
+    budget = ReasoningBudget((0,), ((9,),), budget=2, forced=(7, 9), whole_characters=lambda t: t != 5)
+    assert not budget.inside and budget.forced_token() is None
+    budget.accept(0)                                   # <think>
+    budget.accept(1)
+    assert budget.inside and budget.forced_token() is None
+    budget.accept(5)                                   # the budget is spent inside a character...
+    assert budget.forced_token() is None
+    budget.accept(2)                                   # ...which this token finishes
+    assert budget.forced_token() == 7
+    budget.accept(7)
+    assert budget.forced_token() == 9
+    assert budget.accept(9) == (9,) and not budget.inside   # closed: the end tag (replayed to a lazy grammar)
+    budget.accept(0)
+    assert budget.inside and budget.accept(9) == (9,)        # a new block, closed by the model itself
+    at_once = ReasoningBudget((0,), ((9,),), prefill=(0,), budget=0, forced=(9,))
+    assert at_once.forced_token() == 9                  # budget 0, the prompt opened the block
+
+
+def test_reasoning_budget_fields_are_checked(server):
+    """As llama-server's request schema checks them: a number in [-1, 2^31 - 1] (a fraction cut),
+    and a message of another type is the default."""
+    for body in ({"reasoning_budget_tokens": -2}, {"reasoning_budget_tokens": "5"}):
+        r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                                                 **body})
+        assert r.status_code == 400 and "reasoning_budget_tokens" in r.json()["error"]["message"]
+    for body in ({"reasoning_budget_tokens": 2.5}, {"reasoning_budget_message": 3, "reasoning_budget_tokens": 1}):
+        r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                                                 **body})
+        assert r.status_code == 200

@@ -40,6 +40,8 @@ class ServerContext:
     tool_format: object = None     # engine.tool_calls.ToolFormat of the template (None: it writes no calls)
     tool_format_error: str = ""    # why the template's tool calls cannot be read, if so
     template_stops: tuple = ()     # stop strings the template adds to every chat request
+    reasoning_budget: int = -1     # --reasoning-budget: tokens a reasoning block may take (-1: no limit)
+    reasoning_budget_message: str = ""   # --reasoning-budget-message: written before the forced end tag
     reasoning_format: object = None   # engine.reasoning.ReasoningFormat of the template, if it has one
     reasoning_format_default: str = "deepseek"   # --reasoning-format: split reasoning out, or "none"
     template_kwargs: dict = field(default_factory=dict)   # --chat-template-kwargs, --reasoning: every render's

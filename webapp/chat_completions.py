@@ -264,15 +264,51 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> 
             out["grammar_lazy"] = True
             out["grammar_triggers"] = [{"type": TRIGGER_WORD, "value": w} for w in grammar.triggers]
             if reasoning is not None and reasoning.start_tag and reasoning.end_tag:
-                tok = ctx.engine.tokenizer
-                def ids(text):
-                    return tuple(tok.encode(text, add_special=False))
-                out["_reasoning_tags"] = (ids(reasoning.start_tag), tuple(ids(t) for t in reasoning.gate_end_tags),
-                                          ids(chat.parse_prompt))
+                out["_reasoning_tags"] = _reasoning_tags(reasoning, chat)
         else:   # llama-server feeds the generation prompt to the grammar first
             out["_grammar_prefill"] = chat.parse_prompt
     return AnswerReader(reasoning, extract, chat.parse_prompt, fmt, tuple(tools), required=choice == "required",
                         parser_head=head)
+
+
+def _reasoning_tags(reasoning, chat: RenderedChat) -> tuple:
+    """The reasoning-budget sampler's tags as tokens: (start, (end, ...), the parser's prompt)."""
+    tok = current_app.config["NUMLLAMA"].engine.tokenizer
+
+    def ids(text):
+        return tuple(tok.encode(text, add_special=False))
+    return ids(reasoning.start_tag), tuple(ids(t) for t in reasoning.gate_end_tags), ids(chat.parse_prompt)
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _reasoning_budget(body: dict, out: dict, chat: RenderedChat) -> None:
+    """reasoning_budget_tokens (or thinking_budget_tokens; the server's --reasoning-budget when
+    -1): a template with a reasoning block closes it for the model after that many tokens,
+    writing reasoning_budget_message and its end tag (llama-server's reasoning-budget sampler)."""
+    ctx = current_app.config["NUMLLAMA"]
+    budget = get_number(body, "reasoning_budget_tokens", None, int)
+    if budget is not None:   # (checked as llama-server's request schema checks it)
+        if not -1 <= budget <= INT32_MAX:
+            raise APIError("Field 'reasoning_budget_tokens': Value must be between -1 <= value <= "
+                           f"{INT32_MAX}, but got {budget}")
+    else:
+        budget = body.get("thinking_budget_tokens", -1)
+        budget = int(budget) if isinstance(budget, (int, float)) and not isinstance(budget, bool) else -1
+    if budget == -1:
+        budget = ctx.reasoning_budget
+    message = body.get("reasoning_budget_message")
+    if not isinstance(message, str):   # (a value of another type: the default, as json_value does)
+        message = ctx.reasoning_budget_message
+    reasoning = ctx.reasoning_format
+    if budget < 0 or reasoning is None or not reasoning.start_tag or not reasoning.end_tag:
+        return
+    tok = ctx.engine.tokenizer
+    out.setdefault("_reasoning_tags", _reasoning_tags(reasoning, chat))
+    forced = tok.encode(message, add_special=False) if message else []
+    out["_reasoning_budget"] = (budget, tuple(forced) + tuple(tok.encode(reasoning.gate_end_tags[0],
+                                                                         add_special=False)))
 
 
 def _call_id(call: dict, i: int, ids: list) -> str:
@@ -363,6 +399,7 @@ def _completion_body(body: dict, chat: RenderedChat) -> dict:
         out["stop"] = ([stop] if isinstance(stop, str) else list(stop) if isinstance(stop, list) else []) + \
             list(ctx.template_stops)
     out["_reader"] = _answer_reader(body, out, chat, extract) if "_response_format" not in out else None
+    _reasoning_budget(body, out, chat)
     if body.get("logprobs"):
         out["n_probs"] = get_number(body, "top_logprobs", 20, int) if body.get("top_logprobs") is not None else 20
         out["n_probs"] = max(out["n_probs"], 1)
@@ -396,8 +433,10 @@ def start_chat(body: dict) -> ChatRun:
     json_content = cbody.pop("_response_format", False)
     reader = cbody.pop("_reader")
     prefill, tags = cbody.pop("_grammar_prefill", ""), cbody.pop("_reasoning_tags", ())
+    budget, forced = cbody.pop("_reasoning_budget", (-1, ()))
     cbody["prompt"] = [chat.prompt] * n if n > 1 else chat.prompt
-    c = Completion(cbody, oai=True, grammar_prefill=prefill, reasoning_tags=tags)
+    c = Completion(cbody, oai=True, grammar_prefill=prefill, reasoning_tags=tags, reasoning_budget=budget,
+                   reasoning_forced=forced)
     verbose = get_bool(body, "verbose", False) or c.ctx.verbose
     # verbose shows what the model actually read: the prompt tokens, special tokens rendered
     prompt = c.ctx.engine.tokenizer.decode(c.prompts[0], special=True) if verbose else chat.prompt

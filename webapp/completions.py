@@ -47,8 +47,9 @@ def exceeds_context(n_prompt: int, n_ctx: int, at_least: bool = False):
 class Completion:
     """A parsed completion request: one task per prompt, and how to present the results."""
 
-    def __init__(self, body: dict, oai: bool, grammar_prefill: str = "", reasoning_tags: tuple = ()):
-        """grammar_prefill, reasoning_tags: the chat route's own sampling inputs (params.sampling_params)."""
+    def __init__(self, body: dict, oai: bool, grammar_prefill: str = "", reasoning_tags: tuple = (),
+                 reasoning_budget: int = -1, reasoning_forced: tuple = ()):
+        """grammar_prefill, reasoning_*: the chat route's own sampling inputs (params.sampling_params)."""
         ctx = current_app.config["NUMLLAMA"]
         tok = ctx.engine.tokenizer
         if "prompt" not in body or body.get("prompt") is None:
@@ -90,7 +91,8 @@ class Completion:
             if body.get(k) is not None and not isinstance(body[k], dict):
                 raise APIError(f"Field '{k}': must be an object")
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        self.params = sampling_params(body, ctx.defaults, tok, self.ignore_eos, grammar_prefill, reasoning_tags)
+        self.params = sampling_params(body, ctx.defaults, tok, self.ignore_eos, grammar_prefill, reasoning_tags,
+                                      reasoning_budget, reasoning_forced)
         self.lora, lora_echo = task_lora(ctx, body)
         n_ctx = ctx.n_ctx_slot
         # a prompt that cannot fit is refused before it is tokenized (which costs memory and time)

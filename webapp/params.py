@@ -177,10 +177,12 @@ def parse_stop(value) -> tuple[str, ...]:
 
 
 def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos: bool,
-                    grammar_prefill: str = "", reasoning_tags: tuple = ()) -> SamplingParams:
-    """The request's sampling fields. grammar_prefill and reasoning_tags come from the chat
-    route, never from a request body: the generation prompt its grammars read first, and the
-    reasoning tags' tokens that put a lazy one to sleep (chat_completions._answer_reader)."""
+                    grammar_prefill: str = "", reasoning_tags: tuple = (), reasoning_budget: int = -1,
+                    reasoning_forced: tuple = ()) -> SamplingParams:
+    """The request's sampling fields. grammar_prefill and reasoning_* come from the chat
+    route, never from a request body: the generation prompt its grammars read first, the
+    reasoning tags' tokens that put a lazy one to sleep (chat_completions._answer_reader), and
+    a reasoning block's budget with the tokens that close it (chat_completions._reasoning_budget)."""
     def num(key, default, kind=float):
         return get_number(body, key, default, kind)
 
@@ -233,6 +235,8 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         preserved_tokens=preserved,
         grammar_prefill=grammar_prefill,
         reasoning_tags=reasoning_tags,
+        reasoning_budget=reasoning_budget,
+        reasoning_forced=reasoning_forced,
     )
 
 

@@ -18,6 +18,14 @@ import threading
 RANDOM_SEED = 0xFFFFFFFF
 
 
+def _reasoning_budget(text: str) -> int:
+    """--reasoning-budget: -1 (no limit) or a count of tokens."""
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError("invalid value")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..engine.hparams import POOLING_TYPES
     from ..engine.sampling import SamplingParams
@@ -165,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reasoning-format", choices=("none", "auto", "deepseek"), default="deepseek",
       help="split a reasoning block (<think>...</think>) out of chat answers as reasoning_content "
            "(deepseek, auto), or leave it in the content (none)")
+    a("--reasoning-budget", type=_reasoning_budget, default=-1, metavar="N",
+      help="tokens a chat answer's reasoning block may take before it is closed for the model "
+           "(-1: no limit, 0: closed at once); a request's reasoning_budget_tokens overrides it")
+    a("--reasoning-budget-message", default="", metavar="MESSAGE",
+      help="text written into a reasoning block before the end tag when its budget is spent")
     a("-bs", "--backend-sampling", "--backend_sampling", action="store_true")
     a("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0,
       help="run this many layers on a CUDA GPU (needs numba-cuda: pip install 'numllama[cuda]')")
@@ -548,7 +561,8 @@ def build_context(args, path: str, metrics=None):
         embedding=embedding, embd_normalize=args.embd_normalize,
         speculative="draft-simple" if drafter else "none", loras=loras, lora_scales=lora_scales,
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
-        template_stops=chat_format.stops,
+        template_stops=chat_format.stops, reasoning_budget=args.reasoning_budget,
+        reasoning_budget_message=args.reasoning_budget_message,
         reasoning_format_default=args.reasoning_format, template_kwargs=args.template_kwargs,
         cors_origins=args.cors_origins, cors_methods=args.cors_methods, cors_headers=args.cors_headers,
         cors_credentials=args.cors_credentials, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
