@@ -21,6 +21,7 @@ class ChatFormat:
     reasoning: ReasoningFormat | None = None   # its reasoning block, if it has one
     tool_format_error: str = ""                # why its tool calls cannot be read, if so
     stops: tuple = ()                          # stop strings every chat request gets (additional_stops)
+    supports_thinking: bool = False            # the template has a reasoning block (enable_thinking's default)
 
 
 # The templates llama.cpp reads with parsers written for them that numllama has not (yet): their
@@ -30,41 +31,43 @@ def _has(*words):
     return lambda src: all(w in src for w in words)
 
 
-UNWRITTEN_PARSERS = (
-    ("GPT-OSS", _has("<|channel|>")),
-    ("Muse Glimmer", _has("<atem:function_calls>", "<|eom|>")),
-    ("Functionary v3.2", _has(">>>all", ">>>${recipient}")),
-    ("Kimi K2", _has("<|tool_calls_section_begin|>", "<|tool_call_begin|>")),
-    ("Kimi K3", _has("<|open|>", "<|close|>", "<|end_of_msg|>")),
-    ("Ling 3", _has("<role>ASSISTANT</role>", "<arg_key>")),
-    ("Cohere2 MoE", _has("<|START_TEXT|>", "<|START_ACTION|>")),
-    ("LFM2", lambda src: "<|tool_list_start|>" in src and "<|tool_list_end|>" in src),
-    ("LFM2.5", lambda src: "List of tools: [" in src and "<|tool_list_start|>" not in src),
-    ("GigaChat 3", lambda src: "<|role_sep|>" in src and "<|message_sep|>" in src and "<|function_call|>" not in src),
-    ("MiniMax-M3", _has("]<]minimax[>[", "<tool_call>", "<invoke name=")),
+UNWRITTEN_PARSERS = (   # (name, test, whether its parser reads a reasoning block: supports_thinking)
+    ("GPT-OSS", _has("<|channel|>"), True),
+    ("Muse Glimmer", _has("<atem:function_calls>", "<|eom|>"), True),
+    ("Functionary v3.2", _has(">>>all", ">>>${recipient}"), False),
+    ("Kimi K2", _has("<|tool_calls_section_begin|>", "<|tool_call_begin|>"), True),
+    ("Kimi K3", _has("<|open|>", "<|close|>", "<|end_of_msg|>"), True),
+    ("Ling 3", _has("<role>ASSISTANT</role>", "<arg_key>"), True),
+    ("Cohere2 MoE", _has("<|START_TEXT|>", "<|START_ACTION|>"), True),
+    ("LFM2", lambda src: "<|tool_list_start|>" in src and "<|tool_list_end|>" in src, True),
+    ("LFM2.5", lambda src: "List of tools: [" in src and "<|tool_list_start|>" not in src, True),
+    ("GigaChat 3", lambda src: "<|role_sep|>" in src and "<|message_sep|>" in src and "<|function_call|>" not in src,
+     False),
+    ("MiniMax-M3", _has("]<]minimax[>[", "<tool_call>", "<invoke name="), True),
     ("DeepSeek V3.2/V4", lambda src: "dsml_token" in src and "DSML" in src
-     and ("function_calls" in src or "tool_calls" in src)),
-    ("Gemma 4", _has("'<|tool_call>call:'")),
-    ("MiniCPM5", _has("Tool usage guidelines:", '<function name="', '<param name="')),
+     and ("function_calls" in src or "tool_calls" in src), True),
+    ("Gemma 4", _has("'<|tool_call>call:'"), True),
+    ("MiniCPM5", _has("Tool usage guidelines:", '<function name="', '<param name="'), True),
 )
 
 
 def analyze_template(template) -> ChatFormat:
     mistral = mistral_tool_calls.detect(template.source)   # (in llama.cpp's order of tests)
     if mistral is not None:
-        return ChatFormat(mistral, mistral_tool_calls.reasoning_format(mistral))
-    unwritten = next((name for name, test in UNWRITTEN_PARSERS if test(template.source)), None)
+        return ChatFormat(mistral, mistral_tool_calls.reasoning_format(mistral), supports_thinking=True)
+    unwritten = next(((name, thinks) for name, test, thinks in UNWRITTEN_PARSERS if test(template.source)), None)
     if unwritten is not None:
         return ChatFormat(None, analyze_reasoning(template),
-                          f"{unwritten}'s tool calls (a parser llama.cpp writes for that template)")
+                          f"{unwritten[0]}'s tool calls (a parser llama.cpp writes for that template)",
+                          supports_thinking=unwritten[1])
     xml = xml_tool_calls.detect(template.source)
     if xml is not None:
-        return ChatFormat(xml, xml_tool_calls.reasoning_format(xml))
+        return ChatFormat(xml, xml_tool_calls.reasoning_format(xml), supports_thinking=xml.thinking)
     reasoning = analyze_reasoning(template)
     try:
-        fmt = ChatFormat(analyze_tool_format(template, reasoning), reasoning)
+        fmt = ChatFormat(analyze_tool_format(template, reasoning), reasoning, supports_thinking=reasoning is not None)
     except ToolFormatUnsupported as e:
-        fmt = ChatFormat(None, reasoning, str(e))
+        fmt = ChatFormat(None, reasoning, str(e), supports_thinking=reasoning is not None)
     if LAGUNA in template.source and reasoning is not None:
         # chat-diff-analyzer.cpp's workaround: the model writes "<think>" without the rendered
         # newlines, and may spell out its end-of-turn token as text, which stops it too

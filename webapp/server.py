@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--chat-template", help="a built-in name (chatml, llama3, llama2, command-r, gemma, phi3, zephyr) or a Jinja template")
     a("--chat-template-file", help="a file holding a Jinja chat template")
     a("-rea", "--reasoning", choices=("on", "off", "auto"), default="auto",
-      help="thinking in chat answers: the templates' enable_thinking (auto: the template's default)")
+      help="thinking in chat answers: the templates' enable_thinking, true (on, auto) where the template "
+           "has a reasoning block, false otherwise or with off")
     a("--reasoning-effort", default="default",
       help="the reasoning_effort given to chat templates ('default': none given)")
     a("--chat-template-kwargs", help="JSON object of variables for every chat template render "
@@ -247,8 +248,8 @@ def return_freed_memory() -> None:
 
 
 def template_kwargs(args) -> dict:
-    """The variables every chat template render gets by default: --chat-template-kwargs, then
-    --reasoning (enable_thinking) and --reasoning-effort, as llama-server merges them."""
+    """The variables every chat template render gets by default: --chat-template-kwargs and
+    --reasoning-effort (enable_thinking's default comes with the template: build_context)."""
     out = {}
     if args.chat_template_kwargs:
         try:
@@ -257,8 +258,6 @@ def template_kwargs(args) -> dict:
             raise ValueError(f"--chat-template-kwargs: not JSON: {e}") from None
         if not isinstance(out, dict):
             raise ValueError("--chat-template-kwargs: must be a JSON object")
-    if args.reasoning != "auto":
-        out["enable_thinking"] = args.reasoning == "on"
     if args.reasoning_effort != "default":
         out["reasoning_effort"] = args.reasoning_effort
     return out
@@ -563,7 +562,11 @@ def build_context(args, path: str, metrics=None):
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
         template_stops=chat_format.stops, reasoning_budget=args.reasoning_budget,
         reasoning_budget_message=args.reasoning_budget_message,
-        reasoning_format_default=args.reasoning_format, template_kwargs=args.template_kwargs,
+        reasoning_format_default=args.reasoning_format,
+        # llama-server thinks when --reasoning is not off and the template has a reasoning block;
+        # --chat-template-kwargs' enable_thinking goes over that
+        template_kwargs={"enable_thinking": chat_format.supports_thinking and args.reasoning != "off",
+                         **args.template_kwargs},
         cors_origins=args.cors_origins, cors_methods=args.cors_methods, cors_headers=args.cors_headers,
         cors_credentials=args.cors_credentials, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
         ui=not args.no_ui, enable_props=args.props, device=device, special=args.special,
