@@ -180,6 +180,7 @@ CASES = {
     "deepseek-ai-DeepSeek-V3.1": tagged_calls("<｜tool▁calls▁begin｜>"),
     "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": tagged_calls("<｜tool▁calls▁begin｜>"),
     "Mistral-Small-3.2-24B-Instruct-2506": tagged_calls("[TOOL_CALLS]"),
+    "Apertus-8B-Instruct": tagged_calls("<|tools_prefix|>"),   # JSON calls keyed by the function's name
     "meetkai-functionary-medium-v3.1": tagged_calls("<function="),
     "HuggingFaceTB-SmolLM3-3B": [   # a reasoning block, no tool calls
         ("hi", {"tools": None}),
@@ -274,14 +275,15 @@ def main() -> int:
     ap.add_argument("model")
     add_server_args(ap)
     ap.add_argument("-v", "--verbose", action="store_true")
-    ap.add_argument("--record", metavar="JSON", help="also write llama-server's answers there (a golden file)")
+    ap.add_argument("--record", metavar="JSON", help="also write llama-server's answers there (a golden file; "
+                                                      "with --only, that template's answers in it)")
     ap.add_argument("--only", metavar="TEMPLATE", help="one template's requests only")
     args = ap.parse_args()
     if not args.llama_server:
         ap.error("give --llama-server (or set LLAMA_SERVER_BIN)")
-    if args.record and args.only:
-        ap.error("--record writes every template's answers: drop --only")
     record, same, total = {}, 0, 0
+    if args.record and args.only:   # one template's answers replace its own in the golden file
+        record = json.load(open(args.record, encoding="utf-8"))["templates"]
     for template in [args.only] if args.only else CASES:
         theirs = answers(args.llama_server, args.model, template, ("--jinja", "--verbose"))
         ours = answers(args.numllama_server, args.model, template)

@@ -68,6 +68,7 @@ class ToolFormat:
     gen_id_field: str = ""
     parameter_order: tuple = ()
     tools_array_wrapped: bool = False
+    fun_name_is_key: bool = False     # {"get_weather": {...arguments...}} (Apertus)
     openai_wrapper: bool = False      # also accept a leading "type": "function" field
     supports_parallel: bool = False   # the template renders a second call (its caps)
 
@@ -260,10 +261,12 @@ def _json_native_fields(haystack: str) -> dict:
     except ValueError:
         raise ToolFormatUnsupported("the rendered tool call is not one JSON object") from None
     fields = {"name_field": "", "args_field": "", "id_field": "", "gen_id_field": ""}
-
+    name_is_key = False
     for key, value in call.items():
-        if key == FUN_FIRST:
-            raise ToolFormatUnsupported("tool calls keyed by function name")
+        if key == FUN_FIRST:   # the function's name is the key, its arguments the value
+            name_is_key = True
+            fields["name_field"] = fields["args_field"] = ""
+            continue
         if isinstance(value, dict) and ARG_FIRST not in json.dumps(value):
             raise ToolFormatUnsupported("tool calls nested in a function object")
         if isinstance(value, str) and "call0000" in value:
@@ -285,6 +288,7 @@ def _json_native_fields(haystack: str) -> dict:
     if wrapped and section_end == "]":
         section_end = ""
     return {**fields, "parameter_order": tuple(f for _, f in located), "tools_array_wrapped": bool(wrapped),
+            "fun_name_is_key": name_is_key,
             "section_start": haystack[:start].lstrip(_WS), "section_end": section_end,
             "per_call_start": "", "per_call_end": ""}
 
@@ -569,8 +573,32 @@ def _tool_parameters(function: dict) -> dict:
     return params if isinstance(params, dict) else {"type": "object", "properties": {}}
 
 
+def _keyed_call_object(fmt: ToolFormat, tool: dict) -> Rule:
+    """build_json_tools_function_is_key: {"NAME": ARGUMENTS}, or {"NAME": {ids, "ARGS": ARGUMENTS}}
+    when the template writes ids or names the arguments."""
+    name = tool["function"]["name"]
+    args = Atomic(Schema(f"tool-{name}-schema", _tool_parameters(tool["function"])))
+    inner = []
+    for key, values in ((fmt.id_field, (seq(Lit('"'), STRING_CONTENT, Lit('"')),)),
+                        (fmt.gen_id_field, (seq(Lit('"'), STRING_CONTENT, Lit('"')), JSON_NUMBER))):
+        if key:
+            field = Atomic(seq(Lit(f'"{key}"'), SPACE, Lit(":"), SPACE, choice(*values) if len(values) > 1 else
+                               values[0]))
+            inner.append(optional(seq(field, SPACE, optional(seq(Lit(","), SPACE)))))
+    inner.append(seq(Lit(f'"{fmt.args_field}"'), SPACE, Lit(":"), SPACE, args) if fmt.args_field else args)
+    if not fmt.args_field and len(inner) == 1:
+        value = inner[0]
+    else:
+        value = seq(Lit("{"), SPACE, *[x for i, f in enumerate(inner) for x in ((SPACE, f) if i else (f,))],
+                    SPACE, Lit("}"))
+    return Rule(f"tool-{name}", Atomic(seq(Atomic(Lit("{")), SPACE, Lit('"'), Atomic(Lit(name)), Lit('"'), SPACE,
+                                           Lit(":"), SPACE, value, SPACE, Atomic(Lit("}")))))
+
+
 def _call_object(fmt: ToolFormat, tool: dict) -> Rule:
     """build_json_tools_flat_keys: one function's call, its fields in the template's order."""
+    if fmt.fun_name_is_key:
+        return _keyed_call_object(fmt, tool)
     name = tool["function"]["name"]
     name_key = fmt.name_field or "name"
     args_key = fmt.args_field or "arguments"
@@ -686,9 +714,8 @@ def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool, require
         return mistral_tool_calls.parse_answer(fmt, tools, text, partial, required)
     names = {t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)}
     start = text.find(fmt.tool_start)
-    if start < 0:
-        held = partial_marker_len(text, fmt.tool_start) if partial else 0   # a marker may be coming
-        return ParsedAnswer(text[:len(text) - held], [])
+    if start < 0:   # a marker may be coming (a final answer too: llama.cpp parses it as leniently)
+        return ParsedAnswer(text[:len(text) - partial_marker_len(text, fmt.tool_start)], [])
     calls: list[dict] = []
     pos = start
     opener, closer = (fmt.per_call_start, fmt.per_call_end) if fmt.per_call_start else (fmt.section_start, fmt.section_end)
@@ -757,7 +784,8 @@ def _unfinished_call(fmt: ToolFormat, rest: str, names: set) -> bool:
     opener = re.sub(r"\s+", "", fmt.trigger)
     wrap = "[" if fmt.tools_array_wrapped else ""
     name_key = fmt.name_field or "name"
-    heads = [f'{opener}{wrap}{{"{name_key}":"{n}"' for n in names]
+    heads = [f'{opener}{wrap}{{"{n}"' if fmt.fun_name_is_key else f'{opener}{wrap}{{"{name_key}":"{n}"'
+             for n in names]
     if fmt.openai_wrapper:
         heads += [f'{opener}{wrap}{{"type":"function","{name_key}":"{n}"' for n in names]
     return any(h.startswith(squeezed) for h in heads)
@@ -817,13 +845,19 @@ def _read_section(fmt, text, pos, opener, closer, names, calls) -> int | None:
 def _cut_call(fmt: ToolFormat, rest: str, names: set) -> dict | None:
     """A call whose JSON the answer's end cut short (rest: from its "{" to the end): known once
     its name is whole; its arguments are what was written of them ("{" before any)."""
-    name_key, args_key = fmt.name_field or "name", fmt.args_field or "arguments"
-    wrapper = r'(?:"type"\s*:\s*"function"\s*,\s*)?' if fmt.openai_wrapper else ""
-    m = re.match(r'\{\s*' + wrapper + '"' + re.escape(name_key) + r'"\s*:\s*"([^"\\]*)"', rest)
-    if not m or m.group(1) not in names:
-        return None
-    a = re.match(r'\s*,\s*"' + re.escape(args_key) + r'"\s*:\s*', rest[m.end():])
-    args = rest[m.end() + a.end():] if a else ""
+    if fmt.fun_name_is_key:   # {"NAME": ARGUMENTS
+        m = re.match(r'\{\s*"([^"\\]*)"\s*:\s*', rest)
+        if not m or m.group(1) not in names:
+            return None
+        args = rest[m.end():]
+    else:
+        name_key, args_key = fmt.name_field or "name", fmt.args_field or "arguments"
+        wrapper = r'(?:"type"\s*:\s*"function"\s*,\s*)?' if fmt.openai_wrapper else ""
+        m = re.match(r'\{\s*' + wrapper + '"' + re.escape(name_key) + r'"\s*:\s*"([^"\\]*)"', rest)
+        if not m or m.group(1) not in names:
+            return None
+        a = re.match(r'\s*,\s*"' + re.escape(args_key) + r'"\s*:\s*', rest[m.end():])
+        args = rest[m.end() + a.end():] if a else ""
     try:
         _, end = json.JSONDecoder().raw_decode(args)
         args = args[:end]
@@ -835,6 +869,12 @@ def _cut_call(fmt: ToolFormat, rest: str, names: set) -> dict | None:
 def _call_fields(fmt: ToolFormat, obj, raw: str, names: set) -> dict | None:
     if not isinstance(obj, dict):
         return None
+    if fmt.fun_name_is_key:   # {"NAME": ARGUMENTS}: the arguments as written
+        if len(obj) != 1 or next(iter(obj)) not in names or not isinstance(next(iter(obj.values())), dict):
+            return None
+        m = re.match(r'\{\s*"(?:[^"\\]|\\.)*"\s*:\s*', raw)
+        _, end = json.JSONDecoder().raw_decode(raw, m.end())
+        return {"name": next(iter(obj)), "arguments": raw[m.end():end], "id": ""}
     name = obj.get(fmt.name_field or "name")
     args_key = fmt.args_field or "arguments"
     if name not in names or not isinstance(obj.get(args_key), dict):

@@ -25,7 +25,7 @@ from numllama.engine.mistral_tool_calls import MistralToolFormat
 from numllama.engine.mistral_tool_calls import response_format_grammar as mistral_response_format_grammar
 from numllama.engine.xml_tool_calls import XmlToolFormat
 from numllama.engine.xml_tool_calls import response_format_grammar as xml_response_format_grammar
-from numllama.engine.tool_calls import (ToolFormat, ToolFormatUnsupported, analyze_tool_format, diff_split,
+from numllama.engine.tool_calls import (ToolFormat, analyze_tool_format, diff_split,
                                         parse_answer, tool_call_grammar)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,8 +77,7 @@ def test_formats_read_off_the_templates():
     assert (fmt.json_args, fmt.name_prefix, fmt.name_suffix, fmt.trigger, fmt.close) == (True, '<call name="', '">', "", "")
     keyed = ChatTemplate("{% for m in messages %}{% for c in m.tool_calls or [] %}{\"{{ c.function.name }}\": "
                          "{{ c.function.arguments | tojson }}}{% endfor %}{{ m.content }}{% endfor %}")
-    with pytest.raises(ToolFormatUnsupported):   # the function's name as the key: not yet
-        analyze_tool_format(keyed)
+    assert analyze_tool_format(keyed).fun_name_is_key   # the function's name as the key (Apertus' form)
 
 
 @pytest.mark.parametrize("name,run", list(cases()))
@@ -298,9 +297,9 @@ def test_template_without_tool_calls_still_answers(stories_path):
 
 def test_unported_tool_format_is_a_clear_400(stories_path, tmp_path):
     from server_util import Server
-    path = tmp_path / "keyed.jinja"   # calls keyed by the function's name (Apertus' form)
-    path.write_text("{% for m in messages %}{% for c in m.tool_calls or [] %}{\"{{ c.function.name }}\": "
-                    "{{ c.function.arguments | tojson }}}{% endfor %}{{ m.content }}{% endfor %}")
+    path = tmp_path / "channels.jinja"   # (GPT-OSS's channels, which llama.cpp reads with its own parser)
+    path.write_text("{% for m in messages %}<|start|>{{ m.role }}<|channel|>final<|message|>{{ m.content }}<|end|>"
+                    "{% endfor %}")
     s = Server(["-c", "512", "--chat-template-file", str(path)], model=stories_path)
     try:
         r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
