@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from . import mistral_tool_calls, xml_tool_calls
 from .reasoning import ReasoningFormat, analyze_reasoning
+from .tagged_tool_calls import LAGUNA
 from .tool_calls import ToolFormatUnsupported, analyze_tool_format
 
 
@@ -74,6 +75,3 @@ def analyze_template(template) -> ChatFormat:
         fmt = replace(fmt, reasoning=replace(reasoning, start=reasoning.start_tag, end=reasoning.end_tag),
                       stops=("</assistant>",))
     return fmt
-
-
-LAGUNA = "laguna_glm_thinking"   # (Poolside's Laguna templates)

@@ -432,21 +432,25 @@ class GrammarState:
             return True
         if token in self.eog_ids:
             return self.grammar.accepts_end(self.stacks)
-        if self.partial == (0, 0):   # (the common case: a token of whole characters)
-            text = self.token_text(token)
-            if text is not None or self.token_piece is None:
-                return bool(text) and bool(self.grammar.advance(self.stacks, text))
-        piece = self.token_piece(token)
-        if not piece:
-            return False
-        decoded = decode_utf8(piece, self.partial)
+        decoded = self._read(token)
         if decoded is None:
             return False
         text, partial = decoded
+        if not text and partial == self.partial:   # (a token that spells nothing)
+            return False
         stacks = self.grammar.advance(self.stacks, text) if text else self.stacks
         if not stacks:
             return False
         return partial[1] == 0 or self.grammar.accepts_partial(stacks, partial)
+
+    def _read(self, token: int) -> tuple[str, tuple] | None:
+        """decode_utf8 of the token after the bytes still pending; a token of whole characters
+        after none (the common case) takes its text as is."""
+        if self.partial == (0, 0):
+            text = self.token_text(token)
+            if text is not None or self.token_piece is None:   # (no bytes to read: nothing read)
+                return text or "", (0, 0)
+        return decode_utf8(self.token_piece(token), self.partial)
 
     def accept(self, token: int) -> None:
         """common_sampler_accept: with a gate, a token inside a reasoning block is not the
@@ -468,19 +472,14 @@ class GrammarState:
             if fired is not None:
                 self.awaiting = False
                 for _, text in fired:
-                    self._advance(text)
+                    self._advance(decode_utf8(text, self.partial))
         elif token not in self.eog_ids:
-            text = self.token_text(token) if self.partial == (0, 0) else None
-            if text is not None or self.token_piece is None:
-                self.stacks = self.grammar.advance(self.stacks, text or "")
-            else:
-                self._advance(self.token_piece(token))
+            self._advance(self._read(token))
 
-    def _advance(self, piece: bytes) -> None:
+    def _advance(self, decoded: tuple | None) -> None:
         """The grammar reads a token's whole characters; the first bytes of one it ends inside
         wait for the next token (llama_grammar_accept_token's partial_utf8)."""
-        decoded = decode_utf8(piece, self.partial)
-        if decoded is None:   # (a match starting inside a character: no way on)
+        if decoded is None:   # (not UTF-8, or a match starting inside a character: no way on)
             self.stacks, self.partial = frozenset(), (0, 0)
             return
         text, self.partial = decoded

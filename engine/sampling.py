@@ -405,15 +405,14 @@ class Sampler:
             self.grammar = GrammarState(params.grammar, token_text, frozenset(eog_ids), params.grammar_triggers,
                                         token_piece, "" if lazy else params.grammar_prefill,
                                         self.budget if lazy else None)
-        self._budget_fed_by_grammar = lazy
 
     def accept(self, token: int) -> None:
         self.history.append(int(token))
         self.adaptive.accept(int(token))
         if self.grammar is not None:
             self.grammar.accept(int(token))
-        if self.budget is not None and not self._budget_fed_by_grammar:
-            self.budget.accept(int(token))
+        if self.budget is not None and (self.grammar is None or self.grammar.gate is None):
+            self.budget.accept(int(token))   # (a lazy grammar feeds the budget it sleeps by)
 
     def sample(self, logits: np.ndarray) -> int:
         """Run the chain on logits [n_vocab] and draw. With a grammar, as llama.cpp does: draw

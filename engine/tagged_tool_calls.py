@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from .tool_calls import (ARG_FIRST, ARG_SECOND, ASSISTANT_MSG, CALL_ID_001, EPS, FUN_FIRST, FUN_SECOND,
                          PROBE_TOOLS, SPACE, USER_MSG, _WS, Atomic, DiffSplit, GrammarBuilder, Including, Lit,
                          ParsedAnswer, Rep, Rule, Schema, ToolGrammar, Until, _tool_parameters, check_parameters,
-                         choice, diff_split, json_value_prefix, optional, partial_marker_len, seq)
+                         choice, diff_split, json_value_prefix, optional, partial_marker_len, required_calls_grammar,
+                         seq)
 from .xml_tool_calls import _value_types
 
 CALL_ID_999 = "call99999"
@@ -458,6 +459,9 @@ def _call_id_markers(probe: _Probe, f: dict) -> None:
         f["per_call_end"] = ""
 
 
+LAGUNA = "laguna_glm_thinking"   # (in Poolside's Laguna templates, which llama.cpp corrects in places)
+
+
 def _workarounds(source: str, f: dict) -> None:
     """chat-diff-analyzer.cpp's corrections for templates its analysis misreads."""
     if 'set has_code_interpreter = tools | selectattr("type", "equalto", "code_interpreter") | list | length > 0' \
@@ -471,7 +475,7 @@ def _workarounds(source: str, f: dict) -> None:
     if "Bailing V3 chat template" in source:   # Ling 3 (whose calls llama.cpp reads with its own parser)
         f["arg_value_suffix"] = f.get("arg_value_suffix", "").strip(_WS)
         f["tolerate_ws"] = True
-    if "laguna_glm_thinking" in source:   # (its reasoning markers and stop string: engine/chat_format.py)   # Laguna: the model writes its tags without the newlines
+    if LAGUNA in source:   # (its reasoning markers and stop string: engine/chat_format.py)   # Laguna: the model writes its tags without the newlines
         for k in ("arg_value_prefix", "arg_value_suffix", "arg_separator"):
             f[k] = f.get(k, "").strip(_WS)
         f["tolerate_ws"] = True
@@ -573,11 +577,8 @@ def tool_call_grammar(fmt: TaggedToolFormat, tools: list, required: bool, parall
                      trigger=True)
     if not required:
         return ToolGrammar(GrammarBuilder().grammar(optional(calls), lazy=True), True, (fmt.trigger,))
-    head = reasoning.head(generation_prompt) if reasoning is not None else generation_prompt
-    block = reasoning.block() if reasoning is not None and extract_reasoning else EPS
     content = optional(Until((fmt.trigger,))) if fmt.trigger else optional(EPS)
-    root = seq(Lit(head) if head else EPS, SPACE, block, content, calls)
-    return ToolGrammar(GrammarBuilder().grammar(root, lazy=False))
+    return required_calls_grammar(generation_prompt, reasoning, extract_reasoning, content, calls)
 
 
 # --- reading the answer ------------------------------------------------------------------------

@@ -675,9 +675,17 @@ def tool_call_grammar(fmt: ToolFormat, tools: list, required: bool, parallel: bo
     lazy = not required
     if lazy:
         return ToolGrammar(GrammarBuilder().grammar(calls, lazy=True), True, (fmt.trigger,))
+    return required_calls_grammar(generation_prompt, reasoning, extract_reasoning,
+                                  optional(Until((fmt.tool_start,))), calls)
+
+
+def required_calls_grammar(generation_prompt: str, reasoning, extract_reasoning: bool, content, calls) -> ToolGrammar:
+    """An analysed template's grammar with tool_choice "required" (autoparser::build_parser):
+    the generation prompt's last words (up to a reasoning block's start), spaces, the optional
+    block when extracted, the content before the calls, then the calls."""
     head = reasoning.head(generation_prompt) if reasoning is not None else generation_prompt
     block = reasoning.block() if reasoning is not None and extract_reasoning else EPS
-    root = seq(Lit(head) if head else EPS, SPACE, block, optional(Until((fmt.tool_start,))), calls)
+    root = seq(Lit(head) if head else EPS, SPACE, block, content, calls)
     return ToolGrammar(GrammarBuilder().grammar(root, lazy=False))
 
 

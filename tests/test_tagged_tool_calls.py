@@ -111,3 +111,19 @@ def test_grammars_take_the_markers_literally():
     lazy = tool_call_grammar(DEEPSEEK, FORECAST, False, True)
     assert lazy.lazy and lazy.triggers == ("<｜tool▁calls▁begin｜>",)
     Grammar(lazy.grammar)
+
+
+def test_template_stop_strings_keep_the_requests_own_checked(stories_path):
+    """Laguna's template adds llama.cpp's stop string "</assistant>" to every chat request,
+    after the request's own, which are checked as ever."""
+    from server_util import Server
+    s = Server(["-c", "512", "--chat-template-file", os.path.join(HERE, "data", "templates", "poolside-Laguna-XS.2.jinja")],
+               model=stories_path)
+    try:
+        msgs = [{"role": "user", "content": "hi"}]
+        r = s.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 2, "stop": 5})
+        assert r.status_code == 400 and "stop" in r.json()["error"]["message"]
+        r = s.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 2, "stop": ["zz"]})
+        assert r.status_code == 200
+    finally:
+        s.stop()

@@ -22,7 +22,7 @@ from ..engine.tool_calls import tool_call_grammar
 from .completions import Completion, collect_finals, engine_error, task_events
 from .errors import APIError, json_response
 from .http import random_id, request_json, sse
-from .params import TRIGGER_WORD, get_bool, get_number, response_format_schema, schema_grammar
+from .params import TRIGGER_WORD, get_bool, get_number, parse_stop, response_format_schema, schema_grammar
 from .tokens import check_tokenizable
 
 bp = Blueprint("chat", __name__)
@@ -271,13 +271,14 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> 
                         parser_head=head)
 
 
+def _ids(text: str) -> tuple:
+    """A text's tokens, as the reasoning-budget sampler matches and forces them."""
+    return tuple(current_app.config["NUMLLAMA"].engine.tokenizer.encode(text, add_special=False))
+
+
 def _reasoning_tags(reasoning, chat: RenderedChat) -> tuple:
     """The reasoning-budget sampler's tags as tokens: (start, (end, ...), the parser's prompt)."""
-    tok = current_app.config["NUMLLAMA"].engine.tokenizer
-
-    def ids(text):
-        return tuple(tok.encode(text, add_special=False))
-    return ids(reasoning.start_tag), tuple(ids(t) for t in reasoning.gate_end_tags), ids(chat.parse_prompt)
+    return _ids(reasoning.start_tag), tuple(_ids(t) for t in reasoning.gate_end_tags), _ids(chat.parse_prompt)
 
 
 INT32_MAX = 2**31 - 1
@@ -304,11 +305,8 @@ def _reasoning_budget(body: dict, out: dict, chat: RenderedChat) -> None:
     reasoning = ctx.reasoning_format
     if budget < 0 or reasoning is None or not reasoning.start_tag or not reasoning.end_tag:
         return
-    tok = ctx.engine.tokenizer
     out.setdefault("_reasoning_tags", _reasoning_tags(reasoning, chat))
-    forced = tok.encode(message, add_special=False) if message else []
-    out["_reasoning_budget"] = (budget, tuple(forced) + tuple(tok.encode(reasoning.gate_end_tags[0],
-                                                                         add_special=False)))
+    out["_reasoning_budget"] = (budget, (_ids(message) if message else ()) + _ids(reasoning.gate_end_tags[0]))
 
 
 def _call_id(call: dict, i: int, ids: list) -> str:
@@ -395,9 +393,7 @@ def _completion_body(body: dict, chat: RenderedChat) -> dict:
     ctx = current_app.config["NUMLLAMA"]
     out["preserved_tokens"] = preserved_texts(ctx.reasoning_format, ctx.tool_format)
     if ctx.template_stops:   # (after the request's own, as llama-server appends them)
-        stop = out.get("stop")
-        out["stop"] = ([stop] if isinstance(stop, str) else list(stop) if isinstance(stop, list) else []) + \
-            list(ctx.template_stops)
+        out["stop"] = list(parse_stop(out.get("stop"))) + list(ctx.template_stops)
     out["_reader"] = _answer_reader(body, out, chat, extract) if "_response_format" not in out else None
     _reasoning_budget(body, out, chat)
     if body.get("logprobs"):
