@@ -713,6 +713,8 @@ class _Reader:
             at = self.space(pos)
             if optional_names and self.text.startswith(self.fmt.arg_name_prefix, at):
                 pos = self.argument(call, props, optional_names, at, n)
+                if pos <= at:   # (an argument that reads as nothing: markers and a name all empty)
+                    raise _Wrong
                 n += 1
                 continue
             if self.fmt.arg_name_prefix.startswith(self.text[at:]) and optional_names:

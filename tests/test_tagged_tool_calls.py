@@ -127,3 +127,13 @@ def test_template_stop_strings_keep_the_requests_own_checked(stories_path):
         assert r.status_code == 200
     finally:
         s.stop()
+
+
+def test_an_argument_that_reads_as_nothing_ends_the_reading():
+    """With no argument markers, a property named "" would be read again and again at the same
+    place: the reader stops there instead of looping (the request's tools are the request's)."""
+    bare = TaggedToolFormat(json_args=False, per_call_start="<c>", per_call_end="</c>")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"": {"type": "string"}}}}}]
+    got = parse_answer(bare, tools, "<c>f</c>", False)
+    assert not got.ok and got.content == "<c>f</c>"
