@@ -212,6 +212,12 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
             resp.headers["Access-Control-Allow-Credentials"] = "true" if credentials else "false"
         return resp
 
+    answer_errors_as_json(app)
+    return app
+
+
+def answer_errors_as_json(app: Flask) -> None:
+    """Every error the app raises, Flask's own included, as llama-server's JSON error body."""
     @app.errorhandler(APIError)
     def api_error(e: APIError):
         # one line per refused request, never a traceback: the client's mistake is not ours
@@ -230,5 +236,3 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
     def unexpected(e: Exception):
         log.exception("unexpected error")
         return error_response(APIError(f"{type(e).__name__}: {e}", 500))
-
-    return app
