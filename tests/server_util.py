@@ -61,6 +61,9 @@ class Server:
     def get(self, path, **kw):
         return requests.get(self.url + path, timeout=kw.pop("timeout", 60), **kw)
 
+    def delete(self, path, **kw):
+        return requests.delete(self.url + path, timeout=kw.pop("timeout", 60), **kw)
+
     def stream(self, path, data, headers=None):
         """Yield the parsed `data:` events of an SSE response (stops at [DONE])."""
         r = requests.post(self.url + path, json=data, stream=True, timeout=300, headers=headers)

