@@ -291,3 +291,35 @@ def test_the_readme_command_serves_the_default_model(smollm_path, tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     finally:
         s.stop()
+
+
+def test_the_router_serves_the_agent_tools_behind_the_same_gate(tmp_path):
+    """Router mode answers /tools itself (llama.cpp's tool tests start a router), with the key,
+    the Host check and CORS of a single model's server."""
+    from server_util import Server
+    (tmp_path / "note.txt").write_text("hello from the router")
+    s = Server(["-c", "256", "--tools", "read_file", "--api-key", "k"], env={"LLAMA_CACHE": str(tmp_path / "cache")})
+    try:
+        assert [t["tool"] for t in s.get("/tools", headers=KEY).json()] == ["read_file"]
+        r = s.post("/tools", {"tool": "read_file", "params": {"path": str(tmp_path / "note.txt")}}, headers=KEY)
+        assert r.status_code == 200 and "hello from the router" in json.dumps(r.json())
+        assert s.get("/tools").status_code == 401
+        r = s.get("/tools", headers={**KEY, "Host": "evil.example"})
+        assert r.status_code == 403 and "is not allowed" in r.json()["error"]["message"]
+        pre = requests.options(s.url + "/completions", headers={"Origin": "http://evil.com",
+                                                                "Access-Control-Request-Method": "POST"}, timeout=10)
+        assert pre.status_code == 200 and "Access-Control-Allow-Origin" not in pre.headers   # (tools on: localhost only)
+        pre = requests.options(s.url + "/completions", headers={"Origin": "http://localhost:3000",
+                                                                "Access-Control-Request-Method": "POST"}, timeout=10)
+        assert pre.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    finally:
+        s.stop()
+
+
+def test_the_models_servers_get_the_routers_options_but_its_own():
+    """Sampling and context options go on to each model's server; the address, keys, model
+    sources and agent tools (which the router serves itself) do not."""
+    from numllama.webapp.server import child_args
+    argv = ["--port", "9000", "-c", "256", "--api-key=k", "--tools", "all", "--temp", "0", "--agent",
+            "--mcp-servers-json", "{}", "--models-max", "2", "--offline", "--hf-token", "t", "--api-prefix", "/x"]
+    assert child_args(argv) == ["-c", "256", "--temp", "0", "--offline"]

@@ -32,10 +32,9 @@ import time
 from dataclasses import dataclass, field
 
 import requests
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 
 from ..engine.model_files import cached_models, remove_cached, valid_repo_id, split_name
-from .app import answer_errors_as_json, check_api_key
 from .errors import APIError, json_response
 
 log = logging.getLogger("numllama.router")
@@ -376,18 +375,9 @@ class Router:
         return {"data": data, "object": "list"}
 
 
-def create_router_app(router: Router, api_keys: tuple, build_info: str, max_body_bytes: int) -> Flask:
-    app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
-
-    @app.before_request
-    def gate():
-        if request.path in ("/health", "/v1/health") or request.method == "OPTIONS":
-            return None
-        check_api_key(api_keys)
-
-    answer_errors_as_json(app)
-
+def add_router_routes(app: Flask, router: Router, build_info: str) -> None:
+    """The router's own routes, on an app made by create_app(model_routes=False), whose gate
+    (API key, Host check, CORS) and agent-tool routes they share; the rest goes to a model."""
     @app.get("/health")
     @app.get("/v1/health")
     def health():
@@ -400,7 +390,8 @@ def create_router_app(router: Router, api_keys: tuple, build_info: str, max_body
         return json_response({"role": "router", "max_instances": router.models_max,
                               "models_autoload": router.autoload, "model_alias": "numllama-server",
                               "model_path": "none", "default_generation_settings": {"params": {}, "n_ctx": 0},
-                              "ui_settings": {}, "build_info": build_info, "cors_proxy_enabled": False})
+                              "ui_settings": {}, "build_info": build_info,
+                              "cors_proxy_enabled": current_app.config["NUMLLAMA"].ui_mcp_proxy})
 
     @app.get("/models")
     @app.get("/v1/models")
@@ -479,5 +470,3 @@ def create_router_app(router: Router, api_keys: tuple, build_info: str, max_body
             return router.proxy(router.resolve(name, autoload), "/" + path, None)
         name = _model_of_body()
         return router.proxy(router.resolve(name, autoload), "/" + path, request.get_data())
-
-    return app

@@ -270,9 +270,13 @@ def template_kwargs(args) -> dict:
     return out
 
 
+# options the router keeps to itself (the number of values each takes): its address, keys and
+# model sources, and the agent tools, which it serves itself
 ROUTER_ONLY = {"--models-dir": 1, "--models-preset": 1, "--models-max": 1, "--models-autoload": 0,
                "--no-models-autoload": 0, "--host": 1, "--port": 1, "--api-key": 1, "--api-key-file": 1,
-               "-a": 1, "--alias": 1, "-hft": 1, "--hf-token": 1}
+               "-a": 1, "--alias": 1, "-hft": 1, "--hf-token": 1, "--tools": 1, "--ui-mcp-proxy": 0,
+               "--webui-mcp-proxy": 0, "-ag": 0, "--agent": 0, "--mcp-servers-config": 1, "--mcp-servers-json": 1,
+               "--api-prefix": 1}
 
 
 def child_args(argv: list[str]) -> list[str]:
@@ -291,8 +295,12 @@ def child_args(argv: list[str]) -> list[str]:
     return out
 
 
-def serve_router(args, argv: list[str]) -> int:
-    from .router import Router, create_router_app
+def serve_router(args, argv: list[str], mcp_configs: list) -> int:
+    """Router mode (webapp/router.py): the models' servers behind one address, and the routes
+    that need no model (the agent tools, MCP servers' tools, /cors-proxy) served here."""
+    from .app import ServerContext, create_app
+    from .mcp_servers import McpServers
+    from .router import Router, add_router_routes
     from .serving import serve
     try:
         router = Router(child_args(argv), args.models_dir, args.models_preset,
@@ -303,9 +311,22 @@ def serve_router(args, argv: list[str]) -> int:
     except (OSError, ValueError) as e:
         print(f"numllama-server: router: {e}", file=sys.stderr)
         return 1
-    app = create_router_app(router, args.api_keys, "b1-numllama", int(args.max_body_mb * 1024 * 1024))
+    mcp = McpServers(mcp_configs) if mcp_configs else None
+    if mcp is not None:
+        from .agent_tools import mcp_tools
+        mcp.warm_up()
+        args.tools = args.tools + mcp_tools(mcp, {t.name for t in args.tools})
+    context = ServerContext(engine=None, scheduler=None, defaults=None, n_ctx_slot=0, model_alias="",
+                            model_path="", ui=False, **access_settings(args))
+    app = create_app(context, int(args.max_body_mb * 1024 * 1024), api_prefix=args.api_prefix, model_routes=False)
+    add_router_routes(app, router, "b1-numllama")
     router.start_up()
-    on_exit(router.stop_all)   # no model's server outlives the router
+
+    def stop():   # no model's server (nor MCP server) outlives the router
+        router.stop_all()
+        if mcp is not None:
+            mcp.shutdown()
+    on_exit(stop)
     print(f"numllama-server: router with {len(router.instances)} models, listening on "
           f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     serve(app, args)
@@ -380,7 +401,7 @@ def main(argv=None) -> int:
     return_freed_memory()
 
     if not args.model and not args.hf_repo and not args.smollm2_default:
-        return serve_router(args, argv if argv is not None else sys.argv[1:])
+        return serve_router(args, argv if argv is not None else sys.argv[1:], mcp_configs)
     from ..engine.model_files import ModelNotFound, default_model_path, resolve_hf
     try:
         if args.model:
@@ -490,6 +511,16 @@ def load_loras(args, engine) -> tuple[list, list]:
     return adapters, [0.0 if args.lora_init_without_apply else float(np.float32(s)) for _, s in files]
 
 
+def access_settings(args) -> dict:
+    """Who may call what, and from which pages (ServerContext's fields for the key, CORS, the
+    agent tools and the Host check): the same for one model's server and for the router."""
+    hosts = [h.strip().strip("[]") for h in (args.allowed_hosts + "," + args.host).split(",")]
+    return dict(api_keys=args.api_keys, cors_origins=args.cors_origins, cors_methods=args.cors_methods,
+                cors_headers=args.cors_headers, cors_credentials=args.cors_credentials, tools=args.tools,
+                ui_mcp_proxy=args.ui_mcp_proxy, allowed_hosts=tuple(h for h in hosts if h and h not in ("0.0.0.0", "::")),
+                cors_proxy_allow_private=args.cors_proxy_allow_private)
+
+
 def build_context(args, path: str, metrics=None):
     """Load the model and build everything the routes need. metrics: the counters to go on from
     (when waking from sleep)."""
@@ -556,14 +587,13 @@ def build_context(args, path: str, metrics=None):
     chat_format = analyze_template(chat_template)
     tool_format, reasoning, tool_format_error = chat_format.tool_format, chat_format.reasoning, chat_format.tool_format_error
     aliases = [a for a in (args.alias or "").split(",") if a]
-    hosts = [h.strip().strip("[]") for h in (args.allowed_hosts + "," + args.host).split(",")]
     seed = RANDOM_SEED if args.seed < 0 else args.seed
     return ServerContext(
-        engine=engine, scheduler=scheduler,
+        **access_settings(args), engine=engine, scheduler=scheduler,
         defaults=ServerDefaults(sampling=sampling_defaults(args, seed), n_predict=args.n_predict),
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
-        enable_metrics=args.metrics, api_keys=args.api_keys, chat_template=chat_template, jinja=args.jinja, spm_infill=args.spm_infill, verbose=args.verbose,
+        enable_metrics=args.metrics, chat_template=chat_template, jinja=args.jinja, spm_infill=args.spm_infill, verbose=args.verbose,
         embedding=embedding, embd_normalize=args.embd_normalize,
         speculative="draft-simple" if drafter else "none", loras=loras, lora_scales=lora_scales,
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
@@ -574,11 +604,7 @@ def build_context(args, path: str, metrics=None):
         # --chat-template-kwargs' enable_thinking goes over that
         template_kwargs={"enable_thinking": chat_format.supports_thinking and args.reasoning != "off",
                          **args.template_kwargs},
-        cors_origins=args.cors_origins, cors_methods=args.cors_methods, cors_headers=args.cors_headers,
-        cors_credentials=args.cors_credentials, tools=args.tools, ui_mcp_proxy=args.ui_mcp_proxy,
         ui=not args.no_ui, enable_props=args.props, device=device, special=args.special,
-        allowed_hosts=tuple(h for h in hosts if h and h not in ("0.0.0.0", "::")),
-        cors_proxy_allow_private=args.cors_proxy_allow_private,
         slot_save_path=os.path.abspath(args.slot_save_path) if args.slot_save_path else None)
 
 
