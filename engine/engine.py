@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import compile_ahead
 from .encoder import EncoderModel
 from .gguf_file import ENCODER_ARCHS, GGUFModel, ModelLoadError, load_gguf  # noqa: F401 (ModelLoadError: re-exported)
-from .model import Batch, LlamaModel
+from .model import CPU_OPS, Batch, LlamaModel
 from .quants import PARALLEL_ROWS
 from .ops import kv_cells, split_kv_chunk
 from .sampling import Sampler, SamplingParams
@@ -63,13 +64,24 @@ class Engine:
     def warm_up(self) -> None:
         """Compile every kernel a request can reach: a prompt pass long enough for the row-wise
         ops' parallel variants (quants.PARALLEL_ROWS tokens), a decode step, the samplers."""
+        helper = compile_ahead.start() if isinstance(self.model, LlamaModel) else None
+        if helper is not None:   # a cold start: attention compiles in a second process meanwhile
+            self.model.cpu_ops = compile_ahead.WithoutAttention
+            try:
+                self._warm_up_passes()
+            finally:
+                self.model.cpu_ops = CPU_OPS
+            compile_ahead.finish(helper)
+        self._warm_up_passes()
+        for mirostat in (0, 1, 2):   # (mirostat's f32 arithmetic is compiled too)
+            Sampler(SamplingParams(seed=0, mirostat=mirostat),
+                    self.tokenizer.n_vocab).sample(np.arange(self.tokenizer.n_vocab, dtype=np.float32))
+
+    def _warm_up_passes(self) -> None:
         n_prompt = max(2, PARALLEL_ROWS)
         cache = self.model.new_cache(1, n_prompt + 2)
         self.model.forward(Batch.single([self.tokenizer.bos_id if self.tokenizer.bos_id >= 0 else 0] * n_prompt, 0), cache)
         self.model.forward(Batch.single([0], n_prompt), cache)
-        for mirostat in (0, 1, 2):   # (mirostat's f32 arithmetic is compiled too)
-            Sampler(SamplingParams(seed=0, mirostat=mirostat),
-                    self.tokenizer.n_vocab).sample(np.arange(self.tokenizer.n_vocab, dtype=np.float32))
 
     def generate_tokens(self, prompt_ids: list[int], n_predict: int, params: SamplingParams,
                         ignore_eos: bool = False):

@@ -105,10 +105,13 @@ class TokenEmbedding:
 
 
 class LlamaModel:
+    cpu_ops: type   # the ops of the layers on the CPU: CPU_OPS (engine/compile_ahead.py swaps it in a warm-up)
+
     def __init__(self, gguf: GGUFModel, on_layer=None):
         """on_layer(1) is called after each layer is packed (a progress bar's update)."""
         self.gguf = gguf
         self.hp: HParams = gguf.hparams
+        self.cpu_ops = CPU_OPS
         t = gguf.tensors
         need = gguf.tensor
 
@@ -239,7 +242,7 @@ class LlamaModel:
         kv_chunk = batch.attn_kv_chunk if batch.attn_kv_chunk is not None else np.zeros(n_tokens, np.int32)
         last = len(self.layers) - 1
         for il, layer in enumerate(self.layers):
-            ops = self.gpu if self.gpu is not None and il < self.gpu.n_layers else CPU_OPS
+            ops = self.gpu if self.gpu is not None and il < self.gpu.n_layers else self.cpu_ops
             # attention block
             h = ops.rms_norm(x, layer.attn_norm, hp.rms_eps)       # [T, n_embd]
             q, k, v = split(self.linear(ops, h, layer.qkv, order, loras), self.qkv_sizes)  # [T, n_head*hd], [T, n_kv*hd] x2

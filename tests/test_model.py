@@ -200,9 +200,32 @@ def test_the_kernels_of_a_prompt_pass_and_a_decode_step_can_all_be_cached(smollm
             "from numllama.engine.quants.kernels import quantize_q8_blocks_parallel\n"
             "for k in (rms_norm_parallel, swiglu_parallel, quantize_q8_blocks_parallel):\n"
             "    assert k.signatures, k\n"
+            "from numllama.engine.ops import attention\n"
+            # a cold start compiles attention in a second process (engine/compile_ahead.py):
+            # this one found it in the cache, compiled by the helper
+            "assert attention.stats.cache_hits and not attention.stats.cache_misses, attention.stats\n"
             "c = e.model.new_cache(1, 256)\n"
             "e.model.forward(Batch.single(list(range(1, 41)), 0), c)\n"
             "e.model.forward(Batch.single([5], 40), c)\n")
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)},
                        capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_attention_has_one_signature_for_every_model(tmp_path):
+    """The cold start's helper compiles attention for ATTENTION_SIGNATURE without seeing the
+    model (engine/compile_ahead.py); every architecture's forward pass (sliding windows,
+    biases, per-head norms, prompt passes and decode steps) calls it with exactly those types."""
+    import glob
+    import os
+    import subprocess
+    import sys
+    models = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "*.gguf")))
+    code = ("from numllama.engine.engine import Engine\n"
+            "from numllama.engine.ops import attention\n"
+            "from numllama.engine.compile_ahead import ATTENTION_SIGNATURE\n"
+            f"for path in {models!r}:\n"
+            "    Engine.load(path, warm_up=True)\n"
+            "assert attention.signatures == [ATTENTION_SIGNATURE], attention.signatures\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
