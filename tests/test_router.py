@@ -129,7 +129,11 @@ def test_no_model_option_is_a_router_over_the_cache(tmp_path):
         assert r.status_code == 200 and r.json()["tokens_predicted"] == 4
         r = s.post("/v1/chat/completions", {"model": "non-existent/model", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 400 and r.json()["error"]["message"] == "model 'non-existent/model' not found"
-        assert s.get("/").json() == {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}
+        assert s.get("/nothing/here").json() == {"error": {"code": 400, "message": "model name is missing from the request",
+                                                            "type": "invalid_request_error"}}
+        assert s.delete("/nothing").json()["error"]["code"] == 404   # (JSON, as every error)
+        page = s.get("/")   # the chat page, with a list of the router's models (tests/test_web_ui.py)
+        assert page.status_code == 200 and 'id="model-select"' in page.text
         # without a key, nobody may fill or empty the disk through it (a page could send these)
         for r in (s.post("/models", {"model": "org/tiny:Q8_0"}), s.delete(f"/models?model={STORIES}:F32")):
             assert r.status_code == 403 and r.json()["error"]["message"].startswith(

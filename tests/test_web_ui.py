@@ -221,3 +221,33 @@ def test_pages_are_public_scripts_are_not_files(ui_server):
         assert r.status_code == 200 and "script-src 'self'" in r.headers["Content-Security-Policy"]
     for path in ("/static/../ui.py", "/static/ui.py", "/static/%2e%2e%2fui.py", "/static/missing.js"):
         assert requests.get(ui_server.url + path, timeout=10).status_code == 404
+
+
+def test_chat_in_router_mode_names_the_chosen_model(browser, tmp_path):
+    """With no model option the server is a router: the chat page lists its models and each
+    request names the one chosen (the answer is that model's, as the API gives it)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    from server_util import Server
+    snap = tmp_path / "models--org--tiny" / "snapshots" / ("1" * 40)
+    snap.mkdir(parents=True)
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("1" * 40)
+    shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stories260K.gguf"),
+                snap / "tiny-F32.gguf")
+    s = Server(["-c", "512"], env={"LLAMA_CACHE": str(tmp_path)})
+    try:
+        open_page(browser, s.url + "/")
+        wait_for(lambda: browser.find_element(By.ID, "model-choice").is_displayed())
+        assert [o.text for o in Select(browser.find_element(By.ID, "model-select")).options] == ["org/tiny:F32"]
+        browser.find_element(By.CSS_SELECTOR, "details.settings summary").click()
+        set_field(browser, "temperature", 0)
+        set_field(browser, "max_tokens", 12)
+        send(browser, "Once upon a time")
+        wait_for(lambda: idle(browser) and assistant_texts(browser) and assistant_texts(browser)[-1])
+        want = s.post("/v1/chat/completions", {"model": "org/tiny:F32", "temperature": 0, "max_tokens": 12,
+                                               "messages": [{"role": "user", "content": "Once upon a time"}]}).json()
+        assert words(assistant_texts(browser)[-1]) == words(want["choices"][0]["message"]["content"])
+        browser.save_screenshot(str(tmp_path / "ui-router.png"))
+    finally:
+        s.stop()

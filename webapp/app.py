@@ -133,8 +133,8 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
     """Build the app. Until `app.config["NUMLLAMA"]` holds a ServerContext, every route answers
     503 "Loading model" (so clients can poll /health while the model loads). vertex: the
     vertex_predict.VertexSettings when serving as a Vertex AI container. Without model_routes,
-    only the routes that need no model (the agent tools, /cors-proxy) are there, with the same
-    gate (key, Host check, CORS): the router adds its own (webapp/router.py)."""
+    only the routes that need no model (the web pages, the agent tools, /cors-proxy) are there,
+    with the same gate (key, Host check, CORS): the router adds its own (webapp/router.py)."""
     app = Flask(__name__)
     app.config["NUMLLAMA"] = context
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes   # larger bodies: 413 in the JSON shape
@@ -144,8 +144,8 @@ def create_app(context: ServerContext | None = None, max_body_bytes: int = 64 <<
     from . import (anthropic_messages, chat_completions, completions, cors_proxy, embeddings, infill, info,
                    lora_adapters, metrics, openai_responses, tokens, tools, ui)
     model_modules = (info, completions, chat_completions, anthropic_messages, openai_responses, infill, embeddings,
-                     lora_adapters, tokens, metrics, ui)
-    for module in (model_modules if model_routes else ()) + (tools, cors_proxy):
+                     lora_adapters, tokens, metrics)
+    for module in (model_modules if model_routes else ()) + (ui, tools, cors_proxy):
         app.register_blueprint(module.bp)
     if vertex is not None:
         from . import vertex_predict

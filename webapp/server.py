@@ -317,7 +317,7 @@ def serve_router(args, argv: list[str], mcp_configs: list) -> int:
         mcp.warm_up()
         args.tools = args.tools + mcp_tools(mcp, {t.name for t in args.tools})
     context = ServerContext(engine=None, scheduler=None, defaults=None, n_ctx_slot=0, model_alias="",
-                            model_path="", ui=False, **access_settings(args))
+                            model_path="", ui=not args.no_ui, **access_settings(args))
     app = create_app(context, int(args.max_body_mb * 1024 * 1024), api_prefix=args.api_prefix, model_routes=False)
     add_router_routes(app, router, "b1-numllama")
     router.start_up()

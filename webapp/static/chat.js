@@ -84,6 +84,14 @@ function showMessages() {
   box.scrollTop = box.scrollHeight;
 }
 
+// A router (numllama-server with no model option) serves several models: each request names
+// the one chosen in the header's list. A single model's server needs no name.
+let router = false;
+function withModel(body) {
+  if (router) body.model = $("model-select").value;
+  return body;
+}
+
 function requestBody(s, stream) {
   const num = (v) => Number(v);
   const body = {stream, temperature: num(s.temperature), top_k: num(s.top_k), top_p: num(s.top_p),
@@ -95,7 +103,7 @@ function requestBody(s, stream) {
     body.messages = chatMessages(s);
     body.max_tokens = num(s.max_tokens);
   }
-  return body;
+  return withModel(body);
 }
 
 // The conversation as /v1/chat/completions takes it, the system prompt first.
@@ -152,7 +160,7 @@ $("show-template").onclick = async () => {
   pre.hidden = false;
   try {
     const s = settings();
-    const out = await api("apply-template", {messages: chatMessages(s)});
+    const out = await api("apply-template", withModel({messages: chatMessages(s)}));
     pre.textContent = out.prompt;
   } catch (e) { pre.textContent = e.message; }
 };
@@ -161,4 +169,14 @@ bindKeyField($("api-key"));
 loadSettings();
 current = chats[0] || null;
 if (!current) newChat(); else { showChats(); showMessages(); }
-api("props").then((p) => { $("model").textContent = p.model_alias || ""; }).catch(() => {});
+api("props").then(async (p) => {
+  if (p.role !== "router") { $("model").textContent = p.model_alias || ""; return; }
+  const select = $("model-select");
+  for (const m of (await api("models")).data) {
+    const option = document.createElement("option");
+    option.value = option.textContent = m.id;
+    select.append(option);
+  }
+  router = true;
+  $("model-choice").hidden = false;
+}).catch(() => {});
