@@ -327,3 +327,47 @@ def test_the_models_servers_get_the_routers_options_but_its_own():
     argv = ["--port", "9000", "-c", "256", "--api-key=k", "--tools", "all", "--temp", "0", "--agent",
             "--mcp-servers-json", "{}", "--models-max", "2", "--offline", "--hf-token", "t", "--api-prefix", "/x"]
     assert child_args(argv) == ["-c", "256", "--temp", "0", "--offline"]
+
+
+def test_a_model_answering_is_not_stopped_for_another_one(smollm_path, tmp_path):
+    """At --models-max, a request for another model waits while the running one answers (it is
+    not stopped mid-answer), then takes its place; a request whose client leaves while waiting
+    takes nobody's place."""
+    from server_util import Server
+    models = tmp_path / "models"
+    models.mkdir()
+    os.symlink(smollm_path, models / "smol.gguf")
+    shutil.copy(os.path.join(DATA, "stories260K.gguf"), models / "stories.gguf")
+    s = Server(["--models-dir", str(models), "--models-max", "1", "-c", "512", "--api-key", "k"],
+               env={"LLAMA_CACHE": str(tmp_path / "cache")})
+    done: dict = {}
+
+    def ask(name, n, key, **kw):
+        try:
+            r = s.post("/completion", {"model": name, "prompt": "Once upon a time", "n_predict": n,
+                                       "ignore_eos": True, "temperature": 0}, headers=KEY, **kw)
+            done[key] = (r.status_code, r.json().get("tokens_predicted"), time.time())
+        except requests.RequestException as e:
+            done[key] = (type(e).__name__, None, time.time())
+    try:
+        assert s.post("/models/load", {"model": "smol"}, headers=KEY).status_code == 200
+        _wait(s, "smol", "loaded")
+        busy = threading.Thread(target=ask, args=("smol", 48, "busy"))
+        busy.start()
+        time.sleep(0.3)   # (the busy request has reached smol's server)
+        ask("stories", 4, "left", timeout=0.3)   # a client that gives up while it waits
+        assert done["left"][0] == "ReadTimeout"
+        busy.join(120)
+        assert done["busy"][:2] == (200, 48)     # answered whole: smol was not stopped for anyone
+        time.sleep(1)
+        assert _status(s) == {"smol": "loaded", "stories": "unloaded"}   # nobody waits for stories now
+        busy = threading.Thread(target=ask, args=("smol", 48, "busy2"))
+        busy.start()
+        time.sleep(0.3)
+        ask("stories", 4, "queued")              # waits, then takes smol's place
+        busy.join(120)
+        assert done["busy2"][:2] == (200, 48) and done["queued"][:2] == (200, 4)
+        assert done["queued"][2] >= done["busy2"][2]
+        assert _status(s) == {"smol": "unloaded", "stories": "loaded"}
+    finally:
+        s.stop()

@@ -36,6 +36,7 @@ from flask import Flask, Response, current_app, request
 
 from ..engine.model_files import cached_models, remove_cached, valid_repo_id, split_name
 from .errors import APIError, json_response
+from .http import disconnect_probe
 
 log = logging.getLogger("numllama.router")
 READY_TIMEOUT_S = 300
@@ -45,6 +46,7 @@ PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")   # not 
 MAX_EVENT_LISTENERS = 8      # each GET /models/sse holds one of the server's threads
 EVENT_QUEUE = 256            # events a slow listener may fall behind before it is dropped
 KEEPALIVE_S = 15             # a comment line this often finds a listener that has gone
+QUEUE_POLL_S = 0.25          # how often a request waiting for a model's place looks at its client
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Instance:
     port: int = 0
     key: str = ""
     last_used: float = 0.0
+    active: int = 0            # requests being answered through it (it is not stopped meanwhile)
     exit_code: int | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)   # (a download)
@@ -160,6 +163,8 @@ class Router:
         self.cache_writable = cache_writable
         self.events = Events()
         self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)   # a model went idle, stopped, changed status
+        self.queue: list = []   # requests waiting for a model's place, first come first served
         self.instances: dict[str, Instance] = {}
         self.reload()
 
@@ -181,6 +186,7 @@ class Router:
     def _status(self, inst: Instance, status: str, **data) -> None:
         """Set a model's status (under the lock) and tell the listeners."""
         inst.status = status
+        self.changed.notify_all()
         self.events.send("status_change", inst.spec.name, {"status": status, **data})
 
     def start_up(self) -> None:
@@ -189,20 +195,38 @@ class Router:
                 self.load(inst.spec.name)
 
     # ------------------------------------------------------------ children
-    def load(self, name: str) -> Instance:
-        """Start a model's server (stopping the least recently used one over --models-max)."""
+    def load(self, name: str, hold: bool = False, gone=lambda: False) -> Instance:
+        """Start a model's server, or find it started. At --models-max the least recently used
+        model with no request in flight stops for it; while every running model is answering
+        one, this waits, first come first served (a request for a model that another waiter is
+        starting meanwhile just takes it). hold: count a request in flight on the model (from
+        before the lock is let go, so that nothing stops it in between; see release). gone():
+        the client that asked has left: stop waiting (nobody is owed a place any more)."""
+        ticket = object()
         with self.lock:
-            inst = self.instances[name]
-            if inst.status in ("loading", "loaded"):
-                return inst
-            if inst.status == "downloading":
-                raise APIError(f"model '{name}' is still downloading", 503)
-            running = [i for i in self.instances.values() if i.status in ("loading", "loaded")]
-            if self.models_max > 0 and len(running) >= self.models_max:
-                self.unload(min(running, key=lambda i: i.last_used).spec.name)
+            self.queue.append(ticket)
+            try:
+                while True:
+                    inst = self.instances.get(name)
+                    if inst is None:
+                        raise APIError(f"model '{name}' not found")
+                    if inst.status == "downloading":
+                        raise APIError(f"model '{name}' is still downloading", 503)
+                    if inst.status in ("loading", "loaded"):
+                        inst.active += hold
+                        return inst
+                    if self.queue[0] is ticket and self._make_room():
+                        break
+                    if gone():
+                        raise APIError("the client left while its request waited for a model", 499)
+                    self.changed.wait(QUEUE_POLL_S)
+            finally:
+                self.queue.remove(ticket)
+                self.changed.notify_all()
             inst.port, inst.key = _free_port(), secrets.token_hex(16)
             inst.exit_code, inst.last_used = None, time.monotonic()
             inst.status = "loading"
+            inst.active += hold
             self.events.send("model_status", name, {"status": "loading"})
             inst.ready = threading.Event()
             cmd = [sys.executable, "-m", "numllama.webapp.server", *self.child_args, *inst.spec.args,
@@ -210,6 +234,24 @@ class Router:
             inst.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         threading.Thread(target=self._watch, args=(inst, inst.proc), daemon=True).start()
         return inst
+
+    def _make_room(self) -> bool:
+        """Under the lock: whether one more model may run, stopping an idle one if need be."""
+        running = [i for i in self.instances.values() if i.status in ("loading", "loaded")]
+        if self.models_max <= 0 or len(running) < self.models_max:
+            return True
+        idle = [i for i in running if i.active == 0]
+        if not idle:
+            return False
+        self.unload(min(idle, key=lambda i: i.last_used).spec.name)
+        return True
+
+    def release(self, inst: Instance) -> None:
+        """A request through `inst` is over (see load's hold)."""
+        with self.lock:
+            inst.active -= 1
+            inst.last_used = time.monotonic()
+            self.changed.notify_all()
 
     def _watch(self, inst: Instance, proc: subprocess.Popen) -> None:
         """Wait for the child's /health, then for its end."""
@@ -247,12 +289,13 @@ class Router:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    def ensure_ready(self, name: str) -> Instance:
-        inst = self.load(name)   # (a model loading or loaded is left as it is)
+    def acquire(self, name: str, gone=lambda: False) -> Instance:
+        """The model's server, ready, with this request counted on it (release() when done)."""
+        inst = self.load(name, hold=True, gone=gone)
         inst.ready.wait(READY_TIMEOUT_S)
         if inst.status != "loaded":
+            self.release(inst)
             raise APIError(f"model '{name}' failed to load (exit code {inst.exit_code})", 500)
-        inst.last_used = time.monotonic()
         return inst
 
     def stop_all(self) -> None:
@@ -345,21 +388,25 @@ class Router:
         return name
 
     def proxy(self, name: str, path: str, body: bytes | None) -> Response:
-        inst = self.ensure_ready(name)
+        inst = self.acquire(name, disconnect_probe())
         headers = {h: request.headers[h] for h in PROXIED_HEADERS if h in request.headers}
         headers["Authorization"] = f"Bearer {inst.key}"
         url = f"http://127.0.0.1:{inst.port}{path}"
         if request.query_string:
             url += "?" + request.query_string.decode("latin-1")
-        upstream = requests.request(request.method, url, data=body, headers=headers, stream=True, timeout=None)
+        try:
+            upstream = requests.request(request.method, url, data=body, headers=headers, stream=True, timeout=None)
+        except requests.RequestException:
+            self.release(inst)
+            raise APIError(f"model '{name}' did not answer", 502) from None
 
-        def chunks():
-            try:
-                yield from upstream.iter_content(chunk_size=None)
-            finally:
-                upstream.close()
-        return Response(chunks(), status=upstream.status_code,
+        def done():   # (the answer sent, or its client gone: called once either way)
+            upstream.close()
+            self.release(inst)
+        resp = Response(upstream.iter_content(chunk_size=None), status=upstream.status_code,
                         content_type=upstream.headers.get("Content-Type", "application/json"))
+        resp.call_on_close(done)
+        return resp
 
     def models_json(self) -> dict:
         data = []
