@@ -371,3 +371,26 @@ def test_a_model_answering_is_not_stopped_for_another_one(smollm_path, tmp_path)
         assert _status(s) == {"smol": "unloaded", "stories": "loaded"}
     finally:
         s.stop()
+
+
+def test_dedup_cache_models_lists_a_cached_model_once(tmp_path):
+    """A preset with dedup-cache-models hides the cache entry whose file it names (its own
+    section or [*]); the hidden entry still answers; without the option it is listed again."""
+    from server_util import Server
+    stories = os.path.join(DATA, "stories260K.gguf")
+    _cache_with(tmp_path / "cache", "org/tiny", {"tiny-F32.gguf": stories})
+    _cache_with(tmp_path / "cache", "org/other", {"other-Q8_0.gguf": stories})
+    preset = tmp_path / "models.ini"
+    preset.write_text("[named]\nhf-repo = org/tiny\ndedup-cache-models = 1\n")
+    s = Server(["-c", "256", "--models-preset", str(preset)], env={"LLAMA_CACHE": str(tmp_path / "cache")})
+    try:
+        assert sorted(_status(s)) == ["named", "org/other:Q8_0"]
+        r = s.post("/tokenize", {"model": "org/tiny:F32", "content": "hello"})
+        assert r.status_code == 200 and r.json()["tokens"]
+        preset.write_text("[named]\nhf-repo = org/tiny\n")
+        assert sorted(m["id"] for m in s.get("/models?reload=1").json()["data"]) == \
+            ["named", "org/other:Q8_0", "org/tiny:F32"]
+        preset.write_text("[*]\ndedup-cache-models = 1\n\n[named]\nhf-repo = org/tiny\n")
+        assert sorted(m["id"] for m in s.get("/models?reload=1").json()["data"]) == ["named", "org/other:Q8_0"]
+    finally:
+        s.stop()

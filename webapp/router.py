@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import requests
 from flask import Flask, Response, current_app, request
 
-from ..engine.model_files import cached_models, remove_cached, valid_repo_id, split_name
+from ..engine.model_files import ModelNotFound, cached_models, remove_cached, resolve_hf, split_name, valid_repo_id
 from .errors import APIError, json_response
 from .http import disconnect_probe
 
@@ -43,6 +43,8 @@ READY_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 10
 PROXIED_HEADERS = ("Content-Type", "Accept")
 PRESET_ONLY = ("load-on-startup", "stop-timeout", "dedup-cache-models")   # not server options
+PRESET_HF_KEYS = (("hf-repo", "hf-file"), ("spec-draft-hf", "spec-draft-model"))   # what dedup-cache-models reads
+TRUTHY = ("on", "enabled", "true", "1")   # llama.cpp's common_arg_utils::is_truthy
 MAX_EVENT_LISTENERS = 8      # each GET /models/sse holds one of the server's threads
 EVENT_QUEUE = 256            # events a slow listener may fall behind before it is dropped
 KEEPALIVE_S = 15             # a comment line this often finds a listener that has gone
@@ -55,6 +57,9 @@ class ModelSpec:
     args: tuple            # the child's own options: -m PATH or the preset's
     source: str            # "cache", "models_dir" or "preset"
     load_on_startup: bool = False
+    # a preset's dedup-cache-models: the cache files its hf-repo and spec-draft-hf name
+    # ((repo, file) pairs), whose own cache entries GET /models then leaves out
+    dedup: tuple = ()
 
 
 @dataclass(eq=False)
@@ -108,9 +113,33 @@ def _preset(path: str) -> list[ModelSpec]:
         for key, value in options.items():
             if key not in PRESET_ONLY and key != "version":
                 args += _option_args(key, value)
+        dedup = ()
+        if options.get("dedup-cache-models", "") in TRUTHY:
+            dedup = tuple((options[repo], options.get(file, "")) for repo, file in PRESET_HF_KEYS if options.get(repo))
         out.append(ModelSpec(name, tuple(args), "preset",
-                             load_on_startup=options.get("load-on-startup", "").lower() == "true"))
+                             load_on_startup=options.get("load-on-startup", "").lower() == "true", dedup=dedup))
     return out
+
+
+def _hidden_cache_models(specs: list[ModelSpec]) -> set[str]:
+    """The cache entries whose file a dedup-cache-models preset already names (llama-server's
+    server_models::load_models): listed once, under the preset's name; still usable."""
+    paths = set()
+    for spec in specs:
+        for repo, file in spec.dedup:
+            try:
+                paths.add(resolve_hf(repo, file or None))
+            except ModelNotFound:
+                pass
+    hidden = set()
+    for spec in specs:
+        if spec.source == "cache" and paths:
+            try:
+                if resolve_hf(spec.name) in paths:
+                    hidden.add(spec.name)
+            except ModelNotFound:
+                pass
+    return hidden
 
 
 def _free_port() -> int:
@@ -173,7 +202,9 @@ class Router:
         specs = [ModelSpec(name, ("-hf", name), "cache") for name in cached_models()]
         specs += (_models_dir(self.models_dir) if self.models_dir else []) + (_preset(self.preset) if self.preset else [])
         specs = list({s.name: s for s in specs}.values())   # (a later source wins a name)
+        hidden = _hidden_cache_models(specs)
         with self.lock:
+            self.hidden = hidden
             names = {s.name for s in specs}
             for name in list(self.instances):
                 if name not in names and self.instances[name].status in ("unloaded", "failed"):
@@ -412,6 +443,8 @@ class Router:
         data = []
         with self.lock:
             for name, inst in self.instances.items():
+                if name in self.hidden:
+                    continue
                 status = {"value": inst.status, "args": list(inst.spec.args)}
                 if inst.status == "failed":
                     status.update(exit_code=inst.exit_code, failed=True)
