@@ -30,7 +30,7 @@ from .model import Batch
 from .ops import FA_TILE_Q, kv_cells, split_kv_chunk
 from .pooling import first_or_last_rows, mean_pool, normalize
 from .sampling import Sampler, SamplingParams, logprob, token_probabilities
-from .slot_file import read_slot_file, write_slot_file
+from .slot_file import CacheShape, read_slot_file, write_slot_file
 from .tokenizer import utf8_complete_prefix
 
 
@@ -174,6 +174,9 @@ class Slot:
     # where llama-server would have checkpointed this slot's sliding-window cache: (n_tokens,
     # pos_min, pos_max) each (sliding-window models only; see Checkpoints)
     checkpoints: list[tuple] = field(default_factory=list)
+    # the sliding-window cache holds nothing before this position, whatever its ring would
+    # (a state restored from a file keeps only the window's cells, as llama-server's does)
+    swa_pos_min: int = 0
     lora: tuple = ()                     # the LoRA adapters (Task.lora) cache_tokens were computed with
     last_used: float = 0.0
     last_task_id: int | None = None
@@ -221,6 +224,8 @@ class Slot:
             n_past = checkpoints.reusable(self, n_past, len(prompt))
         n_past = min(n_past, len(prompt) - 1)  # at least one token is evaluated, for its logits
         self.cache_tokens = self.cache_tokens[:n_past]
+        if n_past == 0:
+            self.swa_pos_min = 0
         self.n_cached = n_past
         self.to_eval = list(prompt[n_past:])
         # how llama.cpp would see this prompt: one pass of >= 2 tokens, or a single token
@@ -325,9 +330,10 @@ class Checkpoints:
                 return n_left - n_last
         return n
 
-    def pos_min(self, n_cells: int) -> int:
-        """The oldest position the sliding-window cache still holds, -1 when it is empty."""
-        return max(0, n_cells - self.swa_cache_size) if n_cells else -1
+    def pos_min(self, n_cells: int, floor: int = 0) -> int:
+        """The oldest position the sliding-window cache still holds, -1 when it is empty
+        (floor: Slot.swa_pos_min)."""
+        return max(0, n_cells - self.swa_cache_size, floor) if n_cells else -1
 
     def record(self, slot: "Slot", n_left_after: int) -> None:
         """Before a prompt chunk is evaluated: the checkpoint llama-server makes there, if any (a
@@ -336,7 +342,7 @@ class Checkpoints:
         if not n or n_left_after >= self.n_ubatch:
             return
         slot.checkpoints = [c for c in slot.checkpoints if c[0] != n][-(self.max_checkpoints - 1):]
-        slot.checkpoints.append((n, self.pos_min(n), n - 1))
+        slot.checkpoints.append((n, self.pos_min(n, slot.swa_pos_min), n - 1))
 
     def reusable(self, slot: "Slot", n_past: int, n_prompt: int) -> int:
         """How much of a shared prefix of n_past tokens llama-server can reuse (the checkpoints
@@ -344,7 +350,7 @@ class Checkpoints:
         pos_next = n_past
         if n_past > 0:
             threshold = max(0, pos_next - self.n_swa - (0 if n_past < n_prompt else 1))
-            if self.pos_min(len(slot.cache_tokens)) >= threshold:   # the window it needs is gone
+            if self.pos_min(len(slot.cache_tokens), slot.swa_pos_min) >= threshold:   # the window it needs is gone
                 usable = [c for c in slot.checkpoints if c[2] <= pos_next and (c[1] < threshold or c[1] == 0)]
                 if usable:
                     n_tokens, c_min, c_max = usable[-1]
@@ -516,29 +522,34 @@ class Scheduler:
         with self.lock:   # the worker only starts a slot under this lock: it stays idle
             slot = self._idle_slot(slot_id)
             n = len(slot.cache_tokens)
-            hp = self.engine.model.hp
             k, v = self.cache.cells(slot_id, n)
             with open(path, "wb") as f:
-                write_slot_file(f, slot.cache_tokens, k, v,
-                                np.array([hp.n_layer, hp.n_head_kv, hp.head_dim, hp.n_vocab], np.int64))
+                write_slot_file(f, slot.cache_tokens, k, v, self._cache_shape(slot_id))
             return n, os.path.getsize(path)
+
+    def _cache_shape(self, slot_id: int) -> CacheShape:
+        """What a slot file says of the cache: llama-server's layout for the same options (one
+        KV stream per slot, or one for a unified cache; the sliding-window layers apart)."""
+        hp = self.engine.model.hp
+        return CacheShape(hp.n_layer, hp.n_head_kv, hp.head_dim,
+                          swa_layers=tuple(il for il in range(hp.n_layer) if hp.layer_window(il) > 0),
+                          n_swa=hp.n_swa, n_stream=1 if self.kv_unified else len(self.slots),
+                          stream=0 if self.kv_unified else slot_id, seq_id=slot_id)
 
     def restore_slot(self, slot_id: int, path: str) -> tuple[int, int]:
         """Load a state file into an idle slot: its prompt cache becomes the saved tokens."""
-        hp = self.engine.model.hp
         with open(path, "rb") as f:
-            tokens, k, v, shape = read_slot_file(f.read())
-        if list(shape) != [hp.n_layer, hp.n_head_kv, hp.head_dim, hp.n_vocab]:
-            raise ValueError("the state file was saved from a different model")
+            tokens, k, v = read_slot_file(f.read(), self._cache_shape(slot_id))
         n = len(tokens)
         with self.lock:
             slot = self._idle_slot(slot_id)
             if n > slot.n_ctx:
                 raise ValueError(f"the state holds {n} tokens, more than the slot's context ({slot.n_ctx})")
-            if k.ndim != 4 or k.shape[2] != n or v.shape != k.shape:
-                raise ValueError("the state file's tokens and K/V cells disagree")
             self.cache.put_cells(slot_id, k, v)
             slot.cache_tokens = list(tokens)
+            slot.checkpoints = []   # (llama-server's slot->prompt.clear())
+            shape = self._cache_shape(slot_id)
+            slot.swa_pos_min = max(0, n - shape.n_swa) if shape.swa_layers else 0
         return n, os.path.getsize(path)
 
     def erase_slot(self, slot_id: int) -> int:
