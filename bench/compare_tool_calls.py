@@ -10,6 +10,7 @@ the finish reason. Counts the requests where all of them agree.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -287,7 +288,9 @@ def main() -> int:
     for template in [args.only] if args.only else CASES:
         theirs = answers(args.llama_server, args.model, template, ("--jinja", "--verbose"))
         ours = answers(args.numllama_server, args.model, template)
-        record[template] = [{"request": b, "answer": a} for b, a in zip(requests_for(template), theirs)]
+        # (the day: templates write the date into the prompt; the tests render with it, $NUMLLAMA_NOW)
+        today = datetime.date.today().isoformat()
+        record[template] = [{"request": b, "answer": a, "date": today} for b, a in zip(requests_for(template), theirs)]
         for body, a, b in zip(requests_for(template), theirs, ours):
             total += 1
             ok = {k: v for k, v in a.items() if k != "grammar"} == b

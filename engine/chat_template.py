@@ -13,12 +13,17 @@ without a system role, tool-call arguments become objects for templates that rea
 objects, tool-call messages get "" content where the template would choke on null. The date
 (`date_string`, `datetime`) and `enable_thinking` are given to every render, and a BOS (EOS)
 token the template writes at the start (end) is removed when the tokenizer adds it anyway.
+
+The date is today's, as llama-server's; with $NUMLLAMA_NOW (an ISO date or date and time) it is
+that one, so that a prompt renders the same on any day (the tests replay answers llama-server
+gave on the day they were recorded).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -107,8 +112,17 @@ class _LlamaUndefined(Undefined):
         return other if isinstance(other, str) else super().__radd__(other)
 
 
+NOW_VARIABLE = "NUMLLAMA_NOW"
+
+
+def template_now() -> datetime:
+    """What a render takes as the current time: now, or $NUMLLAMA_NOW (see the module's doc)."""
+    fixed = os.environ.get(NOW_VARIABLE)
+    return datetime.fromisoformat(fixed) if fixed else datetime.now()
+
+
 def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
+    return template_now().strftime(fmt)
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -320,7 +334,7 @@ class ChatTemplate:
         if self._mistral:   # llama.cpp's parser for Ministral 3 renders reasoning as content blocks
             from .mistral_tool_calls import adjust_messages
             messages = adjust_messages(messages)
-        now = datetime.now()
+        now = template_now()
         variables = {"date_string": now.strftime("%d %b %Y"), "datetime": now.strftime("%b %d %Y"),
                      "enable_thinking": True, **(extra or {}),
                      "messages": self.adapt(messages), "add_generation_prompt": add_generation_prompt,

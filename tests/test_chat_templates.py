@@ -92,3 +92,15 @@ def test_safe_marks_nothing():
     """llama.cpp's Jinja has no markup strings: `"a"|safe + text` is plain concatenation."""
     assert ChatTemplate('{{ "x: "|safe + messages[0].content }}').render(
         [{"role": "user", "content": '{"a": "<b>"}'}], add_generation_prompt=False) == 'x: {"a": "<b>"}'
+
+
+def test_the_date_a_template_writes_can_be_fixed(monkeypatch):
+    """Templates write today's date (strftime_now, date_string) as llama-server's do; with
+    $NUMLLAMA_NOW they write that day, so recorded answers replay on any day."""
+    t = ChatTemplate("{{ strftime_now('%Y-%m-%d') }}|{{ date_string }}|{{ messages[0].content }}")
+    monkeypatch.setenv("NUMLLAMA_NOW", "2026-12-01")
+    assert t.render([{"role": "user", "content": "hi"}], add_generation_prompt=False) == "2026-12-01|01 Dec 2026|hi"
+    monkeypatch.delenv("NUMLLAMA_NOW")
+    import datetime
+    assert t.render([{"role": "user", "content": "hi"}], add_generation_prompt=False).startswith(
+        datetime.date.today().isoformat())

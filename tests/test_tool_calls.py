@@ -175,8 +175,9 @@ def test_cut_answers_read_as_llama_server_reads_them():
 @pytest.fixture(scope="module", params=list(GOLDEN["templates"]))
 def tool_server(request, smollm_path):
     from server_util import Server
+    # rendered on the day llama-server's answers were recorded (templates write the date)
     s = Server(["-c", "4096", "-np", "1", "--chat-template-file", os.path.join(TEMPLATES, request.param + ".jinja")],
-               model=smollm_path)
+               model=smollm_path, env={"NUMLLAMA_NOW": GOLDEN["templates"][request.param][0]["date"]})
     yield request.param, s
     s.stop()
 
