@@ -341,6 +341,7 @@ def test_a_model_answering_is_not_stopped_for_another_one(smollm_path, tmp_path)
     s = Server(["--models-dir", str(models), "--models-max", "1", "-c", "512", "--api-key", "k"],
                env={"LLAMA_CACHE": str(tmp_path / "cache")})
     done: dict = {}
+    n_busy = 128   # SmolLM2 tokens: seconds on 2 busy cores, long enough for what happens meanwhile
 
     def ask(name, n, key, **kw):
         try:
@@ -349,24 +350,30 @@ def test_a_model_answering_is_not_stopped_for_another_one(smollm_path, tmp_path)
             done[key] = (r.status_code, r.json().get("tokens_predicted"), time.time())
         except requests.RequestException as e:
             done[key] = (type(e).__name__, None, time.time())
+
+    def start_busy(key) -> threading.Thread:
+        """A long answer from smol, under way (its slot is processing) when this returns."""
+        busy = threading.Thread(target=ask, args=("smol", n_busy, key))
+        busy.start()
+        deadline = time.time() + 60
+        while not any(slot["is_processing"] for slot in s.get("/slots?model=smol", headers=KEY).json()):
+            assert time.time() < deadline and key not in done, done
+            time.sleep(0.02)
+        return busy
     try:
         assert s.post("/models/load", {"model": "smol"}, headers=KEY).status_code == 200
         _wait(s, "smol", "loaded")
-        busy = threading.Thread(target=ask, args=("smol", 48, "busy"))
-        busy.start()
-        time.sleep(0.3)   # (the busy request has reached smol's server)
+        busy = start_busy("busy")
         ask("stories", 4, "left", timeout=0.3)   # a client that gives up while it waits
         assert done["left"][0] == "ReadTimeout"
-        busy.join(120)
-        assert done["busy"][:2] == (200, 48)     # answered whole: smol was not stopped for anyone
+        busy.join(300)
+        assert done["busy"][:2] == (200, n_busy)   # answered whole: smol was not stopped for anyone
         time.sleep(1)
         assert _status(s) == {"smol": "loaded", "stories": "unloaded"}   # nobody waits for stories now
-        busy = threading.Thread(target=ask, args=("smol", 48, "busy2"))
-        busy.start()
-        time.sleep(0.3)
+        busy = start_busy("busy2")
         ask("stories", 4, "queued")              # waits, then takes smol's place
-        busy.join(120)
-        assert done["busy2"][:2] == (200, 48) and done["queued"][:2] == (200, 4)
+        busy.join(300)
+        assert done["busy2"][:2] == (200, n_busy) and done["queued"][:2] == (200, 4)
         assert done["queued"][2] >= done["busy2"][2]
         assert _status(s) == {"smol": "unloaded", "stories": "loaded"}
     finally:
