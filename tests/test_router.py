@@ -147,6 +147,13 @@ def test_no_model_option_is_a_router_over_the_cache(tmp_path):
         r = s.get("/models/sse")
         assert r.status_code == 503 and "too many event listeners" in r.json()["error"]["message"]
         assert s.get("/health").status_code == 200
+        for r in listeners:   # listeners that leave give their places back (at the next keep-alive)
+            r.close()
+        deadline = time.time() + 40
+        while (r := s.get("/models/sse", stream=True, timeout=10)).status_code != 200:
+            assert time.time() < deadline, "the listeners' places never came back"
+            time.sleep(0.5)
+        r.close()
     finally:
         s.stop()
 

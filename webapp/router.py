@@ -508,18 +508,19 @@ def add_router_routes(app: Flask, router: Router, build_info: str) -> None:
         q = router.events.listen()
 
         def stream():
-            try:
-                yield ": listening\n\n"   # (sent at once: the listener knows it is subscribed)
-                while True:
-                    try:
-                        item = q.get(timeout=KEEPALIVE_S)
-                    except queue.Empty:
-                        yield ": keep-alive\n\n"
-                        continue
-                    yield "data: " + json.dumps(item, separators=(",", ":")) + "\n\n"
-            finally:
-                router.events.leave(q)
-        return Response(stream(), content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            yield ": listening\n\n"   # (sent at once: the listener knows it is subscribed)
+            while True:
+                try:
+                    item = q.get(timeout=KEEPALIVE_S)
+                except queue.Empty:
+                    yield ": keep-alive\n\n"
+                    continue
+                yield "data: " + json.dumps(item, separators=(",", ":")) + "\n\n"
+        resp = Response(stream(), content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        # (on close, not in the generator's finally: a generator closed before its first item
+        # runs no finally, and the listener's place would be lost for good)
+        resp.call_on_close(lambda: router.events.leave(q))
+        return resp
 
     @app.post("/models/load")
     def load():
