@@ -538,8 +538,9 @@ class Scheduler:
 
     def restore_slot(self, slot_id: int, path: str) -> tuple[int, int]:
         """Load a state file into an idle slot: its prompt cache becomes the saved tokens."""
+        shape = self._cache_shape(slot_id)
         with open(path, "rb") as f:
-            tokens, k, v = read_slot_file(f.read(), self._cache_shape(slot_id))
+            tokens, k, v = read_slot_file(f.read(), shape)
         n = len(tokens)
         with self.lock:
             slot = self._idle_slot(slot_id)
@@ -548,7 +549,6 @@ class Scheduler:
             self.cache.put_cells(slot_id, k, v)
             slot.cache_tokens = list(tokens)
             slot.checkpoints = []   # (llama-server's slot->prompt.clear())
-            shape = self._cache_shape(slot_id)
             slot.swa_pos_min = max(0, n - shape.n_swa) if shape.swa_layers else 0
         return n, os.path.getsize(path)
 

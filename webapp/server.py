@@ -313,9 +313,7 @@ def serve_router(args, argv: list[str], mcp_configs: list) -> int:
         return 1
     mcp = McpServers(mcp_configs) if mcp_configs else None
     if mcp is not None:
-        from .agent_tools import mcp_tools
-        mcp.warm_up()
-        args.tools = args.tools + mcp_tools(mcp, {t.name for t in args.tools})
+        add_mcp_tools(args, mcp)
     context = ServerContext(engine=None, scheduler=None, defaults=None, n_ctx_slot=0, model_alias="",
                             model_path="", ui=not args.no_ui, **access_settings(args))
     app = create_app(context, int(args.max_body_mb * 1024 * 1024), api_prefix=args.api_prefix, model_routes=False)
@@ -331,6 +329,13 @@ def serve_router(args, argv: list[str], mcp_configs: list) -> int:
           f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     serve(app, args)
     return 0
+
+
+def add_mcp_tools(args, mcp) -> None:
+    """Start the MCP servers and add their tools to the agent tools (args.tools)."""
+    from .agent_tools import mcp_tools
+    mcp.warm_up()
+    args.tools = args.tools + mcp_tools(mcp, {t.name for t in args.tools})
 
 
 def on_exit(cleanup, *signals) -> None:
@@ -440,10 +445,8 @@ def main(argv=None) -> int:
 
     def load():
         try:
-            if mcp is not None:   # their tools join the agent tools (/health waits for them)
-                from .agent_tools import mcp_tools
-                mcp.warm_up()
-                args.tools = args.tools + mcp_tools(mcp, {t.name for t in args.tools})
+            if mcp is not None:   # (/health waits for them)
+                add_mcp_tools(args, mcp)
             app.config["NUMLLAMA"] = build_context(args, path)
             if sleeper is not None:
                 sleeper.start()
