@@ -42,9 +42,11 @@ def hf_cache_root() -> str:
     return os.path.expanduser("~/.cache/huggingface/hub")
 
 
-# a cached file is a model unless its name says it is a projector, an importance matrix or a
-# draft head (llama.cpp's gguf_filename_is_model)
-NOT_A_MODEL = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
+# a cached file is listed as a model unless its name says it is a projector or a draft head
+# (llama.cpp's common_list_cached_models), and chosen as one unless it is those or an importance
+# matrix (gguf_filename_is_model)
+NOT_LISTED = ("mmproj", "mtp-", "eagle3-", "dflash-", "dspark-")
+NOT_A_MODEL = NOT_LISTED + ("imatrix",)
 PREFERRED_TAGS = ("Q4_K_M", "Q8_0")   # what `-hf org/name` without a tag picks, in this order
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 COMMIT_ID = re.compile(r"[0-9a-fA-F]{40}")
@@ -123,11 +125,12 @@ def cached_files(repo: str = "") -> list[CachedFile]:
     out: list[CachedFile] = []
     if not os.path.isdir(root):
         return out
-    for folder in sorted(os.listdir(root)):
-        if not folder.startswith("models--"):
+    folders = [os.path.basename(repo_folder(repo))] if repo else sorted(os.listdir(root))
+    for folder in folders:
+        if not folder.startswith("models--") or not os.path.isdir(os.path.join(root, folder)):
             continue
         repo_id = folder[len("models--"):].replace("--", "/")
-        if not valid_repo_id(repo_id) or (repo and repo_id != repo):
+        if not valid_repo_id(repo_id):
             continue
         commit = _cached_commit(os.path.join(root, folder))
         snap = os.path.join(root, folder, "snapshots", commit)
@@ -146,8 +149,7 @@ def cached_models() -> list[str]:
     names = []
     for f in cached_files():
         info = split_info(f.path)
-        if (info is None or info.index != 1 or not info.tag
-                or any(w in info.prefix for w in NOT_A_MODEL if w != "imatrix")):
+        if info is None or info.index != 1 or not info.tag or any(w in info.prefix for w in NOT_LISTED):
             continue
         name = f"{f.repo}:{info.tag}"
         if name not in names:

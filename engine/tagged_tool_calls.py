@@ -475,7 +475,7 @@ def _workarounds(source: str, f: dict) -> None:
     if "Bailing V3 chat template" in source:   # Ling 3 (whose calls llama.cpp reads with its own parser)
         f["arg_value_suffix"] = f.get("arg_value_suffix", "").strip(_WS)
         f["tolerate_ws"] = True
-    if LAGUNA in source:   # (its reasoning markers and stop string: engine/chat_format.py)   # Laguna: the model writes its tags without the newlines
+    if LAGUNA in source:   # the model writes its tags without the newlines (its reasoning markers and stop string: engine/chat_format.py)
         for k in ("arg_value_prefix", "arg_value_suffix", "arg_separator"):
             f[k] = f.get(k, "").strip(_WS)
         f["tolerate_ws"] = True

@@ -20,7 +20,7 @@ from typing import Callable
 
 import requests
 
-from ..engine.model_files import COMMIT_ID, repo_folder, best_model, shards, split_name, valid_repo_id
+from ..engine.model_files import COMMIT_ID, best_model, repo_folder, shards, split_name
 
 DEFAULT_ENDPOINT = "https://huggingface.co/"
 TIMEOUT_S = 30                 # to connect, and between two reads of a file
@@ -44,10 +44,13 @@ class DownloadPlan:
     files: tuple[str, ...]   # paths inside the repository
 
 
+def _auth(token: str | None) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _get_json(url: str, token: str | None):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        r = requests.get(url, headers=headers, timeout=TIMEOUT_S)
+        r = requests.get(url, headers=_auth(token), timeout=TIMEOUT_S)
     except requests.RequestException as e:
         raise DownloadError(f"cannot reach {url}: {e}") from None
     if r.status_code != 200:
@@ -59,10 +62,9 @@ def _get_json(url: str, token: str | None):
 
 
 def plan(name: str, token: str | None = None) -> DownloadPlan:
-    """What downloading `name` fetches (asks the hub, downloads nothing)."""
+    """What downloading `name` fetches (asks the hub, downloads nothing). name: org/name[:tag]
+    whose org/name the caller has checked (model_files.valid_repo_id: it becomes a folder)."""
     repo, tag = split_name(name)
-    if not valid_repo_id(repo):
-        raise DownloadError(f"'{name}' is not a model name of the form org/name[:tag]")
     refs = _get_json(f"{endpoint()}api/models/{repo}/refs", token)
     branches = [b for b in (refs.get("branches") if isinstance(refs, dict) else None) or []
                 if isinstance(b, dict) and isinstance(b.get("name"), str)
@@ -71,9 +73,9 @@ def plan(name: str, token: str | None = None) -> DownloadPlan:
         raise DownloadError(f"{repo} has no branch to download from")
     commit = next((b for b in branches if b["name"] == "main"), branches[0])["targetCommit"]
     tree = _get_json(f"{endpoint()}api/models/{repo}/tree/{commit}?recursive=true", token)
-    paths = [item["path"] for item in tree if isinstance(tree, list) and isinstance(item, dict)
-             and item.get("type") == "file" and isinstance(item.get("path"), str)
-             and _safe_subpath(item["path"])] if isinstance(tree, list) else []
+    paths = [item["path"] for item in (tree if isinstance(tree, list) else [])
+             if isinstance(item, dict) and item.get("type") == "file" and isinstance(item.get("path"), str)
+             and _safe_subpath(item["path"])]
     primary = best_model(paths, tag)
     if primary is None:
         raise DownloadError(f"{repo} has no GGUF model" + (f" tagged {tag}" if tag else ""))
@@ -93,7 +95,6 @@ def download(p: DownloadPlan, progress: Callable[[str, int, int], None],
     Raises DownloadError (nothing listed is left behind) or returns once every file is there."""
     folder = repo_folder(p.repo)
     snapshot = os.path.join(folder, "snapshots", p.commit)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     for path in p.files:
         url = f"{endpoint()}{p.repo}/resolve/{p.commit}/{path}"
         final = os.path.join(snapshot, *path.split("/"))
@@ -102,7 +103,7 @@ def download(p: DownloadPlan, progress: Callable[[str, int, int], None],
         os.makedirs(os.path.dirname(final), exist_ok=True)
         partial = final + ".incomplete"
         try:
-            with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as r:
+            with requests.get(url, headers=_auth(token), stream=True, timeout=TIMEOUT_S) as r:
                 if r.status_code != 200:
                     raise DownloadError(f"GET {url} answered {r.status_code}")
                 total, done, last = int(r.headers.get("Content-Length") or 0), 0, 0.0
