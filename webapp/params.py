@@ -205,6 +205,11 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
     bias = parse_logit_bias(body.get("logit_bias"), tokenizer)
     if ignore_eos:
         bias += [(t, -math.inf) for t in sorted(tokenizer.eog_ids)]
+    triggers = parse_grammar_triggers(body, tokenizer, preserved) if grammar is not None else ()
+    if grammar is not None and grammar_prefill and not triggers and not grammar.advance(grammar.start, grammar_prefill):
+        # a grammar that refuses the generation prompt it is fed first: llama-server's sampler
+        # init throws a bare std::exception there, and the request is refused as invalid
+        raise APIError("Failed to initialize samplers: std::exception")
     return SamplingParams(
         temperature=max(0.0, num("temperature", d.temperature)),
         dynatemp_range=num("dynatemp_range", d.dynatemp_range),
@@ -231,7 +236,7 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         logit_bias=tuple(bias),
         samplers=samplers,
         grammar=grammar,
-        grammar_triggers=parse_grammar_triggers(body, tokenizer, preserved) if grammar is not None else (),
+        grammar_triggers=triggers,
         preserved_tokens=preserved,
         grammar_prefill=grammar_prefill,
         reasoning_tags=reasoning_tags,
