@@ -66,6 +66,19 @@ XML_CALLS = [   # Qwen3-Coder's XML calls: auto, required, cut short at several 
 MISTRAL_CALL = ("Call get_current_weather for Paris", [["[TOOL_CALLS]", 6]])
 MISTRAL_PREFILL = [{"role": "user", "content": "forecast for Paris, 3 days"},
                    {"role": "assistant", "content": '[TOOL_CALLS]get_forecast[ARGS]{"city": "Paris", "days": 3'}]
+FUNCTIONARY_ALL = [["all", 8]]   # the recipient of plain content
+FUNCTIONARY_CALL = [["get", 8]]
+# answers written into the generation prompt (a test template's `forced` argument), the model
+# made to end its turn at once: how the parser reads each, in each mode
+FUNCTIONARY_JSON = 'get_current_weather\n{"location": "Paris"}'
+FUNCTIONARY_ANSWERS = ["all\nHi", "all\nHi>>>" + FUNCTIONARY_JSON, "all\nHi>", "al", "x", FUNCTIONARY_JSON,
+                       FUNCTIONARY_JSON + "\n", FUNCTIONARY_JSON + ">>>" + FUNCTIONARY_JSON,
+                       FUNCTIONARY_JSON + FUNCTIONARY_JSON, FUNCTIONARY_JSON + "get_cur",
+                       'get_current_weather\n{"location": "Par', "get_current_weather", "get_current_weather\n[1]",
+                       'get_current_weather\n{"days": 3']
+FUNCTIONARY_FORCED = [("hi", {"chat_template_kwargs": {"forced": text}, "max_tokens": 1, "logit_bias": [[2, 100]], **mode})
+                      for text in FUNCTIONARY_ANSWERS
+                      for mode in ({}, {"parallel_tool_calls": True}, {"tool_choice": "required"}, {"tools": None})]
 MISTRAL_THINK = {"tools": None, "grammar": 'root ::= "[THINK]" [a-z ]+ "[/THINK]" [A-Za-z ]+'}
 
 
@@ -183,6 +196,26 @@ CASES = {
     "Mistral-Small-3.2-24B-Instruct-2506": tagged_calls("[TOOL_CALLS]"),
     "Apertus-8B-Instruct": tagged_calls("<|tools_prefix|>"),   # JSON calls keyed by the function's name
     "meetkai-functionary-medium-v3.1": tagged_calls("<function="),
+    # ">>>recipient\n": "all" then the content, or a function's name then its JSON arguments
+    "meetkai-functionary-medium-v3.2": [
+        ("weather in Paris?", {}),
+        ("weather in Paris?", {"logit_bias": FUNCTIONARY_ALL}),
+        ("Call get_current_weather for Paris", {"logit_bias": FUNCTIONARY_CALL}),
+        ("weather in Paris?", {"tool_choice": "required"}),
+        ("weather in Paris?", {"tool_choice": "required", "max_tokens": 9}),
+        ("forecast for Paris, 3 days", {"tool_choice": "required", "tools": [WEATHER, FORECAST], "max_tokens": 90}),
+        ("forecast for Paris, 3 days", {"tool_choice": "required", "tools": [FORECAST], "parallel_tool_calls": False,
+                                        "max_tokens": 90}),
+        ("weather in Paris?", {"tool_choice": "none", "logit_bias": FUNCTIONARY_ALL}),
+        ("hi", {"tools": None}),
+        ("hi", {"tools": None, "logit_bias": FUNCTIONARY_ALL}),
+        ("hi", {"tools": None, "logit_bias": FUNCTIONARY_ALL, "max_tokens": 1}),
+        ("hi", {"tools": None, "messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "Hello! I"}]}),
+        ("Describe a person as JSON", {"tools": None, "response_format": {"type": "json_schema", "json_schema": {
+            "schema": PERSON}}}),
+    ],
+    "functionary-v3.2-forced": FUNCTIONARY_FORCED,
     "HuggingFaceTB-SmolLM3-3B": [   # a reasoning block, no tool calls
         ("hi", {"tools": None}),
         ("hi", THINK),

@@ -1,8 +1,9 @@
 """Which parser reads a chat template's answers, as llama.cpp chooses (common/chat.cpp).
 
-A template it has a parser written for (here: Ministral 3's, engine/mistral_tool_calls.py, and
-Qwen3-Coder's XML tool calls, engine/xml_tool_calls.py) gets that parser; one whose parser
-numllama has not written is refused (UNWRITTEN_PARSERS); any other is analysed by rendering it
+A template it has a parser written for (here: Ministral 3's, engine/mistral_tool_calls.py,
+Functionary v3.2's, engine/functionary_tool_calls.py, and Qwen3-Coder's XML tool calls,
+engine/xml_tool_calls.py) gets that parser; one whose parser numllama has not written is
+refused (SPECIALIZED_PARSERS without a format); any other is analysed by rendering it
 with and without probe messages: its reasoning block (engine/reasoning.py) and its tool calls,
 JSON (engine/tool_calls.py) or tagged (engine/tagged_tool_calls.py).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from . import mistral_tool_calls, xml_tool_calls
+from . import functionary_tool_calls, mistral_tool_calls, xml_tool_calls
 from .reasoning import ReasoningFormat, analyze_reasoning
 from .tagged_tool_calls import LAGUNA
 from .tool_calls import ToolFormatUnsupported, analyze_tool_format
@@ -25,17 +26,18 @@ class ChatFormat:
     supports_thinking: bool = False            # the template has a reasoning block (enable_thinking's default)
 
 
-# The templates llama.cpp reads with parsers written for them that numllama has not (yet): their
-# tests in common_chat_try_specialized_template, in its order. Analysing them as the others would
-# read their calls differently from llama-server, so they are refused instead.
+# The templates llama.cpp reads with parsers written for them: their tests in
+# common_chat_try_specialized_template, in its order (after Ministral 3's), and numllama's format
+# for those it has written. Analysing the others as the rest would read their calls differently
+# from llama-server, so they are refused instead.
 def _has(*words):
     return lambda src: all(w in src for w in words)
 
 
-UNWRITTEN_PARSERS = (   # (name, test, whether its parser reads a reasoning block: supports_thinking)
+SPECIALIZED_PARSERS = (   # (name, test, whether its parser reads a reasoning block: supports_thinking[, format])
     ("GPT-OSS", _has("<|channel|>"), True),
     ("Muse Glimmer", _has("<atem:function_calls>", "<|eom|>"), True),
-    ("Functionary v3.2", _has(">>>all", ">>>${recipient}"), False),
+    ("Functionary v3.2", functionary_tool_calls.detect, False, functionary_tool_calls.FunctionaryToolFormat),
     ("Kimi K2", _has("<|tool_calls_section_begin|>", "<|tool_call_begin|>"), True),
     ("Kimi K3", _has("<|open|>", "<|close|>", "<|end_of_msg|>"), True),
     ("Ling 3", _has("<role>ASSISTANT</role>", "<arg_key>"), True),
@@ -56,11 +58,13 @@ def analyze_template(template) -> ChatFormat:
     mistral = mistral_tool_calls.detect(template.source)   # (in llama.cpp's order of tests)
     if mistral is not None:
         return ChatFormat(mistral, mistral_tool_calls.reasoning_format(mistral), supports_thinking=True)
-    unwritten = next(((name, thinks) for name, test, thinks in UNWRITTEN_PARSERS if test(template.source)), None)
-    if unwritten is not None:
+    specialized = next((entry for entry in SPECIALIZED_PARSERS if entry[1](template.source)), None)
+    if specialized is not None:
+        name, _, thinks, *written = specialized
+        if written:
+            return ChatFormat(written[0]())
         return ChatFormat(None, analyze_reasoning(template),
-                          f"{unwritten[0]}'s tool calls (a parser llama.cpp writes for that template)",
-                          supports_thinking=unwritten[1])
+                          f"{name}'s tool calls (a parser llama.cpp writes for that template)", supports_thinking=thinks)
     xml = xml_tool_calls.detect(template.source)
     if xml is not None:
         return ChatFormat(xml, xml_tool_calls.reasoning_format(xml), supports_thinking=xml.thinking)

@@ -237,7 +237,7 @@ def _drop_blank(reasoning: str) -> str:
 
 def read_answer(text: str, partial: bool, gen_prompt: str = "", reasoning: ReasoningFormat | None = None,
                 extract: bool = True, tool_format=None, tools=(), required: bool = False,
-                parser_head: str = "") -> ParsedAnswer:
+                parser_head: str = "", parallel: bool = True) -> ParsedAnswer:
     """A chat answer as llama-server's parser reads it, for a template with a reasoning block
     or tool calls (plain templates: the text is the content). After the generation prompt's
     first words come spaces (skipped), the reasoning block (split out when `extract`, the
@@ -245,20 +245,22 @@ def read_answer(text: str, partial: bool, gen_prompt: str = "", reasoning: Reaso
     format (a call never finished, trailing text) or that reads as nothing at all is the raw
     text as content, and not ok (llama-server keeps its raw text when the parsed message is
     empty, and its stream then sends nothing more). parser_head: the first words of a parser
-    written for the template (engine/xml_tool_calls.py), when it has one."""
+    written for the template (engine/xml_tool_calls.py), when it has one; its format may say
+    that nothing is skipped after them (exact_head: engine/functionary_tool_calls.py)."""
     if reasoning is None and tool_format is None and not parser_head:
         return ParsedAnswer(text, [])
+    skipped = "" if getattr(tool_format, "exact_head", False) else _WS
     if parser_head and reasoning is None and gen_prompt.startswith(parser_head):
         # a parser written for the template starts with its own words: the rest of the
         # generation prompt (a continued assistant turn) is read as part of the answer
-        rest = (gen_prompt + text)[len(parser_head):].lstrip(_WS)
+        rest = (gen_prompt + text)[len(parser_head):].lstrip(skipped)
     else:
         rest = parser_input(reasoning, gen_prompt, text)
     # a parser written for the template looks for its reasoning block right where the answer
     # starts, and skips spaces after it (`reasoning << content`); the analysed ones skip first
     own_block = reasoning is not None and (reasoning.exact_tags or reasoning.loose_space)
     if not own_block:
-        rest = rest.lstrip(_WS)
+        rest = rest.lstrip(skipped)
     thought = ""
     if reasoning is not None and extract:
         thought, pos, readable = split_reasoning(reasoning, rest, partial)
@@ -270,7 +272,7 @@ def read_answer(text: str, partial: bool, gen_prompt: str = "", reasoning: Reaso
     if tool_format is None:
         parsed = ParsedAnswer(rest, [], reasoning=thought)
     else:
-        parsed = parse_answer(tool_format, list(tools), rest, partial, required)
+        parsed = parse_answer(tool_format, list(tools), rest, partial, required, parallel)
         parsed.reasoning = thought
     if parsed.error:
         return parsed

@@ -642,6 +642,7 @@ class ToolGrammar:
     grammar: str | None
     lazy: bool = False
     triggers: tuple = ()
+    triggers_are_patterns: bool = False   # the triggers are regular expressions, not words
 
 
 def tool_call_grammar(fmt: ToolFormat, tools: list, required: bool, parallel: bool,
@@ -655,8 +656,10 @@ def tool_call_grammar(fmt: ToolFormat, tools: list, required: bool, parallel: bo
     assistant header, up to a reasoning marker), and the whole generation prompt is fed to the
     grammar before sampling (SamplingParams.grammar_prefill). reasoning (a ReasoningFormat),
     when extracted: an optional reasoning block comes first."""
-    from . import mistral_tool_calls, tagged_tool_calls
+    from . import functionary_tool_calls, mistral_tool_calls, tagged_tool_calls
     from .xml_tool_calls import XmlToolFormat, xml_tool_call_grammar
+    if isinstance(fmt, functionary_tool_calls.FunctionaryToolFormat):
+        return functionary_tool_calls.tool_call_grammar(fmt, tools, required, parallel)
     if isinstance(fmt, XmlToolFormat):   # a format with a parser of its own
         return xml_tool_call_grammar(fmt, tools, required, parallel, extract_reasoning)
     if isinstance(fmt, tagged_tool_calls.TaggedToolFormat):
@@ -704,7 +707,8 @@ class ParsedAnswer:
     error: str = ""           # the answer cannot be read at all: llama-server's parser throws (a 500)
 
 
-def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool, required: bool = False) -> ParsedAnswer:
+def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool, required: bool = False,
+                 parallel: bool = True) -> ParsedAnswer:
     """Content, then the calls, as llama-server's PEG parser reads a JSON_NATIVE answer: the
     content runs up to the first call marker; each call is a JSON object whose name is one of
     the request's tools; its arguments are kept as the model wrote them. A call cut short
@@ -712,8 +716,10 @@ def parse_answer(fmt: ToolFormat, tools: list, text: str, partial: bool, require
     generation prompt, its spaces and any reasoning block (engine/reasoning.py read_answer). A
     final answer that does not parse (a marker followed by no call, text after the calls) is
     all content, and not ok: llama-server's parser throws, and it falls back to the raw text."""
-    from . import mistral_tool_calls, tagged_tool_calls
+    from . import functionary_tool_calls, mistral_tool_calls, tagged_tool_calls
     from .xml_tool_calls import XmlToolFormat, parse_xml_answer
+    if isinstance(fmt, functionary_tool_calls.FunctionaryToolFormat):
+        return functionary_tool_calls.parse_answer(fmt, tools, text, partial, required, parallel)
     if isinstance(fmt, XmlToolFormat):
         return parse_xml_answer(fmt, tools, text, partial, required)
     if isinstance(fmt, tagged_tool_calls.TaggedToolFormat):

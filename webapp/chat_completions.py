@@ -22,7 +22,7 @@ from ..engine.tool_calls import tool_call_grammar
 from .completions import Completion, collect_finals, engine_error, task_events
 from .errors import APIError, json_response
 from .http import random_id, request_json, sse
-from .params import TRIGGER_WORD, get_bool, get_number, parse_stop, response_format_schema, schema_grammar
+from .params import TRIGGER_PATTERN, TRIGGER_WORD, get_bool, get_number, parse_stop, response_format_schema, schema_grammar
 from .tokens import check_tokenizable
 
 bp = Blueprint("chat", __name__)
@@ -155,8 +155,10 @@ def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
                     answer += reasoning.end + last["content"]
                 prompt = tmpl.render(history, add_generation_prompt=False, extra=kwargs, tools=shown) + answer
                 return RenderedChat(prompt, tools, gp, answer)
-            prompt = tmpl.render(history, add_generation_prompt=True, extra=kwargs, tools=shown) + last["content"]
-            return RenderedChat(prompt, tools, gp, gp + last["content"])
+            # (a parser written for the template may render a continued turn with a lead: Functionary's "all\n")
+            answer = getattr(ctx.tool_format, "content_lead", "") + last["content"]
+            prompt = tmpl.render(history, add_generation_prompt=True, extra=kwargs, tools=shown) + answer
+            return RenderedChat(prompt, tools, gp, gp + answer)
         prompt = tmpl.render(messages, add_generation_prompt=add_gen, extra=kwargs, tools=shown)
     except ChatTemplateError as e:
         raise APIError(str(e))
@@ -199,10 +201,11 @@ class AnswerReader:
     response_format: bool = False  # the content is a response_format's JSON
     required: bool = False     # tool_choice "required"
     parser_head: str = ""      # the first words of a parser written for the template (xml_tool_calls)
+    parallel: bool = True      # parallel_tool_calls
 
     def read(self, text: str, partial: bool):
         parsed = read_answer(text, partial, self.parse_prompt, self.reasoning, self.extract,
-                             self.tool_format, self.tools, self.required, self.parser_head)
+                             self.tool_format, self.tools, self.required, self.parser_head, self.parallel)
         if self.response_format and parsed.ok:
             parsed.content = _response_format_content(parsed.content)
         return parsed
@@ -247,6 +250,8 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> 
                        f"{ctx.tool_format_error}")
     fmt = ctx.tool_format if calls else None
     if fmt is None:
+        if getattr(ctx.tool_format, "reads_every_answer", False):   # (Functionary: "all\n" before the content)
+            return AnswerReader(reasoning, extract, chat.parse_prompt, ctx.tool_format, parser_head=head)
         if reasoning is None and not head:
             return None
         return AnswerReader(reasoning, extract, chat.parse_prompt, parser_head=head)
@@ -262,13 +267,14 @@ def _answer_reader(body: dict, out: dict, chat: RenderedChat, extract: bool) -> 
         out["grammar"] = grammar.grammar
         if grammar.lazy:
             out["grammar_lazy"] = True
-            out["grammar_triggers"] = [{"type": TRIGGER_WORD, "value": w} for w in grammar.triggers]
+            kind = TRIGGER_PATTERN if grammar.triggers_are_patterns else TRIGGER_WORD
+            out["grammar_triggers"] = [{"type": kind, "value": w} for w in grammar.triggers]
             if reasoning is not None and reasoning.start_tag and reasoning.end_tag:
                 out["_reasoning_tags"] = _reasoning_tags(reasoning, chat)
         else:   # llama-server feeds the generation prompt to the grammar first
             out["_grammar_prefill"] = chat.parse_prompt
     return AnswerReader(reasoning, extract, chat.parse_prompt, fmt, tuple(tools), required=choice == "required",
-                        parser_head=head)
+                        parser_head=head, parallel=parallel)
 
 
 def _ids(text: str) -> tuple:
@@ -336,7 +342,8 @@ def _chat_response_format(out: dict, chat: RenderedChat, extract: bool) -> None:
         out["_response_format_reasoning"] = True
     elif ctx.reasoning_format is None:
         out["grammar"] = schema_grammar(schema, chat_response_format_grammar)
-        out["_response_format"] = True
+        if not getattr(ctx.tool_format, "reads_every_answer", False):   # (else its parser reads the JSON too)
+            out["_response_format"] = True
     else:
         out["grammar"] = schema_grammar(schema, lambda s: response_format_grammar(
             s, chat.generation_prompt, ctx.reasoning_format, extract))
