@@ -193,6 +193,7 @@ CASES = {
     "Spark2.5": tagged_calls("<tool_call>"),
     "deepseek-ai-DeepSeek-V3.1": tagged_calls("<｜tool▁calls▁begin｜>"),
     "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": tagged_calls("<｜tool▁calls▁begin｜>"),
+    "llama-cpp-deepseek-r1": tagged_calls("<｜tool▁calls▁begin｜>"),   # (llama.cpp's own template for the R1 distills)
     "Mistral-Small-3.2-24B-Instruct-2506": tagged_calls("[TOOL_CALLS]"),
     "Apertus-8B-Instruct": tagged_calls("<|tools_prefix|>"),   # JSON calls keyed by the function's name
     "meetkai-functionary-medium-v3.1": tagged_calls("<function="),

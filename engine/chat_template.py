@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -135,6 +136,18 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
                       sort_keys=bool(sort_keys))
 
 
+# jinja2's filters that give a generator, where llama.cpp's Jinja gives an array (which `tojson`
+# writes and `{{ }}` prints: llama-cpp-deepseek-r1.jinja writes `tools | map(...) | tojson`)
+LISTING_FILTERS = ("map", "select", "reject", "selectattr", "rejectattr")
+
+
+def _as_list(jinja_filter):
+    @functools.wraps(jinja_filter)   # (keeps jinja2's pass_context mark)
+    def listed(*args, **kwargs):
+        return list(jinja_filter(*args, **kwargs))
+    return listed
+
+
 def _probe_tools(name: str) -> list[dict]:
     return [{"name": "tool", "type": "function", "function": {
         "name": name, "description": "Tool description",
@@ -205,6 +218,8 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
         env.filters["tojson"] = _tojson
+        for name in LISTING_FILTERS:
+            env.filters[name] = _as_list(env.filters[name])
         # llama.cpp's Jinja marks nothing safe: `"a"|safe + text` is plain concatenation (jinja2's
         # Markup would HTML-escape the text, as Functionary v3.1's tool list showed)
         env.filters["safe"] = str

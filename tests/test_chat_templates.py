@@ -55,7 +55,7 @@ GOLDEN_CAPS = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file
 # llama.cpp counts a use of `tools`/`tool_calls` these make under conditions our renders do not
 # reach; it does not count a for-loop over content parts as typed content, which our render (the
 # part's text reaches the output) does
-CAPS_DIFFER = {"Kimi-K2-Instruct", "Kimi-K2-Thinking", "llama-cpp-deepseek-r1", "LFM2.5-8B-A1B",
+CAPS_DIFFER = {"Kimi-K2-Instruct", "Kimi-K2-Thinking", "LFM2.5-8B-A1B",
                "mistralai-Ministral-3-14B-Reasoning-2512"}
 
 
