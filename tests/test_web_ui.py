@@ -224,8 +224,9 @@ def test_pages_are_public_scripts_are_not_files(ui_server):
 
 
 def test_chat_in_router_mode_names_the_chosen_model(browser, tmp_path):
-    """With no model option the server is a router: the chat page lists its models and each
-    request names the one chosen (the answer is that model's, as the API gives it)."""
+    """With no model option the server is a router: the chat page lists its models, shows the
+    chosen one's state with a button to load or unload it, and each request names the one
+    chosen (the answer is that model's, as the API gives it)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
     from server_util import Server
@@ -240,6 +241,16 @@ def test_chat_in_router_mode_names_the_chosen_model(browser, tmp_path):
         open_page(browser, s.url + "/")
         wait_for(lambda: browser.find_element(By.ID, "model-choice").is_displayed())
         assert [o.text for o in Select(browser.find_element(By.ID, "model-select")).options] == ["org/tiny:F32"]
+
+        def state():
+            return browser.find_element(By.ID, "model-status").text
+        wait_for(lambda: state() == "unloaded")
+        browser.find_element(By.ID, "model-load").click()
+        wait_for(lambda: state() == "loaded" and browser.find_element(By.ID, "model-unload").is_displayed())
+        assert s.get("/models").json()["data"][0]["status"]["value"] == "loaded"
+        browser.find_element(By.ID, "model-unload").click()
+        wait_for(lambda: state() == "unloaded" and browser.find_element(By.ID, "model-load").is_displayed())
+        assert s.get("/models").json()["data"][0]["status"]["value"] == "unloaded"
         browser.find_element(By.CSS_SELECTOR, "details.settings summary").click()
         set_field(browser, "temperature", 0)
         set_field(browser, "max_tokens", 12)
@@ -248,6 +259,7 @@ def test_chat_in_router_mode_names_the_chosen_model(browser, tmp_path):
         want = s.post("/v1/chat/completions", {"model": "org/tiny:F32", "temperature": 0, "max_tokens": 12,
                                                "messages": [{"role": "user", "content": "Once upon a time"}]}).json()
         assert words(assistant_texts(browser)[-1]) == words(want["choices"][0]["message"]["content"])
+        wait_for(lambda: state() == "loaded")   # (the request loaded it again)
         browser.save_screenshot(str(tmp_path / "ui-router.png"))
     finally:
         s.stop()

@@ -137,6 +137,7 @@ async function reply() {
     running = null;
     $("send").disabled = false; $("stop").disabled = true;
     save(); showMessages();
+    if (router) showModelStatus().catch(() => {});   // (a request loads its model)
   }
 }
 
@@ -169,6 +170,28 @@ bindKeyField($("api-key"));
 loadSettings();
 current = chats[0] || null;
 if (!current) newChat(); else { showChats(); showMessages(); }
+// The chosen model's state (unloaded, loading, loaded, failed, downloading) and a button to
+// start or stop its server (POST /models/load, /models/unload), as llama-server's page has them;
+// the list is asked for again every few seconds while the page is seen, and after each click.
+const MODEL_POLL_MS = 3000;
+const RUNNING = ["loading", "loaded"];
+async function showModelStatus() {
+  const name = $("model-select").value;
+  const m = (await api("models")).data.find((x) => x.id === name);
+  const status = m ? m.status.value : "";
+  $("model-status").textContent = status;
+  $("model-load").hidden = !m || RUNNING.includes(status);
+  $("model-unload").hidden = !m || !RUNNING.includes(status);
+}
+async function modelAction(path) {
+  try { await api(path, {model: $("model-select").value}); }
+  catch (e) { $("model-status").textContent = e.message; return; }
+  showModelStatus().catch(() => {});
+}
+$("model-load").onclick = () => modelAction("models/load");
+$("model-unload").onclick = () => modelAction("models/unload");
+$("model-select").onchange = () => showModelStatus().catch(() => {});
+
 api("props").then(async (p) => {
   if (p.role !== "router") { $("model").textContent = p.model_alias || ""; return; }
   const select = $("model-select");
@@ -179,4 +202,6 @@ api("props").then(async (p) => {
   }
   router = true;
   $("model-choice").hidden = false;
+  await showModelStatus();
+  setInterval(() => { if (document.visibilityState === "visible") showModelStatus().catch(() => {}); }, MODEL_POLL_MS);
 }).catch(() => {});
