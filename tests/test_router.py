@@ -97,6 +97,19 @@ def test_preset_autoload_off_and_reload(tmp_path):
         s.stop()
 
 
+def test_preset_keys_by_any_name(tmp_path):
+    """A preset key may be any spelling of an option or its environment variable, as llama.cpp's
+    presets read them; a switch's negation keeps its meaning whatever its value."""
+    from numllama.webapp.router import _preset
+    path = tmp_path / "models.ini"
+    path.write_text("[m]\nLLAMA_ARG_CTX_SIZE = 128\nhf = org/tiny\nhff = tiny-F32.gguf\nnkvo = true\n"
+                    "kvu = false\nnocb = false\ndedup-cache-models = 1\n")
+    spec = _preset(str(path))[0]
+    assert spec.args == ("--ctx-size", "128", "--hf-repo", "org/tiny", "--hf-file", "tiny-F32.gguf",
+                         "--no-kv-offload", "--no-kv-unified", "--cont-batching")
+    assert spec.dedup == (("org/tiny", "tiny-F32.gguf"),)
+
+
 COMMIT = "1" * 40
 STORIES = "ggml-org/test-model-stories260K"
 

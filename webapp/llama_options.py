@@ -30,6 +30,7 @@ REFUSED = {
     "--yarn-beta-fast": OUTPUTS_DIFFER,
 }
 OPTIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "llama-server-options.txt")
+ENV_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "llama-server-env.txt")
 IGNORED_PREFIX = "llama_ignored:"   # the dest of an accepted option without effect
 
 
@@ -57,6 +58,28 @@ def read_options(path: str = OPTIONS_FILE) -> list[LlamaOption]:
             hint = re.sub(r"<[^>]*>", "X", hint)   # (a hint's own spaces, inside <...>, are not a second value)
             out.append(LlamaOption(tuple(names), len(hint.split()) if hint else 0))
     return out
+
+
+def option_keys(options: list[LlamaOption] | None = None, env_path: str = ENV_FILE) -> dict[str, str]:
+    """Every name a --models-preset key may give an option by (llama.cpp's get_map_key_opt): any
+    spelling without its dashes ("c", "ctx-size") or its environment variable
+    ("LLAMA_ARG_CTX_SIZE"), mapped to its first long spelling without dashes ("ctx-size"). A
+    switch's negations ("nkvo", "no-kv-offload": every spelling starting with n of an option that
+    has a --no- one) map to its first --no- spelling, so that a value keeps its meaning."""
+    keys: dict[str, str] = {}
+    for opt in options if options is not None else read_options():
+        bare = [n.lstrip("-") for n in opt.names]
+        negated = next((n.lstrip("-") for n in opt.names if n.startswith("--no-")), None)
+        positive = [n for n, b in zip(opt.names, bare) if not (negated and b.startswith("n"))]
+        long = next((n for n in positive if n.startswith("--")), (positive or opt.names)[0]).lstrip("-")
+        for b in bare:
+            keys[b] = negated if negated and b.startswith("n") else long
+    with open(env_path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("LLAMA_"):
+                env, *names = line.split()
+                keys[env] = keys.get(names[0].lstrip("-"), names[-1].lstrip("-"))
+    return keys
 
 
 def add_ignored_options(ap: argparse.ArgumentParser, options: list[LlamaOption] | None = None) -> list[LlamaOption]:

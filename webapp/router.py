@@ -36,6 +36,7 @@ from flask import Flask, Response, current_app, request
 
 from ..engine.model_files import ModelNotFound, cached_models, remove_cached, resolve_hf, split_name, valid_repo_id
 from .errors import APIError, json_response
+from .llama_options import option_keys
 from .http import disconnect_probe
 
 log = logging.getLogger("numllama.router")
@@ -93,7 +94,9 @@ def _option_args(key: str, value: str) -> list[str]:
     flag = ("-" if len(key) <= 3 else "--") + key
     if value.lower() in ("true", "on"):
         return [flag]
-    if value.lower() in ("false", "off"):
+    if value.lower() in ("false", "off"):   # (a negation set false is the switch itself)
+        if key.startswith("no-"):
+            return ["--" + key[len("no-"):]]
         return [flag[:2] + "no-" + flag[2:] if flag.startswith("--") else flag]
     return [flag, value]
 
@@ -105,11 +108,13 @@ def _preset(path: str) -> list[ModelSpec]:
     with open(path, encoding="utf-8") as f:
         ini.read_string("[__top__]\n" + f.read())   # (keys before the first section, e.g. version)
     out = []
+    keys = option_keys()
     for name in ini.sections():
         if name == "__top__":
             continue
         args: list[str] = []
-        options = dict(ini[name])
+        # (a key may be any spelling of an option, or its environment variable: one name each)
+        options = {keys.get(k, k): v for k, v in ini[name].items()}
         for key, value in options.items():
             if key not in PRESET_ONLY and key != "version":
                 args += _option_args(key, value)
