@@ -188,6 +188,7 @@ class FakeHub:
                 self.wfile.write(body)
 
             def do_GET(self):
+                hub.authorizations.add(self.headers.get("Authorization"))
                 path = self.path.split("?")[0]
                 for repo, files in repos.items():
                     if path == f"/api/models/{repo}/refs":
@@ -205,6 +206,7 @@ class FakeHub:
                 self._send(404, b'{"error":"Repository not found"}')
 
         self.fetched: list[str] = []
+        self.authorizations: set = set()   # the Authorization headers the hub was asked with
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -232,8 +234,8 @@ def _wait_event(events, kind, model, timeout=60):
 
 
 def test_download_list_use_and_delete_a_model(tmp_path):
-    """POST /models downloads the model `-hf` would choose (from $MODEL_ENDPOINT here) into the
-    cache, telling GET /models/sse; DELETE /models removes it. Refusals are 4xx."""
+    """POST /models downloads the model `-hf` would choose (from $MODEL_ENDPOINT here, with
+    --hf-token) into the cache, telling GET /models/sse; DELETE /models removes it. Refusals are 4xx."""
     from server_util import Server
     gguf = open(os.path.join(DATA, "stories260K.gguf"), "rb").read()
     hub = FakeHub({"org/tiny": {"README.md": b"hi", "tiny-Q8_0.gguf": gguf, "tiny-F32.gguf": gguf[::-1],
@@ -243,7 +245,7 @@ def test_download_list_use_and_delete_a_model(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(os.path.join(DATA, "stories260K.gguf"), models / "local.gguf")
-    s = Server(["-c", "256", "--models-dir", str(models), "--api-key", "k"],
+    s = Server(["-c", "256", "--models-dir", str(models), "--api-key", "k", "--hf-token", "hub-secret"],
                env={"LLAMA_CACHE": str(tmp_path / "cache"), "MODEL_ENDPOINT": hub.url})
     events: list = []
     ready = threading.Event()
@@ -253,6 +255,7 @@ def test_download_list_use_and_delete_a_model(tmp_path):
         assert s.post("/models", {"model": "org/tiny:Q8_0"}, headers=KEY).json() == {"success": True}
         _wait_event(events, "download_finished", "org/tiny:Q8_0")
         assert hub.fetched == ["tiny-Q8_0.gguf"]   # the tagged model alone, not the projector
+        assert hub.authorizations == {"Bearer hub-secret"}   # every call to the hub carries the token
         progress = [e for e in events if e["event"] == "download_progress"]
         assert progress and progress[-1]["data"]["progress"][f"{hub.url}org/tiny/resolve/{COMMIT}/tiny-Q8_0.gguf"] == \
             {"done": len(gguf), "total": len(gguf)}
