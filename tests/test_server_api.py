@@ -139,6 +139,11 @@ def test_unknown_flag_is_an_error():
     assert r.returncode != 0 and "--no-such-flag" in r.stderr
 
 
+def test_a_bad_fixed_date_stops_the_start():
+    r = _run_server(["--smollm2-default", "--port", "1"], {"NUMLLAMA_NOW": "yesterday"})
+    assert r.returncode != 0 and "$NUMLLAMA_NOW" in r.stderr and "yesterday" in r.stderr
+
+
 def test_loading_answers_503():
     from numllama.webapp.app import create_app
     client = create_app(None).test_client()

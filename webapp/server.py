@@ -374,6 +374,11 @@ def main(argv=None) -> int:
         sampling_defaults(args, 0)   # (only to refuse a bad sampling option before loading)
     except ValueError as e:
         ap.error(str(e))
+    from ..engine.chat_template import NOW_VARIABLE, template_now
+    try:
+        template_now()   # (a bad fixed date would otherwise fail every chat request, one by one)
+    except ValueError as e:
+        ap.error(f"${NOW_VARIABLE}: {e}")
     try:
         args.api_keys = api_keys(args)
     except OSError as e:
