@@ -1,6 +1,7 @@
 """The samplers beyond the default chain, numllama-server against llama-server on one model:
 mirostat (v1 and v2), DRY (with its sequence breakers), adaptive-p, sampler names and letters,
-the same set as server options, preserved tokens, lazy grammars' triggers, and the refusals of
+the same set as server options, preserved tokens, lazy grammars' triggers, a reasoning budget
+given by the request, and the refusals of
 bad values. Compares, per request, the
 status, the text, the token ids, the probabilities asked for (before or after the chain) and
 what `generation_settings` echoes of these samplers.
@@ -102,9 +103,32 @@ def lazy_grammar_bodies() -> list[dict]:
     return out
 
 
+def reasoning_budget_bodies() -> list[dict]:
+    """A reasoning budget given by the request (the chat route takes its tags from the template):
+    once the start tag is written, so many tokens, then the message and the first end tag are
+    forced; without a message nothing is; tags spelled every way the schema reads them. (The
+    tags are tokenized as llama.cpp does, a leading space added: "a" is the token " a".)"""
+    tags = {"reasoning_budget_start_tag": "a", "reasoning_budget_end_tags": ["END", "big"]}
+    out = []
+    for sampling in ({"temperature": 0}, {"seed": 3}):
+        out += [{"reasoning_budget_tokens": 3, **tags, **sampling},
+                {"reasoning_budget_tokens": 3, **tags, "reasoning_budget_message": "Enough.", **sampling},
+                {"reasoning_budget_tokens": 0, **tags, "reasoning_budget_message": "", **sampling}]
+    out += [{"reasoning_budget_tokens": 2, "reasoning_budget_start_tag": "a", "reasoning_budget_end_tag": "END",
+             "reasoning_budget_message": "Enough.", "temperature": 0},
+            {"reasoning_budget_tokens": 4, "reasoning_budget_start_tag": "there", "reasoning_budget_end_tags": "big",
+             "reasoning_budget_message": "Enough.", "temperature": 0},
+            {"reasoning_budget_tokens": -1, **tags, "reasoning_budget_message": "Enough.", "temperature": 0},
+            {"reasoning_budget_tokens": 2, "reasoning_budget_start_tag": "a", "reasoning_budget_message": "Enough.",
+             "temperature": 0},
+            {"reasoning_budget_tokens": -2, **tags}, {"reasoning_budget_tokens": 1, **tags, "reasoning_budget_start_tag": 5}]
+    return out
+
+
 CONFIGS = {   # server options -> the requests run there
     "defaults": ([], request_bodies()),
     "lazy grammars": ([], lazy_grammar_bodies()),
+    "reasoning budget": ([], reasoning_budget_bodies()),
     "server options": (["--mirostat", "2", "--mirostat-ent", "4", "--mirostat-lr", "0.2"],
                        [{"seed": 1}, {"seed": 2, "mirostat": 0}]),
     "server DRY": (["--dry-multiplier", "0.9", "--dry-allowed-length", "3", "--dry-sequence-breaker", ".",

@@ -22,7 +22,8 @@ from ..engine.tool_calls import tool_call_grammar
 from .completions import Completion, collect_finals, engine_error, task_events
 from .errors import APIError, json_response
 from .http import random_id, request_json, sse
-from .params import TRIGGER_PATTERN, TRIGGER_WORD, get_bool, get_number, parse_stop, response_format_schema, schema_grammar
+from .params import (TRIGGER_PATTERN, TRIGGER_WORD, get_bool, get_number, parse_stop, reasoning_budget_tokens,
+                     response_format_schema, schema_grammar)
 from .tokens import check_tokenizable
 
 bp = Blueprint("chat", __name__)
@@ -287,20 +288,13 @@ def _reasoning_tags(reasoning, chat: RenderedChat) -> tuple:
     return _ids(reasoning.start_tag), tuple(_ids(t) for t in reasoning.gate_end_tags), _ids(chat.parse_prompt)
 
 
-INT32_MAX = 2**31 - 1
-
-
 def _reasoning_budget(body: dict, out: dict, chat: RenderedChat) -> None:
     """reasoning_budget_tokens (or thinking_budget_tokens; the server's --reasoning-budget when
     -1): a template with a reasoning block closes it for the model after that many tokens,
     writing reasoning_budget_message and its end tag (llama-server's reasoning-budget sampler)."""
     ctx = current_app.config["NUMLLAMA"]
-    budget = get_number(body, "reasoning_budget_tokens", None, int)
-    if budget is not None:   # (checked as llama-server's request schema checks it)
-        if not -1 <= budget <= INT32_MAX:
-            raise APIError("Field 'reasoning_budget_tokens': Value must be between -1 <= value <= "
-                           f"{INT32_MAX}, but got {budget}")
-    else:
+    budget = reasoning_budget_tokens(body)
+    if budget is None:
         budget = body.get("thinking_budget_tokens", -1)
         budget = int(budget) if isinstance(budget, (int, float)) and not isinstance(budget, bool) else -1
     if budget == -1:

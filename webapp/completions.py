@@ -14,7 +14,7 @@ from .errors import APIError, json_response
 from .http import disconnect_probe, random_id, request_json, sse
 from .lora_adapters import task_lora
 from .params import (N_PROBS_MAX, effective_n_predict, generation_settings, get_bool, get_number,
-                     parse_prompts, parse_stop, sampling_params)
+                     parse_prompts, parse_reasoning_budget, parse_stop, sampling_params)
 
 bp = Blueprint("completions", __name__)
 
@@ -47,9 +47,10 @@ def exceeds_context(n_prompt: int, n_ctx: int, at_least: bool = False):
 class Completion:
     """A parsed completion request: one task per prompt, and how to present the results."""
 
-    def __init__(self, body: dict, oai: bool, grammar_prefill: str = "", reasoning_tags: tuple = (),
+    def __init__(self, body: dict, oai: bool, grammar_prefill: str = "", reasoning_tags: tuple | None = None,
                  reasoning_budget: int = -1, reasoning_forced: tuple = ()):
-        """grammar_prefill, reasoning_*: the chat route's own sampling inputs (params.sampling_params)."""
+        """grammar_prefill, reasoning_*: the chat route's own sampling inputs (params.sampling_params);
+        reasoning_tags None: the request gives its reasoning budget itself (params.parse_reasoning_budget)."""
         ctx = current_app.config["NUMLLAMA"]
         tok = ctx.engine.tokenizer
         if "prompt" not in body or body.get("prompt") is None:
@@ -91,6 +92,8 @@ class Completion:
             if body.get(k) is not None and not isinstance(body[k], dict):
                 raise APIError(f"Field '{k}': must be an object")
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if reasoning_tags is None:
+            reasoning_tags, reasoning_budget, reasoning_forced = parse_reasoning_budget(body, tok)
         self.params = sampling_params(body, ctx.defaults, tok, self.ignore_eos, grammar_prefill, reasoning_tags,
                                       reasoning_budget, reasoning_forced)
         self.lora, lora_echo = task_lora(ctx, body)

@@ -245,6 +245,54 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
     )
 
 
+INT32_MAX = 2**31 - 1
+
+
+def reasoning_budget_tokens(body: dict) -> int | None:
+    """reasoning_budget_tokens, checked as llama-server's request schema checks it (None: not given)."""
+    budget = get_number(body, "reasoning_budget_tokens", None, int)
+    if budget is not None and not -1 <= budget <= INT32_MAX:
+        raise APIError(f"Field 'reasoning_budget_tokens': Value must be between -1 <= value <= {INT32_MAX}, "
+                       f"but got {budget}")
+    return budget
+
+
+def parse_reasoning_budget(body: dict, tokenizer) -> tuple[tuple, int, tuple]:
+    """The completion routes' reasoning budget, given by the request itself (the chat route
+    derives it from the template): reasoning_budget_tokens, reasoning_budget_start_tag,
+    reasoning_budget_end_tags (or one reasoning_budget_end_tag) and reasoning_budget_message,
+    as llama-server's request schema reads them. Returns (tags, budget, forced) for
+    SamplingParams: forced is the message then the first end tag, only when a message field is
+    given (without one a spent budget forces nothing, as in llama-server)."""
+    budget = reasoning_budget_tokens(body)
+    budget = -1 if budget is None else budget
+
+    def text(key: str, value) -> str:
+        if not isinstance(value, str):
+            raise APIError(f"Field '{key}': [json.exception.type_error.302] type must be string, "
+                           f"but is {_typename(value)}")
+        return value
+
+    def ids(t: str) -> tuple:
+        return tuple(tokenizer.encode(t, add_special=False, parse_special=True))
+    start = ids(text("reasoning_budget_start_tag", body["reasoning_budget_start_tag"])) \
+        if body.get("reasoning_budget_start_tag") is not None else ()
+    if body.get("reasoning_budget_end_tags") is not None:
+        tags = body["reasoning_budget_end_tags"]
+        tags = tags if isinstance(tags, list) else [tags]
+        ends = tuple(ids(text("reasoning_budget_end_tags", t)) for t in tags if t != "")
+    elif body.get("reasoning_budget_end_tag") is not None:
+        tag = text("reasoning_budget_end_tag", body["reasoning_budget_end_tag"])
+        ends = (ids(tag),) if tag else ()
+    else:
+        ends = ()
+    forced = ()
+    if ends and body.get("reasoning_budget_message") is not None:
+        message = body["reasoning_budget_message"]
+        forced = (ids(message) if isinstance(message, str) else ()) + ends[0]
+    return ((start, ends, ()) if start and ends else ()), budget, forced
+
+
 def parse_preserved_tokens(body: dict, tokenizer) -> frozenset:
     """`preserved_tokens`: texts of control tokens to keep in the output (llama-server: each text
     that is one token, special tokens parsed)."""
