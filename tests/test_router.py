@@ -108,6 +108,9 @@ def test_preset_keys_by_any_name(tmp_path):
     assert spec.args == ("--ctx-size", "128", "--hf-repo", "org/tiny", "--hf-file", "tiny-F32.gguf",
                          "--no-kv-offload", "--no-kv-unified", "--cont-batching")
     assert spec.dedup == (("org/tiny", "tiny-F32.gguf"),)
+    path.write_text("[m]\nctx-size = 128\nno-such-option = 1\n")
+    with pytest.raises(ValueError, match="option 'no-such-option' not recognized in preset 'm'"):
+        _preset(str(path))
 
 
 COMMIT = "1" * 40

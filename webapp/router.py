@@ -114,6 +114,9 @@ def _preset(path: str) -> list[ModelSpec]:
             continue
         args: list[str] = []
         # (a key may be any spelling of an option, or its environment variable: one name each)
+        unknown = [k for k in ini[name] if k not in keys and k not in PRESET_ONLY and k != "version"]
+        if unknown:   # (llama.cpp's common_preset refuses the file, at start or reload)
+            raise ValueError(f"option '{unknown[0]}' not recognized in preset '{name}'")
         options = {keys.get(k, k): v for k, v in ini[name].items()}
         for key, value in options.items():
             if key not in PRESET_ONLY and key != "version":
