@@ -3,7 +3,10 @@
 The template comes from the GGUF (`tokenizer.chat_template`, a Jinja template as in Hugging
 Face's tokenizer_config.json), from a built-in name (`--chat-template chatml`), or from a
 template given as text. It is rendered with jinja2 in an immutable sandbox: a template is data
-from a model file and must not reach the host. Without any template, ChatML is used, as
+from a model file and must not reach the host. Like llama.cpp's Jinja, a template may append to
+a list and pop from it (Kimi K2's do), up to MAX_TEMPLATE_LIST items (a loop that appends to the
+list it walks ends there); it gets its own copies of the messages, tools and arguments, so
+nothing it changes outlives the render. Without any template, ChatML is used, as
 llama.cpp does.
 
 Like llama.cpp (common/chat.cpp, common/jinja/caps.cpp), numllama first learns what a template
@@ -31,6 +34,7 @@ from datetime import datetime
 from jinja2 import Undefined
 from jinja2.ext import Extension
 from jinja2.exceptions import TemplateError
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
@@ -148,6 +152,30 @@ def _as_list(jinja_filter):
     return listed
 
 
+MAX_TEMPLATE_LIST = 100_000   # items a template may append to one list (jinja2's own MAX_RANGE)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, but for a list's append (bounded) and pop, which llama.cpp's
+    Jinja has (the only list methods llama.cpp's vendored templates call)."""
+    LIST_METHODS = ("append", "pop")
+
+    def is_safe_attribute(self, obj, attr, value) -> bool:
+        if isinstance(obj, list) and attr in self.LIST_METHODS:
+            return super(ImmutableSandboxedEnvironment, self).is_safe_attribute(obj, attr, value)
+        return super().is_safe_attribute(obj, attr, value)
+
+    def getattr(self, obj, attribute):
+        value = super().getattr(obj, attribute)
+        if isinstance(obj, list) and attribute == "append":
+            def append(item):
+                if len(obj) >= MAX_TEMPLATE_LIST:
+                    raise SecurityError(f"a template's list may hold at most {MAX_TEMPLATE_LIST} items")
+                obj.append(item)
+            return append
+        return value
+
+
 def _probe_tools(name: str) -> list[dict]:
     return [{"name": "tool", "type": "function", "function": {
         "name": name, "description": "Tool description",
@@ -213,7 +241,7 @@ class ChatTemplate:
         self.name = source if source in BUILTIN_TEMPLATES else ("chatml" if not source else "jinja")
         from .mistral_tool_calls import detect
         self._mistral = detect(self.source) is not None
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=_LlamaUndefined,
+        env = _Sandbox(trim_blocks=True, lstrip_blocks=True, undefined=_LlamaUndefined,
                                             extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
@@ -240,7 +268,7 @@ class ChatTemplate:
         if tools:
             variables["tools"] = tools
         try:
-            return self._template.render(variables)
+            return self._template.render(copy.deepcopy(variables))
         except Exception:   # a template that raises on a probe tells what it does not take
             return None
 
@@ -356,8 +384,8 @@ class ChatTemplate:
                      "bos_token": self.bos_token, "eos_token": self.eos_token}
         if tools:
             variables["tools"] = tools
-        try:
-            text = self._template.render(variables)
+        try:   # (the messages are adapt()'s copies already)
+            text = self._template.render({k: v if k == "messages" else copy.deepcopy(v) for k, v in variables.items()})
         except ChatTemplateError:
             raise
         except Exception as e:  # template code is data: any failure is the request's problem

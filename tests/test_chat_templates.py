@@ -44,6 +44,23 @@ def test_capabilities_are_probed():
         "<turn>user\nBe brief.\nHi</turn>\n<turn>model\n"
 
 
+def test_a_template_may_append_to_its_own_copies_only():
+    """llama.cpp's Jinja lets a template append to a list (Kimi K2's count their tool calls so);
+    what it changes is a copy: the caller's messages, tools and arguments stay as they were."""
+    t = ChatTemplate("{% set ns = namespace(ids=[]) %}{% for m in messages %}{% set _ = ns.ids.append(m.role) %}"
+                     "{% endfor %}{% set _ = messages.append(1) %}{% set _ = tools.append(1) %}"
+                     "{% set _ = extra.append(2) %}{{ ns.ids | join(',') }}")
+    messages, tools, extra = [{"role": "user", "content": "a"}], [{"type": "function"}], {"extra": []}
+    assert t.render(messages, add_generation_prompt=False, tools=tools, extra=extra) == "user"
+    assert messages == [{"role": "user", "content": "a"}] and tools == [{"type": "function"}] and extra == {"extra": []}
+    endless = ChatTemplate("{% set l = [1] %}{% for x in l %}{% set _ = l.append(x) %}{% endfor %}{{ l | length }}")
+    with pytest.raises(ChatTemplateError, match="at most 100000 items"):   # a loop that feeds itself ends
+        endless.render(messages)
+    for unsafe in ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "{% set d = {} %}{{ d.update(a=1) }}"):
+        with pytest.raises(ChatTemplateError):   # Python's internals and other mutations stay closed
+            ChatTemplate(unsafe).render(messages)
+
+
 def test_tojson_keeps_key_order_and_does_not_escape_html():
     t = ChatTemplate("{{ messages[0] | tojson }}")
     assert t.render([{"role": "user", "content": "<b>&</b>"}], add_generation_prompt=False) == \
@@ -55,7 +72,7 @@ GOLDEN_CAPS = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file
 # llama.cpp counts a use of `tools`/`tool_calls` these make under conditions our renders do not
 # reach; it does not count a for-loop over content parts as typed content, which our render (the
 # part's text reaches the output) does
-CAPS_DIFFER = {"Kimi-K2-Instruct", "Kimi-K2-Thinking", "LFM2.5-8B-A1B",
+CAPS_DIFFER = {"LFM2.5-8B-A1B",
                "mistralai-Ministral-3-14B-Reasoning-2512"}
 
 

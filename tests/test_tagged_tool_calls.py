@@ -18,9 +18,9 @@ from numllama.engine.tool_calls import analyze_tool_format
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = json.load(open(os.path.join(HERE, "data", "autoparser-analysis.json"), encoding="utf-8"))["templates"]
 # templates numllama's Jinja renders differently from llama.cpp's on the analysis' probes (so
-# the analysis cannot be compared): list.append in a sandbox (Kimi K2), a dict added to a string
-# (Functionary v3.2's probe arguments); both are read by parsers llama.cpp writes for them
-RENDER_DIFFERS = {"Kimi-K2-Instruct", "Kimi-K2-Thinking", "meetkai-functionary-medium-v3.2"}
+# the analysis cannot be compared): a dict added to a string (Functionary v3.2's probe
+# arguments), a template read by a parser llama.cpp writes for it
+RENDER_DIFFERS = {"meetkai-functionary-medium-v3.2"}
 FIELDS = ("section_start", "section_end", "per_call_start", "per_call_end", "name_prefix", "name_suffix",
           "args_separator", "close", "arg_name_prefix", "arg_name_suffix", "arg_value_prefix", "arg_value_suffix",
           "arg_separator")
