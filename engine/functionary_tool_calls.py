@@ -127,7 +127,7 @@ def _json_end(text: str, start: int) -> int | None:
     if start == len(text):
         return -1
     try:
-        _, end = json.JSONDecoder().raw_decode(text, start)
+        _, end = json.JSONDecoder(parse_constant=_not_json).raw_decode(text, start)
         return end
     except json.JSONDecodeError as e:
         tail = text[e.pos:]
@@ -135,3 +135,9 @@ def _json_end(text: str, start: int) -> int | None:
                 json_value_prefix(tail, ("boolean", "null", "number")):
             return -1
         return None
+    except ValueError:   # NaN or Infinity: Python's decoder takes them, JSON (and llama.cpp's parser) not
+        return None
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")

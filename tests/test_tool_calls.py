@@ -191,6 +191,7 @@ def test_functionary_answers_read_as_llama_server_reads_them():
     assert read(fmt, tools, 'get_current_weather\n{"location": "Par', False).tool_calls[0]["arguments"] == \
         '{"location": "Par'
     assert read(fmt, tools, "get_current_weather", False).tool_calls == []   # the name's newline not yet written
+    assert read(fmt, tools, 'get_current_weather\n{"location": NaN}', False).error   # not JSON
 
 
 @pytest.fixture(scope="module", params=list(GOLDEN["templates"]))
