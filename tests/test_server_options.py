@@ -3,6 +3,7 @@ the rest accepted and named at start-up as without effect."""
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import requests
@@ -86,7 +87,6 @@ def test_a_llama_server_command_line_starts_the_server(stories_path, tmp_path):
 def test_reasoning_and_template_kwargs_options(stories_path):
     """--reasoning off and --chat-template-kwargs reach every render; a request's own kwargs
     and reasoning_effort "none" go over them, as llama-server merges them."""
-    import os
     from server_util import Server
     tmpl = os.path.join(os.path.dirname(__file__), "data", "templates", "Qwen-Qwen3-0.6B.jinja")
     s = Server(["-c", "256", "--chat-template-file", tmpl, "-rea", "off",
@@ -120,6 +120,22 @@ def test_no_jinja_takes_llama_servers_legacy_chat_path(server):
     assert r.status_code == 400 and r.json()["error"]["message"] == "tools param requires --jinja flag"
     r = server.post("/chat/completions", {"messages": msgs, "tool_choice": "required"})
     assert r.status_code == 400 and r.json()["error"]["message"] == "tool_choice param requires --jinja flag"
+
+
+def test_no_jinja_reads_no_reasoning_block(stories_path):
+    """--no-jinja with a template that has a reasoning block: llama-server's legacy path returns
+    the answer as written (seen on llama-server with Qwen 3's template: "<think>..." is content)."""
+    from server_util import Server
+    template = os.path.join(os.path.dirname(__file__), "data", "templates", "Qwen-Qwen3-0.6B.jinja")
+    grammar = 'root ::= "<think>\\n" [a-z ]+ "\\n</think>\\n\\n" [A-Za-z ]+'
+    for flags, thought in ((["--no-jinja"], False), ([], True)):
+        s = Server(["-c", "256", "--chat-template-file", template] + flags, model=stories_path)
+        try:
+            m = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
+                                                "temperature": 0, "grammar": grammar}).json()["choices"][0]["message"]
+            assert ("reasoning_content" in m) == thought and m["content"].startswith("<think>") != thought
+        finally:
+            s.stop()
 
 
 def test_undefined_variables_concatenate_as_llama_cpp_does():

@@ -392,11 +392,14 @@ def _completion_body(body: dict, chat: RenderedChat) -> dict:
     extract = _reasoning_extract(body)
     _chat_response_format(out, chat, extract)
     ctx = current_app.config["NUMLLAMA"]
-    out["preserved_tokens"] = preserved_texts(ctx.reasoning_format, ctx.tool_format)
-    if ctx.template_stops:   # (after the request's own, as llama-server appends them)
-        out["stop"] = list(parse_stop(out.get("stop"))) + list(ctx.template_stops)
-    out["_reader"] = _answer_reader(body, out, chat, extract) if "_response_format" not in out else None
-    _reasoning_budget(body, out, chat)
+    if ctx.jinja:   # (--no-jinja is llama-server's legacy path: the answer is the content, as written)
+        out["preserved_tokens"] = preserved_texts(ctx.reasoning_format, ctx.tool_format)
+        if ctx.template_stops:   # (after the request's own, as llama-server appends them)
+            out["stop"] = list(parse_stop(out.get("stop"))) + list(ctx.template_stops)
+        out["_reader"] = _answer_reader(body, out, chat, extract) if "_response_format" not in out else None
+        _reasoning_budget(body, out, chat)
+    else:
+        out["_reader"] = None
     if body.get("logprobs"):
         out["n_probs"] = get_number(body, "top_logprobs", 20, int) if body.get("top_logprobs") is not None else 20
         out["n_probs"] = max(out["n_probs"], 1)
