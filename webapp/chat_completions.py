@@ -399,6 +399,7 @@ def _completion_body(body: dict, chat: RenderedChat) -> dict:
         out["_reader"] = _answer_reader(body, out, chat, extract) if "_response_format" not in out else None
         _reasoning_budget(body, out, chat)
     else:
+        reasoning_budget_tokens(body)   # (still checked: llama-server's request schema reads every body)
         out["_reader"] = None
     if body.get("logprobs"):
         out["n_probs"] = get_number(body, "top_logprobs", 20, int) if body.get("top_logprobs") is not None else 20
