@@ -26,7 +26,8 @@ import json
 from dataclasses import dataclass
 
 from .tool_calls import (PARSE_ERROR, Atomic, GrammarBuilder, Lit, ParsedAnswer, Rep, Rule, Schema, ToolGrammar,
-                         Until, _tool_parameters, check_parameters, choice, json_value_prefix, partial_marker_len, seq)
+                         Until, _tool_parameters, check_parameters, choice, json_cut_short, no_json_constant,
+                         partial_marker_len, seq)
 
 HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n>>>"   # the generation prompt: the parser's first words
 TO_ALL = "all\n"          # the recipient of plain content
@@ -127,17 +128,10 @@ def _json_end(text: str, start: int) -> int | None:
     if start == len(text):
         return -1
     try:
-        _, end = json.JSONDecoder(parse_constant=_not_json).raw_decode(text, start)
+        _, end = json.JSONDecoder(parse_constant=no_json_constant).raw_decode(text, start)
         return end
     except json.JSONDecodeError as e:
-        tail = text[e.pos:]
-        if e.msg.startswith("Unterminated string") or not tail.strip(" \t\n\r") or \
-                json_value_prefix(tail, ("boolean", "null", "number")):
-            return -1
-        return None
+        return -1 if json_cut_short(text, e) else None
     except ValueError:   # NaN or Infinity: Python's decoder takes them, JSON (and llama.cpp's parser) not
         return None
 
-
-def _not_json(name: str):
-    raise ValueError(f"{name} is not JSON")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .reasoning import ReasoningFormat
 from .tool_calls import (EPS, PARSE_ERROR, SPACE, Atomic, GrammarBuilder, Lit, ParsedAnswer, Rep, Rule, Schema,
-                         ToolGrammar, Until, _tool_parameters, check_parameters, choice, json_value_prefix,
+                         ToolGrammar, Until, _tool_parameters, check_parameters, choice, json_cut_short,
                          partial_marker_len, seq)
 
 THINK_START, THINK_END = "[THINK]", "[/THINK]"
@@ -87,15 +87,6 @@ def response_format_grammar(fmt: MistralToolFormat, schema, extract_reasoning: b
     return GrammarBuilder().grammar(root, lazy=False)
 
 
-def _cut_short(text: str, e: json.JSONDecodeError) -> bool:
-    """Whether the JSON failed only because the text ends (a prefix of valid JSON), not because
-    it goes wrong before the end."""
-    tail = text[e.pos:]
-    if e.msg.startswith("Unterminated string"):
-        return True
-    return not tail.strip(" \t\n\r") or json_value_prefix(tail, ("boolean", "null", "number"))
-
-
 def parse_answer(fmt: MistralToolFormat, tools: list, text: str, partial: bool, required: bool = False) -> ParsedAnswer:
     """Content up to [TOOL_CALLS], then `[TOOL_CALLS]name[ARGS]{...}` once or (parallel) more;
     a call cut short counts once its name and [ARGS] are whole, its arguments as far as written."""
@@ -123,7 +114,7 @@ def parse_answer(fmt: MistralToolFormat, tools: list, text: str, partial: bool, 
             calls.append({"name": name, "arguments": text[body:end].rstrip(" \t\n\r"), "id": ""})
             pos = end
         except json.JSONDecodeError as e:
-            if not _cut_short(text, e):
+            if not json_cut_short(text, e):
                 break   # JSON that goes wrong before the end: the call is not read
             calls.append({"name": name, "arguments": text[body:].rstrip(" \t\n\r") or "{", "id": ""})
             pos = len(text)

@@ -771,6 +771,21 @@ def json_value_prefix(text: str, types) -> bool:
             or ("object" in types and text.startswith("{")) or ("array" in types and text.startswith("[")))
 
 
+def json_cut_short(text: str, e: json.JSONDecodeError) -> bool:
+    """Whether the JSON failed only because the text ends (a prefix of valid JSON), not because
+    it goes wrong before the end."""
+    tail = text[e.pos:]
+    if e.msg.startswith("Unterminated string"):
+        return True
+    return not tail.strip(" \t\n\r") or json_value_prefix(tail, ("boolean", "null", "number"))
+
+
+def no_json_constant(name: str):
+    """parse_constant for Python's JSON decoder: NaN and Infinity, which it takes and JSON (and
+    llama.cpp's parser) does not, fail the value."""
+    raise ValueError(f"{name} is not JSON")
+
+
 def check_parameters(params: dict) -> None:
     """What common_chat_schema_from_json refuses in a function's parameters (llama-server answers
     500 there; the request's mistake, a 400 here): properties that are not an object, a

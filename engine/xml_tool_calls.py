@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from .reasoning import ReasoningFormat
 from .tool_calls import (EPS, PARSE_ERROR, SPACE, Atomic, GrammarBuilder, Including, Lit, ParsedAnswer, Rep, Rule,
                          Schema, ToolGrammar, Until, _skip_ws, _tool_parameters, check_parameters, choice,
-                         json_value_prefix, optional, partial_marker_len, seq)
+                         json_value_prefix, no_json_constant, optional, partial_marker_len, seq)
 
 GEN_PREFIX = "<|im_start|>assistant\n"   # the parser's first literal, whatever the template adds after it
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -285,7 +285,7 @@ def _arg_value(raw: str, schema) -> str:
     types = _value_types(schema)
     if "string" in types and len(types) > 1 and raw == raw.strip(" \t\n\r"):
         try:
-            value = json.loads(raw, parse_constant=_no_constant)
+            value = json.loads(raw, parse_constant=no_json_constant)
             if not isinstance(value, str) and _json_type(value) in types:
                 return raw
         except ValueError:
@@ -293,10 +293,6 @@ def _arg_value(raw: str, schema) -> str:
     if "string" in types:
         return json.dumps(raw, ensure_ascii=False)
     return raw
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
 
 
 def _partial_value(raw: str, schema) -> str:
