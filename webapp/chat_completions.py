@@ -22,8 +22,8 @@ from ..engine.tool_calls import tool_call_grammar
 from .completions import Completion, collect_finals, engine_error, task_events
 from .errors import APIError, json_response
 from .http import random_id, request_json, sse
-from .params import (TRIGGER_PATTERN, TRIGGER_WORD, get_bool, get_number, parse_stop, reasoning_budget_tokens,
-                     response_format_schema, schema_grammar)
+from .params import (TRIGGER_PATTERN, TRIGGER_WORD, get_bool, get_number, parse_stop, reasoning_budget_forced,
+                     reasoning_budget_tokens, response_format_schema, schema_grammar)
 from .tokens import check_tokenizable
 
 bp = Blueprint("chat", __name__)
@@ -306,7 +306,7 @@ def _reasoning_budget(body: dict, out: dict, chat: RenderedChat) -> None:
     if budget < 0 or reasoning is None or not reasoning.start_tag or not reasoning.end_tag:
         return
     out.setdefault("_reasoning_tags", _reasoning_tags(reasoning, chat))
-    out["_reasoning_budget"] = (budget, (_ids(message) if message else ()) + _ids(reasoning.gate_end_tags[0]))
+    out["_reasoning_budget"] = (budget, reasoning_budget_forced(message, _ids(reasoning.gate_end_tags[0]), _ids))
 
 
 def _call_id(call: dict, i: int, ids: list) -> str:

@@ -257,6 +257,13 @@ def reasoning_budget_tokens(body: dict) -> int | None:
     return budget
 
 
+def reasoning_budget_forced(message, end_tag: tuple, ids) -> tuple:
+    """The tokens a spent reasoning budget forces, on every route: the message (none when it is
+    empty or not a string), then the block's first end tag (end_tag: its tokens; ids: text to
+    tokens)."""
+    return (ids(message) if isinstance(message, str) and message else ()) + end_tag
+
+
 def parse_reasoning_budget(body: dict, tokenizer) -> tuple[tuple, int, tuple]:
     """The completion routes' reasoning budget, given by the request itself (the chat route
     derives it from the template): reasoning_budget_tokens, reasoning_budget_start_tag,
@@ -288,8 +295,7 @@ def parse_reasoning_budget(body: dict, tokenizer) -> tuple[tuple, int, tuple]:
         ends = ()
     forced = ()
     if ends and body.get("reasoning_budget_message") is not None:
-        message = body["reasoning_budget_message"]
-        forced = (ids(message) if isinstance(message, str) else ()) + ends[0]
+        forced = reasoning_budget_forced(body["reasoning_budget_message"], ends[0], ids)
     return ((start, ends, ()) if start and ends else ()), budget, forced
 
 
