@@ -6,8 +6,6 @@ llama-server does, so that clients (and llama.cpp's test harness) can poll /heal
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -233,27 +231,6 @@ def package_version() -> str:
         return "(not installed)"
 
 
-MMAP_THRESHOLD = 4 << 20   # bytes: blocks this big get their own mapping (glibc mallopt)
-M_MMAP_THRESHOLD = -3      # glibc's mallopt parameter number
-
-
-def return_freed_memory() -> None:
-    """Make freed prompt-cache states leave the process (glibc only; elsewhere nothing).
-
-    glibc serves a large block from its own mmap, returned to the system when freed, but it
-    raises that threshold (up to 32 MB) each time such a block is freed. Saved slot states are
-    a few MB each, so after the first evictions they come from the heap, whose freed holes stay
-    in RSS: it then rises and falls by a hundred MB as the cache turns over. A fixed threshold
-    keeps every state above 4 MB in a mapping of its own; the forward pass's arrays are smaller."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except OSError:
-        pass
-
-
 def template_kwargs(args) -> dict:
     """The variables every chat template render gets by default: --chat-template-kwargs and
     --reasoning-effort (enable_thinking's default comes with the template: build_context)."""
@@ -408,7 +385,6 @@ def main(argv=None) -> int:
     for name in ignored_given(args):
         print(f"numllama-server: {name} has no effect in numllama (accepted as llama-server accepts it)",
               file=sys.stderr)
-    return_freed_memory()
 
     if not args.model and not args.hf_repo and not args.smollm2_default:
         return serve_router(args, argv if argv is not None else sys.argv[1:], mcp_configs)
