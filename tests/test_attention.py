@@ -154,3 +154,36 @@ def test_attention_equals_ggml_order(head_dim, window, q_scaled, path):
                     positions[t] + 1, scale, window)
             want = tiled_twin(*args) if path == "tiled" else split_twin(*args, 48) if path == "split" else twin(*args)
             np.testing.assert_array_equal(out[t, h * head_dim:(h + 1) * head_dim], want, err_msg=f"t={t} h={h}")
+
+
+@pytest.mark.parametrize("head_dim,window,n_head,n_head_kv", [(64, 0, 4, 2), (48, 0, 6, 2), (64, 40, 4, 1),
+                                                                (80, 0, 4, 4)])
+def test_tiled_blocks_equal_each_token_alone(head_dim, window, n_head, n_head_kv):
+    """The tiled path attends runs of consecutive tokens of a sequence together (TILED_BLOCK),
+    widening each tile's cells once for all of them: every token's result is still the one it
+    gets alone (which test_attention_equals_ggml_order checks against ggml's order). A batch of
+    two sequences, runs longer than a block, a non-tiled token between them."""
+    rng = np.random.default_rng(7 + head_dim + window)
+    n_ctx = 200
+    hp = HParams("llama", 32, n_ctx, n_head * head_dim, 1, n_head, n_head_kv, 8, head_dim, head_dim,
+                 10000.0, 1.0, 1e-5)
+    cache = KVCache(hp, n_seq=2, n_ctx=n_ctx)
+    for seq in range(2):
+        k = rng.standard_normal((n_ctx, n_head_kv * head_dim)).astype(f32)
+        v = rng.standard_normal((n_ctx, n_head_kv * head_dim)).astype(f32)
+        cache.store(0, np.full(n_ctx, seq, np.int32), np.arange(n_ctx, dtype=np.int32), k, v)
+    seq_ids = np.array([0] * 19 + [1] * 11 + [0] + [1] * 3, np.int32)
+    positions = np.concatenate([np.arange(50, 69), np.arange(120, 131), [190], np.arange(180, 183)]).astype(np.int32)
+    tiled = np.ones(len(seq_ids), bool)
+    tiled[30] = False
+    n = len(seq_ids)
+    q = (rng.standard_normal((n, n_head * head_dim)) * 2).astype(f32)
+    scale = f32(1.0) / f32(math.sqrt(f32(head_dim)))
+    out = np.empty_like(q)
+    attention(q, cache.k[0], cache.v[0], seq_ids, positions, n_head, n_head_kv, head_dim, scale, window, tiled,
+              np.zeros(n, np.int32), out)
+    for t in range(n):
+        alone = np.empty((1, q.shape[1]), f32)
+        attention(q[t:t + 1], cache.k[0], cache.v[0], seq_ids[t:t + 1], positions[t:t + 1], n_head, n_head_kv,
+                  head_dim, scale, window, tiled[t:t + 1], np.zeros(1, np.int32), alone)
+        np.testing.assert_array_equal(out[t], alone[0], err_msg=f"t={t}")
