@@ -278,12 +278,24 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
             block_lo[n_blocks] = t
             block_hi[n_blocks] = t + 1
             n_blocks += 1
-    n_block_jobs = n_blocks * n_head_kv
-    n_jobs = n_block_jobs + n_plain * n_head
     # jobs are dealt round-robin to a few parts, each with its scratch arrays allocated once: a
     # prompt pass has thousands of small jobs, and the causal mask makes later tokens' jobs
     # longer, which round-robin spreads evenly over the threads
-    n_parts = min(n_jobs, ATTENTION_PARTS)
+    n_block_jobs = n_blocks * n_head_kv
+    n_parts = min(n_block_jobs, ATTENTION_PARTS)
+    for part in prange(n_parts):   # (no parallel region is started for 0 parts)
+        keys_f32 = np.empty((head_dim, FA_TILE_KV), np.float32)
+        values_f32 = np.empty((FA_TILE_KV, head_dim), np.float32)
+        block_acc = np.empty((TILED_BLOCK * group, head_dim), np.float32)
+        block_m = np.empty(TILED_BLOCK * group, np.float32)
+        block_total = np.empty(TILED_BLOCK * group, np.float32)
+        scores = np.empty(FA_TILE_KV, np.float32)
+        for job in range(part, n_block_jobs, n_parts):
+            b = job // n_head_kv
+            _attend_tiled(q, k_cache, v_cache, seq_ids, positions, block_lo[b], block_hi[b], job % n_head_kv, group,
+                          head_dim, scale, window, out, keys_f32, values_f32, block_acc, block_m, block_total, scores)
+    n_plain_jobs = n_plain * n_head
+    n_parts = min(n_plain_jobs, ATTENTION_PARTS)
     for part in prange(n_parts):
         qh = np.empty(head_dim, np.float32)
         acc = np.empty(head_dim, np.float32)
@@ -293,22 +305,10 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
         all_vs = np.empty(max_kv, np.float32)
         lanes = np.empty((32, KEY_CHUNK), np.float32)
         wide = np.empty(KEY_CHUNK, np.float64)
-        keys_f32 = np.empty((head_dim, FA_TILE_KV), np.float32)
-        values_f32 = np.empty((FA_TILE_KV, head_dim), np.float32)
-        block_acc = np.empty((TILED_BLOCK * group, head_dim), np.float32)
-        block_m = np.empty(TILED_BLOCK * group, np.float32)
-        block_total = np.empty(TILED_BLOCK * group, np.float32)
-        for job in range(part, n_jobs, n_parts):
-            if job < n_block_jobs:
-                b = job // n_head_kv
-                _attend_tiled(q, k_cache, v_cache, seq_ids, positions, block_lo[b], block_hi[b],
-                              job % n_head_kv, group, head_dim, scale, window, out, keys_f32, values_f32,
-                              block_acc, block_m, block_total, all_scores)
-            else:
-                t = plain[(job - n_block_jobs) // n_head]
-                h = (job - n_block_jobs) % n_head
-                _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, kv_chunk[t],
-                        out, qh, acc, partial, all_scores, all_ms, all_vs, lanes, wide)
+        for job in range(part, n_plain_jobs, n_parts):
+            t = plain[job // n_head]
+            _attend(q, k_cache, v_cache, seq_ids, positions, t, job % n_head, group, head_dim, scale, window,
+                    kv_chunk[t], out, qh, acc, partial, all_scores, all_ms, all_vs, lanes, wide)
 
 
 # (_attend, _attend_range and _attend_tiled are compiled as functions of their own, not inlined
