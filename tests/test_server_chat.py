@@ -30,10 +30,19 @@ def test_apply_template_chatml(server):
     assert b["prompt"] == "<|im_start|>system\nBook<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_prefill_continues_assistant(server):
-    b = server.post("/chat/completions", {"max_tokens": 4, "verbose": True,
-                                          "messages": BOOK + [{"role": "assistant", "content": "Whill"}]}).json()
-    assert b["__verbose"]["prompt"].endswith("<|im_start|>assistant\nWhill")
+def test_prefill_continues_assistant(server, stories_path):
+    """With Jinja a final assistant message is continued: the template's generation prompt,
+    then its text. (The `server` fixture runs --no-jinja, where llama-server's legacy path
+    writes the message whole, end marker and all: tests/test_legacy_chat.py.)"""
+    msgs = BOOK + [{"role": "assistant", "content": "Whill"}]
+    b = server.post("/chat/completions", {"max_tokens": 4, "verbose": True, "messages": msgs}).json()
+    assert b["__verbose"]["prompt"].endswith("<|im_start|>assistant\nWhill<|im_end|>\n")
+    s = Server(["-c", "256", "--jinja"], model=stories_path)
+    try:
+        b = s.post("/chat/completions", {"max_tokens": 4, "verbose": True, "messages": msgs}).json()
+        assert b["__verbose"]["prompt"].endswith("<|im_start|>assistant\nWhill")
+    finally:
+        s.stop()
 
 
 def test_openai_client_plain_and_stream(server):
@@ -104,8 +113,9 @@ def test_named_template_and_sandbox(stories_path):
     finally:
         s.stop()
     # a template cannot reach Python internals: the sandbox refuses, the request gets a 400
+    # (with Jinja: without it, llama.cpp's legacy path refuses a template it does not know at start)
     evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
-    s = Server(TINYLLAMA2 + ["--chat-template", evil], model=stories_path)
+    s = Server(TINYLLAMA2 + ["--jinja", "--chat-template", evil], model=stories_path)
     try:
         r = s.post("/apply-template", {"messages": BOOK})
         assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]

@@ -138,6 +138,51 @@ def test_no_jinja_reads_no_reasoning_block(stories_path):
             s.stop()
 
 
+def test_no_jinja_writes_llama_cpps_legacy_formats(stories_path, tmp_path):
+    """--no-jinja: llama.cpp's hand-written format for the template (engine.legacy_chat, compared
+    with llama-server in tests/test_legacy_chat.py). Llama 3.3's template is written as its
+    "llama3" format (contents trimmed, a continued turn closed, no generation prompt); a template
+    no format fits is refused at start with llama.cpp's words; a model whose own template fits
+    none fails each chat request (500, as llama-server) and the server goes on."""
+    import subprocess
+    import sys
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+    from server_util import Server, free_port
+    templates = os.path.join(os.path.dirname(__file__), "data", "templates")
+    llama3 = os.path.join(templates, "meta-llama-Llama-3.3-70B-Instruct.jinja")
+    s = Server(["-c", "256", "--no-jinja", "--chat-template-file", llama3], model=stories_path)
+    try:
+        msgs = [{"role": "user", "content": " hi "}, {"role": "assistant", "content": "ok"}]
+        assert s.post("/apply-template", {"messages": msgs}).json()["prompt"] == (
+            "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nok<|eot_id|>")
+        r = s.post("/v1/chat/completions", {"messages": msgs[:1], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 0
+    finally:
+        s.stop()
+    unknown = os.path.join(templates, "no-system-role.jinja")
+    proc = subprocess.run([sys.executable, "-m", "numllama.webapp.server", "-m", stories_path, "--port",
+                           str(free_port()), "--host", "127.0.0.1", "--no-jinja", "--chat-template-file", unknown],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "the supplied chat template is not supported" in proc.stderr
+    # the same template as the model's own: accepted at start, each chat request refused
+    model = str(tmp_path / "unknown-template.gguf")
+    reader = gguf.GGUFReader(stories_path, "r")
+    writer = gguf.GGUFWriter(model, arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents(),
+                             endianess=reader.endianess)
+    copy_with_new_metadata(reader, writer, {gguf.Keys.Tokenizer.CHAT_TEMPLATE: MetadataDetails(
+        gguf.GGUFValueType.STRING, open(unknown).read())}, [])
+    s = Server(["-c", "256", "--no-jinja"], model=model)
+    try:
+        r = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 500
+        assert r.json()["error"]["message"] == "this custom template is not supported, try using --jinja"
+        assert s.post("/completion", {"prompt": "Once", "n_predict": 2}).status_code == 200
+    finally:
+        s.stop()
+
+
 def test_undefined_variables_concatenate_as_llama_cpp_does():
     from numllama.engine.chat_template import ChatTemplate
     t = ChatTemplate("{{ 'a' + functions }}|{{ functions + 'b' }}|{{ functions | default('z') }}")

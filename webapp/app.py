@@ -31,6 +31,7 @@ class ServerContext:
     api_keys: tuple = ()           # --api-key (comma-separated) and --api-key-file: any one is accepted
     chat_template: object = None   # engine.chat_template.ChatTemplate
     jinja: bool = True             # --jinja: llama-server's chat parser (off: its legacy chat path)
+    legacy_format: str | None = None   # --no-jinja: the template's engine.legacy_chat format (None: none fits)
     spm_infill: bool = False       # --spm-infill: /infill puts the suffix before the prefix
     embedding: bool = False        # --embeddings (--reranking): the embedding and rerank routes answer
     embd_normalize: int = 2        # --embd-normalize: how pooled embeddings are normalized (engine.pooling)

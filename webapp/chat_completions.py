@@ -9,6 +9,7 @@ from flask import Blueprint, Response, current_app
 
 from ..engine.chat_template import (ChatTemplateError, preserve_reasoning_variables,
                                     reasoning_effort_variables)
+from ..engine import legacy_chat
 from ..engine.json_schema import chat_response_format_grammar
 from ..engine.slots import ErrorEvent, FinalEvent, ProgressEvent, Task, TokenEvent
 from ..engine.grammar import GrammarError
@@ -138,6 +139,8 @@ def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
             raise APIError("tool_choice param requires --jinja flag")
     if prefill and messages[-1].get("tool_calls"):
         raise APIError("Cannot continue an assistant message that contains tool calls.")
+    if not ctx.jinja:
+        return _legacy_prompt(body["messages"], add_gen and not prefill)
     tmpl, reasoning = ctx.chat_template, ctx.reasoning_format
     shown = tools or None   # as the template gets them: an empty list is no tools
     try:
@@ -164,6 +167,17 @@ def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
     except ChatTemplateError as e:
         raise APIError(str(e))
     return RenderedChat(prompt, tools, gp, gp)
+
+
+def _legacy_prompt(messages: list, add_generation_prompt: bool) -> RenderedChat:
+    """--no-jinja: llama.cpp's hand-written format for the template (engine.legacy_chat), with
+    roles and contents only. A continued assistant turn is written whole, without a generation
+    prompt, as llama-server's legacy path writes it."""
+    ctx = current_app.config["NUMLLAMA"]
+    if ctx.legacy_format is None:
+        raise APIError(legacy_chat.NOT_SUPPORTED, 500)
+    prompt = legacy_chat.format_chat(ctx.legacy_format, legacy_chat.conversation(messages), add_generation_prompt)
+    return RenderedChat(prompt, [], "", "")
 
 
 def _tools(body: dict) -> list:

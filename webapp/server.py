@@ -360,6 +360,18 @@ def main(argv=None) -> int:
         args.api_keys = api_keys(args)
     except OSError as e:
         ap.error(f"--api-key-file: {e}")
+    if not args.jinja:   # llama.cpp's legacy formats only: a template given that none fits is refused
+        from ..engine import legacy_chat
+        given = args.chat_template
+        if args.chat_template_file:
+            try:
+                with open(args.chat_template_file, encoding="utf-8") as f:
+                    given = f.read()
+            except OSError as e:
+                ap.error(f"--chat-template-file: {e}")
+        if given and legacy_chat.detect(given) is None:
+            ap.error(f"the supplied chat template is not supported: {given}\nnote: llama.cpp was started "
+                     f"without --jinja, we only support commonly used templates")
     if args.tools_runtime:   # an isolation the user asked for must never silently not happen
         ap.error("--tools-runtime: numllama runs tools on this machine only, it cannot run them in "
                  "a container or over ssh; drop the option to run them here")
@@ -567,8 +579,11 @@ def build_context(args, path: str, metrics=None):
                                  bos_token=tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
                                  eos_token=tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "",
                                  add_bos=engine.gguf.vocab.add_bos, add_eos=engine.gguf.vocab.add_eos)
+    from ..engine import legacy_chat
     from ..engine.chat_format import analyze_template
     chat_format = analyze_template(chat_template)
+    # --no-jinja: the legacy format of the template (llama.cpp reads a missing one as ChatML)
+    legacy_format = None if args.jinja else legacy_chat.detect(template or engine.gguf.vocab.chat_template or "chatml")
     tool_format, reasoning, tool_format_error = chat_format.tool_format, chat_format.reasoning, chat_format.tool_format_error
     aliases = [a for a in (args.alias or "").split(",") if a]
     seed = RANDOM_SEED if args.seed < 0 else args.seed
@@ -577,7 +592,7 @@ def build_context(args, path: str, metrics=None):
         defaults=ServerDefaults(sampling=sampling_defaults(args, seed), n_predict=args.n_predict),
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
-        enable_metrics=args.metrics, chat_template=chat_template, jinja=args.jinja, spm_infill=args.spm_infill, verbose=args.verbose,
+        enable_metrics=args.metrics, chat_template=chat_template, jinja=args.jinja, legacy_format=legacy_format, spm_infill=args.spm_infill, verbose=args.verbose,
         embedding=embedding, embd_normalize=args.embd_normalize,
         speculative="draft-simple" if drafter else "none", loras=loras, lora_scales=lora_scales,
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
