@@ -75,6 +75,15 @@ class ReasoningBudget:
         if self.remaining <= 0:
             self.state, self.force_pos = FORCING, 0
 
+    def force(self) -> bool:
+        """Close the block now, at another's request (llama-server's control action
+        reasoning_end, common_reasoning_budget_force): only a block being counted is closed;
+        whether it was."""
+        if self.state != COUNTING:
+            return False
+        self.state, self.force_pos, self.seen = FORCING, 0, []
+        return True
+
     def accept(self, token: int) -> tuple:
         """Take one token. Returns the end tag's tokens when it closed a block."""
         if self.state in (IDLE, DONE):

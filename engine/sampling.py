@@ -94,6 +94,7 @@ class SamplingParams:
     reasoning_tags: tuple = ()        # (start ids, (end ids, ...), prompt ids): a lazy grammar sleeps in <think>
     reasoning_budget: int = -1        # tokens a reasoning block may take (-1: no limit)
     reasoning_forced: tuple = ()      # the ids that close a block whose budget is spent
+    reasoning_control: bool = False   # the block may be closed from outside (Scheduler.end_reasoning)
 
 
 @dataclass
@@ -396,7 +397,7 @@ class Sampler:
         self.budget = None
         lazy = params.grammar is not None and bool(params.grammar_triggers)
         start, ends, prompt = params.reasoning_tags or ((), (), ())
-        if start and ends and (lazy or params.reasoning_budget >= 0):
+        if start and ends and (lazy or params.reasoning_budget >= 0 or params.reasoning_control):
             from .reasoning_budget import ReasoningBudget, utf8_is_complete
             whole = (lambda t: utf8_is_complete(token_piece(t, False))) if token_piece is not None else None
             self.budget = ReasoningBudget(start, ends, prompt, params.reasoning_budget, params.reasoning_forced, whole)

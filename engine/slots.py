@@ -67,6 +67,8 @@ class Task:
     lora: tuple = ()
     events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    completion_id: str = ""              # the API's id of the request ("chatcmpl-..."): Scheduler.end_reasoning
+    end_reasoning: threading.Event = field(default_factory=threading.Event)   # asked: close the reasoning block
     id: int = 0
 
     def outcome(self, timeout: float | None = None):
@@ -510,6 +512,21 @@ class Scheduler:
                 prompt_cache_hits=cache.hits if cache else 0)
 
     # ---------------------------------------------------------------- slot state files
+    def end_reasoning(self, completion_id: str) -> str | None:
+        """llama-server's control action reasoning_end on the request with this completion id,
+        in a slot now: its reasoning block, if the model is in one, is closed before its next
+        token (the budget message and end tag are forced, as when a budget is spent). None when
+        asked, else why not (llama-server's words)."""
+        with self.lock:
+            slot = next((s for s in self.slots if s.busy and completion_id and s.task.completion_id == completion_id),
+                        None)
+            if slot is None:
+                return "no active completion for this id"
+            if not slot.task.params.reasoning_control:
+                return "reasoning control not enabled for this completion"
+            slot.task.end_reasoning.set()
+            return None
+
     def _idle_slot(self, slot_id: int) -> Slot:
         slot = self.slots[slot_id]
         if slot.busy:
@@ -860,6 +877,10 @@ class Scheduler:
         ends inside a character is, as in llama-server, neither sent nor reported (n_probs), and
         no stop string is looked for until the character is complete."""
         task = s.task
+        if task.end_reasoning.is_set():   # (asked from another thread: applied between tokens)
+            task.end_reasoning.clear()
+            if s.sampler.budget is not None:
+                s.sampler.budget.force()
         token = s.sampler.sample(logits)
         s.sampler.accept(token)
         s.generated.append(token)

@@ -135,3 +135,49 @@ def test_progress_events(stories_path):
         assert all(b["processed"] > a["processed"] for a, b in zip(prog, prog[1:]))
     finally:
         s.stop()
+
+
+def test_reasoning_control_ends_the_block_from_another_request(smollm_path):
+    """llama-server's control route: a streamed chat armed with "reasoning_control": true has its
+    <think> block closed by POST /v1/chat/completions/control {"id", "action": "reasoning_end"}
+    while it generates: the budget message and the end tag are forced, then the answer goes on.
+    Refusals in llama-server's words: a request not armed, an id no slot is serving (200 with
+    success false), a missing id or an unknown action (400)."""
+    import json
+    import os
+    import requests
+    # (its generation prompt opens the block, and SmolLM2 does not close it by itself)
+    template = os.path.join(os.path.dirname(__file__), "data", "templates", "Qwen3.5-4B.jinja")
+    s = Server(["-c", "1024", "--chat-template-file", template], model=smollm_path)
+
+    def run(armed: bool):
+        body = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 200, "temperature": 0,
+                "stream": True, "reasoning_control": armed, "reasoning_budget_message": " ok"}
+        reasoning, content, answer = "", "", None
+        with requests.post(s.url + "/v1/chat/completions", json=body, stream=True, timeout=120) as r:
+            for line in r.iter_lines():
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if answer is None:   # the request runs: ask for its block to end
+                    answer = s.post("/v1/chat/completions/control", {"id": chunk["id"], "action": "reasoning_end"})
+                delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+                reasoning += delta.get("reasoning_content") or ""
+                content += delta.get("content") or ""
+        return answer, reasoning, content
+    try:
+        answer, reasoning, content = run(True)
+        assert answer.status_code == 200 and answer.json() == {"success": True}
+        # closed with the message (and the template's end tag, which starts with a newline), then the answer
+        assert reasoning.rstrip().endswith("ok") and content, (reasoning, content)
+        answer, reasoning, content = run(False)
+        assert answer.json() == {"success": False, "message": "reasoning control not enabled for this completion"}
+        assert not reasoning.rstrip().endswith("ok") and not content   # (200 tokens of reasoning, never closed)
+        r = s.post("/v1/chat/completions/control", {"id": "chatcmpl-none", "action": "reasoning_end"})
+        assert r.json() == {"success": False, "message": "no active completion for this id"}
+        r = s.post("/v1/chat/completions/control", {"action": "reasoning_end"})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "missing completion id"
+        r = s.post("/v1/chat/completions/control", {"id": "x", "action": "pause"})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "unknown control action"
+    finally:
+        s.stop()

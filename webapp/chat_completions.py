@@ -317,7 +317,9 @@ def _reasoning_budget(body: dict, out: dict, chat: RenderedChat) -> None:
     if not isinstance(message, str):   # (a value of another type: the default, as json_value does)
         message = ctx.reasoning_budget_message
     reasoning = ctx.reasoning_format
-    if budget < 0 or reasoning is None or not reasoning.start_tag or not reasoning.end_tag:
+    # (reasoning_control arms the sampler without a budget: the block may be closed from outside)
+    if (budget < 0 and not get_bool(body, "reasoning_control", False)) or reasoning is None \
+            or not reasoning.start_tag or not reasoning.end_tag:
         return
     out.setdefault("_reasoning_tags", _reasoning_tags(reasoning, chat))
     out["_reasoning_budget"] = (budget, reasoning_budget_forced(message, _ids(reasoning.gate_end_tags[0]), _ids))
@@ -698,6 +700,22 @@ def count_input_tokens(body: dict) -> int:
     ctx = current_app.config["NUMLLAMA"]
     check_tokenizable([prompt], ctx)
     return len(ctx.engine.tokenizer.encode(prompt, add_special=True))
+
+
+@bp.post("/v1/chat/completions/control")
+def control():
+    """llama-server's control route: {"id": a running completion's id, "action": "reasoning_end"}
+    closes that request's reasoning block now (the request must have asked for it with
+    "reasoning_control": true). {"success": true}, or false with llama-server's reason."""
+    body = request_json()
+    completion_id, action = body.get("id"), body.get("action")
+    if not isinstance(completion_id, str) or not completion_id:
+        raise APIError("missing completion id")
+    if action != "reasoning_end":
+        raise APIError("unknown control action")
+    scheduler = current_app.config["NUMLLAMA"].scheduler
+    refused = scheduler.end_reasoning(completion_id) if scheduler is not None else "no active completion for this id"
+    return json_response({"success": False, "message": refused} if refused else {"success": True})
 
 
 @bp.post("/chat/completions/input_tokens")

@@ -127,7 +127,7 @@ class Completion:
                       n_probs=self.n_probs, post_sampling_probs=self.post_sampling, ignore_eos=self.ignore_eos,
                       cache_prompt=self.cache_prompt, id_slot=self.id_slot, t_max_predict_ms=self.t_max,
                       index=i, return_progress=self.return_progress, n_keep=self.n_keep,
-                      n_discard=self.n_discard, lora=self.lora)
+                      n_discard=self.n_discard, lora=self.lora, completion_id=self.id)
                  for i, p in enumerate(self.prompts)]
         return submit_tasks(self.ctx, tasks)
 

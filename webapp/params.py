@@ -242,6 +242,7 @@ def sampling_params(body: dict, defaults: ServerDefaults, tokenizer, ignore_eos:
         reasoning_tags=reasoning_tags,
         reasoning_budget=reasoning_budget,
         reasoning_forced=reasoning_forced,
+        reasoning_control=get_bool(body, "reasoning_control", False),
     )
 
 
