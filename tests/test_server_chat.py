@@ -91,7 +91,7 @@ def test_n_choices_and_input_tokens(server):
     ({"messages": BOOK, "functions": [{"name": "f"}]}, "not supported"),
     ({"messages": BOOK + [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]}, "assistant"),
     ({"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": True,
-      "continue_final_message": True}, "continue_final_message"),
+      "continue_final_message": True}, "continue_final_message to true"),
 ])
 def test_bad_chat_requests_are_400(server, body, text):
     r = server.post("/chat/completions", body)
@@ -179,5 +179,40 @@ def test_reasoning_control_ends_the_block_from_another_request(smollm_path):
         assert r.status_code == 400 and r.json()["error"]["message"] == "missing completion id"
         r = s.post("/v1/chat/completions/control", {"id": "x", "action": "pause"})
         assert r.status_code == 400 and r.json()["error"]["message"] == "unknown control action"
+    finally:
+        s.stop()
+
+
+CONTINUED = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel", "reasoning_content": "think"}]
+THOUGHT_ONLY = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "reasoning_content": "think"}]
+
+
+@pytest.mark.parametrize("template,messages,fields,status,want", [
+    # (llama-server's answers, AVX2 build, 2026-12-02)
+    ("Qwen3.5-4B.jinja", CONTINUED, {"continue_final_message": "reasoning_content", "add_generation_prompt": False},
+     200, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nthink"),
+    ("Qwen3.5-4B.jinja", THOUGHT_ONLY, {}, 200, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nthink"),
+    ("Qwen3.5-4B.jinja", THOUGHT_ONLY, {"continue_final_message": "content", "add_generation_prompt": False},
+     200, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nthink\n</think>\n\n"),
+    ("Qwen3.5-4B.jinja", CONTINUED, {"continue_final_message": True}, 400,
+     "Cannot set both add_generation_prompt and continue_final_message to true."),
+    ("Qwen3.5-4B.jinja", CONTINUED, {"continue_final_message": "bogus", "add_generation_prompt": False}, 200,
+     "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nthink\n</think>\n\nHel"),
+    # the history without a generation prompt, then what the generation prompt adds (the part
+    # after the common prefix): Phi-3.5 ends a conversation without one with its end of text
+    ("microsoft-Phi-3.5-mini-instruct.jinja", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}],
+     {}, 200, "<|user|>\nHi<|end|>\n</s>|assistant|>\nHel"),
+])
+def test_continuations_as_llama_server(stories_path, template, messages, fields, status, want):
+    """continue_final_message as llama-server reads it: true (the message decides), the modes
+    "reasoning_content" (the block stays open, no content) and "content", anything else none;
+    an explicit continuation needs add_generation_prompt false."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "data", "templates", template)
+    s = Server(["-c", "256", "--chat-template-file", path], model=stories_path)
+    try:
+        r = s.post("/apply-template", {"messages": messages, **fields})
+        assert r.status_code == status
+        assert (r.json()["prompt"] if status == 200 else r.json()["error"]["message"]) == want
     finally:
         s.stop()

@@ -79,8 +79,6 @@ def _messages(body: dict) -> list[dict]:
         elif not isinstance(content, str):
             raise APIError("'content' must be a string or an array of text parts")
         out.append({**m, "content": content})
-    if len(out) >= 2 and out[-1]["role"] == "assistant" and out[-2]["role"] == "assistant":
-        raise APIError("Cannot have 2 or more assistant messages at the end of the list.")
     return out
 
 
@@ -126,11 +124,16 @@ def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
     messages = _messages(body)
     add_gen = get_bool(body, "add_generation_prompt", True)
     kwargs = _template_kwargs(body, ctx.template_kwargs)
-    continue_final = get_bool(body, "continue_final_message", False)
-    if continue_final and body.get("add_generation_prompt") is True:
-        raise APIError("Cannot have both add_generation_prompt and continue_final_message")
+    last_given = body["messages"][-1] if messages else None
+    continuation = _continuation(body.get("continue_final_message"), last_given)
+    if continuation is not None and add_gen:   # (add_generation_prompt is true unless the request says false)
+        raise APIError("Cannot set both add_generation_prompt and continue_final_message to true.")
+    if continuation is None and messages and messages[-1]["role"] == "assistant":   # llama-server's prefill
+        if len(messages) >= 2 and messages[-2]["role"] == "assistant":
+            raise APIError("Cannot have 2 or more assistant messages at the end of the list.")
+        continuation = _continuation(True, last_given)
     # (no messages at all is allowed, as llama-server allows it: the template renders what it will)
-    prefill = bool(messages) and (messages[-1]["role"] == "assistant" or continue_final)
+    prefill = bool(messages) and continuation is not None
     tools = _tools(body)
     if not ctx.jinja:   # (llama-server answers these 500; they are the request's to fix)
         if tools:
@@ -152,21 +155,41 @@ def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
             gp = generation_prompt(tmpl, history, extra=kwargs, tools=shown)
         if prefill:
             last = messages[-1]
+            content = last["content"] if continuation == "content" else ""   # (not written when continuing reasoning)
             if reasoning is not None and reasoning.start:
-                thought = last.get("reasoning_content") or ""
-                answer = reasoning.head(gp) + reasoning.start + thought
-                if last["content"] or not thought:
-                    answer += reasoning.end + last["content"]
+                answer = reasoning.head(gp) + reasoning.start + (last.get("reasoning_content") or "")
+                if continuation == "content":
+                    answer += reasoning.end + content
                 prompt = tmpl.render(history, add_generation_prompt=False, extra=kwargs, tools=shown) + answer
                 return RenderedChat(prompt, tools, gp, answer)
-            # (a parser written for the template may render a continued turn with a lead: Functionary's "all\n")
-            answer = getattr(ctx.tool_format, "content_lead", "") + last["content"]
-            prompt = tmpl.render(history, add_generation_prompt=True, extra=kwargs, tools=shown) + answer
+            # (a parser written for the template may render a continued turn with a lead, and
+            # its content whatever the mode: Functionary's "all\n")
+            lead = getattr(ctx.tool_format, "content_lead", "")
+            answer = lead + (last["content"] if lead else content)
+            # the history, then what the generation prompt adds to it (a template that writes
+            # something else when it has no generation prompt keeps it: Phi-3.5's end of text)
+            head = gp or generation_prompt(tmpl, history, extra=kwargs, tools=shown)
+            prompt = tmpl.render(history, add_generation_prompt=False, extra=kwargs, tools=shown) + head + answer
             return RenderedChat(prompt, tools, gp, gp + answer)
         prompt = tmpl.render(messages, add_generation_prompt=add_gen, extra=kwargs, tools=shown)
     except ChatTemplateError as e:
         raise APIError(str(e))
     return RenderedChat(prompt, tools, gp, gp)
+
+
+CONTINUATIONS = {"reasoning_content": "reasoning", "content": "content"}
+
+
+def _continuation(value, last: dict | None) -> str | None:
+    """How the last message (as the request gave it) is continued, by continue_final_message's
+    value (common_chat_continuation_parse): true lets the message decide ("reasoning" when it
+    holds reasoning_content and no content, else "content"), "reasoning_content" and "content"
+    say it, anything else is no continuation (None). "reasoning" leaves the reasoning block
+    open and writes no content."""
+    if value is True:
+        thought, content = (last.get("reasoning_content"), last.get("content")) if last else (None, None)
+        return "reasoning" if isinstance(thought, str) and thought and not content else "content"
+    return CONTINUATIONS.get(value) if isinstance(value, str) else None
 
 
 def _legacy_prompt(messages: list, add_generation_prompt: bool) -> RenderedChat:
