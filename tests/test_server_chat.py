@@ -216,3 +216,24 @@ def test_continuations_as_llama_server(stories_path, template, messages, fields,
         assert (r.json()["prompt"] if status == 200 else r.json()["error"]["message"]) == want
     finally:
         s.stop()
+
+
+def test_no_prefill_assistant(stories_path):
+    """--no-prefill-assistant: a final assistant message is a whole turn, and the generation
+    prompt follows (two at the end are allowed then); an explicit continue_final_message still
+    continues. llama-server's answers (AVX2 build, 2026-12-02), Qwen 3.5's template."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "data", "templates", "Qwen3.5-4B.jinja")
+    s = Server(["-c", "256", "--chat-template-file", path, "--no-prefill-assistant"], model=stories_path)
+    try:
+        assert s.post("/apply-template", {"messages": CONTINUED}).json()["prompt"] == (
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nthink\n</think>\n\nHel<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\n")
+        two = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"},
+               {"role": "assistant", "content": "b"}]
+        assert s.post("/apply-template", {"messages": two}).status_code == 200
+        r = s.post("/apply-template", {"messages": CONTINUED[:1] + [{"role": "assistant", "content": "Hel"}],
+                                       "continue_final_message": True, "add_generation_prompt": False})
+        assert r.json()["prompt"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nHel"
+    finally:
+        s.stop()

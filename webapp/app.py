@@ -32,6 +32,7 @@ class ServerContext:
     chat_template: object = None   # engine.chat_template.ChatTemplate
     jinja: bool = True             # --jinja: llama-server's chat parser (off: its legacy chat path)
     legacy_format: str | None = None   # --no-jinja: the template's engine.legacy_chat format (None: none fits)
+    prefill_assistant: bool = True     # a final assistant message is continued (--no-prefill-assistant: not)
     spm_infill: bool = False       # --spm-infill: /infill puts the suffix before the prefix
     embedding: bool = False        # --embeddings (--reranking): the embedding and rerank routes answer
     embd_normalize: int = 2        # --embd-normalize: how pooled embeddings are normalized (engine.pooling)

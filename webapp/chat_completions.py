@@ -128,7 +128,8 @@ def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
     continuation = _continuation(body.get("continue_final_message"), last_given)
     if continuation is not None and add_gen:   # (add_generation_prompt is true unless the request says false)
         raise APIError("Cannot set both add_generation_prompt and continue_final_message to true.")
-    if continuation is None and messages and messages[-1]["role"] == "assistant":   # llama-server's prefill
+    if continuation is None and ctx.prefill_assistant and messages and messages[-1]["role"] == "assistant":
+        # llama-server's prefill: a final assistant message is continued
         if len(messages) >= 2 and messages[-2]["role"] == "assistant":
             raise APIError("Cannot have 2 or more assistant messages at the end of the list.")
         continuation = _continuation(True, last_given)

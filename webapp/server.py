@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("-nocb", "--no-cont-batching", dest="cont_batching", action="store_false")
     a("--jinja", dest="jinja", action="store_true", default=True)
     a("--no-jinja", dest="jinja", action="store_false")
+    a("--prefill-assistant", dest="prefill_assistant", action="store_true", default=True,
+      help="continue a final assistant message (the default); with --no-prefill-assistant it is a whole turn")
+    a("--no-prefill-assistant", dest="prefill_assistant", action="store_false")
     a("--context-shift", dest="context_shift", action="store_true", default=False,
       help="when a slot's context is full, drop old tokens instead of stopping")
     a("--no-context-shift", dest="context_shift", action="store_false")
@@ -592,7 +595,8 @@ def build_context(args, path: str, metrics=None):
         defaults=ServerDefaults(sampling=sampling_defaults(args, seed), n_predict=args.n_predict),
         n_ctx_slot=n_ctx_slot, model_alias=sorted(aliases)[0] if aliases else path, model_path=path,
         aliases=aliases, tags=[t for t in args.tags.split(",") if t], enable_slots=args.slots,
-        enable_metrics=args.metrics, chat_template=chat_template, jinja=args.jinja, legacy_format=legacy_format, spm_infill=args.spm_infill, verbose=args.verbose,
+        enable_metrics=args.metrics, chat_template=chat_template, jinja=args.jinja, legacy_format=legacy_format,
+        prefill_assistant=args.prefill_assistant, spm_infill=args.spm_infill, verbose=args.verbose,
         embedding=embedding, embd_normalize=args.embd_normalize,
         speculative="draft-simple" if drafter else "none", loras=loras, lora_scales=lora_scales,
         tool_format=tool_format, tool_format_error=tool_format_error, reasoning_format=reasoning,
