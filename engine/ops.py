@@ -183,7 +183,6 @@ def split_kv_chunk(position: int, kv_size: int, n_threads: int) -> int:
 
 
 ATTENTION_PARTS = 64   # at most this many scratch sets per call (see attention)
-TILED_BLOCK = 8        # tiled tokens of one sequence attended together, sharing each tile's f16 -> f32 cells
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -257,45 +256,14 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     n_tokens = q.shape[0]
     group = n_head // n_head_kv
     scale = np.float32(scale)
+    n_jobs = n_tokens * n_head
     max_kv = 0
     for t in range(n_tokens):
         max_kv = max(max_kv, positions[t] + 1)
-    # tiled tokens go in blocks (runs of up to TILED_BLOCK consecutive tokens of one sequence),
-    # one job per block and KV head; the others one job per token and head
-    block_lo = np.empty(n_tokens, np.int64)
-    block_hi = np.empty(n_tokens, np.int64)
-    plain = np.empty(n_tokens, np.int64)
-    n_blocks = 0
-    n_plain = 0
-    for t in range(n_tokens):
-        if not tiled[t]:
-            plain[n_plain] = t
-            n_plain += 1
-        elif (n_blocks > 0 and block_hi[n_blocks - 1] == t and seq_ids[t] == seq_ids[t - 1]
-              and t - block_lo[n_blocks - 1] < TILED_BLOCK):
-            block_hi[n_blocks - 1] = t + 1
-        else:
-            block_lo[n_blocks] = t
-            block_hi[n_blocks] = t + 1
-            n_blocks += 1
-    # jobs are dealt round-robin to a few parts, each with its scratch arrays allocated once: a
-    # prompt pass has thousands of small jobs, and the causal mask makes later tokens' jobs
-    # longer, which round-robin spreads evenly over the threads
-    n_block_jobs = n_blocks * n_head_kv
-    n_parts = min(n_block_jobs, ATTENTION_PARTS)
-    for part in prange(n_parts):   # (no parallel region is started for 0 parts)
-        keys_f32 = np.empty((head_dim, FA_TILE_KV), np.float32)
-        values_f32 = np.empty((FA_TILE_KV, head_dim), np.float32)
-        block_acc = np.empty((TILED_BLOCK * group, head_dim), np.float32)
-        block_m = np.empty(TILED_BLOCK * group, np.float32)
-        block_total = np.empty(TILED_BLOCK * group, np.float32)
-        scores = np.empty(FA_TILE_KV, np.float32)
-        for job in range(part, n_block_jobs, n_parts):
-            b = job // n_head_kv
-            _attend_tiled(q, k_cache, v_cache, seq_ids, positions, block_lo[b], block_hi[b], job % n_head_kv, group,
-                          head_dim, scale, window, out, keys_f32, values_f32, block_acc, block_m, block_total, scores)
-    n_plain_jobs = n_plain * n_head
-    n_parts = min(n_plain_jobs, ATTENTION_PARTS)
+    # jobs (token, head) are dealt round-robin to a few parts, each with its scratch arrays
+    # allocated once: a prompt pass has thousands of small jobs, and the causal mask makes
+    # later tokens' jobs longer, which round-robin spreads evenly over the threads
+    n_parts = min(n_jobs, ATTENTION_PARTS)
     for part in prange(n_parts):
         qh = np.empty(head_dim, np.float32)
         acc = np.empty(head_dim, np.float32)
@@ -305,10 +273,15 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
         all_vs = np.empty(max_kv, np.float32)
         lanes = np.empty((32, KEY_CHUNK), np.float32)
         wide = np.empty(KEY_CHUNK, np.float64)
-        for job in range(part, n_plain_jobs, n_parts):
-            t = plain[job // n_head]
-            _attend(q, k_cache, v_cache, seq_ids, positions, t, job % n_head, group, head_dim, scale, window,
-                    kv_chunk[t], out, qh, acc, partial, all_scores, all_ms, all_vs, lanes, wide)
+        for job in range(part, n_jobs, n_parts):
+            t = job // n_head
+            h = job % n_head
+            if tiled[t]:
+                _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window,
+                              out, acc, all_scores)
+            else:
+                _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, kv_chunk[t],
+                        out, qh, acc, partial, all_scores, all_ms, all_vs, lanes, wide)
 
 
 # (_attend, _attend_range and _attend_tiled are compiled as functions of their own, not inlined
@@ -401,98 +374,63 @@ def _attend_range(qh, k_cache, v_cache, seq, kv_head, head_dim, scale, first, n_
 
 
 @njit(cache=True, nogil=True)
-def _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t0, t1, kv_head, group, head_dim, scale, window, out,
-                  keys_f32, values_f32, acc, ms, totals, scratch):
-    """Tokens t0 .. t1 - 1 (one sequence) over one KV head, for each of its `group` query
-    heads, as ggml_compute_forward_flash_attn_ext_tiled does it: q stays f32; the cache is taken
-    FA_TILE_KV cells at a time, and per tile every score is a plain chain of FMAs over head_dim
-    (simd_gemm), the running max M moves to the tile's max, the f32 accumulator and the sum S
-    are rescaled by expf(M_old - M), the tile's weights are ggml's vectorized exp, summed 8 at a
-    time (hsum order) into a double that S takes in, and each output dimension adds weight x
-    value as a chain of FMAs (simd_gemm again). Tiles with no visible cell, and masked cells
-    (weight 0), change nothing. Each tile's cells are widened to f32 once for all the block's
-    queries (ggml widens them once per tile of queries too); each query's arithmetic is its own.
-    keys_f32 [head_dim, FA_TILE_KV], values_f32 [FA_TILE_KV, head_dim]: the tile's cells;
-    acc [>= n_q, head_dim], ms, totals [>= n_q]: each query's accumulator, M and S
-    (n_q = (t1 - t0) x group); scratch: [>= FA_TILE_KV] f32 (a tile's scores, then weights)"""
-    seq = seq_ids[t0]
-    keys = k_cache[seq, kv_head]                 # [n_chunks, head_dim, KEY_CHUNK]
-    values = v_cache[seq, kv_head]               # [n_ctx, head_dim]
-    n_q = (t1 - t0) * group
-    block_end = 0                                # the block sees cells block_first .. block_end - 1
-    block_first = positions[t0] + 1
-    for t in range(t0, t1):
-        n_end = positions[t] + 1
-        block_end = max(block_end, n_end)
-        first = n_end - window if window > 0 and n_end > window else 0
-        block_first = min(block_first, first)
+def _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, out,
+                  acc, scratch):
+    """One token's attention for one head as ggml_compute_forward_flash_attn_ext_tiled does it:
+    q stays f32; the cache is taken FA_TILE_KV cells at a time, and per tile every score is a
+    plain chain of FMAs over head_dim (simd_gemm), the running max M moves to the tile's max,
+    the f32 accumulator and the sum S are rescaled by expf(M_old - M), the tile's weights are
+    ggml's vectorized exp, summed 8 at a time (hsum order) into a double that S takes in, and
+    each output dimension adds weight x value as a chain of FMAs (simd_gemm again). Tiles with
+    no visible cell, and masked cells (weight 0), change nothing.
+    scratch: [>= FA_TILE_KV] f32 (the tile's scores, then weights)"""
+    keys = k_cache[seq_ids[t], h // group]       # [n_chunks, head_dim, KEY_CHUNK]
+    values = v_cache[seq_ids[t], h // group]     # [n_ctx, head_dim]
+    n_end = positions[t] + 1
+    first = 0
+    if window > 0 and n_end > window:
+        first = n_end - window
+    qt = q[t, h * head_dim:(h + 1) * head_dim]
     e = scratch[:FA_TILE_KV]
-    for i in range(n_q):
-        ms[i] = np.float32(-np.inf)
-        totals[i] = np.float32(0.0)
-        acc[i, :head_dim] = 0
-    for c0 in range(block_first - block_first % FA_TILE_KV, block_end, FA_TILE_KV):
+    m = np.float32(-np.inf)
+    total = np.float32(0.0)
+    acc[:] = 0
+    for c0 in range(first - first % FA_TILE_KV, n_end, FA_TILE_KV):
+        lo = max(first, c0) - c0
+        hi = min(n_end, c0 + FA_TILE_KV) - c0
         chunk = keys[c0 // KEY_CHUNK]            # [head_dim, KEY_CHUNK]
-        n_cells = min(FA_TILE_KV, block_end - c0)
-        for d in range(head_dim):
-            key = chunk[d]
-            key_f32 = keys_f32[d]
+        e[:] = 0
+        for d in range(head_dim):                # scores, across all the tile's cells (a fixed
+            qd = qt[d]                           # count vectorizes; cells outside lo..hi are
+            key = chunk[d]                       # not used)
             for j in range(FA_TILE_KV):
-                key_f32[j] = f16_to_f32(key[j])
-        for j in range(n_cells):
-            value = values[c0 + j]
-            value_f32 = values_f32[j]
+                e[j] = fma(qd, f16_to_f32(key[j]), e[j])
+        tile_max = np.float32(-np.inf)
+        for j in range(lo, hi):
+            e[j] = e[j] * scale
+            tile_max = max(tile_max, e[j])
+        if tile_max > m:
+            ms = np.float32(np.exp(np.float32(m - tile_max)))
             for d in range(head_dim):
-                value_f32[d] = f16_to_f32(value[d])
-        for i in range(n_q):
-            t = t0 + i // group
-            h = kv_head * group + i % group
-            n_end = positions[t] + 1
-            first = n_end - window if window > 0 and n_end > window else 0
-            if c0 >= n_end or c0 + FA_TILE_KV <= first:
-                continue                         # no cell of this tile is visible to the query
-            lo = max(first, c0) - c0
-            hi = min(n_end, c0 + FA_TILE_KV) - c0
-            qt = q[t, h * head_dim:(h + 1) * head_dim]
-            a = acc[i]
-            e[:] = 0
-            for d in range(head_dim):            # scores, across all the tile's cells (a fixed
-                qd = qt[d]                       # count vectorizes; cells outside lo..hi are
-                key_f32 = keys_f32[d]            # not used)
-                for j in range(FA_TILE_KV):
-                    e[j] = fma(qd, key_f32[j], e[j])
-            tile_max = np.float32(-np.inf)
-            for j in range(lo, hi):
-                e[j] = e[j] * scale
-                tile_max = max(tile_max, e[j])
-            m = ms[i]
-            total = totals[i]
-            if tile_max > m:
-                rescale = np.float32(np.exp(np.float32(m - tile_max)))
-                for d in range(head_dim):
-                    a[d] = a[d] * rescale
-                total = total * rescale
-                m = tile_max
-            for j in range(FA_TILE_KV):          # masked and padded cells weigh exp(-inf) = 0
-                e[j] = expf_ggml(np.float32(e[j] - m)) if lo <= j < hi else np.float32(0.0)
-            tile_sum = 0.0
-            for b in range(0, FA_TILE_KV, 8):
-                tile_sum += np.float64(((e[b] + e[b + 4]) + (e[b + 2] + e[b + 6])) +
-                                       ((e[b + 1] + e[b + 5]) + (e[b + 3] + e[b + 7])))
-            totals[i] = np.float32(np.float64(total) + tile_sum)
-            ms[i] = m
-            for j in range(lo, hi):
-                w = e[j]
-                value_f32 = values_f32[j]
-                for d in range(head_dim):
-                    a[d] = fma(w, value_f32[d], a[d])
-    for i in range(n_q):
-        t = t0 + i // group
-        h = kv_head * group + i % group
-        inv = np.float32(1.0) / totals[i]
-        o = out[t, h * head_dim:(h + 1) * head_dim]
-        for d in range(head_dim):
-            o[d] = acc[i, d] * inv
+                acc[d] = acc[d] * ms
+            total = total * ms
+            m = tile_max
+        for j in range(FA_TILE_KV):              # masked and padded cells weigh exp(-inf) = 0
+            e[j] = expf_ggml(np.float32(e[j] - m)) if lo <= j < hi else np.float32(0.0)
+        tile_sum = 0.0
+        for b in range(0, FA_TILE_KV, 8):
+            tile_sum += np.float64(((e[b] + e[b + 4]) + (e[b + 2] + e[b + 6])) +
+                                   ((e[b + 1] + e[b + 5]) + (e[b + 3] + e[b + 7])))
+        total = np.float32(np.float64(total) + tile_sum)
+        for j in range(lo, hi):
+            w = e[j]
+            value = values[c0 + j]
+            for d in range(head_dim):
+                acc[d] = fma(w, f16_to_f32(value[d]), acc[d])
+    inv = np.float32(1.0) / total
+    o = out[t, h * head_dim:(h + 1) * head_dim]
+    for d in range(head_dim):
+        o[d] = acc[d] * inv
 
 
 @njit(cache=True, nogil=True)

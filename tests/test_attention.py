@@ -159,10 +159,10 @@ def test_attention_equals_ggml_order(head_dim, window, q_scaled, path):
 @pytest.mark.parametrize("head_dim,window,n_head,n_head_kv", [(64, 0, 4, 2), (48, 0, 6, 2), (64, 40, 4, 1),
                                                                 (80, 0, 4, 4)])
 def test_tiled_blocks_equal_each_token_alone(head_dim, window, n_head, n_head_kv):
-    """The tiled path attends runs of consecutive tokens of a sequence together (TILED_BLOCK),
-    widening each tile's cells once for all of them: every token's result is still the one it
-    gets alone (which test_attention_equals_ggml_order checks against ggml's order). A batch of
-    two sequences, runs longer than a block, a non-tiled token between them."""
+    """A token's attention does not depend on the batch around it: in a batch of two sequences,
+    with runs of consecutive tokens and a non-tiled token between them, every token's result is
+    the one it gets alone (which test_attention_equals_ggml_order checks against ggml's order).
+    (It guarded a blocked tiled path, since reverted: see docs/09-performance.md.)"""
     rng = np.random.default_rng(7 + head_dim + window)
     n_ctx = 200
     hp = HParams("llama", 32, n_ctx, n_head * head_dim, 1, n_head, n_head_kv, 8, head_dim, head_dim,
