@@ -22,24 +22,18 @@ from .hparams import HParams
 from .ops import KEY_CHUNK, rope, store_f16, store_keys, yarn_attn_factor
 
 
-def _lazy_zeros(shape: tuple) -> np.ndarray:
-    """A zeroed uint16 array whose memory is taken page by page as cells are written. (np.zeros
-    asks Linux for 2 MB huge pages on large arrays, and then the first token of each of
-    n_layer x n_head_kv rows would make 2 MB resident: ~300 MB for one short SmolLM2 sequence.)"""
-    n_bytes = int(np.prod(shape)) * 2
-    return np.frombuffer(mmap.mmap(-1, max(n_bytes, 1)), np.uint16, int(np.prod(shape))).reshape(shape)
-
-
-def _own_mapping(shape: tuple, dtype) -> np.ndarray:
-    """An uninitialized array in an anonymous mapping of its own, unmapped when the array is
-    freed. The prompt cache keeps slot states of a few MB each and evicts them as it turns
-    over; from malloc, glibc would serve such blocks from its heap once its adaptive mmap
-    threshold has risen past them, and the holes they leave stay in RSS. (Fixing that threshold
-    for the whole process instead put every large temporary of a prompt pass in a fresh
-    mapping: 12% of a 1B model's prefill went to page faults.)"""
+def _mapped_f16_bits(shape: tuple) -> np.ndarray:
+    """A zeroed uint16 array in an anonymous mapping of its own: its memory is taken page by
+    page as it is written, and given back to the system when the array is freed.
+    The cache itself needs the first: np.zeros asks Linux for 2 MB huge pages on large arrays,
+    and then the first token of each of n_layer x n_head_kv rows would make 2 MB resident (~300 MB
+    for one short SmolLM2 sequence). The prompt cache's states need the second: they are a few MB
+    each and evicted as it turns over, and from malloc glibc would serve them from its heap once
+    its adaptive mmap threshold has risen past them, where the holes they leave stay in RSS.
+    (Fixing that threshold for the whole process instead put every large temporary of a prompt
+    pass in a fresh mapping: 12% of a 1B model's prefill went to page faults.)"""
     n = int(np.prod(shape))
-    n_bytes = n * np.dtype(dtype).itemsize
-    return np.frombuffer(mmap.mmap(-1, max(n_bytes, 1)), dtype, n).reshape(shape)
+    return np.frombuffer(mmap.mmap(-1, max(2 * n, 1)), np.uint16, n).reshape(shape)
 
 
 class KVCache:
@@ -58,8 +52,8 @@ class KVCache:
         n_chunks = -(-n_ctx // KEY_CHUNK)
         # f16 bits: k [n_layer, n_seq, n_head_kv, n_chunks, head_dim, KEY_CHUNK]
         #           v [n_layer, n_seq, n_head_kv, n_ctx, head_dim]
-        self.k = _lazy_zeros((hp.n_layer, n_seq, hp.n_head_kv, n_chunks, hp.head_dim, KEY_CHUNK))
-        self.v = _lazy_zeros((hp.n_layer, n_seq, hp.n_head_kv, n_ctx, hp.head_dim))
+        self.k = _mapped_f16_bits((hp.n_layer, n_seq, hp.n_head_kv, n_chunks, hp.head_dim, KEY_CHUNK))
+        self.v = _mapped_f16_bits((hp.n_layer, n_seq, hp.n_head_kv, n_ctx, hp.head_dim))
 
     def store(self, layer: int, seq_ids: np.ndarray, positions: np.ndarray,
               k: np.ndarray, v: np.ndarray) -> None:
@@ -77,10 +71,10 @@ class KVCache:
 
     def cells(self, seq: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of a sequence's first n cells: keys and values [n_layer, n_head_kv, n, head_dim],
-        each in memory of its own (what the prompt cache keeps: _own_mapping)."""
+        each in memory of its own (what the prompt cache keeps: _mapped_f16_bits)."""
         keys = self.k[self._keys(seq, 0, n)]                                # [n, n_layer, n_kv, hd]
-        k = _own_mapping((self.hp.n_layer, self.n_head_kv, n, self.head_dim), np.uint16)
-        v = _own_mapping(k.shape, np.uint16)
+        k = _mapped_f16_bits((self.hp.n_layer, self.n_head_kv, n, self.head_dim))
+        v = _mapped_f16_bits(k.shape)
         k[...] = keys.transpose(1, 2, 0, 3)
         v[...] = self.v[:, seq, :, :n]
         return k, v
