@@ -234,6 +234,15 @@ def package_version() -> str:
         return "(not installed)"
 
 
+def given_template(args) -> str | None:
+    """The chat template the command line gives: --chat-template-file's text, else
+    --chat-template (a built-in name or a template), else None (the model's own)."""
+    if args.chat_template_file:
+        with open(args.chat_template_file, encoding="utf-8") as f:
+            return f.read()
+    return args.chat_template
+
+
 def template_kwargs(args) -> dict:
     """The variables every chat template render gets by default: --chat-template-kwargs and
     --reasoning-effort (enable_thinking's default comes with the template: build_context)."""
@@ -365,13 +374,10 @@ def main(argv=None) -> int:
         ap.error(f"--api-key-file: {e}")
     if not args.jinja:   # llama.cpp's legacy formats only: a template given that none fits is refused
         from ..engine import legacy_chat
-        given = args.chat_template
-        if args.chat_template_file:
-            try:
-                with open(args.chat_template_file, encoding="utf-8") as f:
-                    given = f.read()
-            except OSError as e:
-                ap.error(f"--chat-template-file: {e}")
+        try:
+            given = given_template(args)
+        except OSError as e:
+            ap.error(f"--chat-template-file: {e}")
         if given and legacy_chat.detect(given) is None:
             ap.error(f"the supplied chat template is not supported: {given}\nnote: llama.cpp was started "
                      f"without --jinja, we only support commonly used templates")
@@ -571,13 +577,9 @@ def build_context(args, path: str, metrics=None):
                           special=args.special,
                           drafter=drafter, loras=loras)
     from ..engine.chat_template import ChatTemplate
-    template = args.chat_template
-    if args.chat_template_file:
-        with open(args.chat_template_file, encoding="utf-8") as f:
-            template = f.read()
+    template = given_template(args)
     tok = engine.tokenizer
-    # --no-jinja keeps the model's template too (rendered with jinja2); llama.cpp's hand-written
-    # formatters for known templates produce the same text
+    # (--no-jinja writes legacy_format below instead; the template still answers /props)
     chat_template = ChatTemplate(template or engine.gguf.vocab.chat_template,
                                  bos_token=tok.token_str(tok.bos_id) if tok.bos_id >= 0 else "",
                                  eos_token=tok.token_str(tok.eos_id) if tok.eos_id >= 0 else "",
