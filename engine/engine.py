@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,35 @@ def physical_cores() -> int:
         except OSError:
             pass
     return len(siblings) or os.cpu_count() or 1
+
+
+def in_passing_thread(fn) -> None:
+    """fn() in a new thread, with the caller's Numba thread count; returns when that thread
+    has ended, raising what fn raised.
+    Why: Numba's OpenMP layer keeps a pool of workers for each thread that has run a parallel
+    kernel, for as long as that thread lives. With two pools on the machine's cores (say the
+    thread that woke a sleeping server and warmed the model up, beside the batcher) libgomp
+    counts more threads than CPUs, lets its workers spin only briefly and then puts them to
+    sleep, and every parallel kernel the batcher starts waits for one to wake: on 2 cores a
+    tiny parallel kernel followed by 5 us of other work took 58 us a round instead of 6, and
+    SmolLM2's decode fell from ~150 to ~60 tok/s once a sleeping server had woken. A thread
+    that has ended leaves no pool behind."""
+    import numba
+    n_threads = numba.get_num_threads()
+    failure = []
+
+    def run():
+        numba.set_num_threads(n_threads)
+        try:
+            fn()
+        except BaseException as e:  # (re-raised in the caller's thread)
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="numllama-warm-up")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 @dataclass
@@ -63,7 +93,12 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile every kernel a request can reach: a prompt pass long enough for the row-wise
-        ops' parallel variants (quants.PARALLEL_ROWS tokens), a decode step, the samplers."""
+        ops' parallel variants (quants.PARALLEL_ROWS tokens), a decode step, the samplers.
+        The passes run in a thread of their own that ends with them (in_passing_thread), so the
+        caller keeps no OpenMP pool beside the one of the thread that will serve requests."""
+        in_passing_thread(self._warm_up)
+
+    def _warm_up(self) -> None:
         helper = compile_ahead.start() if isinstance(self.model, LlamaModel) else None
         if helper is not None:   # a cold start: attention compiles in a second process meanwhile
             self.model.cpu_ops = compile_ahead.WithoutAttention

@@ -212,6 +212,38 @@ def test_the_kernels_of_a_prompt_pass_and_a_decode_step_can_all_be_cached(smollm
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_warm_up_runs_its_kernels_in_a_thread_that_has_ended(stories, monkeypatch):
+    """A thread that has run a parallel kernel keeps an OpenMP pool of workers while it lives,
+    and a second pool beside the batcher's made every parallel kernel of a decode step wait for
+    a sleeping worker (engine.in_passing_thread). So a warm-up (at load, or when a sleeping
+    server wakes inside a request's thread) runs its passes in a thread of its own, with the
+    caller's Numba thread count, which has ended when warm_up returns; what fails there fails
+    the caller."""
+    import threading
+    import numba
+    seen = []
+    forward = stories.model.forward
+
+    def recording(*args, **kwargs):
+        seen.append((threading.current_thread(), numba.get_num_threads()))
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(stories.model, "forward", recording)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        stories.warm_up()
+    finally:
+        numba.set_num_threads(before)
+    assert seen and {n for _, n in seen} == {1}
+    assert all(t is not threading.current_thread() and not t.is_alive() for t, _ in seen)
+
+    def failing(*args, **kwargs):
+        raise ValueError("a pass failed")
+    monkeypatch.setattr(stories.model, "forward", failing)
+    with pytest.raises(ValueError, match="a pass failed"):
+        stories.warm_up()
+
+
 def test_attention_has_one_signature_for_every_model(tmp_path):
     """The cold start's helper compiles attention for ATTENTION_SIGNATURE without seeing the
     model (engine/compile_ahead.py); every architecture's forward pass (sliding windows,
