@@ -259,6 +259,26 @@ def test_a_request_that_cannot_start_ends_alone(stories):
     assert isinstance(outcome[1], FinalEvent) and outcome[1].n_decoded == 4
 
 
+def test_a_tasks_events_say_when_it_has_ended(stories):
+    """A request that does not stream waits for its task's `events.ended` rather than for each
+    token (webapp.completions.collect_finals): it is set by the last event, a result or an
+    error, with every event before it already in the queue, and never before."""
+    from numllama.engine.grammar import Grammar
+    from numllama.engine.sampling import SamplingParams
+    from numllama.engine.slots import ErrorEvent, FinalEvent, Scheduler, Task, TokenEvent
+    tok = stories.tokenizer
+    sched = Scheduler(stories, 2, 256)
+    good = Task(prompt_tokens=tok.encode("Once"), n_predict=12, params=SamplingParams(temperature=0))
+    bad = Task(prompt_tokens=tok.encode("Once"), n_predict=4,
+               params=SamplingParams(grammar=Grammar('root ::= "a"'), grammar_prefill="zzz"))
+    assert not good.events.ended.is_set()
+    sched.submit_all([good, bad])
+    assert good.events.ended.wait(60) and bad.events.ended.wait(60)
+    events = [good.events.get_nowait() for _ in range(good.events.qsize())]
+    assert [type(e) for e in events] == [TokenEvent] * 12 + [FinalEvent]
+    assert isinstance(bad.events.get_nowait(), ErrorEvent) and bad.events.empty()
+
+
 # ---------------------------------------------------------------------------------- 4. grammars
 def test_long_repetitions_match_in_constant_depth():
     from numllama.engine.grammar import Grammar

@@ -280,16 +280,23 @@ def engine_error(ev: ErrorEvent) -> APIError:
 
 def collect_finals(ctx, tasks: list[Task]) -> list:
     """Wait for every task's final result (a FinalEvent, or an EmbeddingEvent); a vanished
-    client or a failed task cancels them all."""
+    client or a failed task cancels them all. Each task is waited for as a whole (its
+    events' `ended`), not token by token: nothing here reads the tokens, and each wake of this
+    thread would take the GIL and a core from the batcher."""
+    watch = DisconnectWatch(disconnect_probe())
     fins: list = []
-    with closing(task_events(ctx, tasks)) as events:
-        for _, ev in events:
+    try:
+        for t in tasks:
+            while not t.events.ended.wait(POLL_S):
+                if watch.gone():
+                    raise APIError("client disconnected", 400)
+            ev = t.outcome(timeout=0)   # (all its events are in)
             if isinstance(ev, ErrorEvent):
                 raise engine_error(ev)
-            if isinstance(ev, (FinalEvent, EmbeddingEvent)):
-                fins.append(ev)
-    if len(fins) < len(tasks):
-        raise APIError("client disconnected", 400)
+            fins.append(ev)
+    finally:
+        for t in tasks:
+            ctx.scheduler.cancel(t)
     return fins
 
 
