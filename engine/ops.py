@@ -183,6 +183,13 @@ def split_kv_chunk(position: int, kv_size: int, n_threads: int) -> int:
 
 
 ATTENTION_PARTS = 64   # at most this many scratch sets per call (see attention)
+F32_PER_CACHE_LINE = 16
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _whole_lines(n):
+    """n f32 rounded up to whole cache lines."""
+    return -(-n // F32_PER_CACHE_LINE) * F32_PER_CACHE_LINE
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -264,15 +271,19 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     # allocated once: a prompt pass has thousands of small jobs, and the causal mask makes
     # later tokens' jobs longer, which round-robin spreads evenly over the threads
     n_parts = min(n_jobs, ATTENTION_PARTS)
+    # every part's scratch in one allocation per kind (allocated inside the parallel loop, a
+    # decode step of 32 heads made 256 small allocations: most of its attention time), each
+    # row padded to whole cache lines so that two threads never write the same line
+    vectors = np.empty((n_parts, 3, _whole_lines(head_dim)), np.float32)
+    scores = np.empty((n_parts, 3, _whole_lines(max(max_kv, FA_TILE_KV))), np.float32)
+    all_lanes = np.empty((n_parts, 32, KEY_CHUNK), np.float32)
+    all_wide = np.empty((n_parts, KEY_CHUNK), np.float64)
     for part in prange(n_parts):
-        qh = np.empty(head_dim, np.float32)
-        acc = np.empty(head_dim, np.float32)
-        partial = np.empty(head_dim, np.float32)   # one thread's share under ggml's split-KV
-        all_scores = np.empty(max(max_kv, FA_TILE_KV), np.float32)
-        all_ms = np.empty(max_kv, np.float32)
-        all_vs = np.empty(max_kv, np.float32)
-        lanes = np.empty((32, KEY_CHUNK), np.float32)
-        wide = np.empty(KEY_CHUNK, np.float64)
+        qh, acc = vectors[part, 0, :head_dim], vectors[part, 1, :head_dim]
+        partial = vectors[part, 2, :head_dim]   # one thread's share under ggml's split-KV
+        all_scores = scores[part, 0]
+        all_ms, all_vs = scores[part, 1, :max_kv], scores[part, 2, :max_kv]
+        lanes, wide = all_lanes[part], all_wide[part]
         for job in range(part, n_jobs, n_parts):
             t = job // n_head
             h = job % n_head
