@@ -57,6 +57,33 @@ def test_greedy_at_zero_temperature():
     assert s.last_candidates.p.max() == pytest.approx(1.0)
 
 
+def top_k_positions_twin(logits, k):
+    """The k largest, largest first, equal logits by position, NaN last: a full stable sort."""
+    key = np.where(np.isnan(logits), np.inf, -logits.astype(np.float64))
+    return np.argsort(key, kind="stable")[:k]
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "masked", "ascending", "nan"])
+def test_top_k_positions_equals_a_full_sort(case):
+    """top_k's one-pass selection keeps exactly what sorting the whole vocabulary would, in its
+    order: ties (equal logits, -inf masks) kept and listed by position, NaN after everything."""
+    from numllama.engine.sampling import top_k_positions
+    rng = np.random.default_rng(7)
+    n = 5000
+    logits = {
+        "random": rng.standard_normal(n),
+        "ties": rng.integers(0, 6, n).astype(np.float64),            # many equal logits at the cut
+        "masked": np.where(rng.random(n) < 0.995, -np.inf, rng.standard_normal(n)),   # fewer finite than k
+        "ascending": np.arange(n, dtype=np.float64),                  # every value is inserted
+        "nan": np.where(rng.random(n) < 0.01, np.nan, rng.standard_normal(n)),
+    }[case].astype(np.float32)
+    for k in (1, 2, 40, 100, n):
+        got = top_k_positions(logits, k)
+        assert np.array_equal(got, top_k_positions_twin(logits, k)), (case, k)
+    few = np.where(np.arange(n) < 3, np.float32(1.0), np.float32(np.nan)).astype(np.float32)
+    assert np.array_equal(top_k_positions(few, 5), [0, 1, 2, 3, 4])   # room left: NaN fill it in order
+
+
 def test_top_k_one_is_argmax():
     for seed in range(5):
         s = Sampler(SamplingParams(temperature=5.0, top_k=1, seed=seed), 5)
