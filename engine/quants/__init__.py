@@ -14,6 +14,7 @@ why our logits agree with llama.cpp's:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -75,6 +76,8 @@ class KernelOrder:
         """What llama.cpp would do with each token: prompt_pass [T] marks tokens of prompts
         evaluated >= 2 tokens at a time; the K-quant choices go by the size of each sequence's
         prompt chunk in this batch."""
+        if not prompt_pass.any():   # decode steps alone: every token row by row
+            return KernelOrder.vec_dot(len(seq_ids))
         chunk = np.bincount(seq_ids[prompt_pass], minlength=int(seq_ids.max(initial=0)) + 1)
         tiled = prompt_pass & (chunk[seq_ids] >= TILED_MIN_TOKENS)
         grouped = np.zeros(len(seq_ids), bool)
@@ -217,9 +220,10 @@ def round_bf16(a: np.ndarray) -> np.ndarray:
     return u.view(np.float32)
 
 
-@dataclass(frozen=True)
-class Activations:
-    """Activations prepared for one kind of weight: float rows, or int8 quants and scales."""
+class Activations(NamedTuple):
+    """Activations prepared for one kind of weight: float rows, or int8 quants and scales.
+    (A named tuple: made for every product of a decode step, where a frozen dataclass's
+    construction cost a microsecond of the step's Python.)"""
     x: np.ndarray | None = None    # [T, K] f32
     q: np.ndarray | None = None    # [T, G, NG] int8
     d: np.ndarray | None = None    # [T, NG] f32
@@ -323,7 +327,8 @@ def linear(x: np.ndarray, *weights: PackedWeight, order: KernelOrder | None = No
     prepared: dict = {}
     outs = []
     for w in weights:
-        if w.act_key not in prepared:
-            prepared[w.act_key] = prepare(x, *w.act_key)
-        outs.append(matmul(prepared[w.act_key], w, order))
+        key = w.act_key
+        if key not in prepared:
+            prepared[key] = prepare(x, *key)
+        outs.append(matmul(prepared[key], w, order))
     return outs
