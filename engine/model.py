@@ -30,8 +30,8 @@ from .gguf_file import GGUFModel, ModelLoadError
 from .hparams import HParams
 from .kv_cache import KVCache
 from .lora import add_lora
-from .ops import (FA_TILE_Q, attention, geglu, geglu_parallel, gelu_f16_table, rms_norm, rms_norm_parallel, rope,
-                  softcap, swiglu, swiglu_parallel)
+from .ops import (FA_TILE_Q, attention, geglu, geglu_parallel, gelu_f16_table, rms_norm, rms_norm_parallel,
+                  rope_angles, rope_rotate, softcap, swiglu, swiglu_parallel)
 from .pooling import softmax_rows
 from .quants import (PARALLEL_ROWS, KernelOrder, PackedWeight, linear, pack_tensor, pack_weight, repacked_order,
                      row_parts)
@@ -241,6 +241,7 @@ class LlamaModel:
         tiled = batch.attn_tiled if batch.attn_tiled is not None else np.full(n_tokens, n_tokens >= FA_TILE_Q)
         kv_chunk = batch.attn_kv_chunk if batch.attn_kv_chunk is not None else np.zeros(n_tokens, np.int32)
         last = len(self.layers) - 1
+        angles = {}   # RoPE's cos and sin, taken once for all the layers that share a base and scale
         for il, layer in enumerate(self.layers):
             ops = self.gpu if self.gpu is not None and il < self.gpu.n_layers else self.cpu_ops
             # attention block
@@ -254,11 +255,12 @@ class LlamaModel:
             if hp.qk_norm:                                         # qwen3, gemma3: each head on its own
                 q = ops.rms_norm(q.reshape(-1, hp.head_dim), layer.q_norm, hp.rms_eps).reshape(n_tokens, -1)
                 k = ops.rms_norm(k.reshape(-1, hp.head_dim), layer.k_norm, hp.rms_eps).reshape(n_tokens, -1)
-            freq_base, freq_scale = hp.layer_rope(il)
-            rope(q, batch.positions, hp.n_head, hp.head_dim, hp.n_rot, freq_base, freq_scale, cache.rope_factors,
-                 hp.rope_neox, cache.rope_mscale, cache.rope_yarn)
-            rope(k, batch.positions, hp.n_head_kv, hp.head_dim, hp.n_rot, freq_base, freq_scale, cache.rope_factors,
-                 hp.rope_neox, cache.rope_mscale, cache.rope_yarn)
+            base_scale = hp.layer_rope(il)                        # (freq_base, freq_scale)
+            if base_scale not in angles:                           # [T, n_rot/2, 2]: RoPE's cos and sin
+                angles[base_scale] = rope_angles(batch.positions, hp.n_rot, *base_scale, cache.rope_factors,
+                                                 cache.rope_mscale, cache.rope_yarn)
+            rope_rotate(q, angles[base_scale], hp.n_head, hp.head_dim, hp.n_rot, hp.rope_neox)
+            rope_rotate(k, angles[base_scale], hp.n_head_kv, hp.head_dim, hp.n_rot, hp.rope_neox)
             if hp.q_scale:
                 q *= np.float32(hp.q_scale)
             cache.store(il, batch.seq_ids, batch.positions, k, v)

@@ -76,7 +76,6 @@ def yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow):
     return max(np.float32(0.0), np.float32(np.floor(lo))), min(np.float32(n_dims - 1), np.float32(np.ceil(hi)))
 
 
-@njit(cache=True, nogil=True)
 def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_factors, neox, mscale, yarn):
     """Rotate pair i of every head by angle freq_scale * pos * base^(-2i/n_rot) /
     freq_factors[i], in place. The pair is (x[2i], x[2i+1]) in llama's "normal" mode and
@@ -87,9 +86,18 @@ def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_fac
     does. yarn = (ext_factor, n_ctx_orig, beta_fast, beta_slow): with ext_factor != 0 (YaRN),
     each pair's angle blends the interpolated (x freq_scale) and the extrapolated one by a ramp
     over the pair index, and mscale grows by 1 + 0.1 ln(1 / freq_scale) (rope_yarn).
+    In two steps, rope_angles then rope_rotate: a forward pass takes the angles once for all
+    its layers (every layer with the same base and scale has the same ones).
 
     x: [T, n_heads * head_dim] f32; positions: [T] i32; freq_factors: [n_rot / 2] f32
     """
+    rope_rotate(x, rope_angles(positions, n_rot, freq_base, freq_scale, freq_factors, mscale, yarn),
+                n_heads, head_dim, n_rot, neox)
+
+
+@njit(cache=True, nogil=True)
+def rope_angles(positions, n_rot, freq_base, freq_scale, freq_factors, mscale, yarn):
+    """cos and sin (times mscale) of each token's angle for each pair (see rope): [T, n_rot / 2, 2] f32"""
     ext_factor, n_ctx_orig, beta_fast, beta_slow = yarn
     theta_scale = np.float32(freq_base) ** (np.float32(-2.0) / np.float32(n_rot))
     fs = np.float32(freq_scale)
@@ -98,7 +106,8 @@ def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_fac
     if ext_factor != 0.0:
         low, high = yarn_corr_dims(n_rot, n_ctx_orig, freq_base, beta_fast, beta_slow)
         ms = ms * fma(np.float32(0.1), np.float32(np.log(np.float32(1.0) / fs)), np.float32(1.0))
-    for t in range(x.shape[0]):
+    cos_sin = np.empty((positions.shape[0], n_rot // 2, 2), np.float32)
+    for t in range(positions.shape[0]):
         theta = np.float32(positions[t])
         for i in range(0, n_rot, 2):
             extrap = theta / freq_factors[i // 2]
@@ -107,8 +116,20 @@ def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_fac
                 y = (np.float32(i // 2) - low) / max(np.float32(0.001), high - low)
                 mix = (np.float32(1.0) - min(np.float32(1.0), max(np.float32(0.0), y))) * np.float32(ext_factor)
                 angle = fma(angle, np.float32(1.0) - mix, extrap * mix)
-            c = np.float32(np.cos(angle)) * ms
-            s = np.float32(np.sin(angle)) * ms
+            cos_sin[t, i // 2, 0] = np.float32(np.cos(angle)) * ms
+            cos_sin[t, i // 2, 1] = np.float32(np.sin(angle)) * ms
+            theta = theta * theta_scale
+    return cos_sin
+
+
+@njit(cache=True, nogil=True)
+def rope_rotate(x, cos_sin, n_heads, head_dim, n_rot, neox):
+    """Rotate each head's pairs by the angles of rope_angles, in place (see rope).
+    x: [T, n_heads * head_dim] f32; cos_sin: [T, n_rot / 2, 2] f32"""
+    for t in range(x.shape[0]):
+        for i in range(0, n_rot, 2):
+            c = cos_sin[t, i // 2, 0]
+            s = cos_sin[t, i // 2, 1]
             for h in range(n_heads):
                 if neox:
                     j0 = h * head_dim + i // 2
@@ -121,7 +142,6 @@ def rope(x, positions, n_heads, head_dim, n_rot, freq_base, freq_scale, freq_fac
                 # ggml's C is compiled with FP contraction here: the first product is fused
                 x[t, j0] = fma(x0, c, -(x1 * s))
                 x[t, j1] = fma(x0, s, x1 * c)
-            theta = theta * theta_scale
 
 
 @njit(cache=True, nogil=True)
