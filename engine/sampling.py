@@ -421,7 +421,8 @@ class Sampler:
         self.n_vocab = n_vocab
         self.history: list[int] = list(history)
         self.bias = np.zeros(n_vocab, np.float32)
-        self.all_ids = np.arange(n_vocab, dtype=np.int32)   # (read only: the candidates start as all of them)
+        self.all_ids = np.arange(n_vocab, dtype=np.int32)   # every draw's candidates start as all of them:
+        self.all_ids.flags.writeable = False                # shared, so never changed in place
         for tid, b in params.logit_bias:
             if 0 <= tid < n_vocab:
                 self.bias[tid] += np.float32(b)

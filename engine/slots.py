@@ -55,7 +55,7 @@ class TaskEvents(queue.Queue):
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        if isinstance(item, (FinalEvent, EmbeddingEvent, ErrorEvent)):
+        if isinstance(item, LAST_EVENTS):
             self.ended.set()
 
 
@@ -93,7 +93,7 @@ class Task:
         ErrorEvent) and return that; queue.Empty if none comes within `timeout` seconds."""
         while True:
             ev = self.events.get(timeout=timeout)
-            if isinstance(ev, (FinalEvent, EmbeddingEvent, ErrorEvent)):
+            if isinstance(ev, LAST_EVENTS):
                 return ev
 
     @property
@@ -181,6 +181,9 @@ class ErrorEvent:
     """The request failed inside the engine (a failed batch step, a failed draw) and has ended;
     the others go on. How to tell the client (an HTTP status) is the webapp's business."""
     message: str
+
+
+LAST_EVENTS = (FinalEvent, EmbeddingEvent, ErrorEvent)   # a task's events end with one of these
 
 
 @dataclass(eq=False)

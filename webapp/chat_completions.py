@@ -118,8 +118,9 @@ def render_prompt(body: dict, for_answer: bool = True) -> RenderedChat:
     """The prompt text for a chat request (the last assistant message, if any, is continued:
     llama-server's prefill). With a reasoning template the continued turn is rebuilt as
     llama-server does: the header, the reasoning block (closed unless only reasoning is given,
-    or continue_final_message says "reasoning_content": _continuation), then the content. for_answer: the answer will be generated and read, so the generation
-    prompt is wanted (two more renders) where its reading needs it."""
+    or continue_final_message says "reasoning_content": _continuation), then the content.
+    for_answer: the answer will be generated and read, so the generation prompt is wanted (two
+    more renders) where its reading needs it."""
     ctx = current_app.config["NUMLLAMA"]
     messages = _messages(body)
     add_gen = get_bool(body, "add_generation_prompt", True)
