@@ -11,6 +11,7 @@ from numba import njit, prange
 
 from .float_ops import expf_ggml, f16_bits_of, f16_to_f32, f32_bits, fma, round_f16
 from .quants.kernels import hsum8, reduce4x8_across
+from .flash_tiles import GEMM_ROWS, LANES, gemm_tile, row_max
 
 
 @njit(cache=True, nogil=True)
@@ -203,6 +204,7 @@ def split_kv_chunk(position: int, kv_size: int, n_threads: int) -> int:
 
 
 ATTENTION_PARTS = 64   # at most this many scratch sets per call (see attention)
+FA_BLOCK_ROWS = 16     # (token, head) rows a tiled job takes together (see _attend_tiled)
 F32_PER_CACHE_LINE = 16
 
 
@@ -283,13 +285,15 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     n_tokens = q.shape[0]
     group = n_head // n_head_kv
     scale = np.float32(scale)
-    n_jobs = n_tokens * n_head
     max_kv = 0
     for t in range(n_tokens):
         max_kv = max(max_kv, positions[t] + 1)
-    # jobs (token, head) are dealt round-robin to a few parts, each with its scratch arrays
-    # allocated once: a prompt pass has thousands of small jobs, and the causal mask makes
-    # later tokens' jobs longer, which round-robin spreads evenly over the threads
+    block_tokens = max(1, FA_BLOCK_ROWS // group)
+    job_t0, job_t1, job_h, any_tiled = _attention_jobs(tiled, seq_ids, n_head, n_head_kv, block_tokens)
+    n_jobs = len(job_t0)
+    # jobs are dealt round-robin to a few parts, each with its scratch arrays allocated once:
+    # a prompt pass has thousands of small jobs, and the causal mask makes later tokens' jobs
+    # longer, which round-robin spreads evenly over the threads
     n_parts = min(n_jobs, ATTENTION_PARTS)
     # every part's scratch in one allocation per kind (allocated inside the parallel loop, a
     # decode step of 32 heads made 256 small allocations: most of its attention time), each
@@ -298,6 +302,13 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     scores = np.empty((n_parts, 3, _whole_lines(max(max_kv, FA_TILE_KV))), np.float32)
     all_lanes = np.empty((n_parts, 32, KEY_CHUNK), np.float32)
     all_wide = np.empty((n_parts, KEY_CHUNK), np.float64)
+    # the tiled jobs' scratch (_tiled_views), one flat row per part: the parallel function's
+    # compile grew with every array it allocated (rows and widths padded for gemm_tile)
+    block_rows = -(-block_tokens * group // GEMM_ROWS) * GEMM_ROWS if any_tiled else 0
+    tile_cells = FA_TILE_KV if any_tiled else 0
+    padded_dim = -(-head_dim // LANES) * LANES
+    tiled_scratch = np.empty((n_parts, _tiled_scratch_size(block_rows, head_dim, padded_dim, tile_cells)),
+                             np.float32)
     for part in prange(n_parts):
         qh, acc = vectors[part, 0, :head_dim], vectors[part, 1, :head_dim]
         partial = vectors[part, 2, :head_dim]   # one thread's share under ggml's split-KV
@@ -305,14 +316,49 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
         all_ms, all_vs = scores[part, 1, :max_kv], scores[part, 2, :max_kv]
         lanes, wide = all_lanes[part], all_wide[part]
         for job in range(part, n_jobs, n_parts):
-            t = job // n_head
-            h = job % n_head
-            if tiled[t]:
-                _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window,
-                              out, acc, all_scores)
+            t, h = job_t0[job], job_h[job]
+            if job_t1[job] >= 0:
+                _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t, job_t1[job], h, group, head_dim, scale,
+                              window, out, tiled_scratch[part], block_rows, padded_dim)
             else:
                 _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, kv_chunk[t],
                         out, qh, acc, partial, all_scores, all_ms, all_vs, lanes, wide)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tiled_scratch_size(block_rows, head_dim, padded_dim, tile_cells):
+    """f32 of scratch one part's _attend_tiled takes (laid out by _tiled_views), each array on
+    whole cache lines; 0 cells: none."""
+    return (_whole_lines(block_rows * head_dim) + _whole_lines(block_rows * padded_dim)
+            + _whole_lines(block_rows * tile_cells) + 2 * _whole_lines(block_rows)
+            + _whole_lines(head_dim * tile_cells) + _whole_lines(tile_cells * padded_dim))
+
+
+@njit(cache=True, nogil=True)
+def _attention_jobs(tiled, seq_ids, n_head, n_head_kv, block_tokens):
+    """attention's jobs, in token order: a run of up to block_tokens consecutive tiled tokens of
+    one sequence with the query heads of one KV head (their rows share each tile of the
+    cache), or an untiled token with one head. Returns (t0, t1, h) [n_jobs] each: t0 .. t1 - 1
+    and KV head h for a run, or t0, t1 = -1 and head h for an untiled token; and whether any
+    token is tiled."""
+    n_tokens = len(tiled)
+    job_t0 = np.empty(n_tokens * n_head, np.int64)
+    job_t1 = np.empty(n_tokens * n_head, np.int64)
+    job_h = np.empty(n_tokens * n_head, np.int64)
+    n_jobs = 0
+    any_tiled = False
+    t = 0
+    while t < n_tokens:
+        end = t + 1
+        if tiled[t]:
+            any_tiled = True
+            while end < n_tokens and end - t < block_tokens and tiled[end] and seq_ids[end] == seq_ids[t]:
+                end += 1
+        for h in range(n_head_kv if tiled[t] else n_head):
+            job_t0[n_jobs], job_t1[n_jobs], job_h[n_jobs] = t, end if tiled[t] else -1, h
+            n_jobs += 1
+        t = end
+    return job_t0[:n_jobs], job_t1[:n_jobs], job_h[:n_jobs], any_tiled
 
 
 # (_attend, _attend_range and _attend_tiled are compiled as functions of their own, not inlined
@@ -404,64 +450,130 @@ def _attend_range(qh, k_cache, v_cache, seq, kv_head, head_dim, scale, first, n_
     return m, total
 
 
+@njit(cache=True, nogil=True, inline="always")
+def widen_f16(bits, out):
+    """out[i] = the f16 value of bits[i] (uint16), as f32."""
+    for i in range(len(bits)):
+        out[i] = f16_to_f32(bits[i])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tiled_views(scratch, block_rows, head_dim, padded_dim):
+    """One part's scratch (_tiled_scratch_size) as its arrays: the rows' q [rows, head_dim],
+    accumulators [rows, padded_dim], tile weights [rows, FA_TILE_KV], running M and S [rows]
+    each, and a tile's keys [head_dim, FA_TILE_KV] and values [FA_TILE_KV, padded_dim] in f32."""
+    n_q, n_acc, n_e = block_rows * head_dim, block_rows * padded_dim, block_rows * FA_TILE_KV
+    at_acc = _whole_lines(n_q)
+    at_e = at_acc + _whole_lines(n_acc)
+    at_m = at_e + _whole_lines(n_e)
+    at_s = at_m + _whole_lines(block_rows)
+    at_k = at_s + _whole_lines(block_rows)
+    at_v = at_k + _whole_lines(head_dim * FA_TILE_KV)
+    return (scratch[:n_q].reshape(block_rows, head_dim),
+            scratch[at_acc:at_acc + n_acc].reshape(block_rows, padded_dim),
+            scratch[at_e:at_e + n_e].reshape(block_rows, FA_TILE_KV),
+            scratch[at_m:at_m + block_rows], scratch[at_s:at_s + block_rows],
+            scratch[at_k:at_k + head_dim * FA_TILE_KV].reshape(head_dim, FA_TILE_KV),
+            scratch[at_v:at_v + FA_TILE_KV * padded_dim].reshape(FA_TILE_KV, padded_dim))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tile_weights(e, i, lo, hi, scale, acc, run_m, run_s):
+    """Row i's scores e[i] (over one tile's cells) -> its softmax weights, as
+    ggml_vec_soft_max_f32 takes them on AVX2: cells lo .. hi - 1 are visible (the others weigh
+    exp(-inf) = 0); the running max run_m[i] moves to the tile's max, rescaling the row's
+    accumulator and sum by expf(M_old - M); the weights (ggml's vectorized exp) are summed 8 at
+    a time (hsum order) into a double that run_s[i] takes in."""
+    for j in range(FA_TILE_KV):
+        e[i, j] = e[i, j] * scale if lo <= j < hi else np.float32(-np.inf)
+    tile_max = row_max(e, i)
+    m = run_m[i]
+    if tile_max > m:
+        ms = np.float32(np.exp(np.float32(m - tile_max)))
+        for d in range(acc.shape[1]):
+            acc[i, d] = acc[i, d] * ms
+        run_s[i] = run_s[i] * ms
+        m = run_m[i] = tile_max
+    for j in range(FA_TILE_KV):
+        e[i, j] = expf_ggml(np.float32(e[i, j] - m))
+    tile_sum = 0.0
+    for b in range(0, FA_TILE_KV, 8):
+        tile_sum += np.float64(((e[i, b] + e[i, b + 4]) + (e[i, b + 2] + e[i, b + 6])) +
+                               ((e[i, b + 1] + e[i, b + 5]) + (e[i, b + 3] + e[i, b + 7])))
+    run_s[i] = np.float32(np.float64(run_s[i]) + tile_sum)
+
+
 @njit(cache=True, nogil=True)
-def _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, out,
-                  acc, scratch):
-    """One token's attention for one head as ggml_compute_forward_flash_attn_ext_tiled does it:
-    q stays f32; the cache is taken FA_TILE_KV cells at a time, and per tile every score is a
-    plain chain of FMAs over head_dim (simd_gemm), the running max M moves to the tile's max,
-    the f32 accumulator and the sum S are rescaled by expf(M_old - M), the tile's weights are
-    ggml's vectorized exp, summed 8 at a time (hsum order) into a double that S takes in, and
-    each output dimension adds weight x value as a chain of FMAs (simd_gemm again). Tiles with
-    no visible cell, and masked cells (weight 0), change nothing.
-    scratch: [>= FA_TILE_KV] f32 (the tile's scores, then weights)"""
-    keys = k_cache[seq_ids[t], h // group]       # [n_chunks, head_dim, KEY_CHUNK]
-    values = v_cache[seq_ids[t], h // group]     # [n_ctx, head_dim]
-    n_end = positions[t] + 1
-    first = 0
-    if window > 0 and n_end > window:
-        first = n_end - window
-    qt = q[t, h * head_dim:(h + 1) * head_dim]
-    e = scratch[:FA_TILE_KV]
-    m = np.float32(-np.inf)
-    total = np.float32(0.0)
-    acc[:] = 0
-    for c0 in range(first - first % FA_TILE_KV, n_end, FA_TILE_KV):
-        lo = max(first, c0) - c0
-        hi = min(n_end, c0 + FA_TILE_KV) - c0
+def _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t0, t1, kv_head, group, head_dim, scale, window, out,
+                  scratch, block_rows, padded_dim):
+    """Tokens t0 .. t1 - 1 (consecutive, of one sequence) with the `group` query heads of KV
+    head kv_head, as ggml_compute_forward_flash_attn_ext_tiled does each of them: q stays f32;
+    the cache is taken FA_TILE_KV cells at a time, and per tile every score is a plain chain of
+    FMAs over head_dim (simd_gemm), the softmax moves on by one tile (`_tile_weights`), and each
+    output dimension adds weight x value as a chain of FMAs (simd_gemm again). Tiles with no
+    visible cell, and masked cells (weight 0), change nothing.
+
+    Each (token, head) is one row of the tile products (flash_tiles.gemm_tile, its accumulators
+    in registers), so the rows share each widened tile of keys and values; a row's arithmetic
+    is the same as alone (a row without a visible cell in a tile adds weights of 0 to its
+    values). The rows are padded with rows of zeros to a multiple of GEMM_ROWS, the
+    accumulators and values with columns of zeros to padded_dim, as gemm_tile wants them.
+    scratch: [_tiled_scratch_size(block_rows, head_dim, padded_dim, FA_TILE_KV)] f32"""
+    rows_q, rows_acc, weights, run_m, run_s, keys_f32, values_f32 = _tiled_views(scratch, block_rows, head_dim,
+                                                                                 padded_dim)
+    n_rows = (t1 - t0) * group                   # row i: token t0 + i // group, head kv_head * group + i % group
+    n_padded = -(-n_rows // GEMM_ROWS) * GEMM_ROWS
+    qa, acc, e = rows_q[:n_padded], rows_acc[:n_padded], weights[:n_padded]   # [n_padded, ...]
+    keys = k_cache[seq_ids[t0], kv_head]         # [n_chunks, head_dim, KEY_CHUNK]
+    values = v_cache[seq_ids[t0], kv_head]       # [n_ctx, head_dim]
+    first_cell, end_cell = positions[t0] + 1, 0  # the cells any row sees
+    for t in range(t0, t1):
+        n_end = positions[t] + 1
+        first = n_end - window if window > 0 and n_end > window else 0
+        first_cell, end_cell = min(first_cell, first), max(end_cell, n_end)
+    # (loops rather than slice assignments here: each of those costs a compile of its own)
+    for i in range(n_padded):
+        t, h = t0 + i // group, kv_head * group + i % group
+        for d in range(head_dim):
+            qa[i, d] = q[t, h * head_dim + d] if i < n_rows else np.float32(0.0)
+        for d in range(padded_dim):
+            acc[i, d] = 0
+        run_m[i], run_s[i] = -np.inf, 0.0
+    for j in range(FA_TILE_KV):
+        for d in range(head_dim, padded_dim):
+            values_f32[j, d] = 0
+    for c0 in range(first_cell - first_cell % FA_TILE_KV, end_cell, FA_TILE_KV):
         chunk = keys[c0 // KEY_CHUNK]            # [head_dim, KEY_CHUNK]
-        e[:] = 0
-        for d in range(head_dim):                # scores, across all the tile's cells (a fixed
-            qd = qt[d]                           # count vectorizes; cells outside lo..hi are
-            key = chunk[d]                       # not used)
+        for d in range(head_dim):                # (1-D views: Numba vectorizes these loops)
+            widen_f16(chunk[d], keys_f32[d])
+        for i in range(n_padded):
             for j in range(FA_TILE_KV):
-                e[j] = fma(qd, f16_to_f32(key[j]), e[j])
-        tile_max = np.float32(-np.inf)
-        for j in range(lo, hi):
-            e[j] = e[j] * scale
-            tile_max = max(tile_max, e[j])
-        if tile_max > m:
-            ms = np.float32(np.exp(np.float32(m - tile_max)))
-            for d in range(head_dim):
-                acc[d] = acc[d] * ms
-            total = total * ms
-            m = tile_max
-        for j in range(FA_TILE_KV):              # masked and padded cells weigh exp(-inf) = 0
-            e[j] = expf_ggml(np.float32(e[j] - m)) if lo <= j < hi else np.float32(0.0)
-        tile_sum = 0.0
-        for b in range(0, FA_TILE_KV, 8):
-            tile_sum += np.float64(((e[b] + e[b + 4]) + (e[b + 2] + e[b + 6])) +
-                                   ((e[b + 1] + e[b + 5]) + (e[b + 3] + e[b + 7])))
-        total = np.float32(np.float64(total) + tile_sum)
-        for j in range(lo, hi):
-            w = e[j]
-            value = values[c0 + j]
-            for d in range(head_dim):
-                acc[d] = fma(w, f16_to_f32(value[d]), acc[d])
-    inv = np.float32(1.0) / total
-    o = out[t, h * head_dim:(h + 1) * head_dim]
-    for d in range(head_dim):
-        o[d] = acc[d] * inv
+                e[i, j] = 0
+        gemm_tile(e, qa, keys_f32, 0, head_dim)  # e[i, j] = q_i . k_j, for all the tile's cells
+        v_lo, v_hi = FA_TILE_KV, 0               # the cells some row weighs
+        for token in range(t1 - t0):
+            n_end = positions[t0 + token] + 1
+            first = n_end - window if window > 0 and n_end > window else 0
+            lo = max(first, c0) - c0
+            hi = min(n_end, c0 + FA_TILE_KV) - c0
+            for i in range(token * group, (token + 1) * group):
+                if lo < hi:
+                    _tile_weights(e, i, lo, hi, scale, acc, run_m, run_s)
+                else:                            # no cell of this tile is visible to the row
+                    for j in range(FA_TILE_KV):
+                        e[i, j] = 0
+            if lo < hi:
+                v_lo, v_hi = min(v_lo, lo), max(v_hi, hi)
+        if v_lo < v_hi:
+            for j in range(v_lo, v_hi):
+                widen_f16(values[c0 + j], values_f32[j])
+            gemm_tile(acc, e, values_f32, v_lo, v_hi)   # acc[i] += sum_j e[i, j] v_j
+    for i in range(n_rows):
+        t, h = t0 + i // group, kv_head * group + i % group
+        inv = np.float32(1.0) / run_s[i]
+        o = out[t, h * head_dim:(h + 1) * head_dim]
+        for d in range(head_dim):
+            o[d] = acc[i, d] * inv
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -1,16 +1,19 @@
 """ops.attention (three passes, chunked key cache) against NumPy twins of ggml's flash attention
 for an f16 cache, written as ggml writes it: one position at a time, online softmax, f16
 accumulator (one_chunk); 64 cells a tile in f32 (tiled); per thread, then merged (split-KV). Bit for bit, across head sizes (with and without a tail past the 32-wide blocks),
-chunk boundaries of the key cache and several sequences."""
+chunk boundaries of the key cache and several sequences. And the tiled path's register
+kernels (engine/flash_tiles.py) against plain loops."""
 import math
 
 import numpy as np
 import pytest
+from numba import njit
 
 from numllama.engine.hparams import HParams
 from numllama.engine.kv_cache import KVCache
 from numllama.engine.ops import attention
 from numllama.engine.float_ops import expf_ggml
+from numllama.engine.flash_tiles import GEMM_ROWS, LANES, gemm_tile, row_max
 from twins import expf, hsum8_twin
 from twins import fma_twin as fma
 
@@ -162,7 +165,8 @@ def test_tiled_blocks_equal_each_token_alone(head_dim, window, n_head, n_head_kv
     """A token's attention does not depend on the batch around it: in a batch of two sequences,
     with runs of consecutive tokens and a non-tiled token between them, every token's result is
     the one it gets alone (which test_attention_equals_ggml_order checks against ggml's order).
-    (It guarded a blocked tiled path, since reverted: see docs/09-performance.md.)"""
+    Tiled tokens are attended in runs of consecutive tokens of one sequence, the query heads of
+    a KV head together (runs of 8, 5, 4 and 16 tokens here, rows padded to GEMM_ROWS)."""
     rng = np.random.default_rng(7 + head_dim + window)
     n_ctx = 200
     hp = HParams("llama", 32, n_ctx, n_head * head_dim, 1, n_head, n_head_kv, 8, head_dim, head_dim,
@@ -187,3 +191,44 @@ def test_tiled_blocks_equal_each_token_alone(head_dim, window, n_head, n_head_kv
         attention(q[t:t + 1], cache.k[0], cache.v[0], seq_ids[t:t + 1], positions[t:t + 1], n_head, n_head_kv,
                   head_dim, scale, window, tiled[t:t + 1], np.zeros(1, np.int32), alone)
         np.testing.assert_array_equal(out[t], alone[0], err_msg=f"t={t}")
+
+
+@njit
+def _gemm_tile(c, a, b, k_lo, k_hi):
+    gemm_tile(c, a, b, k_lo, k_hi)
+
+
+@njit
+def _row_max(rows, i):
+    return row_max(rows, i)
+
+
+@pytest.mark.parametrize("m,n,k,k_lo,k_hi", [(4, 64, 64, 0, 64), (16, 64, 8, 0, 8), (8, 80, 64, 5, 40),
+                                             (4, 16, 64, 63, 64), (12, 128, 64, 7, 7)])
+def test_gemm_tile_is_a_chain_of_fmas(m, n, k, k_lo, k_hi):
+    """Every element of C gets one FMA per step of k, in order, from its own value: what
+    ggml's simd_gemm does, whichever register blocks (GEMM_ROWS rows, vectors of LANES) take it."""
+    assert m % GEMM_ROWS == 0 and n % LANES == 0
+    rng = np.random.default_rng(m * n + k)
+    a = rng.standard_normal((m, k)).astype(f32)
+    b = rng.standard_normal((k, n)).astype(f32)
+    c = rng.standard_normal((m, n)).astype(f32)
+    want = c.copy()
+    for i in range(m):
+        for j in range(n):
+            for kk in range(k_lo, k_hi):
+                want[i, j] = fma(a[i, kk], b[kk, j], want[i, j])
+    got = c.copy()
+    _gemm_tile(got, a, b, k_lo, k_hi)
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+
+
+def test_row_max_is_the_largest_element():
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((3, 64)).astype(f32)
+    rows[1, 63] = 50.0           # in the last vector
+    rows[2, :] = -np.inf         # a row of masked cells
+    rows[0, 17] = 9.5
+    for i in range(3):
+        assert _row_max(rows, i) == rows[i].max()
+    assert _row_max(np.zeros((1, 5), f32) - 1, 0) == -1.0   # a tail shorter than a vector
