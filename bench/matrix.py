@@ -6,9 +6,11 @@ flags and measured the same way over HTTP (server `timings`, or tokens / wall ti
 * prefill        a PROMPT-token prompt, n_predict 1, no prompt cache
 * decode         one stream, greedy, ignore_eos, from an 8-token prompt (depth 0)
 * decode @ D     the same after a D-token prompt already in the slot's cache (`--depth`)
+* prefill @ D    a PROMPT-token prompt after a D-token one already in the slot's cache (long
+                 contexts: each new token attends to all the cells before it)
 * N streams      N concurrent requests on N slots (`--streams`), tokens / wall time
 
-and llama-bench, the peer's own benchmark (pp PROMPT, tg at depth 0 and D), runs beside them
+and llama-bench, the peer's own benchmark (pp PROMPT at depth 0 and D, tg at depth 0 and D), runs beside them
 with the same threads; its figures are printed with numllama's ratio to them.
 
 Models (`--models`, names below): files people bring (stories260K, SmolLM2 Q4_1 and the same
@@ -103,6 +105,20 @@ def measure_server(cmd: list[str], model: str, threads: int, args) -> dict:
                                                         cache_prompt=True)["timings"]["predicted_per_second"]
         finally:
             server.stop()
+    depth = prefill_depth(model, args)
+    if depth:
+        long_prompt = prompt_of(model, depth + args.prompt)
+        server = Server(cmd + flags + ["-np", "1", "-c", str(depth + args.prompt + 64)])
+        try:
+            best = 0.0
+            for _ in range(args.repeat):   # the first D tokens into the slot's cache, then PROMPT more
+                completion(server, long_prompt[:depth], 1, cache_prompt=True)
+                timings = completion(server, long_prompt, 1, cache_prompt=True)["timings"]
+                assert timings["prompt_n"] <= args.prompt + 1, timings   # (the rest came from the cache)
+                best = max(best, timings["prompt_per_second"])
+            rows[f"prefill @ {depth}"] = best
+        finally:
+            server.stop()
     return rows
 
 
@@ -115,6 +131,16 @@ def decode_depth(model: str, args) -> int:
     return min(args.depth, load_gguf(model).hparams.n_ctx_train - args.n_predict - 64)
 
 
+def prefill_depth(model: str, args) -> int:
+    """The depth of the prefill @ D row: --depth, less where PROMPT more tokens would pass the
+    model's training context, rounded down to a whole ubatch (512) so that both servers take the
+    new tokens as whole ubatches."""
+    from numllama.engine.gguf_file import load_gguf
+    if not args.depth:
+        return 0
+    return max(0, min(args.depth, load_gguf(model).hparams.n_ctx_train - args.prompt - 64) // 512 * 512)
+
+
 def llama_bench(bin_dir: str, model: str, threads: int, args) -> dict:
     """llama-bench's pp and tg (and tg at depth) for the same model and threads, tokens/s."""
     out = {}
@@ -122,6 +148,9 @@ def llama_bench(bin_dir: str, model: str, threads: int, args) -> dict:
     depth = decode_depth(model, args)
     if depth:
         runs.append((f"decode @ {depth}", ["-p", "0", "-n", str(args.n_predict), "-d", str(depth)]))
+    depth = prefill_depth(model, args)
+    if depth:
+        runs.append((f"prefill @ {depth}", ["-p", str(args.prompt), "-n", "0", "-d", str(depth)]))
     for key, extra in runs:
         r = subprocess.run([os.path.join(bin_dir, "llama-bench"), "-m", model, "-t", str(threads), "-r",
                             str(args.repeat), "-o", "json"] + extra, capture_output=True, text=True, check=True)
@@ -157,7 +186,7 @@ def main() -> int:
     ap.add_argument("--streams", default="4,16", help="comma-separated concurrent streams")
     ap.add_argument("--prompt", type=int, default=512, help="prefill prompt tokens")
     ap.add_argument("--n-predict", type=int, default=64, help="tokens per decode measurement")
-    ap.add_argument("--depth", type=int, default=4096, help="decode depth (0: skip)")
+    ap.add_argument("--depth", type=int, default=4096, help="decode and prefill depth (0: skip)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-llama-bench", action="store_true")
     ap.add_argument("--competing", action="store_true",
