@@ -1,20 +1,25 @@
 """A cold start's compile, on two cores at once.
 
 The first start on a machine compiles every kernel (Numba's cache then holds them, and later
-starts load them in about a second). Attention is half of that work: with SmolLM2 on two cores,
-8 of the 16 s (ops.attention with _attend, _attend_range and _attend_tiled). Numba compiles one
-function at a time within a process, so a second process compiles attention while this one
-compiles everything else:
+starts load them in about a second). Attention is more than half of that work (ops.attention
+with _attend, _attend_range and _attend_tiled). Numba compiles one function at a time within a
+process, so a second process compiles attention while this one compiles everything else:
 
     this process                               the helper (python -m numllama.engine.compile_ahead)
-    a warm-up pass with attention left out     ops.attention.compile(ATTENTION_SIGNATURE)
+    ops._attend_tiled.compile(...)             ops._attend.compile(ATTEND_SIGNATURE)
+    -> written to Numba's cache                ops.attention.compile(ATTENTION_SIGNATURE), which
+    a warm-up pass with attention left out       finds _attend_tiled in the cache by then
     (every other kernel compiled)              -> written to Numba's cache
     waits for the helper
     the warm-up proper: attention from the cache
 
+(_attend_tiled is this process's share because attention alone, ~14 s on two cores, was the
+longer of the two; compiled here first, while the helper is busy with _attend, it is in the
+cache when the helper's attention asks for it.)
+
 On a warm start (attention is in the cache) or a one-core machine nothing of this happens.
 Attention's argument types are the same for every model (tests/test_model.py checks the
-signature against the warm-up's own), so the helper needs no model.
+signatures against the warm-up's own), so the helper needs no model.
 """
 from __future__ import annotations
 
@@ -38,6 +43,22 @@ ATTENTION_SIGNATURE = (
     types.int64,                           # window
     types.boolean[::1], types.int32[::1],  # tiled, kv_chunk
     types.float32[:, ::1],                 # out
+)
+_Q, _K, _V, _IDS, _OUT = ATTENTION_SIGNATURE[0], ATTENTION_SIGNATURE[1], ATTENTION_SIGNATURE[2], types.int32[::1], \
+    types.float32[:, ::1]
+_F32_ROW = types.float32[::1]
+ATTEND_TILED_SIGNATURE = (   # ops._attend_tiled as attention calls it
+    _Q, _K, _V, _IDS, _IDS,
+    types.int64, types.int64, types.int64, types.int64, types.int64,   # t0, t1, kv_head, group, head_dim
+    types.float32, types.int64, _OUT,                                  # scale, window, out
+    _F32_ROW, types.int64, types.int64,                                # scratch, block_rows, padded_dim
+)
+ATTEND_SIGNATURE = (         # ops._attend as attention calls it
+    _Q, _K, _V, _IDS, _IDS,
+    types.int64, types.int64, types.int64, types.int64,                # t, h, group, head_dim
+    types.float32, types.int64, types.int32, _OUT,                     # scale, window, kv_chunk, out
+    _F32_ROW, _F32_ROW, _F32_ROW, _F32_ROW, _F32_ROW, _F32_ROW,        # qh, acc, part, scores, ms, vs
+    types.float32[:, ::1], types.float64[::1],                         # lanes, wide
 )
 
 
@@ -67,6 +88,12 @@ def start() -> subprocess.Popen | None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def compile_share() -> None:
+    """This process's share of attention's compile (see the module's docstring)."""
+    from . import ops
+    ops._attend_tiled.compile(ATTEND_TILED_SIGNATURE)
+
+
 def finish(helper: subprocess.Popen) -> None:
     """Wait for the helper (whatever it did, the warm-up that follows compiles what is missing)."""
     try:
@@ -77,5 +104,6 @@ def finish(helper: subprocess.Popen) -> None:
 
 
 if __name__ == "__main__":
-    from .ops import attention
+    from .ops import _attend, attention
+    _attend.compile(ATTEND_SIGNATURE)
     attention.compile(ATTENTION_SIGNATURE)

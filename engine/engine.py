@@ -101,6 +101,7 @@ class Engine:
     def _warm_up(self) -> None:
         helper = compile_ahead.start() if isinstance(self.model, LlamaModel) else None
         if helper is not None:   # a cold start: attention compiles in a second process meanwhile
+            compile_ahead.compile_share()
             self.model.cpu_ops = compile_ahead.WithoutAttention
             try:
                 self._warm_up_passes()

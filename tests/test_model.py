@@ -245,19 +245,27 @@ def test_warm_up_runs_its_kernels_in_a_thread_that_has_ended(stories, monkeypatc
 
 
 def test_attention_has_one_signature_for_every_model(tmp_path):
-    """The cold start's helper compiles attention for ATTENTION_SIGNATURE without seeing the
-    model (engine/compile_ahead.py); every architecture's forward pass (sliding windows,
-    biases, per-head norms, prompt passes and decode steps) calls it with exactly those types."""
+    """The cold start's helper compiles attention for ATTENTION_SIGNATURE (and _attend for
+    ATTEND_SIGNATURE, while the server compiles _attend_tiled for ATTEND_TILED_SIGNATURE) without
+    seeing the model (engine/compile_ahead.py); every architecture's forward pass (sliding
+    windows, biases, per-head norms, prompt passes and decode steps) calls them with exactly
+    those types."""
     import glob
     import os
     import subprocess
     import sys
     models = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "*.gguf")))
-    code = ("from numllama.engine.engine import Engine\n"
-            "from numllama.engine.ops import attention\n"
-            "from numllama.engine.compile_ahead import ATTENTION_SIGNATURE\n"
+    code = ("from numllama.engine import compile_ahead\n"
+            "compile_ahead.start = lambda: None\n"   # everything compiled here, callees included
+            "from numllama.engine.engine import Engine\n"
+            "from numllama.engine.ops import attention, _attend, _attend_tiled\n"
+            "from numllama.engine.compile_ahead import ATTENTION_SIGNATURE, ATTEND_SIGNATURE, ATTEND_TILED_SIGNATURE\n"
             f"for path in {models!r}:\n"
             "    Engine.load(path, warm_up=True)\n"
-            "assert attention.signatures == [ATTENTION_SIGNATURE], attention.signatures\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+            "assert attention.signatures == [ATTENTION_SIGNATURE], attention.signatures\n"
+            # (and its two callees, whose compiles the cold start shares out by signature)
+            "assert _attend.signatures == [ATTEND_SIGNATURE], _attend.signatures\n"
+            "assert _attend_tiled.signatures == [ATTEND_TILED_SIGNATURE], _attend_tiled.signatures\n")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)},
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
