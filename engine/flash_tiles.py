@@ -1,4 +1,5 @@
-"""C += A B for the small f32 tiles of flash attention, with the accumulators in registers.
+"""The register kernels of tiled flash attention: C += A B for its small f32 tiles, with the
+accumulators in registers (`gemm_tile`), and a row's maximum by vectors (`row_max`).
 
 ggml's tiled flash attention (ggml-cpu/ops.cpp, ggml_compute_forward_flash_attn_ext_tiled)
 takes the scores of a tile of queries against 64 cache cells, and adds the weighted values,
