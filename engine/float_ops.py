@@ -229,6 +229,13 @@ def _widen_overload(w):
     return None
 
 
+@njit(cache=True, nogil=True, inline="always")
+def widen_f16(bits, out):
+    """out[i] = the f16 value of bits[i] (uint16), as f32.  bits: [n] uint16; out: [n] f32"""
+    for i in range(len(bits)):
+        out[i] = f16_to_f32(bits[i])
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def round_f16_array(x, out):
     """out = x rounded to the nearest f16 (ties to even), element by element (NumPy's own

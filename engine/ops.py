@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .float_ops import expf_ggml, f16_bits_of, f16_to_f32, f32_bits, fma, round_f16
+from .float_ops import expf_ggml, f16_bits_of, f16_to_f32, f32_bits, fma, round_f16, widen_f16
 from .quants.kernels import hsum8, reduce4x8_across
 from .flash_tiles import GEMM_ROWS, LANES, gemm_tile, row_max
 
@@ -304,11 +304,10 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
     all_wide = np.empty((n_parts, KEY_CHUNK), np.float64)
     # the tiled jobs' scratch (_tiled_views), one flat row per part: the parallel function's
     # compile grew with every array it allocated (rows and widths padded for gemm_tile)
-    block_rows = -(-block_tokens * group // GEMM_ROWS) * GEMM_ROWS if any_tiled else 0
-    tile_cells = FA_TILE_KV if any_tiled else 0
+    block_rows = -(-block_tokens * group // GEMM_ROWS) * GEMM_ROWS
     padded_dim = -(-head_dim // LANES) * LANES
-    tiled_scratch = np.empty((n_parts, _tiled_scratch_size(block_rows, head_dim, padded_dim, tile_cells)),
-                             np.float32)
+    scratch_size = _tiled_layout(block_rows, head_dim, padded_dim)[-1] if any_tiled else 0
+    tiled_scratch = np.empty((n_parts, scratch_size), np.float32)
     for part in prange(n_parts):
         qh, acc = vectors[part, 0, :head_dim], vectors[part, 1, :head_dim]
         partial = vectors[part, 2, :head_dim]   # one thread's share under ggml's split-KV
@@ -323,15 +322,6 @@ def attention(q, k_cache, v_cache, seq_ids, positions, n_head, n_head_kv, head_d
             else:
                 _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scale, window, kv_chunk[t],
                         out, qh, acc, partial, all_scores, all_ms, all_vs, lanes, wide)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _tiled_scratch_size(block_rows, head_dim, padded_dim, tile_cells):
-    """f32 of scratch one part's _attend_tiled takes (laid out by _tiled_views), each array on
-    whole cache lines; 0 cells: none."""
-    return (_whole_lines(block_rows * head_dim) + _whole_lines(block_rows * padded_dim)
-            + _whole_lines(block_rows * tile_cells) + 2 * _whole_lines(block_rows)
-            + _whole_lines(head_dim * tile_cells) + _whole_lines(tile_cells * padded_dim))
 
 
 @njit(cache=True, nogil=True)
@@ -361,6 +351,13 @@ def _attention_jobs(tiled, seq_ids, n_head, n_head_kv, block_tokens):
     return job_t0[:n_jobs], job_t1[:n_jobs], job_h[:n_jobs], any_tiled
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _first_visible(n_end, window):
+    """The first cell a token that sees cells up to n_end - 1 attends to: n_end - window in a
+    sliding-window layer once it has more than that many, else 0."""
+    return n_end - window if window > 0 and n_end > window else 0
+
+
 # (_attend, _attend_range and _attend_tiled are compiled as functions of their own, not inlined
 # into `attention` at Numba's level: inlined, the one parallel function took 15 s of a 20 s cold
 # start to compile; called, the whole cold start is 11 s, and decode and prefill are as fast)
@@ -372,9 +369,7 @@ def _attend(q, k_cache, v_cache, seq_ids, positions, t, h, group, head_dim, scal
     decode token: each run of kv_chunk cells (one per thread) is attended on its own, and the
     partial results are merged in order as ggml_flash_attn_ext_reduce_partials merges them."""
     n_end = positions[t] + 1
-    first = 0
-    if window > 0 and n_end > window:
-        first = n_end - window
+    first = _first_visible(n_end, window)
     qt = q[t, h * head_dim:(h + 1) * head_dim]
     for d in range(head_dim):
         qh[d] = round_f16(qt[d])
@@ -451,24 +446,25 @@ def _attend_range(qh, k_cache, v_cache, seq, kv_head, head_dim, scale, first, n_
 
 
 @njit(cache=True, nogil=True, inline="always")
-def widen_f16(bits, out):
-    """out[i] = the f16 value of bits[i] (uint16), as f32."""
-    for i in range(len(bits)):
-        out[i] = f16_to_f32(bits[i])
+def _tiled_layout(block_rows, head_dim, padded_dim):
+    """Where each of _attend_tiled's scratch arrays starts in a part's flat row of f32 (each on
+    whole cache lines), and the row's length: the rows' q [rows, head_dim] at 0, accumulators
+    [rows, padded_dim], tile weights [rows, FA_TILE_KV], running M and S [rows] each, and a
+    tile's keys [head_dim, FA_TILE_KV] and values [FA_TILE_KV, padded_dim] in f32."""
+    at_acc = _whole_lines(block_rows * head_dim)
+    at_e = at_acc + _whole_lines(block_rows * padded_dim)
+    at_m = at_e + _whole_lines(block_rows * FA_TILE_KV)
+    at_s = at_m + _whole_lines(block_rows)
+    at_k = at_s + _whole_lines(block_rows)
+    at_v = at_k + _whole_lines(head_dim * FA_TILE_KV)
+    return at_acc, at_e, at_m, at_s, at_k, at_v, at_v + _whole_lines(FA_TILE_KV * padded_dim)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _tiled_views(scratch, block_rows, head_dim, padded_dim):
-    """One part's scratch (_tiled_scratch_size) as its arrays: the rows' q [rows, head_dim],
-    accumulators [rows, padded_dim], tile weights [rows, FA_TILE_KV], running M and S [rows]
-    each, and a tile's keys [head_dim, FA_TILE_KV] and values [FA_TILE_KV, padded_dim] in f32."""
+    """One part's scratch row as its arrays (_tiled_layout)."""
+    at_acc, at_e, at_m, at_s, at_k, at_v, _ = _tiled_layout(block_rows, head_dim, padded_dim)
     n_q, n_acc, n_e = block_rows * head_dim, block_rows * padded_dim, block_rows * FA_TILE_KV
-    at_acc = _whole_lines(n_q)
-    at_e = at_acc + _whole_lines(n_acc)
-    at_m = at_e + _whole_lines(n_e)
-    at_s = at_m + _whole_lines(block_rows)
-    at_k = at_s + _whole_lines(block_rows)
-    at_v = at_k + _whole_lines(head_dim * FA_TILE_KV)
     return (scratch[:n_q].reshape(block_rows, head_dim),
             scratch[at_acc:at_acc + n_acc].reshape(block_rows, padded_dim),
             scratch[at_e:at_e + n_e].reshape(block_rows, FA_TILE_KV),
@@ -518,7 +514,7 @@ def _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t0, t1, kv_head, grou
     is the same as alone (a row without a visible cell in a tile adds weights of 0 to its
     values). The rows are padded with rows of zeros to a multiple of GEMM_ROWS, the
     accumulators and values with columns of zeros to padded_dim, as gemm_tile wants them.
-    scratch: [_tiled_scratch_size(block_rows, head_dim, padded_dim, FA_TILE_KV)] f32"""
+    scratch: [_tiled_layout(block_rows, head_dim, padded_dim)[-1]] f32"""
     rows_q, rows_acc, weights, run_m, run_s, keys_f32, values_f32 = _tiled_views(scratch, block_rows, head_dim,
                                                                                  padded_dim)
     n_rows = (t1 - t0) * group                   # row i: token t0 + i // group, head kv_head * group + i % group
@@ -529,8 +525,7 @@ def _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t0, t1, kv_head, grou
     first_cell, end_cell = positions[t0] + 1, 0  # the cells any row sees
     for t in range(t0, t1):
         n_end = positions[t] + 1
-        first = n_end - window if window > 0 and n_end > window else 0
-        first_cell, end_cell = min(first_cell, first), max(end_cell, n_end)
+        first_cell, end_cell = min(first_cell, _first_visible(n_end, window)), max(end_cell, n_end)
     # (loops rather than slice assignments here: each of those costs a compile of its own)
     for i in range(n_padded):
         t, h = t0 + i // group, kv_head * group + i % group
@@ -553,8 +548,7 @@ def _attend_tiled(q, k_cache, v_cache, seq_ids, positions, t0, t1, kv_head, grou
         v_lo, v_hi = FA_TILE_KV, 0               # the cells some row weighs
         for token in range(t1 - t0):
             n_end = positions[t0 + token] + 1
-            first = n_end - window if window > 0 and n_end > window else 0
-            lo = max(first, c0) - c0
+            lo = max(_first_visible(n_end, window), c0) - c0
             hi = min(n_end, c0 + FA_TILE_KV) - c0
             for i in range(token * group, (token + 1) * group):
                 if lo < hi:
