@@ -28,6 +28,7 @@ the machine runs; say which in the report). Results: a table per model, and --js
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -122,23 +123,28 @@ def measure_server(cmd: list[str], model: str, threads: int, args) -> dict:
     return rows
 
 
+@functools.lru_cache(maxsize=None)
+def n_ctx_train(model: str) -> int:
+    """The context the model was trained on (read once per file: every server run asks)."""
+    from numllama.engine.gguf_file import load_gguf
+    return load_gguf(model).hparams.n_ctx_train
+
+
 def decode_depth(model: str, args) -> int:
     """--depth, or less where the model was trained on a shorter context (llama-server refuses
     a prompt beyond it); the row is named for the depth measured."""
-    from numllama.engine.gguf_file import load_gguf
     if not args.depth:
         return 0
-    return min(args.depth, load_gguf(model).hparams.n_ctx_train - args.n_predict - 64)
+    return min(args.depth, n_ctx_train(model) - args.n_predict - 64)
 
 
 def prefill_depth(model: str, args) -> int:
     """The depth of the prefill @ D row: --depth, less where PROMPT more tokens would pass the
     model's training context, rounded down to a whole ubatch (512) so that both servers take the
     new tokens as whole ubatches."""
-    from numllama.engine.gguf_file import load_gguf
     if not args.depth:
         return 0
-    return max(0, min(args.depth, load_gguf(model).hparams.n_ctx_train - args.prompt - 64) // 512 * 512)
+    return max(0, min(args.depth, n_ctx_train(model) - args.prompt - 64) // 512 * 512)
 
 
 def llama_bench(bin_dir: str, model: str, threads: int, args) -> dict:
